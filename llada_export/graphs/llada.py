@@ -112,3 +112,41 @@ class DecoderLayer(nn.Module):
 def attention_mask(key_mask: torch.Tensor | None) -> torch.Tensor | None:
     """[B, L] bool key mask -> [B, 1, 1, L] SDPA mask (True = attend)."""
     return None if key_mask is None else key_mask.bool()[:, None, None, :]
+
+
+class LanguageModel(nn.Module):
+    """The text side of LLaDA-V as one module: what the sampler calls every step and
+    the exporter traces. It *shares* its submodules with :class:`~.llava.LLaDAV`
+    (no copy of the weights); module paths are ``embed_tokens``, ``layers.N``, ``norm``,
+    ``lm_head``, so the FX pass finds layer K at ``layers.K``.
+    """
+
+    def __init__(self, embed_tokens: nn.Embedding, layers: nn.ModuleList, norm: RMSNorm, lm_head: nn.Linear,
+                 cfg: TextConfig):
+        super().__init__()
+        self.embed_tokens, self.layers, self.norm, self.lm_head = embed_tokens, layers, norm, lm_head
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta).to(lm_head.weight.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + lm_head, logits in fp32."""
+        return self.lm_head(self.norm(h)).float()
+
+    def forward(
+        self,
+        prefix_embeds: torch.Tensor,  # [B, P, D] (any float dtype)
+        response_ids: torch.Tensor,  # [B, G] int64
+        position_ids: torch.Tensor,  # [B, P + G] int64
+        key_mask: torch.Tensor | None = None,  # [B, P + G] bool, True = real token
+    ) -> torch.Tensor:
+        """One denoising forward over [prefix | response]; logits [B, G, V] fp32."""
+        g = response_ids.shape[1]
+        x = torch.cat([prefix_embeds.to(self.dtype), self.embed_tokens(response_ids)], dim=1)  # [B, L, D]
+        cos, sin = self.rotary(position_ids)  # [B, L, hd] fp32
+        mask = attention_mask(key_mask)  # [B, 1, 1, L] or None
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        return self.head(x[:, -g:])  # [B, G, V]

@@ -1,6 +1,6 @@
 """LLaDA-V: vision tower + projector + LLaDA language model, with official key names.
 
-``LLaDAV.denoise`` is the language-side forward the sampler calls at every step and the
+``LLaDAV.language`` is the text denoiser the sampler calls at every step and the
 exporter traces: prefix embeddings (text and visual, already spliced) + response token
 ids -> logits for the response positions only.
 """
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import LLaDAVConfig
-from .llada import DecoderLayer, RMSNorm, RotaryEmbedding, attention_mask
+from .llada import DecoderLayer, LanguageModel, RMSNorm
 from .vision import VisionTower, build_projector
 
 
@@ -35,7 +35,6 @@ class LLaDAV(nn.Module):
         self.config = cfg
         self.model = Backbone(cfg, vision_layers)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(cfg.text.head_dim, cfg.text.rope_theta)
 
     # ------------------------------------------------------------------ vision
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -46,39 +45,22 @@ class LLaDAV(nn.Module):
 
     # ------------------------------------------------------------------ text
     @property
+    def language(self) -> LanguageModel:
+        """The text denoiser (shares this model's weights; not a registered submodule)."""
+        lm = self.__dict__.get("_language")
+        if lm is None or lm.lm_head is not self.lm_head or lm.rotary.inv_freq.device != self.lm_head.weight.device:
+            m = self.model
+            lm = LanguageModel(m.embed_tokens, m.layers, m.norm, self.lm_head, self.config.text)
+            self.__dict__["_language"] = lm
+        return lm
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(ids)  # [..., D]
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm + lm_head, logits in fp32."""
-        return self.lm_head(self.model.norm(h)).float()
-
-    def denoise(
-        self,
-        prefix_embeds: torch.Tensor,  # [B, P, D]
-        response_ids: torch.Tensor,  # [B, G] int64
-        position_ids: torch.Tensor,  # [B, P + G] int64
-        key_mask: torch.Tensor | None = None,  # [B, P + G] bool, True = real token
-    ) -> torch.Tensor:
-        """One denoising forward over [prefix | response]; logits [B, G, V] fp32."""
-        g = response_ids.shape[1]
-        x = torch.cat([prefix_embeds.to(self.dtype), self.embed(response_ids)], dim=1)  # [B, L, D]
-        cos, sin = self.rotary(position_ids)  # [B, L, hd] fp32
-        mask = attention_mask(key_mask)  # [B, 1, 1, L] or None
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask)
-        return self.head(x[:, -g:])  # [B, G, V]
-
-
-class Denoiser(nn.Module):
-    """Export wrapper: the unpruned denoiser with graph I/O in fp32 / int64 / bool."""
-
-    def __init__(self, model: LLaDAV):
-        super().__init__()
-        self.model = model
-
-    def forward(self, prefix_embeds, response_ids, position_ids, key_mask):
-        return self.model.denoise(prefix_embeds, response_ids, position_ids, key_mask)
+    def denoise(self, prefix_embeds, response_ids, position_ids, key_mask=None) -> torch.Tensor:
+        """See :meth:`LanguageModel.forward`: logits [B, G, V] fp32 for the response."""
+        return self.language(prefix_embeds, response_ids, position_ids, key_mask)

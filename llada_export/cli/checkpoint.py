@@ -1,0 +1,107 @@
+"""``llada-checkpoint``: write a random-weight LLaDA-V checkpoint (official HF layout).
+
+    llada-checkpoint --preset tiny -o ckpt/tiny
+    llada-checkpoint --preset full -o ckpt/full          # 8B parameters, ~16 GB bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..checkpoint import DEFAULT_MAX_SHARD_BYTES, INIT_STD, CheckpointError, random_checkpoint
+from ..config import PRESETS, ConfigError
+from ..tokenizer import TokenizerError
+
+PROG = "llada-checkpoint"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"``, ``"200MiB"``, ``"123456"`` -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 5GB, 500MB, 2GiB or a byte count)")
+    n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, not {text!r}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Write a random-weight LLaDA-V checkpoint in the official Hugging Face layout "
+        "(config.json, generation_config.json, sharded safetensors + index, tokenizer files). "
+        "Tensors are generated and written one at a time, so the full preset needs little memory.",
+    )
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS),
+                   help="model size: 'tiny' (a few MB, for tests) or 'full' (real LLaDA-V dimensions, "
+                   "8B parameters); required")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="DIR",
+                   help="checkpoint directory to create; required")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default: 0)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weight dtype (default: bfloat16 for full, float32 for tiny)")
+    p.add_argument("--init-std", type=float, default=INIT_STD,
+                   help=f"std of the random normal init of matrices and embeddings (default: {INIT_STD})")
+    p.add_argument("--auto-bos", action="store_true",
+                   help="write a tokenizer that prepends BOS itself (default: off, like the official "
+                   "LLaDA-V tokenizer, whose BOS comes only from the chat template)")
+    p.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES, metavar="SIZE",
+                   help="largest safetensors shard, e.g. 5GB, 500MB (default: 5GB)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DIR if it exists and is not empty (default: refuse)")
+    return p
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def human_size(n: int) -> str:
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    bars: list[tqdm] = []  # made at the first shard, so an early error prints no bar
+
+    def progress(done: int, total: int | None) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, unit="shard", desc="writing shards"))
+        bars[0].update(done - bars[0].n)
+
+    try:
+        out = random_checkpoint(
+            args.preset, args.output, seed=args.seed, dtype=args.dtype, add_bos=args.auto_bos,
+            overwrite=args.overwrite, max_shard_bytes=args.max_shard_size, progress=progress,
+            init_std=args.init_std,
+        )
+    except (CheckpointError, ConfigError, TokenizerError, OSError) as e:
+        for bar in bars:
+            bar.close()
+        msg = " ".join(str(e).split())  # one line
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:  # the writer has already removed its temporary directory
+        for bar in bars:
+            bar.close()
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    for bar in bars:
+        bar.close()
+    n_shards = len(list(out.glob("model-*-of-*.safetensors")))
+    print(f"wrote {out} ({n_shards} shard{'s' if n_shards != 1 else ''}, {human_size(_dir_size(out))})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Artifact writers: ONNX (torch.onnx dynamo exporter), AOTInductor packages, TensorRT plans."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import onnx
+import torch
+
+ONNX_SINGLE_FILE_LIMIT = 2 * 1024**3  # protobuf limit: larger models use external data
+
+
+def program_bytes(ep: torch.export.ExportedProgram) -> int:
+    return sum(t.numel() * t.element_size() for t in ep.state_dict.values()) + sum(
+        t.numel() * t.element_size() for t in ep.constants.values() if isinstance(t, torch.Tensor))
+
+
+def write_onnx(ep: torch.export.ExportedProgram, path: Path, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> list[Path]:
+    """Export to ONNX, check it, return the files written (the .onnx and its external data, if any)."""
+    external = program_bytes(ep) >= ONNX_SINGLE_FILE_LIMIT
+    torch.onnx.export(ep, (), str(path), dynamo=True, input_names=list(inputs), output_names=list(outputs),
+                      external_data=external, optimize=True, verbose=False)
+    if external:
+        onnx.checker.check_model(str(path))  # path form: handles external data and > 2 GB
+    else:
+        onnx.checker.check_model(onnx.load(str(path)))
+    return sorted(p for p in path.parent.iterdir() if p.name == path.name or p.name.startswith(path.name + "."))
+
+
+def write_aoti(ep: torch.export.ExportedProgram, path: Path) -> list[Path]:
+    """Compile an AOTInductor package (.pt2) for the program's device."""
+    from torch._inductor import aoti_compile_and_package
+
+    aoti_compile_and_package(ep, package_path=str(path))
+    return [path]
+
+
+def tensorrt_status() -> str | None:
+    """None when TensorRT engines can be built here, else the reason they cannot."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return "the 'tensorrt' Python package is not installed (pip install 'llada-export[gpu]' on a CUDA machine)"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible"
+    try:
+        import tensorrt  # noqa: F401
+    except Exception as e:  # a stub wheel without the builder libraries
+        return f"tensorrt cannot be imported ({e})"
+    return None
+
+
+def write_tensorrt(onnx_path: Path, path: Path, shapes: dict[str, tuple[int, ...]]) -> list[Path]:
+    """Build a TensorRT plan from an ONNX file with a static optimization profile.
+
+    Uses Polygraphy's loaders (TensorRT 10/11 API): the network is parsed from file so
+    external weights resolve; TensorRT 11 networks are strongly typed, so precision
+    comes from the ONNX graph itself (norms and RoPE tables are fp32 there).
+    """
+    import tensorrt as trt
+    from polygraphy.backend.trt import (CreateConfig, Profile, engine_from_network, network_from_onnx_path,
+                                        save_engine)
+
+    flags = [trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED] if hasattr(
+        trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED") else []
+    network = network_from_onnx_path(str(onnx_path), flags=flags)
+    profile = Profile()
+    for name, shape in shapes.items():
+        profile.add(name, min=shape, opt=shape, max=shape)
+    engine = engine_from_network(network, config=CreateConfig(profiles=[profile]))
+    save_engine(engine, str(path))
+    return [path]

@@ -1,0 +1,210 @@
+"""``export_engines``: checkpoint -> engines directory (atomic), the work behind ``llada-export``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from ..checkpoint import load_checkpoint
+from ..graphs.anyres import grid_shape, visual_token_count
+from ..passes.prune import PruneSpec
+from ..runtime.sampler import GenerationConfig
+from ..tokenizer import SpecialTokens
+from .backends import tensorrt_status, write_aoti, write_onnx, write_tensorrt
+from .bucket import Bucket
+from .manifest import file_table, write_manifest
+from .programs import (DENOISER_INPUTS, DENOISER_OUTPUTS, STAGE_A_INPUTS, STAGE_A_OUTPUTS, VISION_INPUTS,
+                       VISION_OUTPUTS, export_denoiser, stage_a_program, static_denoiser, vision_program)
+
+BACKENDS = ("onnxruntime", "aoti", "tensorrt")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TRT_TOPK_LIMIT = 3840  # TensorRT's TopK needs a static K below this
+
+
+class ExportError(ValueError):
+    """A user error in the export request (bad flag value, bad checkpoint, existing output)."""
+
+
+@dataclass
+class ExportOptions:
+    model: str
+    output: str
+    prune_layer: int = 16
+    keep: float = 0.35
+    score_from: str = "response"
+    prune: bool = True
+    baseline: bool = False  # also build the unpruned denoiser ("full") for comparisons
+    backends: tuple[str, ...] = ("onnxruntime",)
+    dtype: str = "float32"
+    device: str = "cpu"
+    gen_length: int = 128
+    block_length: int = 128
+    steps: int = 128
+    max_prompt_tokens: int = 256
+    image_size: tuple[int, int] = (384, 384)
+    max_visual_tokens: int | None = None
+    overwrite: bool = False
+    progress: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        GenerationConfig(self.gen_length, self.block_length, self.steps).validate()
+        if not 0.0 < self.keep <= 1.0:
+            raise ExportError(f"--keep must be in (0, 1], got {self.keep}")
+        if self.prune_layer < 0:
+            raise ExportError(f"--prune-layer must be >= 0, got {self.prune_layer}")
+        if self.dtype not in DTYPES:
+            raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        bad = [b for b in self.backends if b not in BACKENDS]
+        if bad:
+            raise ExportError(f"unknown backend {bad[0]!r}; choose from {', '.join(BACKENDS)} or all")
+        if self.max_prompt_tokens < 8:
+            raise ExportError("--max-prompt-tokens must be at least 8")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ExportError(f"--device {self.device}: no CUDA GPU is visible")
+
+
+def plan_bucket(opts: ExportOptions, cfg) -> Bucket:
+    w, h = opts.image_size
+    v = opts.max_visual_tokens or visual_token_count(w, h, cfg)
+    cols, rows = grid_shape((w, h), cfg)
+    return Bucket(max_text_tokens=opts.max_prompt_tokens, max_visual_tokens=v, gen_length=opts.gen_length,
+                  vision_batch=1 + cols * rows, keep=opts.keep, prune=opts.prune)
+
+
+def export_engines(opts: ExportOptions) -> Path:
+    """Build every graph for every requested backend into ``opts.output`` (atomically)."""
+    opts.validate()
+    out = Path(opts.output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not opts.overwrite:
+        raise ExportError(f"{out} already exists; pass --overwrite to replace it")
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        manifest = _build(opts, tmp)
+        write_manifest(tmp, manifest)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _build(opts: ExportOptions, root: Path) -> dict:
+    t0 = time.perf_counter()
+    dtype, device = DTYPES[opts.dtype], torch.device(opts.device)
+    model, tokenizer, cfg = load_checkpoint(opts.model, dtype=dtype, device=device)
+    model.requires_grad_(False)
+    n_layers = cfg.text.num_hidden_layers
+    if opts.prune and not 0 <= opts.prune_layer < n_layers:
+        raise ExportError(f"--prune-layer {opts.prune_layer} is out of range: the model has layers 0..{n_layers - 1}")
+    sp = SpecialTokens.from_tokenizer(tokenizer)
+    bucket = plan_bucket(opts, cfg)
+    if "tensorrt" in opts.backends and opts.prune and bucket.k_static >= TRT_TOPK_LIMIT:
+        raise ExportError(f"the bucket keeps {bucket.k_static} visual tokens, over TensorRT's TopK limit "
+                          f"({TRT_TOPK_LIMIT - 1}); lower --keep, --image-size or --max-visual-tokens")
+    lm = model.language
+
+    graphs: dict[str, tuple] = {}  # name -> (program, inputs, outputs)
+    steps = ["trace denoiser", "vision"] + (["stage_a", "stage_b"] if opts.prune else []) + (
+        ["full"] if (opts.baseline or not opts.prune) else [])
+    bar = tqdm(total=len(steps), desc="torch.export", unit="graph", disable=not opts.progress)
+    ep = export_denoiser(lm, bucket, sp.mask, device)
+    bar.update()
+    graphs["vision"] = (vision_program(model, bucket, device), VISION_INPUTS, VISION_OUTPUTS)
+    bar.update()
+    if opts.prune:
+        spec = PruneSpec(layer=opts.prune_layer, n_visual_slots=bucket.max_visual_tokens, k_static=bucket.k_static,
+                         score_from=opts.score_from, mask_id=sp.mask)
+        graphs["stage_a"] = (stage_a_program(ep, lm, bucket, spec, sp.mask, device), STAGE_A_INPUTS, STAGE_A_OUTPUTS)
+        bar.update()
+        graphs["stage_b"] = (static_denoiser(ep, lm, bucket.reduced_prefix_len, bucket.gen_length, sp.mask, device),
+                             DENOISER_INPUTS, DENOISER_OUTPUTS)
+        bar.update()
+    if opts.baseline or not opts.prune:
+        graphs["full"] = (static_denoiser(ep, lm, bucket.prefix_len, bucket.gen_length, sp.mask, device),
+                          DENOISER_INPUTS, DENOISER_OUTPUTS)
+        bar.update()
+    bar.close()
+
+    files: list[Path] = []
+    artifacts: dict[str, dict[str, str]] = {}
+    notes = list(opts.notes)
+    trt_reason = tensorrt_status() if "tensorrt" in opts.backends else None
+    work = [(b, n) for b in opts.backends for n in graphs if not (b == "tensorrt" and trt_reason)]
+    bar = tqdm(total=len(work), desc="build engines", unit="artifact", disable=not opts.progress)
+    for backend, name in work:
+        prog, ins, outs = graphs[name]
+        bar.set_postfix_str(f"{backend}:{name}")
+        if backend == "onnxruntime" or (backend == "tensorrt" and name not in artifacts.get("onnxruntime", {})):
+            d = root / "onnx"
+            d.mkdir(exist_ok=True)
+            written = write_onnx(prog, d / f"{name}.onnx", ins, outs)
+            files += written
+            artifacts.setdefault("onnxruntime", {})[name] = f"onnx/{name}.onnx"
+        if backend == "aoti":
+            d = root / "aoti"
+            d.mkdir(exist_ok=True)
+            files += write_aoti(prog, d / f"{name}.pt2")
+            artifacts.setdefault("aoti", {})[name] = f"aoti/{name}.pt2"
+        if backend == "tensorrt":
+            d = root / "tensorrt"
+            d.mkdir(exist_ok=True)
+            shapes = {n: tuple(v.shape) for n, v in zip(ins, _example_inputs(prog))}
+            files += write_tensorrt(root / artifacts["onnxruntime"][name], d / f"{name}.plan", shapes)
+            artifacts.setdefault("tensorrt", {})[name] = f"tensorrt/{name}.plan"
+        bar.update()
+    bar.close()
+    if trt_reason:
+        notes.append(f"TensorRT engines were not built: {trt_reason}")
+
+    # What the runtime needs beside the graphs: the tokenizer and the prompt-side embedding table.
+    tokenizer.save_pretrained(root / "tokenizer")
+    files += [p for p in (root / "tokenizer").iterdir()]
+    emb = root / "text_embeddings.safetensors"
+    save_file({"embed_tokens": model.model.embed_tokens.weight.detach().cpu().contiguous(),
+               "image_newline": model.model.image_newline.detach().cpu().contiguous()}, str(emb))
+    files.append(emb)
+
+    return {
+        "source": {"checkpoint": str(Path(opts.model).resolve()), "config_hash": cfg.hash()},
+        "config": cfg.to_dict(),
+        "dtype": opts.dtype,
+        "device": opts.device,
+        "pruning": {"enabled": opts.prune, "layer": opts.prune_layer if opts.prune else None,
+                    "keep": opts.keep if opts.prune else 1.0, "score_from": opts.score_from,
+                    "k_static": bucket.k_static},
+        "bucket": bucket.to_dict(),
+        "generation": {"gen_length": opts.gen_length, "block_length": opts.block_length, "steps": opts.steps},
+        "tokens": asdict(sp) | {"suppressed": sp.suppressed()},
+        "graphs": {n: {"inputs": list(ins), "outputs": list(outs),
+                       "input_shapes": {i: list(v.shape) for i, v in zip(ins, _example_inputs(p))}}
+                   for n, (p, ins, outs) in graphs.items()},
+        "artifacts": artifacts,
+        "weights": ("each artifact embeds its own copy of the weights it uses (ONNX: initializers / external "
+                    "data beside the .onnx; AOTInductor: constants inside the .pt2); the prompt embedding table "
+                    "is in text_embeddings.safetensors"),
+        "notes": notes,
+        "export_seconds": round(time.perf_counter() - t0, 2),
+        "files": file_table(root, files),
+    }
+
+
+def _example_inputs(prog: torch.export.ExportedProgram) -> list[torch.Tensor]:
+    specs = [s for s in prog.graph_signature.input_specs if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+    nodes = {n.name: n for n in prog.graph.nodes if n.op == "placeholder"}
+    return [nodes[s.arg.name].meta["val"] for s in specs]
