@@ -47,6 +47,34 @@ class BucketInputs:
     gen_length: int
 
 
+def layout_bucket(b: Bucket, before: torch.Tensor, visual: torch.Tensor, after: torch.Tensor,
+                  gen_length: int) -> BucketInputs:
+    """Place a request in the bucket: [before | visual + pad to V | after | pad to T | G response].
+
+    before [nb, D], visual [nv, D], after [na, D]. Real tokens get the position ids they
+    would have unpadded; padding slots are masked keys (position 0); response slots past
+    ``gen_length`` are masked too.
+    """
+    nb, nv, na = before.shape[0], visual.shape[0], after.shape[0]
+    p, v, g = b.prefix_len, b.max_visual_tokens, b.gen_length
+    emb = torch.zeros(1, p, before.shape[1])  # [1, P, D]
+    emb[0, :nb] = before.float()
+    emb[0, nb: nb + nv] = visual.float()
+    emb[0, nb + v: nb + v + na] = after.float()
+    key = torch.zeros(1, p + g, dtype=torch.bool)  # [1, L]
+    key[0, : nb + nv] = True
+    key[0, nb + v: nb + v + na] = True
+    key[0, p: p + gen_length] = True
+    n_real = nb + nv + na
+    pos = torch.zeros(1, p + g, dtype=torch.long)  # [1, L]
+    pos[0, : nb + nv] = torch.arange(nb + nv)
+    pos[0, nb + v: nb + v + na] = torch.arange(nb + nv, n_real)
+    pos[0, p:] = torch.arange(n_real, n_real + g)
+    vmask = torch.zeros(1, p + g, dtype=torch.bool)  # [1, L]: the V visual slots, real or padding
+    vmask[0, nb: nb + v] = True
+    return BucketInputs(emb, pos, key, vmask, nv, gen_length)
+
+
 class EngineDenoiser:
     """Sampler adapter: stage A at the first call, stage B after (or the unpruned graph always)."""
 
@@ -172,30 +200,13 @@ class Pipeline:
         if gen_length > b.gen_length:
             raise RequestError(f"gen_length {gen_length} exceeds the engines' {b.gen_length}: re-export with "
                                f"--gen-length {gen_length}")
-        visual, t_vis = self.encode_image(image) if image is not None else (torch.zeros(0, b.prefix_len), 0.0)
+        visual, t_vis = self.encode_image(image) if image is not None else (torch.zeros(0, self.embed_table.shape[1]), 0.0)
         nv = visual.shape[0]
         if nv > b.max_visual_tokens:
             raise RequestError(f"the image gives {nv} visual tokens; these engines take at most "
                                f"{b.max_visual_tokens}: re-export with a larger --image-size or --max-visual-tokens")
-        d = self.embed_table.shape[1]
-        nb_, na = len(before), len(after)
-        p, v, g = b.prefix_len, b.max_visual_tokens, b.gen_length
-        emb = torch.zeros(1, p, d)
-        emb[0, :nb_] = self.embed_table[before].float()
-        emb[0, nb_: nb_ + nv] = visual.float()
-        emb[0, nb_ + v: nb_ + v + na] = self.embed_table[after].float()
-        key = torch.zeros(1, p + g, dtype=torch.bool)
-        key[0, :nb_ + nv] = True
-        key[0, nb_ + v: nb_ + v + na] = True
-        key[0, p: p + gen_length] = True
-        pos = torch.zeros(1, p + g, dtype=torch.long)
-        n_real = nb_ + nv + na
-        pos[0, :nb_ + nv] = torch.arange(nb_ + nv)
-        pos[0, nb_ + v: nb_ + v + na] = torch.arange(nb_ + nv, n_real)
-        pos[0, p:] = torch.arange(n_real, n_real + g)
-        vmask = torch.zeros(1, p + g, dtype=torch.bool)
-        vmask[0, nb_: nb_ + v] = True
-        return BucketInputs(emb, pos, key, vmask, nv, gen_length), t_vis
+        emb = self.embed_table.float()
+        return layout_bucket(b, emb[before], visual, emb[after], gen_length), t_vis
 
     # ------------------------------------------------------------------ generate
     @torch.no_grad()

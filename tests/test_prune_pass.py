@@ -1,0 +1,106 @@
+"""The FX pass's stage A against the eager pruned reference, on padded buckets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llada_export.exporter.bucket import Bucket
+from llada_export.exporter.programs import export_denoiser, stage_a_example
+from llada_export.graphs.pruning import num_kept
+from llada_export.passes.prune import PassError, PruneSpec, insert_pruning
+from llada_export.reference import PruneSettings, build_prompt, pruned_forward
+from llada_export.runtime.pipeline import layout_bucket
+from llada_export.tokenizer import SpecialTokens
+
+from conftest import PROMPTS
+
+G = 16
+BUCKET = Bucket(max_text_tokens=192, max_visual_tokens=150, gen_length=G, vision_batch=2)
+
+
+@pytest.fixture(scope="module")
+def traced(tiny):
+    model, tok, _ = tiny
+    sp = SpecialTokens.from_tokenizer(tok)
+    return export_denoiser(model.language, BUCKET, sp.mask, "cpu"), sp
+
+
+def _eager(model, prompt, layer, keep, sp, gen_length):
+    """Unpadded eager pruned reference: (logits [G, V], kept positions)."""
+    p, nv = prompt.length, prompt.n_visual
+    resp = torch.full((1, gen_length), sp.mask)
+    pos = torch.arange(p + gen_length)[None]
+    vmask = torch.cat([prompt.visual_mask, torch.zeros(1, gen_length, dtype=torch.bool)], 1)
+    k = num_kept(keep, nv)
+    logits, index, alive = pruned_forward(model, prompt.embeds, resp, pos, torch.ones_like(vmask), vmask,
+                                          torch.tensor([k]), PruneSettings(layer, keep), k, sp.mask)
+    assert alive.all()
+    return logits[0], index[0][vmask[0, index[0]]]
+
+
+@pytest.mark.parametrize("layer", [0, 2, 3])
+@pytest.mark.parametrize("keep", [0.25, 0.5, 1.0])
+@pytest.mark.parametrize("image, prompt", [("380x250", "short"), ("384x384", "long")])
+def test_stage_a_matches_eager_pruned_reference(tiny, traced, images, layer, keep, image, prompt):
+    model, tok, _ = tiny
+    ep, sp = traced
+    bucket = Bucket(BUCKET.max_text_tokens, BUCKET.max_visual_tokens, G, 2, keep=keep)
+    spec = PruneSpec(layer=layer, n_visual_slots=bucket.max_visual_tokens, k_static=bucket.k_static,
+                     mask_id=sp.mask)
+    stage_a = insert_pruning(ep, spec)
+
+    req = build_prompt(model, tok, images[image], PROMPTS[prompt])
+    nb, nv = len(req.ids_before), req.n_visual
+    e = req.embeds[0]
+    x = layout_bucket(bucket, e[:nb], e[nb:nb + nv], e[nb + nv:], G)  # padded: 150 visual slots, 192 text
+    assert x.prefix_embeds.shape[1] > req.length
+    resp = torch.full((1, G), sp.mask)
+    n_keep = torch.tensor([num_kept(keep, nv)])
+    with torch.no_grad():
+        logits, index, alive = stage_a(x.prefix_embeds, resp, x.position_ids, x.key_mask, x.visual_mask, n_keep)
+
+    ref_logits, ref_kept = _eager(model, req, layer, keep, sp, G)
+    kept_slots = index[0][alive[0] & x.visual_mask[0, index[0]]]
+    assert x.position_ids[0, kept_slots].tolist() == ref_kept.tolist()  # same tokens, original positions
+    assert len(ref_kept) == n_keep.item()
+    # 1e-5 relative to the logits' scale (|logits| reach ~10 with this checkpoint's init std 0.3):
+    # padding changes fp32 summation order, nothing else.
+    torch.testing.assert_close(logits[0], ref_logits, rtol=0, atol=1e-5 * float(ref_logits.abs().max()))
+    assert index.shape[1] == bucket.seq_len - bucket.max_visual_tokens + bucket.k_static  # static L'
+
+
+def test_stage_a_reexports_with_static_shapes(traced, tiny):
+    model, _, _ = tiny
+    ep, sp = traced
+    bucket = Bucket(BUCKET.max_text_tokens, BUCKET.max_visual_tokens, G, 2, keep=0.35)
+    gm = insert_pruning(ep, PruneSpec(2, bucket.max_visual_tokens, bucket.k_static, mask_id=sp.mask))
+    prog = torch.export.export(gm, stage_a_example(model.language, bucket, sp.mask, "cpu"))
+    for n in prog.graph.nodes:
+        val = n.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            assert all(isinstance(s, int) for s in val.shape), f"{n.name} has a symbolic shape {val.shape}"
+    outs = [s.arg.name for s in prog.graph_signature.output_specs]
+    assert len(outs) == 3
+
+
+def test_pass_refuses_what_it_cannot_rewrite(traced):
+    ep, sp = traced
+    with pytest.raises(PassError, match="out of range"):
+        insert_pruning(ep, PruneSpec(4, 150, 50, mask_id=sp.mask))
+    with pytest.raises(PassError, match="k_static"):
+        insert_pruning(ep, PruneSpec(1, 150, 0, mask_id=sp.mask))
+    with pytest.raises(PassError, match="k_static"):
+        insert_pruning(ep, PruneSpec(1, 150, 151, mask_id=sp.mask))
+    with pytest.raises(PassError, match="no decoder layers"):
+        insert_pruning(ep, PruneSpec(1, 150, 50, mask_id=sp.mask, layer_regex=r"blocks\.{layer}$"))
+
+
+def test_pass_needs_a_symbolic_length(tiny):
+    model, tok, _ = tiny
+    sp = SpecialTokens.from_tokenizer(tok)
+    from llada_export.exporter.programs import denoiser_example
+
+    static = torch.export.export(model.language, denoiser_example(model.language, 40, G, sp.mask, "cpu"))
+    with pytest.raises(PassError, match="static prefix length"):
+        insert_pruning(static, PruneSpec(1, 20, 5, mask_id=sp.mask))

@@ -1,0 +1,124 @@
+"""The eager oracles: unpruned model, key mask, scoring, and the LLaDA-FastV pruned reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llada_export.graphs.pruning import num_kept, select_tokens, visual_scores
+from llada_export.reference import (PrunedReferenceDenoiser, PruneSettings, build_prompt, reference_generate)
+from llada_export.runtime.sampler import preset
+from llada_export.tokenizer import SpecialTokens
+
+from conftest import PROMPTS
+
+
+@pytest.fixture(scope="module")
+def prompt_inputs(tiny, images):
+    model, tok, _ = tiny
+    return build_prompt(model, tok, images["380x250"], PROMPTS["short"])
+
+
+@pytest.mark.parametrize("layer", [0, 2, 3])
+def test_keep_one_reproduces_unpruned_tokens(tiny, images, layer):
+    model, tok, _ = tiny
+    gen = preset("chartqa")
+    full = reference_generate(model, tok, images["380x250"], PROMPTS["short"], gen)
+    pruned = reference_generate(model, tok, images["380x250"], PROMPTS["short"], gen, PruneSettings(layer, 1.0))
+    assert len(set(full.ids)) > 2, "degenerate random model: the comparison could not fail"
+    assert pruned.ids == full.ids
+    n_before = len(build_prompt(model, tok, images["380x250"], PROMPTS["short"]).ids_before)
+    assert pruned.kept_visual == list(range(n_before, n_before + len(pruned.kept_visual)))
+
+
+@pytest.mark.parametrize("keep", [0.1, 0.35, 0.5])
+def test_kept_count_and_original_positions(tiny, prompt_inputs, keep):
+    model, tok, _ = tiny
+    sp = SpecialTokens.from_tokenizer(tok)
+    g = 16
+    den = PrunedReferenceDenoiser(model, prompt_inputs, PruneSettings(2, keep), sp.mask)
+    resp = torch.full((g,), sp.mask)
+    den(resp)  # step 1 decides the pruning
+    n_vis = prompt_inputs.n_visual
+    k = int(keep * n_vis + 0.5)
+    kept = den.kept_visual
+    assert len(kept) == k
+    vis_pos = prompt_inputs.visual_mask[0].nonzero().flatten()
+    assert set(kept.tolist()) <= set(vis_pos.tolist())
+    assert torch.equal(kept, kept.sort().values)
+
+    # Step 2 on the reduced sequence must use the ORIGINAL position ids (gaps kept).
+    resp2 = resp.clone()
+    resp2[:3] = torch.tensor([5, 6, 7])
+    got = den(resp2)
+    p = prompt_inputs.length
+    keep_pos = torch.cat([torch.arange(p)[~prompt_inputs.visual_mask[0]], kept]).sort().values  # [P']
+    prefix = prompt_inputs.embeds[:, keep_pos]
+    pos = torch.cat([keep_pos, torch.arange(p, p + g)])[None]
+    expect = model.denoise(prefix, resp2[None], pos)[0]
+    renumbered = model.denoise(prefix, resp2[None], torch.arange(pos.shape[1])[None])[0]
+    torch.testing.assert_close(got, expect, rtol=0, atol=1e-6)
+    assert (got - renumbered).abs().max() > 1e-3
+
+
+def test_key_mask_padding_leaves_real_logits_unchanged(tiny, prompt_inputs):
+    model, tok, _ = tiny
+    sp = SpecialTokens.from_tokenizer(tok)
+    g, p = 8, prompt_inputs.length
+    resp = torch.randint(0, 300, (1, g))
+    pos = torch.arange(p + g)[None]
+    base = model.denoise(prompt_inputs.embeds, resp, pos)
+    ones = model.denoise(prompt_inputs.embeds, resp, pos, torch.ones(1, p + g, dtype=torch.bool))
+    torch.testing.assert_close(ones, base, rtol=0, atol=1e-6)  # all-ones mask == no mask
+
+    # Insert 13 junk slots in the middle of the prompt and 5 at its end, masked out.
+    cut = p // 2
+    junk = torch.randn(1, 13, prompt_inputs.embeds.shape[-1]) * 5
+    tail = torch.randn(1, 5, prompt_inputs.embeds.shape[-1]) * 5
+    emb = torch.cat([prompt_inputs.embeds[:, :cut], junk, prompt_inputs.embeds[:, cut:], tail], dim=1)
+    pos_pad = torch.cat([torch.arange(cut), torch.zeros(13, dtype=torch.long), torch.arange(cut, p),
+                         torch.zeros(5, dtype=torch.long), torch.arange(p, p + g)])[None]
+    mask = torch.ones_like(pos_pad, dtype=torch.bool)
+    mask[0, cut:cut + 13] = False
+    mask[0, p + 13: p + 18] = False
+    padded = model.denoise(emb, resp, pos_pad, mask)
+    # fp32 summation order differs with 18 more (masked) keys: 1e-5 of the logits' scale (~10 here)
+    torch.testing.assert_close(padded, base, rtol=0, atol=1e-5 * float(base.abs().max()))
+    unmasked = model.denoise(emb, resp, pos_pad)
+    assert (unmasked - base).abs().max() > 1e-3  # the mask is what makes it equal
+
+
+def test_visual_scores_match_attention_probabilities():
+    torch.manual_seed(0)
+    b, h, l, hd, g = 1, 4, 30, 16, 6
+    q, k = torch.randn(b, h, l, hd), torch.randn(b, h, l, hd)
+    key_mask = torch.ones(b, l, dtype=torch.bool)
+    key_mask[0, 10:13] = False
+    w = torch.zeros(b, l)
+    w[0, -g:] = 1.0 / g
+    # Attention probabilities through SDPA with the identity as values (an independent path).
+    eye = torch.eye(l).expand(b, h, l, l)
+    probs = F.scaled_dot_product_attention(q, k, eye, attn_mask=key_mask[:, None, None, :])  # [B, H, L, L]
+    expect = probs[:, :, -g:].mean(dim=(1, 2))  # mean over heads and the response queries
+    torch.testing.assert_close(visual_scores(q, k, key_mask, w, g), expect, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(visual_scores(q, k, key_mask, w, None), expect, rtol=1e-5, atol=1e-6)
+
+
+def test_select_tokens_keeps_top_visual_and_marks_dead_picks():
+    scores = torch.tensor([[0.9, 0.1, 0.5, 0.7, 0.2, 0.3, 0.95, 0.0]])
+    visual = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 0]], dtype=torch.bool)  # slots 1..6, slot 6 padded
+    key = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 1]], dtype=torch.bool)
+    index, alive = select_tokens(scores, visual, key, torch.tensor([2]), n_visual_slots=6, k_static=3)
+    # real visual ranking: 3 (0.7), 2 (0.5), 5 (0.3), 4, 1; padded slot 6 ranks last despite 0.95
+    assert index.tolist() == [[0, 2, 3, 5, 7]]
+    assert alive.tolist() == [[True, True, True, False, True]]  # slot 5 is the 3rd pick, over num_keep=2
+    assert num_kept(0.35, 1485) == 520 and num_kept(0.5, 3) == 2 and num_kept(0.01, 10) == 1
+
+
+def test_prune_settings_errors(tiny, prompt_inputs):
+    model, tok, _ = tiny
+    with pytest.raises(ValueError, match="out of range"):
+        PrunedReferenceDenoiser(model, prompt_inputs, PruneSettings(4, 0.5), 0)
+    with pytest.raises(ValueError, match="keep must be in"):
+        PrunedReferenceDenoiser(model, prompt_inputs, PruneSettings(1, 1.5), 0)
