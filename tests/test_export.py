@@ -210,7 +210,7 @@ def test_cli_bad_input_is_one_line_exit_2_and_leaves_nothing(tiny_ckpt, tmp_path
 
 def test_cli_missing_and_foreign_checkpoint(tmp_path):
     r = _cli("--model", str(tmp_path / "nope"), "-o", str(tmp_path / "e"), "-q")
-    assert r.returncode == 2 and "config.json" in r.stderr
+    assert r.returncode == 2 and "nope: no such checkpoint directory" in r.stderr
     foreign = tmp_path / "llama"
     foreign.mkdir()
     (foreign / "config.json").write_text(json.dumps({"model_type": "llama"}))
