@@ -116,19 +116,6 @@ def test_onnx_vision_matches_pytorch(tiny, engines):
     np.testing.assert_allclose(feats, ref.numpy(), rtol=0, atol=1e-4 * max(1.0, float(ref.abs().max())))
 
 
-@pytest.fixture(scope="module")
-def aoti_engines(tiny_ckpt, tmp_path_factory):
-    from llada_export.exporter.build import ExportOptions, export_engines
-
-    out = tmp_path_factory.mktemp("aoti") / "engines"
-    t0 = time.perf_counter()
-    export_engines(ExportOptions(model=str(tiny_ckpt), output=str(out), prune_layer=1, keep=0.35,
-                                 backends=("aoti",), gen_length=8, block_length=8, steps=8,
-                                 max_prompt_tokens=160, image_size=(384, 384), progress=False))
-    print(f"AOTInductor export of the tiny model: {time.perf_counter() - t0:.1f} s")
-    return out
-
-
 def test_aoti_packages_load_and_match_pytorch(tiny, aoti_engines, images):
     from torch._inductor import aoti_load_package
 

@@ -1,0 +1,73 @@
+"""llada-compare: Polygraphy comparisons per graph and end-to-end agreement."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from llada_export.exporter.manifest import MANIFEST, file_table
+
+
+def _compare(engines, ckpt, report, *extra):
+    return subprocess.run([sys.executable, "-m", "llada_export.cli.compare", "--engines", str(engines), "--model",
+                           str(ckpt), "--report", str(report), "--presets", "mc,chartqa", *extra],
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_compare_passes_for_onnxruntime_and_polygraphy_command_reproduces(engines, tiny_ckpt, tmp_path):
+    r = _compare(engines, tiny_ckpt, tmp_path / "report.json", "--save-dir", str(tmp_path / "pg"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["passed"] and (tmp_path / "report.md").is_file()
+    graphs = {(g["backend"], g["graph"]) for g in rep["graphs"]}
+    assert graphs == {("onnxruntime", n) for n in ("vision", "stage_a", "stage_b", "full")}
+    for g in rep["graphs"]:
+        for out, s in g["stats"].items():
+            assert {"max_abs", "mean_abs", "median_abs", "p99_abs", "max_rel"} <= set(s)
+            assert s["max_abs"] <= g["tolerances"][out]["atol"] or s["max_rel"] <= g["tolerances"][out]["rtol"]
+    assert rep["agreement"] and all(a["engine_vs_reference_exact"] for a in rep["agreement"])
+    assert all(0.0 <= a["kept_overlap"] <= 1.0 for a in rep["agreement"])
+    # The printed polygraphy command, run by hand, passes.
+    cmd = next(g["polygraphy_command"] for g in rep["graphs"] if g["graph"] == "stage_a")
+    assert cmd in r.stdout
+    argv = shlex.split(cmd)
+    argv[0] = str(shutil.which("polygraphy", path=str(__import__("pathlib").Path(sys.executable).parent)))
+    pg = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert pg.returncode == 0 and "PASSED" in pg.stdout + pg.stderr
+
+
+def test_compare_passes_for_aoti(aoti_engines, tiny_ckpt, tmp_path):
+    r = _compare(aoti_engines, tiny_ckpt, tmp_path / "report.json", "--presets", "mc")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert {g["backend"] for g in rep["graphs"]} == {"aoti"}
+    assert {g["graph"] for g in rep["graphs"]} == {"vision", "stage_a", "stage_b"}
+
+
+def test_compare_fails_on_a_perturbed_engine(engines, tiny_ckpt, tmp_path):
+    bad = tmp_path / "engines"
+    shutil.copytree(engines, bad)
+    path = bad / "onnx" / "stage_b.onnx"
+    model = onnx.load(str(path))
+    init = max(model.graph.initializer, key=lambda t: np.prod(t.dims))  # the largest weight
+    arr = numpy_helper.to_array(init).copy()
+    arr *= 1.05
+    init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    onnx.save(model, str(path))
+    # A consistent directory (hashes updated): only the comparison can catch the wrong weights.
+    m = json.loads((bad / MANIFEST).read_text())
+    m["files"] = file_table(bad, [bad / k for k in m["files"]])
+    (bad / MANIFEST).write_text(json.dumps(m))
+    r = _compare(bad, tiny_ckpt, tmp_path / "report.json")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "stage_b output 'logits'" in r.stderr
+    rep = json.loads((tmp_path / "report.json").read_text())
+    failed = {(g["graph"]) for g in rep["graphs"] if not g["passed"]}
+    assert failed == {"stage_b"}
