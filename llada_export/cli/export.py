@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gen-length", type=int, default=128, help="response length (default: 128)")
     s.add_argument("--block-length", type=int, default=None, help="sampler block length (default: --gen-length)")
     s.add_argument("--steps", type=int, default=None, help="default denoising steps (default: --gen-length)")
+    g.add_argument("--fuse-sampler", action="store_true",
+                   help="put the greedy sampler step (argmax + its probability) inside the graphs, so a step returns "
+                   "[G] tensors, not [G, vocab] logits; such engines serve temperature 0 only (default: off)")
     b = p.add_argument_group("build")
     b.add_argument("--backend", choices=("onnxruntime", "aoti", "tensorrt", "all"), default="onnxruntime",
                    help="engines to build; tensorrt needs the tensorrt package and a GPU (default: onnxruntime)")
@@ -63,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = ExportOptions(
             model=args.model, output=args.output, prune_layer=args.prune_layer, keep=args.keep,
             score_from=args.score_from, prune=not args.no_prune, baseline=args.baseline, backends=backends,
+            fuse_sampler=args.fuse_sampler,
             dtype=args.dtype, device=args.device, gen_length=args.gen_length,
             block_length=args.block_length or args.gen_length, steps=args.steps or args.gen_length,
             max_prompt_tokens=args.max_prompt_tokens, image_size=args.image_size,

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_checkpoint
+from ..graphs.llada import FusedDenoiser
 from ..graphs.anyres import grid_shape, visual_token_count
 from ..passes.prune import PruneSpec
 from ..runtime.sampler import GenerationConfig
@@ -20,7 +21,8 @@ from ..tokenizer import SpecialTokens
 from .backends import tensorrt_status, write_aoti, write_onnx, write_tensorrt
 from .bucket import Bucket
 from .manifest import file_table, write_manifest
-from .programs import (DENOISER_INPUTS, DENOISER_OUTPUTS, STAGE_A_INPUTS, STAGE_A_OUTPUTS, VISION_INPUTS,
+from .programs import (DENOISER_INPUTS, DENOISER_OUTPUTS, FUSED_OUTPUTS, STAGE_A_INPUTS, STAGE_A_OUTPUTS,
+                       VISION_INPUTS,
                        VISION_OUTPUTS, export_denoiser, stage_a_program, static_denoiser, vision_program)
 
 BACKENDS = ("onnxruntime", "aoti", "tensorrt")
@@ -41,6 +43,7 @@ class ExportOptions:
     score_from: str = "response"
     prune: bool = True
     baseline: bool = False  # also build the unpruned denoiser ("full") for comparisons
+    fuse_sampler: bool = False  # graphs output (x0, confidence) instead of logits
     backends: tuple[str, ...] = ("onnxruntime",)
     dtype: str = "float32"
     device: str = "cpu"
@@ -118,6 +121,11 @@ def _build(opts: ExportOptions, root: Path) -> dict:
         raise ExportError(f"the bucket keeps {bucket.k_static} visual tokens, over TensorRT's TopK limit "
                           f"({TRT_TOPK_LIMIT - 1}); lower --keep, --image-size or --max-visual-tokens")
     lm = model.language
+    outputs = DENOISER_OUTPUTS
+    if opts.fuse_sampler:
+        lm = FusedDenoiser(lm, sp.suppressed(), sp.mask)
+        outputs = FUSED_OUTPUTS
+    stage_a_outputs = outputs + STAGE_A_OUTPUTS[len(DENOISER_OUTPUTS):]
 
     graphs: dict[str, tuple] = {}  # name -> (program, inputs, outputs)
     steps = ["trace denoiser", "vision"] + (["stage_a", "stage_b"] if opts.prune else []) + (
@@ -130,14 +138,14 @@ def _build(opts: ExportOptions, root: Path) -> dict:
     if opts.prune:
         spec = PruneSpec(layer=opts.prune_layer, n_visual_slots=bucket.max_visual_tokens, k_static=bucket.k_static,
                          score_from=opts.score_from, mask_id=sp.mask)
-        graphs["stage_a"] = (stage_a_program(ep, lm, bucket, spec, sp.mask, device), STAGE_A_INPUTS, STAGE_A_OUTPUTS)
+        graphs["stage_a"] = (stage_a_program(ep, lm, bucket, spec, sp.mask, device), STAGE_A_INPUTS, stage_a_outputs)
         bar.update()
         graphs["stage_b"] = (static_denoiser(ep, lm, bucket.reduced_prefix_len, bucket.gen_length, sp.mask, device),
-                             DENOISER_INPUTS, DENOISER_OUTPUTS)
+                             DENOISER_INPUTS, outputs)
         bar.update()
     if opts.baseline or not opts.prune:
         graphs["full"] = (static_denoiser(ep, lm, bucket.prefix_len, bucket.gen_length, sp.mask, device),
-                          DENOISER_INPUTS, DENOISER_OUTPUTS)
+                          DENOISER_INPUTS, outputs)
         bar.update()
     bar.close()
 
@@ -184,6 +192,7 @@ def _build(opts: ExportOptions, root: Path) -> dict:
         "source": {"checkpoint": str(Path(opts.model).resolve()), "config_hash": cfg.hash()},
         "config": cfg.to_dict(),
         "dtype": opts.dtype,
+        "fused_sampler": opts.fuse_sampler,
         "device": opts.device,
         "pruning": {"enabled": opts.prune, "layer": opts.prune_layer if opts.prune else None,
                     "keep": opts.keep if opts.prune else 1.0, "score_from": opts.score_from,

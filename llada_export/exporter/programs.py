@@ -17,14 +17,15 @@ from .bucket import Bucket
 
 DENOISER_INPUTS = ("prefix_embeds", "response_ids", "position_ids", "key_mask")
 DENOISER_OUTPUTS = ("logits",)
+FUSED_OUTPUTS = ("x0", "confidence")
 STAGE_A_INPUTS = DENOISER_INPUTS + ("visual_mask", "num_keep")
 STAGE_A_OUTPUTS = DENOISER_OUTPUTS + ("kept_index", "kept_alive")
 VISION_INPUTS = ("pixel_values",)
 VISION_OUTPUTS = ("features",)
 
 
-def denoiser_example(lm: LanguageModel, prefix_len: int, gen_length: int, mask_id: int, device) -> tuple:
-    d = lm.embed_tokens.weight.shape[1]
+def denoiser_example(lm: nn.Module, prefix_len: int, gen_length: int, mask_id: int, device) -> tuple:
+    d = _language(lm).embed_tokens.weight.shape[1]
     length = prefix_len + gen_length
     return (
         torch.zeros(1, prefix_len, d, device=device),  # prefix_embeds fp32
@@ -63,6 +64,10 @@ def static_denoiser(ep: torch.export.ExportedProgram, lm: LanguageModel, prefix_
     """The same traced denoiser at a static prefix length (stage B, or the unpruned baseline)."""
     with torch.no_grad():
         return torch.export.export(ep.module(), denoiser_example(lm, prefix_len, gen_length, mask_id, device))
+
+
+def _language(m: nn.Module) -> LanguageModel:
+    return m if isinstance(m, LanguageModel) else m.lm
 
 
 class VisionGraph(nn.Module):

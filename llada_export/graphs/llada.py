@@ -150,3 +150,19 @@ class LanguageModel(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
         return self.head(x[:, -g:])  # [B, G, V]
+
+
+class FusedDenoiser(nn.Module):
+    """The denoiser with the sampler's greedy step fused in: outputs (x0 [B, G] int64,
+    confidence [B, G] fp32) instead of logits [B, G, V], so a step copies two small
+    tensors instead of the whole logits. Serves temperature 0 / low_confidence only."""
+
+    def __init__(self, lm: LanguageModel, suppress_ids: list[int], mask_id: int):
+        super().__init__()
+        self.lm, self.suppress_ids, self.mask_id = lm, list(suppress_ids), mask_id
+
+    def forward(self, prefix_embeds, response_ids, position_ids, key_mask):
+        from ..runtime.sampler import fused_prediction
+
+        logits = self.lm(prefix_embeds, response_ids, position_ids, key_mask)  # [B, G, V]
+        return fused_prediction(logits, response_ids, self.suppress_ids, self.mask_id)

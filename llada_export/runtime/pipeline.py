@@ -93,9 +93,21 @@ class EngineDenoiser:
     def _masked_prefix(self, prefix: torch.Tensor) -> torch.Tensor:
         return self.pipe.mask_embed.expand_as(prefix[0])[None].contiguous()
 
+    @property
+    def fused(self) -> bool:
+        return self.pipe.fused
+
     def __call__(self, response_ids: torch.Tensor, *, uncond: bool = False) -> torch.Tensor:
+        return self._forward(response_ids, uncond)["logits"][0, : self.x.gen_length].float().cpu()  # [g, V]
+
+    def predict(self, response_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self._forward(response_ids, False)
+        g = self.x.gen_length
+        return out["x0"][0, :g].cpu(), out["confidence"][0, :g].float().cpu()  # [g], [g]
+
+    def _forward(self, response_ids: torch.Tensor, uncond: bool) -> dict[str, torch.Tensor]:
         t0 = time.perf_counter()
-        g, x, resp = self.x.gen_length, self.x, self._response(response_ids)
+        x, resp = self.x, self._response(response_ids)
         if self.unpruned:
             prefix = self._masked_prefix(x.prefix_embeds) if uncond else x.prefix_embeds
             out = self.pipe.run("full", prefix_embeds=prefix, response_ids=resp, position_ids=x.position_ids,
@@ -118,7 +130,7 @@ class EngineDenoiser:
                 feeds["prefix_embeds"] = self._masked_prefix(feeds["prefix_embeds"])
             out = self.pipe.run("stage_b", response_ids=resp, **feeds)
         self.step_times.append(time.perf_counter() - t0)
-        return out["logits"][0, :g].float().cpu()  # [g, V]
+        return out
 
     def kept_visual(self) -> list[int] | None:
         """Kept visual tokens as positions in the unpadded prompt (= their position ids)."""
@@ -141,6 +153,7 @@ class Pipeline:
         self.tokens = manifest["tokens"]
         self.keep = manifest["pruning"]["keep"]
         self.pruned = manifest["pruning"]["enabled"]
+        self.fused = manifest.get("fused_sampler", False)
         self.tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
         emb = load_file(str(root / "text_embeddings.safetensors"))
         self.embed_table, self.image_newline = emb["embed_tokens"], emb["image_newline"]

@@ -74,8 +74,11 @@ def preset(name: str, **overrides) -> GenerationConfig:
 
 
 class Denoiser(Protocol):
-    def __call__(self, response_ids: torch.Tensor, *, uncond: bool = False) -> torch.Tensor:
-        """response_ids [G] int64 -> logits [G, V] (fp32). ``uncond``: prompt fully masked (CFG)."""
+    """``__call__``: response_ids [G] int64 -> logits [G, V] (fp32); ``uncond``: prompt fully
+    masked (CFG). A denoiser with ``fused = True`` (engines built with the sampler's greedy
+    step inside) offers ``predict(response_ids) -> (x0 [G], confidence [G])`` instead."""
+
+    def __call__(self, response_ids: torch.Tensor, *, uncond: bool = False) -> torch.Tensor: ...
 
 
 @dataclass
@@ -119,6 +122,12 @@ def generate(
     x = torch.full((g,), mask_id, dtype=torch.long)  # response ids [G]
     suppress = torch.tensor(suppress_ids, dtype=torch.long)
     stop: int | None = None  # index of the first committed eot (stop_at_eot)
+    greedy = gen.temperature == 0 and gen.remasking == "low_confidence" and gen.cfg_scale == 0
+    fused = denoiser.predict if greedy and getattr(denoiser, "fused", False) else None
+    if not greedy and getattr(denoiser, "fused", False):
+        raise ValueError("these engines were built with --fuse-sampler (argmax and confidence inside the graph): "
+                         "they serve temperature 0, low_confidence remasking and no CFG only; re-export without "
+                         "--fuse-sampler for other settings")
 
     for b in range(n_blocks):
         start, end = b * bl, (b + 1) * bl
@@ -131,20 +140,13 @@ def generate(
                 break
             if not mask[start:end].any():
                 break
-            logits = denoiser(x.clone()).float()  # [G, V]
-            if gen.cfg_scale > 0:
-                un = denoiser(x.clone(), uncond=True).float()
-                logits = un + (gen.cfg_scale + 1) * (logits - un)
-            if trace is not None:
-                trace.forwards += 1 + (gen.cfg_scale > 0)
-            sup = logits[:, suppress]  # [G, S]
-            logits[:, suppress] = torch.where(mask[:, None], torch.full_like(sup, float("-inf")), sup)
-            x0 = add_gumbel_noise(logits, gen.temperature, generator).argmax(dim=-1)  # [G]
-            if gen.remasking == "low_confidence":
-                p = torch.softmax(logits.to(torch.float64), dim=-1)  # [G, V]
-                x0_p = p.gather(-1, x0[:, None]).squeeze(-1)  # [G]
+            if fused is not None:
+                x0, x0_p = fused(x.clone())  # argmax + its probability computed in the graph
+                x0_p = x0_p.to(torch.float64)
+                if trace is not None:
+                    trace.forwards += 1
             else:
-                x0_p = torch.rand(g, dtype=torch.float64, generator=generator)
+                x0, x0_p = _predict(denoiser, x, mask, suppress, gen, generator, trace)
             x0_p[(stop if stop is not None else end):] = float("-inf")
             x0 = torch.where(mask, x0, x)
             confidence = torch.where(mask, x0_p, torch.full_like(x0_p, float("-inf")))
@@ -157,6 +159,40 @@ def generate(
                 if len(eots):
                     stop = int(eots[0]) if stop is None else min(stop, int(eots[0]))
     return cut_at_eot(x, eot_id)
+
+
+def _predict(denoiser, x, mask, suppress, gen, generator, trace) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step from logits: (x0 [G], confidence [G] float64), as the official sampler."""
+    logits = denoiser(x.clone()).float()  # [G, V]
+    if gen.cfg_scale > 0:
+        un = denoiser(x.clone(), uncond=True).float()
+        logits = un + (gen.cfg_scale + 1) * (logits - un)
+    if trace is not None:
+        trace.forwards += 1 + (gen.cfg_scale > 0)
+    sup = logits[:, suppress]  # [G, S]
+    logits[:, suppress] = torch.where(mask[:, None], torch.full_like(sup, float("-inf")), sup)
+    x0 = add_gumbel_noise(logits, gen.temperature, generator).argmax(dim=-1)  # [G]
+    if gen.remasking == "low_confidence":
+        p = torch.softmax(logits.to(torch.float64), dim=-1)  # [G, V]
+        return x0, p.gather(-1, x0[:, None]).squeeze(-1)
+    return x0, torch.rand(x0.shape[0], dtype=torch.float64, generator=generator)
+
+
+def fused_prediction(logits: torch.Tensor, response_ids: torch.Tensor, suppress_ids: list[int],
+                     mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The greedy step inside a graph: logits [B, G, V] -> (x0 [B, G] int64, confidence [B, G] fp32).
+
+    Suppressed ids are -inf at masked positions, as in the sampler; the confidence is the
+    softmax probability of the argmax, exp(max - logsumexp), computed in fp32 (the eager
+    sampler uses float64, so a near-tie can in rare cases commit positions in another order).
+    """
+    masked = (response_ids == mask_id)[..., None]  # [B, G, 1]
+    sup = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    sup[suppress_ids] = True
+    logits = torch.where(masked & sup, torch.full_like(logits, float("-inf")), logits)  # [B, G, V]
+    best = logits.max(dim=-1)  # values/indices [B, G]
+    conf = torch.exp(best.values - torch.logsumexp(logits, dim=-1))  # [B, G]
+    return best.indices, conf
 
 
 def cut_at_eot(ids: torch.Tensor, eot_id: int) -> torch.Tensor:
