@@ -236,4 +236,25 @@ def tiny_config() -> LLaDAVConfig:
     )
 
 
-PRESETS = {"full": full_config, "tiny": tiny_config}
+def demo_config() -> LLaDAVConfig:
+    """The trained demo model (``tools/train_demo.py``): same structure, ~15 MB in fp32.
+
+    192 px crops with patch 16 (12x12 tokens per crop), grid pinpoints scaled to the crop
+    size (i*192 x j*192); the vision config names 5 layers, of which 4 are stored and
+    used (the official convention). Text: 6 layers, hidden 192, head_dim 32."""
+    return LLaDAVConfig(
+        text=TextConfig(
+            vocab_size=0,  # filled in from the tokenizer ("tiny") by the checkpoint writer
+            hidden_size=192, intermediate_size=512, num_hidden_layers=6,
+            num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=4096,
+        ),
+        vision=VisionConfig(
+            hidden_size=128, intermediate_size=512, num_hidden_layers=5,
+            num_attention_heads=4, image_size=192, patch_size=16,
+        ),
+        mm_hidden_size=128,
+        torch_dtype="float32",
+    )
+
+
+PRESETS = {"full": full_config, "tiny": tiny_config, "demo": demo_config}

@@ -204,3 +204,27 @@ def test_cli_missing_and_foreign_checkpoint(tmp_path):
     r = _cli("--model", str(foreign), "-o", str(tmp_path / "e"), "-q")
     assert r.returncode == 2 and "llava_llada" in r.stderr
     assert not (tmp_path / "e").exists()
+
+
+def test_aoti_weights_from_checkpoint(tiny, tiny_ckpt, tmp_path, images):
+    """Packages built without their weights load them from the checkpoint, shared by all graphs."""
+    from llada_export.exporter.build import ExportOptions, export_engines
+    from llada_export.reference import reference_generate
+    from llada_export.runtime.pipeline import Pipeline
+    from llada_export.runtime.sampler import preset
+
+    out = export_engines(ExportOptions(model=str(tiny_ckpt), output=str(tmp_path / "e"), prune_layer=1, keep=0.35,
+                                       backends=("aoti",), aoti_weights="checkpoint", gen_length=8, block_length=8,
+                                       steps=8, max_prompt_tokens=160, progress=False))
+    m = read_manifest(out)
+    side = sum(v["bytes"] for k, v in m["files"].items() if k.endswith(".constants.safetensors"))
+    weight_bytes = sum(t.numel() * t.element_size() for t in tiny[0].state_dict().values())
+    assert side < 0.01 * weight_bytes  # only small non-checkpoint constants travel beside the packages
+    assert m["aoti_constants_from_checkpoint"]["stage_b"]["lm_head.weight"] == "lm_head.weight"
+    pipe = Pipeline.load(out)
+    a = pipe.runners["stage_a"].model, pipe.runners["stage_b"].model
+    assert a[0] is not a[1]
+    model, tok, _ = tiny
+    ref = reference_generate(model, tok, images["384x384"], PROMPTS["long"], preset("mc"), PruneSettings(1, 0.35))
+    got = pipe.generate(images["384x384"], PROMPTS["long"], preset="mc")
+    assert got.ids == ref.ids and got.kept_visual == ref.kept_visual

@@ -62,11 +62,21 @@ def _np_dtype(dtype: torch.dtype):
 
 
 class AotiRunner:
-    def __init__(self, path: Path, inputs: list[str], outputs: list[str], device: str = "cpu"):
+    """``constants``: for packages built without their weights, {constant fqn: tensor on the
+    device}; loaded as user-managed (no copy), so graphs share one set of weights."""
+
+    def __init__(self, path: Path, inputs: list[str], outputs: list[str], device: str = "cpu",
+                 constants: dict[str, torch.Tensor] | None = None):
         from torch._inductor import aoti_load_package
 
         self.device = torch.device(device)
         self.model = aoti_load_package(str(path))
+        if constants is not None:
+            wanted = self.model.get_constant_fqns()  # unused parameters (e.g. post_layernorm) are not constants
+            missing = [k for k in wanted if k not in constants]
+            if missing:
+                raise RuntimeError(f"{path}: no weight for constants {missing[:5]}")
+            self.model.load_constants({k: constants[k] for k in wanted}, check_full_update=True, user_managed=True)
         self.inputs, self.outputs = inputs, outputs
 
     def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -28,12 +28,42 @@ def write_onnx(ep: torch.export.ExportedProgram, path: Path, inputs: tuple[str, 
     return sorted(p for p in path.parent.iterdir() if p.name == path.name or p.name.startswith(path.name + "."))
 
 
-def write_aoti(ep: torch.export.ExportedProgram, path: Path) -> list[Path]:
-    """Compile an AOTInductor package (.pt2) for the program's device."""
+def write_aoti(ep: torch.export.ExportedProgram, path: Path, weight_keys: dict[int, str] | None = None
+               ) -> tuple[list[Path], dict[str, str] | None]:
+    """Compile an AOTInductor package (.pt2) for the program's device.
+
+    With ``weight_keys`` (data_ptr of each checkpoint tensor -> its checkpoint key) the
+    constants stay OUT of the package: every constant that is a checkpoint tensor is
+    recorded as ``{constant fqn: checkpoint key}`` (returned) and loaded from the checkpoint
+    at run time, shared by all graphs; any other constant (e.g. a folded table) is saved
+    beside the package in ``<name>.constants.safetensors``.
+    """
+    from safetensors.torch import save_file
     from torch._inductor import aoti_compile_and_package
 
-    aoti_compile_and_package(ep, package_path=str(path))
-    return [path]
+    if weight_keys is None:
+        aoti_compile_and_package(ep, package_path=str(path))
+        return [path], None
+    aoti_compile_and_package(ep, package_path=str(path),
+                             inductor_configs={"aot_inductor.package_constants_in_so": False})
+    consts = {**ep.state_dict, **{k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}}
+    mapping, extra = {}, {}
+    for fqn, t in consts.items():
+        key = weight_keys.get(t.data_ptr()) if t.numel() else None
+        if key is not None:
+            mapping[fqn] = key
+        else:
+            extra[fqn] = t.detach().cpu().contiguous()
+    extra_bytes = sum(t.numel() * t.element_size() for t in extra.values())
+    if extra_bytes > 64 * 1024**2:
+        raise RuntimeError(f"{path.name}: {extra_bytes / 1e9:.2f} GB of constants are not checkpoint tensors; "
+                           "refusing to duplicate the weights beside the package")
+    files = [path]
+    if extra:
+        side = path.with_suffix(".constants.safetensors")
+        save_file(extra, str(side))
+        files.append(side)
+    return files, mapping
 
 
 def tensorrt_status() -> str | None:

@@ -44,6 +44,7 @@ class ExportOptions:
     prune: bool = True
     baseline: bool = False  # also build the unpruned denoiser ("full") for comparisons
     fuse_sampler: bool = False  # graphs output (x0, confidence) instead of logits
+    aoti_weights: str = "auto"  # "package": constants inside each .pt2; "checkpoint": loaded at run time
     backends: tuple[str, ...] = ("onnxruntime",)
     dtype: str = "float32"
     device: str = "cpu"
@@ -151,6 +152,10 @@ def _build(opts: ExportOptions, root: Path) -> dict:
 
     files: list[Path] = []
     artifacts: dict[str, dict[str, str]] = {}
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    external = opts.aoti_weights == "checkpoint" or (opts.aoti_weights == "auto" and weight_bytes > 2 * 1024**3)
+    weight_keys = {t.data_ptr(): k for k, t in model.state_dict().items()} if external else None
+    aoti_weights: dict[str, dict[str, str]] = {}
     notes = list(opts.notes)
     trt_reason = tensorrt_status() if "tensorrt" in opts.backends else None
     work = [(b, n) for b in opts.backends for n in graphs if not (b == "tensorrt" and trt_reason)]
@@ -167,8 +172,11 @@ def _build(opts: ExportOptions, root: Path) -> dict:
         if backend == "aoti":
             d = root / "aoti"
             d.mkdir(exist_ok=True)
-            files += write_aoti(prog, d / f"{name}.pt2")
+            written, mapping = write_aoti(prog, d / f"{name}.pt2", weight_keys if external else None)
+            files += written
             artifacts.setdefault("aoti", {})[name] = f"aoti/{name}.pt2"
+            if mapping is not None:
+                aoti_weights[name] = mapping
         if backend == "tensorrt":
             d = root / "tensorrt"
             d.mkdir(exist_ok=True)
@@ -204,9 +212,14 @@ def _build(opts: ExportOptions, root: Path) -> dict:
                        "input_shapes": {i: list(v.shape) for i, v in zip(ins, _example_inputs(p))}}
                    for n, (p, ins, outs) in graphs.items()},
         "artifacts": artifacts,
-        "weights": ("each artifact embeds its own copy of the weights it uses (ONNX: initializers / external "
-                    "data beside the .onnx; AOTInductor: constants inside the .pt2); the prompt embedding table "
-                    "is in text_embeddings.safetensors"),
+        "weights": {
+            "onnxruntime": "inside each graph (initializers, or external data beside the .onnx over 2 GB)",
+            "aoti": ("loaded at run time from the source checkpoint (constants_from_checkpoint maps each graph "
+                     "constant to its checkpoint key) and shared by all graphs" if aoti_weights else
+                     "inside each .pt2 package"),
+            "prompt_embeddings": "text_embeddings.safetensors",
+        },
+        "aoti_constants_from_checkpoint": aoti_weights or None,
         "notes": notes,
         "export_seconds": round(time.perf_counter() - t0, 2),
         "files": file_table(root, files),

@@ -144,7 +144,7 @@ class EngineDenoiser:
 class Pipeline:
     """Load an engines directory and answer requests. See :meth:`generate`."""
 
-    def __init__(self, root: Path, manifest: dict, backend: str, device: str):
+    def __init__(self, root: Path, manifest: dict, backend: str, device: str, weights_from: str | None = None):
         from transformers import AutoTokenizer
 
         self.root, self.manifest, self.backend, self.device = root, manifest, backend, device
@@ -159,14 +159,40 @@ class Pipeline:
         self.embed_table, self.image_newline = emb["embed_tokens"], emb["image_newline"]
         self.mask_embed = self.embed_table[self.tokens["mask"]].float()[None]  # [1, D]
         self.runners: dict[str, Runner] = {}
+        external = manifest.get("aoti_constants_from_checkpoint") if backend == "aoti" else None
+        weights = self._checkpoint_weights(weights_from, device) if external else None
         for name, rel in manifest["artifacts"][backend].items():
             g = manifest["graphs"][name]
-            self.runners[name] = RUNNERS[backend](root / rel, g["inputs"], g["outputs"], device)
+            kw = {}
+            if external:
+                kw["constants"] = {fqn: weights[key] for fqn, key in external[name].items()}
+                side = (root / rel).with_suffix(".constants.safetensors")
+                if side.exists():
+                    kw["constants"].update({k: v.to(device) for k, v in load_file(str(side)).items()})
+            self.runners[name] = RUNNERS[backend](root / rel, g["inputs"], g["outputs"], device, **kw)
+
+    def _checkpoint_weights(self, weights_from: str | None, device: str) -> dict[str, torch.Tensor]:
+        """AOTInductor packages built without weights: load them once from the checkpoint."""
+        from ..checkpoint import load_checkpoint
+        from ..exporter.build import DTYPES
+
+        src = Path(weights_from or self.manifest["source"]["checkpoint"])
+        if not src.is_dir():
+            raise ManifestError(f"{self.root}: the AOTInductor packages load their weights from the checkpoint "
+                                f"{src}, which is not there; pass weights_from= (llada-generate --weights DIR)")
+        model, _, cfg = load_checkpoint(src, dtype=DTYPES[self.manifest["dtype"]], device=device)
+        if cfg.hash() != self.manifest["source"]["config_hash"]:
+            raise ManifestError(f"{src}: its config differs from the one these engines were exported from")
+        self._weights_model = model  # keeps the tensors alive
+        return dict(model.state_dict())
 
     @classmethod
     def load(cls, path: str | Path, backend: str | None = None, device: str | None = None,
-             verify: bool = True) -> "Pipeline":
-        """Validate the manifest (versions, SHA-256 of every artifact) and open the sessions."""
+             verify: bool = True, weights_from: str | None = None) -> "Pipeline":
+        """Validate the manifest (versions, SHA-256 of every artifact) and open the sessions.
+
+        ``weights_from``: checkpoint directory for AOTInductor packages exported without their
+        weights (default: the checkpoint recorded in the manifest)."""
         root = Path(path)
         m = read_manifest(root, verify=verify)
         built = list(m["artifacts"])
@@ -180,7 +206,7 @@ class Pipeline:
                                 f"re-export with --backend {backend}")
         if device is None:
             device = "cuda" if backend == "tensorrt" or (m.get("device", "cpu").startswith("cuda")) else "cpu"
-        return cls(root, m, backend, device)
+        return cls(root, m, backend, device, weights_from)
 
     @property
     def has_unpruned(self) -> bool:
