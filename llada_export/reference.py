@@ -44,22 +44,23 @@ class PromptInputs:
 def visual_embeddings(model: LLaDAV, image) -> torch.Tensor:
     """Image -> anyres visual embeddings [n_visual, D] (vision tower, projector, assembly)."""
     pixels, size = preprocess(image, model.config)  # [N, 3, S, S]
-    feats = model.encode_images(pixels)  # [N, T, D]
+    feats = model.encode_images(pixels.to(model.lm_head.weight.device))  # [N, T, D]
     return assemble(feats, size, model.config, model.model.image_newline)  # [n_visual, D]
 
 
 @torch.no_grad()
 def build_prompt(model: LLaDAV, tokenizer, image, prompt: str, system: str = DEFAULT_SYSTEM_PROMPT) -> PromptInputs:
     before, after = encode_prompt(tokenizer, prompt, has_image=image is not None, system=system)
-    parts = [model.embed(torch.tensor(before, dtype=torch.long))]  # [n0, D]
+    dev = model.lm_head.weight.device
+    parts = [model.embed(torch.tensor(before, dtype=torch.long, device=dev))]  # [n0, D]
     n_vis = 0
     if image is not None:
         vis = visual_embeddings(model, image).to(model.dtype)  # [n_visual, D]
         n_vis = vis.shape[0]
         parts.append(vis)
-    parts.append(model.embed(torch.tensor(after, dtype=torch.long)))  # [n1, D]
+    parts.append(model.embed(torch.tensor(after, dtype=torch.long, device=dev)))  # [n1, D]
     embeds = torch.cat(parts)[None]  # [1, P, D]
-    vmask = torch.zeros(1, embeds.shape[1], dtype=torch.bool)
+    vmask = torch.zeros(1, embeds.shape[1], dtype=torch.bool, device=dev)
     vmask[0, len(before): len(before) + n_vis] = True
     return PromptInputs(embeds, vmask, before, after, n_vis)
 
@@ -69,14 +70,14 @@ class ReferenceDenoiser:
 
     def __init__(self, model: LLaDAV, prompt: PromptInputs, mask_id: int):
         self.model, self.prompt = model, prompt
-        self.mask_embed = model.embed(torch.tensor([mask_id]))  # [1, D]
+        self.mask_embed = model.embed(torch.tensor([mask_id], device=prompt.embeds.device))  # [1, D]
 
     @torch.no_grad()
     def __call__(self, response_ids: torch.Tensor, *, uncond: bool = False) -> torch.Tensor:
         prefix = self.prompt.embeds
         if uncond:
             prefix = self.mask_embed.expand_as(prefix[0])[None]
-        pos = torch.arange(prefix.shape[1] + response_ids.shape[0])[None]  # [1, L]
+        pos = torch.arange(prefix.shape[1] + response_ids.shape[0], device=prefix.device)[None]  # [1, L]
         return self.model.denoise(prefix, response_ids[None], pos)[0]  # [G, V]
 
 
@@ -137,7 +138,7 @@ class PrunedReferenceDenoiser:
         self.model, self.prompt, self.mask_id = model, prompt, mask_id
         self.settings = settings.validate(len(model.model.layers))
         self.k = num_kept(settings.keep, prompt.n_visual) if prompt.n_visual else 0
-        self.mask_embed = model.embed(torch.tensor([mask_id]))  # [1, D]
+        self.mask_embed = model.embed(torch.tensor([mask_id], device=prompt.embeds.device))  # [1, D]
         self.kept: torch.Tensor | None = None  # [L'] original positions of the reduced sequence
 
     @property
@@ -149,18 +150,18 @@ class PrunedReferenceDenoiser:
 
     @torch.no_grad()
     def __call__(self, response_ids: torch.Tensor, *, uncond: bool = False) -> torch.Tensor:
-        p, g = self.prompt.length, response_ids.shape[0]
+        p, g, dev = self.prompt.length, response_ids.shape[0], self.prompt.embeds.device
         if self.kept is None:
             if uncond:
                 raise RuntimeError("the conditional forward of step 1 decides the pruning; call it first")
-            pos = torch.arange(p + g)[None]  # [1, L]
+            pos = torch.arange(p + g, device=dev)[None]  # [1, L]
             if self.prompt.n_visual == 0:
                 self.kept = pos[0]
                 return self.model.denoise(self.prompt.embeds, response_ids[None], pos)[0]
-            vmask = torch.cat([self.prompt.visual_mask, torch.zeros(1, g, dtype=torch.bool)], dim=1)  # [1, L]
+            vmask = torch.cat([self.prompt.visual_mask, torch.zeros(1, g, dtype=torch.bool, device=dev)], dim=1)
             logits, index, _ = pruned_forward(
                 self.model, self.prompt.embeds, response_ids[None], pos, torch.ones_like(vmask), vmask,
-                torch.tensor([self.k]), self.settings, self.k, self.mask_id)
+                torch.tensor([self.k], device=dev), self.settings, self.k, self.mask_id)
             self.kept = index[0]
             return logits[0]
         prefix = gather_seq(self.prompt.embeds, self.kept[None, : len(self.kept) - g])  # [1, P', D]
@@ -197,7 +198,8 @@ def reference_generate(
     else:
         den = PrunedReferenceDenoiser(model, inputs, prune, sp.mask)
     trace = SamplerTrace()
+    dev = model.lm_head.weight.device
     ids = generate(den, gen, mask_id=sp.mask, eot_id=sp.eot, suppress_ids=sp.suppressed(),
-                   generator=torch.Generator().manual_seed(seed), trace=trace)
+                   generator=torch.Generator(device=dev).manual_seed(seed), trace=trace, device=dev)
     kept = den.kept_visual.tolist() if prune is not None and den.kept is not None else None
     return ReferenceResult(ids.tolist(), tokenizer.decode(ids.tolist(), skip_special_tokens=True), kept, trace)

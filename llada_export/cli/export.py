@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         m = read_manifest(out, verify=False)
         built = ", ".join(f"{b} ({', '.join(g)})" for b, g in m["artifacts"].items())
         print(f"wrote {out} in {m['export_seconds']:.1f} s: {built}")
+        gpu = f", peak GPU memory {m['export_peak_gpu_gib']} GiB" if m.get("export_peak_gpu_gib") is not None else ""
+        print(f"peak host memory (RSS) {m['export_peak_host_rss_gib']} GiB{gpu}")
         for note in m["notes"]:
             print(f"note: {note}")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -222,6 +223,9 @@ def _build(opts: ExportOptions, root: Path) -> dict:
         "aoti_constants_from_checkpoint": aoti_weights or None,
         "notes": notes,
         "export_seconds": round(time.perf_counter() - t0, 2),
+        "export_peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "export_peak_gpu_gib": (round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                                if device.type == "cuda" else None),
         "files": file_table(root, files),
     }
 

@@ -82,13 +82,15 @@ class EngineDenoiser:
         self.pipe, self.x, self.unpruned = pipe, x, unpruned
         self.stage_b: dict[str, torch.Tensor] | None = None
         self.kept_index: torch.Tensor | None = None
+        self._resp: torch.Tensor | None = None
         self.step_times: list[float] = []
 
     def _response(self, ids: torch.Tensor) -> torch.Tensor:
-        g = self.pipe.bucket.gen_length
-        out = torch.full((1, g), self.pipe.tokens["mask"], dtype=torch.long)
-        out[0, : ids.shape[0]] = ids
-        return out
+        if self._resp is None:  # one buffer for all steps; slots past gen_length stay masked
+            self._resp = torch.full((1, self.pipe.bucket.gen_length), self.pipe.tokens["mask"], dtype=torch.long,
+                                    device=self.x.prefix_embeds.device)
+        self._resp[0, : ids.shape[0]] = ids
+        return self._resp
 
     def _masked_prefix(self, prefix: torch.Tensor) -> torch.Tensor:
         return self.pipe.mask_embed.expand_as(prefix[0])[None].contiguous()
@@ -98,12 +100,12 @@ class EngineDenoiser:
         return self.pipe.fused
 
     def __call__(self, response_ids: torch.Tensor, *, uncond: bool = False) -> torch.Tensor:
-        return self._forward(response_ids, uncond)["logits"][0, : self.x.gen_length].float().cpu()  # [g, V]
+        return self._forward(response_ids, uncond)["logits"][0, : self.x.gen_length].float()  # [g, V]
 
     def predict(self, response_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self._forward(response_ids, False)
         g = self.x.gen_length
-        return out["x0"][0, :g].cpu(), out["confidence"][0, :g].float().cpu()  # [g], [g]
+        return out["x0"][0, :g], out["confidence"][0, :g].float()  # [g], [g]
 
     def _forward(self, response_ids: torch.Tensor, uncond: bool) -> dict[str, torch.Tensor]:
         t0 = time.perf_counter()
@@ -118,8 +120,9 @@ class EngineDenoiser:
             n_keep = num_kept(self.pipe.keep, x.n_visual) if x.n_visual else 0
             out = self.pipe.run("stage_a", prefix_embeds=x.prefix_embeds, response_ids=resp,
                                 position_ids=x.position_ids, key_mask=x.key_mask, visual_mask=x.visual_mask,
-                                num_keep=torch.tensor([n_keep]))
-            idx, alive = out["kept_index"].cpu(), out["kept_alive"].cpu().bool()
+                                num_keep=torch.tensor([n_keep], device=x.prefix_embeds.device))
+            dev = x.prefix_embeds.device
+            idx, alive = out["kept_index"].to(dev), out["kept_alive"].to(dev).bool()
             p_red = idx.shape[1] - self.pipe.bucket.gen_length
             self.kept_index = idx[0]
             self.stage_b = dict(prefix_embeds=x.prefix_embeds[:, idx[0, :p_red]].contiguous(),
@@ -129,6 +132,8 @@ class EngineDenoiser:
             if uncond:
                 feeds["prefix_embeds"] = self._masked_prefix(feeds["prefix_embeds"])
             out = self.pipe.run("stage_b", response_ids=resp, **feeds)
+        if resp.is_cuda:
+            torch.cuda.synchronize(resp.device)  # honest per-step times (the sampler syncs anyway)
         self.step_times.append(time.perf_counter() - t0)
         return out
 
@@ -138,7 +143,7 @@ class EngineDenoiser:
             return None
         idx, alive = self.kept_index, self.stage_b["key_mask"][0]  # [L'], [L']
         keep = alive & self.x.visual_mask[0, idx]
-        return sorted(int(p) for p in self.x.position_ids[0, idx[keep]])
+        return sorted(self.x.position_ids[0, idx[keep]].tolist())
 
 
 class Pipeline:
@@ -157,7 +162,7 @@ class Pipeline:
         self.tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
         emb = load_file(str(root / "text_embeddings.safetensors"))
         self.embed_table, self.image_newline = emb["embed_tokens"], emb["image_newline"]
-        self.mask_embed = self.embed_table[self.tokens["mask"]].float()[None]  # [1, D]
+        self.mask_embed = self.embed_table[self.tokens["mask"]].float()[None].to(device)  # [1, D]
         self.runners: dict[str, Runner] = {}
         external = manifest.get("aoti_constants_from_checkpoint") if backend == "aoti" else None
         weights = self._checkpoint_weights(weights_from, device) if external else None
@@ -227,7 +232,7 @@ class Pipeline:
             out = self.run("vision", pixel_values=torch.cat([chunk, pad]))["features"].float().cpu()
             feats.append(out[: chunk.shape[0]])
         visual = assemble(torch.cat(feats), size, self.config, self.image_newline.float())  # [n_visual, D]
-        return visual, time.perf_counter() - t0
+        return visual, time.perf_counter() - t0  # .cpu() above synchronised
 
     def build_inputs(self, image, prompt: str, gen_length: int, system: str) -> tuple[BucketInputs, float]:
         b = self.bucket
@@ -245,7 +250,11 @@ class Pipeline:
             raise RequestError(f"the image gives {nv} visual tokens; these engines take at most "
                                f"{b.max_visual_tokens}: re-export with a larger --image-size or --max-visual-tokens")
         emb = self.embed_table.float()
-        return layout_bucket(b, emb[before], visual, emb[after], gen_length), t_vis
+        x = layout_bucket(b, emb[before], visual, emb[after], gen_length)
+        dev = torch.device(self.device)
+        x.prefix_embeds, x.position_ids = x.prefix_embeds.to(dev), x.position_ids.to(dev)
+        x.key_mask, x.visual_mask = x.key_mask.to(dev), x.visual_mask.to(dev)
+        return x, t_vis
 
     # ------------------------------------------------------------------ generate
     @torch.no_grad()
@@ -271,8 +280,8 @@ class Pipeline:
         trace = SamplerTrace()
         t1 = time.perf_counter()
         ids = generate(den, gen, mask_id=self.tokens["mask"], eot_id=self.tokens["eot"],
-                       suppress_ids=self.tokens["suppressed"], generator=torch.Generator().manual_seed(seed),
-                       trace=trace)
+                       suppress_ids=self.tokens["suppressed"], trace=trace, device=self.device,
+                       generator=torch.Generator(device=self.device).manual_seed(seed))
         t2 = time.perf_counter()
         st = den.step_times
         timings = {"vision": t_vis, "prepare": t1 - t0 - t_vis, "total": t2 - t0, "denoise": t2 - t1,

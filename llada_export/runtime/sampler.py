@@ -113,14 +113,17 @@ def generate(
     suppress_ids: list[int],
     generator: torch.Generator | None = None,
     trace: SamplerTrace | None = None,
+    device: str | torch.device = "cpu",
 ) -> torch.Tensor:
-    """Run the sampler; returns the answer ids (cut at the first ``<|eot_id|>``), int64 [n]."""
+    """Run the sampler on ``device`` (where the denoiser's logits live; a ``generator`` for
+    sampling must be on it too); returns the answer ids (cut at the first ``<|eot_id|>``),
+    int64 [n] on the CPU."""
     gen.validate()
     g, bl = gen.gen_length, gen.block_length
     n_blocks = g // bl
     steps = gen.steps // n_blocks
-    x = torch.full((g,), mask_id, dtype=torch.long)  # response ids [G]
-    suppress = torch.tensor(suppress_ids, dtype=torch.long)
+    x = torch.full((g,), mask_id, dtype=torch.long, device=device)  # response ids [G]
+    suppress = torch.tensor(suppress_ids, dtype=torch.long, device=device)
     stop: int | None = None  # index of the first committed eot (stop_at_eot)
     greedy = gen.temperature == 0 and gen.remasking == "low_confidence" and gen.cfg_scale == 0
     fused = denoiser.predict if greedy and getattr(denoiser, "fused", False) else None
@@ -142,7 +145,7 @@ def generate(
                 break
             if fused is not None:
                 x0, x0_p = fused(x.clone())  # argmax + its probability computed in the graph
-                x0_p = x0_p.to(torch.float64)
+                x0, x0_p = x0.to(x.device), x0_p.to(x.device, torch.float64)
                 if trace is not None:
                     trace.forwards += 1
             else:
@@ -158,7 +161,7 @@ def generate(
                 eots = (x == eot_id).nonzero().flatten()
                 if len(eots):
                     stop = int(eots[0]) if stop is None else min(stop, int(eots[0]))
-    return cut_at_eot(x, eot_id)
+    return cut_at_eot(x.cpu(), eot_id)
 
 
 def _predict(denoiser, x, mask, suppress, gen, generator, trace) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,7 +178,7 @@ def _predict(denoiser, x, mask, suppress, gen, generator, trace) -> tuple[torch.
     if gen.remasking == "low_confidence":
         p = torch.softmax(logits.to(torch.float64), dim=-1)  # [G, V]
         return x0, p.gather(-1, x0[:, None]).squeeze(-1)
-    return x0, torch.rand(x0.shape[0], dtype=torch.float64, generator=generator)
+    return x0, torch.rand(x0.shape[0], dtype=torch.float64, generator=generator, device=x0.device)
 
 
 def fused_prediction(logits: torch.Tensor, response_ids: torch.Tensor, suppress_ids: list[int],
