@@ -498,7 +498,7 @@ def random_checkpoint(
     dt = parse_dtype(dtype if dtype is not None else ("bfloat16" if preset == "full" else "float32"))
     _check_out_dir(Path(out_dir), overwrite)
     cfg = PRESETS[preset]()
-    tokenizer = build_tokenizer(preset, add_bos=add_bos)  # type: ignore[arg-type]
+    tokenizer = build_tokenizer("full" if preset == "full" else "tiny", add_bos=add_bos)
     if cfg.text.vocab_size == 0:
         cfg.text.vocab_size = len(tokenizer)
     cfg.torch_dtype = dtype_name(dt)

@@ -14,6 +14,12 @@ from PIL import Image
 from llada_export.checkpoint import load_checkpoint, random_checkpoint
 
 TINY_STD = 0.3
+
+
+def pytest_configure(config):
+    """The eager oracles and the sampler run tiny ops: with torch's OpenMP threads competing for
+    2 busy cores (pytest -n 2, ONNX Runtime's own threads) they slow down 5-10x."""
+    torch.set_num_threads(1)
 PRUNE_LAYER, KEEP = 2, 0.5
 
 

@@ -1,0 +1,177 @@
+"""The demo VQA task (tools/vqa_task.py) and its trainer (tools/train_demo.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+sys.path.insert(0, str(TOOLS))
+
+import vqa_task  # noqa: E402
+from vqa_task import derive_answer, make_split, sample, text_only_baseline  # noqa: E402
+
+from llada_export.config import PRESETS, LLaDAVConfig, demo_config  # noqa: E402
+from llada_export.graphs.anyres import preprocess, visual_token_count  # noqa: E402
+
+
+# ---------------------------------------------------------------------- generator
+def test_deterministic_per_seed():
+    a, b = make_split("train", 12), make_split("train", 12)
+    assert [s.scene for s in a] == [s.scene for s in b]
+    assert [(s.question, s.answer) for s in a] == [(s.question, s.answer) for s in b]
+    assert [vqa_task.image_digest(s.image()) for s in a] == [vqa_task.image_digest(s.image()) for s in b]
+    # random access gives the same sample as the split
+    assert sample("train", 7) == a[7]
+    assert make_split("train", 3, start=5) == a[5:8]
+
+
+def test_splits_do_not_overlap():
+    digests = {name: {vqa_task.image_digest(s.image()) for s in make_split(name, 60)} for name in ("train", "val", "test")}
+    assert all(len(d) == 60 for d in digests.values())  # no duplicates inside a split either
+    assert not digests["train"] & digests["val"]
+    assert not digests["train"] & digests["test"]
+    assert not digests["val"] & digests["test"]
+    with pytest.raises(ValueError, match="unknown split"):
+        sample("dev", 0)
+
+
+def _independent_answer(s: vqa_task.Sample) -> str:
+    """The answer re-derived from the scene description without derive_answer."""
+    shapes = s.scene.shapes
+    if s.qtype == "count":
+        return str(len([o for o in shapes if o.shape == s.arg]))
+    if s.qtype == "colour":
+        (only,) = [o for o in shapes if o.shape == s.arg]
+        return only.colour
+    if s.qtype == "top":
+        return min(shapes, key=lambda o: o.cy).shape
+    if s.qtype == "left":
+        return min(shapes, key=lambda o: o.cx).colour
+    return s.scene.digit.value
+
+
+def test_answers_consistent_with_scene():
+    samples = make_split("val", 300)
+    assert set(s.qtype for s in samples) == set(vqa_task.QTYPES)
+    for s in samples:
+        assert s.answer == _independent_answer(s) == derive_answer(s.scene, s.qtype, s.arg)
+        assert s.question == vqa_task.question_text(s.qtype, s.arg)
+        assert s.prompt == "<image>\n" + s.question
+        if s.qtype == "count":
+            assert 1 <= int(s.answer) <= vqa_task.MAX_COUNT
+        if s.qtype in ("top", "left"):  # a clear winner
+            key = (lambda o: o.cy) if s.qtype == "top" else (lambda o: o.cx)
+            ks = sorted(key(o) for o in s.scene.shapes)
+            assert len(ks) == 1 or ks[1] - ks[0] >= vqa_task.GAP
+        assert len(s.scene.shapes) <= vqa_task.MAX_OBJECTS
+
+
+def test_scene_geometry_and_pixels():
+    for s in make_split("test", 40):
+        boxes = [o.box for o in s.scene.shapes] + ([s.scene.digit.box] if s.scene.digit else [])
+        for x0, y0, x1, y1 in boxes:
+            assert 0 <= x0 < x1 <= vqa_task.WIDTH and 0 <= y0 < y1 <= vqa_task.HEIGHT
+        for i in range(len(boxes)):
+            for j in range(i + 1, len(boxes)):
+                assert not vqa_task._overlaps(boxes[i], boxes[j], 0)
+        img = np.asarray(s.image())
+        assert img.shape == (vqa_task.HEIGHT, vqa_task.WIDTH, 3)
+        for o in s.scene.shapes:  # the centre pixel has the shape's colour
+            assert tuple(img[o.cy + o.size // 4 if o.shape == "triangle" else o.cy, o.cx]) == o.rgb
+        if s.scene.digit is not None:  # ink is drawn in the digit's box
+            x0, y0, x1, y1 = s.scene.digit.box
+            assert (img[y0:y1, x0:x1] == s.scene.digit.rgb).all(-1).any()
+
+
+def test_answers_balanced_and_text_only_baseline_low():
+    samples = make_split("val", 1000)
+    per_type = Counter(s.qtype for s in samples)
+    assert min(per_type.values()) > 150
+    base = text_only_baseline(samples)
+    assert base["n"] == 1000
+    assert base["overall"] < 0.35, base
+    assert all(v < 0.5 for v in base["per_type"].values()), base
+    # a perfect image reader would score 1; the baseline is far from it, and above chance
+    assert base["overall"] > 0.1
+    assert text_only_baseline("val", 200)["n"] == 200
+
+
+# ---------------------------------------------------------------------- demo preset
+def test_demo_preset_structure():
+    cfg = PRESETS["demo"]()
+    assert cfg.vision.image_size == 192 and cfg.vision.patches_per_side == 12
+    assert cfg.text.head_dim == 32 and cfg.vision.hidden_size // cfg.vision.num_attention_heads == 32
+    assert cfg.image_grid_pinpoints[0] == (192, 192) and cfg.image_grid_pinpoints[-1] == (1152, 1152)
+    # the task's images go through the anyres path as a 2x2 grid plus the base crop
+    assert visual_token_count(vqa_task.WIDTH, vqa_task.HEIGHT, cfg) == 594
+    img = sample("val", 0).image()
+    pixels, size = preprocess(img, cfg)
+    assert tuple(pixels.shape) == (5, 3, 192, 192) and size == (384, 288)
+    # round trip through config.json
+    from llada_export.tokenizer import build_tokenizer
+
+    cfg.text.vocab_size = len(build_tokenizer("tiny"))
+    again = LLaDAVConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_demo_model_size():
+    from llada_export.checkpoint import expected_shapes
+
+    cfg = demo_config()
+    cfg.text.vocab_size = 398
+    shapes = expected_shapes(cfg)
+    n = sum(int(np.prod(s)) for s in shapes.values())
+    assert n * 4 < 20 * 2**20  # fp32 well under 20 MB
+    layers = {k.split(".")[6] for k in shapes if ".encoder.layers." in k}
+    assert len(layers) == cfg.vision.num_hidden_layers - 1  # official: the last layer is not stored
+
+
+# ---------------------------------------------------------------------- trainer
+def test_training_pieces_match_the_inference_path():
+    import train_demo as td
+    from llada_export.reference import build_prompt
+
+    model, tok, cfg = td.build_model(0)
+    model.eval()
+    bt = td.Batcher(model, tok, 8)
+    samples = [sample("val", i) for i in (0, 3)]  # questions of different lengths: padding in the batch
+    assert len(bt.after_ids(samples[0].question)) != len(bt.after_ids(samples[1].question))
+    crops = torch.from_numpy(np.stack([td.crops_uint8(s.image(), cfg) for s in samples]))
+    for k, s in enumerate(samples):
+        assert torch.equal(td.normalize_crops(crops[k], cfg), preprocess(s.image(), cfg)[0])
+    resp = bt.targets([s.answer for s in samples], "cpu")
+    sp = bt.sp
+    assert resp[0, -1] == sp.eos and (resp == sp.eot).sum(1).tolist() == [1, 1]
+    with torch.no_grad():
+        got = bt.forward(bt.visual(crops), bt.layout([s.question for s in samples], "cpu"), resp)
+        for k, s in enumerate(samples):
+            inp = build_prompt(model, tok, s.image(), s.prompt)
+            pos = torch.arange(inp.length + 8)[None]
+            want = model.denoise(inp.embeds, resp[k:k + 1], pos)[0]
+            torch.testing.assert_close(got[k], want, atol=1e-4, rtol=1e-4)
+
+
+def test_train_smoke_writes_loadable_checkpoint(tmp_path):
+    import train_demo as td
+    from llada_export.checkpoint import load_checkpoint
+
+    out = tmp_path / "demo"
+    assert td.main(["--steps", "3", "--batch", "1", "--device", "cpu", "--out", str(out), "--eval-n", "1",
+                    "--fast-eval-n", "1", "--eval-every", "0", "--log-every", "1"]) == 0
+    model, tok, cfg = load_checkpoint(out)
+    assert cfg.vision.image_size == 192 and cfg.text.num_hidden_layers == demo_config().text.num_hidden_layers
+    assert len(model.model.vision_tower.vision_tower.vision_model.encoder.layers) == cfg.vision.num_hidden_layers - 1
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["train"]["steps"] == 3 and len(log["history"]) == 3
+    assert all(np.isfinite(h["loss"]) for h in log["history"])
+    ev = log["eval"]
+    assert ev["reference_generate"]["n"] == 1 and ev["batched_sampler"]["n"] == 1
+    assert ev["text_only_baseline"]["val_2000"]["overall"] < 0.35

@@ -1,0 +1,571 @@
+"""Train the demo LLaDA-V model from scratch on the shapes-and-digits VQA task.
+
+The model is the ``demo`` preset (official LLaDA-V structure: SigLIP tower, mlp2x_gelu
+projector, anyres assembly, bidirectional LLaDA LM), randomly initialised with the
+project's seeded init (normal(0, 0.02), norms at one). Training uses LLaDA's
+masked-diffusion SFT objective:
+
+* prompt = the official chat template with ``<image>\\n{question}`` and the default
+  system prompt, the visual tokens spliced at ``<image>`` (the same pieces as
+  ``reference.build_prompt``, batched and differentiable);
+* response = answer tokens + ``<|eot_id|>``, padded with ``<|endoftext|>`` to
+  ``--gen-length`` (the pad EOS tokens are part of the response, masked and predicted);
+* per sample t ~ U(0, 1), p = (1 - eps) t + eps; each response token is replaced by
+  ``<|mdm_mask|>`` with probability p (prompt never masked); loss = cross-entropy on the
+  masked tokens weighted by 1/p, summed and divided by (batch * response length), as
+  the official LLaDA SFT code.
+
+Sequences of one batch differ only in the question length: they are laid out
+``[before | visual | after | response | pad]`` with positions ``arange(L)`` and a key
+mask over the pad, so every sample sees exactly what the sampler will show it.
+
+At the end the checkpoint is written in the official layout (``save_checkpoint``), read
+back with ``load_checkpoint`` (fp32) and evaluated on the val split with the real sampler
+path (``reference_generate``, gen = block = steps = ``--gen-length``), per question
+type, next to the text-only baseline; a batched GPU re-implementation of the same
+sampler gives a larger-sample estimate (and its agreement with the real path).
+
+    python tools/train_demo.py --device cuda --out OUT/demo          # ~5 min on an H100
+    python tools/train_demo.py --steps 20 --device cpu --out /tmp/demo_smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import vqa_task  # noqa: E402
+
+from llada_export.checkpoint import random_state, save_checkpoint, load_checkpoint  # noqa: E402
+from llada_export.config import LLaDAVConfig, demo_config  # noqa: E402
+from llada_export.graphs.anyres import assemble, resize_and_pad, select_best_resolution, split_tiles  # noqa: E402
+from llada_export.graphs.llada import attention_mask  # noqa: E402
+from llada_export.graphs.llava import LLaDAV  # noqa: E402
+from llada_export.tokenizer import DEFAULT_SYSTEM_PROMPT, SpecialTokens, build_tokenizer, encode_prompt  # noqa: E402
+
+EPS = 1e-3  # LLaDA's minimum mask probability
+
+
+# ---------------------------------------------------------------------- pixels
+def crops_uint8(img: Image.Image, cfg: LLaDAVConfig) -> np.ndarray:
+    """The anyres crops of ``preprocess`` before normalisation: [N, S, S, 3] uint8.
+    ``normalize_crops(crops_uint8(img))`` equals ``preprocess(img)[0]`` bit for bit."""
+    s = cfg.vision.image_size
+    img = img.convert("RGB")
+    best = select_best_resolution(img.size, cfg.image_grid_pinpoints)
+    crops = [img.resize((s, s))] + split_tiles(resize_and_pad(img, best), s)
+    out = [np.asarray(c if c.size == (s, s) else c.resize((s, s), resample=Image.Resampling.BICUBIC)) for c in crops]
+    return np.stack(out)  # [N, S, S, 3]
+
+
+def normalize_crops(crops: torch.Tensor, cfg: LLaDAVConfig) -> torch.Tensor:
+    """[..., S, S, 3] uint8 -> [..., 3, S, S] float32, the same arithmetic as ``normalize_crop``."""
+    x = (crops.double() * (1 / 255)).float()  # [..., S, S, 3]
+    mean = torch.tensor(cfg.image_mean, dtype=torch.float32, device=x.device)
+    std = torch.tensor(cfg.image_std, dtype=torch.float32, device=x.device)
+    return ((x - mean) / std).movedim(-1, -3).contiguous()  # [..., 3, S, S]
+
+
+def assembly_index(cfg: LLaDAVConfig, size_wh: tuple[int, int], n_crops: int) -> torch.Tensor:
+    """``assemble`` as a gather: index [n_visual] into cat(crop features [N*T], newline),
+    the newline being index N*T. Valid when assembly does not downsample (checked)."""
+    t = cfg.vision.tokens_per_crop
+    feats = torch.arange(n_crops * t, dtype=torch.float64).view(n_crops, t, 1)  # [N, T, 1]
+    out = assemble(feats, size_wh, cfg, torch.tensor([-1.0], dtype=torch.float64))[:, 0]  # [n_visual]
+    if not torch.equal(out, out.round()):
+        raise ValueError(f"assembly of a {size_wh} image downsamples: not a pure gather")
+    return torch.where(out < 0, torch.full_like(out, n_crops * t), out).long()
+
+
+# ---------------------------------------------------------------------- data
+class VQADataset(torch.utils.data.Dataset):
+    """Sample ``i`` of a split -> (crops [N, S, S, 3] uint8, question, answer, qtype)."""
+
+    def __init__(self, split: str, cfg: LLaDAVConfig, n: int):
+        self.split, self.cfg, self.n = split, cfg, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        s = vqa_task.sample(self.split, i)
+        return crops_uint8(s.image(), self.cfg), s.question, s.answer, s.qtype
+
+
+def collate(items):
+    crops, qs, ans, types = zip(*items)
+    return torch.from_numpy(np.stack(crops)), list(qs), list(ans), list(types)
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+class Batcher:
+    """Token-level layout of a batch: [before | visual | after_i | response | pad]."""
+
+    def __init__(self, model: LLaDAV, tok, gen_length: int, system: str = DEFAULT_SYSTEM_PROMPT):
+        self.model, self.tok, self.cfg, self.g = model, tok, model.config, gen_length
+        self.sp = SpecialTokens.from_tokenizer(tok)
+        self.system = system
+        before, _ = encode_prompt(tok, "<image>\nX", has_image=True, system=system)
+        self.before = before
+        self.size_wh = (vqa_task.WIDTH, vqa_task.HEIGHT)
+        s = self.cfg.vision.image_size
+        best = select_best_resolution(self.size_wh, self.cfg.image_grid_pinpoints)
+        self.n_crops = 1 + (best[0] // s) * (best[1] // s)
+        self.index = assembly_index(self.cfg, self.size_wh, self.n_crops)  # [n_visual]
+        self.n_visual = len(self.index)
+        self._after: dict[str, list[int]] = {}
+        self._resp: dict[str, list[int]] = {}
+
+    def after_ids(self, question: str) -> list[int]:
+        if question not in self._after:
+            b, a = encode_prompt(self.tok, "<image>\n" + question, has_image=True, system=self.system)
+            assert b == self.before, "the text before <image> must not depend on the question"
+            self._after[question] = a
+        return self._after[question]
+
+    def response_ids(self, answer: str) -> list[int]:
+        if answer not in self._resp:
+            ids = self.tok(answer, add_special_tokens=False).input_ids + [self.sp.eot]
+            if len(ids) > self.g:
+                raise ValueError(f"answer {answer!r} needs {len(ids)} tokens, more than gen_length {self.g}")
+            self._resp[answer] = ids + [self.sp.eos] * (self.g - len(ids))
+        return self._resp[answer]
+
+    def layout(self, questions: list[str], device) -> dict:
+        """Ids and masks of the text tail [after | response slot | pad] for a batch."""
+        afters = [self.after_ids(q) for q in questions]
+        lens = [len(a) for a in afters]
+        la = torch.tensor(lens).to(device, non_blocking=True)  # [B]
+        head = len(self.before) + self.n_visual
+        tail_len = -(-(head + max(lens) + self.g) // 16) * 16 - head  # total length a multiple of 16 (SDPA alignment)
+        tail = torch.full((len(afters), tail_len), self.sp.eos, dtype=torch.long)  # [B, Lt]
+        for b, a in enumerate(afters):
+            tail[b, : len(a)] = torch.tensor(a)
+        tail = tail.to(device, non_blocking=True)
+        resp_tail = la[:, None] + torch.arange(self.g, device=device)  # [B, G] slots in the tail
+        total = head + tail_len
+        key_mask = torch.arange(total, device=device)[None] < (head + la + self.g)[:, None]  # [B, L]
+        return dict(tail=tail, resp_tail=resp_tail, resp_pos=head + resp_tail, key_mask=key_mask, length=total)
+
+    def visual(self, crops: torch.Tensor) -> torch.Tensor:
+        """crops [B, N, S, S, 3] uint8 -> visual embeddings [B, n_visual, D] (differentiable)."""
+        b, n = crops.shape[:2]
+        pixels = normalize_crops(crops, self.cfg).flatten(0, 1)  # [B*N, 3, S, S]
+        feats = self.model.encode_images(pixels)  # [B*N, T, D]
+        feats = feats.view(b, n * feats.shape[1], -1)  # [B, N*T, D]
+        nl = self.model.model.image_newline.to(feats.dtype)[None, None].expand(b, 1, -1)  # [B, 1, D]
+        if self.index.device != feats.device:
+            self.index = self.index.to(feats.device)
+        return torch.cat([feats, nl], dim=1)[:, self.index]  # [B, n_visual, D]
+
+    def forward(self, visual: torch.Tensor, lay: dict, response: torch.Tensor) -> torch.Tensor:
+        """visual [B, V, D], response ids [B, G] (with masks) -> logits [B, G, V] fp32."""
+        m = self.model
+        lm = m.language
+        b = visual.shape[0]
+        tail = lay["tail"].scatter(1, lay["resp_tail"], response)  # [B, Lt]
+        before = m.embed(torch.tensor(self.before, device=visual.device))[None].expand(b, -1, -1)  # [B, n0, D]
+        x = torch.cat([before, visual.to(before.dtype), m.embed(tail)], dim=1)  # [B, L, D]
+        pos = torch.arange(lay["length"], device=x.device)[None].expand(b, -1)  # [B, L]
+        cos, sin = lm.rotary(pos)
+        mask = attention_mask(lay["key_mask"])
+        for layer in lm.layers:
+            x = layer(x, cos, sin, mask)
+        h = x.gather(1, lay["resp_pos"][..., None].expand(-1, -1, x.shape[-1]))  # [B, G, D]
+        return lm.head(h)  # [B, G, V]
+
+    def targets(self, answers: list[str], device) -> torch.Tensor:
+        return torch.tensor([self.response_ids(a) for a in answers]).to(device, non_blocking=True)  # [B, G]
+
+
+def diffusion_loss(logits: torch.Tensor, target: torch.Tensor, masked: torch.Tensor, p_mask: torch.Tensor,
+                   answer: torch.Tensor):
+    """LLaDA SFT loss: sum of CE / p over masked response tokens, / (B * G).
+    Also returns the plain mean CE over masked tokens, and over masked answer tokens
+    (``answer`` [B, G] bool: not eot, not EOS padding): the part that needs the image."""
+    b, g = target.shape
+    ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view(b, g)  # [B, G]
+    loss = (ce * masked / p_mask[:, None]).sum() / (b * g)
+    plain = (ce * masked).sum() / masked.sum().clamp(min=1)
+    ma = masked & answer
+    answer_ce = (ce * ma).sum() / ma.sum().clamp(min=1)
+    return loss, plain, answer_ce
+
+
+# ---------------------------------------------------------------------- batched sampler
+@torch.no_grad()
+def batched_generate(bt: Batcher, crops: torch.Tensor, questions: list[str], autocast) -> list[str]:
+    """The official sampler (one block, steps = gen_length: one token per step,
+    low-confidence remasking, temperature 0, stop at the first committed eot), batched."""
+    sp, g = bt.sp, bt.g
+    dev = crops.device
+    with autocast():
+        vis = bt.visual(crops)
+    lay = bt.layout(questions, dev)
+    b = len(questions)
+    x = torch.full((b, g), sp.mask, dtype=torch.long, device=dev)
+    suppress = torch.tensor(sp.suppressed(), device=dev)
+    ar = torch.arange(g, device=dev)
+    stop = torch.full((b,), g, device=dev)
+    for _ in range(g):
+        mask = x == sp.mask  # [B, G]
+        active = (mask & (ar[None] < stop[:, None])).any(1)  # [B]
+        if not active.any():
+            break
+        with autocast():
+            logits = bt.forward(vis, lay, x).float()  # [B, G, V]
+        sup = logits[..., suppress]
+        logits[..., suppress] = torch.where(mask[..., None], torch.full_like(sup, float("-inf")), sup)
+        x0 = logits.argmax(-1)  # [B, G]
+        p = torch.softmax(logits.double(), -1).gather(-1, x0[..., None])[..., 0]  # [B, G]
+        p = torch.where(ar[None] >= stop[:, None], torch.full_like(p, float("-inf")), p)
+        conf = torch.where(mask, p, torch.full_like(p, float("-inf")))
+        pick = conf.argmax(-1)  # [B]
+        rows = torch.arange(b, device=dev)[active]
+        x[rows, pick[active]] = x0[rows, pick[active]]
+        is_eot = x == sp.eot
+        first = torch.where(is_eot.any(1), is_eot.float().argmax(1), torch.full_like(stop, g))
+        stop = torch.minimum(stop, first)
+    out = []
+    for row in x.tolist():
+        row = row[: row.index(sp.eot)] if sp.eot in row else row
+        out.append(bt.tok.decode(row, skip_special_tokens=True))
+    return out
+
+
+def accuracy_table(types: list[str], hits: list[bool]) -> dict:
+    per: dict[str, list[bool]] = defaultdict(list)
+    for t, h in zip(types, hits):
+        per[t].append(h)
+    return {"overall": sum(hits) / max(1, len(hits)), "n": len(hits),
+            "per_type": {t: sum(v) / len(v) for t, v in sorted(per.items())}}
+
+
+_EVAL_CACHE: dict[tuple[str, int], tuple] = {}
+
+
+def fast_eval(bt: Batcher, split: str, n: int, device, autocast, batch: int = 128) -> tuple[dict, list[str]]:
+    """Accuracy of :func:`batched_generate` on the first ``n`` samples of ``split``."""
+    ds = VQADataset(split, bt.cfg, n)
+    preds, types, hits = [], [], []
+    for start in range(0, n, batch):
+        key = (split, start, min(n, start + batch))
+        if key not in _EVAL_CACHE:
+            _EVAL_CACHE[key] = collate([ds[i] for i in range(*key[1:])])
+        crops, qs, ans, ts = _EVAL_CACHE[key]
+        got = batched_generate(bt, crops.to(device), qs, autocast)
+        preds += got
+        types += ts
+        hits += [p.strip() == a for p, a in zip(got, ans)]
+    return accuracy_table(types, hits), preds
+
+
+# ---------------------------------------------------------------------- real-path eval
+def _reference_eval_worker(args):
+    ckpt, indices, gen_length, threads, device = args
+    if threads:
+        torch.set_num_threads(threads)
+    from llada_export.reference import reference_generate
+    from llada_export.runtime.sampler import GenerationConfig
+
+    model, tok, _ = load_checkpoint(ckpt, dtype=torch.float32, device=device)
+    gen = GenerationConfig(gen_length, gen_length, gen_length)
+    out = []
+    for i in indices:
+        s = vqa_task.sample("val", i)
+        r = reference_generate(model, tok, s.image(), s.prompt, gen)
+        out.append((i, r.text))
+    return out
+
+
+def reference_eval(ckpt: Path, n: int, gen_length: int, processes: int, device: str = "cpu") -> tuple[dict, list[str]]:
+    """Val accuracy through ``load_checkpoint`` + ``reference_generate`` (fp32): in this
+    process on a GPU, else split over ``processes`` CPU processes."""
+    if torch.device(device).type != "cpu":
+        processes = 1
+    processes = max(1, min(processes, n))
+    chunks = [list(range(k, n, processes)) for k in range(processes)]
+    if processes == 1:
+        results = _reference_eval_worker((str(ckpt), chunks[0], gen_length, 0, device))
+    else:
+        import multiprocessing as mp
+
+        threads = max(1, (os.cpu_count() or 1) // processes)
+        with mp.get_context("spawn").Pool(processes) as pool:
+            results = [r for part in pool.map(_reference_eval_worker,
+                                              [(str(ckpt), c, gen_length, threads, device) for c in chunks])
+                       for r in part]
+    texts = dict(results)
+    samples = vqa_task.make_split("val", n)
+    preds = [texts[s.index] for s in samples]
+    table = accuracy_table([s.qtype for s in samples], [p.strip() == s.answer for p, s in zip(preds, samples)])
+    return table, preds
+
+
+# ---------------------------------------------------------------------- main
+def build_model(seed: int) -> tuple[LLaDAV, object, LLaDAVConfig]:
+    cfg = demo_config()
+    tok = build_tokenizer("tiny")
+    cfg.text.vocab_size = len(tok)
+    model = LLaDAV(cfg)
+    model.load_state_dict(dict(random_state(cfg, seed=seed)), strict=True)
+    return model, tok, cfg
+
+
+def loader_sizes(workers: int, batch_bytes: int) -> tuple[int, int | None]:
+    """(workers, prefetch factor) whose batches in flight fit in half of /dev/shm
+    (worker batches travel through shared memory; containers often have little)."""
+    if workers == 0:
+        return 0, None
+    try:
+        free = shutil.disk_usage("/dev/shm").free
+    except OSError:
+        free = 2**30
+    inflight = int(0.5 * free // batch_bytes)
+    prefetch = max(1, min(4, inflight // workers))
+    if inflight < workers:
+        workers = max(0, inflight)
+        print(f"/dev/shm has {free / 2**20:.0f} MiB free: {workers} data-loader workers", flush=True)
+    return workers, (prefetch if workers else None)
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int, final_frac: float = 0.1) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    prog = (step - warmup) / max(1, steps - warmup)
+    return lr * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * prog)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, type=Path, help="checkpoint directory to write (replaced if it exists)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps (default: 10000 as a cap, cut to fit --time-budget on CUDA)")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds of training: after 40 steps the step time is measured and the run (and its "
+                        "cosine schedule) shortened to fit (default: 270 on CUDA when --steps is not given, else off)")
+    p.add_argument("--batch", type=int, default=None, help="default: 64 on CUDA, 4 on CPU")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup", type=int, default=None, help="default: min(200, steps // 10)")
+    p.add_argument("--gen-length", type=int, default=8, help="response length (answer + eot + EOS padding)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None, help="data-loader processes (default: 0 on CPU, up to 12 on GPU)")
+    p.add_argument("--eval-n", type=int, default=None,
+                   help="val questions for the real-sampler eval (default: 300 with CUDA, 8 on CPU)")
+    p.add_argument("--fast-eval-n", type=int, default=None,
+                   help="val questions for the batched-sampler eval (default: 2000 with CUDA, 16 on CPU)")
+    p.add_argument("--eval-every", type=int, default=1000, help="batched val accuracy (256 questions) every N steps (0: off)")
+    p.add_argument("--ref-eval-device", default=None,
+                   help="device of the real-sampler eval (default: the training device)")
+    p.add_argument("--eval-processes", type=int, default=None,
+                   help="CPU processes for the real-sampler eval on CPU (default: up to 8 when --eval-n >= 32)")
+    p.add_argument("--log-every", type=int, default=100)
+    args = p.parse_args(argv)
+
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    torch.manual_seed(args.seed)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    budget = args.time_budget if args.time_budget is not None else (270.0 if cuda and args.steps is None else None)
+    cap = args.steps if args.steps is not None else 10000
+    workers = args.workers if args.workers is not None else (min(12, max(1, (os.cpu_count() or 2) - 2)) if cuda else 0)
+    eval_n = args.eval_n if args.eval_n is not None else (300 if cuda else 8)
+    fast_n = args.fast_eval_n if args.fast_eval_n is not None else (2000 if cuda else 16)
+    if args.batch is None:
+        args.batch = 64 if cuda else 4
+    warmup = args.warmup if args.warmup is not None else max(1, min(200, cap // 10))
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(dev)
+
+    model, tok, cfg = build_model(args.seed)
+    model.to(dev).train()
+    bt = Batcher(model, tok, args.gen_length)
+    n_params = sum(p.numel() for p in model.parameters())
+    seq_len = len(bt.before) + bt.n_visual + max(len(bt.after_ids(q)) for q in vqa_task.all_questions()) + args.gen_length
+    for a in vqa_task.all_answers():
+        bt.response_ids(a)  # fails early if an answer does not fit
+    print(f"demo model: {n_params / 1e6:.2f} M parameters ({n_params * 4 / 2**20:.1f} MiB fp32); "
+          f"{bt.n_visual} visual tokens, sequence <= {seq_len}; device {dev}, workers {workers}, "
+          f"steps {cap}{f' (cut to fit {budget:.0f} s)' if budget else ''}, batch {args.batch}", flush=True)
+
+    decay = [q for n_, q in model.named_parameters() if q.ndim >= 2 and "embed" not in n_]
+    no_decay = [q for n_, q in model.named_parameters() if not (q.ndim >= 2 and "embed" not in n_)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.98), eps=1e-8, **({"fused": True} if cuda else {}))
+
+    ds = VQADataset("train", cfg, cap * args.batch)
+    workers, prefetch = loader_sizes(workers, args.batch * bt.n_crops * cfg.vision.image_size**2 * 3)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=args.batch, shuffle=False, drop_last=True, num_workers=workers, collate_fn=collate,
+        pin_memory=cuda, worker_init_fn=_worker_init if workers else None,
+        persistent_workers=False, prefetch_factor=prefetch)
+    gen = torch.Generator(device=dev).manual_seed(args.seed)
+
+    history, evals = [], []
+    total = cap
+    t_eval = 0.0
+    t_start = time.time()
+    t_log, tokens = t_start, 0
+    run, n_run = torch.zeros(4, device=dev), 0  # running sums of loss, masked CE, answer CE, grad norm
+    t_mark = eval_mark = 0.0
+    replan_at = 0
+    MEASURE_FROM, MEASURE_TO = 10, 40
+    step = 0
+    for step, (crops, qs, ans, _) in enumerate(loader):
+        if step >= total:
+            break
+        if budget and (step == MEASURE_FROM or step == MEASURE_TO or (replan_at and step == replan_at)):
+            # fit the run into the time budget: measure the step time (periodic evals excluded),
+            # then re-plan at every periodic eval (the cosine schedule follows the new end)
+            sync()
+            now = time.time()
+            if step == MEASURE_FROM:
+                t_mark, eval_mark = now, t_eval
+            else:
+                per_step = (now - t_mark - (t_eval - eval_mark)) / (step - MEASURE_FROM)
+                evals_left = (total - step) // args.eval_every if args.eval_every else 0
+                left = budget - (now - t_start) - evals_left * (t_eval / max(1, len(evals)))
+                new_total = max(step + 1, min(cap, step + int(left / per_step)))
+                if step == MEASURE_TO:
+                    warmup = min(warmup, max(MEASURE_TO, new_total // 10))
+                if new_total != total:
+                    print(f"{per_step * 1e3:.1f} ms/step: running {new_total} steps to fit {budget:.0f} s", flush=True)
+                total = new_total
+            replan_at = 0
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total, args.lr, warmup)
+        crops = crops.to(dev, non_blocking=True)
+        target = bt.targets(ans, dev)  # [B, G]
+        lay = bt.layout(qs, dev)
+        b = target.shape[0]
+        t = torch.rand(b, device=dev, generator=gen)
+        p_mask = (1 - EPS) * t + EPS  # [B]
+        masked = torch.rand(b, args.gen_length, device=dev, generator=gen) < p_mask[:, None]  # [B, G]
+        noisy = torch.where(masked, torch.full_like(target, bt.sp.mask), target)
+        with autocast():
+            logits = bt.forward(bt.visual(crops), lay, noisy)
+        loss, plain, answer_ce = diffusion_loss(logits.float(), target, masked, p_mask,
+                                                (target != bt.sp.eot) & (target != bt.sp.eos))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        tokens += b * lay["length"]
+        run = torch.stack([loss.detach(), plain.detach(), answer_ce.detach(), gnorm.detach()]) + run
+        n_run += 1
+        if step % args.log_every == 0 or step == total - 1:
+            now = time.time()
+            avg = (run / n_run).tolist()  # means since the last log line
+            rec = {"step": step, "loss": avg[0], "masked_ce": avg[1], "answer_ce": avg[2], "grad_norm": avg[3],
+                   "lr": opt.param_groups[0]["lr"], "elapsed_s": round(now - t_start, 2),
+                   "samples_per_s": round(n_run * b / max(1e-9, now - t_log), 1),
+                   "tokens_per_s": round(tokens / max(1e-9, now - t_log))}
+            t_log, tokens, run, n_run = now, 0, torch.zeros(4, device=dev), 0
+            history.append(rec)
+            print(json.dumps(rec), flush=True)
+        if args.eval_every and step > 0 and step % args.eval_every == 0:
+            te = time.time()
+            model.eval()
+            acc, _ = fast_eval(bt, "val", min(256, fast_n), dev, autocast)
+            model.train()
+            evals.append({"step": step, **acc})
+            t_eval += time.time() - te
+            replan_at = step + 1 if step > MEASURE_TO else 0
+            print(f"step {step}: batched-sampler val accuracy {acc['overall']:.3f} {acc['per_type']}", flush=True)
+    steps_done = min(step + 1, total)
+    sync()
+    train_s = time.time() - t_start
+    print(f"trained {steps_done} steps ({steps_done * args.batch} samples) in {train_s:.1f} s "
+          f"({t_eval:.1f} s of it periodic eval)", flush=True)
+
+    model.eval()
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    save_checkpoint(state, cfg, tok, args.out, overwrite=True)
+    print(f"wrote {args.out}", flush=True)
+
+    t1 = time.time()
+    fast, fast_preds = fast_eval(bt, "val", fast_n, dev, autocast)
+    fast_s = time.time() - t1
+    print(f"batched sampler, val[:{fast_n}]: {fast['overall']:.3f} {fast['per_type']} ({fast_s:.1f} s)", flush=True)
+
+    samples = vqa_task.make_split("val", eval_n)
+    log = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if cuda else ""),
+        "torch": torch.__version__,
+        "model": {"parameters": n_params, "fp32_mib": round(n_params * 4 / 2**20, 2), "n_visual": bt.n_visual,
+                  "max_sequence": seq_len, "config": cfg.to_dict()},
+        "task": {"image_size": [vqa_task.WIDTH, vqa_task.HEIGHT], "question_types": list(vqa_task.QTYPES),
+                 "train_samples_seen": steps_done * args.batch},
+        "train": {"steps": steps_done, "batch": args.batch, "seconds": round(train_s, 1),
+                  "periodic_eval_seconds": round(t_eval, 1), "time_budget_s": budget,
+                  "steps_per_s": round(steps_done / train_s, 2),
+                  "samples_per_s": round(steps_done * args.batch / train_s, 1),
+                  "final_loss": history[-1]["loss"] if history else None},
+        "history": history,
+        "periodic_eval": evals,
+        "eval": {
+            "reference_generate": None,
+            "batched_sampler": {**fast, "split": "val", "seconds": round(fast_s, 1)},
+            "text_only_baseline": {"val_2000": vqa_task.text_only_baseline("val", 2000),
+                                   "eval_subset": vqa_task.text_only_baseline(samples)},
+        },
+    }
+    log_path = args.out / "train_log.json"
+    log_path.write_text(json.dumps(log, indent=2) + "\n")  # kept if the real-path eval fails
+
+    t2 = time.time()
+    procs = args.eval_processes or (max(1, min(8, (os.cpu_count() or 1) // 2)) if eval_n >= 32 else 1)
+    if cuda:  # the real-path eval in true fp32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    ref_device = args.ref_eval_device or str(dev)
+    ref, ref_preds = reference_eval(args.out, eval_n, args.gen_length, procs, ref_device)
+    ref_s = time.time() - t2
+    agree = sum(a == b for a, b in zip(ref_preds, fast_preds[:eval_n])) / max(1, min(eval_n, len(fast_preds)))
+    print(f"reference_generate (loaded checkpoint, fp32, {ref_device}), val[:{eval_n}]: {ref['overall']:.3f} {ref['per_type']} "
+          f"({ref_s:.1f} s; agrees with the batched sampler on {agree:.1%})", flush=True)
+    base = log["eval"]["text_only_baseline"]["eval_subset"]
+    print(f"text-only baseline on the same questions: {base['overall']:.3f} {base['per_type']}", flush=True)
+    log["eval"]["reference_generate"] = {**ref, "split": "val", "gen_length": args.gen_length,
+                                         "block_length": args.gen_length, "steps": args.gen_length,
+                                         "device": ref_device, "dtype": "float32",
+                                         "processes": procs if ref_device == "cpu" else 1,
+                                         "seconds": round(ref_s, 1)}
+    log["eval"]["batched_sampler"]["agreement_with_reference"] = agree
+    log["eval"]["examples"] = [{"question": s.question, "answer": s.answer, "predicted": p}
+                               for s, p in zip(samples[:12], ref_preds[:12])]
+    log["total_seconds"] = round(time.time() - t_start, 1)
+    log_path.write_text(json.dumps(log, indent=2) + "\n")
+    print(f"wrote {log_path} (total {log['total_seconds']:.0f} s since training started)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

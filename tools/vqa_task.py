@@ -1,0 +1,364 @@
+"""A procedural visual-QA task for the demo model: coloured shapes and digits.
+
+Each sample is a 384x288 image (light background, 1-7 coloured circles / squares /
+triangles at random places and sizes, optionally one dark digit) and one question whose
+short answer depends on a small region of the image:
+
+==========  ====================================  =======================
+type        question                              answer
+==========  ====================================  =======================
+colour      What colour is the {shape}?           red, green, ... (6)
+count       How many {shape}s are there?          1, 2, 3, 4
+top         What shape is at the top?             circle, square, triangle
+left        What colour is the leftmost shape?    red, green, ... (6)
+digit       What digit is shown?                  0 ... 9
+==========  ====================================  =======================
+
+Answers are drawn uniformly first and the scene is built around them, so the answer
+can't be guessed from the question (:func:`text_only_baseline` measures the best
+question-only guess). Every answer is also re-derivable from the scene description
+(:func:`derive_answer`), which the tests do independently.
+
+Determinism: sample ``i`` of split ``name`` comes from ``numpy.random.default_rng((split
+seed, i))``; digits use a built-in 5x7 bitmap font (not PIL's default font, whose glyphs
+changed across Pillow versions), so images are the same on every machine. Only PIL and
+numpy are used. 384x288 goes through LLaDA-V's anyres path as a 2x2 grid of 192 px crops
+plus the base crop (594 visual tokens with the demo config).
+
+Run ``python tools/vqa_task.py`` for a few samples and the text-only baselines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+WIDTH, HEIGHT = 384, 288
+SPLIT_SEEDS = {"train": 1001, "val": 2002, "test": 3003}
+
+SHAPES = ("circle", "square", "triangle")
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 35, 35),
+    "green": (35, 155, 55),
+    "blue": (35, 75, 215),
+    "yellow": (230, 200, 25),
+    "purple": (135, 55, 175),
+    "orange": (240, 130, 25),
+}
+QTYPES = ("colour", "count", "top", "left", "digit")
+MAX_COUNT = 4
+MAX_OBJECTS = 7
+MIN_SIZE, MAX_SIZE = 26, 54  # shape bounding-box side, px
+GAP = 24  # px: the top / leftmost shape is at least this far ahead of the next one
+MARGIN = 4  # px from the image border
+SPACING = 6  # px between any two objects' boxes
+
+# 5x7 bitmap glyphs (rows top to bottom, '#' = ink).
+DIGIT_GLYPHS: dict[str, tuple[str, ...]] = {
+    "0": (" ### ", "#   #", "#  ##", "# # #", "##  #", "#   #", " ### "),
+    "1": ("  #  ", " ##  ", "  #  ", "  #  ", "  #  ", "  #  ", " ### "),
+    "2": (" ### ", "#   #", "    #", "   # ", "  #  ", " #   ", "#####"),
+    "3": ("#####", "   # ", "  #  ", "   # ", "    #", "#   #", " ### "),
+    "4": ("   # ", "  ## ", " # # ", "#  # ", "#####", "   # ", "   # "),
+    "5": ("#####", "#    ", "#### ", "    #", "    #", "#   #", " ### "),
+    "6": ("  ## ", " #   ", "#    ", "#### ", "#   #", "#   #", " ### "),
+    "7": ("#####", "    #", "   # ", "  #  ", " #   ", " #   ", " #   "),
+    "8": (" ### ", "#   #", "#   #", " ### ", "#   #", "#   #", " ### "),
+    "9": (" ### ", "#   #", "#   #", " ####", "    #", "   # ", " ##  "),
+}
+DIGIT_SCALES = (4, 5, 6)  # glyph pixel -> scale x scale px: 20x28 .. 30x42
+
+
+# ---------------------------------------------------------------------- scenes
+@dataclass(frozen=True)
+class Shape:
+    shape: str  # one of SHAPES
+    colour: str  # one of COLOURS
+    cx: int  # centre, px
+    cy: int
+    size: int  # side of the bounding box, px
+    rgb: tuple[int, int, int]  # the drawn colour (COLOURS[colour] with a little jitter)
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        h = self.size // 2
+        return self.cx - h, self.cy - h, self.cx - h + self.size, self.cy - h + self.size
+
+
+@dataclass(frozen=True)
+class Digit:
+    value: str  # "0".."9"
+    x: int  # top-left corner, px
+    y: int
+    scale: int
+    rgb: tuple[int, int, int]
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        return self.x, self.y, self.x + 5 * self.scale, self.y + 7 * self.scale
+
+
+@dataclass(frozen=True)
+class Scene:
+    background: tuple[int, int, int]
+    shapes: tuple[Shape, ...]
+    digit: Digit | None = None
+    width: int = WIDTH
+    height: int = HEIGHT
+
+
+@dataclass(frozen=True)
+class Sample:
+    split: str
+    index: int
+    qtype: str  # one of QTYPES
+    arg: str | None  # the shape named in the question (colour / count), else None
+    question: str  # without the "<image>\n" prefix
+    answer: str
+    scene: Scene = field(repr=False)
+
+    @property
+    def prompt(self) -> str:
+        """The user text the model sees (the official demo form)."""
+        return "<image>\n" + self.question
+
+    def image(self) -> Image.Image:
+        return render(self.scene)
+
+
+def question_text(qtype: str, arg: str | None = None) -> str:
+    if qtype == "colour":
+        return f"What colour is the {arg}?"
+    if qtype == "count":
+        return f"How many {arg}s are there?"
+    if qtype == "top":
+        return "What shape is at the top?"
+    if qtype == "left":
+        return "What colour is the leftmost shape?"
+    if qtype == "digit":
+        return "What digit is shown?"
+    raise ValueError(f"unknown question type {qtype!r}")
+
+
+def all_questions() -> list[str]:
+    """Every question the task can ask."""
+    qs = [question_text("colour", s) for s in SHAPES] + [question_text("count", s) for s in SHAPES]
+    return qs + [question_text(t) for t in ("top", "left", "digit")]
+
+
+def all_answers() -> list[str]:
+    return sorted(set(COLOURS) | set(SHAPES) | {str(i) for i in range(10)})
+
+
+def derive_answer(scene: Scene, qtype: str, arg: str | None = None) -> str:
+    """The answer to a question, read off the scene description; ValueError when the
+    scene does not determine it (the generator only makes scenes that do)."""
+    if qtype == "colour":
+        found = [s for s in scene.shapes if s.shape == arg]
+        if len(found) != 1:
+            raise ValueError(f"{len(found)} {arg}s: the colour question needs exactly one")
+        return found[0].colour
+    if qtype == "count":
+        n = sum(s.shape == arg for s in scene.shapes)
+        if not 1 <= n <= MAX_COUNT:
+            raise ValueError(f"count {n} is out of range")
+        return str(n)
+    if qtype in ("top", "left"):
+        key = (lambda s: s.cy) if qtype == "top" else (lambda s: s.cx)
+        order = sorted(scene.shapes, key=key)
+        if len(order) > 1 and key(order[1]) - key(order[0]) < GAP:
+            raise ValueError(f"{qtype}: no clear winner")
+        return order[0].shape if qtype == "top" else order[0].colour
+    if qtype == "digit":
+        if scene.digit is None:
+            raise ValueError("no digit in the scene")
+        return scene.digit.value
+    raise ValueError(f"unknown question type {qtype!r}")
+
+
+# ---------------------------------------------------------------------- drawing
+def render(scene: Scene) -> Image.Image:
+    """Scene -> RGB image (width x height)."""
+    img = Image.new("RGB", (scene.width, scene.height), scene.background)
+    draw = ImageDraw.Draw(img)
+    for s in scene.shapes:
+        x0, y0, x1, y1 = s.box
+        if s.shape == "circle":
+            draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=s.rgb)
+        elif s.shape == "square":
+            draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=s.rgb)
+        else:  # triangle, pointing up
+            draw.polygon([((x0 + x1 - 1) / 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=s.rgb)
+    if scene.digit is not None:
+        d = scene.digit
+        for r, row in enumerate(DIGIT_GLYPHS[d.value]):
+            for c, ch in enumerate(row):
+                if ch == "#":
+                    x, y = d.x + c * d.scale, d.y + r * d.scale
+                    draw.rectangle((x, y, x + d.scale - 1, y + d.scale - 1), fill=d.rgb)
+    return img
+
+
+def image_digest(img: Image.Image) -> str:
+    return hashlib.sha1(np.asarray(img).tobytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------- generation
+class _Retry(Exception):
+    """The random layout did not fit; draw again."""
+
+
+def _overlaps(a: Sequence[int], b: Sequence[int], pad: int) -> bool:
+    return not (a[2] + pad <= b[0] or b[2] + pad <= a[0] or a[3] + pad <= b[1] or b[3] + pad <= a[1])
+
+
+def _jitter(rng: np.random.Generator, rgb: tuple[int, int, int], amount: int) -> tuple[int, int, int]:
+    return tuple(int(np.clip(v + rng.integers(-amount, amount + 1), 0, 255)) for v in rgb)  # type: ignore[return-value]
+
+
+class _Layout:
+    """Places non-overlapping boxes at random."""
+
+    def __init__(self, rng: np.random.Generator):
+        self.rng = rng
+        self.boxes: list[tuple[int, int, int, int]] = []
+
+    def place(self, w: int, h: int, tries: int = 60) -> tuple[int, int]:
+        """Top-left corner of a free w x h box."""
+        for _ in range(tries):
+            x = int(self.rng.integers(MARGIN, WIDTH - MARGIN - w + 1))
+            y = int(self.rng.integers(MARGIN, HEIGHT - MARGIN - h + 1))
+            box = (x, y, x + w, y + h)
+            if not any(_overlaps(box, b, SPACING) for b in self.boxes):
+                self.boxes.append(box)
+                return x, y
+        raise _Retry
+
+    def shape(self, shape: str, colour: str) -> Shape:
+        size = int(self.rng.integers(MIN_SIZE, MAX_SIZE + 1))
+        x, y = self.place(size, size)
+        return Shape(shape, colour, x + size // 2, y + size // 2, size, _jitter(self.rng, COLOURS[colour], 12))
+
+    def digit(self, value: str) -> Digit:
+        scale = int(self.rng.choice(DIGIT_SCALES))
+        x, y = self.place(5 * scale, 7 * scale)
+        grey = int(self.rng.integers(0, 70))
+        return Digit(value, x, y, scale, (grey, grey, grey))
+
+
+def _pick(rng: np.random.Generator, seq: Sequence[str]) -> str:
+    return seq[int(rng.integers(len(seq)))]
+
+
+def _scene(rng: np.random.Generator, qtype: str) -> tuple[Scene, str | None, str]:
+    """One scene for a question type; returns (scene, question arg, intended answer)."""
+    bg_level = int(rng.integers(215, 251))
+    background = _jitter(rng, (bg_level,) * 3, 6)  # type: ignore[arg-type]
+    lay = _Layout(rng)
+    colours, shapes = list(COLOURS), list(SHAPES)
+    arg: str | None = None
+    objs: list[Shape] = []
+    with_digit = rng.random() < 0.5
+    if qtype == "colour":
+        arg, answer = _pick(rng, shapes), _pick(rng, colours)
+        others = [s for s in shapes if s != arg]
+        objs.append(lay.shape(arg, answer))
+        for _ in range(int(rng.integers(0, 5))):
+            objs.append(lay.shape(_pick(rng, others), _pick(rng, colours)))
+    elif qtype == "count":
+        arg = _pick(rng, shapes)
+        n = int(rng.integers(1, MAX_COUNT + 1))
+        answer = str(n)
+        others = [s for s in shapes if s != arg]
+        for _ in range(n):
+            objs.append(lay.shape(arg, _pick(rng, colours)))
+        for _ in range(int(rng.integers(0, min(3, MAX_OBJECTS - n) + 1))):
+            objs.append(lay.shape(_pick(rng, others), _pick(rng, colours)))
+    elif qtype in ("top", "left"):
+        answer = _pick(rng, shapes if qtype == "top" else colours)
+        n = int(rng.integers(2, 6))
+        for i in range(n):
+            if qtype == "top":
+                objs.append(lay.shape(answer if i == 0 else _pick(rng, shapes), _pick(rng, colours)))
+            else:
+                objs.append(lay.shape(_pick(rng, shapes), answer if i == 0 else _pick(rng, colours)))
+        key = (lambda s: s.cy) if qtype == "top" else (lambda s: s.cx)
+        first, rest = objs[0], objs[1:]
+        if any(key(s) - key(first) < GAP for s in rest):
+            raise _Retry
+    elif qtype == "digit":
+        answer = _pick(rng, [str(i) for i in range(10)])
+        with_digit = True
+        for _ in range(int(rng.integers(1, 5))):
+            objs.append(lay.shape(_pick(rng, shapes), _pick(rng, colours)))
+    else:
+        raise ValueError(f"unknown question type {qtype!r}")
+    digit = None
+    if with_digit:
+        digit = lay.digit(answer if qtype == "digit" else _pick(rng, [str(i) for i in range(10)]))
+    order = rng.permutation(len(objs))  # drawing order carries no hint
+    return Scene(background, tuple(objs[i] for i in order), digit), arg, answer
+
+
+def sample(split: str, index: int) -> Sample:
+    """Sample ``index`` of ``split`` (deterministic)."""
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"unknown split {split!r} (choose from {', '.join(SPLIT_SEEDS)})")
+    rng = np.random.default_rng((SPLIT_SEEDS[split], index))
+    qtype = QTYPES[int(rng.integers(len(QTYPES)))]
+    while True:
+        try:
+            scene, arg, answer = _scene(rng, qtype)
+            break
+        except _Retry:
+            continue
+    assert derive_answer(scene, qtype, arg) == answer
+    return Sample(split, index, qtype, arg, question_text(qtype, arg), answer, scene)
+
+
+def make_split(name: str, n: int, start: int = 0) -> list[Sample]:
+    """Samples ``start .. start + n - 1`` of split ``name`` (deterministic)."""
+    return [sample(name, i) for i in range(start, start + n)]
+
+
+# ---------------------------------------------------------------------- baselines
+def text_only_baseline(split: str | Sequence[Sample], n: int = 2000) -> dict:
+    """Accuracy of the best question-only guess on ``split`` (its first ``n`` samples).
+
+    For every distinct question the guess is its most frequent answer *in the evaluated
+    samples themselves*: an upper bound for any predictor that ignores the image.
+    Returns ``{"overall": acc, "per_type": {qtype: acc}, "n": n}``."""
+    samples = make_split(split, n) if isinstance(split, str) else list(split)
+    by_q: dict[str, Counter] = defaultdict(Counter)
+    for s in samples:
+        by_q[s.question][s.answer] += 1
+    guess = {q: c.most_common(1)[0][0] for q, c in by_q.items()}
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for s in samples:
+        hits[s.qtype].append(guess[s.question] == s.answer)
+    total = sum(sum(h) for h in hits.values())
+    return {
+        "overall": total / max(1, len(samples)),
+        "per_type": {t: sum(h) / len(h) for t, h in sorted(hits.items())},
+        "n": len(samples),
+    }
+
+
+if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else None
+    for s in make_split("val", 10):
+        print(f"val[{s.index}] {s.qtype:6s} {s.question!r:42s} -> {s.answer!r}  ({len(s.scene.shapes)} shapes, "
+              f"digit {s.scene.digit.value if s.scene.digit else None})")
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            s.image().save(out / f"val_{s.index:03d}.png")
+    for split in ("val", "test"):
+        print(split, "text-only baseline:", text_only_baseline(split))
