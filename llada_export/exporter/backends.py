@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
+import warnings
 from pathlib import Path
 
 import onnx
@@ -19,8 +21,12 @@ def program_bytes(ep: torch.export.ExportedProgram) -> int:
 def write_onnx(ep: torch.export.ExportedProgram, path: Path, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> list[Path]:
     """Export to ONNX, check it, return the files written (the .onnx and its external data, if any)."""
     external = program_bytes(ep) >= ONNX_SINGLE_FILE_LIMIT
-    torch.onnx.export(ep, (), str(path), dynamo=True, input_names=list(inputs), output_names=list(outputs),
-                      external_data=external, optimize=True, verbose=False)
+    # torch.onnx logs one warning per torchvision op it cannot register: noise for these graphs.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.onnx.export(ep, (), str(path), dynamo=True, input_names=list(inputs), output_names=list(outputs),
+                          external_data=external, optimize=True, verbose=False)
     if external:
         onnx.checker.check_model(str(path))  # path form: handles external data and > 2 GB
     else:
