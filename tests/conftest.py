@@ -64,7 +64,7 @@ PROMPTS = {
 
 @pytest.fixture(scope="session")
 def aoti_engines(tiny_ckpt, tmp_path_factory):
-    """AOTInductor packages (CPU): pruned stages at layer 1, keep 0.35, G = 8."""
+    """AOTInductor packages (CPU): pruned stages at layer 1, keep 0.35, G = 128 (serves every preset)."""
     import time
 
     from llada_export.exporter.build import ExportOptions, export_engines
@@ -72,7 +72,7 @@ def aoti_engines(tiny_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("aoti") / "engines"
     t0 = time.perf_counter()
     export_engines(ExportOptions(model=str(tiny_ckpt), output=str(out), prune_layer=1, keep=0.35,
-                                 backends=("aoti",), gen_length=8, block_length=8, steps=8,
+                                 backends=("aoti",), gen_length=128, block_length=128, steps=128,
                                  max_prompt_tokens=160, image_size=(384, 384), progress=False))
     print(f"AOTInductor export of the tiny model: {time.perf_counter() - t0:.1f} s")
     return out

@@ -127,8 +127,9 @@ def test_aoti_packages_load_and_match_pytorch(tiny, aoti_engines, images):
     req = build_prompt(model, tok, images["384x384"], PROMPTS["short"])
     nb, nv = len(req.ids_before), req.n_visual
     e = req.embeds[0]
-    x = layout_bucket(bucket, e[:nb], e[nb:nb + nv], e[nb + nv:], 8)
-    resp = torch.full((1, 8), sp.mask)
+    g = bucket.gen_length
+    x = layout_bucket(bucket, e[:nb], e[nb:nb + nv], e[nb + nv:], g)
+    resp = torch.full((1, g), sp.mask)
     n_keep = torch.tensor([num_kept(0.35, nv)])
     stage_a = aoti_load_package(str(aoti_engines / m["artifacts"]["aoti"]["stage_a"]))
     logits, index, alive = stage_a(x.prefix_embeds, resp, x.position_ids, x.key_mask, x.visual_mask, n_keep)
@@ -139,7 +140,7 @@ def test_aoti_packages_load_and_match_pytorch(tiny, aoti_engines, images):
     assert torch.equal(index, ref_index) and torch.equal(alive, ref_alive)
     torch.testing.assert_close(logits, ref, rtol=0, atol=1e-4 * max(1.0, float(ref.abs().max())))
     stage_b = aoti_load_package(str(aoti_engines / m["artifacts"]["aoti"]["stage_b"]))
-    p_red = index.shape[1] - 8
+    p_red = index.shape[1] - g
     fb = (x.prefix_embeds[:, index[0, :p_red]], resp, x.position_ids[:, index[0]], alive)
     (lb,) = stage_b(*fb) if isinstance(stage_b(*fb), (list, tuple)) else (stage_b(*fb),)
     with torch.no_grad():

@@ -179,3 +179,18 @@ def test_unpruned_request_without_baseline_graph(keep_all_engines, images):
     pipe = Pipeline.load(keep_all_engines, backend="onnxruntime")
     with pytest.raises(RequestError, match="--baseline"):
         pipe.generate(images["384x384"], PROMPTS["short"], preset="chartqa", unpruned=True)
+
+
+AOTI_CASES = [("mc", "380x250", "short"), ("chartqa", "384x384", "long"), ("demo", "380x250", "long")]
+
+
+@pytest.mark.parametrize("p, img, prompt", AOTI_CASES, ids=["-".join(c) for c in AOTI_CASES])
+def test_aoti_pipeline_matches_pruned_reference(aoti_engines, tiny, images, p, img, prompt):
+    """The AOTInductor backend (layer 1, keep 0.35, G 128) against the eager pruned reference."""
+    model, tok, _ = tiny
+    pipe = Pipeline.load(aoti_engines)
+    assert pipe.backend == "aoti"
+    ref = reference_generate(model, tok, images[img], PROMPTS[prompt], preset(p), PruneSettings(1, 0.35))
+    got = pipe.generate(images[img], PROMPTS[prompt], preset=p)
+    assert got.ids == ref.ids
+    assert got.kept_visual == ref.kept_visual
