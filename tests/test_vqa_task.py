@@ -149,7 +149,12 @@ def test_training_pieces_match_the_inference_path():
         assert torch.equal(td.normalize_crops(crops[k], cfg), preprocess(s.image(), cfg)[0])
     resp = bt.targets([s.answer for s in samples], "cpu")
     sp = bt.sp
-    assert resp[0, -1] == sp.eos and (resp == sp.eot).sum(1).tolist() == [1, 1]
+    # answer + eot, padded with eot: the sampler suppresses EOS at masked positions, so EOS padding
+    # would be a target the inference path can never produce
+    assert (resp == sp.eos).sum() == 0 and resp[0, -1] == sp.eot
+    for k, s in enumerate(samples):
+        ids = tok(s.answer, add_special_tokens=False).input_ids
+        assert resp[k, : len(ids)].tolist() == ids and (resp[k, len(ids):] == sp.eot).all()
     with torch.no_grad():
         got = bt.forward(bt.visual(crops), bt.layout([s.question for s in samples], "cpu"), resp)
         for k, s in enumerate(samples):

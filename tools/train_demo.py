@@ -8,8 +8,12 @@ masked-diffusion SFT objective:
 * prompt = the official chat template with ``<image>\\n{question}`` and the default
   system prompt, the visual tokens spliced at ``<image>`` (the same pieces as
   ``reference.build_prompt``, batched and differentiable);
-* response = answer tokens + ``<|eot_id|>``, padded with ``<|endoftext|>`` to
-  ``--gen-length`` (the pad EOS tokens are part of the response, masked and predicted);
+* response = answer tokens + ``<|eot_id|>``, padded with more ``<|eot_id|>`` to
+  ``--gen-length`` (the pad tokens are part of the response, masked and predicted). The pad
+  must be ``<|eot_id|>``, not ``<|endoftext|>``: the sampler sets ``<|endoftext|>`` to -inf at
+  masked positions, so a model trained on EOS padding is forced at inference to put its
+  (certain) padding mass on ``<|eot_id|>``, commits an early eot first and so fixes the answer
+  length from the text alone (every colour answer came out as the 5-token "orange");
 * per sample t ~ U(0, 1), p = (1 - eps) t + eps; each response token is replaced by
   ``<|mdm_mask|>`` with probability p (prompt never masked); loss = cross-entropy on the
   masked tokens weighted by 1/p, summed and divided by (batch * response length), as
@@ -144,7 +148,8 @@ class Batcher:
             ids = self.tok(answer, add_special_tokens=False).input_ids + [self.sp.eot]
             if len(ids) > self.g:
                 raise ValueError(f"answer {answer!r} needs {len(ids)} tokens, more than gen_length {self.g}")
-            self._resp[answer] = ids + [self.sp.eos] * (self.g - len(ids))
+            # pad with eot (never EOS: the sampler suppresses EOS at masked positions)
+            self._resp[answer] = ids + [self.sp.eot] * (self.g - len(ids))
         return self._resp[answer]
 
     def layout(self, questions: list[str], device) -> dict:
@@ -198,7 +203,7 @@ def diffusion_loss(logits: torch.Tensor, target: torch.Tensor, masked: torch.Ten
                    answer: torch.Tensor):
     """LLaDA SFT loss: sum of CE / p over masked response tokens, / (B * G).
     Also returns the plain mean CE over masked tokens, and over masked answer tokens
-    (``answer`` [B, G] bool: not eot, not EOS padding): the part that needs the image."""
+    (``answer`` [B, G] bool: not eot / eot padding): the part that needs the image."""
     b, g = target.shape
     ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view(b, g)  # [B, G]
     loss = (ce * masked / p_mask[:, None]).sum() / (b * g)
@@ -364,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup", type=int, default=None, help="default: min(200, steps // 10)")
-    p.add_argument("--gen-length", type=int, default=8, help="response length (answer + eot + EOS padding)")
+    p.add_argument("--gen-length", type=int, default=8, help="response length (answer + eot + eot padding)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="data-loader processes (default: 0 on CPU, up to 12 on GPU)")
