@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_checkpoint
+from ..config import LLaDAVConfig
 from ..graphs.llada import FusedDenoiser
 from ..graphs.anyres import grid_shape, visual_token_count
 from ..passes.prune import PruneSpec
@@ -76,6 +77,7 @@ class ExportOptions:
             raise ExportError(f"--device {self.device}: no CUDA GPU is visible")
 
 
+
 def plan_bucket(opts: ExportOptions, cfg) -> Bucket:
     w, h = opts.image_size
     v = opts.max_visual_tokens or visual_token_count(w, h, cfg)
@@ -84,9 +86,27 @@ def plan_bucket(opts: ExportOptions, cfg) -> Bucket:
                   vision_batch=1 + cols * rows, keep=opts.keep, prune=opts.prune)
 
 
+def preflight(opts: ExportOptions) -> Bucket:
+    """Every check that needs no weights (flags, config, bucket, backends), before any heavy work."""
+    opts.validate()
+    if not Path(opts.model).is_dir():
+        raise ExportError(f"{opts.model}: no such checkpoint directory")
+    cfg = LLaDAVConfig.from_json(opts.model)
+    n_layers = cfg.text.num_hidden_layers
+    if opts.prune and not 0 <= opts.prune_layer < n_layers:
+        raise ExportError(f"--prune-layer {opts.prune_layer} is out of range: the model has layers 0..{n_layers - 1}")
+    bucket = plan_bucket(opts, cfg)
+    if "tensorrt" in opts.backends and opts.prune and bucket.k_static >= TRT_TOPK_LIMIT:
+        raise ExportError(f"the bucket keeps {bucket.k_static} visual tokens, over TensorRT's TopK limit "
+                          f"({TRT_TOPK_LIMIT - 1}); lower --keep, --image-size or --max-visual-tokens")
+    if opts.backends == ("tensorrt",) and (reason := tensorrt_status()):
+        raise ExportError(f"TensorRT engines cannot be built here: {reason}")
+    return bucket
+
+
 def export_engines(opts: ExportOptions) -> Path:
     """Build every graph for every requested backend into ``opts.output`` (atomically)."""
-    opts.validate()
+    preflight(opts)
     out = Path(opts.output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not opts.overwrite:
         raise ExportError(f"{out} already exists; pass --overwrite to replace it")
@@ -114,14 +134,8 @@ def _build(opts: ExportOptions, root: Path) -> dict:
     dtype, device = DTYPES[opts.dtype], torch.device(opts.device)
     model, tokenizer, cfg = load_checkpoint(opts.model, dtype=dtype, device=device)
     model.requires_grad_(False)
-    n_layers = cfg.text.num_hidden_layers
-    if opts.prune and not 0 <= opts.prune_layer < n_layers:
-        raise ExportError(f"--prune-layer {opts.prune_layer} is out of range: the model has layers 0..{n_layers - 1}")
     sp = SpecialTokens.from_tokenizer(tokenizer)
     bucket = plan_bucket(opts, cfg)
-    if "tensorrt" in opts.backends and opts.prune and bucket.k_static >= TRT_TOPK_LIMIT:
-        raise ExportError(f"the bucket keeps {bucket.k_static} visual tokens, over TensorRT's TopK limit "
-                          f"({TRT_TOPK_LIMIT - 1}); lower --keep, --image-size or --max-visual-tokens")
     lm = model.language
     outputs = DENOISER_OUTPUTS
     if opts.fuse_sampler:
@@ -153,9 +167,10 @@ def _build(opts: ExportOptions, root: Path) -> dict:
 
     files: list[Path] = []
     artifacts: dict[str, dict[str, str]] = {}
-    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    state = model.state_dict()
+    weight_bytes = sum(t.numel() * t.element_size() for t in state.values())
     external = opts.aoti_weights == "checkpoint" or (opts.aoti_weights == "auto" and weight_bytes > 2 * 1024**3)
-    weight_keys = {t.data_ptr(): k for k, t in model.state_dict().items()} if external else None
+    weight_keys = {t.data_ptr(): k for k, t in state.items()} if external else None
     aoti_weights: dict[str, dict[str, str]] = {}
     notes = list(opts.notes)
     trt_reason = tensorrt_status() if "tensorrt" in opts.backends else None
