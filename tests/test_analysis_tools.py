@@ -6,17 +6,13 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import attention_analysis  # noqa: E402
 import prune_sweep  # noqa: E402
-import vqa_task  # noqa: E402
 
 from llada_export.checkpoint import load_checkpoint  # noqa: E402
-from llada_export.reference import ReferenceDenoiser, build_prompt  # noqa: E402
-from llada_export.tokenizer import SpecialTokens  # noqa: E402
 
 
 def _in01(x: float) -> bool:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from conftest import KEEP, PROMPTS, PRUNE_LAYER, random_image
 from llada_export.reference import PruneSettings, reference_generate

@@ -63,8 +63,7 @@ def test_kept_count_and_original_positions(tiny, prompt_inputs, keep):
 
 
 def test_key_mask_padding_leaves_real_logits_unchanged(tiny, prompt_inputs):
-    model, tok, _ = tiny
-    sp = SpecialTokens.from_tokenizer(tok)
+    model, _, _ = tiny
     g, p = 8, prompt_inputs.length
     resp = torch.randint(0, 300, (1, g))
     pos = torch.arange(p + g)[None]

@@ -38,7 +38,7 @@ from llada_export.exporter.build import ExportOptions, export_engines, plan_buck
 from llada_export.graphs.pruning import num_kept  # noqa: E402
 from llada_export.runtime.pipeline import Pipeline  # noqa: E402
 from llada_export.runtime.sampler import GenerationConfig  # noqa: E402
-from llada_export.tokenizer import DEFAULT_SYSTEM_PROMPT, build_tokenizer, encode_prompt  # noqa: E402
+from llada_export.tokenizer import DEFAULT_SYSTEM_PROMPT, encode_prompt  # noqa: E402
 
 GEN_LENGTH = 8  # tools/train_demo.py --gen-length default (answer + <|eot_id|> padding)
 IMAGE_SIZE = (vqa_task.WIDTH, vqa_task.HEIGHT)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..checkpoint import DEFAULT_MAX_SHARD_BYTES, INIT_STD, CheckpointError, random_checkpoint
-from ..config import PRESETS, ConfigError
-from ..tokenizer import TokenizerError
+from ..checkpoint import DEFAULT_MAX_SHARD_BYTES, INIT_STD, random_checkpoint
+from ..config import PRESETS
+from .common import user_errors
 
 PROG = "llada-checkpoint"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -80,24 +80,15 @@ def main(argv: list[str] | None = None) -> int:
         bars[0].update(done - bars[0].n)
 
     try:
-        out = random_checkpoint(
-            args.preset, args.output, seed=args.seed, dtype=args.dtype, add_bos=args.auto_bos,
-            overwrite=args.overwrite, max_shard_bytes=args.max_shard_size, progress=progress,
-            init_std=args.init_std,
-        )
-    except (CheckpointError, ConfigError, TokenizerError, OSError) as e:
+        with user_errors(PROG):  # the writer removes its temporary directory on any failure
+            out = random_checkpoint(
+                args.preset, args.output, seed=args.seed, dtype=args.dtype, add_bos=args.auto_bos,
+                overwrite=args.overwrite, max_shard_bytes=args.max_shard_size, progress=progress,
+                init_std=args.init_std,
+            )
+    finally:
         for bar in bars:
             bar.close()
-        msg = " ".join(str(e).split())  # one line
-        print(f"{PROG}: error: {msg}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:  # the writer has already removed its temporary directory
-        for bar in bars:
-            bar.close()
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
-    for bar in bars:
-        bar.close()
     n_shards = len(list(out.glob("model-*-of-*.safetensors")))
     print(f"wrote {out} ({n_shards} shard{'s' if n_shards != 1 else ''}, {human_size(_dir_size(out))})")
     return 0

@@ -19,11 +19,12 @@ def parse_size(text: str) -> tuple[int, int]:
 
 @contextlib.contextmanager
 def user_errors(prog: str):
-    """ValueError / FileNotFoundError (all our user-facing errors derive from them) -> exit 2."""
+    """ValueError / OSError (all our user-facing errors derive from them) -> one line, exit 2."""
     try:
         yield
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:
+        msg = " ".join(str(e).split())  # one line
+        print(f"{prog}: error: {msg}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -16,7 +16,7 @@ from ..exporter.manifest import ManifestError, read_manifest
 from ..graphs.anyres import assemble, load_image, preprocess
 from ..graphs.pruning import num_kept
 from ..tokenizer import DEFAULT_SYSTEM_PROMPT, encode_prompt
-from .sampler import GenerationConfig, SamplerTrace, generate, preset as get_preset
+from .sampler import GenerationConfig, generate, preset as get_preset
 
 
 class RequestError(ValueError):
@@ -277,10 +277,9 @@ class Pipeline:
         use_full = unpruned or not self.pruned
         x, t_vis = self.build_inputs(image, prompt, gen.gen_length, system)
         den = EngineDenoiser(self, x, unpruned=use_full)
-        trace = SamplerTrace()
         t1 = time.perf_counter()
         ids = generate(den, gen, mask_id=self.tokens["mask"], eot_id=self.tokens["eot"],
-                       suppress_ids=self.tokens["suppressed"], trace=trace, device=self.device,
+                       suppress_ids=self.tokens["suppressed"], device=self.device,
                        generator=torch.Generator(device=self.device).manual_seed(seed))
         t2 = time.perf_counter()
         st = den.step_times
