@@ -154,16 +154,18 @@ class SpecialTokens:
 
 
 # ---------------------------------------------------------------------- building
-def _train_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Vocabulary and merges of a small byte-level BPE trained on the built-in text."""
+def _train_bpe(corpus: Sequence[str] = (), vocab_size: int = _BPE_VOCAB_SIZE
+               ) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocabulary and merges of a small byte-level BPE trained on the built-in text plus
+    ``corpus`` lines (deterministic for the same inputs)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=_BPE_VOCAB_SIZE,
+        vocab_size=vocab_size,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_BPE_TEXT.splitlines(), trainer)
+    tok.train_from_iterator(_BPE_TEXT.splitlines() + list(corpus), trainer)
     model = json.loads(tok.to_str())["model"]
     return dict(model["vocab"]), [tuple(m) for m in model["merges"]]
 
@@ -177,7 +179,8 @@ def _special_layout(kind: str) -> list[str]:
     return [by_id.get(i, f"<|reserved_token_{i - RESERVED_BASE_ID}|>") for i in range(FIRST_SPECIAL_ID, FULL_VOCAB_SIZE)]
 
 
-def build_tokenizer(kind: Literal["tiny", "full"], add_bos: bool = False) -> PreTrainedTokenizerFast:
+def build_tokenizer(kind: Literal["tiny", "full"], add_bos: bool = False, corpus: Sequence[str] = (),
+                    bpe_vocab_size: int = _BPE_VOCAB_SIZE) -> PreTrainedTokenizerFast:
     """A stand-in LLaDA-V tokenizer (byte-level BPE + the official special tokens).
 
     ``kind="full"``: exactly 126464 entries; the BPE sits at the low ids, unused ids up
@@ -188,10 +191,14 @@ def build_tokenizer(kind: Literal["tiny", "full"], add_bos: bool = False) -> Pre
     ``add_bos=False`` is the official kind (``add_bos_token`` false: BOS comes only from
     the chat template text). ``add_bos=True`` is the other kind, whose post-processor
     prepends BOS to every encoded text itself.
+
+    ``corpus`` (extra training lines) and ``bpe_vocab_size`` give a model its own BPE:
+    the demo model's tokenizer is trained on its task's questions and answers, so every
+    answer is one token (``tools/train_demo.py``).
     """
     if kind not in ("tiny", "full"):
         raise ValueError(f"tokenizer kind must be 'tiny' or 'full', not {kind!r}")
-    vocab, merges = _train_bpe()
+    vocab, merges = _train_bpe(corpus, bpe_vocab_size)
     if kind == "full":
         for i in range(len(vocab), FIRST_SPECIAL_ID):
             vocab[f"<|filler_{i}|>"] = i  # never produced by any merge

@@ -141,7 +141,7 @@ def test_training_pieces_match_the_inference_path():
 
     model, tok, cfg = td.build_model(0)
     model.eval()
-    bt = td.Batcher(model, tok, 8)
+    bt = td.Batcher(model, tok, 16)
     samples = [sample("val", i) for i in (0, 3)]  # questions of different lengths: padding in the batch
     assert len(bt.after_ids(samples[0].question)) != len(bt.after_ids(samples[1].question))
     crops = torch.from_numpy(np.stack([td.crops_uint8(s.image(), cfg) for s in samples]))
@@ -154,14 +154,34 @@ def test_training_pieces_match_the_inference_path():
     assert (resp == sp.eos).sum() == 0 and resp[0, -1] == sp.eot
     for k, s in enumerate(samples):
         ids = tok(s.answer, add_special_tokens=False).input_ids
+        assert len(ids) == 1  # the demo tokenizer holds every answer as one token
         assert resp[k, : len(ids)].tolist() == ids and (resp[k, len(ids):] == sp.eot).all()
+    # per-sample response lengths 8 and 4 in 16 static slots: the unused slots are masked keys,
+    # so each sample sees exactly the unpadded inference sequence of its own length
+    glens = torch.tensor([8, 4])
+    lay = bt.layout([s.question for s in samples], glens, "cpu")
+    assert lay["real"].sum(1).tolist() == [8, 4]
+    noisy = torch.where(lay["real"], resp, torch.full_like(resp, sp.mask))
+    noisy[:, 0] = sp.mask  # the answer slot still to be predicted
     with torch.no_grad():
-        got = bt.forward(bt.visual(crops), bt.layout([s.question for s in samples], "cpu"), resp)
+        got = bt.forward(bt.visual(crops), lay, noisy)
         for k, s in enumerate(samples):
+            g = int(glens[k])
             inp = build_prompt(model, tok, s.image(), s.prompt)
-            pos = torch.arange(inp.length + 8)[None]
-            want = model.denoise(inp.embeds, resp[k:k + 1], pos)[0]
-            torch.testing.assert_close(got[k], want, atol=1e-4, rtol=1e-4)
+            pos = torch.arange(inp.length + g)[None]
+            want = model.denoise(inp.embeds, noisy[k:k + 1, :g], pos)[0]
+            torch.testing.assert_close(got[k, :g], want, atol=1e-4, rtol=1e-4)
+
+
+def test_demo_tokenizer_answers_are_single_tokens():
+    import train_demo as td
+
+    tok = td.demo_tokenizer()
+    for a in vqa_task.all_answers():
+        ids = tok(a, add_special_tokens=False).input_ids
+        assert len(ids) == 1 and tok.decode(ids) == a
+    assert tok.decode(tok("What colour is the circle?", add_special_tokens=False).input_ids) == "What colour is the circle?"
+    assert len(tok) < 500
 
 
 def test_train_smoke_writes_loadable_checkpoint(tmp_path):

@@ -2,26 +2,30 @@
 
 The model is the ``demo`` preset (official LLaDA-V structure: SigLIP tower, mlp2x_gelu
 projector, anyres assembly, bidirectional LLaDA LM), randomly initialised with the
-project's seeded init (normal(0, 0.02), norms at one). Training uses LLaDA's
-masked-diffusion SFT objective:
+project's seeded init (normal(0, 0.02), norms at one), with its own small tokenizer
+(:func:`demo_tokenizer`: the stand-in byte-level BPE with the official special tokens and
+chat template, trained on the task's words so that every answer is one token). Training
+uses LLaDA's masked-diffusion SFT objective:
 
 * prompt = the official chat template with ``<image>\\n{question}`` and the default
   system prompt, the visual tokens spliced at ``<image>`` (the same pieces as
   ``reference.build_prompt``, batched and differentiable);
-* response = answer tokens + ``<|eot_id|>``, padded with more ``<|eot_id|>`` to
-  ``--gen-length`` (the pad tokens are part of the response, masked and predicted). The pad
-  must be ``<|eot_id|>``, not ``<|endoftext|>``: the sampler sets ``<|endoftext|>`` to -inf at
+* response = the answer token + ``<|eot_id|>``, padded with more ``<|eot_id|>`` to the
+  sample's response length G, drawn per sample from ``--train-gen-lengths`` (the pad
+  tokens are part of the response, masked and predicted). The pad must be
+  ``<|eot_id|>``, not ``<|endoftext|>``: the sampler sets ``<|endoftext|>`` to -inf at
   masked positions, so a model trained on EOS padding is forced at inference to put its
-  (certain) padding mass on ``<|eot_id|>``, commits an early eot first and so fixes the answer
-  length from the text alone (every colour answer came out as the 5-token "orange");
+  (certain) padding mass on ``<|eot_id|>``, commits an early eot first and so fixes the
+  answer length from the text alone;
 * per sample t ~ U(0, 1), p = (1 - eps) t + eps; each response token is replaced by
   ``<|mdm_mask|>`` with probability p (prompt never masked); loss = cross-entropy on the
-  masked tokens weighted by 1/p, summed and divided by (batch * response length), as
-  the official LLaDA SFT code.
+  masked tokens weighted by 1/p, summed per sample and divided by its response length,
+  averaged over the batch, as the official LLaDA SFT code.
 
-Sequences of one batch differ only in the question length: they are laid out
-``[before | visual | after | response | pad]`` with positions ``arange(L)`` and a key
-mask over the pad, so every sample sees exactly what the sampler will show it.
+Every batch has one static layout ``[before | visual | after | response slots | pad]``
+(the longest question, 16 response slots) with positions ``arange(L)`` and a key mask
+over the unused response slots and the pad, so every sample sees exactly what the
+sampler (and an engine bucket) will show it, and the compiled step never recompiles.
 
 At the end the checkpoint is written in the official layout (``save_checkpoint``), read
 back with ``load_checkpoint`` (fp32) and evaluated on the val split with the real sampler
@@ -29,7 +33,7 @@ path (``reference_generate``, gen = block = steps = ``--gen-length``), per quest
 type, next to the text-only baseline; a batched GPU re-implementation of the same
 sampler gives a larger-sample estimate (and its agreement with the real path).
 
-    python tools/train_demo.py --device cuda --out OUT/demo          # ~5 min on an H100
+    python tools/train_demo.py --device cuda --out OUT/demo --time-budget 330
     python tools/train_demo.py --steps 20 --device cpu --out /tmp/demo_smoke
 """
 
@@ -119,10 +123,15 @@ def _worker_init(_):
 
 
 class Batcher:
-    """Token-level layout of a batch: [before | visual | after_i | response | pad]."""
+    """Token-level layout of a batch: [before | visual | after_i | response slots | pad].
 
-    def __init__(self, model: LLaDAV, tok, gen_length: int, system: str = DEFAULT_SYSTEM_PROMPT):
-        self.model, self.tok, self.cfg, self.g = model, tok, model.config, gen_length
+    Every batch has the same static length: the longest question plus ``gen_slots``
+    response slots, rounded up to a multiple of 16. A sample with response length
+    ``G_i <= gen_slots`` uses the first ``G_i`` slots; the other slots and the pad are
+    masked keys, which is exactly how an engine bucket serves a shorter ``gen_length``."""
+
+    def __init__(self, model: LLaDAV, tok, gen_slots: int, system: str = DEFAULT_SYSTEM_PROMPT):
+        self.model, self.tok, self.cfg, self.g = model, tok, model.config, gen_slots
         self.sp = SpecialTokens.from_tokenizer(tok)
         self.system = system
         before, _ = encode_prompt(tok, "<image>\nX", has_image=True, system=system)
@@ -131,10 +140,14 @@ class Batcher:
         s = self.cfg.vision.image_size
         best = select_best_resolution(self.size_wh, self.cfg.image_grid_pinpoints)
         self.n_crops = 1 + (best[0] // s) * (best[1] // s)
-        self.index = assembly_index(self.cfg, self.size_wh, self.n_crops)  # [n_visual]
+        device = model.lm_head.weight.device
+        self.index = assembly_index(self.cfg, self.size_wh, self.n_crops).to(device)  # [n_visual]
         self.n_visual = len(self.index)
         self._after: dict[str, list[int]] = {}
         self._resp: dict[str, list[int]] = {}
+        self.head = len(self.before) + self.n_visual
+        self.max_after = max(len(self.after_ids(q)) for q in vqa_task.all_questions())
+        self.length = -(-(self.head + self.max_after + self.g) // 16) * 16  # SDPA-friendly static length
 
     def after_ids(self, question: str) -> list[int]:
         if question not in self._after:
@@ -147,26 +160,27 @@ class Batcher:
         if answer not in self._resp:
             ids = self.tok(answer, add_special_tokens=False).input_ids + [self.sp.eot]
             if len(ids) > self.g:
-                raise ValueError(f"answer {answer!r} needs {len(ids)} tokens, more than gen_length {self.g}")
+                raise ValueError(f"answer {answer!r} needs {len(ids)} tokens, more than {self.g} response slots")
             # pad with eot (never EOS: the sampler suppresses EOS at masked positions)
             self._resp[answer] = ids + [self.sp.eot] * (self.g - len(ids))
         return self._resp[answer]
 
-    def layout(self, questions: list[str], device) -> dict:
-        """Ids and masks of the text tail [after | response slot | pad] for a batch."""
+    def layout(self, questions: list[str], gen_lengths: torch.Tensor, device) -> dict:
+        """Ids and masks of the text tail [after | response slots | pad] for a batch;
+        ``gen_lengths`` [B]: each sample's response length (<= gen_slots)."""
         afters = [self.after_ids(q) for q in questions]
-        lens = [len(a) for a in afters]
-        la = torch.tensor(lens).to(device, non_blocking=True)  # [B]
-        head = len(self.before) + self.n_visual
-        tail_len = -(-(head + max(lens) + self.g) // 16) * 16 - head  # total length a multiple of 16 (SDPA alignment)
-        tail = torch.full((len(afters), tail_len), self.sp.eos, dtype=torch.long)  # [B, Lt]
+        la = torch.tensor([len(a) for a in afters]).to(device, non_blocking=True)  # [B]
+        tail = torch.full((len(afters), self.length - self.head), self.sp.eos, dtype=torch.long)  # [B, Lt]
         for b, a in enumerate(afters):
             tail[b, : len(a)] = torch.tensor(a)
         tail = tail.to(device, non_blocking=True)
+        glen = gen_lengths.to(device)  # [B]
         resp_tail = la[:, None] + torch.arange(self.g, device=device)  # [B, G] slots in the tail
-        total = head + tail_len
-        key_mask = torch.arange(total, device=device)[None] < (head + la + self.g)[:, None]  # [B, L]
-        return dict(tail=tail, resp_tail=resp_tail, resp_pos=head + resp_tail, key_mask=key_mask, length=total)
+        ar = torch.arange(self.length, device=device)[None]  # [1, L]
+        prompt_end = (self.head + la)[:, None]  # [B, 1]
+        key_mask = (ar < prompt_end) | ((ar >= prompt_end) & (ar < prompt_end + glen[:, None]))  # [B, L]
+        return dict(tail=tail, resp_tail=resp_tail, resp_pos=self.head + resp_tail, key_mask=key_mask,
+                    real=torch.arange(self.g, device=device)[None] < glen[:, None], glen=glen)
 
     def visual(self, crops: torch.Tensor) -> torch.Tensor:
         """crops [B, N, S, S, 3] uint8 -> visual embeddings [B, n_visual, D] (differentiable)."""
@@ -175,38 +189,37 @@ class Batcher:
         feats = self.model.encode_images(pixels)  # [B*N, T, D]
         feats = feats.view(b, n * feats.shape[1], -1)  # [B, N*T, D]
         nl = self.model.model.image_newline.to(feats.dtype)[None, None].expand(b, 1, -1)  # [B, 1, D]
-        if self.index.device != feats.device:
-            self.index = self.index.to(feats.device)
         return torch.cat([feats, nl], dim=1)[:, self.index]  # [B, n_visual, D]
 
     def forward(self, visual: torch.Tensor, lay: dict, response: torch.Tensor) -> torch.Tensor:
-        """visual [B, V, D], response ids [B, G] (with masks) -> logits [B, G, V] fp32."""
+        """visual [B, V, D], response ids [B, G] (with masks) -> logits [B, G, vocab] fp32."""
         m = self.model
         lm = m.language
         b = visual.shape[0]
         tail = lay["tail"].scatter(1, lay["resp_tail"], response)  # [B, Lt]
         before = m.embed(torch.tensor(self.before, device=visual.device))[None].expand(b, -1, -1)  # [B, n0, D]
         x = torch.cat([before, visual.to(before.dtype), m.embed(tail)], dim=1)  # [B, L, D]
-        pos = torch.arange(lay["length"], device=x.device)[None].expand(b, -1)  # [B, L]
+        pos = torch.arange(self.length, device=x.device)[None].expand(b, -1)  # [B, L]
         cos, sin = lm.rotary(pos)
         mask = attention_mask(lay["key_mask"])
         for layer in lm.layers:
             x = layer(x, cos, sin, mask)
         h = x.gather(1, lay["resp_pos"][..., None].expand(-1, -1, x.shape[-1]))  # [B, G, D]
-        return lm.head(h)  # [B, G, V]
+        return lm.head(h)  # [B, G, vocab]
 
     def targets(self, answers: list[str], device) -> torch.Tensor:
         return torch.tensor([self.response_ids(a) for a in answers]).to(device, non_blocking=True)  # [B, G]
 
 
 def diffusion_loss(logits: torch.Tensor, target: torch.Tensor, masked: torch.Tensor, p_mask: torch.Tensor,
-                   answer: torch.Tensor):
-    """LLaDA SFT loss: sum of CE / p over masked response tokens, / (B * G).
-    Also returns the plain mean CE over masked tokens, and over masked answer tokens
-    (``answer`` [B, G] bool: not eot / eot padding): the part that needs the image."""
+                   glen: torch.Tensor, answer: torch.Tensor):
+    """LLaDA SFT loss: per sample, the sum of CE / p over its masked response tokens divided
+    by its response length ``glen``; mean over the batch. ``masked`` [B, G] only covers real
+    response slots. Also returns the plain mean CE over masked tokens, and over masked
+    answer tokens (``answer`` [B, G] bool: not eot padding), the part that needs the image."""
     b, g = target.shape
     ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view(b, g)  # [B, G]
-    loss = (ce * masked / p_mask[:, None]).sum() / (b * g)
+    loss = ((ce * masked / p_mask[:, None]).sum(1) / glen).mean()
     plain = (ce * masked).sum() / masked.sum().clamp(min=1)
     ma = masked & answer
     answer_ce = (ce * ma).sum() / ma.sum().clamp(min=1)
@@ -215,21 +228,21 @@ def diffusion_loss(logits: torch.Tensor, target: torch.Tensor, masked: torch.Ten
 
 # ---------------------------------------------------------------------- batched sampler
 @torch.no_grad()
-def batched_generate(bt: Batcher, crops: torch.Tensor, questions: list[str], autocast) -> list[str]:
+def batched_generate(bt: Batcher, crops: torch.Tensor, questions: list[str], autocast, gen_length: int) -> list[str]:
     """The official sampler (one block, steps = gen_length: one token per step,
     low-confidence remasking, temperature 0, stop at the first committed eot), batched."""
-    sp, g = bt.sp, bt.g
+    sp, g = bt.sp, gen_length
     dev = crops.device
     with autocast():
         vis = bt.visual(crops)
-    lay = bt.layout(questions, dev)
     b = len(questions)
-    x = torch.full((b, g), sp.mask, dtype=torch.long, device=dev)
+    lay = bt.layout(questions, torch.full((b,), g), dev)
+    x = torch.full((b, bt.g), sp.mask, dtype=torch.long, device=dev)  # slots past g stay masked (masked keys)
     suppress = torch.tensor(sp.suppressed(), device=dev)
-    ar = torch.arange(g, device=dev)
+    ar = torch.arange(bt.g, device=dev)
     stop = torch.full((b,), g, device=dev)
     for _ in range(g):
-        mask = x == sp.mask  # [B, G]
+        mask = (x == sp.mask) & (ar[None] < g)  # [B, G]
         active = (mask & (ar[None] < stop[:, None])).any(1)  # [B]
         if not active.any():
             break
@@ -248,7 +261,7 @@ def batched_generate(bt: Batcher, crops: torch.Tensor, questions: list[str], aut
         first = torch.where(is_eot.any(1), is_eot.float().argmax(1), torch.full_like(stop, g))
         stop = torch.minimum(stop, first)
     out = []
-    for row in x.tolist():
+    for row in x[:, :g].tolist():
         row = row[: row.index(sp.eot)] if sp.eot in row else row
         out.append(bt.tok.decode(row, skip_special_tokens=True))
     return out
@@ -265,7 +278,8 @@ def accuracy_table(types: list[str], hits: list[bool]) -> dict:
 _EVAL_CACHE: dict[tuple[str, int], tuple] = {}
 
 
-def fast_eval(bt: Batcher, split: str, n: int, device, autocast, batch: int = 128) -> tuple[dict, list[str]]:
+def fast_eval(bt: Batcher, split: str, n: int, device, autocast, gen_length: int,
+              batch: int = 128) -> tuple[dict, list[str]]:
     """Accuracy of :func:`batched_generate` on the first ``n`` samples of ``split``."""
     ds = VQADataset(split, bt.cfg, n)
     preds, types, hits = [], [], []
@@ -274,7 +288,7 @@ def fast_eval(bt: Batcher, split: str, n: int, device, autocast, batch: int = 12
         if key not in _EVAL_CACHE:
             _EVAL_CACHE[key] = collate([ds[i] for i in range(*key[1:])])
         crops, qs, ans, ts = _EVAL_CACHE[key]
-        got = batched_generate(bt, crops.to(device), qs, autocast)
+        got = batched_generate(bt, crops.to(device), qs, autocast, gen_length)
         preds += got
         types += ts
         hits += [p.strip() == a for p, a in zip(got, ans)]
@@ -324,9 +338,21 @@ def reference_eval(ckpt: Path, n: int, gen_length: int, processes: int, device: 
 
 
 # ---------------------------------------------------------------------- main
+DEMO_BPE_VOCAB = 448  # 256 byte symbols + 192 merges: every answer and task word is one token
+
+
+def demo_tokenizer():
+    """The demo model's own tokenizer: the stand-in byte-level BPE with the official special
+    tokens and chat template, trained on the built-in text plus the task's questions and
+    answers, so that every answer is a single token (462 entries)."""
+    roles = ["system", "user", "assistant"]
+    return build_tokenizer("tiny", corpus=vqa_task.tokenizer_corpus() + (roles + [DEFAULT_SYSTEM_PROMPT]) * 20,
+                           bpe_vocab_size=DEMO_BPE_VOCAB)
+
+
 def build_model(seed: int) -> tuple[LLaDAV, object, LLaDAVConfig]:
     cfg = demo_config()
-    tok = build_tokenizer("tiny")
+    tok = demo_tokenizer()
     cfg.text.vocab_size = len(tok)
     model = LLaDAV(cfg)
     model.load_state_dict(dict(random_state(cfg, seed=seed)), strict=True)
@@ -365,11 +391,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds of training: after 40 steps the step time is measured and the run (and its "
                         "cosine schedule) shortened to fit (default: 270 on CUDA when --steps is not given, else off)")
-    p.add_argument("--batch", type=int, default=None, help="default: 64 on CUDA, 4 on CPU")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch", type=int, default=None, help="default: 128 on CUDA, 4 on CPU")
+    p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup", type=int, default=None, help="default: min(200, steps // 10)")
-    p.add_argument("--gen-length", type=int, default=8, help="response length (answer + eot + eot padding)")
+    p.add_argument("--gen-length", type=int, default=8,
+                   help="response length of the evaluations (gen = block = steps; default 8)")
+    p.add_argument("--train-gen-lengths", default="2,4,8,16",
+                   help="response lengths drawn per training sample (answer + eot padding; default 2,4,8,16: "
+                        "the model then serves the mc preset, 8 and the chartqa preset)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the training step (default: on with CUDA; falls back to eager on error)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="data-loader processes (default: 0 on CPU, up to 12 on GPU)")
@@ -393,11 +425,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     budget = args.time_budget if args.time_budget is not None else (270.0 if cuda and args.steps is None else None)
     cap = args.steps if args.steps is not None else 10000
-    workers = args.workers if args.workers is not None else (min(12, max(1, (os.cpu_count() or 2) - 2)) if cuda else 0)
+    workers = args.workers if args.workers is not None else (min(14, max(1, (os.cpu_count() or 2) - 2)) if cuda else 0)
     eval_n = args.eval_n if args.eval_n is not None else (300 if cuda else 8)
     fast_n = args.fast_eval_n if args.fast_eval_n is not None else (2000 if cuda else 16)
     if args.batch is None:
-        args.batch = 64 if cuda else 4
+        args.batch = 128 if cuda else 4
+    train_glens = torch.tensor([int(v) for v in args.train_gen_lengths.split(",")])
+    use_compile = cuda if args.compile is None else args.compile
     warmup = args.warmup if args.warmup is not None else max(1, min(200, cap // 10))
 
     def autocast():
@@ -409,14 +443,22 @@ def main(argv: list[str] | None = None) -> int:
 
     model, tok, cfg = build_model(args.seed)
     model.to(dev).train()
-    bt = Batcher(model, tok, args.gen_length)
+    bt = Batcher(model, tok, max(int(train_glens.max()), args.gen_length))
     n_params = sum(p.numel() for p in model.parameters())
-    seq_len = len(bt.before) + bt.n_visual + max(len(bt.after_ids(q)) for q in vqa_task.all_questions()) + args.gen_length
+    seq_len = bt.length
     for a in vqa_task.all_answers():
         bt.response_ids(a)  # fails early if an answer does not fit
-    print(f"demo model: {n_params / 1e6:.2f} M parameters ({n_params * 4 / 2**20:.1f} MiB fp32); "
-          f"{bt.n_visual} visual tokens, sequence <= {seq_len}; device {dev}, workers {workers}, "
-          f"steps {cap}{f' (cut to fit {budget:.0f} s)' if budget else ''}, batch {args.batch}", flush=True)
+    print(f"demo model: {n_params / 1e6:.2f} M parameters ({n_params * 4 / 2**20:.1f} MiB fp32), vocab {len(tok)}; "
+          f"{bt.n_visual} visual tokens, static sequence {seq_len} ({bt.g} response slots); device {dev}, "
+          f"workers {workers}, steps {cap}{f' (cut to fit {budget:.0f} s)' if budget else ''}, batch {args.batch}, "
+          f"compile {use_compile}", flush=True)
+
+    def step_losses(crops, lay, noisy, target, masked, p_mask):
+        with autocast():
+            logits = bt.forward(bt.visual(crops), lay, noisy)  # [B, G, vocab]
+        return diffusion_loss(logits.float(), target, masked, p_mask, lay["glen"], target != bt.sp.eot)
+
+    compiled = torch.compile(step_losses) if use_compile else None
 
     decay = [q for n_, q in model.named_parameters() if q.ndim >= 2 and "embed" not in n_]
     no_decay = [q for n_, q in model.named_parameters() if not (q.ndim >= 2 and "embed" not in n_)]
@@ -431,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         pin_memory=cuda, worker_init_fn=_worker_init if workers else None,
         persistent_workers=False, prefetch_factor=prefetch)
     gen = torch.Generator(device=dev).manual_seed(args.seed)
+    data_gen = torch.Generator().manual_seed(args.seed + 1)  # response lengths, on the CPU
 
     history, evals = [], []
     total = cap
@@ -467,21 +510,28 @@ def main(argv: list[str] | None = None) -> int:
             group["lr"] = lr_at(step, total, args.lr, warmup)
         crops = crops.to(dev, non_blocking=True)
         target = bt.targets(ans, dev)  # [B, G]
-        lay = bt.layout(qs, dev)
         b = target.shape[0]
+        glens = train_glens[torch.randint(len(train_glens), (b,), generator=data_gen)]  # [B]
+        lay = bt.layout(qs, glens, dev)
         t = torch.rand(b, device=dev, generator=gen)
         p_mask = (1 - EPS) * t + EPS  # [B]
-        masked = torch.rand(b, args.gen_length, device=dev, generator=gen) < p_mask[:, None]  # [B, G]
-        noisy = torch.where(masked, torch.full_like(target, bt.sp.mask), target)
-        with autocast():
-            logits = bt.forward(bt.visual(crops), lay, noisy)
-        loss, plain, answer_ce = diffusion_loss(logits.float(), target, masked, p_mask,
-                                                (target != bt.sp.eot) & (target != bt.sp.eos))
+        masked = (torch.rand(b, bt.g, device=dev, generator=gen) < p_mask[:, None]) & lay["real"]  # [B, G]
+        noisy = torch.where(masked | ~lay["real"], torch.full_like(target, bt.sp.mask), target)  # unused slots: mask
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if compiled is not None:
+            try:
+                loss, plain, answer_ce = compiled(crops, lay, noisy, target, masked, p_mask)
+                loss.backward()  # the backward graph compiles here, at its first use
+            except Exception as e:  # a compiler failure must not cost the run
+                print(f"torch.compile failed ({type(e).__name__}: {str(e)[:300]}); training eagerly", flush=True)
+                compiled = None
+                opt.zero_grad(set_to_none=True)
+        if compiled is None:
+            loss, plain, answer_ce = step_losses(crops, lay, noisy, target, masked, p_mask)
+            loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        tokens += b * lay["length"]
+        tokens += b * bt.length
         run = torch.stack([loss.detach(), plain.detach(), answer_ce.detach(), gnorm.detach()]) + run
         n_run += 1
         if step % args.log_every == 0 or step == total - 1:
@@ -497,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.eval_every and step > 0 and step % args.eval_every == 0:
             te = time.time()
             model.eval()
-            acc, _ = fast_eval(bt, "val", min(256, fast_n), dev, autocast)
+            acc, _ = fast_eval(bt, "val", min(256, fast_n), dev, autocast, args.gen_length)
             model.train()
             evals.append({"step": step, **acc})
             t_eval += time.time() - te
@@ -515,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.out}", flush=True)
 
     t1 = time.time()
-    fast, fast_preds = fast_eval(bt, "val", fast_n, dev, autocast)
+    fast, fast_preds = fast_eval(bt, "val", fast_n, dev, autocast, args.gen_length)
     fast_s = time.time() - t1
     print(f"batched sampler, val[:{fast_n}]: {fast['overall']:.3f} {fast['per_type']} ({fast_s:.1f} s)", flush=True)
 

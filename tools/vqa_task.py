@@ -155,6 +155,13 @@ def all_answers() -> list[str]:
     return sorted(set(COLOURS) | set(SHAPES) | {str(i) for i in range(10)})
 
 
+def tokenizer_corpus(repeat: int = 20) -> list[str]:
+    """Training lines for the demo model's own BPE: every question, and every answer alone on
+    a line (as a response starts, without a leading space), repeated so that whole words
+    become single tokens."""
+    return (all_questions() + all_answers()) * repeat
+
+
 def derive_answer(scene: Scene, qtype: str, arg: str | None = None) -> str:
     """The answer to a question, read off the scene description; ValueError when the
     scene does not determine it (the generator only makes scenes that do)."""
