@@ -32,9 +32,9 @@ from polygraphy.logger import G_LOGGER
 from .checkpoint import load_checkpoint
 from .graphs.pruning import num_kept
 from .reference import PruneSettings, pruned_forward, reference_generate
-from .runtime.pipeline import Pipeline, layout_bucket
+from .runtime.pipeline import Pipeline
 from .runtime.sampler import preset as get_preset
-from .tokenizer import encode_prompt
+from .tokenizer import DEFAULT_SYSTEM_PROMPT, encode_prompt
 
 BUNDLED = [
     (Path(__file__).parent / "assets" / "demo.png", "<image>\nWhat colour is the circle?"),
@@ -138,14 +138,14 @@ class CompareReport:
 def graph_inputs(pipe: Pipeline, image, prompt: str, model, mask_id: int) -> dict[str, dict[str, np.ndarray]]:
     """Real inputs for every graph of the engines, from one image and prompt."""
     b = pipe.bucket
-    before, after = encode_prompt(pipe.tokenizer, prompt, has_image=image is not None)
     from .graphs.anyres import load_image, preprocess
     pixels, _ = preprocess(load_image(image), pipe.config)
     vis_in = torch.zeros(b.vision_batch, *pixels.shape[1:])
     vis_in[: min(len(pixels), b.vision_batch)] = pixels[: b.vision_batch]
-    visual, _ = pipe.encode_image(image)
-    emb = pipe.embed_table.float()
-    x = layout_bucket(b, emb[before], visual, emb[after], b.gen_length)
+    before, _ = encode_prompt(pipe.tokenizer, prompt, has_image=image is not None)
+    x, _ = pipe.build_inputs(image, prompt, b.gen_length, DEFAULT_SYSTEM_PROMPT)
+    x.prefix_embeds, x.position_ids = x.prefix_embeds.cpu(), x.position_ids.cpu()
+    x.key_mask, x.visual_mask = x.key_mask.cpu(), x.visual_mask.cpu()
     resp = torch.full((1, b.gen_length), mask_id)
     feeds = {"vision": {"pixel_values": vis_in}}
     den = dict(prefix_embeds=x.prefix_embeds, response_ids=resp, position_ids=x.position_ids, key_mask=x.key_mask)

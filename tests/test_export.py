@@ -215,13 +215,13 @@ def test_aoti_weights_from_checkpoint(tiny, tiny_ckpt, tmp_path, images):
     from llada_export.runtime.sampler import preset
 
     out = export_engines(ExportOptions(model=str(tiny_ckpt), output=str(tmp_path / "e"), prune_layer=1, keep=0.35,
-                                       backends=("aoti",), aoti_weights="checkpoint", gen_length=8, block_length=8,
+                                       backends=("aoti",), compiled_weights="checkpoint", gen_length=8, block_length=8,
                                        steps=8, max_prompt_tokens=160, progress=False))
     m = read_manifest(out)
     side = sum(v["bytes"] for k, v in m["files"].items() if k.endswith(".constants.safetensors"))
     weight_bytes = sum(t.numel() * t.element_size() for t in tiny[0].state_dict().values())
     assert side < 0.01 * weight_bytes  # only small non-checkpoint constants travel beside the packages
-    assert m["aoti_constants_from_checkpoint"]["stage_b"]["lm_head.weight"] == "lm_head.weight"
+    assert m["constants_from_checkpoint"]["aoti"]["stage_b"]["lm_head.weight"] == "lm_head.weight"
     pipe = Pipeline.load(out)
     a = pipe.runners["stage_a"].model, pipe.runners["stage_b"].model
     assert a[0] is not a[1]
@@ -229,3 +229,48 @@ def test_aoti_weights_from_checkpoint(tiny, tiny_ckpt, tmp_path, images):
     ref = reference_generate(model, tok, images["384x384"], PROMPTS["long"], preset("mc"), PruneSettings(1, 0.35))
     got = pipe.generate(images["384x384"], PROMPTS["long"], preset="mc")
     assert got.ids == ref.ids and got.kept_visual == ref.kept_visual
+
+
+def test_inductor_programs_from_checkpoint(tiny, tiny_ckpt, tmp_path, images):
+    """The Inductor backend: ExportedProgram archives without their weights (meta tensors mapped to
+    checkpoint keys), compiled with torch.compile at load time; token-exact against the eager
+    pruned reference."""
+    from llada_export.exporter.build import ExportOptions, export_engines
+    from llada_export.reference import reference_generate
+    from llada_export.runtime.pipeline import Pipeline
+    from llada_export.runtime.sampler import preset
+
+    out = export_engines(ExportOptions(model=str(tiny_ckpt), output=str(tmp_path / "e"), prune_layer=1, keep=0.35,
+                                       backends=("inductor",), compiled_weights="checkpoint", fuse_sampler=True,
+                                       gen_length=8, block_length=8, steps=8, max_prompt_tokens=160,
+                                       progress=False))
+    m = read_manifest(out)
+    assert set(m["artifacts"]) == {"inductor"} and m["artifacts"]["inductor"]["stage_b"] == "programs/stage_b.pt2"
+    # the same export with the weights inside holds every graph's weights in its archive: the
+    # stripped archives are smaller by at least one copy of the model
+    packed = read_manifest(export_engines(ExportOptions(
+        model=str(tiny_ckpt), output=str(tmp_path / "packed"), prune_layer=1, keep=0.35, backends=("inductor",),
+        compiled_weights="package", fuse_sampler=True, gen_length=8, block_length=8, steps=8, max_prompt_tokens=160,
+        progress=False)))
+
+    def archives(man):
+        return sum(v["bytes"] for k, v in man["files"].items() if k.startswith("programs/"))
+
+    weight_bytes = sum(t.numel() * t.element_size() for t in tiny[0].state_dict().values())
+    assert archives(packed) - archives(m) > weight_bytes
+    assert packed["constants_from_checkpoint"] is None
+    assert "lm_head.weight" in m["constants_from_checkpoint"]["inductor"]["stage_a"].values()
+    ep = torch.export.load(str(out / "programs" / "stage_b.pt2"))
+    assert {t.device.type for t in ep.state_dict.values()} == {"meta"}
+    with pytest.raises(RuntimeError, match="no weight for"):
+        from llada_export.engines.runners import InductorRunner
+
+        InductorRunner(out / "programs" / "stage_b.pt2", [], [])
+    pipe = Pipeline.load(out)
+    assert pipe.backend == "inductor"
+    model, tok, _ = tiny
+    for name in ("short", "long"):
+        gen = preset("mc", gen_length=8, block_length=8, steps=8)
+        ref = reference_generate(model, tok, images["384x384"], PROMPTS[name], gen, PruneSettings(1, 0.35))
+        got = pipe.generate(images["384x384"], PROMPTS[name], gen_length=8, block_length=8, steps=8)
+        assert got.ids == ref.ids and got.kept_visual == ref.kept_visual

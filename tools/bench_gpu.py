@@ -7,9 +7,11 @@ Two parts, each fits one device call:
            image size x preset; per setting: end-to-end latency, vision / stage A / stage B
            per step, tokens/s, analytic FLOPs, FLOP/s and share of the measured bf16 matmul
            peak, peak GPU memory. The model is built on the GPU directly (no checkpoint).
-``engines`` the engines written by ``llada-export`` (AOTInductor, CUDA) for one bucket: the
-           pruned pipeline and the unpruned graph of the same directory, per preset, plus the
-           export's own wall time and peak memory if ``--export-log`` is given.
+``engines`` random full-size weights built on the GPU, ``export_engines`` in-process (one bucket:
+           first image size, first prune layer and keep; fused sampler; unpruned baseline graph),
+           the ``Pipeline`` (``--backend``, default inductor: compiled at load, CUDA graphs),
+           per preset the pruned and the unpruned engines, each LM graph alone with and
+           without its CUDA graph, and the eager baseline with the same weights, in one run.
 
 Writes ``<out>/bench_gpu_<part>.json`` and ``.md`` (and a PNG for the grid).
 """
@@ -35,6 +37,18 @@ OFFICIAL = {"forward_3815_ms": 196.0, "mc": 0.42, "chartqa": 3.25, "demo": 26.5,
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: smoke runs with the tiny preset
+
+
+def reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
 def timed(fn, repeat=3, warmup=1):
@@ -199,41 +213,160 @@ def run_grid(args) -> dict:
             "official_anchor": OFFICIAL}
 
 
-# ---------------------------------------------------------------------- engines (AOTInductor)
-def run_engines(args) -> dict:
-    from llada_export.runtime.pipeline import Pipeline
+# ---------------------------------------------------------------------- engines
+def eager_request(model, tok, img, prompt: str, system: str, gen, prune) -> dict:
+    """One request through the eager oracle (unpruned: the official algorithm; or LLaDA-FastV),
+    vision included; seconds, forwards, peak GPU memory."""
+    from llada_export.reference import PrunedReferenceDenoiser, ReferenceDenoiser, build_prompt
+    from llada_export.runtime.sampler import SamplerTrace, generate
+    from llada_export.tokenizer import SpecialTokens
 
-    peak = matmul_peak()
+    sp = SpecialTokens.from_tokenizer(tok)
+    dev = model.lm_head.weight.device
+    reset_peak()
+    sync()
     t0 = time.perf_counter()
-    pipe = Pipeline.load(args.engines, backend=args.backend, device="cuda", verify=False)
-    load_s = time.perf_counter() - t0
-    rng = np.random.default_rng(0)
-    w, h = args.images[0]
-    img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-    rows = []
-    for pname in args.presets:
-        for unpruned in (False, True):
-            if unpruned and not pipe.has_unpruned:
-                continue
-            pipe.generate(img, args.prompt, preset=pname, unpruned=unpruned, system=args.system)  # warm-up
-            torch.cuda.reset_peak_memory_stats()
-            ts = []
-            for _ in range(args.repeat):
-                r = pipe.generate(img, args.prompt, preset=pname, unpruned=unpruned, system=args.system)
-                ts.append(r.timings)
-            med = {k: statistics.median(t[k] for t in ts) for k in ts[0]}
-            rows.append({"preset": pname, "unpruned": unpruned, "timings": med, "n_visual": r.n_visual,
-                         "kept": len(r.kept_visual) if r.kept_visual is not None else r.n_visual,
-                         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-                         "speedup_vs_official": OFFICIAL[pname] / med["total"] if pname in OFFICIAL else None})
-            print(json.dumps(rows[-1]), flush=True)
-    out = {"part": "engines", "matmul_peak_tflops": peak / 1e12, "load_s": load_s, "rows": rows,
-           "manifest": {k: pipe.manifest[k] for k in ("bucket", "pruning", "dtype", "fused_sampler")},
-           "backend": pipe.backend, "official_anchor": OFFICIAL}
-    m = pipe.manifest
-    out["export"] = {"seconds": m.get("export_seconds"), "peak_host_rss_gib": m.get("export_peak_host_rss_gib"),
-                     "peak_gpu_gib": m.get("export_peak_gpu_gib"), "weights": m.get("weights")}
+    pi = build_prompt(model, tok, img, prompt, system=system)
+    sync()
+    t_vis = time.perf_counter() - t0
+    den = ReferenceDenoiser(model, pi, sp.mask) if prune is None else PrunedReferenceDenoiser(model, pi, prune, sp.mask)
+    trace = SamplerTrace()
+    generate(den, gen, mask_id=sp.mask, eot_id=sp.eot, suppress_ids=sp.suppressed(), trace=trace, device=dev,
+             generator=torch.Generator(device=dev).manual_seed(0))
+    sync()
+    return {"latency_s": time.perf_counter() - t0, "vision_and_prompt_s": t_vis, "forwards": trace.forwards,
+            "peak_gib": peak_gib(), "visual_tokens": pi.n_visual,
+            "text_tokens": pi.length - pi.n_visual}
+
+
+def graph_ms(runner, feeds: dict, repeat: int = 20) -> dict:
+    """A graph alone, CUDA events: replayed from its CUDA graph, and (if it has one) the
+    compiled function it was captured from, called directly."""
+    from llada_export.engines.runners import CudaGraphCall
+
+    args = [feeds[k] for k in runner.inputs]
+    call = runner.call
+    graphed = isinstance(call, CudaGraphCall)
+    out = {"cuda_graph_ms" if graphed else "ms": median_event_ms(lambda: call(*args), repeat)}
+    if graphed:
+        out["no_cuda_graph_ms"] = median_event_ms(lambda: call.fn(*args), repeat)
     return out
+
+
+def median_event_ms(fn, repeat: int) -> float:
+    if not torch.cuda.is_available():
+        return 1e3 * timed(fn, repeat=repeat, warmup=1)
+    for _ in range(3):
+        fn()
+    sync()
+    ts = []
+    for _ in range(repeat):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts)
+
+
+def run_engines(args, save=lambda res: None) -> dict:
+    """Random full-size bf16 weights on the GPU -> export_engines in-process (no checkpoint on
+    disk: the weights are handed to the pipeline) -> Pipeline (compile + warm-up) -> per
+    preset, pruned and unpruned engines; then the eager baseline with the same weights."""
+    import resource
+
+    from llada_export.exporter.build import ExportOptions, export_engines
+    from llada_export.graphs.anyres import grid_shape
+    from llada_export.reference import PruneSettings
+    from llada_export.runtime.pipeline import Pipeline
+    from llada_export.runtime.sampler import PRESETS
+
+    rows: list[dict] = []
+    res: dict = {"part": "engines", "backend": args.backend, "official_anchor": OFFICIAL, "rows": rows}
+    res["matmul_peak_tflops"] = peak = matmul_peak() / 1e12
+    t0 = time.perf_counter()
+    model, cfg, tok = random_model(args.preset, DEVICE)
+    res["model_build_s"] = time.perf_counter() - t0
+    w, h = args.images[0]
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8))
+    layer, keep = args.layers[0], args.keeps[0]
+    opts = ExportOptions(model=f"random {args.preset} (bench_gpu)", output=str(Path(args.workdir) / "engines"),
+                         prune_layer=layer, keep=keep, baseline=True, fuse_sampler=True, backends=(args.backend,),
+                         compiled_weights="checkpoint", dtype="bfloat16" if DEVICE == "cuda" else "float32",
+                         device=DEVICE, gen_length=128,
+                         block_length=128, steps=128, max_prompt_tokens=64, image_size=(w, h), overwrite=True)
+    reset_peak()
+    t0 = time.perf_counter()
+    out = export_engines(opts, loaded=(model, tok, cfg))
+    res["export"] = {"seconds": time.perf_counter() - t0, "peak_gpu_gib": peak_gib(),
+                     "peak_host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    print("export", json.dumps(res["export"]), flush=True)
+    save(res)
+    t0 = time.perf_counter()
+    pipe = Pipeline.load(out, backend=args.backend, device=DEVICE, weights=dict(model.state_dict()))
+    res["load_and_compile_s"] = time.perf_counter() - t0
+    print(f"loaded + compiled + warmed up in {res['load_and_compile_s']:.1f} s", flush=True)
+    res["manifest"] = {k: pipe.manifest[k] for k in ("bucket", "pruning", "dtype", "fused_sampler")}
+    b = pipe.bucket
+    cols, rws = grid_shape((w, h), cfg)
+    for pname in args.presets:
+        gen = PRESETS[pname]
+        for unpruned in (False, True):
+            ts = []
+            for i in range(args.repeat + 1):  # the first run warms this preset's path up
+                reset_peak()
+                r = pipe.generate(img, args.prompt, preset=pname, unpruned=unpruned, system=args.system)
+                if i:
+                    ts.append(r.timings)
+            med = {k: statistics.median(t[k] for t in ts) for k in ts[0]}
+            fl = request_flops(cfg, b.prefix_len, b.max_visual_tokens, gen, None if unpruned else layer, keep,
+                               1 + cols * rws)
+            rows.append({"kind": "engines", "preset": pname, "unpruned": unpruned, "timings": med,
+                         "steps": len(r.step_times), "n_visual": r.n_visual,
+                         "kept": len(r.kept_visual) if r.kept_visual is not None else r.n_visual,
+                         "latency_s": med["total"], "tokens_per_s": gen.gen_length / med["total"],
+                         "tflops": fl["total"] / 1e12, "tflop_per_s": fl["total"] / med["total"] / 1e12,
+                         "share_of_peak": fl["total"] / med["total"] / (peak * 1e12),
+                         "peak_gib": peak_gib(), "speedup_vs_official": OFFICIAL[pname] / med["total"]})
+            print(json.dumps(rows[-1]), flush=True)
+            save(res)
+    # each LM graph alone (CUDA events), with and without its CUDA graph
+    x, _ = pipe.build_inputs(img, args.prompt, b.gen_length, args.system)
+    resp = torch.full((1, b.gen_length), pipe.tokens["mask"], dtype=torch.long, device=DEVICE)
+    feeds = dict(prefix_embeds=x.prefix_embeds, response_ids=resp, position_ids=x.position_ids, key_mask=x.key_mask)
+    n_keep = torch.tensor([b.k_static], device=DEVICE)
+    a_out = pipe.run("stage_a", **feeds, visual_mask=x.visual_mask, num_keep=n_keep)
+    idx = a_out["kept_index"][0]
+    p_red = idx.shape[0] - b.gen_length
+    feeds_b = dict(prefix_embeds=x.prefix_embeds[:, idx[:p_red]].contiguous(), response_ids=resp,
+                   position_ids=x.position_ids[:, idx].contiguous(), key_mask=a_out["kept_alive"].bool())
+    graphs = {"stage_a": (dict(feeds, visual_mask=x.visual_mask, num_keep=n_keep),
+                          request_flops(cfg, b.prefix_len, b.max_visual_tokens, PRESETS["mc"], layer, keep, 0)["stage_a"]),
+              "stage_b": (feeds_b, lm_flops(cfg, b.reduced_prefix_len + b.gen_length, cfg.text.num_hidden_layers,
+                                            b.gen_length)),
+              "full": (feeds, lm_flops(cfg, b.prefix_len + b.gen_length, cfg.text.num_hidden_layers, b.gen_length))}
+    res["graphs"] = {}
+    for name, (f, flops) in graphs.items():
+        g = graph_ms(pipe.runners[name], f)
+        best = g.get("cuda_graph_ms", g.get("ms"))
+        g.update(tflops=flops / 1e12, share_of_peak=flops / (best / 1e3) / (peak * 1e12))
+        res["graphs"][name] = g
+        print(name, json.dumps(g), flush=True)
+        save(res)
+    # the eager baseline with the same weights, same image and prompt
+    if not args.no_eager:
+        del pipe
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+        for pname in args.presets:
+            for prune in (None, PruneSettings(layer, keep)):
+                er = eager_request(model, tok, img, args.prompt, args.system, PRESETS[pname], prune)
+                rows.append({"kind": "eager", "preset": pname, "unpruned": prune is None, **er,
+                             "speedup_vs_official": OFFICIAL[pname] / er["latency_s"]})
+                print(json.dumps(rows[-1]), flush=True)
+                save(res)
+    return res
 
 
 # ---------------------------------------------------------------------- reports
@@ -256,24 +389,69 @@ def markdown(res: dict, env: dict) -> str:
                 f"{r['tflop_per_s']:.0f} | {100 * r['share_of_peak']:.0f} | {100 * r['stage_b_share_of_peak']:.0f} | "
                 f"{r['peak_gib']:.1f} | {'yes' if r['measured'] else 'composed'} |")
     else:
-        m = res["manifest"]
-        lines += [f"Engines: {res['backend']}, dtype {m['dtype']}, fused sampler {m['fused_sampler']}, pruning "
-                  f"{m['pruning']}, bucket {m['bucket']}.", "",
-                  "| preset | graph | total s | vision ms | stage A ms | stage B ms/step | full ms/step | kept | "
-                  "peak GiB | x official |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for r in res["rows"]:
-            t = r["timings"]
-            lines.append(f"| {r['preset']} | {'unpruned' if r['unpruned'] else 'pruned'} | {t['total']:.3f} | "
-                         f"{t['vision'] * 1e3:.1f} | {t.get('stage_a', float('nan')) * 1e3:.1f} | "
-                         f"{t.get('stage_b_per_step', float('nan')) * 1e3:.2f} | "
-                         f"{t.get('full_per_step', float('nan')) * 1e3:.2f} | {r['kept']}/{r['n_visual']} | "
-                         f"{r['peak_gib']:.1f} | {r['speedup_vs_official'] or float('nan'):.2f} |")
-        if "export" in res:
-            lines += ["", f"Export: {json.dumps(res['export'])}"]
+        lines += markdown_engines(res)
     return "\n".join(lines) + "\n"
 
 
+def markdown_engines(res: dict) -> list[str]:
+    m = res["manifest"]
+    eng = {(r["preset"], r["unpruned"]): r for r in res["rows"] if r["kind"] == "engines"}
+    eag = {(r["preset"], r["unpruned"]): r for r in res["rows"] if r["kind"] == "eager"}
+    presets = list(dict.fromkeys(r["preset"] for r in res["rows"]))
+    pr, bk = m["pruning"], m["bucket"]
+    lines = [f"Engines: {res['backend']} (torch.export programs compiled with Inductor, CUDA graphs), dtype {m['dtype']}, "
+             f"fused sampler {m['fused_sampler']}; pruning at layer {pr['layer']}, keep {pr['keep']} "
+             f"(k = {pr['k_static']}); bucket {bk['max_text_tokens']} text + {bk['max_visual_tokens']} visual + "
+             f"{bk['gen_length']} response tokens. Eager = the PyTorch oracles with the same weights "
+             "(unpruned: the official algorithm, full sequence every step, SDPA, bf16).", "",
+             "## End to end (seconds per request)", "",
+             "| preset | official (H100 anchor) | eager unpruned | eager pruned | engines unpruned | engines pruned | "
+             "x official | x own unpruned engines |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    nan = float("nan")
+    for p in presets:
+        ep, eu = eng.get((p, False)), eng.get((p, True))
+        lines.append(f"| {p} | {OFFICIAL[p]:.2f} | {eag.get((p, True), {}).get('latency_s', nan):.3f} | "
+                     f"{eag.get((p, False), {}).get('latency_s', nan):.3f} | {eu['latency_s']:.3f} | "
+                     f"{ep['latency_s']:.3f} | {OFFICIAL[p] / ep['latency_s']:.1f} | "
+                     f"{eu['latency_s'] / ep['latency_s']:.2f} |")
+    lines += ["", "## Engines per stage", "",
+              "| preset | graph | steps | total s | vision ms | stage A ms | stage B ms/step | full ms/step | "
+              "sampler overhead ms | tok/s | TFLOPs | TFLOP/s | % peak | peak GiB |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (p, unpruned), r in eng.items():
+        t = r["timings"]
+        lines.append(f"| {p} | {'unpruned' if unpruned else 'pruned'} | {r['steps']} | {t['total']:.3f} | "
+                     f"{t['vision'] * 1e3:.1f} | {t.get('stage_a', nan) * 1e3:.1f} | "
+                     f"{t.get('stage_b_per_step', nan) * 1e3:.2f} | {t.get('full_per_step', nan) * 1e3:.2f} | "
+                     f"{t['sampler_overhead'] * 1e3:.1f} | {r['tokens_per_s']:.1f} | {r['tflops']:.1f} | "
+                     f"{r['tflop_per_s']:.0f} | {100 * r['share_of_peak']:.0f} | {r['peak_gib']:.1f} |")
+    lines += ["", "## Each LM graph alone (CUDA events, median of 20)", "",
+              "| graph | CUDA graph ms | without CUDA graph ms | TFLOP | % of measured peak |", "| --- | --- | --- | --- | --- |"]
+    for name, g in res.get("graphs", {}).items():
+        lines.append(f"| {name} | {g.get('cuda_graph_ms', g.get('ms', nan)):.2f} | {g.get('no_cuda_graph_ms', nan):.2f} | "
+                     f"{g['tflops']:.2f} | {100 * g['share_of_peak']:.0f} |")
+    d_p, d_u = eng.get(("demo", False)), eng.get(("demo", True))
+    if d_p and d_u:
+        checks = [("demo >= 5x official", OFFICIAL["demo"] / d_p["latency_s"], 5.0)]
+        for p, target in (("chartqa", 4.0), ("mc", 2.0)):
+            if (p, False) in eng:
+                checks.append((f"{p} >= {target:.0f}x official", OFFICIAL[p] / eng[(p, False)]["latency_s"], target))
+        checks += [("demo pruned >= 2.5x own unpruned engines", d_u["latency_s"] / d_p["latency_s"], 2.5),
+                   ("demo FLOPs reduction >= 60%", 1 - d_p["tflops"] / d_u["tflops"], 0.60)]
+        if "stage_b" in res.get("graphs", {}):
+            checks.append(("stage B >= 70% of measured bf16 peak", res["graphs"]["stage_b"]["share_of_peak"], 0.70))
+        lines += ["", "## Targets (issue 7)", "", "| target | measured | met |", "| --- | --- | --- |"]
+        lines += [f"| {n} | {v:.2f} | {'yes' if v >= t else 'NO'} |" for n, v, t in checks]
+    e = res.get("export", {})
+    lines += ["", f"In-process export (trace, FX pass, 4 graphs, archives written): {e.get('seconds', nan):.1f} s, "
+              f"peak GPU {e.get('peak_gpu_gib', nan):.1f} GiB; load + compile + warm-up: "
+              f"{res.get('load_and_compile_s', nan):.1f} s."]
+    return lines
+
+
 def plot(res: dict, path: Path) -> None:
+    if res["part"] == "engines":
+        return plot_engines(res, path)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -296,6 +474,34 @@ def plot(res: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def plot_engines(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    presets = list(dict.fromkeys(r["preset"] for r in res["rows"]))
+    series = [("official (H100 anchor)", lambda p: OFFICIAL[p])]
+    for kind, unpruned, label in (("eager", True, "eager unpruned"), ("eager", False, "eager pruned"),
+                                  ("engines", True, "engines unpruned"), ("engines", False, "engines pruned")):
+        vals = {r["preset"]: r["latency_s"] for r in res["rows"] if r["kind"] == kind and r["unpruned"] == unpruned}
+        if vals:
+            series.append((label, lambda p, v=vals: v.get(p, float("nan"))))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / len(series)
+    for i, (label, fn) in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(presets))]
+        ax.bar(xs, [fn(p) for p in presets], width, label=label)
+    ax.set_xticks(range(len(presets)), presets)
+    ax.set_yscale("log")
+    ax.set_ylabel("seconds per request (log)")
+    ax.set_title(f"LLaDA-V full size, {res['env']['gpu']}: K {res['manifest']['pruning']['layer']}, "
+                 f"keep {res['manifest']['pruning']['keep']}, 1024x768")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("part", choices=("grid", "engines"))
@@ -309,9 +515,10 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", default="<image>\nWhat is shown in this image? Answer briefly.")
     p.add_argument("--system", default="You are a helpful language and vision assistant.",
                    help="system prompt; short, so the stand-in tokenizer gives about the official text length (~60)")
-    p.add_argument("--engines", help="engines directory (part engines)")
-    p.add_argument("--backend", default="aoti")
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--backend", default="inductor", help="engines backend (part engines; default: inductor)")
+    p.add_argument("--workdir", default="/tmp/llada-bench", help="where the engines are written (part engines)")
+    p.add_argument("--repeat", type=int, default=2, help="timed requests per preset and path (part engines)")
+    p.add_argument("--no-eager", action="store_true", help="skip the eager baseline (part engines)")
     args = p.parse_args(argv)
     args.images = [tuple(int(v) for v in s.split("x")) for s in args.images.split(",")]
     args.presets = args.presets.split(",")
@@ -319,15 +526,18 @@ def main(argv=None) -> int:
     args.layers = [int(k) for k in args.layers.split(",")]
     env = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu", "torch": torch.__version__, "cuda": torch.version.cuda,
            "host": platform.node(), "date": time.strftime("%Y-%m-%d")}
-    with torch.no_grad():
-        res = run_grid(args) if args.part == "grid" else run_engines(args)
-    res["env"] = env
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"bench_gpu_{args.part}.json").write_text(json.dumps(res, indent=2) + "\n")
+
+    def save(res: dict) -> None:  # also called part-way, so a run cut short keeps what it measured
+        res["env"] = env
+        (out / f"bench_gpu_{args.part}.json").write_text(json.dumps(res, indent=2) + "\n")
+
+    with torch.no_grad():
+        res = run_grid(args) if args.part == "grid" else run_engines(args, save)
+    save(res)
     (out / f"bench_gpu_{args.part}.md").write_text(markdown(res, env))
-    if args.part == "grid":
-        plot(res, out / "bench_gpu_grid.png")
+    plot(res, out / f"bench_gpu_{args.part}.png")
     print(markdown(res, env))
     return 0
 

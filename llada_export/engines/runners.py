@@ -3,6 +3,11 @@
 - :class:`OrtRunner`: ONNX Runtime (CPU, or CUDA with onnxruntime-gpu and IO binding so
   tensors stay on the device); thread spinning off, since sessions alternate.
 - :class:`AotiRunner`: an AOTInductor package (.pt2) on CPU or CUDA.
+- :class:`InductorRunner`: an ExportedProgram archive compiled with ``torch.compile``
+  (Inductor, the code generator behind AOTInductor) when it is loaded; for machines where
+  AOTInductor packages cannot be loaded.
+- :class:`CudaGraphCall`: replays a captured CUDA graph of a torch runner (static shapes:
+  inputs are copied into the captured buffers, no launch overhead, no allocations).
 - :class:`TrtRunner`: a TensorRT plan, ``set_tensor_address`` + ``execute_async_v3`` on
   torch CUDA tensors.
 """
@@ -61,12 +66,64 @@ def _np_dtype(dtype: torch.dtype):
     return {torch.float32: np.float32, torch.int64: np.int64, torch.bool: np.bool_}[dtype]
 
 
-class AotiRunner:
+class CudaGraphCall:
+    """``fn(*tensors) -> tensor or tuple`` captured once in a CUDA graph and replayed.
+
+    Shapes must be static (they are: every graph serves one bucket). Each call copies its
+    inputs into the buffers the graph was captured with, replays it and returns clones of
+    the outputs (the captured output buffers are overwritten by the next replay)."""
+
+    def __init__(self, fn):
+        self.fn, self.graph = fn, None
+        self.static_in: list[torch.Tensor] = []
+        self.static_out: list[torch.Tensor] = []
+
+    def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
+        if self.graph is None:
+            self.static_in = [a.clone() for a in args]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm up outside the capture (allocator, lazy init)
+                for _ in range(2):
+                    self.fn(*self.static_in)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                out = self.fn(*self.static_in)
+            self.static_out = list(out) if isinstance(out, (list, tuple)) else [out]
+        for buf, a in zip(self.static_in, args):
+            buf.copy_(a)
+        self.graph.replay()
+        return [o.clone() for o in self.static_out]
+
+
+class _TorchRunner:
+    """Shared by the AOTInductor and Inductor runners: named feeds -> positional call."""
+
+    inputs: list[str]
+    outputs: list[str]
+    device: torch.device
+    call = None
+
+    def _wrap(self, fn, cuda_graph: bool | None) -> None:
+        if cuda_graph is None:
+            cuda_graph = self.device.type == "cuda"
+        self.call = CudaGraphCall(fn) if cuda_graph else fn
+
+    def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        args = [feeds[k].to(self.device) for k in self.inputs]
+        res = self.call(*args)
+        res = res if isinstance(res, (list, tuple)) else [res]
+        return dict(zip(self.outputs, res))
+
+
+class AotiRunner(_TorchRunner):
     """``constants``: for packages built without their weights, {constant fqn: tensor on the
-    device}; loaded as user-managed (no copy), so graphs share one set of weights."""
+    device}; loaded as user-managed (no copy), so graphs share one set of weights.
+    ``cuda_graph`` (default: on for CUDA): replay the package's kernels from a CUDA graph."""
 
     def __init__(self, path: Path, inputs: list[str], outputs: list[str], device: str = "cpu",
-                 constants: dict[str, torch.Tensor] | None = None):
+                 constants: dict[str, torch.Tensor] | None = None, cuda_graph: bool | None = None):
         from torch._inductor import aoti_load_package
 
         self.device = torch.device(device)
@@ -78,12 +135,32 @@ class AotiRunner:
                 raise RuntimeError(f"{path}: no weight for constants {missing[:5]}")
             self.model.load_constants({k: constants[k] for k in wanted}, check_full_update=True, user_managed=True)
         self.inputs, self.outputs = inputs, outputs
+        self._wrap(self.model, cuda_graph)
 
-    def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        args = [feeds[k].to(self.device) for k in self.inputs]
-        res = self.model(*args)
-        res = res if isinstance(res, (list, tuple)) else [res]
-        return dict(zip(self.outputs, res))
+
+class InductorRunner(_TorchRunner):
+    """An ExportedProgram archive (``torch.export.save``) compiled with ``torch.compile``
+    (static shapes, whole graph); the compilation happens at the first call, which
+    :meth:`Pipeline.warmup <llada_export.runtime.pipeline.Pipeline.warmup>` makes at load
+    time. ``constants``: {fqn: tensor} for archives saved with their checkpoint weights
+    left out (meta tensors in the archive)."""
+
+    def __init__(self, path: Path, inputs: list[str], outputs: list[str], device: str = "cpu",
+                 constants: dict[str, torch.Tensor] | None = None, cuda_graph: bool | None = None):
+        self.device = torch.device(device)
+        ep = torch.export.load(str(path))
+        for table in (ep.state_dict, ep.constants):
+            for fqn, t in list(table.items()):
+                if not isinstance(t, torch.Tensor) or t.device.type != "meta":
+                    continue
+                if constants is None or fqn not in constants:
+                    raise RuntimeError(f"{path}: the archive holds no weight for {fqn!r} and none was given "
+                                       "(engines exported with their weights in the checkpoint)")
+                w = constants[fqn]
+                table[fqn] = torch.nn.Parameter(w, requires_grad=False) if isinstance(t, torch.nn.Parameter) else w
+        self.module = ep.module()
+        self.inputs, self.outputs = inputs, outputs
+        self._wrap(torch.compile(self.module, dynamic=False, fullgraph=True), cuda_graph)
 
 
 class TrtRunner:
@@ -124,4 +201,4 @@ def _torch_dtype(trt_dtype):
             trt.int32: torch.int32, trt.bool: torch.bool}[trt_dtype]
 
 
-RUNNERS = {"onnxruntime": OrtRunner, "aoti": AotiRunner, "tensorrt": TrtRunner}
+RUNNERS = {"onnxruntime": OrtRunner, "aoti": AotiRunner, "inductor": InductorRunner, "tensorrt": TrtRunner}

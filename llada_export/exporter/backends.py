@@ -1,4 +1,5 @@
-"""Artifact writers: ONNX (torch.onnx dynamo exporter), AOTInductor packages, TensorRT plans."""
+"""Artifact writers: ONNX (torch.onnx dynamo exporter), AOTInductor packages, ExportedProgram archives
+(the Inductor backend, compiled at load time), TensorRT plans."""
 
 from __future__ import annotations
 
@@ -34,6 +35,25 @@ def write_onnx(ep: torch.export.ExportedProgram, path: Path, inputs: tuple[str, 
     return sorted(p for p in path.parent.iterdir() if p.name == path.name or p.name.startswith(path.name + "."))
 
 
+def checkpoint_constants(ep: torch.export.ExportedProgram, weight_keys: dict[int, str]
+                         ) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Split a program's constants into those that are checkpoint tensors ({constant fqn:
+    checkpoint key}, found by data_ptr) and the rest ({fqn: tensor}, e.g. folded tables)."""
+    consts = {**ep.state_dict, **{k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}}
+    mapping, extra = {}, {}
+    for fqn, t in consts.items():
+        key = weight_keys.get(t.data_ptr()) if t.numel() else None
+        if key is not None:
+            mapping[fqn] = key
+        else:
+            extra[fqn] = t
+    extra_bytes = sum(t.numel() * t.element_size() for t in extra.values())
+    if extra_bytes > 64 * 1024**2:
+        raise RuntimeError(f"{extra_bytes / 1e9:.2f} GB of graph constants are not checkpoint tensors; "
+                           "refusing to duplicate the weights beside the graph")
+    return mapping, extra
+
+
 def write_aoti(ep: torch.export.ExportedProgram, path: Path, weight_keys: dict[int, str] | None = None
                ) -> tuple[list[Path], dict[str, str] | None]:
     """Compile an AOTInductor package (.pt2) for the program's device.
@@ -52,24 +72,41 @@ def write_aoti(ep: torch.export.ExportedProgram, path: Path, weight_keys: dict[i
         return [path], None
     aoti_compile_and_package(ep, package_path=str(path),
                              inductor_configs={"aot_inductor.package_constants_in_so": False})
-    consts = {**ep.state_dict, **{k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}}
-    mapping, extra = {}, {}
-    for fqn, t in consts.items():
-        key = weight_keys.get(t.data_ptr()) if t.numel() else None
-        if key is not None:
-            mapping[fqn] = key
-        else:
-            extra[fqn] = t.detach().cpu().contiguous()
-    extra_bytes = sum(t.numel() * t.element_size() for t in extra.values())
-    if extra_bytes > 64 * 1024**2:
-        raise RuntimeError(f"{path.name}: {extra_bytes / 1e9:.2f} GB of constants are not checkpoint tensors; "
-                           "refusing to duplicate the weights beside the package")
+    mapping, extra = checkpoint_constants(ep, weight_keys)
     files = [path]
     if extra:
         side = path.with_suffix(".constants.safetensors")
-        save_file(extra, str(side))
+        save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(side))
         files.append(side)
     return files, mapping
+
+
+def write_program(ep: torch.export.ExportedProgram, path: Path, weight_keys: dict[int, str] | None = None
+                  ) -> tuple[list[Path], dict[str, str] | None]:
+    """Save the ExportedProgram itself (``torch.export.save``) for the Inductor backend, which
+    compiles it with ``torch.compile`` when the engines are loaded.
+
+    With ``weight_keys`` the checkpoint tensors are saved as meta tensors (shape and dtype
+    only) and mapped to their checkpoint keys (returned), as for :func:`write_aoti`; the
+    other constants (RoPE frequencies, folded tables) stay in the archive.
+    """
+    if weight_keys is None:
+        torch.export.save(ep, str(path))
+        return [path], None
+    mapping, _ = checkpoint_constants(ep, weight_keys)
+    tables = [ep.state_dict, ep.constants]
+    saved = [dict(t) for t in tables]
+    try:  # swap the mapped tensors for meta tensors while saving (no copy of the program)
+        for table in tables:
+            for fqn, t in list(table.items()):
+                if fqn in mapping and isinstance(t, torch.Tensor):
+                    m = torch.empty_like(t, device="meta")
+                    table[fqn] = torch.nn.Parameter(m, requires_grad=False) if isinstance(t, torch.nn.Parameter) else m
+        torch.export.save(ep, str(path))
+    finally:
+        for table, orig in zip(tables, saved):
+            table.update(orig)
+    return [path], mapping
 
 
 def tensorrt_status() -> str | None:

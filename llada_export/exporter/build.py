@@ -20,14 +20,16 @@ from ..graphs.anyres import grid_shape, visual_token_count
 from ..passes.prune import PruneSpec
 from ..runtime.sampler import GenerationConfig
 from ..tokenizer import SpecialTokens
-from .backends import tensorrt_status, write_aoti, write_onnx, write_tensorrt
+from .backends import tensorrt_status, write_aoti, write_onnx, write_program, write_tensorrt
 from .bucket import Bucket
 from .manifest import file_table, write_manifest
 from .programs import (DENOISER_INPUTS, DENOISER_OUTPUTS, FUSED_OUTPUTS, STAGE_A_INPUTS, STAGE_A_OUTPUTS,
                        VISION_INPUTS,
-                       VISION_OUTPUTS, export_denoiser, stage_a_program, static_denoiser, vision_program)
+                       VISION_OUTPUTS, export_denoiser, stage_a_program, static_denoiser, user_input_values,
+                       vision_program)
 
-BACKENDS = ("onnxruntime", "aoti", "tensorrt")
+BACKENDS = ("onnxruntime", "aoti", "inductor", "tensorrt")
+COMPILED = ("aoti", "inductor")  # backends whose artifacts can leave their weights in the checkpoint
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TRT_TOPK_LIMIT = 3840  # TensorRT's TopK needs a static K below this
 
@@ -46,7 +48,9 @@ class ExportOptions:
     prune: bool = True
     baseline: bool = False  # also build the unpruned denoiser ("full") for comparisons
     fuse_sampler: bool = False  # graphs output (x0, confidence) instead of logits
-    aoti_weights: str = "auto"  # "package": constants inside each .pt2; "checkpoint": loaded at run time
+    # aoti / inductor artifacts: "package" keeps the weights inside each .pt2, "checkpoint" maps them to
+    # checkpoint keys and the runtime loads them once for all graphs; "auto": checkpoint above 2 GB
+    compiled_weights: str = "auto"
     backends: tuple[str, ...] = ("onnxruntime",)
     dtype: str = "float32"
     device: str = "cpu"
@@ -86,12 +90,14 @@ def plan_bucket(opts: ExportOptions, cfg) -> Bucket:
                   vision_batch=1 + cols * rows, keep=opts.keep, prune=opts.prune)
 
 
-def preflight(opts: ExportOptions) -> Bucket:
-    """Every check that needs no weights (flags, config, bucket, backends), before any heavy work."""
+def preflight(opts: ExportOptions, cfg: LLaDAVConfig | None = None) -> Bucket:
+    """Every check that needs no weights (flags, config, bucket, backends), before any heavy work.
+    ``cfg``: the config of a model already in memory (else read from the checkpoint)."""
     opts.validate()
-    if not Path(opts.model).is_dir():
-        raise ExportError(f"{opts.model}: no such checkpoint directory")
-    cfg = LLaDAVConfig.from_json(opts.model)
+    if cfg is None:
+        if not Path(opts.model).is_dir():
+            raise ExportError(f"{opts.model}: no such checkpoint directory")
+        cfg = LLaDAVConfig.from_json(opts.model)
     n_layers = cfg.text.num_hidden_layers
     if opts.prune and not 0 <= opts.prune_layer < n_layers:
         raise ExportError(f"--prune-layer {opts.prune_layer} is out of range: the model has layers 0..{n_layers - 1}")
@@ -104,9 +110,13 @@ def preflight(opts: ExportOptions) -> Bucket:
     return bucket
 
 
-def export_engines(opts: ExportOptions) -> Path:
-    """Build every graph for every requested backend into ``opts.output`` (atomically)."""
-    preflight(opts)
+def export_engines(opts: ExportOptions, loaded: tuple | None = None) -> Path:
+    """Build every graph for every requested backend into ``opts.output`` (atomically).
+
+    ``loaded``: ``(model, tokenizer, config)`` already in memory (benchmarks build random
+    full-size weights on the GPU); ``opts.model`` is then only recorded. Graphs whose weights
+    stay in the checkpoint then need ``Pipeline.load(..., weights=model.state_dict())``."""
+    preflight(opts, loaded[2] if loaded else None)
     out = Path(opts.output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not opts.overwrite:
         raise ExportError(f"{out} already exists; pass --overwrite to replace it")
@@ -114,7 +124,7 @@ def export_engines(opts: ExportOptions) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        manifest = _build(opts, tmp)
+        manifest = _build(opts, tmp, loaded)
         write_manifest(tmp, manifest)
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -129,10 +139,10 @@ def export_engines(opts: ExportOptions) -> Path:
     return out
 
 
-def _build(opts: ExportOptions, root: Path) -> dict:
+def _build(opts: ExportOptions, root: Path, loaded: tuple | None) -> dict:
     t0 = time.perf_counter()
     dtype, device = DTYPES[opts.dtype], torch.device(opts.device)
-    model, tokenizer, cfg = load_checkpoint(opts.model, dtype=dtype, device=device)
+    model, tokenizer, cfg = loaded or load_checkpoint(opts.model, dtype=dtype, device=device)
     model.requires_grad_(False)
     sp = SpecialTokens.from_tokenizer(tokenizer)
     bucket = plan_bucket(opts, cfg)
@@ -169,9 +179,9 @@ def _build(opts: ExportOptions, root: Path) -> dict:
     artifacts: dict[str, dict[str, str]] = {}
     state = model.state_dict()
     weight_bytes = sum(t.numel() * t.element_size() for t in state.values())
-    external = opts.aoti_weights == "checkpoint" or (opts.aoti_weights == "auto" and weight_bytes > 2 * 1024**3)
+    external = opts.compiled_weights == "checkpoint" or (opts.compiled_weights == "auto" and weight_bytes > 2 * 1024**3)
     weight_keys = {t.data_ptr(): k for k, t in state.items()} if external else None
-    aoti_weights: dict[str, dict[str, str]] = {}
+    from_checkpoint: dict[str, dict[str, dict[str, str]]] = {}  # backend -> graph -> {constant fqn: key}
     notes = list(opts.notes)
     trt_reason = tensorrt_status() if "tensorrt" in opts.backends else None
     work = [(b, n) for b in opts.backends for n in graphs if not (b == "tensorrt" and trt_reason)]
@@ -185,18 +195,19 @@ def _build(opts: ExportOptions, root: Path) -> dict:
             written = write_onnx(prog, d / f"{name}.onnx", ins, outs)
             files += written
             artifacts.setdefault("onnxruntime", {})[name] = f"onnx/{name}.onnx"
-        if backend == "aoti":
-            d = root / "aoti"
+        if backend in COMPILED:
+            folder, writer = ("aoti", write_aoti) if backend == "aoti" else ("programs", write_program)
+            d = root / folder
             d.mkdir(exist_ok=True)
-            written, mapping = write_aoti(prog, d / f"{name}.pt2", weight_keys if external else None)
+            written, mapping = writer(prog, d / f"{name}.pt2", weight_keys)
             files += written
-            artifacts.setdefault("aoti", {})[name] = f"aoti/{name}.pt2"
+            artifacts.setdefault(backend, {})[name] = f"{folder}/{name}.pt2"
             if mapping is not None:
-                aoti_weights[name] = mapping
+                from_checkpoint.setdefault(backend, {})[name] = mapping
         if backend == "tensorrt":
             d = root / "tensorrt"
             d.mkdir(exist_ok=True)
-            shapes = {n: tuple(v.shape) for n, v in zip(ins, _example_inputs(prog))}
+            shapes = {n: tuple(v.shape) for n, v in zip(ins, user_input_values(prog))}
             files += write_tensorrt(root / artifacts["onnxruntime"][name], d / f"{name}.plan", shapes)
             artifacts.setdefault("tensorrt", {})[name] = f"tensorrt/{name}.plan"
         bar.update()
@@ -213,7 +224,8 @@ def _build(opts: ExportOptions, root: Path) -> dict:
     files.append(emb)
 
     return {
-        "source": {"checkpoint": str(Path(opts.model).resolve()), "config_hash": cfg.hash()},
+        "source": {"checkpoint": str(Path(opts.model).resolve()) if not loaded else f"(in memory: {opts.model})",
+                   "config_hash": cfg.hash()},
         "config": cfg.to_dict(),
         "dtype": opts.dtype,
         "fused_sampler": opts.fuse_sampler,
@@ -225,17 +237,17 @@ def _build(opts: ExportOptions, root: Path) -> dict:
         "generation": {"gen_length": opts.gen_length, "block_length": opts.block_length, "steps": opts.steps},
         "tokens": asdict(sp) | {"suppressed": sp.suppressed()},
         "graphs": {n: {"inputs": list(ins), "outputs": list(outs),
-                       "input_shapes": {i: list(v.shape) for i, v in zip(ins, _example_inputs(p))}}
+                       "input_shapes": {i: list(v.shape) for i, v in zip(ins, user_input_values(p))}}
                    for n, (p, ins, outs) in graphs.items()},
         "artifacts": artifacts,
         "weights": {
             "onnxruntime": "inside each graph (initializers, or external data beside the .onnx over 2 GB)",
-            "aoti": ("loaded at run time from the source checkpoint (constants_from_checkpoint maps each graph "
-                     "constant to its checkpoint key) and shared by all graphs" if aoti_weights else
-                     "inside each .pt2 package"),
+            **{b: ("loaded at run time from the source checkpoint (constants_from_checkpoint maps each graph "
+                   "constant to its checkpoint key) and shared by all graphs" if b in from_checkpoint else
+                   "inside each .pt2") for b in COMPILED if b in opts.backends},
             "prompt_embeddings": "text_embeddings.safetensors",
         },
-        "aoti_constants_from_checkpoint": aoti_weights or None,
+        "constants_from_checkpoint": from_checkpoint or None,
         "notes": notes,
         "export_seconds": round(time.perf_counter() - t0, 2),
         "export_peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
@@ -243,9 +255,3 @@ def _build(opts: ExportOptions, root: Path) -> dict:
                                 if device.type == "cuda" else None),
         "files": file_table(root, files),
     }
-
-
-def _example_inputs(prog: torch.export.ExportedProgram) -> list[torch.Tensor]:
-    specs = [s for s in prog.graph_signature.input_specs if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
-    nodes = {n.name: n for n in prog.graph.nodes if n.op == "placeholder"}
-    return [nodes[s.arg.name].meta["val"] for s in specs]

@@ -9,7 +9,7 @@ from pathlib import Path
 from .. import __version__
 
 FORMAT = "llada-export/engines"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: constants_from_checkpoint per backend (aoti, inductor)
 MANIFEST = "manifest.json"
 
 

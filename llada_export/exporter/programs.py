@@ -88,3 +88,10 @@ def vision_program(model: LLaDAV, bucket: Bucket, device) -> torch.export.Export
     x = torch.zeros(bucket.vision_batch, 3, s, s, device=device)
     with torch.no_grad():
         return torch.export.export(VisionGraph(model), (x,))
+
+
+def user_input_values(ep: torch.export.ExportedProgram) -> list:
+    """The fake values (shape, dtype) of a program's user inputs, in order."""
+    specs = [s for s in ep.graph_signature.input_specs if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+    nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    return [nodes[s.arg.name].meta["val"] for s in specs]

@@ -6,8 +6,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
 from ..config import LLaDAVConfig
 from ..engines.runners import RUNNERS, Runner
@@ -21,6 +23,11 @@ from .sampler import GenerationConfig, generate, preset as get_preset
 
 class RequestError(ValueError):
     """A request that does not fit the engines' bucket."""
+
+
+def _slow_load(backend: str) -> bool:
+    """A load progress bar only where loading takes long (graphs compiled at load time)."""
+    return backend == "inductor"
 
 
 @dataclass
@@ -51,12 +58,17 @@ def layout_bucket(b: Bucket, before: torch.Tensor, visual: torch.Tensor, after: 
                   gen_length: int) -> BucketInputs:
     """Place a request in the bucket: [before | visual + pad to V | after | pad to T | G response].
 
-    before [nb, D], visual [nv, D], after [na, D]. Real tokens get the position ids they
-    would have unpadded; padding slots are masked keys (position 0); response slots past
-    ``gen_length`` are masked too.
+    before [nb, D], visual [nv, D], after [na, D], all on one device (the result's). Real
+    tokens get the position ids they would have unpadded; padding slots are masked keys
+    (position 0); response slots past ``gen_length`` are masked too.
     """
     nb, nv, na = before.shape[0], visual.shape[0], after.shape[0]
     p, v, g = b.prefix_len, b.max_visual_tokens, b.gen_length
+    with torch.device(visual.device):
+        return _layout(nb, nv, na, p, v, g, before, visual, after, gen_length)
+
+
+def _layout(nb, nv, na, p, v, g, before, visual, after, gen_length) -> BucketInputs:
     emb = torch.zeros(1, p, before.shape[1])  # [1, P, D]
     emb[0, :nb] = before.float()
     emb[0, nb: nb + nv] = visual.float()
@@ -149,7 +161,8 @@ class EngineDenoiser:
 class Pipeline:
     """Load an engines directory and answer requests. See :meth:`generate`."""
 
-    def __init__(self, root: Path, manifest: dict, backend: str, device: str, weights_from: str | None = None):
+    def __init__(self, root: Path, manifest: dict, backend: str, device: str, weights_from: str | None = None,
+                 cuda_graphs: bool | None = None, weights: dict[str, torch.Tensor] | None = None):
         from transformers import AutoTokenizer
 
         self.root, self.manifest, self.backend, self.device = root, manifest, backend, device
@@ -160,15 +173,18 @@ class Pipeline:
         self.pruned = manifest["pruning"]["enabled"]
         self.fused = manifest.get("fused_sampler", False)
         self.tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
-        emb = load_file(str(root / "text_embeddings.safetensors"))
+        emb = load_file(str(root / "text_embeddings.safetensors"), device=device)
         self.embed_table, self.image_newline = emb["embed_tokens"], emb["image_newline"]
-        self.mask_embed = self.embed_table[self.tokens["mask"]].float()[None].to(device)  # [1, D]
+        self.newline = self.image_newline.float()  # [D]
+        self.mask_embed = self.embed_table[self.tokens["mask"]].float()[None]  # [1, D]
         self.runners: dict[str, Runner] = {}
-        external = manifest.get("aoti_constants_from_checkpoint") if backend == "aoti" else None
-        weights = self._checkpoint_weights(weights_from, device) if external else None
-        for name, rel in manifest["artifacts"][backend].items():
+        external = (manifest.get("constants_from_checkpoint") or {}).get(backend)
+        if external and weights is None:
+            weights = self._checkpoint_weights(weights_from, device)
+        graphs = manifest["artifacts"][backend]
+        for name, rel in tqdm(graphs.items(), desc=f"load {backend}", unit="graph", disable=not _slow_load(backend)):
             g = manifest["graphs"][name]
-            kw = {}
+            kw = {"cuda_graph": cuda_graphs} if backend in ("aoti", "inductor") else {}
             if external:
                 kw["constants"] = {fqn: weights[key] for fqn, key in external[name].items()}
                 side = (root / rel).with_suffix(".constants.safetensors")
@@ -177,13 +193,13 @@ class Pipeline:
             self.runners[name] = RUNNERS[backend](root / rel, g["inputs"], g["outputs"], device, **kw)
 
     def _checkpoint_weights(self, weights_from: str | None, device: str) -> dict[str, torch.Tensor]:
-        """AOTInductor packages built without weights: load them once from the checkpoint."""
+        """Compiled graphs (aoti, inductor) built without weights: load them once from the checkpoint."""
         from ..checkpoint import load_checkpoint
         from ..exporter.build import DTYPES
 
         src = Path(weights_from or self.manifest["source"]["checkpoint"])
         if not src.is_dir():
-            raise ManifestError(f"{self.root}: the AOTInductor packages load their weights from the checkpoint "
+            raise ManifestError(f"{self.root}: the {self.backend} graphs load their weights from the checkpoint "
                                 f"{src}, which is not there; pass weights_from= (llada-generate --weights DIR)")
         model, _, cfg = load_checkpoint(src, dtype=DTYPES[self.manifest["dtype"]], device=device)
         if cfg.hash() != self.manifest["source"]["config_hash"]:
@@ -193,16 +209,22 @@ class Pipeline:
 
     @classmethod
     def load(cls, path: str | Path, backend: str | None = None, device: str | None = None,
-             verify: bool = True, weights_from: str | None = None) -> "Pipeline":
+             verify: bool = True, weights_from: str | None = None, cuda_graphs: bool | None = None,
+             warmup: bool | None = None, weights: dict[str, torch.Tensor] | None = None) -> "Pipeline":
         """Validate the manifest (versions, SHA-256 of every artifact) and open the sessions.
 
-        ``weights_from``: checkpoint directory for AOTInductor packages exported without their
-        weights (default: the checkpoint recorded in the manifest)."""
+        ``weights_from``: checkpoint directory for aoti / inductor graphs exported without
+        their weights (default: the checkpoint recorded in the manifest), or ``weights``: those
+        tensors already in memory, by checkpoint key, on ``device``. ``cuda_graphs``
+        (aoti, inductor on CUDA; default on): replay each graph from a captured CUDA graph.
+        ``warmup`` (default: on for the inductor backend, which compiles its graphs then, tens
+        of seconds per graph at full size): run :meth:`warmup` before returning."""
         root = Path(path)
         m = read_manifest(root, verify=verify)
         built = list(m["artifacts"])
         if backend is None:
-            order = ["tensorrt", "aoti", "onnxruntime"] if torch.cuda.is_available() else ["onnxruntime", "aoti"]
+            order = (["tensorrt", "aoti", "inductor", "onnxruntime"] if torch.cuda.is_available()
+                     else ["onnxruntime", "aoti", "inductor"])
             backend = next((b for b in order if b in built), None)
             if backend is None:
                 raise ManifestError(f"{root}: none of the built backends ({', '.join(built)}) runs on this machine")
@@ -211,7 +233,25 @@ class Pipeline:
                                 f"re-export with --backend {backend}")
         if device is None:
             device = "cuda" if backend == "tensorrt" or (m.get("device", "cpu").startswith("cuda")) else "cpu"
-        return cls(root, m, backend, device, weights_from)
+        pipe = cls(root, m, backend, device, weights_from, cuda_graphs, weights)
+        if warmup if warmup is not None else backend == "inductor":
+            pipe.warmup()
+        return pipe
+
+    @torch.no_grad()
+    def warmup(self) -> float:
+        """Run every graph once on a blank request (two denoising steps: stage A and stage B,
+        and the unpruned graph if there is one), so that compilation and CUDA-graph capture
+        happen now, not in the first real request. Returns the seconds it took."""
+        t0 = time.perf_counter()
+        blank = np.full((64, 64, 3), 128, dtype=np.uint8)  # fits every bucket
+        x, _ = self.build_inputs(blank, "<image>\n", self.bucket.gen_length, system="")
+        resp = torch.full((self.bucket.gen_length,), self.tokens["mask"], dtype=torch.long, device=self.device)
+        for unpruned in dict.fromkeys([not self.pruned, self.has_unpruned]):
+            den = EngineDenoiser(self, x, unpruned=unpruned)
+            for _ in range(2):
+                den.predict(resp) if self.fused else den(resp)
+        return time.perf_counter() - t0
 
     @property
     def has_unpruned(self) -> bool:
@@ -222,17 +262,23 @@ class Pipeline:
 
     # ------------------------------------------------------------------ request -> bucket
     def encode_image(self, image) -> tuple[torch.Tensor, float]:
+        """Image -> visual embeddings [n_visual, D] fp32 on the engines' device (on a GPU,
+        the features never leave it), and the seconds it took."""
         t0 = time.perf_counter()
+        dev = torch.device(self.device)
         pixels, size = preprocess(load_image(image), self.config)  # [N, 3, S, S]
+        pixels = pixels.to(dev)
         n, nb = pixels.shape[0], self.bucket.vision_batch
         feats = []
         for i in range(0, n, nb):
             chunk = pixels[i: i + nb]
-            pad = torch.zeros(nb - chunk.shape[0], *chunk.shape[1:])
-            out = self.run("vision", pixel_values=torch.cat([chunk, pad]))["features"].float().cpu()
+            pad = torch.zeros(nb - chunk.shape[0], *chunk.shape[1:], device=dev)
+            out = self.run("vision", pixel_values=torch.cat([chunk, pad]))["features"].float().to(dev)
             feats.append(out[: chunk.shape[0]])
-        visual = assemble(torch.cat(feats), size, self.config, self.image_newline.float())  # [n_visual, D]
-        return visual, time.perf_counter() - t0  # .cpu() above synchronised
+        visual = assemble(torch.cat(feats), size, self.config, self.newline)  # [n_visual, D]
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return visual, time.perf_counter() - t0
 
     def build_inputs(self, image, prompt: str, gen_length: int, system: str) -> tuple[BucketInputs, float]:
         b = self.bucket
@@ -244,17 +290,16 @@ class Pipeline:
         if gen_length > b.gen_length:
             raise RequestError(f"gen_length {gen_length} exceeds the engines' {b.gen_length}: re-export with "
                                f"--gen-length {gen_length}")
-        visual, t_vis = self.encode_image(image) if image is not None else (torch.zeros(0, self.embed_table.shape[1]), 0.0)
+        dev = torch.device(self.device)
+        visual, t_vis = (self.encode_image(image) if image is not None
+                         else (torch.zeros(0, self.embed_table.shape[1], device=dev), 0.0))
         nv = visual.shape[0]
         if nv > b.max_visual_tokens:
             raise RequestError(f"the image gives {nv} visual tokens; these engines take at most "
                                f"{b.max_visual_tokens}: re-export with a larger --image-size or --max-visual-tokens")
-        emb = self.embed_table.float()
-        x = layout_bucket(b, emb[before], visual, emb[after], gen_length)
-        dev = torch.device(self.device)
-        x.prefix_embeds, x.position_ids = x.prefix_embeds.to(dev), x.position_ids.to(dev)
-        x.key_mask, x.visual_mask = x.key_mask.to(dev), x.visual_mask.to(dev)
-        return x, t_vis
+        ids = torch.tensor(before + after, dtype=torch.long, device=dev)
+        text = self.embed_table[ids].float()  # [nb + na, D]
+        return layout_bucket(b, text[: len(before)], visual, text[len(before):], gen_length), t_vis
 
     # ------------------------------------------------------------------ generate
     @torch.no_grad()
