@@ -200,3 +200,20 @@ def test_train_smoke_writes_loadable_checkpoint(tmp_path):
     ev = log["eval"]
     assert ev["reference_generate"]["n"] == 1 and ev["batched_sampler"]["n"] == 1
     assert ev["text_only_baseline"]["val_2000"]["overall"] < 0.35
+
+
+def test_easy_scenes_have_no_distractors():
+    for i in range(60):
+        s = sample("train", i, easy=True)
+        assert s.answer == _independent_answer(s) == derive_answer(s.scene, s.qtype, s.arg)
+        n_shapes = len(s.scene.shapes)
+        if s.qtype == "colour":
+            assert n_shapes == 1 and s.scene.digit is None
+        elif s.qtype == "count":
+            assert n_shapes == int(s.answer) and all(o.shape == s.arg for o in s.scene.shapes)
+        elif s.qtype in ("top", "left"):
+            assert n_shapes == 2 and s.scene.digit is None
+        else:
+            assert n_shapes == 0 and s.scene.digit.value == s.answer
+    # an easy sample is a scene of its own, not a cut-down copy of the regular one
+    assert sample("train", 5, easy=True).scene != sample("train", 5).scene

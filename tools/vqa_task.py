@@ -262,20 +262,21 @@ def _pick(rng: np.random.Generator, seq: Sequence[str]) -> str:
     return seq[int(rng.integers(len(seq)))]
 
 
-def _scene(rng: np.random.Generator, qtype: str) -> tuple[Scene, str | None, str]:
-    """One scene for a question type; returns (scene, question arg, intended answer)."""
+def _scene(rng: np.random.Generator, qtype: str, easy: bool = False) -> tuple[Scene, str | None, str]:
+    """One scene for a question type; returns (scene, question arg, intended answer).
+    ``easy``: the fewest objects the question allows (no distractors, no stray digit)."""
     bg_level = int(rng.integers(215, 251))
     background = _jitter(rng, (bg_level,) * 3, 6)  # type: ignore[arg-type]
     lay = _Layout(rng)
     colours, shapes = list(COLOURS), list(SHAPES)
     arg: str | None = None
     objs: list[Shape] = []
-    with_digit = rng.random() < 0.5
+    with_digit = rng.random() < 0.5 and not easy
     if qtype == "colour":
         arg, answer = _pick(rng, shapes), _pick(rng, colours)
         others = [s for s in shapes if s != arg]
         objs.append(lay.shape(arg, answer))
-        for _ in range(int(rng.integers(0, 5))):
+        for _ in range(int(rng.integers(0, 5)) if not easy else 0):
             objs.append(lay.shape(_pick(rng, others), _pick(rng, colours)))
     elif qtype == "count":
         arg = _pick(rng, shapes)
@@ -284,11 +285,11 @@ def _scene(rng: np.random.Generator, qtype: str) -> tuple[Scene, str | None, str
         others = [s for s in shapes if s != arg]
         for _ in range(n):
             objs.append(lay.shape(arg, _pick(rng, colours)))
-        for _ in range(int(rng.integers(0, min(3, MAX_OBJECTS - n) + 1))):
+        for _ in range(int(rng.integers(0, min(3, MAX_OBJECTS - n) + 1)) if not easy else 0):
             objs.append(lay.shape(_pick(rng, others), _pick(rng, colours)))
     elif qtype in ("top", "left"):
         answer = _pick(rng, shapes if qtype == "top" else colours)
-        n = int(rng.integers(2, 6))
+        n = int(rng.integers(2, 6)) if not easy else 2
         for i in range(n):
             if qtype == "top":
                 objs.append(lay.shape(answer if i == 0 else _pick(rng, shapes), _pick(rng, colours)))
@@ -301,7 +302,7 @@ def _scene(rng: np.random.Generator, qtype: str) -> tuple[Scene, str | None, str
     elif qtype == "digit":
         answer = _pick(rng, [str(i) for i in range(10)])
         with_digit = True
-        for _ in range(int(rng.integers(1, 5))):
+        for _ in range(int(rng.integers(1, 5)) if not easy else 0):
             objs.append(lay.shape(_pick(rng, shapes), _pick(rng, colours)))
     else:
         raise ValueError(f"unknown question type {qtype!r}")
@@ -312,15 +313,16 @@ def _scene(rng: np.random.Generator, qtype: str) -> tuple[Scene, str | None, str
     return Scene(background, tuple(objs[i] for i in order), digit), arg, answer
 
 
-def sample(split: str, index: int) -> Sample:
-    """Sample ``index`` of ``split`` (deterministic)."""
+def sample(split: str, index: int, easy: bool = False) -> Sample:
+    """Sample ``index`` of ``split`` (deterministic). ``easy`` (training curriculum only): the
+    same question type with the fewest objects that question allows, a scene of its own."""
     if split not in SPLIT_SEEDS:
         raise ValueError(f"unknown split {split!r} (choose from {', '.join(SPLIT_SEEDS)})")
-    rng = np.random.default_rng((SPLIT_SEEDS[split], index))
+    rng = np.random.default_rng((SPLIT_SEEDS[split], index) + ((1,) if easy else ()))
     qtype = QTYPES[int(rng.integers(len(QTYPES)))]
     while True:
         try:
-            scene, arg, answer = _scene(rng, qtype)
+            scene, arg, answer = _scene(rng, qtype, easy)
             break
         except _Retry:
             continue
