@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..engines import BACKENDS
 from .common import user_errors
 
 EPILOG = """\
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the checkpoint the engines were exported from")
     p.add_argument("--image", action="append", default=[], help="image for a prompt (repeatable, pairs with --prompt)")
     p.add_argument("--prompt", action="append", default=[], help="prompt with <image> (repeatable)")
-    p.add_argument("--backend", action="append", choices=("onnxruntime", "aoti", "tensorrt"),
+    p.add_argument("--backend", action="append", choices=BACKENDS,
                    help="backends to check (default: every backend built)")
     p.add_argument("--presets", default="mc,chartqa", help="sampler presets for the agreement check (default: mc,chartqa)")
     p.add_argument("--report", default="llada-compare.json", help="JSON report path; a .md summary is written beside "

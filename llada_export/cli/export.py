@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..engines import BACKENDS
 from .common import parse_size, user_errors
 
 EPILOG = """\
 examples:
   llada-export --model ckpt/ --prune-layer 16 --keep 0.35 -o engines/
   llada-export --model ckpt/ --image-size 1024x768 --dtype bfloat16 --device cuda --backend aoti -o engines/
+  llada-export --model ckpt/ --image-size 1024x768 --max-prompt-tokens 64 --dtype bfloat16 --device cuda
+      --backend inductor --fuse-sampler --baseline -o engines/    (as benchmarked on the H200)
   llada-export --model ckpt/ --no-prune -o engines-baseline/
 
 The bucket (--max-prompt-tokens, --image-size / --max-visual-tokens, --gen-length) fixes
@@ -47,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="put the greedy sampler step (argmax + its probability) inside the graphs, so a step returns "
                    "[G] tensors, not [G, vocab] logits; such engines serve temperature 0 only (default: off)")
     b = p.add_argument_group("build")
-    b.add_argument("--backend", choices=("onnxruntime", "aoti", "tensorrt", "all"), default="onnxruntime",
-                   help="engines to build; tensorrt needs the tensorrt package and a GPU (default: onnxruntime)")
+    b.add_argument("--backend", choices=(*BACKENDS, "all"), default="onnxruntime",
+                   help="engines to build: onnxruntime (ONNX), aoti (AOTInductor packages), inductor (torch.export "
+                   "programs compiled with torch.compile when loaded; for CUDA machines whose AOTInductor loader "
+                   "fails), tensorrt (needs the tensorrt package and a GPU) (default: onnxruntime)")
     b.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="internal precision; graph inputs/outputs stay fp32, norms and RoPE fp32 (default: float32)")
     b.add_argument("--device", default="cpu", help="device to trace and compile for: cpu or cuda (default: cpu)")
@@ -62,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     with user_errors("llada-export"):
         from ..exporter.build import ExportOptions, export_engines
 
-        backends = ("onnxruntime", "aoti", "tensorrt") if args.backend == "all" else (args.backend,)
+        backends = BACKENDS if args.backend == "all" else (args.backend,)
         opts = ExportOptions(
             model=args.model, output=args.output, prune_layer=args.prune_layer, keep=args.keep,
             score_from=args.score_from, prune=not args.no_prune, baseline=args.baseline, backends=backends,

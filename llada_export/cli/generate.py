@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from ..engines import BACKENDS
 from .common import user_errors
 
 EPILOG = """\
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which positions to commit each step (default: low_confidence)")
     p.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance scale (default: 0)")
     p.add_argument("--seed", type=int, default=0, help="seed for temperature / random remasking (default: 0)")
-    p.add_argument("--backend", choices=("onnxruntime", "aoti", "tensorrt"),
+    p.add_argument("--backend", choices=BACKENDS,
                    help="backend to run (default: the fastest one built that runs here)")
     p.add_argument("--device", help="cpu or cuda (default: what the engines were built for)")
     p.add_argument("--compare-unpruned", action="store_true",

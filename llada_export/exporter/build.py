@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import load_checkpoint
 from ..config import LLaDAVConfig
+from ..engines import BACKENDS
 from ..graphs.llada import FusedDenoiser
 from ..graphs.anyres import grid_shape, visual_token_count
 from ..passes.prune import PruneSpec
@@ -28,7 +29,6 @@ from .programs import (DENOISER_INPUTS, DENOISER_OUTPUTS, FUSED_OUTPUTS, STAGE_A
                        VISION_OUTPUTS, export_denoiser, stage_a_program, static_denoiser, user_input_values,
                        vision_program)
 
-BACKENDS = ("onnxruntime", "aoti", "inductor", "tensorrt")
 COMPILED = ("aoti", "inductor")  # backends whose artifacts can leave their weights in the checkpoint
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TRT_TOPK_LIMIT = 3840  # TensorRT's TopK needs a static K below this
