@@ -217,3 +217,48 @@ def test_easy_scenes_have_no_distractors():
             assert n_shapes == 0 and s.scene.digit.value == s.answer
     # an easy sample is a scene of its own, not a cut-down copy of the regular one
     assert sample("train", 5, easy=True).scene != sample("train", 5).scene
+
+
+def test_label_image_matches_the_drawing():
+    for s in make_split("val", 20):
+        img, shape_ids, colour_ids = (np.asarray(s.image()), np.asarray(vqa_task.label_image(s.scene, "shape")),
+                                      np.asarray(vqa_task.label_image(s.scene, "colour")))
+        bg = (img == np.asarray(s.scene.background, dtype=np.uint8)).all(-1)
+        for o in s.scene.shapes:  # the pixels drawn in a shape's colour carry its labels
+            drawn = (img == np.asarray(o.rgb, dtype=np.uint8)).all(-1)
+            x0, y0, x1, y1 = o.box
+            box = np.zeros_like(drawn)
+            box[y0:y1, x0:x1] = True
+            assert (shape_ids[drawn & box] == vqa_task.SHAPE_LABELS.index(o.shape)).all()
+            assert (colour_ids[drawn & box] == vqa_task.COLOUR_LABELS.index(o.colour)).all()
+        if s.scene.digit is not None:  # the whole glyph box is the digit's label
+            x0, y0, x1, y1 = s.scene.digit.box
+            assert (shape_ids[y0:y1, x0:x1] == vqa_task.SHAPE_LABELS.index(f"digit {s.scene.digit.value}")).all()
+            bg[y0:y1, x0:x1] = False
+        assert (shape_ids[bg] == 0).all() and (colour_ids[bg] == 0).all()
+
+
+def test_patch_labels_follow_the_crops():
+    import train_demo as td
+    from PIL import Image
+
+    cfg = demo_config()
+    ps, p = cfg.vision.patch_size, cfg.vision.patches_per_side
+    for s in make_split("val", 4):
+        lab = td.patch_labels(s.scene, cfg)
+        assert lab.shape == (2, 5, p * p)
+        # independent: the label maps cut like the pixels (crops_uint8 of a label image), then
+        # per patch the majority non-background label with >= 1/4 of the pixels
+        for k, what in enumerate(("shape", "colour")):
+            m = vqa_task.label_image(s.scene, what)
+            base = np.asarray(m.resize((192, 192), Image.Resampling.NEAREST))
+            padded = np.zeros((384, 384), np.uint8)
+            padded[48:336] = np.asarray(m)  # 384x288 is pasted unscaled, centred in 384x384
+            crops = [base] + [padded[y:y + 192, x:x + 192] for y in (0, 192) for x in (0, 192)]
+            for c, crop in enumerate(crops):
+                for t in range(p * p):
+                    r, q = divmod(t, p)
+                    vals, counts = np.unique(crop[r * ps:(r + 1) * ps, q * ps:(q + 1) * ps], return_counts=True)
+                    counts[vals == 0] = 0
+                    want = vals[counts.argmax()] if counts.max() >= ps * ps / 4 else 0
+                    assert lab[k, c, t] == want, (s.index, what, c, t)

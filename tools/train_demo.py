@@ -40,6 +40,7 @@ sampler gives a larger-sample estimate (and its agreement with the real path).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -53,6 +54,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vqa_task  # noqa: E402
@@ -77,6 +79,62 @@ def crops_uint8(img: Image.Image, cfg: LLaDAVConfig) -> np.ndarray:
     crops = [img.resize((s, s))] + split_tiles(resize_and_pad(img, best), s)
     out = [np.asarray(c if c.size == (s, s) else c.resize((s, s), resample=Image.Resampling.BICUBIC)) for c in crops]
     return np.stack(out)  # [N, S, S, 3]
+
+
+def patch_labels(scene: vqa_task.Scene, cfg: LLaDAVConfig, min_cover: float = 0.25) -> np.ndarray:
+    """Per-patch labels of every anyres crop, for the auxiliary vision objective:
+    [2, N, T] uint8 = (shape label, colour label) of each of the T patches of the N crops
+    (``vqa_task.SHAPE_LABELS`` / ``COLOUR_LABELS``). The label maps go through the crops'
+    geometry with nearest resampling; a patch takes the most frequent non-background label
+    covering at least ``min_cover`` of it, else background."""
+    s, ps = cfg.vision.image_size, cfg.vision.patch_size
+    p = s // ps
+    best = select_best_resolution((scene.width, scene.height), cfg.image_grid_pinpoints)
+    out = []
+    for what, n_labels in (("shape", len(vqa_task.SHAPE_LABELS)), ("colour", len(vqa_task.COLOUR_LABELS))):
+        lab = vqa_task.label_image(scene, what)
+        crops = [lab.resize((s, s), Image.Resampling.NEAREST)] + split_tiles(
+            resize_and_pad(lab, best, Image.Resampling.NEAREST), s)
+        ids = np.stack([np.asarray(c) for c in crops])  # [N, S, S] uint8
+        n = len(crops)
+        counts = np.bincount((_patch_index(n, s, ps) * n_labels + ids).ravel(), minlength=n * p * p * n_labels)
+        counts = counts.reshape(n, p * p, n_labels)  # [N, T, labels]: pixels of each label per patch
+        counts[..., 0] = 0
+        best_label = counts.argmax(-1)  # [N, T]
+        out.append(np.where(counts.max(-1) >= min_cover * ps * ps, best_label, 0).astype(np.uint8))
+    return np.stack(out)  # [2, N, T]
+
+
+@functools.lru_cache(maxsize=4)
+def _patch_index(n: int, s: int, ps: int) -> np.ndarray:
+    """[N, S, S] int32: the index (crop * T + patch) of every pixel's patch."""
+    p = s // ps
+    return ((np.arange(n)[:, None, None] * p + np.arange(s)[None, :, None] // ps) * p
+            + np.arange(s) // ps).astype(np.int32)
+
+
+class VisionAux(nn.Module):
+    """Training-only heads on the tower's output tokens: shape / digit label and colour label of
+    each patch (dense supervision for a tower trained from scratch, as the official model starts
+    from a pretrained SigLIP). Not part of the checkpoint."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.shape = nn.Linear(width, len(vqa_task.SHAPE_LABELS))
+        self.colour = nn.Linear(width, len(vqa_task.COLOUR_LABELS))
+
+    def loss(self, tower_feats: torch.Tensor, labels: torch.Tensor, background_weight: float = 0.1):
+        """tower_feats [B*N, T, C], labels [B, 2, N, T] -> (loss, shape accuracy on object patches)."""
+        shape, colour = labels.long().transpose(0, 1).flatten(1)  # [B*N*T] each, in crop order
+        feats = tower_feats.float().flatten(0, 1)  # [B*N*T, C]
+        total = 0.0
+        for head, lab in ((self.shape, shape), (self.colour, colour)):
+            w = torch.ones(head.out_features, device=feats.device)
+            w[0] = background_weight
+            total = total + F.cross_entropy(head(feats), lab, weight=w)
+        obj = shape > 0
+        acc = ((self.shape(feats).argmax(-1) == shape) & obj).sum() / obj.sum().clamp(min=1)
+        return total, acc
 
 
 def normalize_crops(crops: torch.Tensor, cfg: LLaDAVConfig) -> torch.Tensor:
@@ -104,20 +162,22 @@ class VQADataset(torch.utils.data.Dataset):
     ``easy_every=k``: every k-th sample is an easy scene (no distractors), a curriculum
     for training only (0: none)."""
 
-    def __init__(self, split: str, cfg: LLaDAVConfig, n: int, easy_every: int = 0):
-        self.split, self.cfg, self.n, self.easy_every = split, cfg, n, easy_every
+    def __init__(self, split: str, cfg: LLaDAVConfig, n: int, easy_every: int = 0, labels: bool = False):
+        self.split, self.cfg, self.n, self.easy_every, self.labels = split, cfg, n, easy_every, labels
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int):
         s = vqa_task.sample(self.split, i, easy=bool(self.easy_every) and i % self.easy_every == 0)
-        return crops_uint8(s.image(), self.cfg), s.question, s.answer, s.qtype
+        lab = patch_labels(s.scene, self.cfg) if self.labels else np.zeros(0, np.uint8)
+        return crops_uint8(s.image(), self.cfg), s.question, s.answer, s.qtype, lab
 
 
 def collate(items):
-    crops, qs, ans, types = zip(*items)
-    return torch.from_numpy(np.stack(crops)), list(qs), list(ans), list(types)
+    crops, qs, ans, types, labels = zip(*items)
+    return (torch.from_numpy(np.stack(crops)), list(qs), list(ans), list(types),
+            torch.from_numpy(np.stack(labels)))
 
 
 def _worker_init(_):
@@ -184,11 +244,17 @@ class Batcher:
         return dict(tail=tail, resp_tail=resp_tail, resp_pos=self.head + resp_tail, key_mask=key_mask,
                     real=torch.arange(self.g, device=device)[None] < glen[:, None], glen=glen)
 
-    def visual(self, crops: torch.Tensor) -> torch.Tensor:
-        """crops [B, N, S, S, 3] uint8 -> visual embeddings [B, n_visual, D] (differentiable)."""
-        b, n = crops.shape[:2]
+    def tower(self, crops: torch.Tensor) -> torch.Tensor:
+        """crops [B, N, S, S, 3] uint8 -> tower output tokens [B*N, T, C] (before the projector)."""
         pixels = normalize_crops(crops, self.cfg).flatten(0, 1)  # [B*N, 3, S, S]
-        feats = self.model.encode_images(pixels)  # [B*N, T, D]
+        return self.model.model.vision_tower(pixels.to(self.model.model.mm_projector[0].weight.dtype))
+
+    def visual(self, crops: torch.Tensor, tower_feats: torch.Tensor | None = None) -> torch.Tensor:
+        """crops [B, N, S, S, 3] uint8 -> visual embeddings [B, n_visual, D] (differentiable);
+        the same as ``model.encode_images`` + assembly. ``tower_feats``: :meth:`tower` of them."""
+        b, n = crops.shape[:2]
+        t = self.tower(crops) if tower_feats is None else tower_feats  # [B*N, T, C]
+        feats = self.model.model.mm_projector(t)  # [B*N, T, D]
         feats = feats.view(b, n * feats.shape[1], -1)  # [B, N*T, D]
         nl = self.model.model.image_newline.to(feats.dtype)[None, None].expand(b, 1, -1)  # [B, 1, D]
         return torch.cat([feats, nl], dim=1)[:, self.index]  # [B, n_visual, D]
@@ -289,7 +355,7 @@ def fast_eval(bt: Batcher, split: str, n: int, device, autocast, gen_length: int
         key = (split, start, min(n, start + batch))
         if key not in _EVAL_CACHE:
             _EVAL_CACHE[key] = collate([ds[i] for i in range(*key[1:])])
-        crops, qs, ans, ts = _EVAL_CACHE[key]
+        crops, qs, ans, ts, _ = _EVAL_CACHE[key]
         got = batched_generate(bt, crops.to(device), qs, autocast, gen_length)
         preds += got
         types += ts
@@ -378,6 +444,28 @@ def loader_sizes(workers: int, batch_bytes: int) -> tuple[int, int | None]:
     return workers, (prefetch if workers else None)
 
 
+def pretrain_vision(bt: Batcher, aux: VisionAux, batches, steps: int, lr: float, dev, autocast) -> None:
+    """The tower (and the auxiliary heads) alone on the per-patch labels, before the
+    masked-diffusion training: what a pretrained SigLIP brings to the official model."""
+    params = list(bt.model.model.vision_tower.parameters()) + list(aux.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.05)
+    t0 = time.time()
+    for step in range(steps):
+        crops, _, _, _, labels = next(batches)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, max(1, min(200, steps // 10)))
+        with autocast():
+            loss, acc = aux.loss(bt.tower(crops.to(dev, non_blocking=True)), labels.to(dev, non_blocking=True))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            print(json.dumps({"vision_pretrain_step": step, "aux_loss": round(loss.item(), 4),
+                              "aux_patch_acc": round(acc.item(), 4), "elapsed_s": round(time.time() - t0, 1)}),
+                  flush=True)
+
+
 def lr_at(step: int, steps: int, lr: float, warmup: int, final_frac: float = 0.1) -> float:
     if step < warmup:
         return lr * (step + 1) / warmup
@@ -398,6 +486,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vision-lr", type=float, default=3e-4,
                    help="peak learning rate of the SigLIP tower (default 3e-4: at 1e-3 and above the tower from "
                         "scratch barely learns shapes)")
+    p.add_argument("--aux-weight", type=float, default=1.0,
+                   help="weight of the auxiliary per-patch shape/digit/colour loss on the tower's tokens "
+                        "(training-only heads, not saved; default 1.0, 0: off)")
+    p.add_argument("--vision-pretrain-steps", type=int, default=0,
+                   help="steps of the tower alone on the auxiliary loss before the masked-diffusion training "
+                        "(default 0)")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start from this checkpoint's weights and tokenizer (fine-tuning) instead of random ones")
     p.add_argument("--easy-every", type=int, default=4,
                    help="every k-th training sample is an easy scene without distractors (default 4; 0: none)")
     p.add_argument("--weight-decay", type=float, default=0.05)
@@ -448,8 +544,12 @@ def main(argv: list[str] | None = None) -> int:
         if cuda:
             torch.cuda.synchronize(dev)
 
-    model, tok, cfg = build_model(args.seed)
+    if args.init is not None:
+        model, tok, cfg = load_checkpoint(args.init, dtype=torch.float32)
+    else:
+        model, tok, cfg = build_model(args.seed)
     model.to(dev).train()
+    aux = VisionAux(cfg.vision.hidden_size).to(dev) if args.aux_weight > 0 else None
     bt = Batcher(model, tok, max(int(train_glens.max()), args.gen_length))
     n_params = sum(p.numel() for p in model.parameters())
     seq_len = bt.length
@@ -460,23 +560,32 @@ def main(argv: list[str] | None = None) -> int:
           f"workers {workers}, steps {cap}{f' (cut to fit {budget:.0f} s)' if budget else ''}, batch {args.batch}, "
           f"compile {use_compile}", flush=True)
 
-    def step_losses(crops, lay, noisy, target, masked, p_mask):
+    def step_losses(crops, lay, noisy, target, masked, p_mask, labels):
         with autocast():
-            logits = bt.forward(bt.visual(crops), lay, noisy)  # [B, G, vocab]
-        return diffusion_loss(logits.float(), target, masked, p_mask, lay["glen"], target != bt.sp.eot)
+            tower = bt.tower(crops)  # [B*N, T, C]
+            logits = bt.forward(bt.visual(crops, tower), lay, noisy)  # [B, G, vocab]
+        loss, plain, answer_ce = diffusion_loss(logits.float(), target, masked, p_mask, lay["glen"],
+                                                target != bt.sp.eot)
+        if aux is None:
+            return loss, plain, answer_ce, torch.zeros((), device=loss.device)
+        aux_loss, aux_acc = aux.loss(tower, labels)
+        return loss + args.aux_weight * aux_loss, plain, answer_ce, aux_acc
 
     compiled = torch.compile(step_losses) if use_compile else None
 
     groups = []
+    named_params = list(model.named_parameters()) + ([("vision_tower_aux." + n_, q) for n_, q in aux.named_parameters()]
+                                                     if aux is not None else [])
     for vision in (False, True):
-        named = [(n_, q) for n_, q in model.named_parameters() if ("vision_tower" in n_) == vision]
+        named = [(n_, q) for n_, q in named_params if ("vision_tower" in n_) == vision]
         for decayed in (True, False):
             params = [q for n_, q in named if (q.ndim >= 2 and "embed" not in n_) == decayed]
             groups.append({"params": params, "weight_decay": args.weight_decay if decayed else 0.0,
                            "peak_lr": args.vision_lr if vision else args.lr})
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-8, **({"fused": True} if cuda else {}))
 
-    ds = VQADataset("train", cfg, cap * args.batch, easy_every=args.easy_every)
+    ds = VQADataset("train", cfg, (cap + args.vision_pretrain_steps) * args.batch, easy_every=args.easy_every,
+                    labels=aux is not None)
     workers, prefetch = loader_sizes(workers, args.batch * bt.n_crops * cfg.vision.image_size**2 * 3)
     loader = torch.utils.data.DataLoader(
         ds, batch_size=args.batch, shuffle=False, drop_last=True, num_workers=workers, collate_fn=collate,
@@ -490,12 +599,15 @@ def main(argv: list[str] | None = None) -> int:
     t_eval = 0.0
     t_start = time.time()
     t_log, tokens = t_start, 0
-    run, n_run = torch.zeros(4, device=dev), 0  # running sums of loss, masked CE, answer CE, grad norm
+    run, n_run = torch.zeros(5, device=dev), 0  # running sums of loss, masked CE, answer CE, aux acc, grad norm
+    batches = iter(loader)
+    if args.vision_pretrain_steps:
+        pretrain_vision(bt, aux, batches, args.vision_pretrain_steps, args.vision_lr, dev, autocast)
     t_mark = eval_mark = 0.0
     replan_at = 0
     MEASURE_FROM, MEASURE_TO = 10, 40
     step = 0
-    for step, (crops, qs, ans, _) in enumerate(loader):
+    for step, (crops, qs, ans, _, labels) in enumerate(batches):
         if step >= total:
             break
         if budget and (step == MEASURE_FROM or step == MEASURE_TO or (replan_at and step == replan_at)):
@@ -527,31 +639,33 @@ def main(argv: list[str] | None = None) -> int:
         p_mask = (1 - EPS) * t + EPS  # [B]
         masked = (torch.rand(b, bt.g, device=dev, generator=gen) < p_mask[:, None]) & lay["real"]  # [B, G]
         noisy = torch.where(masked | ~lay["real"], torch.full_like(target, bt.sp.mask), target)  # unused slots: mask
+        labels = labels.to(dev, non_blocking=True)
         opt.zero_grad(set_to_none=True)
         if compiled is not None:
             try:
-                loss, plain, answer_ce = compiled(crops, lay, noisy, target, masked, p_mask)
+                loss, plain, answer_ce, aux_acc = compiled(crops, lay, noisy, target, masked, p_mask, labels)
                 loss.backward()  # the backward graph compiles here, at its first use
             except Exception as e:  # a compiler failure must not cost the run
                 print(f"torch.compile failed ({type(e).__name__}: {str(e)[:300]}); training eagerly", flush=True)
                 compiled = None
                 opt.zero_grad(set_to_none=True)
         if compiled is None:
-            loss, plain, answer_ce = step_losses(crops, lay, noisy, target, masked, p_mask)
+            loss, plain, answer_ce, aux_acc = step_losses(crops, lay, noisy, target, masked, p_mask, labels)
             loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         tokens += b * bt.length
-        run = torch.stack([loss.detach(), plain.detach(), answer_ce.detach(), gnorm.detach()]) + run
+        run = torch.stack([loss.detach(), plain.detach(), answer_ce.detach(), aux_acc.detach(), gnorm.detach()]) + run
         n_run += 1
         if step % args.log_every == 0 or step == total - 1:
             now = time.time()
             avg = (run / n_run).tolist()  # means since the last log line
-            rec = {"step": step, "loss": avg[0], "masked_ce": avg[1], "answer_ce": avg[2], "grad_norm": avg[3],
+            rec = {"step": step, "loss": avg[0], "masked_ce": avg[1], "answer_ce": avg[2],
+                   "aux_patch_acc": avg[3], "grad_norm": avg[4],
                    "lr": opt.param_groups[0]["lr"], "elapsed_s": round(now - t_start, 2),
                    "samples_per_s": round(n_run * b / max(1e-9, now - t_log), 1),
                    "tokens_per_s": round(tokens / max(1e-9, now - t_log))}
-            t_log, tokens, run, n_run = now, 0, torch.zeros(4, device=dev), 0
+            t_log, tokens, run, n_run = now, 0, torch.zeros(5, device=dev), 0
             history.append(rec)
             print(json.dumps(rec), flush=True)
         if args.eval_every and step > 0 and step % args.eval_every == 0:

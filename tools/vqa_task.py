@@ -192,23 +192,52 @@ def derive_answer(scene: Scene, qtype: str, arg: str | None = None) -> str:
 def render(scene: Scene) -> Image.Image:
     """Scene -> RGB image (width x height)."""
     img = Image.new("RGB", (scene.width, scene.height), scene.background)
+    _draw(ImageDraw.Draw(img), scene, lambda s: s.rgb, scene.digit.rgb if scene.digit else None)
+    return img
+
+
+# Per-pixel label ids of :func:`label_image` (0 = background).
+SHAPE_LABELS = ("background", *SHAPES, *(f"digit {d}" for d in DIGIT_GLYPHS))
+COLOUR_LABELS = ("none", *COLOURS)
+
+
+def label_image(scene: Scene, what: str) -> Image.Image:
+    """Scene -> "L" image of label ids, drawn with the same primitives as :func:`render`:
+    ``what="shape"``: index in SHAPE_LABELS (a digit labels its whole glyph box);
+    ``what="colour"``: index in COLOUR_LABELS (digits are "none")."""
+    img = Image.new("L", (scene.width, scene.height), 0)
     draw = ImageDraw.Draw(img)
+    if what == "shape":
+        _draw(draw, scene, lambda s: SHAPE_LABELS.index(s.shape),
+              SHAPE_LABELS.index(f"digit {scene.digit.value}") if scene.digit else None, digit_box=True)
+    elif what == "colour":
+        _draw(draw, scene, lambda s: COLOUR_LABELS.index(s.colour), None)
+    else:
+        raise ValueError(f"label kind must be 'shape' or 'colour', not {what!r}")
+    return img
+
+
+def _draw(draw: ImageDraw.ImageDraw, scene: Scene, shape_fill, digit_fill, digit_box: bool = False) -> None:
     for s in scene.shapes:
         x0, y0, x1, y1 = s.box
+        fill = shape_fill(s)
         if s.shape == "circle":
-            draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=s.rgb)
+            draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
         elif s.shape == "square":
-            draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=s.rgb)
+            draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
         else:  # triangle, pointing up
-            draw.polygon([((x0 + x1 - 1) / 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=s.rgb)
-    if scene.digit is not None:
+            draw.polygon([((x0 + x1 - 1) / 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=fill)
+    if scene.digit is not None and digit_fill is not None:
         d = scene.digit
+        if digit_box:
+            x0, y0, x1, y1 = d.box
+            draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=digit_fill)
+            return
         for r, row in enumerate(DIGIT_GLYPHS[d.value]):
             for c, ch in enumerate(row):
                 if ch == "#":
                     x, y = d.x + c * d.scale, d.y + r * d.scale
-                    draw.rectangle((x, y, x + d.scale - 1, y + d.scale - 1), fill=d.rgb)
-    return img
+                    draw.rectangle((x, y, x + d.scale - 1, y + d.scale - 1), fill=digit_fill)
 
 
 def image_digest(img: Image.Image) -> str:

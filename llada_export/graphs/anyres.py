@@ -83,9 +83,10 @@ def grid_shape(size_wh: SizeWH, cfg: LLaDAVConfig) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------- pixels
-def resize_and_pad(image: Image.Image, target_wh: SizeWH) -> Image.Image:
+def resize_and_pad(image: Image.Image, target_wh: SizeWH, resample: int | None = None) -> Image.Image:
     """Fit ``image`` inside ``target_wh`` keeping its aspect (the short side rounded up),
-    centred on a black canvas."""
+    centred on a black canvas (zeros). ``resample``: PIL's default unless given (label maps
+    use nearest)."""
     orig_w, orig_h = image.size
     tw, th = target_wh
     scale_w, scale_h = tw / orig_w, th / orig_h
@@ -93,8 +94,9 @@ def resize_and_pad(image: Image.Image, target_wh: SizeWH) -> Image.Image:
         new_w, new_h = tw, min(math.ceil(orig_h * scale_w), th)
     else:
         new_w, new_h = min(math.ceil(orig_w * scale_h), tw), th
-    canvas = Image.new("RGB", (tw, th), (0, 0, 0))
-    canvas.paste(image.resize((new_w, new_h)), ((tw - new_w) // 2, (th - new_h) // 2))
+    canvas = Image.new(image.mode, (tw, th), 0)
+    resized = image.resize((new_w, new_h)) if resample is None else image.resize((new_w, new_h), resample=resample)
+    canvas.paste(resized, ((tw - new_w) // 2, (th - new_h) // 2))
     return canvas
 
 
