@@ -53,7 +53,11 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 QTYPES = ("colour", "count", "top", "left", "digit")
 MAX_COUNT = 4
 MAX_OBJECTS = 7
-MIN_SIZE, MAX_SIZE = 26, 54  # shape bounding-box side, px
+# Sizes against the demo tower's 16 px patches (one 192 px grid crop is a native-resolution quarter
+# of the padded image): with glyphs of 20x28..30x42 px (scales 4-6) and shapes of 26-54 px, a tower
+# trained from scratch learned neither digits nor shapes (H200 runs of 2026-12-01; a tower-only
+# probe on single digits stayed at chance after 11k samples at scale 4-6, learned at 7-9).
+MIN_SIZE, MAX_SIZE = 32, 60  # shape bounding-box side, px
 GAP = 24  # px: the top / leftmost shape is at least this far ahead of the next one
 MARGIN = 4  # px from the image border
 SPACING = 6  # px between any two objects' boxes
@@ -71,7 +75,7 @@ DIGIT_GLYPHS: dict[str, tuple[str, ...]] = {
     "8": (" ### ", "#   #", "#   #", " ### ", "#   #", "#   #", " ### "),
     "9": (" ### ", "#   #", "#   #", " ####", "    #", "   # ", " ##  "),
 }
-DIGIT_SCALES = (4, 5, 6)  # glyph pixel -> scale x scale px: 20x28 .. 30x42
+DIGIT_SCALES = (6, 7, 8)  # glyph pixel -> scale x scale px: 30x42 .. 40x56
 
 
 # ---------------------------------------------------------------------- scenes
