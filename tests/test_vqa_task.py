@@ -200,6 +200,16 @@ def test_train_smoke_writes_loadable_checkpoint(tmp_path):
     ev = log["eval"]
     assert ev["reference_generate"]["n"] == 1 and ev["batched_sampler"]["n"] == 1
     assert ev["text_only_baseline"]["val_2000"]["overall"] < 0.35
+    assert all(0.0 <= h["aux_patch_acc"] <= 1.0 for h in log["history"])
+
+    # fine-tuning from that checkpoint, with the tower pretraining stage: every part moves
+    again = tmp_path / "again"
+    assert td.main(["--init", str(out), "--vision-pretrain-steps", "2", "--steps", "2", "--batch", "1", "--device",
+                    "cpu", "--out", str(again), "--eval-n", "1", "--fast-eval-n", "1", "--eval-every", "0"]) == 0
+    before, after = model.state_dict(), load_checkpoint(again)[0].state_dict()
+    for key in ("lm_head.weight", "model.mm_projector.0.weight",
+                "model.vision_tower.vision_tower.vision_model.embeddings.patch_embedding.weight"):
+        assert not torch.equal(before[key], after[key]), key
 
 
 def test_easy_scenes_have_no_distractors():

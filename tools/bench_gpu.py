@@ -254,20 +254,11 @@ def graph_ms(runner, feeds: dict, repeat: int = 20) -> dict:
 
 
 def median_event_ms(fn, repeat: int) -> float:
+    from gpu_probe import bench
+
     if not torch.cuda.is_available():
         return 1e3 * timed(fn, repeat=repeat, warmup=1)
-    for _ in range(3):
-        fn()
-    sync()
-    ts = []
-    for _ in range(repeat):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
+    return 1e3 * bench(fn, repeat=repeat)
 
 
 def run_engines(args, save=lambda res: None) -> dict:

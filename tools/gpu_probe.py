@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -39,7 +40,7 @@ from llada_export.graphs.llada import DecoderLayer, RotaryEmbedding, attention_m
 
 
 def bench(fn, warmup: int = 3, repeat: int = 10) -> float:
-    """Median seconds of ``fn`` timed with CUDA events."""
+    """Median seconds of ``fn`` timed with CUDA events (also used by ``bench_gpu.py``)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -51,7 +52,7 @@ def bench(fn, warmup: int = 3, repeat: int = 10) -> float:
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b) / 1e3)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
 
 
 def machine() -> dict:

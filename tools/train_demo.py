@@ -546,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.init is not None:
         model, tok, cfg = load_checkpoint(args.init, dtype=torch.float32)
+        model.requires_grad_(True)  # loaded for inference: frozen
     else:
         model, tok, cfg = build_model(args.seed)
     model.to(dev).train()
