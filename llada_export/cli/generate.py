@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS,
                    help="backend to run (default: the fastest one built that runs here)")
     p.add_argument("--device", help="cpu or cuda (default: what the engines were built for)")
+    p.add_argument("--weights", metavar="DIR",
+                   help="checkpoint to load the weights from, for aoti / inductor engines exported without them "
+                   "(default: the checkpoint recorded in the manifest)")
     p.add_argument("--compare-unpruned", action="store_true",
                    help="also run the unpruned graph from the same directory and print the speed-up")
     p.add_argument("--json", action="store_true", help="print the full result (ids, kept tokens, timings) as JSON")
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     with user_errors("llada-generate"):
         from ..runtime.pipeline import Pipeline
 
-        pipe = Pipeline.load(args.engines, backend=args.backend, device=args.device)
+        pipe = Pipeline.load(args.engines, backend=args.backend, device=args.device, weights_from=args.weights)
         kw = dict(gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
                   temperature=args.temperature, remasking=args.remasking, cfg_scale=args.cfg_scale,
                   preset=args.preset, seed=args.seed)

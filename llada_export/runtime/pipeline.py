@@ -25,11 +25,6 @@ class RequestError(ValueError):
     """A request that does not fit the engines' bucket."""
 
 
-def _slow_load(backend: str) -> bool:
-    """A load progress bar only where loading takes long (graphs compiled at load time)."""
-    return backend == "inductor"
-
-
 @dataclass
 class GenerationResult:
     text: str
@@ -64,27 +59,23 @@ def layout_bucket(b: Bucket, before: torch.Tensor, visual: torch.Tensor, after: 
     """
     nb, nv, na = before.shape[0], visual.shape[0], after.shape[0]
     p, v, g = b.prefix_len, b.max_visual_tokens, b.gen_length
-    with torch.device(visual.device):
-        return _layout(nb, nv, na, p, v, g, before, visual, after, gen_length)
-
-
-def _layout(nb, nv, na, p, v, g, before, visual, after, gen_length) -> BucketInputs:
-    emb = torch.zeros(1, p, before.shape[1])  # [1, P, D]
-    emb[0, :nb] = before.float()
-    emb[0, nb: nb + nv] = visual.float()
-    emb[0, nb + v: nb + v + na] = after.float()
-    key = torch.zeros(1, p + g, dtype=torch.bool)  # [1, L]
-    key[0, : nb + nv] = True
-    key[0, nb + v: nb + v + na] = True
-    key[0, p: p + gen_length] = True
-    n_real = nb + nv + na
-    pos = torch.zeros(1, p + g, dtype=torch.long)  # [1, L]
-    pos[0, : nb + nv] = torch.arange(nb + nv)
-    pos[0, nb + v: nb + v + na] = torch.arange(nb + nv, n_real)
-    pos[0, p:] = torch.arange(n_real, n_real + g)
-    vmask = torch.zeros(1, p + g, dtype=torch.bool)  # [1, L]: the V visual slots, real or padding
-    vmask[0, nb: nb + v] = True
-    return BucketInputs(emb, pos, key, vmask, nv, gen_length)
+    with torch.device(visual.device):  # every tensor below on the request's device
+        emb = torch.zeros(1, p, before.shape[1])  # [1, P, D]
+        emb[0, :nb] = before.float()
+        emb[0, nb: nb + nv] = visual.float()
+        emb[0, nb + v: nb + v + na] = after.float()
+        key = torch.zeros(1, p + g, dtype=torch.bool)  # [1, L]
+        key[0, : nb + nv] = True
+        key[0, nb + v: nb + v + na] = True
+        key[0, p: p + gen_length] = True
+        n_real = nb + nv + na
+        pos = torch.zeros(1, p + g, dtype=torch.long)  # [1, L]
+        pos[0, : nb + nv] = torch.arange(nb + nv)
+        pos[0, nb + v: nb + v + na] = torch.arange(nb + nv, n_real)
+        pos[0, p:] = torch.arange(n_real, n_real + g)
+        vmask = torch.zeros(1, p + g, dtype=torch.bool)  # [1, L]: the V visual slots, real or padding
+        vmask[0, nb: nb + v] = True
+        return BucketInputs(emb, pos, key, vmask, nv, gen_length)
 
 
 class EngineDenoiser:
@@ -182,7 +173,8 @@ class Pipeline:
         if external and weights is None:
             weights = self._checkpoint_weights(weights_from, device)
         graphs = manifest["artifacts"][backend]
-        for name, rel in tqdm(graphs.items(), desc=f"load {backend}", unit="graph", disable=not _slow_load(backend)):
+        # a progress bar only where loading takes long: the inductor graphs compile in warmup()
+        for name, rel in tqdm(graphs.items(), desc=f"load {backend}", unit="graph", disable=backend != "inductor"):
             g = manifest["graphs"][name]
             kw = {"cuda_graph": cuda_graphs} if backend in ("aoti", "inductor") else {}
             if external:
