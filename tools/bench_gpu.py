@@ -350,6 +350,9 @@ def run_engines(args, save=lambda res: None) -> dict:
         del pipe
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
+        # one untimed request first: the run of 2026-12-01 had none, so its first eager row (mc,
+        # unpruned: 0.72 s) includes one-time CUDA / cuBLAS initialisation
+        eager_request(model, tok, img, args.prompt, args.system, PRESETS["mc"], None)
         for pname in args.presets:
             for prune in (None, PruneSettings(layer, keep)):
                 er = eager_request(model, tok, img, args.prompt, args.system, PRESETS[pname], prune)

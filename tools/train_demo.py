@@ -507,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch.compile the training step (default: on with CUDA; falls back to eager on error)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=None, help="data-loader processes (default: 0 on CPU, up to 12 on GPU)")
+    p.add_argument("--workers", type=int, default=None, help="data-loader processes (default: 0 on CPU, up to 14 on GPU)")
     p.add_argument("--eval-n", type=int, default=None,
                    help="val questions for the real-sampler eval (default: 300 with CUDA, 8 on CPU)")
     p.add_argument("--fast-eval-n", type=int, default=None,
