@@ -262,48 +262,83 @@ def median_event_ms(fn, repeat: int) -> float:
 
 
 def run_engines(args, save=lambda res: None) -> dict:
-    """Random full-size bf16 weights on the GPU -> export_engines in-process (no checkpoint on
-    disk: the weights are handed to the pipeline) -> Pipeline (compile + warm-up) -> per
-    preset, pruned and unpruned engines; then the eager baseline with the same weights."""
-    import resource
-
-    from llada_export.exporter.build import ExportOptions, export_engines
-    from llada_export.graphs.anyres import grid_shape
+    """Random full-size bf16 weights on the GPU -> per image size and pruning setting (keep x
+    prune layer): export_engines in-process (no checkpoint on disk: the weights are handed to
+    the pipeline) -> Pipeline (compile + warm-up; Inductor's cache reuses a graph already
+    compiled in this process, e.g. the vision and unpruned graphs, or stage B for another
+    layer) -> per preset the pruned engines (and, once per image, the unpruned ones) and each
+    LM graph alone; then per image the eager baseline with the same weights."""
     from llada_export.reference import PruneSettings
-    from llada_export.runtime.pipeline import Pipeline
     from llada_export.runtime.sampler import PRESETS
 
     rows: list[dict] = []
-    res: dict = {"part": "engines", "backend": args.backend, "official_anchor": OFFICIAL, "rows": rows}
+    res: dict = {"part": "engines", "backend": args.backend, "official_anchor": OFFICIAL, "rows": rows,
+                 "settings": []}
     res["matmul_peak_tflops"] = peak = matmul_peak() / 1e12
     t0 = time.perf_counter()
     model, cfg, tok = random_model(args.preset, DEVICE)
     res["model_build_s"] = time.perf_counter() - t0
-    w, h = args.images[0]
-    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8))
-    layer, keep = args.layers[0], args.keeps[0]
+    for w, h in args.images:
+        tag = f"{w}x{h}"
+        img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8))
+        first = True
+        for keep in args.keeps:
+            for layer in args.layers:
+                setting = engine_setting(args, model, cfg, tok, img, tag, layer, keep, peak, first, rows, save, res)
+                res["settings"].append(setting)
+                save(res)
+                first = False
+        if not args.no_eager:  # the eager oracles, same weights / image / prompt, first pruning setting
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
+            # one untimed request first: the run of 2026-12-01 had none, so its first eager row
+            # (mc, unpruned: 0.72 s) includes one-time CUDA / cuBLAS initialisation
+            eager_request(model, tok, img, args.prompt, args.system, PRESETS["mc"], None)
+            for pname in args.presets:
+                for prune in (None, PruneSettings(args.layers[0], args.keeps[0])):
+                    er = eager_request(model, tok, img, args.prompt, args.system, PRESETS[pname], prune)
+                    rows.append({"kind": "eager", "image": tag, "preset": pname, "unpruned": prune is None,
+                                 "prune_layer": None if prune is None else prune.layer,
+                                 "keep": 1.0 if prune is None else prune.keep, **er,
+                                 "speedup_vs_official": OFFICIAL[pname] / er["latency_s"]})
+                    print(json.dumps(rows[-1]), flush=True)
+                    save(res)
+    return res
+
+
+def engine_setting(args, model, cfg, tok, img, tag: str, layer: int, keep: float, peak: float, with_unpruned: bool,
+                   rows: list, save, res: dict) -> dict:
+    """One image size and pruning setting: export, load (compile), time the presets and the graphs."""
+    import resource
+
+    from llada_export.exporter.build import ExportOptions, export_engines
+    from llada_export.graphs.anyres import grid_shape
+    from llada_export.runtime.pipeline import Pipeline
+    from llada_export.runtime.sampler import PRESETS
+
+    w, h = img.size
     opts = ExportOptions(model=f"random {args.preset} (bench_gpu)", output=str(Path(args.workdir) / "engines"),
-                         prune_layer=layer, keep=keep, baseline=True, fuse_sampler=True, backends=(args.backend,),
-                         compiled_weights="checkpoint", dtype="bfloat16" if DEVICE == "cuda" else "float32",
-                         device=DEVICE, gen_length=128,
+                         prune_layer=layer, keep=keep, baseline=with_unpruned, fuse_sampler=True,
+                         backends=(args.backend,), compiled_weights="checkpoint",
+                         dtype="bfloat16" if DEVICE == "cuda" else "float32", device=DEVICE, gen_length=128,
                          block_length=128, steps=128, max_prompt_tokens=64, image_size=(w, h), overwrite=True)
+    setting: dict = {"image": tag, "prune_layer": layer, "keep": keep}
     reset_peak()
     t0 = time.perf_counter()
     out = export_engines(opts, loaded=(model, tok, cfg))
-    res["export"] = {"seconds": time.perf_counter() - t0, "peak_gpu_gib": peak_gib(),
-                     "peak_host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-    print("export", json.dumps(res["export"]), flush=True)
-    save(res)
+    setting["export"] = {"seconds": time.perf_counter() - t0, "peak_gpu_gib": peak_gib(),
+                         "peak_host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    print(tag, layer, keep, "export", json.dumps(setting["export"]), flush=True)
     t0 = time.perf_counter()
     pipe = Pipeline.load(out, backend=args.backend, device=DEVICE, weights=dict(model.state_dict()))
-    res["load_and_compile_s"] = time.perf_counter() - t0
-    print(f"loaded + compiled + warmed up in {res['load_and_compile_s']:.1f} s", flush=True)
-    res["manifest"] = {k: pipe.manifest[k] for k in ("bucket", "pruning", "dtype", "fused_sampler")}
+    setting["load_and_compile_s"] = time.perf_counter() - t0
+    print(f"loaded + compiled + warmed up in {setting['load_and_compile_s']:.1f} s", flush=True)
+    setting["manifest"] = {k: pipe.manifest[k] for k in ("bucket", "pruning", "dtype", "fused_sampler")}
     b = pipe.bucket
     cols, rws = grid_shape((w, h), cfg)
     for pname in args.presets:
         gen = PRESETS[pname]
-        for unpruned in (False, True):
+        for unpruned in (False, True) if with_unpruned else (False,):
             ts = []
             for i in range(args.repeat + 1):  # the first run warms this preset's path up
                 reset_peak()
@@ -313,8 +348,9 @@ def run_engines(args, save=lambda res: None) -> dict:
             med = {k: statistics.median(t[k] for t in ts) for k in ts[0]}
             fl = request_flops(cfg, b.prefix_len, b.max_visual_tokens, gen, None if unpruned else layer, keep,
                                1 + cols * rws)
-            rows.append({"kind": "engines", "preset": pname, "unpruned": unpruned, "timings": med,
-                         "steps": len(r.step_times), "n_visual": r.n_visual,
+            rows.append({"kind": "engines", "image": tag, "preset": pname, "unpruned": unpruned,
+                         "prune_layer": None if unpruned else layer, "keep": 1.0 if unpruned else keep,
+                         "timings": med, "steps": len(r.step_times), "n_visual": r.n_visual,
                          "kept": len(r.kept_visual) if r.kept_visual is not None else r.n_visual,
                          "latency_s": med["total"], "tokens_per_s": gen.gen_length / med["total"],
                          "tflops": fl["total"] / 1e12, "tflop_per_s": fl["total"] / med["total"] / 1e12,
@@ -332,35 +368,21 @@ def run_engines(args, save=lambda res: None) -> dict:
     p_red = idx.shape[0] - b.gen_length
     feeds_b = dict(prefix_embeds=x.prefix_embeds[:, idx[:p_red]].contiguous(), response_ids=resp,
                    position_ids=x.position_ids[:, idx].contiguous(), key_mask=a_out["kept_alive"].bool())
+    n_layers = cfg.text.num_hidden_layers
     graphs = {"stage_a": (dict(feeds, visual_mask=x.visual_mask, num_keep=n_keep),
                           request_flops(cfg, b.prefix_len, b.max_visual_tokens, PRESETS["mc"], layer, keep, 0)["stage_a"]),
-              "stage_b": (feeds_b, lm_flops(cfg, b.reduced_prefix_len + b.gen_length, cfg.text.num_hidden_layers,
-                                            b.gen_length)),
-              "full": (feeds, lm_flops(cfg, b.prefix_len + b.gen_length, cfg.text.num_hidden_layers, b.gen_length))}
-    res["graphs"] = {}
+              "stage_b": (feeds_b, lm_flops(cfg, b.reduced_prefix_len + b.gen_length, n_layers, b.gen_length))}
+    if with_unpruned:
+        graphs["full"] = (feeds, lm_flops(cfg, b.prefix_len + b.gen_length, n_layers, b.gen_length))
+    setting["graphs"] = {}
     for name, (f, flops) in graphs.items():
         g = graph_ms(pipe.runners[name], f)
         best = g.get("cuda_graph_ms", g.get("ms"))
         g.update(tflops=flops / 1e12, share_of_peak=flops / (best / 1e3) / (peak * 1e12))
-        res["graphs"][name] = g
+        setting["graphs"][name] = g
         print(name, json.dumps(g), flush=True)
-        save(res)
-    # the eager baseline with the same weights, same image and prompt
-    if not args.no_eager:
-        del pipe
-        if DEVICE == "cuda":
-            torch.cuda.empty_cache()
-        # one untimed request first: the run of 2026-12-01 had none, so its first eager row (mc,
-        # unpruned: 0.72 s) includes one-time CUDA / cuBLAS initialisation
-        eager_request(model, tok, img, args.prompt, args.system, PRESETS["mc"], None)
-        for pname in args.presets:
-            for prune in (None, PruneSettings(layer, keep)):
-                er = eager_request(model, tok, img, args.prompt, args.system, PRESETS[pname], prune)
-                rows.append({"kind": "eager", "preset": pname, "unpruned": prune is None, **er,
-                             "speedup_vs_official": OFFICIAL[pname] / er["latency_s"]})
-                print(json.dumps(rows[-1]), flush=True)
-                save(res)
-    return res
+    del pipe
+    return setting
 
 
 # ---------------------------------------------------------------------- reports
@@ -387,16 +409,27 @@ def markdown(res: dict, env: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def primary_setting(res: dict) -> dict:
+    """The issue's target setting (K 16, keep 0.35, 1024x768) if measured, else the first."""
+    return next((st for st in res["settings"] if (st["image"], st["prune_layer"], st["keep"]) == ("1024x768", 16, 0.35)),
+                res["settings"][0])
+
+
 def markdown_engines(res: dict) -> list[str]:
-    m = res["manifest"]
-    eng = {(r["preset"], r["unpruned"]): r for r in res["rows"] if r["kind"] == "engines"}
-    eag = {(r["preset"], r["unpruned"]): r for r in res["rows"] if r["kind"] == "eager"}
+    st = primary_setting(res)
+    m, image = st["manifest"], st["image"]
+
+    def pick(r):  # the primary setting's rows, and the unpruned rows of its image
+        return r["image"] == image and (r["unpruned"] or (r["prune_layer"], r["keep"]) == (st["prune_layer"], st["keep"]))
+
+    eng = {(r["preset"], r["unpruned"]): r for r in res["rows"] if r["kind"] == "engines" and pick(r)}
+    eag = {(r["preset"], r["unpruned"]): r for r in res["rows"] if r["kind"] == "eager" and pick(r)}
     presets = list(dict.fromkeys(r["preset"] for r in res["rows"]))
     pr, bk = m["pruning"], m["bucket"]
     lines = [f"Engines: {res['backend']} (torch.export programs compiled with Inductor, CUDA graphs), dtype {m['dtype']}, "
-             f"fused sampler {m['fused_sampler']}; pruning at layer {pr['layer']}, keep {pr['keep']} "
-             f"(k = {pr['k_static']}); bucket {bk['max_text_tokens']} text + {bk['max_visual_tokens']} visual + "
-             f"{bk['gen_length']} response tokens. Eager = the PyTorch oracles with the same weights "
+             f"fused sampler {m['fused_sampler']}. Main setting: image {image}, pruning at layer {pr['layer']}, keep "
+             f"{pr['keep']} (k = {pr['k_static']}); bucket {bk['max_text_tokens']} text + {bk['max_visual_tokens']} "
+             f"visual + {bk['gen_length']} response tokens. Eager = the PyTorch oracles with the same weights "
              "(unpruned: the official algorithm, full sequence every step, SDPA, bf16).", "",
              "## End to end (seconds per request)", "",
              "| preset | official (H100 anchor) | eager unpruned | eager pruned | engines unpruned | engines pruned | "
@@ -421,7 +454,7 @@ def markdown_engines(res: dict) -> list[str]:
                      f"{r['tflop_per_s']:.0f} | {100 * r['share_of_peak']:.0f} | {r['peak_gib']:.1f} |")
     lines += ["", "## Each LM graph alone (CUDA events, median of 20)", "",
               "| graph | CUDA graph ms | without CUDA graph ms | TFLOP | % of measured peak |", "| --- | --- | --- | --- | --- |"]
-    for name, g in res.get("graphs", {}).items():
+    for name, g in st.get("graphs", {}).items():
         lines.append(f"| {name} | {g.get('cuda_graph_ms', g.get('ms', nan)):.2f} | {g.get('no_cuda_graph_ms', nan):.2f} | "
                      f"{g['tflops']:.2f} | {100 * g['share_of_peak']:.0f} |")
     d_p, d_u = eng.get(("demo", False)), eng.get(("demo", True))
@@ -432,14 +465,26 @@ def markdown_engines(res: dict) -> list[str]:
                 checks.append((f"{p} >= {target:.0f}x official", OFFICIAL[p] / eng[(p, False)]["latency_s"], target))
         checks += [("demo pruned >= 2.5x own unpruned engines", d_u["latency_s"] / d_p["latency_s"], 2.5),
                    ("demo FLOPs reduction >= 60%", 1 - d_p["tflops"] / d_u["tflops"], 0.60)]
-        if "stage_b" in res.get("graphs", {}):
-            checks.append(("stage B >= 70% of measured bf16 peak", res["graphs"]["stage_b"]["share_of_peak"], 0.70))
+        if "stage_b" in st.get("graphs", {}):
+            checks.append(("stage B >= 70% of measured bf16 peak", st["graphs"]["stage_b"]["share_of_peak"], 0.70))
         lines += ["", "## Targets (issue 7)", "", "| target | measured | met |", "| --- | --- | --- |"]
         lines += [f"| {n} | {v:.2f} | {'yes' if v >= t else 'NO'} |" for n, v, t in checks]
-    e = res.get("export", {})
-    lines += ["", f"In-process export (trace, FX pass, 4 graphs, archives written): {e.get('seconds', nan):.1f} s, "
-              f"peak GPU {e.get('peak_gpu_gib', nan):.1f} GiB; load + compile + warm-up: "
-              f"{res.get('load_and_compile_s', nan):.1f} s."]
+    if len(res["settings"]) > 1:
+        unp = {(r["image"], r["preset"]): r for r in res["rows"] if r["kind"] == "engines" and r["unpruned"]}
+        lines += ["", "## Grid: pruned engines per setting", "",
+                  "| image | K | keep | preset | latency s | stage A ms | stage B ms/step | TFLOPs | % peak | "
+                  "x official | x unpruned engines |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in res["rows"]:
+            if r["kind"] != "engines" or r["unpruned"]:
+                continue
+            u = unp.get((r["image"], r["preset"]), {}).get("latency_s", nan)
+            lines.append(f"| {r['image']} | {r['prune_layer']} | {r['keep']} | {r['preset']} | {r['latency_s']:.3f} | "
+                         f"{r['timings']['stage_a'] * 1e3:.1f} | {r['timings']['stage_b_per_step'] * 1e3:.2f} | "
+                         f"{r['tflops']:.1f} | {100 * r['share_of_peak']:.0f} | "
+                         f"{OFFICIAL[r['preset']] / r['latency_s']:.1f} | {u / r['latency_s']:.2f} |")
+    lines += [""] + [f"Setting {x['image']} K {x['prune_layer']} keep {x['keep']}: in-process export (trace, FX pass, "
+                     f"archives written) {x['export']['seconds']:.1f} s, peak GPU {x['export']['peak_gpu_gib']:.1f} GiB; "
+                     f"load + compile + warm-up {x['load_and_compile_s']:.1f} s." for x in res["settings"]]
     return lines
 
 
@@ -474,11 +519,13 @@ def plot_engines(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    st = primary_setting(res)
     presets = list(dict.fromkeys(r["preset"] for r in res["rows"]))
     series = [("official (H100 anchor)", lambda p: OFFICIAL[p])]
     for kind, unpruned, label in (("eager", True, "eager unpruned"), ("eager", False, "eager pruned"),
                                   ("engines", True, "engines unpruned"), ("engines", False, "engines pruned")):
-        vals = {r["preset"]: r["latency_s"] for r in res["rows"] if r["kind"] == kind and r["unpruned"] == unpruned}
+        vals = {r["preset"]: r["latency_s"] for r in res["rows"] if r["kind"] == kind and r["unpruned"] == unpruned
+                and r["image"] == st["image"] and (unpruned or (r["prune_layer"], r["keep"]) == (st["prune_layer"], st["keep"]))}
         if vals:
             series.append((label, lambda p, v=vals: v.get(p, float("nan"))))
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -489,8 +536,7 @@ def plot_engines(res: dict, path: Path) -> None:
     ax.set_xticks(range(len(presets)), presets)
     ax.set_yscale("log")
     ax.set_ylabel("seconds per request (log)")
-    ax.set_title(f"LLaDA-V full size, {res['env']['gpu']}: K {res['manifest']['pruning']['layer']}, "
-                 f"keep {res['manifest']['pruning']['keep']}, 1024x768")
+    ax.set_title(f"LLaDA-V full size, {res['env']['gpu']}: K {st['prune_layer']}, keep {st['keep']}, {st['image']}")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
