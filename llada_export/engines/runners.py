@@ -105,9 +105,11 @@ class _TorchRunner:
     device: torch.device
     call = None
 
+    graphs_by_default = False  # CUDA-graph replay when the caller does not say (on CUDA only)
+
     def _wrap(self, fn, cuda_graph: bool | None) -> None:
         if cuda_graph is None:
-            cuda_graph = self.device.type == "cuda"
+            cuda_graph = self.graphs_by_default and self.device.type == "cuda"
         self.call = CudaGraphCall(fn) if cuda_graph else fn
 
     def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -120,7 +122,8 @@ class _TorchRunner:
 class AotiRunner(_TorchRunner):
     """``constants``: for packages built without their weights, {constant fqn: tensor on the
     device}; loaded as user-managed (no copy), so graphs share one set of weights.
-    ``cuda_graph`` (default: on for CUDA): replay the package's kernels from a CUDA graph."""
+    ``cuda_graph``: replay the package's kernels from a CUDA graph (default off: AOTInductor
+    packages could not be loaded on any CUDA machine we had, so that path is untested)."""
 
     def __init__(self, path: Path, inputs: list[str], outputs: list[str], device: str = "cpu",
                  constants: dict[str, torch.Tensor] | None = None, cuda_graph: bool | None = None):
@@ -143,7 +146,10 @@ class InductorRunner(_TorchRunner):
     (static shapes, whole graph); the compilation happens at the first call, which
     :meth:`Pipeline.warmup <llada_export.runtime.pipeline.Pipeline.warmup>` makes at load
     time. ``constants``: {fqn: tensor} for archives saved with their checkpoint weights
-    left out (meta tensors in the archive)."""
+    left out (meta tensors in the archive). ``cuda_graph`` (default: on for CUDA, measured on
+    the H200): replay the compiled kernels from a CUDA graph."""
+
+    graphs_by_default = True
 
     def __init__(self, path: Path, inputs: list[str], outputs: list[str], device: str = "cpu",
                  constants: dict[str, torch.Tensor] | None = None, cuda_graph: bool | None = None):

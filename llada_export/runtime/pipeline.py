@@ -207,8 +207,9 @@ class Pipeline:
 
         ``weights_from``: checkpoint directory for aoti / inductor graphs exported without
         their weights (default: the checkpoint recorded in the manifest), or ``weights``: those
-        tensors already in memory, by checkpoint key, on ``device``. ``cuda_graphs``
-        (aoti, inductor on CUDA; default on): replay each graph from a captured CUDA graph.
+        tensors already in memory, by checkpoint key, on ``device``. ``cuda_graphs`` (aoti and
+        inductor on CUDA; default: on for inductor, off for the untested aoti path): replay each
+        graph from a captured CUDA graph.
         ``warmup`` (default: on for the inductor backend, which compiles its graphs then, tens
         of seconds per graph at full size): run :meth:`warmup` before returning."""
         root = Path(path)
