@@ -127,13 +127,14 @@ class VisionAux(nn.Module):
         """tower_feats [B*N, T, C], labels [B, 2, N, T] -> (loss, shape accuracy on object patches)."""
         shape, colour = labels.long().transpose(0, 1).flatten(1)  # [B*N*T] each, in crop order
         feats = tower_feats.float().flatten(0, 1)  # [B*N*T, C]
+        shape_logits, colour_logits = self.shape(feats), self.colour(feats)  # [B*N*T, labels]
         total = 0.0
-        for head, lab in ((self.shape, shape), (self.colour, colour)):
-            w = torch.ones(head.out_features, device=feats.device)
+        for logits, lab in ((shape_logits, shape), (colour_logits, colour)):
+            w = torch.ones(logits.shape[-1], device=feats.device)
             w[0] = background_weight
-            total = total + F.cross_entropy(head(feats), lab, weight=w)
+            total = total + F.cross_entropy(logits, lab, weight=w)
         obj = shape > 0
-        acc = ((self.shape(feats).argmax(-1) == shape) & obj).sum() / obj.sum().clamp(min=1)
+        acc = ((shape_logits.argmax(-1) == shape) & obj).sum() / obj.sum().clamp(min=1)
         return total, acc
 
 
