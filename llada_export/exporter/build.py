@@ -70,6 +70,8 @@ class ExportOptions:
             raise ExportError(f"--keep must be in (0, 1], got {self.keep}")
         if self.prune_layer < 0:
             raise ExportError(f"--prune-layer must be >= 0, got {self.prune_layer}")
+        if self.compiled_weights not in ("auto", "package", "checkpoint"):
+            raise ExportError(f"compiled_weights must be auto, package or checkpoint, got {self.compiled_weights!r}")
         if self.dtype not in DTYPES:
             raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         bad = [b for b in self.backends if b not in BACKENDS]
