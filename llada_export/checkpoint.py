@@ -467,12 +467,25 @@ def save_checkpoint(
         gen = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         tokenizer.save_pretrained(str(tmp))
+        _drop_load_time_keys(tmp / "tokenizer_config.json")
         _check_out_dir(out_dir, overwrite)  # it may have appeared meanwhile
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _drop_load_time_keys(path: Path) -> None:
+    """transformers 5 writes how a tokenizer was loaded (``is_local``, ``local_files_only``) back
+    into ``tokenizer_config.json``; they describe this machine, not the checkpoint."""
+    if not path.exists():
+        return
+    conf = json.loads(path.read_text())
+    if any(k in conf for k in ("is_local", "local_files_only")):
+        for k in ("is_local", "local_files_only"):
+            conf.pop(k, None)
+        path.write_text(json.dumps(conf, indent=2, ensure_ascii=False) + "\n")
 
 
 def random_checkpoint(

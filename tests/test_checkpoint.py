@@ -123,6 +123,10 @@ def test_save_from_model_state_dict(tiny_dir, tmp_path):
     d = save_checkpoint(model.state_dict(), cfg, tok, tmp_path / "resaved", max_shard_bytes=SHARD)
     a, b = files_state(tiny_dir), files_state(d)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    # a loaded tokenizer carries how it was loaded; the re-saved config must not
+    conf = json.loads((d / "tokenizer_config.json").read_text())
+    assert "is_local" not in conf and "local_files_only" not in conf
+    assert conf == json.loads((tiny_dir / "tokenizer_config.json").read_text())
 
 
 def test_auto_bos_tokenizer_survives_save(tmp_path):
