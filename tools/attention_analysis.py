@@ -19,7 +19,7 @@ the denoiser wrapper records the response ids of every step and computes, on the
 (unpruned) sequence of that step, both the logits the sampler uses and the attention
 statistics, in one pass through the layers (the logits are those of ``ReferenceDenoiser``).
 
-    python tools/attention_analysis.py --ckpt build/demo_ckpt --n 30
+    python tools/attention_analysis.py --n 100    # the bundled demo model
 
 Writes ``<out>.json``, ``<out>.md`` and ``<out>.png`` (default ``benchmarks/attention_analysis``).
 """
@@ -37,8 +37,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vqa_task  # noqa: E402
 from prune_sweep import GEN_LENGTH  # noqa: E402
+from train_demo import patch_labels  # noqa: E402
 
 from llada_export.checkpoint import load_checkpoint  # noqa: E402
+from llada_export.graphs.anyres import assemble  # noqa: E402
 from llada_export.graphs.pruning import num_kept  # noqa: E402
 from llada_export.reference import build_prompt  # noqa: E402
 from llada_export.runtime.sampler import GenerationConfig, generate  # noqa: E402
@@ -79,14 +81,36 @@ class RecordingDenoiser:
         return lm.head(x[:, -g:])[0]  # [G, V]
 
 
+def object_tokens(scene: vqa_task.Scene, cfg) -> torch.Tensor:
+    """[n_visual] bool: the visual tokens that show an object (a shape or the digit), from the
+    scene's label maps cut like the crops (``train_demo.patch_labels``) and put through the same
+    anyres assembly as the features (the newline tokens are never objects)."""
+    shape_lab = torch.from_numpy(patch_labels(scene, cfg)[0].astype("float32"))  # [N, T] label ids
+    obj = (shape_lab > 0).float()[..., None]  # [N, T, 1]
+    tokens = assemble(obj, (scene.width, scene.height), cfg, torch.full((1,), -1.0))  # [n_visual, 1]
+    return tokens[:, 0] > 0.5
+
+
 def analyse_sample(model, tokenizer, sample, gen: GenerationConfig, layers: list[int], keeps: list[float],
-                   system: str = DEFAULT_SYSTEM_PROMPT) -> dict:
+                   cfg=None, system: str = DEFAULT_SYSTEM_PROMPT) -> dict:
     sp = SpecialTokens.from_tokenizer(tokenizer)
     inputs = build_prompt(model, tokenizer, sample.image(), sample.prompt, system)
     den = RecordingDenoiser(model, inputs, sp.mask)
     ids = generate(den, gen, mask_id=sp.mask, eot_id=sp.eot, suppress_ids=sp.suppressed())
     text = tokenizer.decode(ids.tolist(), skip_special_tokens=True)
     n_vis = inputs.n_visual
+    # what the step-1 selection at each layer keeps of the objects (every layer, every keep)
+    recall: dict[str, list[float]] = {}
+    n_obj = 0
+    if cfg is not None:
+        obj = object_tokens(sample.scene, cfg)  # [n_visual]
+        n_obj = int(obj.sum())
+        if obj.numel() != n_vis:
+            raise RuntimeError(f"object map has {obj.numel()} tokens, the prompt {n_vis}")
+        for keep in keeps:
+            k = num_kept(keep, n_vis)
+            recall[str(keep)] = [float(obj[sc.topk(k).indices].sum()) / max(1, n_obj)
+                                 for sc in den.steps[0]["scores"]]  # [n_layers]
     overlap: dict[str, dict[str, list[float]]] = {}
     for layer in layers:
         for keep in keeps:
@@ -100,6 +124,8 @@ def analyse_sample(model, tokenizer, sample, gen: GenerationConfig, layers: list
         "steps": len(den.steps),
         "share_by_step": [st["share"] for st in den.steps],  # [steps][n_layers]
         "overlap": overlap,  # K -> keep -> [steps] (step 1 first, = 1.0)
+        "object_tokens": n_obj,
+        "object_recall": recall,  # keep -> [n_layers]: share of the object tokens in step 1's top-k
     }
 
 
@@ -115,7 +141,7 @@ def run_analysis(ckpt: str | Path, n: int, layers: list[int], keeps: list[float]
     gen = GenerationConfig(gen_length, gen_length, gen_length).validate()
     per_q = []
     for s in vqa_task.make_split(split, n):
-        per_q.append(analyse_sample(model, tokenizer, s, gen, layers, keeps))
+        per_q.append(analyse_sample(model, tokenizer, s, gen, layers, keeps, cfg))
         if progress and len(per_q) % 10 == 0:
             print(f"{len(per_q)}/{n} questions ({time.perf_counter() - t0:.0f} s)", flush=True)
 
@@ -144,10 +170,19 @@ def run_analysis(ckpt: str | Path, n: int, layers: list[int], keeps: list[float]
     def stab(layer):
         return sum(stability[str(layer)][str(kp)]["mean_later_steps"] for kp in keeps) / len(keeps)
 
-    rec = max(layers, key=lambda L: (round(stab(L), 3), share1[L]))
+    recall = {str(kp): [sum(q["object_recall"][str(kp)][i] for q in per_q) / len(per_q) for i in range(n_layers)]
+              for kp in keeps}
+    chance = {str(kp): num_kept(kp, per_q[0]["n_visual"]) / per_q[0]["n_visual"] for kp in keeps}
+
+    def mean_recall(layer):
+        return sum(recall[str(kp)][layer] for kp in keeps) / len(keeps)
+
+    # Recommendation from the attention alone: the candidate layer whose step-1 top-k keeps the
+    # most of the objects (averaged over keeps), ties to the more stable selection.
+    rec = max(layers, key=lambda L: (round(mean_recall(L), 3), stab(L)))
     peak = max(range(n_layers), key=lambda i: share1[i])
     return {
-        "checkpoint": str(ckpt), "split": split, "n": n, "n_layers": n_layers,
+        "checkpoint": str(ckpt), "split": split, "n": n, "n_layers": n_layers, "hidden_size": cfg.text.hidden_size,
         "generation": {"gen_length": gen.gen_length, "block_length": gen.block_length, "steps": gen.steps},
         "layers": layers, "keeps": keeps,
         "accuracy": sum(q["correct"] for q in per_q) / len(per_q),
@@ -157,6 +192,9 @@ def run_analysis(ckpt: str | Path, n: int, layers: list[int], keeps: list[float]
         "peak_layer": peak,
         "stability": stability,
         "stability_mean": {str(L): stab(L) for L in layers},
+        "object_recall_step1": recall,  # keep -> [n_layers]
+        "object_recall_chance": chance,  # keep -> k / n_visual (a random selection)
+        "object_token_share": sum(q["object_tokens"] / q["n_visual"] for q in per_q) / len(per_q),
         "recommended_layer": rec,
         "mean_steps": sum(q["steps"] for q in per_q) / len(per_q),
         "per_question": per_q,
@@ -173,9 +211,9 @@ def markdown(res: dict, sweep: dict | None = None) -> str:
     lines = [
         "# Visual attention of the demo LLaDA-V: per-layer share and top-k stability",
         "",
-        f"**Caveat:** the demo model is tiny ({nl} LM layers, hidden 192) and only partly trained "
-        f"(about 33% val accuracy vs a 24.5% text-only baseline; {res['accuracy']:.0%} on these {res['n']} "
-        f"questions), so its attention pattern is at best a rough hint of what the 8B LLaDA-V does.",
+        f"**Caveat:** the demo model is tiny ({nl} LM layers, hidden {res.get('hidden_size', 192)}; LLaDA-8B has 32 "
+        f"layers of 4096) and trained on one synthetic task ({res['accuracy']:.0%} right on these {res['n']} "
+        f"questions), so its attention pattern is a hint of what the 8B LLaDA-V does, not evidence.",
         "",
         f"- {res['n']} test questions, eager fp32, official sampler gen = block = steps = "
         f"{res['generation']['gen_length']} (its actual trajectory, {res['mean_steps']:.1f} steps per question on "
@@ -186,13 +224,23 @@ def markdown(res: dict, sweep: dict | None = None) -> str:
         f"{res['per_question'][0]['n_visual']} visual tokens (mean over heads, queries, questions); "
         f"uniform attention would give {res['uniform_visual_share']:.1%}.",
         "",
-        "| layer | visual share, step 1 | all steps | overlap at K (keep " + "/".join(map(str, res["keeps"])) + ") |",
-        "|---|---|---|---|",
+        f"- object recall = share of the visual tokens that show an object (a shape or the digit: "
+        f"{res['object_token_share']:.0%} of the visual tokens on average) that step 1's top-k at that layer "
+        f"keeps; a random selection keeps k / n of them ("
+        + ", ".join(f"{c:.0%} at keep {kp}" for kp, c in res["object_recall_chance"].items()) + ").",
+        "",
+        "| layer | visual share, step 1 | all steps | object recall, step 1 (keep " + "/".join(map(str, res["keeps"]))
+        + ") | overlap with later steps at K (keep " + "/".join(map(str, res["keeps"])) + ") |",
+        "|---|---|---|---|---|",
     ]
     for i in range(nl):
         st = res["stability"].get(str(i))
         ov = " / ".join(f"{st[str(kp)]['mean_later_steps']:.2f}" for kp in res["keeps"]) if st else ""
-        lines.append(f"| {i} | {share[i]:.1%} | {res['visual_share_all_steps'][i]:.1%} | {ov} |")
+        rc = " / ".join(f"{res['object_recall_step1'][str(kp)][i]:.0%}" for kp in res["keeps"])
+        lines.append(f"| {i} | {share[i]:.1%} | {res['visual_share_all_steps'][i]:.1%} | {rc} | {ov} |")
+    mean_share = sum(share) / nl
+    rel = "less" if mean_share < res["uniform_visual_share"] - 0.02 else (
+        "more" if mean_share > res["uniform_visual_share"] + 0.02 else "about as much")
     lines += [
         "",
         "Overlap = |S_1 & S_t| / k between the top-k visual set of step 1 and that of each later step t "
@@ -201,9 +249,10 @@ def markdown(res: dict, sweep: dict | None = None) -> str:
         "decay is that noisier ranking, not only a real shift of attention; the step-t rows also cover only "
         "the questions still running at step t.",
         "",
-        f"The response queries give the image far less than the {res['uniform_visual_share']:.0%} of attention "
-        "that uniform attention would (the visual tokens are most of the sequence): most attention goes to the "
-        "few text tokens.",
+        f"Averaged over layers the response queries give the image {mean_share:.0%} of their attention, {rel} "
+        f"than the {res['uniform_visual_share']:.0%} that uniform attention would give (the visual tokens are "
+        f"most of the sequence). The share alone does not say where inside the image the attention goes: "
+        f"object recall does.",
         "",
         "## Findings",
         "",
@@ -213,36 +262,46 @@ def markdown(res: dict, sweep: dict | None = None) -> str:
     match = late_mean > early_mean and res["peak_layer"] >= nl // 2 - 1
     lines.append(
         "- LLaDA-FastV reports that LLaDA-V aggregates cross-modal information mostly in middle-to-late layers. "
-        + ("The demo model's pattern is **consistent** with that: the response queries attend to the image most "
-           "in the middle-to-late layers." if match else
-           "The demo model's pattern **does not clearly match**: its response queries attend to the image "
-           "as much or more in the early layers.")
-        + " With 6 layers and a partly trained model this is weak evidence either way.")
+        + ("By visual share the demo model's pattern is **consistent** with that: the response queries attend to "
+           "the image most in the middle-to-late layers." if match else
+           "By visual share the demo model's pattern **does not clearly match**: its response queries attend to "
+           "the image as much or more in the early layers.")
+        + f" With {nl} layers this is weak evidence about the 32-layer model.")
+    recall_mean = {L: sum(res["object_recall_step1"][str(kp)][L] for kp in res["keeps"]) / len(res["keeps"])
+                   for L in range(nl)}
+    best_recall = max(range(nl), key=lambda L: recall_mean[L])
+    lines.append("- Object recall of step 1's top-k (mean over keeps): "
+                 + ", ".join(f"layer {L}: {v:.0%}" for L, v in recall_mean.items())
+                 + f"; highest at layer {best_recall}.")
     stab_txt = ", ".join(f"K={L}: {v:.2f}" for L, v in res["stability_mean"].items())
     lines.append(f"- Top-k stability (mean overlap over keeps and later steps): {stab_txt}.")
     rec = res["recommended_layer"]
-    lines.append(f"- **Recommended K for the demo model: {rec}** (most stable step-1 selection among "
-                 f"{res['layers']}, ties to the larger visual share).")
+    lines.append(f"- From the attention alone: K={rec} (the highest object recall among the candidate layers "
+                 f"{res['layers']}, ties to the more stable selection).")
     if sweep is not None and sweep.get("results"):
         by_layer, agree = {}, {}
         for r in sweep["results"][1:]:
             by_layer.setdefault(r["layer"], []).append(r["overall"])
             if "agreement_with_unpruned" in r:
                 agree.setdefault(r["layer"], []).append(r["agreement_with_unpruned"])
-        acc_txt = ", ".join(f"K={L}: {sum(v) / len(v):.1%}" for L, v in sorted(by_layer.items()))
+        mean_acc = {L: sum(v) / len(v) for L, v in by_layer.items()}
+        acc_txt = ", ".join(f"K={L}: {v:.1%}" for L, v in sorted(mean_acc.items()))
         lines.append(f"- Cross-check with `benchmarks/prune_sweep.json` (n={sweep['n']} test questions, ONNX Runtime "
-                     f"engines; mean over keeps): accuracy {acc_txt} (unpruned {sweep['results'][0]['overall']:.1%}; "
-                     f"all inside the noise)"
-                     + (", same answer as unpruned " + ", ".join(f"K={L}: {sum(v) / len(v):.0%}"
-                                                              for L, v in sorted(agree.items())) if agree else "")
-                     + ".")
-        if agree:
-            best_agree = max(agree, key=lambda L: sum(agree[L]) / len(agree[L]))
-            lines.append(f"- The layer whose pruning changes the answers least is K={best_agree}; "
-                         + ("it is the recommended K above." if best_agree == res["recommended_layer"] else
-                            f"the stability-based recommendation is K={res['recommended_layer']}: "
-                            "weigh both (and the near-ties) before choosing."))
-    lines += ["", f"Reproduce: `python tools/attention_analysis.py --ckpt build/demo_ckpt --n {res['n']}`"]
+                     f"engines; mean over keeps {', '.join(map(str, sweep['keeps']))}): accuracy {acc_txt} "
+                     f"(unpruned {sweep['results'][0]['overall']:.1%}).")
+        best_acc = max(mean_acc, key=lambda L: mean_acc[L])
+        lines.append(f"- **Recommended K for the demo model: {best_acc}**, the layer whose pruning keeps the most "
+                     f"accuracy in the sweep; "
+                     + ("the attention analysis points to the same layer." if best_acc == rec else
+                        f"the attention analysis alone would pick K={rec}.")
+                     + f" Its relative depth is {best_acc / nl:.2f} (layer {best_acc} of 0..{nl - 1}); "
+                     f"LLaDA-FastV's default for LLaDA-V, K 16 of 32 layers, is at 0.50.")
+        if sweep.get("best_95"):
+            b95 = sweep["best_95"]
+            lines.append(f"- Best setting keeping >= 95% of the unpruned accuracy (sweep): {b95['setting']}, "
+                         f"{b95['flops_reduction']:.0%} fewer FLOPs per request.")
+    lines += ["", f"Reproduce: `python tools/attention_analysis.py --ckpt {res.get('checkpoint', 'CKPT')} --n {res['n']} "
+              f"--layers {' '.join(map(str, res['layers']))} --keeps {' '.join(map(str, res['keeps']))}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -252,7 +311,7 @@ def plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (a, c, b) = plt.subplots(1, 3, figsize=(16, 4.2))
     nl = res["n_layers"]
     a.bar(range(nl), res["visual_share_step1"], color="tab:blue", label="step 1")
     a.plot(range(nl), res["visual_share_all_steps"], "ko-", ms=4, label="mean over steps")
@@ -261,6 +320,15 @@ def plot(res: dict, path: Path) -> None:
     a.set_ylabel("attention share on visual tokens")
     a.set_title("masked response queries -> visual tokens")
     a.legend(fontsize=8)
+    for j, kp in enumerate(res["keeps"]):
+        col = f"C{j}"
+        c.plot(range(nl), res["object_recall_step1"][str(kp)], "o-", color=col, ms=4, label=f"keep {kp}")
+        c.axhline(res["object_recall_chance"][str(kp)], color=col, ls=":", lw=0.8)
+    c.set_xlabel("layer")
+    c.set_ylabel("object tokens kept / object tokens")
+    c.set_ylim(0, 1.05)
+    c.set_title("step-1 top-k: object recall (dotted: random)")
+    c.legend(fontsize=8)
     for L in res["layers"]:
         for kp in res["keeps"]:
             bs = res["stability"][str(L)][str(kp)]["by_step"]
@@ -270,7 +338,7 @@ def plot(res: dict, path: Path) -> None:
     b.set_ylim(0, 1.05)
     b.set_title("top-k visual set stability vs step 1")
     b.legend(fontsize=7, ncol=2)
-    fig.suptitle(f"demo LLaDA-V (partly trained), {res['n']} test questions", fontsize=10)
+    fig.suptitle(f"demo LLaDA-V, {res['n']} test questions", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -278,8 +346,8 @@ def plot(res: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default="build/demo_ckpt")
-    p.add_argument("--n", type=int, default=30)
+    p.add_argument("--ckpt", default="llada_export/assets/demo-model", help="checkpoint (default: the bundled demo model)")
+    p.add_argument("--n", type=int, default=100)
     p.add_argument("--out", default="benchmarks/attention_analysis", help="output path without extension")
     p.add_argument("--layers", type=int, nargs="+", default=[1, 3, 5])
     p.add_argument("--keeps", type=float, nargs="+", default=[0.35, 0.1])

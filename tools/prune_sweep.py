@@ -9,7 +9,7 @@ same system prompt and ``"<image>\\n" + question`` prompt as training, and the t
 answer check (``prediction.strip() == answer``). FLOPs per request come from the
 analytic formulas of ``tools/bench_gpu.py``.
 
-    python tools/prune_sweep.py --ckpt build/demo_ckpt --n 150
+    python tools/prune_sweep.py --n 300    # the bundled demo model
 
 Writes ``<out>.json``, ``<out>.md`` and ``<out>.png`` (default ``benchmarks/prune_sweep``).
 """
@@ -215,11 +215,17 @@ def run_sweep(ckpt: str | Path, n: int, layers: list[int], keeps: list[float], g
 
 # ---------------------------------------------------------------------- reports
 def add_agreement(res: dict) -> None:
-    """Share of questions whose answer equals the unpruned engines' answer (a less noisy signal
-    of what pruning changes than accuracy, which a partly trained model keeps near chance)."""
+    """Paired measures against the unpruned engines on the same questions: the share with the
+    same answer, and how many questions each setting turns from right to wrong (lost) and from
+    wrong to right (gained). Less noisy than comparing two accuracies."""
     base = res["results"][0]["predictions"]
+    answers = [s.answer for s in vqa_task.make_split(res["split"], res["n"])]
+    base_ok = [p.strip() == a for p, a in zip(base, answers)]
     for r in res["results"]:
+        ok = [p.strip() == a for p, a in zip(r["predictions"], answers)]
         r["agreement_with_unpruned"] = sum(a.strip() == b.strip() for a, b in zip(r["predictions"], base)) / max(1, len(base))
+        r["lost"] = sum(b and not o for b, o in zip(base_ok, ok))
+        r["gained"] = sum(o and not b for b, o in zip(base_ok, ok))
 
 
 def markdown(res: dict) -> str:
@@ -228,40 +234,38 @@ def markdown(res: dict) -> str:
     types = sorted(base["per_type"])
     n = res["n"]
     lo, hi = base["ci95"]
+    text_only = res.get("text_only_baseline")
     lines = [
         "# LLaDA-FastV pruning sweep on the procedural VQA task (ONNX Runtime engines, CPU)",
         "",
-        f"**Caveat: the demo model is only partly trained** (about 33% val accuracy against a 24.5% "
-        f"text-only baseline). With n = {n} test questions the 95% binomial (Wilson) interval of the "
-        f"unpruned accuracy is [{lo:.1%}, {hi:.1%}], about +-{(hi - lo) / 2:.0%}: differences of a few "
-        f"points between settings are noise, and the '>= 95% of unpruned' criterion below is decided "
-        f"inside that noise.",
-        "",
-        f"- checkpoint `{res['checkpoint']}`, split `{res['split']}` (first {n} questions), "
-        f"text-only baseline ({res['split']}[:2000]): "
-        + (f"{res['text_only_baseline']:.1%}" if res.get("text_only_baseline") is not None else "n/a"),
+        f"- checkpoint `{res['checkpoint']}`, split `{res['split']}` (first {n} questions); unpruned accuracy "
+        f"{base['overall']:.1%} (95% Wilson interval [{lo:.1%}, {hi:.1%}]), text-only baseline "
+        f"({res['split']}[:2000]): " + (f"{text_only:.1%}" if text_only is not None else "n/a"),
         f"- engines: {res['backend']}; one `export_engines` per (K, keep); bucket: image "
         f"{res['bucket']['image_size'][0]}x{res['bucket']['image_size'][1]}, "
         f"{res['bucket']['max_visual_tokens']} visual tokens, {res['bucket']['max_text_tokens']} prompt tokens, "
-        f"G = {res['bucket']['gen_length']}",
+        f"G = {res['bucket']['gen_length']}; the model has {res['n_layers']} LM layers (0..{res['n_layers'] - 1})",
         f"- sampler: gen = block = steps = {res['generation']['gen_length']}, temperature 0, low-confidence "
         f"remasking, stop at the first committed `<|eot_id|>` (the trainer's evaluation settings); "
         f"answer check `prediction.strip() == answer`",
         f"- FLOPs: analytic (`tools/bench_gpu.py: request_flops`) for a request filling the bucket and all "
         f"{res['generation']['steps']} steps (vision included); the sampler stops earlier when the answer "
         f"and its `<|eot_id|>` are committed, see 'steps'",
+        f"- lost / gained: questions the setting turns from right to wrong / wrong to right against the "
+        f"unpruned engines (paired, on the same questions)",
         f"- total time {res['seconds']:.0f} s (exports {res['export_seconds']:.0f} s) on "
         f"{res['env']['threads']} CPU threads",
         "",
-        "| setting | k visual | accuracy | 95% CI | rel. to unpruned | same answer as unpruned | GFLOPs/request | FLOPs saved | "
-        + " | ".join(types) + " | steps | s/question |",
-        "|---|---|---|---|---|---|---|---|" + "---|" * len(types) + "---|---|",
+        "| setting | k visual | accuracy | 95% CI | rel. to unpruned | lost / gained | same answer as unpruned | "
+        "GFLOPs/request | FLOPs saved | " + " | ".join(types) + " | steps | s/question |",
+        "|---|---|---|---|---|---|---|---|---|" + "---|" * len(types) + "---|---|",
     ]
     for r in res["results"]:
         lo, hi = r["ci95"]
         lines.append(
             f"| {r['setting']} | {r['k']} | {r['overall']:.1%} | [{lo:.0%}, {hi:.0%}] | "
-            f"{r['relative_accuracy']:.0%} | {r['agreement_with_unpruned']:.0%} | {r['flops']['total'] / 1e9:.1f} | {r['flops_reduction']:.0%} | "
+            f"{r['relative_accuracy']:.1%} | {r['lost']} / {r['gained']} | {r['agreement_with_unpruned']:.0%} | "
+            f"{r['flops']['total'] / 1e9:.1f} | {r['flops_reduction']:.0%} | "
             + " | ".join(f"{r['per_type'].get(t, float('nan')):.0%}" for t in types)
             + f" | {r['mean_steps']:.1f} | {r['seconds_per_question']:.2f} |")
     lines.append("")
@@ -270,21 +274,26 @@ def markdown(res: dict) -> str:
     b = res["best_95"]
     if b:
         lines.append(f"**Best setting keeping >= 95% of the unpruned accuracy: {b['setting']}** "
-                     f"({b['accuracy']:.1%} vs {base['overall']:.1%} unpruned, {b['relative_accuracy']:.0%}), "
-                     f"**{b['flops_reduction']:.0%} fewer FLOPs per request**. Given the interval above this is "
-                     f"indicative only: several settings are statistically indistinguishable from the unpruned "
-                     f"model at this n.")
+                     f"({b['accuracy']:.1%} vs {base['overall']:.1%} unpruned, {b['relative_accuracy']:.1%}), "
+                     f"**{b['flops_reduction']:.0%} fewer FLOPs per request**.")
     else:
         lines.append("No pruned setting kept >= 95% of the unpruned accuracy.")
     lines.append("")
-    lines.append(f"Reading: unpruned accuracy ({base['overall']:.1%}) is only a few points above the text-only "
-                 f"baseline ({res['text_only_baseline']:.1%}), so this model draws little on the image and "
-                 f"removing visual tokens has little accuracy left to lose: every pruned setting's accuracy lies "
-                 f"inside the unpruned 95% interval. The 'same answer as unpruned' column (a paired measure, less "
-                 f"noisy than accuracy) shows how much each setting actually changes the answers. A better trained "
-                 f"model is needed before this sweep can rank K and keep.")
+    lines.append("Per prune layer, the smallest keep that holds >= 95% of the unpruned accuracy:")
     lines.append("")
-    lines.append("Reproduce: `python tools/prune_sweep.py --ckpt build/demo_ckpt --n "
+    for layer in res["layers"]:
+        rs = [r for r in res["results"] if r["layer"] == layer]
+        ok = [r for r in rs if r["overall"] >= 0.95 * base["overall"]]
+        worst = min(rs, key=lambda r: r["overall"])
+        if ok:
+            r = min(ok, key=lambda r: r["keep"])
+            lines.append(f"- K={layer}: keep {r['keep']} ({r['overall']:.1%}, {r['flops_reduction']:.0%} fewer FLOPs, "
+                         f"{r['lost']} lost / {r['gained']} gained); lowest accuracy over the keeps "
+                         f"{worst['overall']:.1%} (keep {worst['keep']})")
+        else:
+            lines.append(f"- K={layer}: none (best {max(r['overall'] for r in rs):.1%})")
+    lines.append("")
+    lines.append(f"Reproduce: `python tools/prune_sweep.py --ckpt {res['checkpoint']} --n "
                  f"{n} --layers {' '.join(map(str, res['layers']))} --keeps {' '.join(map(str, res['keeps']))}`")
     return "\n".join(lines) + "\n"
 
@@ -312,7 +321,7 @@ def plot(res: dict, path: Path) -> None:
         ax.axhline(res["text_only_baseline"], color="red", ls=":", lw=0.8, label="text-only baseline")
     ax.set_xlabel("GFLOPs per request (analytic)")
     ax.set_ylabel(f"test accuracy (n={res['n']})")
-    ax.set_title("LLaDA-FastV pruning, demo model (partly trained): accuracy vs compute")
+    ax.set_title("demo model, ONNX Runtime engines: accuracy vs FLOPs", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -322,7 +331,7 @@ def plot(res: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default="build/demo_ckpt")
+    p.add_argument("--ckpt", default="llada_export/assets/demo-model", help="checkpoint (default: the bundled demo model)")
     p.add_argument("--n", type=int, default=150, help="test questions")
     p.add_argument("--out", default="benchmarks/prune_sweep", help="output path without extension")
     p.add_argument("--layers", type=int, nargs="+", default=[1, 3, 5])
