@@ -482,9 +482,7 @@ def _drop_load_time_keys(path: Path) -> None:
     if not path.exists():
         return
     conf = json.loads(path.read_text())
-    if any(k in conf for k in ("is_local", "local_files_only")):
-        for k in ("is_local", "local_files_only"):
-            conf.pop(k, None)
+    if [conf.pop(k) for k in ("is_local", "local_files_only") if k in conf]:
         path.write_text(json.dumps(conf, indent=2, ensure_ascii=False) + "\n")
 
 

@@ -91,8 +91,8 @@ def object_tokens(scene: vqa_task.Scene, cfg) -> torch.Tensor:
     return tokens[:, 0] > 0.5
 
 
-def analyse_sample(model, tokenizer, sample, gen: GenerationConfig, layers: list[int], keeps: list[float],
-                   cfg=None, system: str = DEFAULT_SYSTEM_PROMPT) -> dict:
+def analyse_sample(model, tokenizer, cfg, sample, gen: GenerationConfig, layers: list[int], keeps: list[float],
+                   system: str = DEFAULT_SYSTEM_PROMPT) -> dict:
     sp = SpecialTokens.from_tokenizer(tokenizer)
     inputs = build_prompt(model, tokenizer, sample.image(), sample.prompt, system)
     den = RecordingDenoiser(model, inputs, sp.mask)
@@ -100,17 +100,13 @@ def analyse_sample(model, tokenizer, sample, gen: GenerationConfig, layers: list
     text = tokenizer.decode(ids.tolist(), skip_special_tokens=True)
     n_vis = inputs.n_visual
     # what the step-1 selection at each layer keeps of the objects (every layer, every keep)
-    recall: dict[str, list[float]] = {}
-    n_obj = 0
-    if cfg is not None:
-        obj = object_tokens(sample.scene, cfg)  # [n_visual]
-        n_obj = int(obj.sum())
-        if obj.numel() != n_vis:
-            raise RuntimeError(f"object map has {obj.numel()} tokens, the prompt {n_vis}")
-        for keep in keeps:
-            k = num_kept(keep, n_vis)
-            recall[str(keep)] = [float(obj[sc.topk(k).indices].sum()) / max(1, n_obj)
-                                 for sc in den.steps[0]["scores"]]  # [n_layers]
+    obj = object_tokens(sample.scene, cfg)  # [n_visual]
+    n_obj = int(obj.sum())
+    if obj.numel() != n_vis:
+        raise RuntimeError(f"object map has {obj.numel()} tokens, the prompt {n_vis}")
+    recall = {str(keep): [float(obj[sc.topk(num_kept(keep, n_vis)).indices].sum()) / max(1, n_obj)
+                          for sc in den.steps[0]["scores"]]  # [n_layers]
+              for keep in keeps}
     overlap: dict[str, dict[str, list[float]]] = {}
     for layer in layers:
         for keep in keeps:
@@ -141,7 +137,7 @@ def run_analysis(ckpt: str | Path, n: int, layers: list[int], keeps: list[float]
     gen = GenerationConfig(gen_length, gen_length, gen_length).validate()
     per_q = []
     for s in vqa_task.make_split(split, n):
-        per_q.append(analyse_sample(model, tokenizer, s, gen, layers, keeps, cfg))
+        per_q.append(analyse_sample(model, tokenizer, cfg, s, gen, layers, keeps))
         if progress and len(per_q) % 10 == 0:
             print(f"{len(per_q)}/{n} questions ({time.perf_counter() - t0:.0f} s)", flush=True)
 
@@ -174,12 +170,11 @@ def run_analysis(ckpt: str | Path, n: int, layers: list[int], keeps: list[float]
               for kp in keeps}
     chance = {str(kp): num_kept(kp, per_q[0]["n_visual"]) / per_q[0]["n_visual"] for kp in keeps}
 
-    def mean_recall(layer):
-        return sum(recall[str(kp)][layer] for kp in keeps) / len(keeps)
+    recall_mean = [sum(recall[str(kp)][i] for kp in keeps) / len(keeps) for i in range(n_layers)]
 
     # Recommendation from the attention alone: the candidate layer whose step-1 top-k keeps the
     # most of the objects (averaged over keeps), ties to the more stable selection.
-    rec = max(layers, key=lambda L: (round(mean_recall(L), 3), stab(L)))
+    rec = max(layers, key=lambda L: (round(recall_mean[L], 3), stab(L)))
     peak = max(range(n_layers), key=lambda i: share1[i])
     return {
         "checkpoint": str(ckpt), "split": split, "n": n, "n_layers": n_layers, "hidden_size": cfg.text.hidden_size,
@@ -193,6 +188,7 @@ def run_analysis(ckpt: str | Path, n: int, layers: list[int], keeps: list[float]
         "stability": stability,
         "stability_mean": {str(L): stab(L) for L in layers},
         "object_recall_step1": recall,  # keep -> [n_layers]
+        "object_recall_mean": recall_mean,  # [n_layers]: mean over keeps
         "object_recall_chance": chance,  # keep -> k / n_visual (a random selection)
         "object_token_share": sum(q["object_tokens"] / q["n_visual"] for q in per_q) / len(per_q),
         "recommended_layer": rec,
@@ -211,7 +207,7 @@ def markdown(res: dict, sweep: dict | None = None) -> str:
     lines = [
         "# Visual attention of the demo LLaDA-V: per-layer share and top-k stability",
         "",
-        f"**Caveat:** the demo model is tiny ({nl} LM layers, hidden {res.get('hidden_size', 192)}; LLaDA-8B has 32 "
+        f"**Caveat:** the demo model is tiny ({nl} LM layers, hidden {res['hidden_size']}; LLaDA-8B has 32 "
         f"layers of 4096) and trained on one synthetic task ({res['accuracy']:.0%} right on these {res['n']} "
         f"questions), so its attention pattern is a hint of what the 8B LLaDA-V does, not evidence.",
         "",
@@ -267,11 +263,10 @@ def markdown(res: dict, sweep: dict | None = None) -> str:
            "By visual share the demo model's pattern **does not clearly match**: its response queries attend to "
            "the image as much or more in the early layers.")
         + f" With {nl} layers this is weak evidence about the 32-layer model.")
-    recall_mean = {L: sum(res["object_recall_step1"][str(kp)][L] for kp in res["keeps"]) / len(res["keeps"])
-                   for L in range(nl)}
+    recall_mean = res["object_recall_mean"]
     best_recall = max(range(nl), key=lambda L: recall_mean[L])
     lines.append("- Object recall of step 1's top-k (mean over keeps): "
-                 + ", ".join(f"layer {L}: {v:.0%}" for L, v in recall_mean.items())
+                 + ", ".join(f"layer {L}: {v:.0%}" for L, v in enumerate(recall_mean))
                  + f"; highest at layer {best_recall}.")
     stab_txt = ", ".join(f"K={L}: {v:.2f}" for L, v in res["stability_mean"].items())
     lines.append(f"- Top-k stability (mean overlap over keeps and later steps): {stab_txt}.")
@@ -279,11 +274,9 @@ def markdown(res: dict, sweep: dict | None = None) -> str:
     lines.append(f"- From the attention alone: K={rec} (the highest object recall among the candidate layers "
                  f"{res['layers']}, ties to the more stable selection).")
     if sweep is not None and sweep.get("results"):
-        by_layer, agree = {}, {}
+        by_layer = {}
         for r in sweep["results"][1:]:
             by_layer.setdefault(r["layer"], []).append(r["overall"])
-            if "agreement_with_unpruned" in r:
-                agree.setdefault(r["layer"], []).append(r["agreement_with_unpruned"])
         mean_acc = {L: sum(v) / len(v) for L, v in by_layer.items()}
         acc_txt = ", ".join(f"K={L}: {v:.1%}" for L, v in sorted(mean_acc.items()))
         lines.append(f"- Cross-check with `benchmarks/prune_sweep.json` (n={sweep['n']} test questions, ONNX Runtime "
@@ -300,7 +293,7 @@ def markdown(res: dict, sweep: dict | None = None) -> str:
             b95 = sweep["best_95"]
             lines.append(f"- Best setting keeping >= 95% of the unpruned accuracy (sweep): {b95['setting']}, "
                          f"{b95['flops_reduction']:.0%} fewer FLOPs per request.")
-    lines += ["", f"Reproduce: `python tools/attention_analysis.py --ckpt {res.get('checkpoint', 'CKPT')} --n {res['n']} "
+    lines += ["", f"Reproduce: `python tools/attention_analysis.py --ckpt {res['checkpoint']} --n {res['n']} "
               f"--layers {' '.join(map(str, res['layers']))} --keeps {' '.join(map(str, res['keeps']))}`"]
     return "\n".join(lines) + "\n"
 

@@ -31,6 +31,7 @@ from PIL import Image
 
 # Official LLaDA-V on the H100, 1024x768, random bf16 weights (issue 7's anchor).
 ANCHOR_IMAGE = "1024x768"  # the only image size the anchor was measured at
+TARGET = {"image": ANCHOR_IMAGE, "prune_layer": 16, "keep": 0.35}  # the setting issue 7's targets are for
 OFFICIAL = {"forward_3815_ms": 196.0, "mc": 0.42, "chartqa": 3.25, "demo": 26.5, "vision_7_crops_ms": 40.0,
             "peak_gib": 28.7}
 
@@ -273,10 +274,11 @@ def run_engines(args, save=lambda res: None) -> dict:
     from llada_export.runtime.sampler import PRESETS
 
     rows: list[dict] = []
-    # the main setting: the issue's target (K 16, keep 0.35, 1024x768) where the lists hold it
-    main = {"image": "1024x768" if (1024, 768) in args.images else "x".join(map(str, args.images[0])),
-            "prune_layer": 16 if 16 in args.layers else args.layers[0],
-            "keep": 0.35 if 0.35 in args.keeps else args.keeps[0]}
+    # the main setting: the issue's target setting where the lists hold it
+    tags = ["x".join(map(str, wh)) for wh in args.images]
+    main = {"image": TARGET["image"] if TARGET["image"] in tags else tags[0],
+            "prune_layer": TARGET["prune_layer"] if TARGET["prune_layer"] in args.layers else args.layers[0],
+            "keep": TARGET["keep"] if TARGET["keep"] in args.keeps else args.keeps[0]}
     res: dict = {"part": "engines", "backend": args.backend, "official_anchor": OFFICIAL, "rows": rows,
                  "settings": [], "main": main}
     res["matmul_peak_tflops"] = peak = matmul_peak() / 1e12
@@ -418,21 +420,21 @@ def markdown(res: dict, env: dict) -> str:
 
 def primary_setting(res: dict) -> dict:
     """The main setting's record (``run_engines``: the issue's target where measured)."""
-    if "main" not in res:  # runs before the main setting was recorded measured one setting
-        return res["settings"][0]
     key = tuple(res["main"][k] for k in ("image", "prune_layer", "keep"))
     return next(st for st in res["settings"] if (st["image"], st["prune_layer"], st["keep"]) == key)
+
+
+def main_rows(res: dict, st: dict, kind: str) -> dict:
+    """{(preset, unpruned): row} of ``kind`` ("engines" / "eager") for setting ``st``: its pruned
+    rows and the unpruned rows of its image."""
+    return {(r["preset"], r["unpruned"]): r for r in res["rows"] if r["kind"] == kind and r["image"] == st["image"]
+            and (r["unpruned"] or (r["prune_layer"], r["keep"]) == (st["prune_layer"], st["keep"]))}
 
 
 def markdown_engines(res: dict) -> list[str]:
     st = primary_setting(res)
     m, image = st["manifest"], st["image"]
-
-    def pick(r):  # the primary setting's rows, and the unpruned rows of its image
-        return r["image"] == image and (r["unpruned"] or (r["prune_layer"], r["keep"]) == (st["prune_layer"], st["keep"]))
-
-    eng = {(r["preset"], r["unpruned"]): r for r in res["rows"] if r["kind"] == "engines" and pick(r)}
-    eag = {(r["preset"], r["unpruned"]): r for r in res["rows"] if r["kind"] == "eager" and pick(r)}
+    eng, eag = main_rows(res, st, "engines"), main_rows(res, st, "eager")
     presets = list(dict.fromkeys(r["preset"] for r in res["rows"]))
     pr, bk = m["pruning"], m["bucket"]
     lines = [f"Engines: {res['backend']} (torch.export programs compiled with Inductor, CUDA graphs), dtype {m['dtype']}, "
@@ -476,7 +478,7 @@ def markdown_engines(res: dict) -> list[str]:
         lines.append(f"| {name} | {g.get('cuda_graph_ms', g.get('ms', nan)):.2f} | {g.get('no_cuda_graph_ms', nan):.2f} | "
                      f"{g['tflops']:.2f} | {100 * g['share_of_peak']:.0f} |")
     d_p, d_u = eng.get(("demo", False)), eng.get(("demo", True))
-    target_setting = (image, st["prune_layer"], st["keep"]) == (ANCHOR_IMAGE, 16, 0.35)
+    target_setting = all(st[k] == v for k, v in TARGET.items())
     if d_p and d_u:
         checks = []
         if anchored:
@@ -490,7 +492,8 @@ def markdown_engines(res: dict) -> list[str]:
             checks.append(("stage B >= 70% of measured bf16 peak", st["graphs"]["stage_b"]["share_of_peak"], 0.70))
         lines += ["", "## Targets (issue 7)", ""]
         if not target_setting:
-            lines += [f"The targets are set for {ANCHOR_IMAGE}, K 16, keep 0.35; this run's main setting is {image}, "
+            lines += [f"The targets are set for {TARGET['image']}, K {TARGET['prune_layer']}, keep {TARGET['keep']}; "
+                      f"this run's main setting is {image}, "
                       f"K {st['prune_layer']}, keep {st['keep']}, so the rows below are for reference, not the "
                       f"target check.", ""]
         lines += ["| target | measured | met |", "| --- | --- | --- |"]
@@ -550,8 +553,7 @@ def plot_engines(res: dict, path: Path) -> None:
     series = [("official (H100 anchor)", lambda p: OFFICIAL[p])] if st["image"] == ANCHOR_IMAGE else []
     for kind, unpruned, label in (("eager", True, "eager unpruned"), ("eager", False, "eager pruned"),
                                   ("engines", True, "engines unpruned"), ("engines", False, "engines pruned")):
-        vals = {r["preset"]: r["latency_s"] for r in res["rows"] if r["kind"] == kind and r["unpruned"] == unpruned
-                and r["image"] == st["image"] and (unpruned or (r["prune_layer"], r["keep"]) == (st["prune_layer"], st["keep"]))}
+        vals = {p: r["latency_s"] for (p, u), r in main_rows(res, st, kind).items() if u == unpruned}
         if vals:
             series.append((label, lambda p, v=vals: v.get(p, float("nan"))))
     fig, ax = plt.subplots(figsize=(8, 4.5))
