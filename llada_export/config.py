@@ -95,15 +95,10 @@ class LLaDAVConfig:
             raise ConfigError(f"image_aspect_ratio {self.image_aspect_ratio!r} is not supported (expected anyres_max_N)")
         return int(m.group(1))
 
-    @property
-    def max_grid_crops(self) -> int:
-        """Largest number of grid crops any image can produce (plus one base crop)."""
-        s = self.vision.image_size
-        return max((w // s) * (h // s) for w, h in self.image_grid_pinpoints)
-
     # ------------------------------------------------------------------ I/O
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LLaDAVConfig":
+    def from_dict(cls, d: dict[str, Any], base_dir: str | Path | None = None) -> "LLaDAVConfig":
+        """``base_dir``: the checkpoint directory (a relative ``mm_vision_tower`` path is tried there)."""
         mt = d.get("model_type")
         if mt != "llava_llada":
             raise ConfigError(
@@ -111,7 +106,7 @@ class LLaDAVConfig:
             )
         text_fields = {f.name for f in dataclasses.fields(TextConfig)}
         text = TextConfig(**{k: d[k] for k in text_fields if k in d and d[k] is not None})
-        vd = d.get("vision_config") or {}
+        vd = d.get("vision_config") or local_tower_config(d.get("mm_vision_tower"), base_dir) or {}
         vision_fields = {f.name for f in dataclasses.fields(VisionConfig)}
         vision = VisionConfig(**{k: vd[k] for k in vision_fields if k in vd})
         if "mm_hidden_size" in d and d["mm_hidden_size"] != vision.hidden_size:
@@ -151,7 +146,7 @@ class LLaDAVConfig:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from e
-        return cls.from_dict(d)
+        return cls.from_dict(d, path.parent)
 
     def to_dict(self) -> dict[str, Any]:
         """The official flat layout plus an explicit ``vision_config`` block."""
@@ -193,6 +188,28 @@ class LLaDAVConfig:
     def hash(self) -> str:
         """SHA-256 of the canonical JSON form (for manifests)."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def local_tower_config(tower: Any, base_dir: str | Path | None) -> dict[str, Any] | None:
+    """The vision dimensions of a local SigLIP directory named by ``mm_vision_tower`` (as the
+    official loader reads it with ``from_pretrained``): its config.json, or that file's
+    ``vision_config`` block for a full SigLIP model. None when the name is a hub id."""
+    if not isinstance(tower, str) or not tower:
+        return None
+    candidates = [Path(tower)] if Path(tower).is_absolute() else [Path(base_dir) / tower] if base_dir else []
+    candidates.append(Path(tower))  # relative to the working directory, as the official code
+    for cand in candidates:
+        f = cand / "config.json"
+        if f.is_file():
+            try:
+                d = json.loads(f.read_text())
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{f}: the vision tower's config is not valid JSON ({e})") from e
+            d = d.get("vision_config") or d
+            if "hidden_size" not in d:
+                raise ConfigError(f"{f}: the vision tower's config has no hidden_size")
+            return d
+    return None
 
 
 def parse_grid_pinpoints(value: Any, crop_size: int) -> list[tuple[int, int]]:

@@ -17,6 +17,7 @@ from llada_export.graphs.anyres import (
     assemble,
     grid_shape,
     load_image,
+    max_visual_token_count,
     normalize_crop,
     preprocess,
     select_best_resolution,
@@ -126,14 +127,11 @@ def test_unpad_odd_difference_keeps_extra_row():
     assert torch.equal(out, fmap[:, 4:12])
 
 
-@pytest.mark.parametrize("size", [(1920, 1080), (663, 4017), (4017, 663)])
-def test_assemble_bit_exact_vs_hand_built_map(size):
-    """Independent build of the official merge (all three sizes are downsampled; the
-    single-column grid once exposed a stride-dependent interpolate result)."""
-    cfg, p, d = full_config(), 27, 4
+def hand_built(feats, size, cfg, newline):
+    """The official merge built independently, crop by crop (unpad_image, the 1.1 downsample rule)."""
+    p, d = cfg.vision.patches_per_side, feats.shape[-1]
     cols, rows = grid_shape(size, cfg)
-    feats, newline = random_features(size, cfg, d=d)
-    fmap = torch.empty(d, rows * p, cols * p)  # built crop by crop
+    fmap = torch.empty(d, rows * p, cols * p, dtype=feats.dtype)
     for r in range(rows):
         for c in range(cols):
             fmap[:, r * p : (r + 1) * p, c * p : (c + 1) * p] = feats[1 + r * cols + c].T.reshape(d, p, p)
@@ -146,10 +144,19 @@ def test_assemble_bit_exact_vs_hand_built_map(size):
         fmap = fmap[:, :, pad : cur_w - pad]
     h, w = fmap.shape[1:]
     times = math.sqrt(h * w / (4 * p * p))
-    assert times > 1.1
-    fmap = torch.nn.functional.interpolate(fmap[None], [int(h // times), int(w // times)], mode="bilinear")[0]
+    if times > 1.1:
+        fmap = torch.nn.functional.interpolate(fmap[None], [int(h // times), int(w // times)], mode="bilinear")[0]
     fmap = torch.cat([fmap, newline[:, None, None].expand(d, fmap.shape[1], 1)], dim=-1)  # [d, h', w' + 1]
-    expected = torch.cat([feats[0], fmap.reshape(d, -1).T])  # [729 + h' * (w' + 1), d]
+    return torch.cat([feats[0], fmap.reshape(d, -1).T])  # [T + h' * (w' + 1), d]
+
+
+@pytest.mark.parametrize("size", [(1920, 1080), (663, 4017), (4017, 663)])
+def test_assemble_bit_exact_vs_hand_built_map(size):
+    """Independent build of the official merge (all three sizes are downsampled; the
+    single-column grid once exposed a stride-dependent interpolate result)."""
+    cfg = full_config()
+    feats, newline = random_features(size, cfg, d=4)
+    expected = hand_built(feats, size, cfg, newline)
     assert torch.equal(assemble(feats, size, cfg, newline), expected)
     if size == (1920, 1080):
         assert expected.shape[0] == 3649
@@ -157,12 +164,26 @@ def test_assemble_bit_exact_vs_hand_built_map(size):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_assemble_dtypes_with_downsample(dtype):
+    """In the model's dtype, against the hand-built merge in that dtype (the interpolation runs in it)."""
     cfg, size = full_config(), (1920, 1080)  # downsampled (times > 1.1)
     feats, newline = random_features(size, cfg, dtype=dtype)
     out = assemble(feats, size, cfg, newline)
     assert out.dtype == dtype and out.shape == (3649, 8)
-    ref = assemble(feats.float(), size, cfg, newline.float())
-    torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.05)
+    assert torch.equal(out, hand_built(feats, size, cfg, newline))
+
+
+@pytest.mark.parametrize("name", ["full", "tiny"])
+def test_max_visual_token_count_bounds_every_image(name):
+    """The default bucket takes every image: no size gives more tokens than the bound, and the bound
+    is tight (within 3% of the largest count found over many sizes)."""
+    cfg = CONFIGS[name]
+    bound = max_visual_token_count(cfg)
+    rng = random.Random(7)  # log-uniform sizes from 8 to 8192 px: every grid and aspect ratio
+    sizes = random_sizes(300) + [(int(2 ** rng.uniform(3, 13)), int(2 ** rng.uniform(3, 13))) for _ in range(10000)]
+    counts = [visual_token_count(*size, cfg) for size in sizes]
+    assert max(counts) <= bound < 1.03 * max(counts)
+    if name == "full":
+        assert bound > visual_token_count(1920, 1080, cfg)
 
 
 def test_assemble_rejects_wrong_crop_count():

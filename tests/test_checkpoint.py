@@ -10,19 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llada_export.checkpoint import (
-    INDEX_NAME,
-    VISION_LAYER_PREFIX,
-    CheckpointError,
-    LazyState,
-    load_checkpoint,
-    random_checkpoint,
-    random_state,
-    save_checkpoint,
-)
+from llada_export.checkpoint.io import INDEX_NAME, VISION_LAYER_PREFIX, CheckpointError, LazyState, save_checkpoint
+from llada_export.checkpoint.loader import load_checkpoint
 from llada_export.cli.checkpoint import main as cli_main
 from llada_export.config import ConfigError, full_config, tiny_config
-from llada_export.tokenizer import FULL_VOCAB_SIZE, build_tokenizer
+from llada_export.outdir import OutputDirError
+from llada_export.synthetic.tokenizer import FULL_VOCAB_SIZE, build_tokenizer
+from llada_export.synthetic.weights import random_checkpoint, random_state
 
 SHARD = 300_000  # bytes: the tiny fp32 model (~2.5 MB) gets several shards
 
@@ -231,16 +225,29 @@ def test_missing_dir_and_config(tmp_path):
 
 
 # ---------------------------------------------------------------------- writer safety
-def test_refuses_to_overwrite(tiny_dir, tmp_path):
+def test_refuses_to_overwrite_what_it_did_not_write(tmp_path):
     d = tmp_path / "existing"
     d.mkdir()
     (d / "keep.txt").write_text("mine")
-    with pytest.raises(CheckpointError, match="not empty"):
-        random_checkpoint("tiny", d)
-    assert [p.name for p in d.iterdir()] == ["keep.txt"]
-    random_checkpoint("tiny", d, overwrite=True)
-    assert not (d / "keep.txt").exists() and (d / INDEX_NAME).is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]  # no stray temporaries
+    for overwrite in (False, True):  # not a checkpoint this tool wrote: never replaced
+        with pytest.raises(OutputDirError, match="not a checkpoint directory written by this tool"):
+            random_checkpoint("tiny", d, overwrite=overwrite)
+        assert [p.name for p in d.iterdir()] == ["keep.txt"]
+    ours = random_checkpoint("tiny", tmp_path / "ours")
+    with pytest.raises(OutputDirError, match="pass overwrite=True"):
+        random_checkpoint("tiny", ours, seed=1)
+    random_checkpoint("tiny", ours, seed=1, overwrite=True)
+    assert (ours / INDEX_NAME).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "ours"]  # no stray temporaries
+
+
+def test_writing_into_the_source_checkpoint_is_refused(tiny_dir, tmp_path):
+    """A checkpoint written from a loaded one must not land in, on or around its source."""
+    model, tok, cfg = load_checkpoint(tiny_dir)
+    for out in (tiny_dir, tiny_dir / "sub", tiny_dir.parent):
+        with pytest.raises(OutputDirError, match="must not be modified"):
+            save_checkpoint(model.state_dict(), cfg, tok, out, overwrite=True, protect=[tiny_dir])
+    assert load_checkpoint(tiny_dir)[2].hash() == cfg.hash()
 
 
 def test_failure_leaves_nothing(tmp_path):
@@ -286,7 +293,8 @@ def test_cli_writes_and_refuses_overwrite(tmp_path, capsys):
         cli_main(["--preset", "tiny", "-o", str(d), "--seed", "1"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("llada-checkpoint: error: ") and "--overwrite" in err[0]
+    assert len(err) == 1 and err[0].startswith("llada-checkpoint: error: ") and "pass --overwrite" in err[0]
+    assert "overwrite=True" not in err[0]
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before
 
     assert cli_main(["--preset", "tiny", "-o", str(d), "--seed", "1", "--overwrite", "--dtype", "bfloat16"]) == 0
@@ -298,3 +306,42 @@ def test_cli_bad_arguments(capsys):
     with pytest.raises(SystemExit) as e:
         cli_main(["--preset", "huge", "-o", "x"])
     assert e.value.code == 2
+
+
+# ---------------------------------------------------------------------- loader: what the official layout allows
+def test_loads_without_tokenizer_files(copy_dir, tiny_dir):
+    """The model, the vision tower and the sampler need no tokenizer: a clear error only where
+    text must be encoded."""
+    from llada_export.reference import embed_prompt
+    from llada_export.tokenizer import TokenizerError
+
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (copy_dir / f).unlink(missing_ok=True)
+    model, tok, cfg = load_checkpoint(copy_dir)
+    assert tok is None
+    ref_model, _, _ = load_checkpoint(tiny_dir)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref_model.state_dict().values()))
+    with pytest.raises(TokenizerError, match="needs the tokenizer"):
+        embed_prompt(model, tok, None, "hello")
+    with pytest.raises(CheckpointError, match="no tokenizer files"):
+        load_checkpoint(copy_dir, require_tokenizer=True)
+
+
+def test_local_vision_tower_directory_supplies_the_dimensions(copy_dir):
+    """Like the official loader: ``mm_vision_tower`` naming a local SigLIP directory with its own
+    config.json gives the tower's dimensions (without it so400m is assumed, which this tiny tower
+    is not)."""
+    conf = json.loads((copy_dir / "config.json").read_text())
+    vision = conf.pop("vision_config")
+    conf["mm_vision_tower"] = "siglip-tower"
+    (copy_dir / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(ConfigError, match="does not match the vision tower width 1152"):
+        load_checkpoint(copy_dir)
+    tower = copy_dir / "siglip-tower"
+    tower.mkdir()
+    siglip = {"model_type": "siglip", "vision_config": {k: vision[k] for k in (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size")}}
+    (tower / "config.json").write_text(json.dumps(siglip))
+    model, _, cfg = load_checkpoint(copy_dir)
+    assert cfg.vision.hidden_size == vision["hidden_size"] and cfg.vision.patch_size == vision["patch_size"]
+    assert len(model.model.vision_tower.vision_tower.vision_model.encoder.layers) == vision["num_hidden_layers"] - 1

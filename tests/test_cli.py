@@ -1,46 +1,85 @@
-"""llada-generate and llada-checkpoint from the command line: answers, JSON, and one-line user errors."""
+"""The installed CLIs from a shell's point of view: answers, JSON, --version, one-line user errors."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from llada_export import __version__
 from llada_export.demo import DEMO_IMAGE
 
-
-def _gen(engines, *args):
-    return subprocess.run([sys.executable, "-m", "llada_export.cli.generate", "--engines", str(engines), *args],
-                          capture_output=True, text=True, timeout=600)
+BIN = Path(sys.executable).parent  # the console scripts pip installed beside this interpreter
 
 
-def test_generate_json_and_compare_unpruned(engines):
-    r = _gen(engines, "--image", str(DEMO_IMAGE), "--prompt", "<image>\nWhat colour is the circle?",
+def _gen(engines, *args, timeout=600):
+    return subprocess.run([str(BIN / "llada-generate"), "--engines", str(engines), *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_generate_json_and_compare_unpruned(engines, tiny):
+    from llada_export.contract.pruning import num_kept
+    from llada_export.reference import reference_generate
+    from llada_export.sampler import preset
+
+    r = _gen(engines, "--image", str(DEMO_IMAGE), "--prompt", "What colour is the circle?",
              "--preset", "mc", "--compare-unpruned", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     res = out["result"]
-    assert len(res["ids"]) <= 2 and res["n_visual"] > 0 and 0 < len(res["kept_visual"]) < res["n_visual"]
-    assert {"vision", "stage_a", "stage_b_per_step", "total"} <= set(res["timings"])
-    assert "unpruned" in out and out["speedup"] > 0
+    model, tok, _ = tiny
+    ref = reference_generate(model, tok, DEMO_IMAGE, "What colour is the circle?", preset("mc"))
+    assert out["unpruned"]["ids"] == ref.ids  # the unpruned graph's answer, as the eager model's
+    assert len(res["kept_visual"]) == num_kept(0.5, res["n_visual"]) and res["n_visual"] > 0
+    assert {"vision", "stage_a_per_call", "stage_b_per_call", "total"} <= set(res["timings"])
+    assert out["speedup"] == pytest.approx(out["unpruned"]["timings"]["total"] / res["timings"]["total"])
 
 
-def test_generate_plain_text_output(engines):
-    r = _gen(engines, "--image", str(DEMO_IMAGE), "--prompt", "<image>\nWhat is here?", "--preset", "mc")
+def test_generate_plain_text_output(engines, tiny):
+    from llada_export.contract.pruning import PruneSettings
+    from llada_export.reference import reference_generate
+    from llada_export.sampler import preset
+
+    r = _gen(engines, "--image", str(DEMO_IMAGE), "--prompt", "What is here?", "--preset", "chartqa")
     assert r.returncode == 0, r.stderr
+    model, tok, _ = tiny
+    ref = reference_generate(model, tok, DEMO_IMAGE, "What is here?", preset("chartqa"), PruneSettings(2, 0.5))
+    assert r.stdout == ref.text + "\n"
+
+
+def test_literal_backslash_n_prompt_as_typed_in_bash(engines):
+    """`--prompt "<image>\\nWhat is here?"` in bash passes a backslash and an n: read as the newline."""
+    typed = _gen(engines, "--image", str(DEMO_IMAGE), "--prompt", "<image>\\nWhat is here?", "--preset", "chartqa",
+                 "--json")
+    meant = _gen(engines, "--image", str(DEMO_IMAGE), "--prompt", "<image>\nWhat is here?", "--preset", "chartqa",
+                 "--json")
+    plain = _gen(engines, "--image", str(DEMO_IMAGE), "--prompt", "What is here?", "--preset", "chartqa", "--json")
+    assert typed.returncode == meant.returncode == plain.returncode == 0, typed.stderr + meant.stderr
+    ids = [json.loads(r.stdout)["result"]["ids"] for r in (typed, meant, plain)]
+    assert ids[0] == ids[1] == ids[2]
 
 
 @pytest.mark.parametrize("args, msg", [
-    (["--image", "{bad}", "--prompt", "<image>\nx"], "cannot decode image"),
-    (["--image", "{missing}", "--prompt", "<image>\nx"], "not found"),
-    (["--image", str(DEMO_IMAGE), "--prompt", "What is shown?"], "no <image> marker"),
-    (["--prompt", "<image>\nWhat is shown?"], "<image>"),
-    (["--image", str(DEMO_IMAGE), "--prompt", "<image>\nx", "--gen-length", "10", "--block-length", "4"],
+    (["--image", "{bad}", "--prompt", "x"], "cannot decode image"),
+    (["--image", "{missing}", "--prompt", "x"], "not found"),
+    (["--prompt", "<image>\nWhat is shown?"], "but no image was given"),
+    (["--image", str(DEMO_IMAGE), "--prompt", "<image> <image>"], "2 <image> markers"),
+    (["--image", str(DEMO_IMAGE), "--prompt", "x", "--gen-length", "10", "--block-length", "4"],
      "not a multiple of block_length"),
-    (["--image", str(DEMO_IMAGE), "--prompt", "<image>\nx", "--gen-length", "16", "--block-length", "8",
+    (["--image", str(DEMO_IMAGE), "--prompt", "x", "--gen-length", "16", "--block-length", "8",
       "--steps", "3"], "not divisible"),
+    (["--image", str(DEMO_IMAGE), "--prompt", "x", "--gen-length", "0"], "must be a positive integer"),
+    (["--image", str(DEMO_IMAGE), "--prompt", "x", "--steps", "0"], "must be a positive integer"),
+    (["--image", str(DEMO_IMAGE), "--prompt", "x", "--block-length", "0"], "must be a positive integer"),
+    (["--image", str(DEMO_IMAGE), "--prompt", "x", "--device", "cuda"], "no CUDA GPU is visible"),
+    (["--image", str(DEMO_IMAGE), "--prompt", "x", "--device", "tpu"], "unknown device"),
+    (["--image", str(DEMO_IMAGE), "--prompt", "x", "--cache"], "re-export with --cache"),
+    (["--image", str(DEMO_IMAGE), "--prompt", "x", "--refresh", "4"], "refresh applies to the prefix cache"),
+    (["--image", str(DEMO_IMAGE), "--prompt", "x", "--factor", "1", "--threshold", "0.9"], "not allowed with"),
 ])
 def test_generate_user_errors_are_one_line(engines, tmp_path, args, msg):
     bad = tmp_path / "bad.png"
@@ -49,9 +88,47 @@ def test_generate_user_errors_are_one_line(engines, tmp_path, args, msg):
     r = _gen(engines, *args)
     assert r.returncode == 2, r.stdout + r.stderr
     assert msg in r.stderr and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("llada-generate: error: ")
 
 
 def test_generate_on_a_directory_without_manifest(tmp_path):
     r = _gen(tmp_path, "--prompt", "hi")
-    assert r.returncode == 2 and "manifest.json" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "no manifest.json" in r.stderr and "Traceback" not in r.stderr
+    r = _gen(tmp_path / "nope", "--prompt", "hi")
+    assert r.returncode == 2 and "no such engines directory" in r.stderr
+
+
+def test_json_into_a_closed_pipe_is_quiet(engines):
+    """`llada-generate --json | head -1`: the reader goes away; no 'Broken pipe' error, exit 0."""
+    cmd = (f"{BIN / 'llada-generate'} --engines {engines} --image {DEMO_IMAGE} --prompt hi --preset mc --json "
+           "| head -c 1 >/dev/null; exit ${PIPESTATUS[0]}")
+    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "Broken pipe" not in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("tool", ["llada-export", "llada-generate", "llada-compare", "llada-checkpoint", "llada-demo"])
+def test_version_and_help(tool):
+    r = subprocess.run([str(BIN / tool), "--version"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == f"{tool} {__version__} (llada-export)"
+    h = subprocess.run([str(BIN / tool), "--help"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "COLUMNS": "100"})
+    assert h.returncode == 0 and h.stdout.startswith("usage: ")
+    assert max(len(line) for line in h.stdout.splitlines()) <= 120  # descriptions are wrapped
+
+
+def test_help_is_fast_and_imports_no_torch():
+    """--help must not pay for torch: the CLIs import it only once there is work to do."""
+    code = ("import sys, llada_export.cli.export, llada_export.cli.generate, llada_export.cli.compare, "
+            "llada_export.cli.checkpoint; print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "False", r.stderr
+
+
+def test_checkpoint_help_names_every_preset():
+    from llada_export.config import PRESETS
+
+    h = subprocess.run([str(BIN / "llada-checkpoint"), "--help"], capture_output=True, text=True, timeout=120)
+    for name in PRESETS:
+        assert f"'{name}'" in h.stdout
+    assert "overwrite=True" not in h.stdout

@@ -3,38 +3,40 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
-sys.path.insert(0, str(TOOLS))
+from llada_export import demo, vqa_task
+from llada_export.checkpoint.loader import load_checkpoint
+from llada_export.config import demo_config
+from llada_export.reference import reference_generate
+from llada_export.sampler import GenerationConfig
 
-import vqa_task  # noqa: E402
-
-from llada_export import demo  # noqa: E402
-from llada_export.checkpoint import load_checkpoint  # noqa: E402
-from llada_export.config import demo_config  # noqa: E402
-from llada_export.reference import reference_generate  # noqa: E402
-from llada_export.runtime.sampler import GenerationConfig  # noqa: E402
-
-# DEMO_QUESTIONS as (question type, shape named) of the task generator
-DEMO_KINDS = (("colour", "square"), ("digit", None))
+BIN = Path(sys.executable).parent
 
 
 def test_bundled_image_and_answers_come_from_the_task():
-    s = vqa_task.sample("test", 22)
+    s = vqa_task.sample(*demo.DEMO_SAMPLE)
     bundled = np.asarray(Image.open(demo.DEMO_IMAGE).convert("RGB"))
     assert bundled.shape == (vqa_task.HEIGHT, vqa_task.WIDTH, 3) == (demo.DEMO_IMAGE_SIZE[1], demo.DEMO_IMAGE_SIZE[0], 3)
     assert np.array_equal(bundled, np.asarray(s.image()))
-    assert demo.DEMO_QUESTIONS[0] == (s.question, s.answer)
-    for (q, truth), (qtype, arg) in zip(demo.DEMO_QUESTIONS, DEMO_KINDS):
-        assert q == vqa_task.question_text(qtype, arg)
-        assert truth == vqa_task.derive_answer(s.scene, qtype, arg)
+    questions = demo.demo_questions()
+    assert questions[0] == (s.question, s.answer)  # the test sample's own question comes first
+    assert {t for t, _ in demo.DEMO_KINDS} == set(vqa_task.QTYPES)  # one question of each type
+    # the ground truth, re-derived here from the scene description
+    by_hand = {"What colour is the square?": "yellow", "What digit is shown?": "4",
+               "How many triangles are there?": "2", "What shape is at the top?": "triangle",
+               "What colour is the leftmost shape?": "red"}
+    assert dict(questions) == by_hand
+    tops = sorted(s.scene.shapes, key=lambda o: o.cy)
+    assert tops[0].shape == "triangle" and tops[1].cy - tops[0].cy >= vqa_task.GAP
+    lefts = sorted(s.scene.shapes, key=lambda o: o.cx)
+    assert lefts[0].colour == "red" and lefts[1].cx - lefts[0].cx >= vqa_task.GAP
 
 
 def test_bundled_checkpoint_is_official_layout_and_small():
@@ -67,19 +69,34 @@ def test_bundled_model_answers_test_questions():
     assert sum(hits) >= 21, f"{sum(hits)}/24 right"
 
 
-def test_make_demo_answers_right_pruned_and_unpruned(tmp_path):
-    pipe, answers = demo.run_demo(tmp_path, progress=False)
-    assert pipe.pruned and pipe.has_unpruned
-    assert pipe.manifest["pruning"]["layer"] == demo.DEMO_PRUNE_LAYER
-    for a in answers:
-        assert a.right == (True, True), (a.question, a.truth, a.pruned.text, a.unpruned.text)
-        assert len(a.pruned.kept_visual) < a.pruned.n_visual
-    # the run leaves its engines and nothing half-written beside them
+def test_make_demo_answers_every_question_type(tmp_path):
+    """`llada-demo` (what `make demo` runs): every type answered right pruned and unpruned, exit 0,
+    nothing half-written beside the engines, and no warning on its screen."""
+    r = subprocess.run([str(BIN / "llada-demo"), "--workdir", str(tmp_path)], capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "10/10 answers right" in r.stdout
+    for q, truth in demo.demo_questions():
+        assert f"Q: {q}   (ground truth: {truth})" in r.stdout
+    assert "WRONG" not in r.stdout and "benchmarks/" not in r.stdout
+    assert "arning" not in r.stdout + r.stderr  # no Warning / warning of anyone's making
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engines"]
 
 
-def test_demo_cli_rejects_unknown_preset(capsys):
-    with pytest.raises(SystemExit) as e:
-        demo.main(["--workdir", "unused", "--preset", "nope"])
-    assert e.value.code == 2
-    assert "unknown preset" in capsys.readouterr().err
+def test_demo_fails_loudly_on_a_wrong_answer(tmp_path):
+    """The main job checks its own ground truth: a model that answers wrong makes it exit 1."""
+    from llada_export.synthetic.weights import random_checkpoint
+
+    ck = random_checkpoint("demo", tmp_path / "random-demo", seed=3)  # the demo's structure, untrained
+    r = subprocess.run([str(BIN / "llada-demo"), "--workdir", str(tmp_path / "w"), "--model", str(ck)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "WRONG" in r.stdout
+    assert r.stderr.strip().splitlines()[-1] == "llada-demo: error: an answer does not match the task's ground truth"
+
+
+def test_demo_cli_rejects_unknown_preset(tmp_path):
+    r = subprocess.run([str(BIN / "llada-demo"), "--workdir", str(tmp_path), "--preset", "nope"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "unknown preset" in r.stderr
+    assert not list(tmp_path.iterdir())

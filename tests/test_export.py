@@ -1,4 +1,5 @@
-"""Artifacts: ONNX graphs in ONNX Runtime vs PyTorch, AOTInductor packages, CLI errors."""
+"""Artifacts: ONNX graphs in ONNX Runtime vs PyTorch (one shared weights file), AOTInductor packages,
+Inductor archives, CLI errors."""
 
 from __future__ import annotations
 
@@ -13,14 +14,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from llada_export.exporter.bucket import Bucket
-from llada_export.exporter.manifest import read_manifest
-from llada_export.graphs.pruning import num_kept
-from llada_export.reference import PruneSettings, build_prompt, pruned_forward
-from llada_export.runtime.pipeline import layout_bucket
-from llada_export.tokenizer import SpecialTokens
-
-from conftest import KEEP, PROMPTS, PRUNE_LAYER
+from helpers import KEEP, PROMPTS, PRUNE_LAYER, export
+from llada_export.contract.layout import layout_bucket, reduce_inputs
+from llada_export.contract.manifest import Manifest
+from llada_export.contract.pruning import PruneSettings, num_kept
+from llada_export.reference import embed_prompt, pruned_forward
+from llada_export.tokenizer import special_tokens
 
 
 def _session(path):
@@ -33,21 +32,23 @@ def _session(path):
 def request_inputs(tiny, engines, images):
     """A real request laid out in the engines' bucket, plus the unpadded prompt."""
     model, tok, _ = tiny
-    m = read_manifest(engines)
-    bucket = Bucket.from_dict(m["bucket"])
-    req = build_prompt(model, tok, images["380x250"], PROMPTS["short"])
-    nb, nv = len(req.ids_before), req.n_visual
-    e = req.embeds[0]
-    return bucket, req, layout_bucket(bucket, e[:nb], e[nb:nb + nv], e[nb + nv:], 16)
+    bucket = Manifest.read(engines).bucket
+    req = embed_prompt(model, tok, images["380x250"], PROMPTS["short"])
+    return bucket, req, layout_bucket(bucket, [req.parts()], 16)
 
 
 def test_manifest_and_graph_shapes(engines):
-    m = read_manifest(engines)
-    assert set(m["artifacts"]["onnxruntime"]) == {"vision", "stage_a", "stage_b", "full"}
-    assert m["pruning"] == {"enabled": True, "layer": PRUNE_LAYER, "keep": KEEP, "score_from": "response",
-                            "k_static": m["bucket"]["k_static"]}
-    for name, rel in m["artifacts"]["onnxruntime"].items():
+    m = Manifest.read(engines)
+    assert set(m.artifacts["onnxruntime"]) == {"vision", "stage_a", "stage_b", "unpruned"}
+    assert m.pruning == PruneSettings(PRUNE_LAYER, KEEP, "response")
+    assert m.bucket.k_static == num_kept(KEEP, m.bucket.max_visual_tokens)
+    for name, rel in m.artifacts["onnxruntime"].items():
         model = onnx.load(str(engines / rel))
+        io = m.graphs[name]
+        assert [i.name for i in model.graph.input] == io.input_names
+        assert [o.name for o in model.graph.output] == io.output_names
+        assert [[d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input] == \
+            [list(t.shape) for t in io.inputs]
         onnx.checker.check_model(model)
         for v in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
             dims = v.type.tensor_type.shape.dim
@@ -57,9 +58,26 @@ def test_manifest_and_graph_shapes(engines):
                                                     onnx.TensorProto.BOOL)
 
 
+def test_onnx_graphs_share_one_weights_file(engines, tiny):
+    """Every graph's initializers live in onnx/weights.bin, each distinct tensor once: the directory
+    holds the weights about once, not once per graph (four graphs here)."""
+    m = Manifest.read(engines)
+    weights = m.files["onnx/weights.bin"].bytes
+    model_bytes = sum(t.numel() * t.element_size() for t in tiny[0].state_dict().values())
+    assert weights < 1.1 * model_bytes  # stage A, stage B and unpruned share the decoder weights
+    assert not [k for k in m.files if k.endswith(".data")]
+    inline = 0
+    for rel in m.artifacts["onnxruntime"].values():
+        proto = onnx.load(str(engines / rel), load_external_data=False)
+        big = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        assert big and {e.value for t in big for e in t.external_data if e.key == "location"} == {"weights.bin"}
+        inline += sum(len(t.raw_data) for t in proto.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL)
+    assert inline < 0.01 * model_bytes  # the graph files hold no weights of their own
+
+
 def test_stage_a_has_topk_with_constant_k(engines):
-    m = read_manifest(engines)
-    model = onnx.load(str(engines / m["artifacts"]["onnxruntime"]["stage_a"]))
+    m = Manifest.read(engines)
+    model = onnx.load(str(engines / m.artifacts["onnxruntime"]["stage_a"]))
     consts = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     for n in model.graph.node:
         if n.op_type == "Constant":
@@ -67,22 +85,22 @@ def test_stage_a_has_topk_with_constant_k(engines):
     topk = [n for n in model.graph.node if n.op_type == "TopK"]
     assert len(topk) == 1
     assert topk[0].input[1] in consts, "TopK's K is not a constant"
-    assert int(np.asarray(consts[topk[0].input[1]]).reshape(-1)[0]) == m["bucket"]["k_static"]
-    stage_b = onnx.load(str(engines / m["artifacts"]["onnxruntime"]["stage_b"]))
+    assert int(np.asarray(consts[topk[0].input[1]]).reshape(-1)[0]) == m.bucket.k_static
+    stage_b = onnx.load(str(engines / m.artifacts["onnxruntime"]["stage_b"]))
     assert not [n for n in stage_b.graph.node if n.op_type == "TopK"]
 
 
 def test_onnx_stage_a_and_b_match_pytorch(tiny, engines, request_inputs):
     model, tok, _ = tiny
-    sp = SpecialTokens.from_tokenizer(tok)
+    sp = special_tokens(tok)
     bucket, req, x = request_inputs
-    m = read_manifest(engines)
+    m = Manifest.read(engines)
     g = bucket.gen_length
     resp = torch.full((1, g), sp.mask)
-    n_keep = torch.tensor([num_kept(KEEP, req.n_visual)])
-    feeds = dict(prefix_embeds=x.prefix_embeds, response_ids=resp, position_ids=x.position_ids,
-                 key_mask=x.key_mask, visual_mask=x.visual_mask, num_keep=n_keep)
-    sess = _session(engines / m["artifacts"]["onnxruntime"]["stage_a"])
+    feeds = x.stage_a_feeds(resp, KEEP)
+    n_keep = feeds["num_keep"]
+    assert n_keep.tolist() == [num_kept(KEEP, req.n_visual)]
+    sess = _session(engines / m.artifacts["onnxruntime"]["stage_a"])
     logits, index, alive = sess.run(None, {k: v.numpy() for k, v in feeds.items()})
     with torch.no_grad():
         ref, ref_index, ref_alive = pruned_forward(
@@ -92,13 +110,10 @@ def test_onnx_stage_a_and_b_match_pytorch(tiny, engines, request_inputs):
     np.testing.assert_allclose(logits, ref.numpy(), rtol=0, atol=1e-4 * max(1.0, float(ref.abs().max())))
 
     # stage B on the reduced sequence vs the eager denoiser with the same inputs
-    p_red = index.shape[1] - g
-    idx = torch.from_numpy(index[0])
     resp2 = resp.clone()
     resp2[0, :4] = torch.tensor([11, 12, 13, 14])
-    fb = dict(prefix_embeds=x.prefix_embeds[:, idx[:p_red]], response_ids=resp2,
-              position_ids=x.position_ids[:, idx], key_mask=torch.from_numpy(alive))
-    (lb,) = _session(engines / m["artifacts"]["onnxruntime"]["stage_b"]).run(None, {k: v.numpy() for k, v in fb.items()})
+    fb = reduce_inputs(x, torch.from_numpy(index), torch.from_numpy(alive)).denoiser_feeds(resp2)
+    (lb,) = _session(engines / m.artifacts["onnxruntime"]["stage_b"]).run(None, {k: v.numpy() for k, v in fb.items()})
     with torch.no_grad():
         refb = model.denoise(**fb)
     np.testing.assert_allclose(lb, refb.numpy(), rtol=0, atol=1e-4 * max(1.0, float(refb.abs().max())))
@@ -106,11 +121,11 @@ def test_onnx_stage_a_and_b_match_pytorch(tiny, engines, request_inputs):
 
 def test_onnx_vision_matches_pytorch(tiny, engines):
     model, _, cfg = tiny
-    m = read_manifest(engines)
-    n = m["bucket"]["vision_batch"]
+    m = Manifest.read(engines)
+    n = m.bucket.vision_batch
     s = cfg.vision.image_size
     pixels = torch.rand(n, 3, s, s) * 2 - 1
-    (feats,) = _session(engines / m["artifacts"]["onnxruntime"]["vision"]).run(None, {"pixel_values": pixels.numpy()})
+    (feats,) = _session(engines / m.artifacts["onnxruntime"]["vision"]).run(None, {"pixel_values": pixels.numpy()})
     with torch.no_grad():
         ref = model.encode_images(pixels)
     np.testing.assert_allclose(feats, ref.numpy(), rtol=0, atol=1e-4 * max(1.0, float(ref.abs().max())))
@@ -120,46 +135,40 @@ def test_aoti_packages_load_and_match_pytorch(tiny, aoti_engines, images):
     from torch._inductor import aoti_load_package
 
     model, tok, _ = tiny
-    sp = SpecialTokens.from_tokenizer(tok)
-    m = read_manifest(aoti_engines)
-    assert set(m["artifacts"]) == {"aoti"}
-    bucket = Bucket.from_dict(m["bucket"])
-    req = build_prompt(model, tok, images["384x384"], PROMPTS["short"])
-    nb, nv = len(req.ids_before), req.n_visual
-    e = req.embeds[0]
+    sp = special_tokens(tok)
+    m = Manifest.read(aoti_engines)
+    assert set(m.artifacts) == {"aoti"}
+    bucket = m.bucket
+    req = embed_prompt(model, tok, images["384x384"], PROMPTS["short"])
     g = bucket.gen_length
-    x = layout_bucket(bucket, e[:nb], e[nb:nb + nv], e[nb + nv:], g)
+    x = layout_bucket(bucket, [req.parts()], g)
     resp = torch.full((1, g), sp.mask)
-    n_keep = torch.tensor([num_kept(0.35, nv)])
-    stage_a = aoti_load_package(str(aoti_engines / m["artifacts"]["aoti"]["stage_a"]))
-    logits, index, alive = stage_a(x.prefix_embeds, resp, x.position_ids, x.key_mask, x.visual_mask, n_keep)
+    feeds = x.stage_a_feeds(resp, 0.35)
+    stage_a = aoti_load_package(str(aoti_engines / m.artifacts["aoti"]["stage_a"]))
+    logits, index, alive = stage_a(*feeds.values())
     with torch.no_grad():
-        ref, ref_index, ref_alive = pruned_forward(
-            model, x.prefix_embeds, resp, x.position_ids, x.key_mask, x.visual_mask, n_keep,
-            PruneSettings(1, 0.35), bucket.k_static, sp.mask)
+        ref, ref_index, ref_alive = pruned_forward(model, *feeds.values(), PruneSettings(1, 0.35), bucket.k_static,
+                                                   sp.mask)
     assert torch.equal(index, ref_index) and torch.equal(alive, ref_alive)
     torch.testing.assert_close(logits, ref, rtol=0, atol=1e-4 * max(1.0, float(ref.abs().max())))
-    stage_b = aoti_load_package(str(aoti_engines / m["artifacts"]["aoti"]["stage_b"]))
-    p_red = index.shape[1] - g
-    fb = (x.prefix_embeds[:, index[0, :p_red]], resp, x.position_ids[:, index[0]], alive)
-    (lb,) = stage_b(*fb) if isinstance(stage_b(*fb), (list, tuple)) else (stage_b(*fb),)
+    stage_b = aoti_load_package(str(aoti_engines / m.artifacts["aoti"]["stage_b"]))
+    fb = reduce_inputs(x, index, alive).denoiser_feeds(resp)
+    out = stage_b(*fb.values())
+    (lb,) = out if isinstance(out, (list, tuple)) else (out,)
     with torch.no_grad():
-        refb = model.denoise(*fb)
+        refb = model.denoise(**fb)
     torch.testing.assert_close(lb, refb, rtol=0, atol=1e-4 * max(1.0, float(refb.abs().max())))
 
 
 def test_tensorrt_engines_build_or_skip(tiny_ckpt, tmp_path):
-    from llada_export.exporter.backends import tensorrt_status
+    from llada_export.engines.tensorrt import tensorrt_status
 
     reason = tensorrt_status()
     if reason:
         pytest.skip(f"TensorRT path not testable here: {reason}")
-    from llada_export.exporter.build import ExportOptions, export_engines
-
-    out = export_engines(ExportOptions(model=str(tiny_ckpt), output=str(tmp_path / "trt"), prune_layer=1,
-                                       backends=("tensorrt",), gen_length=8, block_length=8, steps=8,
-                                       max_prompt_tokens=160, device="cuda", progress=False))
-    assert set(read_manifest(out)["artifacts"]["tensorrt"]) == {"vision", "stage_a", "stage_b"}
+    out = export(tiny_ckpt, tmp_path / "trt", prune=PruneSettings(1, 0.35), backends=("tensorrt",), gen_length=8,
+                 max_prompt_tokens=160, device="cuda")
+    assert set(Manifest.read(out).artifacts["tensorrt"]) == {"vision", "stage_a", "stage_b"}
 
 
 def _cli(*args, cwd=None):
@@ -170,19 +179,29 @@ def _cli(*args, cwd=None):
 def test_cli_exports_tiny_checkpoint(tiny_ckpt, tmp_path):
     out = tmp_path / "engines"
     t0 = time.perf_counter()
-    r = _cli("--model", str(tiny_ckpt), "--prune-layer", "2", "--keep", "0.35", "-o", str(out), "-q")
+    r = _cli("--model", str(tiny_ckpt), "--prune-layer", "2", "--keep", "0.35", "--image-size", "384x384",
+             "-o", str(out), "-q")
     took = time.perf_counter() - t0
     assert r.returncode == 0, r.stderr
-    assert "wrote" in r.stdout and (out / "manifest.json").is_file()
-    print(f"llada-export (ONNX Runtime, tiny checkpoint, default bucket): {took:.1f} s")
-    r = _cli("--model", str(tiny_ckpt), "--prune-layer", "2", "-o", str(out), "-q")
+    assert f"wrote {out}" in r.stdout and "onnxruntime (vision, stage_a, stage_b)" in r.stdout
+    assert Manifest.read(out).pruning == PruneSettings(2, 0.35)
+    print(f"llada-export (ONNX Runtime, tiny checkpoint): {took:.1f} s")
+    r = _cli("--model", str(tiny_ckpt), "--prune-layer", "2", "--image-size", "384x384", "-o", str(out), "-q")
     assert r.returncode == 2 and "--overwrite" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("args, msg", [
     (["--prune-layer", "9"], "out of range"),
-    (["--keep", "0"], "--keep must be in"),
-    (["--keep", "1.5"], "--keep must be in"),
+    (["--prune-layer", "-1"], "prune layer must be an integer >= 0"),
+    (["--keep", "0"], "must be in (0, 1]"),
+    (["--keep", "1.5"], "must be in (0, 1]"),
+    (["--gen-length", "0"], "must be a positive integer"),
+    (["--steps", "0"], "must be a positive integer"),
+    (["--block-length", "0"], "must be a positive integer"),
+    (["--max-visual-tokens", "0"], "must be a positive integer"),
+    (["--max-prompt-tokens", "20", "--prune-layer", "1"], "does not hold the chat template"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--device", "cuda"], "no CUDA GPU is visible"),
     (["--gen-length", "10", "--block-length", "4"], "not a multiple of block_length"),
     (["--gen-length", "16", "--steps", "3", "--block-length", "8"], "not divisible"),
     (["--backend", "tensorrt", "--max-visual-tokens", "12000", "--keep", "0.5", "--prune-layer", "1"], "TopK"),
@@ -203,71 +222,81 @@ def test_cli_missing_and_foreign_checkpoint(tmp_path):
     foreign.mkdir()
     (foreign / "config.json").write_text(json.dumps({"model_type": "llama"}))
     r = _cli("--model", str(foreign), "-o", str(tmp_path / "e"), "-q")
-    assert r.returncode == 2 and "llava_llada" in r.stderr
+    assert r.returncode == 2 and "llava_llada" in r.stderr and str(foreign / "config.json") in r.stderr
     assert not (tmp_path / "e").exists()
 
 
 def test_aoti_weights_from_checkpoint(tiny, tiny_ckpt, tmp_path, images):
-    """Packages built without their weights load them from the checkpoint, shared by all graphs."""
-    from llada_export.exporter.build import ExportOptions, export_engines
+    """Packages built without their weights load them from the checkpoint, once, shared by all graphs
+    (the same storage: scaling the loaded lm_head in place changes what both stages compute)."""
     from llada_export.reference import reference_generate
-    from llada_export.runtime.pipeline import Pipeline
-    from llada_export.runtime.sampler import preset
+    from llada_export.runtime.pipeline import Pipeline, Request
+    from llada_export.sampler import preset
 
-    out = export_engines(ExportOptions(model=str(tiny_ckpt), output=str(tmp_path / "e"), prune_layer=1, keep=0.35,
-                                       backends=("aoti",), compiled_weights="checkpoint", gen_length=8, block_length=8,
-                                       steps=8, max_prompt_tokens=160, progress=False))
-    m = read_manifest(out)
-    side = sum(v["bytes"] for k, v in m["files"].items() if k.endswith(".constants.safetensors"))
+    out = export(tiny_ckpt, tmp_path / "e", prune=PruneSettings(1, 0.35), backends=("aoti",),
+                 compiled_weights="checkpoint", gen_length=8, max_prompt_tokens=160)
+    m = Manifest.read(out)
+    side = sum(f.bytes for k, f in m.files.items() if k.endswith(".constants.safetensors"))
     weight_bytes = sum(t.numel() * t.element_size() for t in tiny[0].state_dict().values())
     assert side < 0.01 * weight_bytes  # only small non-checkpoint constants travel beside the packages
-    assert m["constants_from_checkpoint"]["aoti"]["stage_b"]["lm_head.weight"] == "lm_head.weight"
+    assert m.constants_from_checkpoint["aoti"]["stage_b"]["lm.lm_head.weight"] == "lm_head.weight"
     pipe = Pipeline.load(out)
-    a = pipe.runners["stage_a"].model, pipe.runners["stage_b"].model
-    assert a[0] is not a[1]
     model, tok, _ = tiny
     ref = reference_generate(model, tok, images["384x384"], PROMPTS["long"], preset("mc"), PruneSettings(1, 0.35))
     got = pipe.generate(images["384x384"], PROMPTS["long"], preset="mc")
     assert got.ids == ref.ids and got.kept_visual == ref.kept_visual
 
+    x = pipe._layout([Request(images["384x384"], PROMPTS["long"])], 8)[0]
+    resp = torch.full((1, 8), pipe.tokens.mask)
+    a = pipe.run("stage_a", **x.stage_a_feeds(resp, 0.35))
+    b = pipe.run("stage_b", **reduce_inputs(x, a["kept_index"], a["kept_alive"]).denoiser_feeds(resp))
+    head = pipe._weights_model.lm_head.weight
+    with torch.no_grad():
+        head.mul_(2.0)
+        try:
+            a2 = pipe.run("stage_a", **x.stage_a_feeds(resp, 0.35))
+            b2 = pipe.run("stage_b", **reduce_inputs(x, a["kept_index"], a["kept_alive"]).denoiser_feeds(resp))
+        finally:
+            head.div_(2.0)
+    torch.testing.assert_close(a2["logits"], 2 * a["logits"], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(b2["logits"], 2 * b["logits"], rtol=1e-5, atol=1e-4)
+
 
 def test_inductor_programs_from_checkpoint(tiny, tiny_ckpt, tmp_path, images):
     """The Inductor backend: ExportedProgram archives without their weights (meta tensors mapped to
-    checkpoint keys), compiled with torch.compile at load time; token-exact against the eager
-    pruned reference."""
-    from llada_export.exporter.build import ExportOptions, export_engines
+    checkpoint keys), compiled with torch.compile at load time, every graph on the same weight
+    tensors; token-exact against the eager pruned reference."""
+    from llada_export.engines.inductor import runner
     from llada_export.reference import reference_generate
     from llada_export.runtime.pipeline import Pipeline
-    from llada_export.runtime.sampler import preset
+    from llada_export.sampler import preset
 
-    out = export_engines(ExportOptions(model=str(tiny_ckpt), output=str(tmp_path / "e"), prune_layer=1, keep=0.35,
-                                       backends=("inductor",), compiled_weights="checkpoint", fuse_sampler=True,
-                                       gen_length=8, block_length=8, steps=8, max_prompt_tokens=160,
-                                       progress=False))
-    m = read_manifest(out)
-    assert set(m["artifacts"]) == {"inductor"} and m["artifacts"]["inductor"]["stage_b"] == "programs/stage_b.pt2"
+    kw = dict(prune=PruneSettings(1, 0.35), backends=("inductor",), fuse_sampler=True, gen_length=8,
+              max_prompt_tokens=160)
+    out = export(tiny_ckpt, tmp_path / "e", compiled_weights="checkpoint", **kw)
+    m = Manifest.read(out)
+    assert set(m.artifacts) == {"inductor"} and m.artifacts["inductor"]["stage_b"] == "programs/stage_b.pt2"
     # the same export with the weights inside holds every graph's weights in its archive: the
     # stripped archives are smaller by at least one copy of the model
-    packed = read_manifest(export_engines(ExportOptions(
-        model=str(tiny_ckpt), output=str(tmp_path / "packed"), prune_layer=1, keep=0.35, backends=("inductor",),
-        compiled_weights="package", fuse_sampler=True, gen_length=8, block_length=8, steps=8, max_prompt_tokens=160,
-        progress=False)))
+    packed = Manifest.read(export(tiny_ckpt, tmp_path / "packed", compiled_weights="package", **kw))
 
     def archives(man):
-        return sum(v["bytes"] for k, v in man["files"].items() if k.startswith("programs/"))
+        return sum(f.bytes for k, f in man.files.items() if k.startswith("programs/"))
 
     weight_bytes = sum(t.numel() * t.element_size() for t in tiny[0].state_dict().values())
     assert archives(packed) - archives(m) > weight_bytes
-    assert packed["constants_from_checkpoint"] is None
-    assert "lm_head.weight" in m["constants_from_checkpoint"]["inductor"]["stage_a"].values()
+    assert packed.constants_from_checkpoint is None
+    assert "lm_head.weight" in m.constants_from_checkpoint["inductor"]["stage_a"].values()
     ep = torch.export.load(str(out / "programs" / "stage_b.pt2"))
     assert {t.device.type for t in ep.state_dict.values()} == {"meta"}
     with pytest.raises(RuntimeError, match="no weight for"):
-        from llada_export.engines.runners import InductorRunner
-
-        InductorRunner(out / "programs" / "stage_b.pt2", [], [])
+        runner(out / "programs" / "stage_b.pt2", m.graphs["stage_b"])
     pipe = Pipeline.load(out)
     assert pipe.backend == "inductor"
+    head = pipe._weights_model.lm_head.weight
+    for name in ("stage_a", "stage_b"):
+        params = dict(pipe.runners[name].module.named_parameters())
+        assert any(p.data_ptr() == head.data_ptr() for p in params.values()), f"{name} has its own lm_head"
     model, tok, _ = tiny
     for name in ("short", "long"):
         gen = preset("mc", gen_length=8, block_length=8, steps=8)

@@ -5,48 +5,48 @@ from __future__ import annotations
 import onnx
 import pytest
 
-from llada_export.exporter.manifest import read_manifest
-from llada_export.reference import PruneSettings, reference_generate
+from helpers import PROMPTS, export
+from llada_export.contract.manifest import Manifest
+from llada_export.contract.pruning import PruneSettings
+from llada_export.reference import reference_generate
 from llada_export.runtime.pipeline import Pipeline
-from llada_export.runtime.sampler import preset
-
-from conftest import PROMPTS
+from llada_export.sampler import GenerationError, preset
 
 
 @pytest.fixture(scope="module")
 def fused_engines(tiny_ckpt, tmp_path_factory):
-    from llada_export.exporter.build import ExportOptions, export_engines
-
-    out = tmp_path_factory.mktemp("fused") / "engines"
-    return export_engines(ExportOptions(model=str(tiny_ckpt), output=str(out), prune_layer=2, keep=0.5,
-                                        fuse_sampler=True, baseline=True, gen_length=16, block_length=16, steps=16,
-                                        max_prompt_tokens=192, progress=False))
+    return export(tiny_ckpt, tmp_path_factory.mktemp("fused") / "engines", fuse_sampler=True, baseline=True,
+                  cache=True, gen_length=16)
 
 
 def test_fused_graphs_output_predictions_not_logits(fused_engines):
-    m = read_manifest(fused_engines)
-    assert m["fused_sampler"] is True
-    for name, outs in {"stage_a": ["x0", "confidence", "kept_index", "kept_alive"], "stage_b": ["x0", "confidence"],
-                       "full": ["x0", "confidence"]}.items():
-        model = onnx.load(str(fused_engines / m["artifacts"]["onnxruntime"][name]))
+    m = Manifest.read(fused_engines)
+    assert m.fused_sampler is True
+    expect = {"stage_a": ["x0", "confidence", "kept_index", "kept_alive"], "stage_b": ["x0", "confidence"],
+              "unpruned": ["x0", "confidence"], "prefill": ["x0", "confidence", "kv_cache"],
+              "cached": ["x0", "confidence"]}
+    for name, outs in expect.items():
+        model = onnx.load(str(fused_engines / m.artifacts["onnxruntime"][name]), load_external_data=False)
         assert [o.name for o in model.graph.output] == outs
         shapes = [[d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output[:2]]
         assert shapes == [[1, 16], [1, 16]]
 
 
 @pytest.mark.parametrize("image", ["380x250", "384x384"])
-def test_fused_pipeline_matches_reference_tokens(tiny, fused_engines, images, image):
+@pytest.mark.parametrize("cache", [False, True])
+def test_fused_pipeline_matches_reference_tokens(tiny, fused_engines, images, image, cache):
     model, tok, _ = tiny
     pipe = Pipeline.load(fused_engines)
-    gen = preset("chartqa")
     for unpruned, prune in ((False, PruneSettings(2, 0.5)), (True, None)):
+        gen = pipe.generation_config(preset="chartqa", cache=cache, unpruned=unpruned, **({"refresh": 4} if cache else {}))
         ref = reference_generate(model, tok, images[image], PROMPTS["long"], gen, prune)
-        got = pipe.generate(images[image], PROMPTS["long"], preset="chartqa", unpruned=unpruned)
+        got = pipe.generate(images[image], PROMPTS["long"], preset="chartqa", unpruned=unpruned, cache=cache,
+                            **({"refresh": 4} if cache else {}))
         assert got.ids == ref.ids
         assert len(set(ref.ids)) > 2
 
 
 def test_fused_engines_refuse_sampling(fused_engines, images):
     pipe = Pipeline.load(fused_engines)
-    with pytest.raises(ValueError, match="--fuse-sampler"):
+    with pytest.raises(GenerationError, match="--fuse-sampler"):
         pipe.generate(images["384x384"], PROMPTS["short"], preset="mc", temperature=0.7)

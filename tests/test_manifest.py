@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
-from conftest import PROMPTS
-from llada_export.exporter.manifest import ManifestError
-from llada_export.runtime import pipeline as pipeline_mod
+from helpers import PROMPTS
+from llada_export.contract.manifest import MANIFEST, ManifestError, file_table
+from llada_export.engines.registry import BACKENDS, load_builtin
 from llada_export.runtime.pipeline import Pipeline
 
 
@@ -22,16 +22,26 @@ def copy(engines, tmp_path):
 
 @pytest.fixture
 def no_sessions(monkeypatch):
-    """Fail the test if any backend session would be opened (i.e. inference could start)."""
+    """Fail the test if any backend runner would be made (i.e. inference could start)."""
+    import dataclasses
+
     opened = []
 
     def refuse(path, *args, **kwargs):
         opened.append(path)
         raise AssertionError(f"a session was opened for {path} before the engines were validated")
 
-    for name in list(pipeline_mod.RUNNERS):
-        monkeypatch.setitem(pipeline_mod.RUNNERS, name, refuse)
+    for name, b in list(load_builtin().items()):
+        monkeypatch.setitem(BACKENDS, name, dataclasses.replace(b, runner=refuse))
     return opened
+
+
+def edit_manifest(root, fn) -> None:
+    """Edit the manifest and re-hash nothing: what a damaged or hand-edited directory looks like."""
+    path = root / MANIFEST
+    m = json.loads(path.read_text())
+    fn(m)
+    path.write_text(json.dumps(m))
 
 
 def load_fails(root, no_sessions, match: str, **kw) -> str:
@@ -46,7 +56,7 @@ def test_pristine_copy_loads_and_runs(copy, images):
     assert pipe.generate(images["384x384"], PROMPTS["short"], preset="mc").ids
 
 
-@pytest.mark.parametrize("rel", ["onnx/stage_b.onnx", "onnx/vision.onnx", "text_embeddings.safetensors"])
+@pytest.mark.parametrize("rel", ["onnx/stage_b.onnx", "onnx/weights.bin", "text_embeddings.safetensors"])
 def test_altered_artifact(copy, no_sessions, rel):
     f = copy / rel
     data = bytearray(f.read_bytes())
@@ -58,7 +68,7 @@ def test_altered_artifact(copy, no_sessions, rel):
     assert rel in msg and "altered" in msg
 
 
-@pytest.mark.parametrize("rel", ["onnx/stage_a.onnx", "onnx/full.onnx"])
+@pytest.mark.parametrize("rel", ["onnx/stage_a.onnx", "onnx/unpruned.onnx"])
 def test_truncated_artifact(copy, no_sessions, rel):
     f = copy / rel
     data = f.read_bytes()
@@ -93,6 +103,47 @@ def test_manifest_not_json(copy, no_sessions):
 def test_no_manifest(copy, no_sessions):
     (copy / "manifest.json").unlink()
     load_fails(copy, no_sessions, "no manifest.json")
+
+
+def test_no_such_directory(tmp_path, no_sessions):
+    msg = load_fails(tmp_path / "nope", no_sessions, "no such engines directory")
+    assert "llada-export -o" in msg
+
+
+def test_artifact_pointing_at_another_graph(copy, no_sessions):
+    """The artifacts mapping is checked against the file table: stage_b pointed at the (listed,
+    intact) vision graph is refused before any session opens."""
+    edit_manifest(copy, lambda m: m["artifacts"]["onnxruntime"].__setitem__("stage_b", "onnx/vision.onnx"))
+    load_fails(copy, no_sessions, "a file of another graph")
+
+
+def test_artifact_pointing_at_a_missing_file(copy, no_sessions):
+    edit_manifest(copy, lambda m: m["artifacts"]["onnxruntime"].__setitem__("stage_b", "onnx/stage_b_old.onnx"))
+    load_fails(copy, no_sessions, "not in the manifest's file table")
+
+
+def test_artifact_of_an_undescribed_graph(copy, no_sessions):
+    def add(m):
+        m["artifacts"]["onnxruntime"]["mystery"] = "onnx/stage_b.onnx"
+
+    edit_manifest(copy, add)
+    load_fails(copy, no_sessions, "names a graph the manifest does not describe")
+
+
+def test_missing_field(copy, no_sessions):
+    edit_manifest(copy, lambda m: m.pop("bucket"))
+    load_fails(copy, no_sessions, "field 'bucket' is missing")
+
+
+def test_file_table_rehash_keeps_a_consistent_copy_loadable(copy):
+    """The tampering tests above fail for the reason they name: the same edit with a correct
+    mapping and a re-hashed table loads."""
+    def rehash(m):
+        m["files"] = {k: {"sha256": v.sha256, "bytes": v.bytes}
+                      for k, v in file_table(copy, [copy / k for k in m["files"]]).items()}
+
+    edit_manifest(copy, rehash)
+    assert Pipeline.load(copy, backend="onnxruntime").backend == "onnxruntime"
 
 
 @pytest.mark.parametrize("backend", ["aoti", "tensorrt"])

@@ -13,10 +13,11 @@ import math
 
 import pytest
 
-from conftest import KEEP, PROMPTS, PRUNE_LAYER, random_image
-from llada_export.reference import PruneSettings, reference_generate
+from helpers import KEEP, PROMPTS, PRUNE_LAYER, export, random_image
+from llada_export.contract.pruning import PruneSettings
+from llada_export.reference import reference_generate
 from llada_export.runtime.pipeline import Pipeline, RequestError
-from llada_export.runtime.sampler import preset
+from llada_export.sampler import preset
 from llada_export.tokenizer import PromptError, encode_prompt
 
 IMAGE_NAMES = ("380x250", "384x384")
@@ -64,7 +65,8 @@ def test_pruned_engines_match_pruned_reference(run_case, p, img, prompt):
     assert got.ids == ref.ids
     assert got.text == ref.text
     assert 0 < len(got.ids) <= preset(p).gen_length
-    assert {"vision", "stage_a", "stage_b_per_step", "total"} <= set(got.timings)
+    assert {"vision", "stage_a_per_call", "stage_b_per_call", "total"} <= set(got.timings)
+    assert got.graph_calls == {"stage_a": 1, "stage_b": got.forwards - 1}
 
 
 @pytest.mark.parametrize("p, img, prompt", CASES, ids=["-".join(c) for c in CASES])
@@ -74,7 +76,7 @@ def test_unpruned_graph_matches_unpruned_reference(run_case, p, img, prompt):
     assert got.kept_visual is None
     assert got.ids == ref.ids
     assert got.text == ref.text
-    assert "full_per_step" in got.timings
+    assert got.graph_calls == {"unpruned": got.forwards}
 
 
 def test_answers_vary_and_pruning_changes_something(run_case):
@@ -139,9 +141,19 @@ def test_gen_length_larger_than_built(pipe, images):
         pipe.generate(images["384x384"], PROMPTS["short"], preset="demo", gen_length=g, block_length=g, steps=g)
 
 
-def test_image_without_marker(pipe, images):
-    with pytest.raises(PromptError, match="<image>"):
-        pipe.generate(images["384x384"], "What is here?", preset="mc")
+def test_image_without_marker_goes_first(pipe, images):
+    """As the official evaluation writes it: "<image>\n" + question."""
+    plain = pipe.generate(images["384x384"], "What is here?", preset="chartqa")
+    marked = pipe.generate(images["384x384"], "<image>\nWhat is here?", preset="chartqa")
+    assert plain.ids == marked.ids and plain.kept_visual == marked.kept_visual
+    b1, _ = encode_prompt(pipe.tokenizer, "What is here?", has_image=True)
+    b2, _ = encode_prompt(pipe.tokenizer, "<image>\nWhat is here?", has_image=True)
+    assert b1 == b2
+
+
+def test_two_markers_are_refused(pipe, images):
+    with pytest.raises(PromptError, match="2 <image> markers"):
+        pipe.generate(images["384x384"], "<image> and <image>", preset="mc")
 
 
 def test_marker_without_image(pipe):
@@ -153,12 +165,8 @@ def test_marker_without_image(pipe):
 @pytest.fixture(scope="module")
 def keep_all_engines(tiny_ckpt, tmp_path_factory):
     """keep 1.0 at layer 1, G = 16, no unpruned graph: nothing is pruned."""
-    from llada_export.exporter.build import ExportOptions, export_engines
-
-    out = tmp_path_factory.mktemp("engines_keep1") / "onnx"
-    return export_engines(ExportOptions(
-        model=str(tiny_ckpt), output=str(out), prune_layer=1, keep=1.0, baseline=False,
-        gen_length=16, block_length=16, steps=16, max_prompt_tokens=192, image_size=(384, 384), progress=False))
+    return export(tiny_ckpt, tmp_path_factory.mktemp("engines_keep1") / "onnx", prune=PruneSettings(1, 1.0),
+                  gen_length=16)
 
 
 @pytest.mark.parametrize("img", IMAGE_NAMES)

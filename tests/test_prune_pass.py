@@ -5,25 +5,29 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llada_export.exporter.bucket import Bucket
-from llada_export.exporter.programs import export_denoiser, stage_a_example
-from llada_export.graphs.pruning import num_kept
-from llada_export.passes.prune import PassError, PruneSpec, insert_pruning
-from llada_export.reference import PruneSettings, build_prompt, pruned_forward
-from llada_export.runtime.pipeline import layout_bucket
-from llada_export.tokenizer import SpecialTokens
-
-from conftest import PROMPTS
+from helpers import PROMPTS
+from llada_export.contract.bucket import Bucket
+from llada_export.contract.graphset import Dims
+from llada_export.contract.layout import layout_bucket
+from llada_export.contract.pruning import PruneSettings, num_kept
+from llada_export.exporter.programs import BuildContext
+from llada_export.passes.prune import PassError, insert_pruning
+from llada_export.reference import embed_prompt, pruned_forward
+from llada_export.tokenizer import special_tokens
 
 G = 16
 BUCKET = Bucket(max_text_tokens=192, max_visual_tokens=150, gen_length=G, vision_batch=2)
 
 
+def context(model, sp, bucket=BUCKET, prune=None) -> BuildContext:
+    return BuildContext(model, bucket, Dims.of(bucket, model.config), sp, prune, False, torch.device("cpu"))
+
+
 @pytest.fixture(scope="module")
 def traced(tiny):
     model, tok, _ = tiny
-    sp = SpecialTokens.from_tokenizer(tok)
-    return export_denoiser(model.language, BUCKET, sp.mask, "cpu"), sp
+    sp = special_tokens(tok)
+    return context(model, sp).traced("denoiser"), sp
 
 
 def _eager(model, prompt, layer, keep, sp, gen_length):
@@ -45,15 +49,14 @@ def _eager(model, prompt, layer, keep, sp, gen_length):
 def test_stage_a_matches_eager_pruned_reference(tiny, traced, images, layer, keep, image, prompt):
     model, tok, _ = tiny
     ep, sp = traced
-    bucket = Bucket(BUCKET.max_text_tokens, BUCKET.max_visual_tokens, G, 2, keep=keep)
-    spec = PruneSpec(layer=layer, n_visual_slots=bucket.max_visual_tokens, k_static=bucket.k_static,
-                     mask_id=sp.mask)
-    stage_a = insert_pruning(ep, spec)
+    k_static = num_kept(keep, BUCKET.max_visual_tokens)
+    bucket = Bucket(BUCKET.max_text_tokens, BUCKET.max_visual_tokens, G, 2, k_static=k_static)
+    stage_a = insert_pruning(ep, PruneSettings(layer, keep), n_visual_slots=bucket.max_visual_tokens,
+                             k_static=k_static, mask_id=sp.mask)
 
-    req = build_prompt(model, tok, images[image], PROMPTS[prompt])
-    nb, nv = len(req.ids_before), req.n_visual
-    e = req.embeds[0]
-    x = layout_bucket(bucket, e[:nb], e[nb:nb + nv], e[nb + nv:], G)  # padded: 150 visual slots, 192 text
+    req = embed_prompt(model, tok, images[image], PROMPTS[prompt])
+    nv = req.n_visual
+    x = layout_bucket(bucket, [req.parts()], G)  # padded: 150 visual slots, 192 text
     assert x.prefix_embeds.shape[1] > req.length
     resp = torch.full((1, G), sp.mask)
     n_keep = torch.tensor([num_kept(keep, nv)])
@@ -73,9 +76,10 @@ def test_stage_a_matches_eager_pruned_reference(tiny, traced, images, layer, kee
 def test_stage_a_reexports_with_static_shapes(traced, tiny):
     model, _, _ = tiny
     ep, sp = traced
-    bucket = Bucket(BUCKET.max_text_tokens, BUCKET.max_visual_tokens, G, 2, keep=0.35)
-    gm = insert_pruning(ep, PruneSpec(2, bucket.max_visual_tokens, bucket.k_static, mask_id=sp.mask))
-    prog = torch.export.export(gm, stage_a_example(model.language, bucket, sp.mask, "cpu"))
+    bucket = Bucket(BUCKET.max_text_tokens, BUCKET.max_visual_tokens, G, 2, k_static=num_kept(0.35, 150))
+    gm = insert_pruning(ep, PruneSettings(2, 0.35), n_visual_slots=bucket.max_visual_tokens,
+                        k_static=bucket.k_static, mask_id=sp.mask)
+    prog = torch.export.export(gm, context(model, sp, bucket).examples("stage_a"))
     for n in prog.graph.nodes:
         val = n.meta.get("val")
         if isinstance(val, torch.Tensor):
@@ -86,21 +90,21 @@ def test_stage_a_reexports_with_static_shapes(traced, tiny):
 
 def test_pass_refuses_what_it_cannot_rewrite(traced):
     ep, sp = traced
+    kw = dict(n_visual_slots=150, mask_id=sp.mask)
     with pytest.raises(PassError, match="out of range"):
-        insert_pruning(ep, PruneSpec(4, 150, 50, mask_id=sp.mask))
+        insert_pruning(ep, PruneSettings(4, 0.5), k_static=50, **kw)
     with pytest.raises(PassError, match="k_static"):
-        insert_pruning(ep, PruneSpec(1, 150, 0, mask_id=sp.mask))
+        insert_pruning(ep, PruneSettings(1, 0.5), k_static=0, **kw)
     with pytest.raises(PassError, match="k_static"):
-        insert_pruning(ep, PruneSpec(1, 150, 151, mask_id=sp.mask))
+        insert_pruning(ep, PruneSettings(1, 0.5), k_static=151, **kw)
     with pytest.raises(PassError, match="no decoder layers"):
-        insert_pruning(ep, PruneSpec(1, 150, 50, mask_id=sp.mask, layer_regex=r"blocks\.{layer}$"))
+        insert_pruning(ep, PruneSettings(1, 0.5), k_static=50, layer_regex=r"blocks\.{layer}$", **kw)
 
 
 def test_pass_needs_a_symbolic_length(tiny):
     model, tok, _ = tiny
-    sp = SpecialTokens.from_tokenizer(tok)
-    from llada_export.exporter.programs import denoiser_example
-
-    static = torch.export.export(model.language, denoiser_example(model.language, 40, G, sp.mask, "cpu"))
+    sp = special_tokens(tok)
+    bucket = Bucket(20, 20, G, 2)
+    static = torch.export.export(model.language, context(model, sp, bucket).examples("unpruned"))
     with pytest.raises(PassError, match="static prefix length"):
-        insert_pruning(static, PruneSpec(1, 20, 5, mask_id=sp.mask))
+        insert_pruning(static, PruneSettings(1, 0.5), n_visual_slots=20, k_static=5, mask_id=sp.mask)

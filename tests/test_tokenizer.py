@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import pytest
 
+from llada_export.synthetic.tokenizer import FULL_VOCAB_SIZE, OFFICIAL_IDS, build_tokenizer
 from llada_export.tokenizer import (
     BOS_TOKEN,
     CHAT_TEMPLATE,
     DEFAULT_SYSTEM_PROMPT,
-    FULL_VOCAB_SIZE,
     IMAGE_SENTINEL,
-    OFFICIAL_IDS,
     PromptError,
-    SpecialTokens,
     TokenizerError,
-    build_tokenizer,
     encode_prompt,
     format_prompt,
+    special_tokens,
     split_at_image,
     tokenize_with_image,
 )
@@ -47,7 +45,7 @@ def raw_ids(tok, text):
 # ---------------------------------------------------------------------- vocabulary
 def test_full_vocab_layout(full):
     assert len(full) == FULL_VOCAB_SIZE
-    st = SpecialTokens.from_tokenizer(full)
+    st = special_tokens(full)
     assert (st.bos, st.eos, st.mask, st.start_header, st.end_header, st.eot) == (
         126080, 126081, 126336, 126346, 126347, 126348)
     for tok, i in OFFICIAL_IDS.items():
@@ -63,7 +61,7 @@ def test_full_vocab_layout(full):
 
 def test_tiny_vocab(tiny):
     assert 256 < len(tiny) < 1000
-    st = SpecialTokens.from_tokenizer(tiny)
+    st = special_tokens(tiny)
     assert len({st.mask, st.bos, st.eos, st.start_header, st.end_header, st.eot}) == 6
     assert tiny.pad_token_id == st.eos == st.pad
     assert tiny.decode(raw_ids(tiny, "The quick brown fox.")) == "The quick brown fox."
@@ -75,7 +73,7 @@ def test_build_is_deterministic():
 
 
 def test_suppressed_ids(tiny):
-    st = SpecialTokens.from_tokenizer(tiny)
+    st = special_tokens(tiny)
     assert st.suppressed() == [st.eos, st.bos, st.start_header, st.end_header]
     assert st.eot not in st.suppressed() and st.mask not in st.suppressed()
 
@@ -88,7 +86,7 @@ def test_missing_special_token_is_a_clear_error():
     t.pre_tokenizer = pre_tokenizers.ByteLevel()
     hf = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<|startoftext|>")
     with pytest.raises(TokenizerError, match="mdm_mask"):
-        SpecialTokens.from_tokenizer(hf)
+        special_tokens(hf)
 
 
 def test_auto_bos_kind(tiny):
@@ -162,7 +160,6 @@ def test_sentinel_for_every_image():
 @pytest.mark.parametrize(
     "text, has_image, match",
     [
-        ("What is shown?", True, "no <image> marker"),
         ("<image><image>\nCompare.", True, "2 <image> markers"),
         ("<image>\nWhat is shown?", False, "no image was given"),
     ],
@@ -178,3 +175,9 @@ def test_split_at_image_errors():
         split_at_image([1, 2])
     with pytest.raises(PromptError, match="found 2"):
         split_at_image([IMAGE_SENTINEL, 1, IMAGE_SENTINEL])
+
+
+def test_image_goes_first_without_a_marker(tiny):
+    """As the official demo and evaluation write it: "<image>\\n" + question."""
+    assert encode_prompt(tiny, "What is shown?", has_image=True) == \
+        encode_prompt(tiny, "<image>\nWhat is shown?", has_image=True)

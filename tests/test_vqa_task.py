@@ -1,9 +1,8 @@
-"""The demo VQA task (tools/vqa_task.py) and its trainer (tools/train_demo.py)."""
+"""The demo VQA task (llada_export.vqa_task) and its trainer (tools/train_demo.py)."""
 
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -11,14 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
-sys.path.insert(0, str(TOOLS))
+from llada_export import vqa_task
+from llada_export.config import PRESETS, LLaDAVConfig, demo_config
+from llada_export.graphs.anyres import crops_uint8, normalize_crops, preprocess, visual_token_count
+from llada_export.vqa_task import demo_tokenizer, derive_answer, make_split, patch_labels, sample, text_only_baseline
 
-import vqa_task  # noqa: E402
-from vqa_task import derive_answer, make_split, sample, text_only_baseline  # noqa: E402
-
-from llada_export.config import PRESETS, LLaDAVConfig, demo_config  # noqa: E402
-from llada_export.graphs.anyres import preprocess, visual_token_count  # noqa: E402
+from helpers import load_tool
 
 
 # ---------------------------------------------------------------------- generator
@@ -115,7 +112,7 @@ def test_demo_preset_structure():
     pixels, size = preprocess(img, cfg)
     assert tuple(pixels.shape) == (5, 3, 192, 192) and size == (384, 288)
     # round trip through config.json
-    from llada_export.tokenizer import build_tokenizer
+    from llada_export.synthetic.tokenizer import build_tokenizer
 
     cfg.text.vocab_size = len(build_tokenizer("tiny"))
     again = LLaDAVConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
@@ -123,7 +120,7 @@ def test_demo_preset_structure():
 
 
 def test_demo_model_size():
-    from llada_export.checkpoint import expected_shapes
+    from llada_export.checkpoint.io import expected_shapes
 
     cfg = demo_config()
     cfg.text.vocab_size = 398
@@ -135,18 +132,22 @@ def test_demo_model_size():
 
 
 # ---------------------------------------------------------------------- trainer
+def train_demo():
+    return load_tool("train_demo")
+
+
 def test_training_pieces_match_the_inference_path():
-    import train_demo as td
-    from llada_export.reference import build_prompt
+    td = train_demo()
+    from llada_export.reference import embed_prompt
 
     model, tok, cfg = td.build_model(0)
     model.eval()
     bt = td.Batcher(model, tok, 16)
     samples = [sample("val", i) for i in (0, 3)]  # questions of different lengths: padding in the batch
     assert len(bt.after_ids(samples[0].question)) != len(bt.after_ids(samples[1].question))
-    crops = torch.from_numpy(np.stack([td.crops_uint8(s.image(), cfg) for s in samples]))
+    crops = torch.from_numpy(np.stack([crops_uint8(s.image(), cfg) for s in samples]))
     for k, s in enumerate(samples):
-        assert torch.equal(td.normalize_crops(crops[k], cfg), preprocess(s.image(), cfg)[0])
+        assert torch.equal(normalize_crops(crops[k], cfg), preprocess(s.image(), cfg)[0])
     resp = bt.targets([s.answer for s in samples], "cpu")
     sp = bt.sp
     # answer + eot, padded with eot: the sampler suppresses EOS at masked positions, so EOS padding
@@ -167,16 +168,14 @@ def test_training_pieces_match_the_inference_path():
         got = bt.forward(bt.visual(crops), lay, noisy)
         for k, s in enumerate(samples):
             g = int(glens[k])
-            inp = build_prompt(model, tok, s.image(), s.prompt)
+            inp = embed_prompt(model, tok, s.image(), s.prompt)
             pos = torch.arange(inp.length + g)[None]
             want = model.denoise(inp.embeds, noisy[k:k + 1, :g], pos)[0]
             torch.testing.assert_close(got[k, :g], want, atol=1e-4, rtol=1e-4)
 
 
 def test_demo_tokenizer_answers_are_single_tokens():
-    import train_demo as td
-
-    tok = td.demo_tokenizer()
+    tok = demo_tokenizer()
     for a in vqa_task.all_answers():
         ids = tok(a, add_special_tokens=False).input_ids
         assert len(ids) == 1 and tok.decode(ids) == a
@@ -185,8 +184,8 @@ def test_demo_tokenizer_answers_are_single_tokens():
 
 
 def test_train_smoke_writes_loadable_checkpoint(tmp_path):
-    import train_demo as td
-    from llada_export.checkpoint import load_checkpoint
+    td = train_demo()
+    from llada_export.checkpoint.loader import load_checkpoint
 
     out = tmp_path / "demo"
     assert td.main(["--steps", "3", "--batch", "1", "--device", "cpu", "--out", str(out), "--eval-n", "1",
@@ -249,13 +248,12 @@ def test_label_image_matches_the_drawing():
 
 
 def test_patch_labels_follow_the_crops():
-    import train_demo as td
     from PIL import Image
 
     cfg = demo_config()
     ps, p = cfg.vision.patch_size, cfg.vision.patches_per_side
     for s in make_split("val", 4):
-        lab = td.patch_labels(s.scene, cfg)
+        lab = patch_labels(s.scene, cfg)
         assert lab.shape == (2, 5, p * p)
         # independent: the label maps cut like the pixels (crops_uint8 of a label image), then
         # per patch the majority non-background label with >= 1/4 of the pixels

@@ -7,14 +7,15 @@ and the official sampler of the trainer's evaluation (gen = block = steps = 8, t
 1. **visual attention share per layer** at denoising step 1: of the attention mass that the
    still-masked response query positions give, the share that lands on visual tokens
    (mean over heads, masked queries and questions). Probabilities are computed explicitly
-   from each layer's q and k after RoPE (``Attention.query_key``), as ``visual_scores`` does.
+   from each layer's q and k after RoPE (``Attention.query_key``) by the pruning's own
+   ``visual_scores`` with the ``response`` query weights (``graphs/pruning.py``).
 2. **top-k stability across denoising steps** at each layer K of ``--layers``: the visual
    tokens are ranked as LLaDA-FastV ranks them (attention received from the masked
    response positions, mean over heads and queries); S_t is the top-k set at step t
    (k = round(keep * n_visual) for each ``--keeps``) and the overlap |S_1 & S_t| / k says
    whether the set chosen once at step 1 would still be chosen later.
 
-The trajectory is the reference sampler's own (``llada_export.runtime.sampler.generate``):
+The trajectory is the reference sampler's own (``llada_export.sampler.generate``):
 the denoiser wrapper records the response ids of every step and computes, on the full
 (unpruned) sequence of that step, both the logits the sampler uses and the attention
 statistics, in one pass through the layers (the logits are those of ``ReferenceDenoiser``).
@@ -28,62 +29,62 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import vqa_task  # noqa: E402
-from prune_sweep import GEN_LENGTH  # noqa: E402
-from train_demo import patch_labels  # noqa: E402
+from llada_export import vqa_task
+from llada_export.checkpoint.loader import load_checkpoint
+from llada_export.contract.pruning import num_kept
+from llada_export.graphs.anyres import assemble
+from llada_export.graphs.pruning import query_weights, visual_scores
+from llada_export.reference import embed_prompt
+from llada_export.sampler import GenerationConfig, generate
+from llada_export.tokenizer import DEFAULT_SYSTEM_PROMPT, special_tokens
+from llada_export.vqa_task import patch_labels
 
-from llada_export.checkpoint import load_checkpoint  # noqa: E402
-from llada_export.graphs.anyres import assemble  # noqa: E402
-from llada_export.graphs.pruning import num_kept  # noqa: E402
-from llada_export.reference import build_prompt  # noqa: E402
-from llada_export.runtime.sampler import GenerationConfig, generate  # noqa: E402
-from llada_export.tokenizer import DEFAULT_SYSTEM_PROMPT, SpecialTokens  # noqa: E402
+GEN_LENGTH = vqa_task.GEN_LENGTH
 
 
 class RecordingDenoiser:
     """The unpruned reference denoiser, run layer by layer so that each step also records,
     per layer, the attention of the masked response queries (mean over heads)."""
 
+    fused = False
+
     def __init__(self, model, prompt, mask_id: int):
         self.model, self.prompt, self.mask_id = model, prompt, mask_id
         self.steps: list[dict] = []  # per call: ids [G], share [n_layers], scores [n_layers, n_visual]
 
     @torch.no_grad()
-    def __call__(self, response_ids: torch.Tensor, *, uncond: bool = False) -> torch.Tensor:
+    def __call__(self, response_ids: torch.Tensor, step=None, *, uncond: bool = False) -> torch.Tensor:
         assert not uncond, "CFG is off in the evaluated settings"
         lm = self.model.language
         prefix = self.prompt.embeds  # [1, P, D]
-        g = response_ids.shape[0]
+        g = response_ids.shape[1]
         p = prefix.shape[1]
         pos = torch.arange(p + g, device=prefix.device)[None]  # [1, L]
         vis = self.prompt.visual_mask[0]  # [P] bool
         vis_cols = torch.cat([vis, torch.zeros(g, dtype=torch.bool, device=vis.device)])  # [L]
-        masked = response_ids == self.mask_id  # [G]
-        x = torch.cat([prefix.to(lm.dtype), lm.embed_tokens(response_ids[None])], dim=1)  # [1, L, D]
+        key = torch.ones(1, p + g, dtype=torch.bool, device=prefix.device)  # unpadded: every key real
+        w = query_weights("response", key, vis_cols[None], response_ids, pos, self.mask_id)  # [1, L]
+        x = torch.cat([prefix.to(lm.dtype), lm.embed_tokens(response_ids)], dim=1)  # [1, L, D]
         cos, sin = lm.rotary(pos)
         shares, scores = [], []
         for layer in lm.layers:
             q, k = layer.self_attn.query_key(layer.input_layernorm(x), cos, sin)  # [1, H, L, hd]
-            qr = q[:, :, -g:][:, :, masked]  # [1, H, Gm, hd] masked response queries
-            probs = ((qr.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(-1)  # [1, H, Gm, L]
-            per_query = probs.mean(dim=1)[0]  # [Gm, L] mean over heads
-            shares.append(float(per_query[:, vis_cols].sum(-1).mean()))
-            scores.append(per_query.mean(0)[vis_cols])  # [n_visual]: what the FastV ranking uses
+            sc = visual_scores(q, k, key, w, g)[0]  # [L]: attention received, as the FastV ranking uses it
+            shares.append(float(sc[vis_cols].sum()))
+            scores.append(sc[vis_cols])  # [n_visual]
             x = layer(x, cos, sin, None)
-        self.steps.append({"ids": response_ids.clone(), "share": shares, "scores": torch.stack(scores)})
-        return lm.head(x[:, -g:])[0]  # [G, V]
+        self.steps.append({"ids": response_ids[0].clone(), "share": shares, "scores": torch.stack(scores)})
+        return lm.head(x[:, -g:])  # [1, G, V]
 
 
 def object_tokens(scene: vqa_task.Scene, cfg) -> torch.Tensor:
     """[n_visual] bool: the visual tokens that show an object (a shape or the digit), from the
-    scene's label maps cut like the crops (``train_demo.patch_labels``) and put through the same
+    scene's label maps cut like the crops (``vqa_task.patch_labels``) and put through the same
     anyres assembly as the features (the newline tokens are never objects)."""
     shape_lab = torch.from_numpy(patch_labels(scene, cfg)[0].astype("float32"))  # [N, T] label ids
     obj = (shape_lab > 0).float()[..., None]  # [N, T, 1]
@@ -93,10 +94,10 @@ def object_tokens(scene: vqa_task.Scene, cfg) -> torch.Tensor:
 
 def analyse_sample(model, tokenizer, cfg, sample, gen: GenerationConfig, layers: list[int], keeps: list[float],
                    system: str = DEFAULT_SYSTEM_PROMPT) -> dict:
-    sp = SpecialTokens.from_tokenizer(tokenizer)
-    inputs = build_prompt(model, tokenizer, sample.image(), sample.prompt, system)
+    sp = special_tokens(tokenizer)
+    inputs = embed_prompt(model, tokenizer, sample.image(), sample.prompt, system)
     den = RecordingDenoiser(model, inputs, sp.mask)
-    ids = generate(den, gen, mask_id=sp.mask, eot_id=sp.eot, suppress_ids=sp.suppressed())
+    (ids,) = generate(den, gen, mask_id=sp.mask, eot_id=sp.eot, suppress_ids=sp.suppressed())
     text = tokenizer.decode(ids.tolist(), skip_special_tokens=True)
     n_vis = inputs.n_visual
     # what the step-1 selection at each layer keeps of the objects (every layer, every keep)

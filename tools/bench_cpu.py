@@ -31,15 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from llada_export.cli.common import parse_size
+
 DEFAULT_KEEPS = (1.0, 0.5, 0.35)
-
-
-def parse_size(s: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in s.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {s!r}") from None
-    return w, h
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -103,8 +97,9 @@ def make_config(args):
 def write_checkpoint(cfg, out: Path, seed: int, init_std: float) -> Path:
     import torch
 
-    from llada_export.checkpoint import random_state, save_checkpoint
-    from llada_export.tokenizer import build_tokenizer
+    from llada_export.checkpoint.io import save_checkpoint
+    from llada_export.synthetic.tokenizer import build_tokenizer
+    from llada_export.synthetic.weights import random_state
 
     tok = build_tokenizer("tiny")
     if cfg.text.vocab_size == 0:
@@ -171,16 +166,18 @@ def bench_one(engines: Path, image, args) -> dict:
             (full if u else pruned).append(run(u))
     r0, f0 = pruned[0], full[0]
     t = {k: med([r.timings[k] for r in pruned])
-         for k in ("vision", "prepare", "stage_a", "stage_b_per_step", "sampler_overhead", "total")}
+         for k in ("vision", "prepare", "stage_a_per_call", "stage_b_per_call", "sampler_overhead", "total")}
     tf = {k: med([r.timings[k] for r in full])
-          for k in ("vision", "prepare", "full_per_step", "sampler_overhead", "total")}
-    steps = len(r0.step_times)
+          for k in ("vision", "prepare", "unpruned_per_call", "sampler_overhead", "total")}
+    t["stage_a"], t["stage_b_per_step"], tf["full_per_step"] = (t["stage_a_per_call"], t["stage_b_per_call"],
+                                                               tf["unpruned_per_call"])
+    steps = r0.forwards
     return {
         "keep": pipe.keep,
-        "prune_layer": pipe.manifest["pruning"]["layer"],
+        "prune_layer": pipe.manifest.pruning.layer,
         "n_visual": r0.n_visual,
         "kept_visual": len(r0.kept_visual or []),
-        "bucket": pipe.manifest["bucket"],
+        "bucket": pipe.manifest.bucket.to_dict(),
         "forwards": steps,
         "vision_s": t["vision"],
         "stage_a_s": t["stage_a"],
@@ -197,8 +194,8 @@ def bench_one(engines: Path, image, args) -> dict:
         "speedup_per_step": tf["full_per_step"] / t["stage_b_per_step"],
         "best_total_s": min(r.timings["total"] for r in pruned),
         "best_unpruned_total_s": min(r.timings["total"] for r in full),
-        "best_stage_b_per_step_s": min(r.timings["stage_b_per_step"] for r in pruned),
-        "best_unpruned_per_step_s": min(r.timings["full_per_step"] for r in full),
+        "best_stage_b_per_step_s": min(r.timings["stage_b_per_call"] for r in pruned),
+        "best_unpruned_per_step_s": min(r.timings["unpruned_per_call"] for r in full),
         "totals_s": [r.timings["total"] for r in pruned],
         "unpruned_totals_s": [r.timings["total"] for r in full],
         "same_answer_as_unpruned": r0.ids == f0.ids,
@@ -269,8 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.torch_threads)
+    from llada_export.contract.pruning import PruneSettings
     from llada_export.exporter.build import ExportOptions, export_engines
-    from llada_export.runtime.sampler import preset as get_preset
+    from llada_export.sampler import preset as get_preset
 
     work, out = Path(args.workdir), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
@@ -291,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         extra = {"fuse_sampler": True} if args.fuse_sampler else {}
         export_engines(ExportOptions(
-            model=str(ckpt), output=str(eng), prune_layer=k_layer, keep=keep, baseline=True,
+            model=str(ckpt), output=str(eng), prune=PruneSettings(k_layer, keep), baseline=True,
             gen_length=gen.gen_length, block_length=gen.block_length, steps=gen.steps,
             max_prompt_tokens=args.max_prompt_tokens, image_size=tuple(args.image_size), overwrite=True,
             progress=False, **extra))

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -33,26 +32,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from llada_export.config import TextConfig  # noqa: E402
-from llada_export.graphs.llada import DecoderLayer, RotaryEmbedding, attention_mask  # noqa: E402
+from llada_export.config import TextConfig
+from llada_export.graphs.llada import DecoderLayer, RotaryEmbedding, attention_mask
+from llada_export.timing import matmul_peak, median_seconds
 
 
 def bench(fn, warmup: int = 3, repeat: int = 10) -> float:
-    """Median seconds of ``fn`` timed with CUDA events (also used by ``bench_gpu.py``)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(times)
+    return median_seconds(fn, repeat=repeat, warmup=warmup)
 
 
 def machine() -> dict:
@@ -67,12 +53,6 @@ def machine() -> dict:
             "nvidia_smi": cmd("nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
                               "--format=csv,noheader"),
             "date": time.strftime("%Y-%m-%d %H:%M")}
-
-
-def matmul_peak(n: int = 8192) -> float:
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    return 2 * n**3 / bench(lambda: a @ b)
 
 
 def gemms(lengths: list[int], cfg: TextConfig) -> list[dict]:

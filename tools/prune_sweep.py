@@ -7,7 +7,7 @@ the TEST split with the official sampler settings of the trainer's evaluation
 (gen = block = steps = response length, temperature 0, low-confidence remasking), the
 same system prompt and ``"<image>\\n" + question`` prompt as training, and the trainer's
 answer check (``prediction.strip() == answer``). FLOPs per request come from the
-analytic formulas of ``tools/bench_gpu.py``.
+analytic model of ``llada_export.flops``.
 
     python tools/prune_sweep.py --n 300    # the bundled demo model
 
@@ -21,7 +21,6 @@ import json
 import math
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -29,18 +28,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import vqa_task  # noqa: E402
-from bench_gpu import request_flops  # noqa: E402
+from llada_export import vqa_task
+from llada_export.checkpoint.loader import load_checkpoint
+from llada_export.contract.pruning import PruneSettings, num_kept
+from llada_export.exporter.build import ExportOptions, export_engines, plan_bucket
+from llada_export.flops import request_flops
+from llada_export.runtime.pipeline import Pipeline
+from llada_export.sampler import GenerationConfig
 
-from llada_export.checkpoint import load_checkpoint  # noqa: E402
-from llada_export.exporter.build import ExportOptions, export_engines, plan_bucket  # noqa: E402
-from llada_export.graphs.pruning import num_kept  # noqa: E402
-from llada_export.runtime.pipeline import Pipeline  # noqa: E402
-from llada_export.runtime.sampler import GenerationConfig  # noqa: E402
-from llada_export.tokenizer import DEFAULT_SYSTEM_PROMPT, encode_prompt  # noqa: E402
-
-GEN_LENGTH = 8  # tools/train_demo.py --gen-length default (answer + <|eot_id|> padding)
+GEN_LENGTH = vqa_task.GEN_LENGTH
 IMAGE_SIZE = (vqa_task.WIDTH, vqa_task.HEIGHT)
 
 
@@ -67,12 +63,6 @@ def accuracy_table(types: list[str], hits: list[bool]) -> dict:
             "per_type_n": {t: len(v) for t, v in sorted(per.items())}}
 
 
-def max_prompt_tokens(tokenizer, system: str = DEFAULT_SYSTEM_PROMPT) -> int:
-    """Text tokens (chat template included) of the longest question the task can ask."""
-    return max(sum(len(p) for p in encode_prompt(tokenizer, "<image>\n" + q, has_image=True, system=system))
-               for q in vqa_task.all_questions())
-
-
 class VisualCache:
     """Visual embeddings per sample from the first pipeline's vision engine: every engine set
     holds the same vision graph, so later pipelines reuse them instead of re-running it."""
@@ -83,10 +73,10 @@ class VisualCache:
     def install(self, pipe: Pipeline, key_of) -> None:
         orig = pipe.encode_image
 
-        def encode_image(image):
+        def encode_image(image, pixels=None):
             key = key_of(image)
             if key not in self.store:
-                self.store[key] = orig(image)[0]
+                self.store[key] = orig(image, pixels)[0]
             return self.store[key], 0.0
 
         pipe.encode_image = encode_image  # instance attribute: Pipeline.generate calls self.encode_image
@@ -103,7 +93,7 @@ def evaluate(pipe: Pipeline, samples, images, gen: GenerationConfig, unpruned: b
                           unpruned=unpruned)
         preds.append(r.text)
         hits.append(r.text.strip() == s.answer)
-        steps.append(len(r.step_times))
+        steps.append(r.forwards)
         if r.kept_visual is not None:
             kept.append(len(r.kept_visual))
     seconds = time.perf_counter() - t0
@@ -116,7 +106,7 @@ def evaluate(pipe: Pipeline, samples, images, gen: GenerationConfig, unpruned: b
 
 
 def flops_for(cfg, bucket, gen: GenerationConfig, layer: int | None, keep: float) -> dict:
-    """Analytic FLOPs of one request filling the bucket (bench_gpu.request_flops), all `steps` steps."""
+    """Analytic FLOPs of one request filling the bucket (llada_export.flops), all `steps` steps."""
     f = request_flops(cfg, bucket.prefix_len, bucket.max_visual_tokens, gen, layer, keep, bucket.vision_batch)
     return {k: float(v) for k, v in f.items()}
 
@@ -138,13 +128,13 @@ def run_sweep(ckpt: str | Path, n: int, layers: list[int], keeps: list[float], g
         if bad:
             raise SystemExit(f"--layers {bad}: the model has layers 0..{n_layers - 1}")
         gen = GenerationConfig(gen_length, gen_length, gen_length).validate()
-        mpt = max_prompt_tokens(tokenizer)
+        mpt = vqa_task.prompt_tokens(tokenizer)
         samples = vqa_task.make_split(split, n)
         images = [s.image() for s in samples]
         cache = VisualCache()
 
         def opts(out: Path, layer: int, keep: float, baseline: bool) -> ExportOptions:
-            return ExportOptions(model=str(ck), output=str(out), prune_layer=layer, keep=keep, baseline=baseline,
+            return ExportOptions(model=str(ck), output=str(out), prune=PruneSettings(layer, keep), baseline=baseline,
                                  fuse_sampler=fuse_sampler, backends=("onnxruntime",), dtype="float32",
                                  device="cpu", gen_length=gen.gen_length, block_length=gen.block_length,
                                  steps=gen.steps, max_prompt_tokens=mpt, image_size=IMAGE_SIZE,

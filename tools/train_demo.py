@@ -3,13 +3,13 @@
 The model is the ``demo`` preset (official LLaDA-V structure: SigLIP tower, mlp2x_gelu
 projector, anyres assembly, bidirectional LLaDA LM), randomly initialised with the
 project's seeded init (normal(0, 0.02), norms at one), with its own small tokenizer
-(:func:`demo_tokenizer`: the stand-in byte-level BPE with the official special tokens and
+(:func:`llada_export.vqa_task.demo_tokenizer`: the stand-in byte-level BPE with the official special tokens and
 chat template, trained on the task's words so that every answer is one token). Training
 uses LLaDA's masked-diffusion SFT objective:
 
 * prompt = the official chat template with ``<image>\\n{question}`` and the default
   system prompt, the visual tokens spliced at ``<image>`` (the same pieces as
-  ``reference.build_prompt``, batched and differentiable);
+  ``reference.embed_prompt``, batched and differentiable);
 * response = the answer token + ``<|eot_id|>``, padded with more ``<|eot_id|>`` to the
   sample's response length G, drawn per sample from ``--train-gen-lengths`` (the pad
   tokens are part of the response, masked and predicted). The pad must be
@@ -40,7 +40,6 @@ sampler gives a larger-sample estimate (and its agreement with the real path).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
@@ -53,64 +52,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import vqa_task  # noqa: E402
-
-from llada_export.checkpoint import random_state, save_checkpoint, load_checkpoint  # noqa: E402
-from llada_export.config import LLaDAVConfig, demo_config  # noqa: E402
-from llada_export.graphs.anyres import assemble, resize_and_pad, select_best_resolution, split_tiles  # noqa: E402
-from llada_export.graphs.llada import attention_mask  # noqa: E402
-from llada_export.graphs.llava import LLaDAV  # noqa: E402
-from llada_export.tokenizer import DEFAULT_SYSTEM_PROMPT, SpecialTokens, build_tokenizer, encode_prompt  # noqa: E402
+from llada_export import vqa_task
+from llada_export.checkpoint.io import save_checkpoint
+from llada_export.checkpoint.loader import load_checkpoint
+from llada_export.config import LLaDAVConfig, demo_config
+from llada_export.graphs.anyres import assembly_index, crops_uint8, normalize_crops, select_best_resolution
+from llada_export.graphs.llada import attention_mask
+from llada_export.graphs.llava import LLaDAV
+from llada_export.sampler import GenerationConfig, generate
+from llada_export.synthetic.weights import random_state
+from llada_export.tokenizer import DEFAULT_SYSTEM_PROMPT, encode_prompt, special_tokens
+from llada_export.vqa_task import demo_tokenizer, patch_labels
 
 EPS = 1e-3  # LLaDA's minimum mask probability
-
-
-# ---------------------------------------------------------------------- pixels
-def crops_uint8(img: Image.Image, cfg: LLaDAVConfig) -> np.ndarray:
-    """The anyres crops of ``preprocess`` before normalisation: [N, S, S, 3] uint8.
-    ``normalize_crops(crops_uint8(img))`` equals ``preprocess(img)[0]`` bit for bit."""
-    s = cfg.vision.image_size
-    img = img.convert("RGB")
-    best = select_best_resolution(img.size, cfg.image_grid_pinpoints)
-    crops = [img.resize((s, s))] + split_tiles(resize_and_pad(img, best), s)
-    out = [np.asarray(c if c.size == (s, s) else c.resize((s, s), resample=Image.Resampling.BICUBIC)) for c in crops]
-    return np.stack(out)  # [N, S, S, 3]
-
-
-def patch_labels(scene: vqa_task.Scene, cfg: LLaDAVConfig, min_cover: float = 0.25) -> np.ndarray:
-    """Per-patch labels of every anyres crop, for the auxiliary vision objective:
-    [2, N, T] uint8 = (shape label, colour label) of each of the T patches of the N crops
-    (``vqa_task.SHAPE_LABELS`` / ``COLOUR_LABELS``). The label maps go through the crops'
-    geometry with nearest resampling; a patch takes the most frequent non-background label
-    covering at least ``min_cover`` of it, else background."""
-    s, ps = cfg.vision.image_size, cfg.vision.patch_size
-    p = s // ps
-    best = select_best_resolution((scene.width, scene.height), cfg.image_grid_pinpoints)
-    out = []
-    for what, n_labels in (("shape", len(vqa_task.SHAPE_LABELS)), ("colour", len(vqa_task.COLOUR_LABELS))):
-        lab = vqa_task.label_image(scene, what)
-        crops = [lab.resize((s, s), Image.Resampling.NEAREST)] + split_tiles(
-            resize_and_pad(lab, best, Image.Resampling.NEAREST), s)
-        ids = np.stack([np.asarray(c) for c in crops])  # [N, S, S] uint8
-        n = len(crops)
-        counts = np.bincount((_patch_index(n, s, ps) * n_labels + ids).ravel(), minlength=n * p * p * n_labels)
-        counts = counts.reshape(n, p * p, n_labels)  # [N, T, labels]: pixels of each label per patch
-        counts[..., 0] = 0
-        best_label = counts.argmax(-1)  # [N, T]
-        out.append(np.where(counts.max(-1) >= min_cover * ps * ps, best_label, 0).astype(np.uint8))
-    return np.stack(out)  # [2, N, T]
-
-
-@functools.lru_cache(maxsize=4)
-def _patch_index(n: int, s: int, ps: int) -> np.ndarray:
-    """[N, S, S] int32: the index (crop * T + patch) of every pixel's patch."""
-    p = s // ps
-    return ((np.arange(n)[:, None, None] * p + np.arange(s)[None, :, None] // ps) * p
-            + np.arange(s) // ps).astype(np.int32)
 
 
 class VisionAux(nn.Module):
@@ -136,25 +92,6 @@ class VisionAux(nn.Module):
         obj = shape > 0
         acc = ((shape_logits.argmax(-1) == shape) & obj).sum() / obj.sum().clamp(min=1)
         return total, acc
-
-
-def normalize_crops(crops: torch.Tensor, cfg: LLaDAVConfig) -> torch.Tensor:
-    """[..., S, S, 3] uint8 -> [..., 3, S, S] float32, the same arithmetic as ``normalize_crop``."""
-    x = (crops.double() * (1 / 255)).float()  # [..., S, S, 3]
-    mean = torch.tensor(cfg.image_mean, dtype=torch.float32, device=x.device)
-    std = torch.tensor(cfg.image_std, dtype=torch.float32, device=x.device)
-    return ((x - mean) / std).movedim(-1, -3).contiguous()  # [..., 3, S, S]
-
-
-def assembly_index(cfg: LLaDAVConfig, size_wh: tuple[int, int], n_crops: int) -> torch.Tensor:
-    """``assemble`` as a gather: index [n_visual] into cat(crop features [N*T], newline),
-    the newline being index N*T. Valid when assembly does not downsample (checked)."""
-    t = cfg.vision.tokens_per_crop
-    feats = torch.arange(n_crops * t, dtype=torch.float64).view(n_crops, t, 1)  # [N, T, 1]
-    out = assemble(feats, size_wh, cfg, torch.tensor([-1.0], dtype=torch.float64))[:, 0]  # [n_visual]
-    if not torch.equal(out, out.round()):
-        raise ValueError(f"assembly of a {size_wh} image downsamples: not a pure gather")
-    return torch.where(out < 0, torch.full_like(out, n_crops * t), out).long()
 
 
 # ---------------------------------------------------------------------- data
@@ -195,7 +132,7 @@ class Batcher:
 
     def __init__(self, model: LLaDAV, tok, gen_slots: int, system: str = DEFAULT_SYSTEM_PROMPT):
         self.model, self.tok, self.cfg, self.g = model, tok, model.config, gen_slots
-        self.sp = SpecialTokens.from_tokenizer(tok)
+        self.sp = special_tokens(tok)
         self.system = system
         before, _ = encode_prompt(tok, "<image>\nX", has_image=True, system=system)
         self.before = before
@@ -296,44 +233,34 @@ def diffusion_loss(logits: torch.Tensor, target: torch.Tensor, masked: torch.Ten
 
 
 # ---------------------------------------------------------------------- batched sampler
+class BatcherDenoiser:
+    """The training layout as a denoiser of the package's batched sampler (one request per row)."""
+
+    fused = False
+
+    def __init__(self, bt: "Batcher", visual: torch.Tensor, lay: dict, autocast):
+        self.bt, self.visual, self.lay, self.autocast = bt, visual, lay, autocast
+
+    def __call__(self, ids: torch.Tensor, step, *, uncond: bool = False) -> torch.Tensor:
+        resp = torch.full((ids.shape[0], self.bt.g), self.bt.sp.mask, dtype=torch.long, device=ids.device)
+        resp[:, : ids.shape[1]] = ids  # slots past gen_length stay masked (masked keys)
+        with self.autocast():
+            return self.bt.forward(self.visual, self.lay, resp)[:, : ids.shape[1]].float()  # [B, g, V]
+
+
 @torch.no_grad()
 def batched_generate(bt: Batcher, crops: torch.Tensor, questions: list[str], autocast, gen_length: int) -> list[str]:
-    """The official sampler (one block, steps = gen_length: one token per step,
-    low-confidence remasking, temperature 0, stop at the first committed eot), batched."""
-    sp, g = bt.sp, gen_length
-    dev = crops.device
+    """The official sampler (:func:`llada_export.sampler.generate`: one block, steps = gen_length,
+    low-confidence remasking, temperature 0, stop at the first committed eot) on the training
+    layout, every question one row."""
+    sp, g, dev = bt.sp, gen_length, crops.device
     with autocast():
         vis = bt.visual(crops)
     b = len(questions)
     lay = bt.layout(questions, torch.full((b,), g), dev)
-    x = torch.full((b, bt.g), sp.mask, dtype=torch.long, device=dev)  # slots past g stay masked (masked keys)
-    suppress = torch.tensor(sp.suppressed(), device=dev)
-    ar = torch.arange(bt.g, device=dev)
-    stop = torch.full((b,), g, device=dev)
-    for _ in range(g):
-        mask = (x == sp.mask) & (ar[None] < g)  # [B, G]
-        active = (mask & (ar[None] < stop[:, None])).any(1)  # [B]
-        if not active.any():
-            break
-        with autocast():
-            logits = bt.forward(vis, lay, x).float()  # [B, G, V]
-        sup = logits[..., suppress]
-        logits[..., suppress] = torch.where(mask[..., None], torch.full_like(sup, float("-inf")), sup)
-        x0 = logits.argmax(-1)  # [B, G]
-        p = torch.softmax(logits.double(), -1).gather(-1, x0[..., None])[..., 0]  # [B, G]
-        p = torch.where(ar[None] >= stop[:, None], torch.full_like(p, float("-inf")), p)
-        conf = torch.where(mask, p, torch.full_like(p, float("-inf")))
-        pick = conf.argmax(-1)  # [B]
-        rows = torch.arange(b, device=dev)[active]
-        x[rows, pick[active]] = x0[rows, pick[active]]
-        is_eot = x == sp.eot
-        first = torch.where(is_eot.any(1), is_eot.float().argmax(1), torch.full_like(stop, g))
-        stop = torch.minimum(stop, first)
-    out = []
-    for row in x[:, :g].tolist():
-        row = row[: row.index(sp.eot)] if sp.eot in row else row
-        out.append(bt.tok.decode(row, skip_special_tokens=True))
-    return out
+    rows = generate(BatcherDenoiser(bt, vis, lay, autocast), GenerationConfig(g, g, g), mask_id=sp.mask,
+                    eot_id=sp.eot, suppress_ids=sp.suppressed(), batch_size=b, device=dev)
+    return [bt.tok.decode(r.tolist(), skip_special_tokens=True) for r in rows]
 
 
 def accuracy_table(types: list[str], hits: list[bool]) -> dict:
@@ -370,7 +297,6 @@ def _reference_eval_worker(args):
     if threads:
         torch.set_num_threads(threads)
     from llada_export.reference import reference_generate
-    from llada_export.runtime.sampler import GenerationConfig
 
     model, tok, _ = load_checkpoint(ckpt, dtype=torch.float32, device=device)
     gen = GenerationConfig(gen_length, gen_length, gen_length)
@@ -407,18 +333,6 @@ def reference_eval(ckpt: Path, n: int, gen_length: int, processes: int, device: 
 
 
 # ---------------------------------------------------------------------- main
-DEMO_BPE_VOCAB = 448  # 256 byte symbols + 192 merges: every answer and task word is one token
-
-
-def demo_tokenizer():
-    """The demo model's own tokenizer: the stand-in byte-level BPE with the official special
-    tokens and chat template, trained on the built-in text plus the task's questions and
-    answers, so that every answer is a single token (462 entries)."""
-    roles = ["system", "user", "assistant"]
-    return build_tokenizer("tiny", corpus=vqa_task.tokenizer_corpus() + (roles + [DEFAULT_SYSTEM_PROMPT]) * 20,
-                           bpe_vocab_size=DEMO_BPE_VOCAB)
-
-
 def build_model(seed: int) -> tuple[LLaDAV, object, LLaDAVConfig]:
     cfg = demo_config()
     tok = demo_tokenizer()
@@ -476,7 +390,8 @@ def lr_at(step: int, steps: int, lr: float, warmup: int, final_frac: float = 0.1
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, type=Path, help="checkpoint directory to write (replaced if it exists)")
+    p.add_argument("--out", required=True, type=Path, help="checkpoint directory to write (a checkpoint written by this project there is replaced; "
+                   "anything else is refused)")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps (default: 10000 as a cap, cut to fit --time-budget on CUDA)")
     p.add_argument("--time-budget", type=float, default=None,
@@ -499,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="every k-th training sample is an easy scene without distractors (default 4; 0: none)")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup", type=int, default=None, help="default: min(200, steps // 10)")
-    p.add_argument("--gen-length", type=int, default=8,
+    p.add_argument("--gen-length", type=int, default=vqa_task.GEN_LENGTH,
                    help="response length of the evaluations (gen = block = steps; default 8)")
     p.add_argument("--train-gen-lengths", default="2,4,8,16",
                    help="response lengths drawn per training sample (answer + eot padding; default 2,4,8,16: "
@@ -687,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model.eval()
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    save_checkpoint(state, cfg, tok, args.out, overwrite=True)
+    save_checkpoint(state, cfg, tok, args.out, overwrite=True, protect=[args.init] if args.init else ())
     print(f"wrote {args.out}", flush=True)
 
     t1 = time.time()

@@ -11,17 +11,20 @@ import re
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
-
-from ..checkpoint import DEFAULT_MAX_SHARD_BYTES, INIT_STD, random_checkpoint
+from ..checkpoint.constants import DEFAULT_MAX_SHARD_BYTES, INIT_STD
 from ..config import PRESETS
-from .common import user_errors
+from .common import parser, user_errors
+
+DESCRIPTION = """\
+Write a random-weight LLaDA-V checkpoint in the official Hugging Face layout (config.json,
+generation_config.json, sharded safetensors + index, tokenizer files). Tensors are generated
+and written one at a time, so the full preset needs little memory."""
 
 PROG = "llada-checkpoint"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
-def parse_size(text: str) -> int:
+def parse_bytes(text: str) -> int:
     """``"5GB"``, ``"200MiB"``, ``"123456"`` -> bytes."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
     if not m or m.group(2).upper() not in _UNITS:
@@ -33,15 +36,10 @@ def parse_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description="Write a random-weight LLaDA-V checkpoint in the official Hugging Face layout "
-        "(config.json, generation_config.json, sharded safetensors + index, tokenizer files). "
-        "Tensors are generated and written one at a time, so the full preset needs little memory.",
-    )
+    p = parser(PROG, DESCRIPTION)
     p.add_argument("--preset", required=True, choices=sorted(PRESETS),
-                   help="model size: 'tiny' (a few MB, for tests) or 'full' (real LLaDA-V dimensions, "
-                   "8B parameters); required")
+                   help="model size: 'tiny' (a few MB, for tests), 'demo' (the demo model's structure, 15 MB, "
+                   "random weights) or 'full' (real LLaDA-V dimensions, 8B parameters); required")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="DIR",
                    help="checkpoint directory to create; required")
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default: 0)")
@@ -52,10 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auto-bos", action="store_true",
                    help="write a tokenizer that prepends BOS itself (default: off, like the official "
                    "LLaDA-V tokenizer, whose BOS comes only from the chat template)")
-    p.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES, metavar="SIZE",
+    p.add_argument("--max-shard-size", type=parse_bytes, default=DEFAULT_MAX_SHARD_BYTES, metavar="SIZE",
                    help="largest safetensors shard, e.g. 5GB, 500MB (default: 5GB)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace DIR if it exists and is not empty (default: refuse)")
+                   help="replace DIR if it holds a checkpoint llada-checkpoint wrote (default: refuse)")
     return p
 
 
@@ -72,19 +70,23 @@ def human_size(n: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    bars: list[tqdm] = []  # made at the first shard, so an early error prints no bar
+    bars: list = []  # made at the first shard, so an early error prints no bar
 
     def progress(done: int, total: int | None) -> None:
         if not bars:
+            from tqdm import tqdm
+
             bars.append(tqdm(total=total, unit="shard", desc="writing shards"))
         bars[0].update(done - bars[0].n)
 
     try:
         with user_errors(PROG):  # the writer removes its temporary directory on any failure
+            from ..synthetic.weights import random_checkpoint
+
             out = random_checkpoint(
                 args.preset, args.output, seed=args.seed, dtype=args.dtype, add_bos=args.auto_bos,
                 overwrite=args.overwrite, max_shard_bytes=args.max_shard_size, progress=progress,
-                init_std=args.init_std,
+                init_std=args.init_std, overwrite_flag="--overwrite",
             )
     finally:
         for bar in bars:

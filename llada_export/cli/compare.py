@@ -5,30 +5,37 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..engines import BACKENDS
-from .common import user_errors
+from ..engines.registry import backend_names
+from .common import cli_prompt, parser, user_errors
+from .generate import add_decoding_flags, decoding_settings
+
+DESCRIPTION = """\
+Compare every graph of an engines directory (vision, stage A, stage B, the cache graphs,
+the unpruned graphs) with the same checkpoint run eagerly, using Polygraphy's Comparator,
+and report the end-to-end token agreement."""
 
 EPILOG = """\
 examples:
   llada-compare --engines engines/ --model ckpt/
-  llada-compare --engines engines/ --model ckpt/ --image a.jpg --prompt "<image>\\nWhat is this?" --report out.json
+  llada-compare --engines engines/ --model ckpt/ --image a.jpg --prompt "What is this?" --report out.json
+  llada-compare --engines engines/ --model ckpt/ --factor 1 --refresh 8
 
 Exit status: 0 when every graph is within tolerance and fp32 engines reproduce the eager
-tokens exactly, 1 when a comparison fails, 2 on a usage error."""
+tokens exactly, 1 when a comparison fails, 2 on a usage error (a checkpoint of another
+model included)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llada-compare", description="Compare every graph of an engines directory "
-                                "(vision, stage A, stage B, unpruned) with the same checkpoint run eagerly, using "
-                                "Polygraphy's Comparator, and report end-to-end token agreement.", epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("llada-compare", DESCRIPTION, EPILOG)
     p.add_argument("--engines", required=True, help="engines directory written by llada-export")
     p.add_argument("--model", required=True, help="the checkpoint the engines were exported from")
     p.add_argument("--image", action="append", default=[], help="image for a prompt (repeatable, pairs with --prompt)")
-    p.add_argument("--prompt", action="append", default=[], help="prompt with <image> (repeatable)")
-    p.add_argument("--backend", action="append", choices=BACKENDS,
+    p.add_argument("--prompt", action="append", default=[], type=cli_prompt,
+                   help="prompt about the image (repeatable; the image goes first unless <image> places it)")
+    p.add_argument("--backend", action="append", choices=backend_names(),
                    help="backends to check (default: every backend built)")
     p.add_argument("--presets", default="mc,chartqa", help="sampler presets for the agreement check (default: mc,chartqa)")
+    add_decoding_flags(p)
     p.add_argument("--report", default="llada-compare.json", help="JSON report path; a .md summary is written beside "
                    "it (default: llada-compare.json)")
     p.add_argument("-v", "--verbose", action="store_true", help="show Polygraphy's own comparison log")
@@ -45,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("give one --image for each --prompt")
         prompts = list(zip(args.image, args.prompt)) + BUNDLED
         report = run_compare(args.engines, args.model, prompts, args.backend, args.save_dir,
-                             tuple(p for p in args.presets.split(",") if p), args.verbose)
+                             tuple(p for p in args.presets.split(",") if p), args.verbose,
+                             settings=decoding_settings(args))
         js, md = write_report(report, args.report)
         print(md.read_text())
         for g in report.graphs:
@@ -56,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         for a in report.agreement:
             if a["strict"] and not a["engine_vs_reference_exact"]:
                 print(f"FAILED: {a['backend']} tokens differ from the eager reference for {a['prompt']!r} "
-                      f"({a['preset']})", file=sys.stderr)
+                      f"({a['settings']})", file=sys.stderr)
         print(f"report: {js} and {md}")
         return 0 if report.passed else 1
 

@@ -6,38 +6,46 @@ import argparse
 import json
 import sys
 
-from ..engines import BACKENDS
-from .common import user_errors
+from ..engines.registry import backend_names
+from .common import cli_prompt, parser, positive_float, positive_int, refresh_value, unit_interval, user_errors
+
+DESCRIPTION = """\
+Generate an answer with LLaDA-V engines built by llada-export: vision -> stage A (prune)
+-> stage B, or the prefix KV cache, for the remaining steps, with the official sampler."""
 
 EPILOG = """\
 examples:
-  llada-generate --engines engines/ --image photo.jpg --prompt "<image>\\nWhat is shown?"
-  llada-generate --engines engines/ --image chart.png --prompt "<image>\\nWhat is the maximum?" --preset chartqa
-  llada-generate --engines engines/ --image photo.jpg --prompt "<image>\\nDescribe it." --compare-unpruned --json
+  llada-generate --engines engines/ --image photo.jpg --prompt "What is shown?"
+  llada-generate --engines engines/ --image chart.png --prompt "What is the maximum?" --preset chartqa
+  llada-generate --engines engines/ --image photo.jpg --prompt "Describe it." --factor 1 --refresh 32
+  llada-generate --engines engines/ --image photo.jpg --prompt "Describe it." --compare-unpruned --json
 
-Put <image> in the prompt where the image goes (the official demo uses "<image>\\n" + question)."""
+The image goes first unless the prompt places it with <image> ("<image>\\n" + question, as
+the official demo writes it); a typed \\n in --prompt is a newline. With --cache (the default
+when the engines have the cache graphs) the prefix K/V are reused between refreshes;
+--factor / --threshold commit several tokens per step (Fast-dLLM parallel decoding)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llada-generate", description="Generate an answer with LLaDA-V engines built by "
-                                "llada-export: vision -> stage A (prune) -> stage B x (steps - 1), official sampler.",
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("llada-generate", DESCRIPTION, EPILOG)
     p.add_argument("--engines", required=True, help="engines directory written by llada-export")
     p.add_argument("--image", help="image file (any format Pillow reads); omit for a text-only prompt")
-    p.add_argument("--prompt", required=True, help="user message; must contain <image> when --image is given")
+    p.add_argument("--prompt", required=True, type=cli_prompt,
+                   help="user message; <image> marks where the image goes (default: first)")
     p.add_argument("--preset", choices=("mc", "chartqa", "docvqa", "mathvista", "mathverse", "demo"),
                    help="official sampler preset (gen_length/block_length/steps); flags below override it")
-    p.add_argument("--gen-length", type=int, help="response length (default: the engines' --gen-length)")
-    p.add_argument("--block-length", type=int, help="sampler block length (default: the engines' value)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the engines' value)")
+    p.add_argument("--gen-length", type=positive_int, help="response length (default: the engines' --gen-length)")
+    p.add_argument("--block-length", type=positive_int, help="sampler block length (default: the engines' value)")
+    p.add_argument("--steps", type=positive_int, help="denoising steps (default: the engines' value)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 Gumbel-max sampling (default: 0)")
     p.add_argument("--remasking", choices=("low_confidence", "random"), default="low_confidence",
                    help="which positions to commit each step (default: low_confidence)")
     p.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance scale (default: 0)")
     p.add_argument("--seed", type=int, default=0, help="seed for temperature / random remasking (default: 0)")
-    p.add_argument("--backend", choices=BACKENDS,
+    add_decoding_flags(p)
+    p.add_argument("--backend", choices=backend_names(),
                    help="backend to run (default: the fastest one built that runs here)")
-    p.add_argument("--device", help="cpu or cuda (default: what the engines were built for)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: what the engines were built for)")
     p.add_argument("--weights", metavar="DIR",
                    help="checkpoint to load the weights from, for aoti / inductor engines exported without them "
                    "(default: the checkpoint recorded in the manifest)")
@@ -45,6 +53,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run the unpruned graph from the same directory and print the speed-up")
     p.add_argument("--json", action="store_true", help="print the full result (ids, kept tokens, timings) as JSON")
     return p
+
+
+def add_decoding_flags(p: argparse.ArgumentParser) -> None:
+    """--cache / --no-cache, --refresh, --factor / --threshold (shared with llada-compare)."""
+    g = p.add_argument_group("prefix cache and parallel decoding")
+    c = g.add_mutually_exclusive_group()
+    c.add_argument("--cache", dest="cache", action="store_true", default=None,
+                   help="use the prefix KV cache (default: when the engines have its graphs)")
+    c.add_argument("--no-cache", dest="cache", action="store_false", help="recompute the prefix every step")
+    g.add_argument("--refresh", type=refresh_value, default=argparse.SUPPRESS, metavar="N|never",
+                   help="with the cache: forwards between refreshes within a block; never = only at block "
+                   "starts (default: 32, the official demo's)")
+    r = g.add_mutually_exclusive_group()
+    r.add_argument("--factor", type=positive_float, metavar="F",
+                   help="parallel decoding, the official LLaDA-V Fast-dLLM hook's rule (its demo's threshold=1 "
+                   "is --factor 1): commit the top k, k the first rank with confidence < 1 - F/(k+2)")
+    r.add_argument("--threshold", type=unit_interval, metavar="T",
+                   help="parallel decoding, Fast-dLLM's threshold rule: commit every masked token of the block "
+                   "with confidence >= T (at least one)")
+
+
+def decoding_settings(args: argparse.Namespace) -> dict:
+    return dict(cache=args.cache, refresh=getattr(args, "refresh", "default"), factor=args.factor,
+                threshold=args.threshold)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe = Pipeline.load(args.engines, backend=args.backend, device=args.device, weights_from=args.weights)
         kw = dict(gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
                   temperature=args.temperature, remasking=args.remasking, cfg_scale=args.cfg_scale,
-                  preset=args.preset, seed=args.seed)
+                  preset=args.preset, seed=args.seed, **decoding_settings(args))
         res = pipe.generate(args.image, args.prompt, **kw)
         base = pipe.generate(args.image, args.prompt, unpruned=True, **kw) if args.compare_unpruned else None
         if args.json:
@@ -63,15 +95,15 @@ def main(argv: list[str] | None = None) -> int:
             if base is not None:
                 out["unpruned"] = base.to_dict()
                 out["speedup"] = base.timings["total"] / res.timings["total"]
-            print(json.dumps(out, indent=2))
+            print(json.dumps(out, indent=2), flush=True)
             return 0
-        print(res.text)
+        print(res.text, flush=True)
         if base is not None:
             kept = len(res.kept_visual) if res.kept_visual is not None else res.n_visual
             print(f"\n[pruned]   {res.timings['total'] * 1e3:.1f} ms, kept {kept}/{res.n_visual} visual tokens")
             print(f"[unpruned] {base.timings['total'] * 1e3:.1f} ms: {base.text}")
-            print(f"speed-up: {base.timings['total'] / res.timings['total']:.2f}x, "
-                  f"same answer: {base.ids == res.ids}")
+            print(f"speed-up: {base.timings['total'] / res.timings['total']:.2f}x, same answer: {base.ids == res.ids}",
+                  flush=True)
     return 0
 
 

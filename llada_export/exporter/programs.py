@@ -1,93 +1,111 @@
-"""torch.export programs for every graph of an engine set.
+"""torch.export programs for every graph of the graph set (one builder per graph, named there).
 
-The denoiser is traced ONCE with a symbolic prefix length; stage A is that program
-rewritten by the FX pruning pass, stage B (and the unpruned baseline) are the same
-program re-exported at static shapes.
+The denoiser and the prefill forward are each traced ONCE with a symbolic prefix length;
+stage A is the traced denoiser rewritten by the FX pruning pass, stage B and the unpruned
+graph are the same program re-exported at static shapes (the prefill graphs likewise); the
+cached-step graphs are exported directly (their only length is static).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
-from torch import nn
 
-from ..graphs.llada import LanguageModel
+from ..contract.bucket import Bucket
+from ..contract.graphset import GRAPHS, Dims, GraphIO, example_value
+from ..contract.pruning import PruneSettings
+from ..contract.tokens import SpecialTokens
+from ..graphs.llada import CachedGraph, DenoiserGraph, Head, PrefillGraph
 from ..graphs.llava import LLaDAV
-from ..passes.prune import PruneSpec, insert_pruning
-from .bucket import Bucket
-
-DENOISER_INPUTS = ("prefix_embeds", "response_ids", "position_ids", "key_mask")
-DENOISER_OUTPUTS = ("logits",)
-FUSED_OUTPUTS = ("x0", "confidence")
-STAGE_A_INPUTS = DENOISER_INPUTS + ("visual_mask", "num_keep")
-STAGE_A_OUTPUTS = DENOISER_OUTPUTS + ("kept_index", "kept_alive")
-VISION_INPUTS = ("pixel_values",)
-VISION_OUTPUTS = ("features",)
+from ..graphs.vision import VisionGraph
+from ..passes.prune import insert_pruning
 
 
-def denoiser_example(lm: nn.Module, prefix_len: int, gen_length: int, mask_id: int, device) -> tuple:
-    d = _language(lm).embed_tokens.weight.shape[1]
-    length = prefix_len + gen_length
-    return (
-        torch.zeros(1, prefix_len, d, device=device),  # prefix_embeds fp32
-        torch.full((1, gen_length), mask_id, dtype=torch.long, device=device),  # response_ids
-        torch.arange(length, device=device)[None],  # position_ids
-        torch.ones(1, length, dtype=torch.bool, device=device),  # key_mask
-    )
+@dataclass
+class BuildContext:
+    """What every builder needs: the model, the bucket, the settings; traced programs memoized."""
+
+    model: LLaDAV
+    bucket: Bucket
+    dims: Dims
+    tokens: SpecialTokens
+    prune: PruneSettings | None
+    fused: bool
+    device: torch.device
+    _traced: dict[str, torch.export.ExportedProgram] = field(default_factory=dict)
+
+    def head(self) -> Head:
+        return Head((self.tokens.suppressed(), self.tokens.mask) if self.fused else None)
+
+    def io(self, graph: str) -> GraphIO:
+        return GRAPHS[graph].io(self.dims, self.fused)
+
+    def examples(self, graph: str) -> tuple[torch.Tensor, ...]:
+        spec = GRAPHS[graph]
+        extra = dict(device=self.device, mask_id=self.tokens.mask, k_static=self.bucket.k_static,
+                     n_visual=self.bucket.max_visual_tokens)
+        return tuple(example_value(t, s, extra) for t, s in zip(spec.io(self.dims, self.fused).inputs, spec.inputs))
+
+    def traced(self, kind: str) -> torch.export.ExportedProgram:
+        """The denoiser (``"denoiser"``) or the prefill forward (``"prefill"``) with a symbolic prefix
+        length P (sequence length P + G), traced once."""
+        if kind not in self._traced:
+            cls = PrefillGraph if kind == "prefill" else DenoiserGraph
+            module = cls(self.model.language, self.head())
+            g = self.bucket.gen_length
+            p = torch.export.Dim("prefix", min=2, max=max(self.bucket.prefix_len, 4))
+            shapes = ({1: p}, None, {1: p + g}, {1: p + g})
+            with torch.no_grad():
+                self._traced[kind] = torch.export.export(module, self.examples("unpruned"), dynamic_shapes=shapes)
+        return self._traced[kind]
+
+    def static(self, kind: str, graph: str) -> torch.export.ExportedProgram:
+        """The traced ``kind`` re-exported at the static shapes of ``graph``."""
+        with torch.no_grad():
+            return torch.export.export(self.traced(kind).module(), self.examples(graph))
 
 
-def stage_a_example(lm: LanguageModel, bucket: Bucket, mask_id: int, device) -> tuple:
-    base = denoiser_example(lm, bucket.prefix_len, bucket.gen_length, mask_id, device)
-    vmask = torch.zeros(1, bucket.seq_len, dtype=torch.bool, device=device)
-    vmask[0, : bucket.max_visual_tokens] = True
-    return base + (vmask, torch.tensor([bucket.k_static], device=device))
-
-
-def export_denoiser(lm: LanguageModel, bucket: Bucket, mask_id: int, device) -> torch.export.ExportedProgram:
-    """The unpruned denoiser with a symbolic prefix length P (sequence length P + G)."""
-    g = bucket.gen_length
-    p = torch.export.Dim("prefix", min=2, max=max(bucket.prefix_len, 4))
-    shapes = ({1: p}, None, {1: p + g}, {1: p + g})
-    args = denoiser_example(lm, bucket.prefix_len, g, mask_id, device)
+def build_vision(ctx: BuildContext) -> torch.export.ExportedProgram:
+    m = ctx.model.model
     with torch.no_grad():
-        return torch.export.export(lm, args, dynamic_shapes=shapes)
+        return torch.export.export(VisionGraph(m.vision_tower, m.mm_projector, torch.float32), ctx.examples("vision"))
 
 
-def stage_a_program(ep: torch.export.ExportedProgram, lm: LanguageModel, bucket: Bucket, spec: PruneSpec,
-                    mask_id: int, device) -> torch.export.ExportedProgram:
-    gm = insert_pruning(ep, spec)
+def build_stage_a(ctx: BuildContext) -> torch.export.ExportedProgram:
+    gm = insert_pruning(ctx.traced("denoiser"), ctx.prune, n_visual_slots=ctx.bucket.max_visual_tokens,
+                        k_static=ctx.bucket.k_static, mask_id=ctx.tokens.mask)
     with torch.no_grad():
-        return torch.export.export(gm, stage_a_example(lm, bucket, mask_id, device))
+        return torch.export.export(gm, ctx.examples("stage_a"))
 
 
-def static_denoiser(ep: torch.export.ExportedProgram, lm: LanguageModel, prefix_len: int, gen_length: int,
-                    mask_id: int, device) -> torch.export.ExportedProgram:
-    """The same traced denoiser at a static prefix length (stage B, or the unpruned baseline)."""
+def build_stage_b(ctx: BuildContext) -> torch.export.ExportedProgram:
+    return ctx.static("denoiser", "stage_b")
+
+
+def build_unpruned(ctx: BuildContext) -> torch.export.ExportedProgram:
+    return ctx.static("denoiser", "unpruned")
+
+
+def build_prefill(ctx: BuildContext) -> torch.export.ExportedProgram:
+    return ctx.static("prefill", "prefill")
+
+
+def build_unpruned_prefill(ctx: BuildContext) -> torch.export.ExportedProgram:
+    return ctx.static("prefill", "unpruned_prefill")
+
+
+def _cached(ctx: BuildContext, graph: str) -> torch.export.ExportedProgram:
     with torch.no_grad():
-        return torch.export.export(ep.module(), denoiser_example(lm, prefix_len, gen_length, mask_id, device))
+        return torch.export.export(CachedGraph(ctx.model.language, ctx.head()), ctx.examples(graph))
 
 
-def _language(m: nn.Module) -> LanguageModel:
-    return m if isinstance(m, LanguageModel) else m.lm
+def build_cached(ctx: BuildContext) -> torch.export.ExportedProgram:
+    return _cached(ctx, "cached")
 
 
-class VisionGraph(nn.Module):
-    """SigLIP tower + projector on a fixed batch of crops; fp32 in, fp32 out."""
-
-    def __init__(self, model: LLaDAV):
-        super().__init__()
-        self.tower, self.projector = model.model.vision_tower, model.model.mm_projector
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        dtype = self.projector[0].weight.dtype
-        feats = self.tower(pixel_values.to(dtype))  # [N, T, C]
-        return self.projector(feats).float()  # [N, T, D]
-
-
-def vision_program(model: LLaDAV, bucket: Bucket, device) -> torch.export.ExportedProgram:
-    s = model.config.vision.image_size
-    x = torch.zeros(bucket.vision_batch, 3, s, s, device=device)
-    with torch.no_grad():
-        return torch.export.export(VisionGraph(model), (x,))
+def build_unpruned_cached(ctx: BuildContext) -> torch.export.ExportedProgram:
+    return _cached(ctx, "unpruned_cached")
 
 
 def user_input_values(ep: torch.export.ExportedProgram) -> list:
@@ -95,3 +113,11 @@ def user_input_values(ep: torch.export.ExportedProgram) -> list:
     specs = [s for s in ep.graph_signature.input_specs if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
     nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
     return [nodes[s.arg.name].meta["val"] for s in specs]
+
+
+def check_program(ep: torch.export.ExportedProgram, io: GraphIO, graph: str) -> None:
+    """The program's inputs must be what the graph set says (a mismatch is a bug in a builder)."""
+    got = [(tuple(v.shape), str(v.dtype).removeprefix("torch.")) for v in user_input_values(ep)]
+    want = [(t.shape, t.dtype) for t in io.inputs]
+    if got != want:
+        raise RuntimeError(f"internal: graph {graph} was built with inputs {got}, the graph set says {want}")

@@ -186,7 +186,59 @@ def visual_token_count(width: int, height: int, cfg: LLaDAVConfig) -> int:
         h -= 2 * ((h - int(height * (w / width))) // 2)
     else:
         w -= 2 * ((w - int(width * (h / height))) // 2)
-    times = math.sqrt(h * w / (cfg.anyres_max_crops * p**2))
+    return _tokens_after_unpad(h, w, p, cfg.anyres_max_crops)
+
+
+def _tokens_after_unpad(h: int, w: int, p: int, max_crops: int) -> int:
+    times = math.sqrt(h * w / (max_crops * p**2))
     if times > DOWNSAMPLE_THRESHOLD:
         h, w = int(h // times), int(w // times)
     return p * p + h * (w + 1)
+
+
+def max_visual_token_count(cfg: LLaDAVConfig) -> int:
+    """An upper bound of :func:`visual_token_count` over EVERY image size: anyres_max_N bounds it.
+
+    For a grid of rows x cols crops the unpadded map keeps one side whole and the other
+    shortened by an even number of rows or columns (the padding is removed symmetrically),
+    so trying every such shape of every grid covers every image (shapes no image reaches
+    included, so this may exceed the true maximum by a little)."""
+    p, s = cfg.vision.patches_per_side, cfg.vision.image_size
+    best = 0
+    for gw, gh in cfg.image_grid_pinpoints:
+        h, w = (gh // s) * p, (gw // s) * p
+        shapes = [(h - 2 * k, w) for k in range(h // 2 + 1)] + [(h, w - 2 * k) for k in range(w // 2 + 1)]
+        best = max(best, max(_tokens_after_unpad(a, b, p, cfg.anyres_max_crops) for a, b in shapes if a * b > 0))
+    return best
+
+
+# ---------------------------------------------------------------------- batched (training)
+def crops_uint8(image: ImageLike, cfg: LLaDAVConfig) -> np.ndarray:
+    """The anyres crops of :func:`preprocess` before normalisation: [N, S, S, 3] uint8.
+    ``normalize_crops(crops_uint8(img))`` equals ``preprocess(img)[0]`` bit for bit."""
+    s = cfg.vision.image_size
+    img = load_image(image)
+    best = select_best_resolution(img.size, cfg.image_grid_pinpoints)
+    crops = [img.resize((s, s))] + split_tiles(resize_and_pad(img, best), s)
+    out = [np.asarray(c if c.size == (s, s) else c.resize((s, s), resample=Image.Resampling.BICUBIC)) for c in crops]
+    return np.stack(out)  # [N, S, S, 3]
+
+
+def normalize_crops(crops: torch.Tensor, cfg: LLaDAVConfig) -> torch.Tensor:
+    """[..., S, S, 3] uint8 -> [..., 3, S, S] float32, the same arithmetic as :func:`normalize_crop`
+    (on any device, batched)."""
+    x = (crops.double() * (1 / 255)).float()  # [..., S, S, 3]
+    mean = torch.tensor(cfg.image_mean, dtype=torch.float32, device=x.device)
+    std = torch.tensor(cfg.image_std, dtype=torch.float32, device=x.device)
+    return ((x - mean) / std).movedim(-1, -3).contiguous()  # [..., 3, S, S]
+
+
+def assembly_index(cfg: LLaDAVConfig, size_wh: SizeWH, n_crops: int) -> torch.Tensor:
+    """:func:`assemble` as a gather: index [n_visual] into cat(crop features [N*T], newline), the
+    newline being index N*T. Valid when assembly does not downsample (checked)."""
+    t = cfg.vision.tokens_per_crop
+    feats = torch.arange(n_crops * t, dtype=torch.float64).view(n_crops, t, 1)  # [N, T, 1]
+    out = assemble(feats, size_wh, cfg, torch.tensor([-1.0], dtype=torch.float64))[:, 0]  # [n_visual]
+    if not torch.equal(out, out.round()):
+        raise ValueError(f"assembly of a {size_wh} image downsamples: not a pure gather")
+    return torch.where(out < 0, torch.full_like(out, n_crops * t), out).long()

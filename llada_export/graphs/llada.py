@@ -4,6 +4,14 @@ Everything takes explicit position ids (pruned sequences keep their original ids
 an optional boolean key mask (padding slots of a static bucket never receive
 attention). Norms and RoPE tables are computed in fp32 whatever the weight dtype.
 Module names give the official LLaDA-V state-dict keys.
+
+The prefix KV cache is part of the model, not a graph rewrite: :meth:`LanguageModel.prefill`
+is the forward that also returns every layer's K/V, :meth:`LanguageModel.cached` runs only the
+response rows against them. They share every line with the plain forward except the
+attention's key/value source, so the eager model, the eager cached reference and the exported
+cache graphs are one implementation (a pass over the traced graph could not express a forward
+whose queries and keys have different lengths any simpler). The graph modules at the end
+(``DenoiserGraph``, ``PrefillGraph``, ``CachedGraph``) give each exported graph its signature.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
+from ..sampler import fused_prediction
 
 
 class RMSNorm(nn.Module):
@@ -66,23 +75,50 @@ class Attention(nn.Module):
         b, l, _ = x.shape
         return x.view(b, l, n, self.head_dim).transpose(1, 2)  # [B, n, L, hd]
 
+    def _repeat(self, t: torch.Tensor) -> torch.Tensor:
+        # [B, n_kv, L, hd] -> [B, H, L, hd] (grouped-query attention; LLaDA-8B has n_kv == H)
+        return t if self.n_kv == self.n_heads else t.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+
+    def _qk(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = apply_rope(self._heads(self.q_proj(x), self.n_heads), cos, sin)  # [B, H, L, hd]
+        return q, apply_rope(self._heads(self.k_proj(x), self.n_kv), cos, sin)  # [B, n_kv, L, hd]
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, H, L, hd] and k [B, n_kv, L, hd] after RoPE, v [B, n_kv, L, hd] (what a KV cache holds)."""
+        return *self._qk(x, cos, sin), self._heads(self.v_proj(x), self.n_kv)
+
     def query_key(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [B, H, L, hd] and k [B, H, L, hd] after RoPE (k repeated to H heads)."""
-        q = apply_rope(self._heads(self.q_proj(x), self.n_heads), cos, sin)
-        k = apply_rope(self._heads(self.k_proj(x), self.n_kv), cos, sin)
-        if self.n_kv != self.n_heads:
-            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-        return q, k
+        """q [B, H, L, hd] and k [B, H, L, hd] after RoPE (k repeated to H heads): the pruning scores' input."""
+        q, k = self._qk(x, cos, sin)
+        return q, self._repeat(k)
+
+    def attend(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+        # q [B, H, Lq, hd]; k, v [B, n_kv, Lk, hd]; mask [B, 1, 1, Lk] bool (True = attend) or None
+        b, _, lq, _ = q.shape
+        o = F.scaled_dot_product_attention(q, self._repeat(k), self._repeat(v), attn_mask=mask, is_causal=False)
+        return self.o_proj(o.transpose(1, 2).reshape(b, lq, self.n_heads * self.head_dim))  # [B, Lq, D]
 
     def forward(self, x, cos, sin, mask: torch.Tensor | None) -> torch.Tensor:
         # x [B, L, D]; mask [B, 1, 1, L] bool (True = attend) or None
-        b, l, _ = x.shape
-        q, k = self.query_key(x, cos, sin)
-        v = self._heads(self.v_proj(x), self.n_kv)
-        if self.n_kv != self.n_heads:
-            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False)  # [B, H, L, hd]
-        return self.o_proj(o.transpose(1, 2).reshape(b, l, self.n_heads * self.head_dim))
+        q, k, v = self.qkv(x, cos, sin)
+        return self.attend(q, k, v, mask)
+
+    def forward_kv(self, x, cos, sin, mask):
+        """As ``forward``, also returning this layer's k, v [B, n_kv, L, hd] (after RoPE)."""
+        q, k, v = self.qkv(x, cos, sin)
+        return self.attend(q, k, v, mask), k, v
+
+    def forward_cached(self, x, cos, sin, mask, k_cache, v_cache, fresh):
+        """Response rows only: x [B, G, D], cos/sin [B, G, hd]; k_cache, v_cache [B, n_kv, P + G, hd]
+        from the last refresh; fresh [B, G] bool: response slots whose K/V are recomputed now (the
+        current block and after); the others (earlier blocks) and the prefix come from the cache."""
+        q, k, v = self.qkv(x, cos, sin)  # [B, H, G, hd], [B, n_kv, G, hd] x2
+        p = k_cache.shape[2] - x.shape[1]
+        f = fresh[:, None, :, None]  # [B, 1, G, 1]
+        keys = torch.cat([k_cache[:, :, :p], torch.where(f, k, k_cache[:, :, p:])], dim=2)  # [B, n_kv, P + G, hd]
+        values = torch.cat([v_cache[:, :, :p], torch.where(f, v, v_cache[:, :, p:])], dim=2)
+        return self.attend(q, keys, values, mask)
 
 
 class MLP(nn.Module):
@@ -106,6 +142,15 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, mask):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_kv(self, x, cos, sin, mask):
+        a, k, v = self.self_attn.forward_kv(self.input_layernorm(x), cos, sin, mask)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), k, v
+
+    def forward_cached(self, x, cos, sin, mask, k_cache, v_cache, fresh):
+        x = x + self.self_attn.forward_cached(self.input_layernorm(x), cos, sin, mask, k_cache, v_cache, fresh)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -135,6 +180,11 @@ class LanguageModel(nn.Module):
         """Final norm + lm_head, logits in fp32."""
         return self.lm_head(self.norm(h)).float()
 
+    def _inputs(self, prefix_embeds, response_ids, position_ids, key_mask):
+        x = torch.cat([prefix_embeds.to(self.dtype), self.embed_tokens(response_ids)], dim=1)  # [B, L, D]
+        cos, sin = self.rotary(position_ids)  # [B, L, hd] fp32
+        return x, cos, sin, attention_mask(key_mask)  # mask [B, 1, 1, L] or None
+
     def forward(
         self,
         prefix_embeds: torch.Tensor,  # [B, P, D] (any float dtype)
@@ -144,25 +194,80 @@ class LanguageModel(nn.Module):
     ) -> torch.Tensor:
         """One denoising forward over [prefix | response]; logits [B, G, V] fp32."""
         g = response_ids.shape[1]
-        x = torch.cat([prefix_embeds.to(self.dtype), self.embed_tokens(response_ids)], dim=1)  # [B, L, D]
-        cos, sin = self.rotary(position_ids)  # [B, L, hd] fp32
-        mask = attention_mask(key_mask)  # [B, 1, 1, L] or None
+        x, cos, sin, mask = self._inputs(prefix_embeds, response_ids, position_ids, key_mask)
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
         return self.head(x[:, -g:])  # [B, G, V]
 
+    def prefill(self, prefix_embeds, response_ids, position_ids, key_mask=None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` that also returns every layer's K and V after RoPE over the whole sequence:
+        (logits [B, G, V] fp32, kv [layers, 2, B, n_kv, P + G, hd] in the weights' dtype)."""
+        g = response_ids.shape[1]
+        x, cos, sin, mask = self._inputs(prefix_embeds, response_ids, position_ids, key_mask)
+        kvs = []
+        for layer in self.layers:
+            x, k, v = layer.forward_kv(x, cos, sin, mask)
+            kvs.append(torch.stack([k, v]))  # [2, B, n_kv, L, hd]
+        return self.head(x[:, -g:]), torch.stack(kvs)
 
-class FusedDenoiser(nn.Module):
-    """The denoiser with the sampler's greedy step fused in: outputs (x0 [B, G] int64,
-    confidence [B, G] fp32) instead of logits [B, G, V], so a step copies two small
-    tensors instead of the whole logits. Serves temperature 0 / low_confidence only."""
+    def cached(
+        self,
+        response_ids: torch.Tensor,  # [B, G] int64
+        position_ids: torch.Tensor,  # [B, G] int64: the response's position ids
+        key_mask: torch.Tensor,  # [B, P + G] bool: prefix and response keys
+        kv_cache: torch.Tensor,  # [layers, 2, B, n_kv, P + G, hd] from the last refresh (prefill)
+        block_start: torch.Tensor,  # [B] int64: response slots < block_start take their K/V from the cache
+    ) -> torch.Tensor:
+        """A cached step: only the G response rows go through the layers; each layer attends over
+        [cached prefix K/V ; cached K/V of earlier blocks ; fresh K/V of the current block and after].
+        Logits [B, G, V] fp32."""
+        g = response_ids.shape[1]
+        x = self.embed_tokens(response_ids)  # [B, G, D]
+        cos, sin = self.rotary(position_ids)  # [B, G, hd]
+        fresh = torch.arange(g, device=response_ids.device)[None, :] >= block_start[:, None]  # [B, G]
+        mask = attention_mask(key_mask)  # [B, 1, 1, P + G]
+        for i, layer in enumerate(self.layers):
+            x = layer.forward_cached(x, cos, sin, mask, kv_cache[i, 0], kv_cache[i, 1], fresh)
+        return self.head(x)  # [B, G, V]
 
-    def __init__(self, lm: LanguageModel, suppress_ids: list[int], mask_id: int):
+
+class Head(nn.Module):
+    """A graph's output head: logits [B, G, V] fp32, or with the sampler's greedy step fused in
+    (x0 [B, G] int64, confidence [B, G] fp32), so a step copies two small tensors instead of the
+    logits. The fused head serves temperature 0 / low_confidence only."""
+
+    def __init__(self, fused: tuple[list[int], int] | None = None):
         super().__init__()
-        self.lm, self.suppress_ids, self.mask_id = lm, list(suppress_ids), mask_id
+        self.fused = fused  # (suppressed ids, mask id) or None
+
+    def forward(self, logits: torch.Tensor, response_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.fused is None:
+            return (logits,)
+        return fused_prediction(logits, response_ids, *self.fused)
+
+
+class DenoiserGraph(nn.Module):
+    """What stage A (after the pruning pass), stage B and the unpruned graph compute."""
+
+    def __init__(self, lm: LanguageModel, head: Head):
+        super().__init__()
+        self.lm, self.out = lm, head
 
     def forward(self, prefix_embeds, response_ids, position_ids, key_mask):
-        from ..runtime.sampler import fused_prediction
+        return self.out(self.lm(prefix_embeds, response_ids, position_ids, key_mask), response_ids)
 
-        logits = self.lm(prefix_embeds, response_ids, position_ids, key_mask)  # [B, G, V]
-        return fused_prediction(logits, response_ids, self.suppress_ids, self.mask_id)
+
+class PrefillGraph(DenoiserGraph):
+    """The denoiser that also returns the KV cache [layers, 2, B, n_kv, L, hd]."""
+
+    def forward(self, prefix_embeds, response_ids, position_ids, key_mask):
+        logits, kv = self.lm.prefill(prefix_embeds, response_ids, position_ids, key_mask)
+        return self.out(logits, response_ids) + (kv,)
+
+
+class CachedGraph(DenoiserGraph):
+    """The cached step (see :meth:`LanguageModel.cached`)."""
+
+    def forward(self, response_ids, position_ids, key_mask, kv_cache, block_start):
+        return self.out(self.lm.cached(response_ids, position_ids, key_mask, kv_cache, block_start), response_ids)

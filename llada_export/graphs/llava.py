@@ -12,7 +12,7 @@ from torch import nn
 
 from ..config import LLaDAVConfig
 from .llada import DecoderLayer, LanguageModel, RMSNorm
-from .vision import VisionTower, build_projector
+from .vision import VisionGraph, VisionTower, build_projector
 
 
 class Backbone(nn.Module):
@@ -39,9 +39,7 @@ class LLaDAV(nn.Module):
     # ------------------------------------------------------------------ vision
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Crops [N, 3, S, S] -> projected features [N, T, D] (T tokens per crop)."""
-        dtype = self.model.mm_projector[0].weight.dtype
-        feats = self.model.vision_tower(pixel_values.to(dtype))  # [N, T, C]
-        return self.model.mm_projector(feats)  # [N, T, D]
+        return VisionGraph(self.model.vision_tower, self.model.mm_projector)(pixel_values)  # [N, T, D]
 
     # ------------------------------------------------------------------ text
     @property

@@ -1,6 +1,8 @@
 """LLaDA-FastV visual-token pruning: scoring and static-shape selection.
 
-Shared by the eager pruned reference (``reference.py``) and the FX pass
+The settings type (:class:`~llada_export.contract.pruning.PruneSettings`) lives in the
+contract layer; this module is the tensor side. Shared by the eager pruned reference
+(``reference.py``), the attention analysis tool and the FX pass
 (``passes/prune.py``), which inserts a call to :func:`prune_indices` at the start of
 layer K of the exported denoiser. Everything here is static-shape: the number of
 visual candidate slots ``V`` and kept slots ``k_static`` are fixed at export; a
@@ -10,24 +12,9 @@ marked dead (``alive`` False), so they never receive attention.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-SCORE_SOURCES = ("response", "text", "last")
-"""Which query positions' attention ranks the visual tokens:
-
-- ``response``: the still-masked response positions (RedVTP; our default),
-- ``text``: every real non-visual position (prompt text and response),
-- ``last``: the last real prompt token (FastV's choice for autoregressive models).
-"""
-
-
-def num_kept(keep: float, n_visual: int) -> int:
-    """k = round(keep * n_visual), at least one token (round half away from zero)."""
-    if not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep must be in (0, 1], got {keep}")
-    return max(1, min(n_visual, int(math.floor(keep * n_visual + 0.5))))
+from ..contract.pruning import SCORE_SOURCES
 
 
 def query_weights(

@@ -55,6 +55,20 @@ class VisionTower(nn.Module):
         return vm.encoder(inputs_embeds=h).last_hidden_state
 
 
+class VisionGraph(nn.Module):
+    """Tower + projector: crops [N, 3, S, S] -> projected features [N, T, D]. The one implementation
+    behind ``LLaDAV.encode_images`` and the exported vision graph (``out_dtype`` fp32 there)."""
+
+    def __init__(self, tower: VisionTower, projector: nn.Sequential, out_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.tower, self.projector, self.out_dtype = tower, projector, out_dtype
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        dtype = self.projector[0].weight.dtype
+        feats = self.projector(self.tower(pixel_values.to(dtype)))  # [N, T, D]
+        return feats if self.out_dtype is None else feats.to(self.out_dtype)
+
+
 def build_projector(cfg: LLaDAVConfig) -> nn.Sequential:
     """``mlp2x_gelu``: Linear(C, D), exact GELU, Linear(D, D) -> keys mm_projector.0 / .2"""
     d = cfg.text.hidden_size

@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import operator
 import re
-from dataclasses import dataclass
-
 import sympy
 import torch
 import torch.fx as fx
 
-from ..graphs.pruning import SCORE_SOURCES, gather_seq, prune_indices
+from ..contract.pruning import PruneSettings, PruneSettingsError
+from ..graphs.pruning import gather_seq, prune_indices
 
 aten = torch.ops.aten
 _SDPA = (aten.scaled_dot_product_attention.default,)
@@ -43,22 +42,7 @@ class PassError(ValueError):
     """The exported graph cannot be rewritten as asked."""
 
 
-@dataclass(frozen=True)
-class PruneSpec:
-    layer: int  # K: layers < K see the full sequence
-    n_visual_slots: int  # V: visual candidate slots in the bucket
-    k_static: int  # visual slots kept in the reduced graph
-    score_from: str = "response"
-    mask_id: int = 0
-    layer_regex: str = r"(^|\.)layers\.{layer}$"
-
-    def validate(self, n_layers: int) -> None:
-        if not 0 <= self.layer < n_layers:
-            raise PassError(f"prune layer {self.layer} is out of range: the graph has decoder layers 0..{n_layers - 1}")
-        if not 0 < self.k_static <= self.n_visual_slots:
-            raise PassError(f"k_static must be in 1..{self.n_visual_slots} (keep outside (0, 1]?), got {self.k_static}")
-        if self.score_from not in SCORE_SOURCES:
-            raise PassError(f"score source must be one of {SCORE_SOURCES}, got {self.score_from!r}")
+LAYER_REGEX = r"(^|\.)layers\.{layer}$"  # module path of decoder layer {layer}
 
 
 def gather_mask(mask: torch.Tensor, index: torch.Tensor, alive: torch.Tensor, dim: int) -> torch.Tensor:
@@ -72,7 +56,7 @@ def _module_paths(n: fx.Node) -> list[str]:
     return [v[0] for v in (n.meta.get("nn_module_stack") or {}).values()]
 
 
-def count_layers(gm: fx.GraphModule, layer_regex: str = r"(^|\.)layers\.{layer}$") -> int:
+def count_layers(gm: fx.GraphModule, layer_regex: str = LAYER_REGEX) -> int:
     pat = re.compile(layer_regex.replace("{layer}", r"(\d+)"))
     found = {int(m.group(m.re.groups)) for n in gm.graph.nodes for p in _module_paths(n) if (m := pat.search(p))}
     return max(found) + 1 if found else 0
@@ -90,22 +74,29 @@ def _ancestors(targets: list[fx.Node], within: set[fx.Node]) -> set[fx.Node]:
     return seen
 
 
-def insert_pruning(ep: torch.export.ExportedProgram, spec: PruneSpec) -> fx.GraphModule:
-    """Rewrite the exported unpruned denoiser into stage A (see module docstring)."""
+def insert_pruning(ep: torch.export.ExportedProgram, settings: PruneSettings, *, n_visual_slots: int,
+                   k_static: int, mask_id: int, layer_regex: str = LAYER_REGEX) -> fx.GraphModule:
+    """Rewrite the exported unpruned denoiser into stage A (see module docstring): prune at
+    ``settings.layer``, ``k_static`` of the bucket's ``n_visual_slots`` visual slots kept."""
     gm = ep.module()
     nodes = list(gm.graph.nodes)
-    n_layers = count_layers(gm, spec.layer_regex)
+    n_layers = count_layers(gm, layer_regex)
     if n_layers == 0:
         raise PassError("no decoder layers found in the graph's module metadata (expected module paths '...layers.N')")
-    spec.validate(n_layers)
+    try:
+        settings.validate(n_layers)
+    except PruneSettingsError as e:
+        raise PassError(str(e)) from None
+    if not 0 < k_static <= n_visual_slots:
+        raise PassError(f"k_static must be in 1..{n_visual_slots} (keep outside (0, 1]?), got {k_static}")
 
-    pat = re.compile(spec.layer_regex.replace("{layer}", str(spec.layer)))
+    pat = re.compile(layer_regex.replace("{layer}", str(settings.layer)))
     layer_nodes = [n for n in nodes if any(pat.search(p) for p in _module_paths(n))]
     if not layer_nodes:
-        raise PassError(f"layer {spec.layer} not found in the graph (module path regex {pat.pattern!r})")
+        raise PassError(f"layer {settings.layer} not found in the graph (module path regex {pat.pattern!r})")
     sdpa = [n for n in layer_nodes if n.target in _SDPA]
     if len(sdpa) != 1:
-        raise PassError(f"expected one attention call in layer {spec.layer}, found {len(sdpa)}")
+        raise PassError(f"expected one attention call in layer {settings.layer}, found {len(sdpa)}")
     q_node, k_node = sdpa[0].args[0], sdpa[0].args[1]
 
     placeholders = {n.name: n for n in nodes if n.op == "placeholder"}
@@ -144,8 +135,7 @@ def insert_pruning(ep: torch.export.ExportedProgram, spec: PruneSpec) -> fx.Grap
     pruned = new.call_function(
         prune_indices,
         (env[q_node], env[k_node], ph["key_mask"], visual_mask, num_keep, ph["response_ids"], ph["position_ids"]),
-        dict(n_visual_slots=spec.n_visual_slots, k_static=spec.k_static, source=spec.score_from,
-             mask_id=spec.mask_id),
+        dict(n_visual_slots=n_visual_slots, k_static=k_static, source=settings.score_from, mask_id=mask_id),
     )
     index = new.call_function(operator.getitem, (pruned, 0))
     alive = new.call_function(operator.getitem, (pruned, 1))
@@ -181,7 +171,7 @@ def insert_pruning(ep: torch.export.ExportedProgram, spec: PruneSpec) -> fx.Grap
                     else:
                         out = new.call_function(gather_seq, (out, index, d))
                 elif isinstance(s, torch.SymInt):
-                    raise PassError(f"tensor {a.name} of shape {tuple(val.shape)} crosses layer {spec.layer} "
+                    raise PassError(f"tensor {a.name} of shape {tuple(val.shape)} crosses layer {settings.layer} "
                                     "with a symbolic dimension that is not the sequence length")
         else:
             out = env[a]

@@ -1,28 +1,42 @@
-"""``Pipeline``: vision -> stage A (once) -> stage B (every later step) with the official sampler."""
+"""``Pipeline``: vision -> stage A (once) -> stage B or the prefix cache, with the official sampler, batched.
+
+``Pipeline.load("engines/")`` validates the manifest and opens one runner per graph of the
+chosen backend; ``generate(image, prompt)`` answers one request, ``generate_batch`` up to the
+engines' batch size together (one bucket, one generation setting; rows are independent, so
+an answer does not depend on what else is in its batch). The runtime imports nothing from
+the exporter: the manifest, the bucket, the graph set and the layout are the contract.
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from ..config import LLaDAVConfig
-from ..engines.runners import RUNNERS, Runner
-from ..exporter.bucket import Bucket
-from ..exporter.manifest import ManifestError, read_manifest
-from ..graphs.anyres import assemble, load_image, preprocess
-from ..graphs.pruning import num_kept
-from ..tokenizer import DEFAULT_SYSTEM_PROMPT, encode_prompt
-from .sampler import GenerationConfig, generate, preset as get_preset
+from ..contract.graphset import PRUNED_PATH, UNPRUNED, UNPRUNED_PATH
+from ..contract.layout import RequestError, RequestParts, check_fits, layout_bucket
+from ..contract.manifest import Manifest, ManifestError
+from ..device import parse_device
+from ..engines.registry import Runner, get_backend, load_builtin, pick_backend
+from ..graphs.anyres import assemble, preprocess
+from ..sampler import DEFAULT_REFRESH, GenerationConfig, SamplerTrace, StepEvent, StepInfo, generate
+from ..sampler import preset as get_preset
+from ..tokenizer import DEFAULT_SYSTEM_PROMPT, encode_prompt, load_tokenizer
+from .denoiser import EngineDenoiser
 
 
-class RequestError(ValueError):
-    """A request that does not fit the engines' bucket."""
+@dataclass
+class Request:
+    image: object = None  # path, PIL image, HxWx3 uint8 array, or None for text only
+    prompt: str = ""
+    system: str = DEFAULT_SYSTEM_PROMPT
+    seed: int = 0  # for temperature > 0 / random remasking
 
 
 @dataclass
@@ -32,169 +46,61 @@ class GenerationResult:
     kept_visual: list[int] | None  # kept visual positions in the unpadded prompt (None: unpruned)
     n_visual: int
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
-    step_times: list[float] = field(default_factory=list)  # seconds per denoising forward
+    step_times: list[float] = field(default_factory=list)  # seconds per denoising forward (the batch's)
+    forwards: int = 0  # forwards this request's row needed
+    graph_calls: dict[str, int] = field(default_factory=dict)  # graph -> calls (the batch's)
 
     def to_dict(self) -> dict:
         return dict(text=self.text, ids=self.ids, kept_visual=self.kept_visual, n_visual=self.n_visual,
-                    timings=self.timings, step_times=self.step_times)
-
-
-@dataclass
-class BucketInputs:
-    prefix_embeds: torch.Tensor  # [1, P, D] fp32
-    position_ids: torch.Tensor  # [1, L]
-    key_mask: torch.Tensor  # [1, L] bool
-    visual_mask: torch.Tensor  # [1, L] bool
-    n_visual: int
-    gen_length: int
-
-
-def layout_bucket(b: Bucket, before: torch.Tensor, visual: torch.Tensor, after: torch.Tensor,
-                  gen_length: int) -> BucketInputs:
-    """Place a request in the bucket: [before | visual + pad to V | after | pad to T | G response].
-
-    before [nb, D], visual [nv, D], after [na, D], all on one device (the result's). Real
-    tokens get the position ids they would have unpadded; padding slots are masked keys
-    (position 0); response slots past ``gen_length`` are masked too.
-    """
-    nb, nv, na = before.shape[0], visual.shape[0], after.shape[0]
-    p, v, g = b.prefix_len, b.max_visual_tokens, b.gen_length
-    with torch.device(visual.device):  # every tensor below on the request's device
-        emb = torch.zeros(1, p, before.shape[1])  # [1, P, D]
-        emb[0, :nb] = before.float()
-        emb[0, nb: nb + nv] = visual.float()
-        emb[0, nb + v: nb + v + na] = after.float()
-        key = torch.zeros(1, p + g, dtype=torch.bool)  # [1, L]
-        key[0, : nb + nv] = True
-        key[0, nb + v: nb + v + na] = True
-        key[0, p: p + gen_length] = True
-        n_real = nb + nv + na
-        pos = torch.zeros(1, p + g, dtype=torch.long)  # [1, L]
-        pos[0, : nb + nv] = torch.arange(nb + nv)
-        pos[0, nb + v: nb + v + na] = torch.arange(nb + nv, n_real)
-        pos[0, p:] = torch.arange(n_real, n_real + g)
-        vmask = torch.zeros(1, p + g, dtype=torch.bool)  # [1, L]: the V visual slots, real or padding
-        vmask[0, nb: nb + v] = True
-        return BucketInputs(emb, pos, key, vmask, nv, gen_length)
-
-
-class EngineDenoiser:
-    """Sampler adapter: stage A at the first call, stage B after (or the unpruned graph always)."""
-
-    def __init__(self, pipe: "Pipeline", x: BucketInputs, unpruned: bool):
-        self.pipe, self.x, self.unpruned = pipe, x, unpruned
-        self.stage_b: dict[str, torch.Tensor] | None = None
-        self.kept_index: torch.Tensor | None = None
-        self._resp: torch.Tensor | None = None
-        self.step_times: list[float] = []
-
-    def _response(self, ids: torch.Tensor) -> torch.Tensor:
-        if self._resp is None:  # one buffer for all steps; slots past gen_length stay masked
-            self._resp = torch.full((1, self.pipe.bucket.gen_length), self.pipe.tokens["mask"], dtype=torch.long,
-                                    device=self.x.prefix_embeds.device)
-        self._resp[0, : ids.shape[0]] = ids
-        return self._resp
-
-    def _masked_prefix(self, prefix: torch.Tensor) -> torch.Tensor:
-        return self.pipe.mask_embed.expand_as(prefix[0])[None].contiguous()
-
-    @property
-    def fused(self) -> bool:
-        return self.pipe.fused
-
-    def __call__(self, response_ids: torch.Tensor, *, uncond: bool = False) -> torch.Tensor:
-        return self._forward(response_ids, uncond)["logits"][0, : self.x.gen_length].float()  # [g, V]
-
-    def predict(self, response_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self._forward(response_ids, False)
-        g = self.x.gen_length
-        return out["x0"][0, :g], out["confidence"][0, :g].float()  # [g], [g]
-
-    def _forward(self, response_ids: torch.Tensor, uncond: bool) -> dict[str, torch.Tensor]:
-        t0 = time.perf_counter()
-        x, resp = self.x, self._response(response_ids)
-        if self.unpruned:
-            prefix = self._masked_prefix(x.prefix_embeds) if uncond else x.prefix_embeds
-            out = self.pipe.run("full", prefix_embeds=prefix, response_ids=resp, position_ids=x.position_ids,
-                                key_mask=x.key_mask)
-        elif self.stage_b is None:
-            if uncond:
-                raise RuntimeError("the conditional forward of step 1 decides the pruning; call it first")
-            n_keep = num_kept(self.pipe.keep, x.n_visual) if x.n_visual else 0
-            out = self.pipe.run("stage_a", prefix_embeds=x.prefix_embeds, response_ids=resp,
-                                position_ids=x.position_ids, key_mask=x.key_mask, visual_mask=x.visual_mask,
-                                num_keep=torch.tensor([n_keep], device=x.prefix_embeds.device))
-            dev = x.prefix_embeds.device
-            idx, alive = out["kept_index"].to(dev), out["kept_alive"].to(dev).bool()
-            p_red = idx.shape[1] - self.pipe.bucket.gen_length
-            self.kept_index = idx[0]
-            self.stage_b = dict(prefix_embeds=x.prefix_embeds[:, idx[0, :p_red]].contiguous(),
-                                position_ids=x.position_ids[:, idx[0]].contiguous(), key_mask=alive)
-        else:
-            feeds = dict(self.stage_b)
-            if uncond:
-                feeds["prefix_embeds"] = self._masked_prefix(feeds["prefix_embeds"])
-            out = self.pipe.run("stage_b", response_ids=resp, **feeds)
-        if resp.is_cuda:
-            torch.cuda.synchronize(resp.device)  # honest per-step times (the sampler syncs anyway)
-        self.step_times.append(time.perf_counter() - t0)
-        return out
-
-    def kept_visual(self) -> list[int] | None:
-        """Kept visual tokens as positions in the unpadded prompt (= their position ids)."""
-        if self.kept_index is None:
-            return None
-        idx, alive = self.kept_index, self.stage_b["key_mask"][0]  # [L'], [L']
-        keep = alive & self.x.visual_mask[0, idx]
-        return sorted(self.x.position_ids[0, idx[keep]].tolist())
+                    timings=self.timings, step_times=self.step_times, forwards=self.forwards,
+                    graph_calls=self.graph_calls)
 
 
 class Pipeline:
     """Load an engines directory and answer requests. See :meth:`generate`."""
 
-    def __init__(self, root: Path, manifest: dict, backend: str, device: str, weights_from: str | None = None,
+    def __init__(self, root: Path, manifest: Manifest, backend: str, device: str, weights_from: str | None = None,
                  cuda_graphs: bool | None = None, weights: dict[str, torch.Tensor] | None = None):
-        from transformers import AutoTokenizer
-
         self.root, self.manifest, self.backend, self.device = root, manifest, backend, device
-        self.config = LLaDAVConfig.from_dict(manifest["config"])
-        self.bucket = Bucket.from_dict(manifest["bucket"])
-        self.tokens = manifest["tokens"]
-        self.keep = manifest["pruning"]["keep"]
-        self.pruned = manifest["pruning"]["enabled"]
-        self.fused = manifest.get("fused_sampler", False)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
+        self.config = manifest.model_config()
+        self.bucket, self.tokens = manifest.bucket, manifest.tokens
+        self.keep = manifest.pruning.keep if manifest.pruning else 1.0
+        self.pruned = manifest.pruned
+        tok_dir = root / "tokenizer"
+        self.tokenizer = load_tokenizer(tok_dir) if tok_dir.is_dir() else None
         emb = load_file(str(root / "text_embeddings.safetensors"), device=device)
         self.embed_table, self.image_newline = emb["embed_tokens"], emb["image_newline"]
         self.newline = self.image_newline.float()  # [D]
-        self.mask_embed = self.embed_table[self.tokens["mask"]].float()[None]  # [1, D]
-        self.runners: dict[str, Runner] = {}
-        external = (manifest.get("constants_from_checkpoint") or {}).get(backend)
+        self.mask_embed = self.embed_table[self.tokens.mask].float()[None]  # [1, D]
+        b = get_backend(backend)
+        external = (manifest.constants_from_checkpoint or {}).get(backend)
         if external and weights is None:
             weights = self._checkpoint_weights(weights_from, device)
-        graphs = manifest["artifacts"][backend]
+        self.runners: dict[str, Runner] = {}
+        self.compile_cache = "none"
+        if (rel := (manifest.compile_cache or {}).get(backend)) and b.load_cache is not None:
+            self.compile_cache = b.load_cache(root / rel)
+        graphs = manifest.artifacts[backend]
         # a progress bar only where loading takes long: the inductor graphs compile in warmup()
-        for name, rel in tqdm(graphs.items(), desc=f"load {backend}", unit="graph", disable=backend != "inductor"):
-            g = manifest["graphs"][name]
-            kw = {"cuda_graph": cuda_graphs} if backend in ("aoti", "inductor") else {}
+        for name, rel in tqdm(graphs.items(), desc=f"load {backend}", unit="graph", disable=not b.cuda_graphs):
+            kw = {"cuda_graph": cuda_graphs}
             if external:
                 kw["constants"] = {fqn: weights[key] for fqn, key in external[name].items()}
                 side = (root / rel).with_suffix(".constants.safetensors")
                 if side.exists():
                     kw["constants"].update({k: v.to(device) for k, v in load_file(str(side)).items()})
-            self.runners[name] = RUNNERS[backend](root / rel, g["inputs"], g["outputs"], device, **kw)
+            self.runners[name] = b.runner(root / rel, manifest.graphs[name], device, **kw)
 
     def _checkpoint_weights(self, weights_from: str | None, device: str) -> dict[str, torch.Tensor]:
         """Compiled graphs (aoti, inductor) built without weights: load them once from the checkpoint."""
-        from ..checkpoint import load_checkpoint
-        from ..exporter.build import DTYPES
+        from ..checkpoint.loader import load_checkpoint
 
-        src = Path(weights_from or self.manifest["source"]["checkpoint"])
+        src = Path(weights_from or self.manifest.source_checkpoint)
         if not src.is_dir():
             raise ManifestError(f"{self.root}: the {self.backend} graphs load their weights from the checkpoint "
                                 f"{src}, which is not there; pass weights_from= (llada-generate --weights DIR)")
-        model, _, cfg = load_checkpoint(src, dtype=DTYPES[self.manifest["dtype"]], device=device)
-        if cfg.hash() != self.manifest["source"]["config_hash"]:
+        model, _, cfg = load_checkpoint(src, dtype=self.manifest.dtype, device=device)
+        if cfg.hash() != self.manifest.config_hash:
             raise ManifestError(f"{src}: its config differs from the one these engines were exported from")
         self._weights_model = model  # keeps the tensors alive
         return dict(model.state_dict())
@@ -203,63 +109,79 @@ class Pipeline:
     def load(cls, path: str | Path, backend: str | None = None, device: str | None = None,
              verify: bool = True, weights_from: str | None = None, cuda_graphs: bool | None = None,
              warmup: bool | None = None, weights: dict[str, torch.Tensor] | None = None) -> "Pipeline":
-        """Validate the manifest (versions, SHA-256 of every artifact) and open the sessions.
+        """Validate the manifest (versions, artifacts, SHA-256 of every file) and open the sessions.
 
-        ``weights_from``: checkpoint directory for aoti / inductor graphs exported without
-        their weights (default: the checkpoint recorded in the manifest), or ``weights``: those
-        tensors already in memory, by checkpoint key, on ``device``. ``cuda_graphs`` (aoti and
-        inductor on CUDA; default: on for inductor, off for the untested aoti path): replay each
-        graph from a captured CUDA graph.
-        ``warmup`` (default: on for the inductor backend, which compiles its graphs then, tens
-        of seconds per graph at full size): run :meth:`warmup` before returning."""
+        ``backend``: default the best-ranked built backend that runs here. ``weights_from``:
+        checkpoint directory for aoti / inductor graphs exported without their weights (default:
+        the checkpoint recorded in the manifest), or ``weights``: those tensors already in memory,
+        by checkpoint key, on ``device``. ``cuda_graphs``: replay each graph from a captured CUDA
+        graph (default: what the backend does by default). ``warmup`` (default: on for backends
+        that compile at load, e.g. inductor): run :meth:`warmup` before returning."""
         root = Path(path)
-        m = read_manifest(root, verify=verify)
-        built = list(m["artifacts"])
+        m = Manifest.read(root, verify=verify)
+        load_builtin()
+        built = m.backends
+        dev = parse_device(device) if device is not None else None
         if backend is None:
-            order = (["tensorrt", "aoti", "inductor", "onnxruntime"] if torch.cuda.is_available()
-                     else ["onnxruntime", "aoti", "inductor"])
-            backend = next((b for b in order if b in built), None)
+            kind = dev.type if dev is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+            backend = pick_backend(built, kind)
             if backend is None:
                 raise ManifestError(f"{root}: none of the built backends ({', '.join(built)}) runs on this machine")
         elif backend not in built:
             raise ManifestError(f"{root}: backend {backend!r} was not built (built: {', '.join(built)}); "
                                 f"re-export with --backend {backend}")
-        if device is None:
-            device = "cuda" if backend == "tensorrt" or (m.get("device", "cpu").startswith("cuda")) else "cpu"
-        pipe = cls(root, m, backend, device, weights_from, cuda_graphs, weights)
-        if warmup if warmup is not None else backend == "inductor":
+        b = get_backend(backend)
+        if (reason := b.available()) is not None:
+            raise ManifestError(f"{root}: the {backend} engines cannot run here: {reason}")
+        if dev is None:
+            dev = parse_device("cuda" if b.needs_gpu or m.device.startswith("cuda") else "cpu")
+        if dev.type not in b.devices:
+            raise ManifestError(f"{root}: the {backend} engines do not run on {dev} (they run on {', '.join(b.devices)})")
+        pipe = cls(root, m, backend, str(dev), weights_from, cuda_graphs, weights)
+        if warmup if warmup is not None else b.cuda_graphs:
             pipe.warmup()
         return pipe
 
-    @torch.no_grad()
-    def warmup(self) -> float:
-        """Run every graph once on a blank request (two denoising steps: stage A and stage B,
-        and the unpruned graph if there is one), so that compilation and CUDA-graph capture
-        happen now, not in the first real request. Returns the seconds it took."""
-        t0 = time.perf_counter()
-        blank = np.full((64, 64, 3), 128, dtype=np.uint8)  # fits every bucket
-        x, _ = self.build_inputs(blank, "<image>\n", self.bucket.gen_length, system="")
-        resp = torch.full((self.bucket.gen_length,), self.tokens["mask"], dtype=torch.long, device=self.device)
-        for unpruned in dict.fromkeys([not self.pruned, self.has_unpruned]):
-            den = EngineDenoiser(self, x, unpruned=unpruned)
-            for _ in range(2):
-                den.predict(resp) if self.fused else den(resp)
-        return time.perf_counter() - t0
-
+    # ------------------------------------------------------------------ properties
     @property
     def has_unpruned(self) -> bool:
-        return "full" in self.runners
+        return UNPRUNED in self.runners
+
+    def has_cache(self, unpruned: bool = False) -> bool:
+        path = UNPRUNED_PATH if unpruned or not self.pruned else PRUNED_PATH
+        return path.prefill in self.runners and path.cached in self.runners
 
     def run(self, graph: str, **feeds: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.runners[graph].run(feeds)
 
+    @torch.no_grad()
+    def warmup(self) -> float:
+        """Run every graph once on a blank request (each path's first steps, cached and not), so that
+        compilation and CUDA-graph capture happen now, not in the first real request. Returns the
+        seconds it took."""
+        t0 = time.perf_counter()
+        blank = np.full((64, 64, 3), 128, dtype=np.uint8)  # fits every bucket
+        g = self.bucket.gen_length
+        gen = GenerationConfig(g, g, g)
+        for unpruned in dict.fromkeys([not self.pruned, self.has_unpruned]):
+            for cache in dict.fromkeys([False, self.has_cache(unpruned)]):
+                x, _ = self._layout([Request(blank, "", system="")], g)
+                den = EngineDenoiser(self, x, unpruned=unpruned, cache=cache)
+                ids = torch.full((x.batch, g), self.tokens.mask, dtype=torch.long, device=self.device)
+                for i in range(3):
+                    info = _blank_step(x.batch, i, self.device)
+                    den.predict(ids, info) if self.manifest.fused_sampler else den(ids, info)
+        return time.perf_counter() - t0
+
     # ------------------------------------------------------------------ request -> bucket
-    def encode_image(self, image) -> tuple[torch.Tensor, float]:
-        """Image -> visual embeddings [n_visual, D] fp32 on the engines' device (on a GPU,
-        the features never leave it), and the seconds it took."""
+    def encode_image(self, image, pixels: tuple[torch.Tensor, tuple[int, int]] | None = None
+                     ) -> tuple[torch.Tensor, float]:
+        """Image -> visual embeddings [n_visual, D] fp32 on the engines' device (on a GPU, the
+        features never leave it), and the seconds it took. ``pixels``: ``preprocess(image)``
+        already made."""
         t0 = time.perf_counter()
         dev = torch.device(self.device)
-        pixels, size = preprocess(load_image(image), self.config)  # [N, 3, S, S]
+        pixels, size = pixels if pixels is not None else preprocess(image, self.config)  # [N, 3, S, S]
         pixels = pixels.to(dev)
         n, nb = pixels.shape[0], self.bucket.vision_batch
         feats = []
@@ -273,61 +195,109 @@ class Pipeline:
             torch.cuda.synchronize(dev)
         return visual, time.perf_counter() - t0
 
-    def build_inputs(self, image, prompt: str, gen_length: int, system: str) -> tuple[BucketInputs, float]:
-        b = self.bucket
-        before, after = encode_prompt(self.tokenizer, prompt, has_image=image is not None, system=system)
-        n_text = len(before) + len(after)
-        if n_text > b.max_text_tokens:
-            raise RequestError(f"the prompt has {n_text} text tokens (chat template included); these engines take "
-                               f"at most {b.max_text_tokens}: re-export with a larger --max-prompt-tokens")
-        if gen_length > b.gen_length:
-            raise RequestError(f"gen_length {gen_length} exceeds the engines' {b.gen_length}: re-export with "
-                               f"--gen-length {gen_length}")
+    def prepare(self, request: Request, gen_length: int, pixels=None) -> tuple[RequestParts, float]:
+        """A request's embedded prefix pieces, checked against the bucket (the text is encoded first,
+        so a prompt that is too long fails before any vision work). Returns the seconds of vision."""
+        if self.tokenizer is None:
+            raise RequestError(f"{self.root} has no tokenizer/ folder: text prompts cannot be encoded")
+        before, after = encode_prompt(self.tokenizer, request.prompt, has_image=request.image is not None,
+                                      system=request.system)
         dev = torch.device(self.device)
-        visual, t_vis = (self.encode_image(image) if image is not None
-                         else (torch.zeros(0, self.embed_table.shape[1], device=dev), 0.0))
-        nv = visual.shape[0]
-        if nv > b.max_visual_tokens:
-            raise RequestError(f"the image gives {nv} visual tokens; these engines take at most "
-                               f"{b.max_visual_tokens}: re-export with a larger --image-size or --max-visual-tokens")
         ids = torch.tensor(before + after, dtype=torch.long, device=dev)
         text = self.embed_table[ids].float()  # [nb + na, D]
-        return layout_bucket(b, text[: len(before)], visual, text[len(before):], gen_length), t_vis
+        empty = torch.zeros(0, text.shape[1], device=dev)
+        check_fits(self.bucket, RequestParts(text[: len(before)], empty, text[len(before):]), gen_length)
+        visual, t_vis = self.encode_image(request.image, pixels) if request.image is not None else (empty, 0.0)
+        return RequestParts(text[: len(before)], visual, text[len(before):]), t_vis
+
+    def _layout(self, requests: list[Request], gen_length: int):
+        if len(requests) > self.bucket.batch_size:
+            raise RequestError(f"{len(requests)} requests, but these engines take at most {self.bucket.batch_size} "
+                               "at once: re-export with a larger --batch-size, or split the batch")
+        parts, t_vis = zip(*(self.prepare(r, gen_length) for r in requests))
+        return layout_bucket(self.bucket, list(parts), gen_length), list(t_vis)
 
     # ------------------------------------------------------------------ generate
-    @torch.no_grad()
-    def generate(self, image, prompt: str, *, gen_length: int | None = None, steps: int | None = None,
-                 block_length: int | None = None, temperature: float = 0.0, remasking: str = "low_confidence",
-                 cfg_scale: float = 0.0, preset: str | None = None, seed: int = 0, unpruned: bool = False,
-                 system: str = DEFAULT_SYSTEM_PROMPT) -> GenerationResult:
-        """Answer ``prompt`` about ``image`` (path, PIL image or HxWx3 uint8 array; None for text only)."""
-        t0 = time.perf_counter()
-        defaults = self.manifest["generation"]
-        if preset is not None:
-            gen = get_preset(preset, gen_length=gen_length, steps=steps, block_length=block_length,
-                             temperature=temperature, remasking=remasking, cfg_scale=cfg_scale)
-        else:
-            gl = gen_length or defaults["gen_length"]
-            gen = GenerationConfig(gl, block_length or min(defaults["block_length"], gl),
-                                   steps or min(defaults["steps"], gl), temperature, remasking, cfg_scale).validate()
-        if unpruned and not self.has_unpruned:
+    def generation_config(self, *, gen_length: int | None = None, steps: int | None = None,
+                          block_length: int | None = None, temperature: float = 0.0,
+                          remasking: str = "low_confidence", cfg_scale: float = 0.0, preset: str | None = None,
+                          factor: float | None = None, threshold: float | None = None, cache: bool | None = None,
+                          refresh: int | None | str = "default", unpruned: bool = False) -> GenerationConfig:
+        """The sampler settings of a request, checked against what these engines can serve.
+        ``cache`` None: the prefix cache when the engines have its graphs. ``refresh``: forwards
+        between cache refreshes within a block (None: only at block starts)."""
+        if unpruned and self.pruned and not self.has_unpruned:
             raise RequestError(f"{self.root} has no unpruned graph; export with --baseline or --no-prune")
-        use_full = unpruned or not self.pruned
-        x, t_vis = self.build_inputs(image, prompt, gen.gen_length, system)
-        den = EngineDenoiser(self, x, unpruned=use_full)
-        t1 = time.perf_counter()
-        ids = generate(den, gen, mask_id=self.tokens["mask"], eot_id=self.tokens["eot"],
-                       suppress_ids=self.tokens["suppressed"], device=self.device,
-                       generator=torch.Generator(device=self.device).manual_seed(seed))
-        t2 = time.perf_counter()
-        st = den.step_times
-        timings = {"vision": t_vis, "prepare": t1 - t0 - t_vis, "total": t2 - t0, "denoise": t2 - t1,
-                   "sampler_overhead": (t2 - t1) - sum(st)}
-        if use_full:
-            timings["full_per_step"] = sum(st) / max(len(st), 1)
+        has_cache = self.has_cache(unpruned)
+        if cache and not has_cache:
+            raise RequestError(f"{self.root} has no prefix-cache graphs for the {'unpruned' if unpruned or not self.pruned else 'pruned'} "
+                               "path; re-export with --cache")
+        use_cache = has_cache if cache is None else cache
+        if refresh != "default" and not use_cache:
+            raise RequestError("refresh applies to the prefix cache only; use it with cache=True (--cache)")
+        kw = dict(temperature=temperature, remasking=remasking, cfg_scale=cfg_scale, factor=factor,
+                  threshold=threshold, cache=use_cache, refresh=DEFAULT_REFRESH if refresh == "default" else refresh)
+        d = self.manifest.generation
+        if preset is not None:
+            gen = get_preset(preset, gen_length=gen_length, steps=steps, block_length=block_length)
+            gen = replace(gen, **kw)
         else:
-            timings["stage_a"] = st[0] if st else 0.0
-            timings["stage_b_per_step"] = sum(st[1:]) / max(len(st) - 1, 1)
-        ids_l = ids.tolist()
-        return GenerationResult(self.tokenizer.decode(ids_l, skip_special_tokens=True), ids_l,
-                                None if use_full else den.kept_visual(), x.n_visual, timings, st)
+            gl = gen_length or d["gen_length"]
+            gen = GenerationConfig(gl, block_length or min(d["block_length"], gl), steps or min(d["steps"], gl), **kw)
+        gen.validate()
+        if gen.gen_length > self.bucket.gen_length:
+            raise RequestError(f"gen_length {gen.gen_length} exceeds the engines' {self.bucket.gen_length}: "
+                               f"re-export with --gen-length {gen.gen_length}")
+        return gen
+
+    @torch.no_grad()
+    def generate(self, image, prompt: str, *, system: str = DEFAULT_SYSTEM_PROMPT, seed: int = 0,
+                 unpruned: bool = False, on_step: Callable[[StepEvent], None] | None = None,
+                 **settings) -> GenerationResult:
+        """Answer ``prompt`` about ``image`` (path, PIL image or HxWx3 uint8 array; None for text only).
+        ``settings``: see :meth:`generation_config` (preset, gen_length, steps, block_length,
+        temperature, remasking, cfg_scale, factor, threshold, cache, refresh)."""
+        return self.generate_batch([Request(image, prompt, system, seed)], unpruned=unpruned, on_step=on_step,
+                                   **settings)[0]
+
+    @torch.no_grad()
+    def generate_batch(self, requests: list[Request], *, unpruned: bool = False,
+                       on_step: Callable[[StepEvent], None] | None = None, **settings) -> list[GenerationResult]:
+        """Answer up to ``bucket.batch_size`` requests together, with one generation setting."""
+        t0 = time.perf_counter()
+        gen = self.generation_config(unpruned=unpruned, **settings)
+        use_full = unpruned or not self.pruned
+        x, t_vis = self._layout(requests, gen.gen_length)
+        den = EngineDenoiser(self, x, unpruned=use_full, cache=gen.cache)
+        t1 = time.perf_counter()
+        gens = [torch.Generator(device=self.device).manual_seed(r.seed) for r in requests]
+        gens += [None] * (x.batch - len(requests))
+        trace = SamplerTrace()
+        ids = generate(den, gen, mask_id=self.tokens.mask, eot_id=self.tokens.eot, suppress_ids=self.tokens.suppressed(),
+                       batch_size=x.batch, active=x.active, generators=gens, trace=trace, device=self.device,
+                       on_step=on_step)
+        t2 = time.perf_counter()
+        st = [s for _, s in den.calls]
+        calls: dict[str, int] = {}
+        for name, _ in den.calls:
+            calls[name] = calls.get(name, 0) + 1
+        timings = {"prepare": t1 - t0 - sum(t_vis), "total": t2 - t0, "denoise": t2 - t1,
+                   "sampler_overhead": (t2 - t1) - sum(st), "batch_size": len(requests)}
+        for name in calls:
+            timings[f"{name}_per_call"] = sum(s for n, s in den.calls if n == name) / calls[name]
+        out = []
+        for i, r in enumerate(requests):
+            row = ids[i].tolist()
+            text = self.tokenizer.decode(row, skip_special_tokens=True)
+            out.append(GenerationResult(text, row, None if use_full else den.kept_visual(i), x.n_visual[i],
+                                        {"vision": t_vis[i], **timings}, st, trace.row_forwards[i], dict(calls)))
+        return out
+
+
+def _blank_step(b: int, index: int, device) -> StepInfo:
+    dev = torch.device(device)
+    return StepInfo(index, torch.full((b,), index == 0, dtype=torch.bool, device=dev),
+                    torch.zeros(b, dtype=torch.long, device=dev), torch.ones(b, dtype=torch.bool, device=dev))
+
+
+__all__ = ["GenerationResult", "Pipeline", "Request", "RequestError"]

@@ -25,11 +25,16 @@ changed across Pillow versions), so images are the same on every machine. Only P
 numpy are used. 384x288 goes through LLaDA-V's anyres path as a 2x2 grid of 192 px crops
 plus the base crop (594 visual tokens with the demo config).
 
-Run ``python tools/vqa_task.py`` for a few samples and the text-only baselines.
+The demo model's pieces that depend on the task live here too: its tokenizer
+(:func:`demo_tokenizer`, every answer one token) and the per-patch labels of its
+training-only vision objective (:func:`patch_labels`).
+
+Run ``python -m llada_export.vqa_task`` for a few samples and the text-only baselines.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -389,6 +394,66 @@ def text_only_baseline(split: str | Sequence[Sample], n: int = 2000) -> dict:
         "per_type": {t: sum(h) / len(h) for t, h in sorted(hits.items())},
         "n": len(samples),
     }
+
+
+GEN_LENGTH = 8  # the demo model's evaluation response length: the answer + <|eot_id|> padding
+DEMO_BPE_VOCAB = 448  # 256 byte symbols + 192 merges: every answer and task word is one token
+
+
+def demo_tokenizer():
+    """The demo model's own tokenizer: the stand-in byte-level BPE with the official special
+    tokens and chat template, trained on the built-in text plus the task's questions and
+    answers, so that every answer is a single token (462 entries)."""
+    from .synthetic.tokenizer import build_tokenizer
+    from .tokenizer import DEFAULT_SYSTEM_PROMPT
+
+    roles = ["system", "user", "assistant"]
+    return build_tokenizer("tiny", corpus=tokenizer_corpus() + (roles + [DEFAULT_SYSTEM_PROMPT]) * 20,
+                           bpe_vocab_size=DEMO_BPE_VOCAB)
+
+
+def prompt_tokens(tokenizer, system: str | None = None) -> int:
+    """Text tokens (chat template included) of the longest question the task can ask: the prompt
+    size of a bucket that takes every question of the task."""
+    from .tokenizer import DEFAULT_SYSTEM_PROMPT, encode_prompt
+
+    system = DEFAULT_SYSTEM_PROMPT if system is None else system
+    return max(sum(len(p) for p in encode_prompt(tokenizer, q, has_image=True, system=system))
+               for q in all_questions())
+
+
+def patch_labels(scene: Scene, cfg, min_cover: float = 0.25) -> np.ndarray:
+    """Per-patch labels of every anyres crop, for the demo model's auxiliary vision objective:
+    [2, N, T] uint8 = (shape label, colour label) of each of the T patches of the N crops
+    (:data:`SHAPE_LABELS` / :data:`COLOUR_LABELS`). The label maps go through the crops'
+    geometry with nearest resampling; a patch takes the most frequent non-background label
+    covering at least ``min_cover`` of it, else background. ``cfg``: an LLaDAVConfig."""
+    from .graphs.anyres import resize_and_pad, select_best_resolution, split_tiles
+
+    s, ps = cfg.vision.image_size, cfg.vision.patch_size
+    p = s // ps
+    best = select_best_resolution((scene.width, scene.height), cfg.image_grid_pinpoints)
+    out = []
+    for what, n_labels in (("shape", len(SHAPE_LABELS)), ("colour", len(COLOUR_LABELS))):
+        lab = label_image(scene, what)
+        crops = [lab.resize((s, s), Image.Resampling.NEAREST)] + split_tiles(
+            resize_and_pad(lab, best, Image.Resampling.NEAREST), s)
+        ids = np.stack([np.asarray(c) for c in crops])  # [N, S, S] uint8
+        n = len(crops)
+        counts = np.bincount((_patch_index(n, s, ps) * n_labels + ids).ravel(), minlength=n * p * p * n_labels)
+        counts = counts.reshape(n, p * p, n_labels)  # [N, T, labels]: pixels of each label per patch
+        counts[..., 0] = 0
+        best_label = counts.argmax(-1)  # [N, T]
+        out.append(np.where(counts.max(-1) >= min_cover * ps * ps, best_label, 0).astype(np.uint8))
+    return np.stack(out)  # [2, N, T]
+
+
+@functools.lru_cache(maxsize=4)
+def _patch_index(n: int, s: int, ps: int) -> np.ndarray:
+    """[N, S, S] int32: the index (crop * T + patch) of every pixel's patch."""
+    p = s // ps
+    return ((np.arange(n)[:, None, None] * p + np.arange(s)[None, :, None] // ps) * p
+            + np.arange(s) // ps).astype(np.int32)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,194 @@
+"""``engines/manifest.json``: what was built, from what, for which shapes; with SHA-256s.
+
+:class:`Manifest` is the one typed reader and writer. :meth:`Manifest.read` validates the
+format and version, every field, that every artifact is a file listed (size and SHA-256)
+in the file table, and that every artifact's graph has its I/O recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..config import LLaDAVConfig
+from .bucket import Bucket
+from .graphset import GraphIO
+from .pruning import PruneSettings
+from .tokens import SpecialTokens
+
+FORMAT = "llada-export/engines"
+FORMAT_VERSION = 3  # 3: typed manifest, batch size, graph I/O with dtypes, "unpruned" graph names, cache graphs
+MANIFEST = "manifest.json"
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+class ManifestError(ValueError):
+    """An engines directory is missing, altered, truncated or from an incompatible tool version."""
+
+
+def sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    bytes: int
+
+
+def file_table(root: Path, files: list[Path]) -> dict[str, FileEntry]:
+    return {str(p.relative_to(root)): FileEntry(sha256(p), p.stat().st_size) for p in sorted(set(files))}
+
+
+@dataclass
+class Manifest:
+    source_checkpoint: str  # where the weights came from (aoti / inductor graphs may load them from there)
+    config_hash: str
+    config: dict[str, Any]  # LLaDAVConfig.to_dict() of the source
+    dtype: str
+    device: str
+    fused_sampler: bool
+    pruning: PruneSettings | None  # None: unpruned engines
+    bucket: Bucket
+    generation: dict[str, int]  # default gen_length / block_length / steps
+    tokens: SpecialTokens
+    graphs: dict[str, GraphIO]
+    artifacts: dict[str, dict[str, str]]  # backend -> graph -> path relative to the directory
+    files: dict[str, FileEntry]
+    weights: dict[str, str] = field(default_factory=dict)  # where each backend's weights live, in words
+    constants_from_checkpoint: dict[str, dict[str, dict[str, str]]] | None = None  # backend -> graph -> {fqn: key}
+    compile_cache: dict[str, str] | None = None  # backend -> saved compiler artifacts (path), for a fast load
+    notes: list[str] = field(default_factory=list)
+    export: dict[str, Any] = field(default_factory=dict)  # seconds, peak memory
+    tool_version: str = __version__
+    format_version: int = FORMAT_VERSION
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def pruned(self) -> bool:
+        return self.pruning is not None
+
+    @property
+    def backends(self) -> list[str]:
+        return list(self.artifacts)
+
+    def model_config(self) -> LLaDAVConfig:
+        return LLaDAVConfig.from_dict(self.config)
+
+    def has_graph(self, name: str, backend: str | None = None) -> bool:
+        return any(name in g for b, g in self.artifacts.items() if backend in (None, b))
+
+    # ------------------------------------------------------------------ I/O
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT, "format_version": self.format_version, "tool_version": self.tool_version,
+            "source": {"checkpoint": self.source_checkpoint, "config_hash": self.config_hash},
+            "config": self.config, "dtype": self.dtype, "device": self.device, "fused_sampler": self.fused_sampler,
+            "pruning": self.pruning.to_dict() if self.pruning else None, "bucket": self.bucket.to_dict(),
+            "generation": self.generation, "tokens": self.tokens.to_dict(),
+            "graphs": {n: g.to_dict() for n, g in self.graphs.items()}, "artifacts": self.artifacts,
+            "weights": self.weights, "constants_from_checkpoint": self.constants_from_checkpoint,
+            "compile_cache": self.compile_cache, "notes": self.notes, "export": self.export,
+            "files": {k: {"sha256": f.sha256, "bytes": f.bytes} for k, f in self.files.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = MANIFEST) -> "Manifest":
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise ManifestError(f"{where}: not a llada-export engines manifest")
+        if d.get("format_version") != FORMAT_VERSION:
+            raise ManifestError(
+                f"{where}: engines format version {d.get('format_version')} (tool {d.get('tool_version')}) is not "
+                f"supported by llada-export {__version__} (format {FORMAT_VERSION}); re-export with this version")
+        try:
+            m = cls(
+                source_checkpoint=str(d["source"]["checkpoint"]), config_hash=str(d["source"]["config_hash"]),
+                config=dict(d["config"]), dtype=str(d["dtype"]), device=str(d["device"]),
+                fused_sampler=bool(d["fused_sampler"]),
+                pruning=PruneSettings.from_dict(d["pruning"]) if d["pruning"] else None,
+                bucket=Bucket.from_dict(d["bucket"]), generation={k: int(v) for k, v in d["generation"].items()},
+                tokens=SpecialTokens.from_dict(d["tokens"]),
+                graphs={n: GraphIO.from_dict(g) for n, g in d["graphs"].items()},
+                artifacts={b: {g: str(p) for g, p in gs.items()} for b, gs in d["artifacts"].items()},
+                files={k: FileEntry(str(f["sha256"]), int(f["bytes"])) for k, f in d["files"].items()},
+                weights=dict(d.get("weights") or {}), constants_from_checkpoint=d.get("constants_from_checkpoint"),
+                compile_cache=d.get("compile_cache"), notes=list(d.get("notes") or []),
+                export=dict(d.get("export") or {}), tool_version=str(d.get("tool_version")),
+                format_version=int(d["format_version"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            what = f"field {e.args[0]!r} is missing" if isinstance(e, KeyError) else f"malformed field ({e})"
+            raise ManifestError(f"{where}: {what}; the directory is damaged, re-run llada-export") from None
+        if m.dtype not in DTYPES:
+            raise ManifestError(f"{where}: unknown dtype {m.dtype!r}")
+        m._check_artifacts(where)
+        return m
+
+    def _check_artifacts(self, where: str) -> None:
+        for backend, graphs in self.artifacts.items():
+            for name, rel in graphs.items():
+                if name not in self.graphs:
+                    raise ManifestError(f"{where}: artifact {backend}:{name} names a graph the manifest does not "
+                                        "describe (damaged or edited manifest; re-run llada-export)")
+                if rel not in self.files:
+                    raise ManifestError(f"{where}: artifact {backend}:{name} points at {rel}, which is not in the "
+                                        "manifest's file table (damaged or edited manifest; re-run llada-export)")
+                stem = rel.rsplit("/", 1)[-1].split(".", 1)[0]
+                if stem != name:
+                    raise ManifestError(f"{where}: artifact {backend}:{name} points at {rel}, a file of another "
+                                        "graph (damaged or edited manifest; re-run llada-export)")
+        for backend, rel in (self.compile_cache or {}).items():
+            if rel not in self.files:
+                raise ManifestError(f"{where}: the {backend} compile cache {rel} is not in the file table")
+
+    def write(self, root: Path) -> Path:
+        path = Path(root) / MANIFEST
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, root: str | Path, verify: bool = True) -> "Manifest":
+        """Read and validate ``root/manifest.json``; with ``verify`` check every file's size and SHA-256."""
+        root = Path(root)
+        if not root.exists():
+            raise ManifestError(f"{root}: no such engines directory (write one with llada-export -o {root})")
+        if not root.is_dir():
+            raise ManifestError(f"{root}: not a directory (an engines directory written by llada-export is expected)")
+        path = root / MANIFEST
+        if not path.is_file():
+            raise ManifestError(f"{root}: no {MANIFEST} (not an engines directory written by llada-export)")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"{path}: not valid JSON ({e}); the directory is damaged, re-run llada-export") from e
+        m = cls.from_dict(d, str(path))
+        if verify:
+            m.verify(root)
+        return m
+
+    def verify(self, root: Path) -> None:
+        for rel, info in self.files.items():
+            f = root / rel
+            if not f.is_file():
+                raise ManifestError(f"{root}: artifact {rel} listed in the manifest is missing")
+            if f.stat().st_size != info.bytes:
+                raise ManifestError(f"{root}: artifact {rel} has {f.stat().st_size} bytes, the manifest says "
+                                    f"{info.bytes} (truncated or replaced?)")
+            if sha256(f) != info.sha256:
+                raise ManifestError(f"{root}: artifact {rel} does not match its SHA-256 in the manifest (altered?)")
+
+
+def is_engines_dir(path: Path) -> bool:
+    """True for a directory holding a llada-export manifest (any format version): what
+    ``llada-export --overwrite`` may replace."""
+    try:
+        return json.loads((Path(path) / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False

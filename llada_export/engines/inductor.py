@@ -1,0 +1,146 @@
+"""The Inductor backend: the torch.export programs themselves (``programs/*.pt2``), compiled by
+``torch.compile`` when the engines are loaded, then replayed from CUDA graphs on CUDA.
+
+The same code generator as AOTInductor, for machines whose AOTInductor loader fails (the
+lent H200s). With the weights left in the checkpoint the archives hold meta tensors for
+them (shape and dtype only), mapped to checkpoint keys in the manifest.
+
+Compile cache: with ``--compile-cache`` (the default on CUDA) the export compiles every
+graph once, exactly as a load does, and saves what the compiler produced
+(``torch.compiler.save_cache_artifacts``: Inductor's graph entries with their Triton
+kernels, AOTAutograd's entries) as ``programs/compile_cache.bin``, with the versions it
+holds for in ``compile_cache.json``. ``Pipeline.load`` on a machine with the same torch,
+Triton and GPU loads it first (``load_cache_artifacts``), so compiling the graphs becomes
+cache hits; on another machine it is ignored and the graphs compile as without it. Dynamo
+still traces each graph at load (it has no cache). On a CPU the blob holds no compiled C++
+kernels, so the gain there is small.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .registry import Backend, WriteContext, register_backend
+
+
+def write(ctx: WriteContext, graph: str, path: Path) -> list[Path]:
+    import torch
+
+    from .torch_common import checkpoint_constants
+
+    ep = ctx.programs[graph]
+    if ctx.weight_keys is None:
+        torch.export.save(ep, str(path))
+        return [path]
+    mapping, _ = checkpoint_constants(ep, ctx.weight_keys)
+    ctx.constants.setdefault(BACKEND.name, {})[graph] = mapping
+    tables = [ep.state_dict, ep.constants]
+    saved = [dict(t) for t in tables]
+    try:  # swap the mapped tensors for meta tensors while saving (no copy of the program)
+        for table in tables:
+            for fqn, t in list(table.items()):
+                if fqn in mapping and isinstance(t, torch.Tensor):
+                    m = torch.empty_like(t, device="meta")
+                    table[fqn] = torch.nn.Parameter(m, requires_grad=False) if isinstance(t, torch.nn.Parameter) else m
+        torch.export.save(ep, str(path))
+    finally:
+        for table, orig in zip(tables, saved):
+            table.update(orig)
+    return [path]
+
+
+CACHE_BLOB, CACHE_INFO = "compile_cache.bin", "compile_cache.json"
+
+
+def cache_key() -> dict:
+    """What a saved compile cache is valid for (a mismatch would be a silent recompile)."""
+    import torch
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"torch": torch.__version__, "triton": triton_version, "gpu": gpu}
+
+
+def finalize(ctx: WriteContext) -> list[Path]:
+    """Compile every graph as ``Pipeline.load`` will (the saved archive, the weights swapped in),
+    one call each on blank inputs, and save the compiler's cache artifacts beside the programs."""
+    import json
+
+    import torch
+
+    from ..contract.graphset import GRAPHS, example_value
+
+    if not ctx.options.get("compile_cache"):
+        return []
+    for graph, rel in ctx.artifacts.get(BACKEND.name, {}).items():
+        io = ctx.io[graph]
+        mapping = ctx.constants.get(BACKEND.name, {}).get(graph)
+        constants = {fqn: ctx.weights[key] for fqn, key in mapping.items()} if mapping else None
+        r = runner(ctx.root / rel, io, ctx.device, constants=constants, cuda_graph=False)
+        extra = {"device": ctx.device, "mask_id": 0, "k_static": 1, "n_visual": 1}
+        feeds = {t.name: example_value(t, spec, extra) for t, spec in zip(io.inputs, GRAPHS[graph].inputs)}
+        with torch.no_grad():
+            r.run(feeds)
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        ctx.notes.append("the compiler produced no cache artifacts: Pipeline.load will compile the graphs")
+        return []
+    blob, _info = saved
+    folder = ctx.root / BACKEND.folder
+    (folder / CACHE_BLOB).write_bytes(blob)
+    (folder / CACHE_INFO).write_text(json.dumps(cache_key(), indent=2) + "\n")
+    ctx.compile_cache[BACKEND.name] = f"{BACKEND.folder}/{CACHE_BLOB}"
+    return [folder / CACHE_BLOB, folder / CACHE_INFO]
+
+
+def load_cache(blob: Path) -> str:
+    """Load a saved compile cache if it was made for this machine's torch, Triton and GPU; says what it did."""
+    import json
+
+    import torch
+
+    saved = json.loads(blob.with_name(CACHE_INFO).read_text())
+    here = cache_key()
+    if saved != here:
+        diff = ", ".join(f"{k} {saved.get(k)} (here {here.get(k)})" for k in here if saved.get(k) != here.get(k))
+        return f"ignored: made for another machine ({diff}); the graphs compile from scratch"
+    torch.compiler.load_cache_artifacts(blob.read_bytes())
+    return "loaded"
+
+
+def runner(path: Path, io, device: str = "cpu", constants=None, cuda_graph: bool | None = None):
+    """An ExportedProgram archive compiled with ``torch.compile`` (static shapes, whole graph); the
+    compilation happens at the first call, which ``Pipeline.warmup`` makes at load time.
+    ``constants``: {fqn: tensor} for archives saved with their checkpoint weights left out.
+    ``cuda_graph`` (default: on for CUDA, measured on the H200): replay from a CUDA graph."""
+    import torch
+
+    from .torch_common import TorchRunner
+
+    ep = torch.export.load(str(path))
+    for table in (ep.state_dict, ep.constants):
+        for fqn, t in list(table.items()):
+            if not isinstance(t, torch.Tensor) or t.device.type != "meta":
+                continue
+            if constants is None or fqn not in constants:
+                raise RuntimeError(f"{path}: the archive holds no weight for {fqn!r} and none was given "
+                                   "(engines exported with their weights in the checkpoint)")
+            w = constants[fqn]
+            table[fqn] = torch.nn.Parameter(w, requires_grad=False) if isinstance(t, torch.nn.Parameter) else w
+    module = ep.module()
+    r = TorchRunner(torch.compile(module, dynamic=False, fullgraph=True), io, device, cuda_graph,
+                    graphs_by_default=True)
+    r.module = module
+    return r
+
+
+BACKEND = register_backend(Backend(
+    name="inductor", folder="programs", suffix=".pt2", write=write, runner=runner,
+    description="torch.export programs compiled with torch.compile when loaded, CUDA-graph replay",
+    cuda_graphs=True, external_weights=True, priority={"cpu": 2, "cuda": 2}, finalize=finalize,
+    load_cache=load_cache))

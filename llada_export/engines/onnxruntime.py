@@ -1,0 +1,183 @@
+"""The ONNX Runtime backend: ONNX graphs (torch.onnx dynamo exporter) sharing one weights file.
+
+Writer: ``torch.onnx.export(program, dynamo=True)``, checked with ``onnx.checker``; then
+every initializer of at least 1 KiB moves into ``onnx/weights.bin``, stored once however
+many graphs use it (stage A, stage B, the cache graphs and the unpruned graphs all hold
+the same decoder weights), so the directory holds the weights once, not once per graph.
+
+Runner: an ``InferenceSession`` (CPU, or CUDA with onnxruntime-gpu: IO binding keeps
+tensors on the device, the KV cache is bound by pointer in and out); thread spinning
+off, since sessions alternate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .registry import Backend, WriteContext, register_backend
+
+ONNX_SINGLE_FILE_LIMIT = 2 * 1024**3  # protobuf limit: larger graphs are exported with external data
+SHARED_WEIGHTS = "weights.bin"  # in the onnx/ folder, beside the graphs
+MIN_EXTERNAL_BYTES = 1024
+_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+def program_bytes(ep) -> int:
+    import torch
+
+    return sum(t.numel() * t.element_size() for t in ep.state_dict.values()) + sum(
+        t.numel() * t.element_size() for t in ep.constants.values() if isinstance(t, torch.Tensor))
+
+
+def write(ctx: WriteContext, graph: str, path: Path) -> list[Path]:
+    import onnx
+    import torch
+
+    ep, io = ctx.programs[graph], ctx.io[graph]
+    external = program_bytes(ep) >= ONNX_SINGLE_FILE_LIMIT
+    # torch.onnx logs one warning per torchvision op it cannot register: noise for these graphs.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(ep, (), str(path), dynamo=True, input_names=io.input_names, output_names=io.output_names,
+                          external_data=external, optimize=True, verbose=False)
+    onnx.checker.check_model(str(path))  # path form: handles external data and > 2 GB
+    weights = share_weights(ctx, path)
+    onnx.checker.check_model(str(path))
+    return [path, weights]
+
+
+def share_weights(ctx: WriteContext, path: Path) -> Path:
+    """Move ``path``'s initializers of >= 1 KiB into the directory's one weights file, each distinct
+    tensor stored once (by content), one tensor in memory at a time; returns that file."""
+    import onnx
+
+    state = ctx.shared.setdefault("onnx_weights", {"index": {}, "size": 0})
+    shared = path.parent / SHARED_WEIGHTS
+    model = onnx.load(str(path), load_external_data=False)
+    own_files: set[Path] = set()
+    with open(shared, "ab") as out:
+        for t in model.graph.initializer:
+            data, src = _tensor_bytes(t, path.parent)
+            if src is not None:
+                own_files.add(src)
+            if len(data) < MIN_EXTERNAL_BYTES:
+                if src is not None:  # small tensor exported externally: keep it inline
+                    del t.external_data[:]
+                    t.data_location = onnx.TensorProto.DEFAULT
+                    t.raw_data = data
+                continue
+            key = hashlib.blake2b(data, digest_size=20).digest()
+            if key not in state["index"]:
+                out.write(data)
+                state["index"][key] = (state["size"], len(data))
+                state["size"] += len(data)
+            offset, length = state["index"][key]
+            for f in _DATA_FIELDS:
+                t.ClearField(f)
+            del t.external_data[:]
+            for k, v in (("location", SHARED_WEIGHTS), ("offset", str(offset)), ("length", str(length))):
+                entry = t.external_data.add()
+                entry.key, entry.value = k, v
+            t.data_location = onnx.TensorProto.EXTERNAL
+    onnx.save_model(model, str(path))
+    for f in own_files:
+        if f != shared and f.exists():
+            f.unlink()
+    return shared
+
+
+def _tensor_bytes(t, folder: Path) -> tuple[bytes, Path | None]:
+    """An initializer's raw bytes, from the graph or from its external data file."""
+    import onnx
+    from onnx import numpy_helper
+
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return (t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()), None
+    info = {e.key: e.value for e in t.external_data}
+    src = folder / info["location"]
+    with open(src, "rb") as f:
+        f.seek(int(info.get("offset", 0)))
+        return f.read(int(info["length"])) if "length" in info else f.read(), src
+
+
+class OrtRunner:
+    def __init__(self, path: Path, io, device: str = "cpu", constants=None, cuda_graph=None):
+        import onnxruntime as ort
+        import torch
+
+        so = ort.SessionOptions()
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        self.device = torch.device(device)
+        providers = ["CUDAExecutionProvider"] if self.device.type == "cuda" else ["CPUExecutionProvider"]
+        if self.device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise RuntimeError("onnxruntime has no CUDA execution provider here; install onnxruntime-gpu")
+        self.session = ort.InferenceSession(str(path), so, providers=providers)
+        self.io, self.inputs, self.outputs = io, io.input_names, io.output_names
+        self._state_out: dict[str, Any] = {}
+
+    def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+        import torch
+
+        if self.device.type == "cuda":
+            return self._run_bound(feeds)
+        arrays = {k: np.ascontiguousarray(feeds[k].detach().cpu().numpy()) for k in self.inputs}
+        res = self.session.run(self.outputs, arrays)
+        return {k: torch.from_numpy(v) for k, v in zip(self.outputs, res)}
+
+    def _run_bound(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        """CUDA EP with IO binding: inputs by pointer; state outputs (the KV cache) into a buffer kept
+        by the runner, so the cache never leaves the device. Written against the documented API;
+        not run here (no onnxruntime-gpu on the lent GPU machines)."""
+        import torch
+
+        binding = self.session.io_binding()
+        idx = self.device.index or 0
+        for k in self.inputs:
+            t = feeds[k].contiguous()
+            binding.bind_input(k, "cuda", idx, _np_dtype(t.dtype), tuple(t.shape), t.data_ptr())
+        for spec in self.io.outputs:
+            if spec.state:
+                buf = self._state_out.get(spec.name)
+                if buf is None:
+                    buf = self._state_out[spec.name] = torch.empty(spec.shape, dtype=_torch_dtype(spec.dtype),
+                                                                   device=self.device)
+                binding.bind_output(spec.name, "cuda", idx, _np_dtype(buf.dtype), tuple(buf.shape), buf.data_ptr())
+            else:
+                binding.bind_output(spec.name, "cuda", idx)
+        self.session.run_with_iobinding(binding)
+        outs = dict(zip(self.outputs, binding.get_outputs()))
+        return {k: self._state_out[k] if k in self._state_out else torch.from_dlpack(v.to_dlpack())
+                for k, v in outs.items()}
+
+
+def _np_dtype(dtype):
+    import numpy as np
+    import torch
+
+    return {torch.float32: np.float32, torch.int64: np.int64, torch.bool: np.bool_, torch.float16: np.float16}[dtype]
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def polygraphy_runner(path: Path, name: str):
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    return OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"]), name=name)
+
+
+BACKEND = register_backend(Backend(
+    name="onnxruntime", folder="onnx", suffix=".onnx", write=write, runner=OrtRunner,
+    description="ONNX graphs for ONNX Runtime (CPU; CUDA with onnxruntime-gpu), one shared weights file",
+    priority={"cpu": 0, "cuda": 3}, polygraphy_runner=polygraphy_runner, polygraphy_cli="--onnxrt"))

@@ -1,0 +1,52 @@
+"""The analytic FLOPs model of one request (multiply-adds x 2), for benchmarks and the pruning sweep.
+
+Counts the matrix products of the decoder layers (q, k, v, o projections, the SwiGLU MLP,
+the two attention products), of the lm_head rows the graphs compute (the response), and
+of the vision tower and projector; norms, RoPE and softmax are left out (well under 1%).
+"""
+
+from __future__ import annotations
+
+from .config import LLaDAVConfig
+from .contract.pruning import num_kept
+
+
+def lm_flops(cfg: LLaDAVConfig, length: int, layers: int, logits_rows: int = 0, keys: int | None = None) -> float:
+    """``layers`` decoder layers over ``length`` query tokens attending to ``keys`` keys (default:
+    the same tokens), plus ``logits_rows`` rows of the lm_head."""
+    t = cfg.text
+    d, i = t.hidden_size, t.intermediate_size
+    keys = length if keys is None else keys
+    per_layer = 2 * length * (4 * d * d + 3 * d * i) + 4 * length * keys * d
+    return layers * per_layer + 2 * logits_rows * d * t.vocab_size
+
+
+def vision_flops(cfg: LLaDAVConfig, crops: int) -> float:
+    v = cfg.vision
+    n, c, i, layers = v.tokens_per_crop, v.hidden_size, v.intermediate_size, v.num_hidden_layers - 1
+    tower = layers * (2 * n * (4 * c * c + 2 * c * i) + 4 * n * n * c) + 2 * n * 3 * v.patch_size**2 * c
+    proj = 2 * n * (c * cfg.text.hidden_size + cfg.text.hidden_size**2)
+    return crops * (tower + proj)
+
+
+def request_flops(cfg: LLaDAVConfig, prefix: int, n_vis: int, gen, layer: int | None, keep: float, crops: int,
+                  forwards: int | None = None, cached_forwards: int = 0) -> dict:
+    """FLOPs of one request: vision, step 1 (stage A, or the unpruned forward), and every later
+    forward (``forwards`` in all, default ``gen.steps``; ``cached_forwards`` of them cached steps,
+    which run only the G response rows against the cached prefix)."""
+    g, n_layers = gen.gen_length, cfg.text.num_hidden_layers
+    length = prefix + g
+    forwards = gen.steps if forwards is None else forwards
+    if layer is None:
+        step1 = rest = lm_flops(cfg, length, n_layers, g)
+        red = length
+    else:
+        red = length - n_vis + num_kept(keep, n_vis)
+        step1 = (lm_flops(cfg, length, layer, 0) + lm_flops(cfg, red, n_layers - layer, g)
+                 + 4 * g * length * cfg.text.hidden_size)
+        rest = lm_flops(cfg, red, n_layers, g)
+    cached = lm_flops(cfg, g, n_layers, g, keys=red)
+    full_later = max(forwards - 1 - cached_forwards, 0)
+    total = vision_flops(cfg, crops) + step1 + full_later * rest + cached_forwards * cached
+    return {"total": total, "stage_a": step1, "stage_b": rest, "cached": cached, "reduced_length": red,
+            "length": length}

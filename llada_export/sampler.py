@@ -1,0 +1,355 @@
+"""The official LLaDA-V sampler, batched: masked-diffusion denoising of ``[B, G]`` responses.
+
+Per row it reproduces ``generate_with_embeds`` of the official code on the response
+region: blocks of ``block_length``, ``steps // n_blocks`` steps per block, a fixed number
+of positions committed per step (remainder to the first steps), EOS / BOS / header ids
+set to -inf at masked positions (``<|eot_id|>`` is not suppressed), temperature 0 ->
+argmax, else Gumbel-max in float64, confidence = float64 softmax probability of the
+chosen token (``low_confidence``) or uniform noise (``random``), positions past the
+current block excluded, optional classifier-free guidance. With ``stop_at_eot`` (the
+official demo and evaluation pass ``stopping_criteria=['<|eot_id|>']``) the first
+committed ``<|eot_id|>`` becomes a stop position: later positions no longer compete, the
+block ends once everything before it is committed, and later blocks are skipped. The
+answer is cut at the first ``<|eot_id|>``.
+
+Parallel decoding (Fast-dLLM), instead of the fixed schedule; a block then runs until it
+is fully committed, at most ``block_length`` forwards (``steps`` is not used; the official
+loop has no cap, so a model that keeps predicting the mask token never ends there):
+
+- ``factor=f``: what the official LLaDA-V Fast-dLLM hook's ``threshold`` argument does
+  (its demo passes 1): sort the confidences of the N masked response positions
+  (``-inf`` outside the current block) c_0 >= c_1 >= ...; commit the top k, k the first
+  index >= 1 with c_k < 1 - f/(k+2), else N; k = N - 1 becomes N (the hook's edge case).
+- ``threshold=t``: commit every masked position of the block with confidence >= t, and at
+  least the most confident one.
+
+Prefix KV cache (``cache=True``): the sampler tells the denoiser per row when to refresh,
+as the official hook does: at the first forward of every block and every ``refresh``
+forwards within a block (``refresh=None``: only at block starts).
+
+Rows are independent: a row's answer does not depend on the other rows. Each row keeps
+its own block, step and stop state; a row that is done stops committing (its forwards
+are computed and ignored: a dead row). A candidate with confidence -inf is never
+committed (the official code can pick one in a tie of -inf values when a stop position
+leaves fewer candidates than the schedule asks for; which one is not defined there).
+
+The model is reached through a :class:`Denoiser`: response ids [B, G] -> logits
+[B, G, V]; the prompt (and which visual tokens survive, and the cache) is the denoiser's
+own state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable, Protocol
+
+import torch
+
+DEFAULT_REFRESH = 32  # forwards between cache refreshes within a block (the official demo's value)
+
+
+class GenerationError(ValueError):
+    """Generation settings that cannot be used together."""
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    gen_length: int = 128
+    block_length: int = 128
+    steps: int = 128
+    temperature: float = 0.0
+    remasking: str = "low_confidence"
+    cfg_scale: float = 0.0
+    stop_at_eot: bool = True
+    factor: float | None = None  # parallel decoding, the official hook's rule (its "threshold")
+    threshold: float | None = None  # parallel decoding, Fast-dLLM's confidence threshold
+    cache: bool = False  # prefix KV cache (engines with cache graphs, or the eager cached reference)
+    refresh: int | None = DEFAULT_REFRESH  # with cache: forwards between refreshes in a block; None = block starts only
+
+    @property
+    def parallel(self) -> str:
+        return "factor" if self.factor is not None else "threshold" if self.threshold is not None else "none"
+
+    @property
+    def n_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+    def validate(self) -> "GenerationConfig":
+        for name in ("gen_length", "block_length", "steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise GenerationError(f"{name} must be a positive integer, got {v!r}")
+        if self.gen_length % self.block_length:
+            raise GenerationError(
+                f"gen_length {self.gen_length} is not a multiple of block_length {self.block_length}")
+        n_blocks = self.n_blocks
+        if self.steps % n_blocks:
+            raise GenerationError(
+                f"steps {self.steps} is not divisible by the number of blocks {n_blocks} "
+                f"(gen_length {self.gen_length} / block_length {self.block_length})")
+        if self.steps // n_blocks > self.block_length:
+            raise GenerationError(f"{self.steps // n_blocks} steps per block exceed block_length {self.block_length}")
+        if self.remasking not in ("low_confidence", "random"):
+            raise GenerationError(f"remasking must be 'low_confidence' or 'random', got {self.remasking!r}")
+        if self.temperature < 0:
+            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
+        if self.cfg_scale < 0:
+            raise GenerationError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        if self.factor is not None and self.threshold is not None:
+            raise GenerationError("choose one parallel decoding rule: factor or threshold, not both")
+        if self.factor is not None and not self.factor > 0:
+            raise GenerationError(f"factor must be > 0, got {self.factor}")
+        if self.threshold is not None and not 0 < self.threshold <= 1:
+            raise GenerationError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.parallel != "none" and self.remasking != "low_confidence":
+            raise GenerationError("parallel decoding ranks by confidence: it needs remasking 'low_confidence'")
+        if self.cache and self.cfg_scale > 0:
+            raise GenerationError("the prefix cache does not support classifier-free guidance (cfg_scale > 0)")
+        if self.refresh is not None and (isinstance(self.refresh, bool) or not isinstance(self.refresh, int)
+                                         or self.refresh < 1):
+            raise GenerationError(f"refresh must be a positive integer or None (never), got {self.refresh!r}")
+        return self
+
+    def describe(self) -> str:
+        s = f"{self.gen_length}/{self.block_length}/{self.steps}"
+        if self.parallel != "none":
+            s += f", {self.parallel} {self.factor if self.factor is not None else self.threshold}"
+        if self.cache:
+            s += f", cache refresh {self.refresh or 'never'}"
+        return s
+
+
+# Official presets (gen_length, block_length, steps).
+PRESETS: dict[str, GenerationConfig] = {
+    "mc": GenerationConfig(2, 2, 2),
+    "chartqa": GenerationConfig(16, 16, 16),
+    "docvqa": GenerationConfig(32, 32, 16),
+    "mathvista": GenerationConfig(96, 96, 48),
+    "mathverse": GenerationConfig(64, 64, 32),
+    "demo": GenerationConfig(128, 128, 128),
+}
+
+
+def preset(name: str, **overrides) -> GenerationConfig:
+    """An official preset with ``overrides`` (None values ignored), validated."""
+    if name not in PRESETS:
+        raise GenerationError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}).validate()
+
+
+@dataclass
+class StepInfo:
+    """What the sampler tells the denoiser about one forward."""
+
+    index: int  # forwards made so far in this generation
+    refresh: torch.Tensor  # [B] bool: this row's cache is due for a refresh (cached denoisers)
+    block_start: torch.Tensor  # [B] int64: first response slot of the row's current block
+    active: torch.Tensor  # [B] bool: rows still generating (the others' outputs are ignored)
+
+
+class Denoiser(Protocol):
+    """``__call__``: response ids [B, G] int64 -> logits [B, G, V] (fp32); ``uncond``: the prompt
+    fully masked (CFG). A denoiser with ``fused = True`` (engines built with the sampler's greedy
+    step inside) offers ``predict(ids, step) -> (x0 [B, G], confidence [B, G])`` instead."""
+
+    fused: bool
+
+    def __call__(self, response_ids: torch.Tensor, step: StepInfo, *, uncond: bool = False) -> torch.Tensor: ...
+
+
+@dataclass
+class StepEvent:
+    """Passed to ``on_step`` after each forward: the ids so far (read-only) and what changed."""
+
+    index: int  # forwards made, this one included
+    ids: torch.Tensor  # [B, G] current response ids (mask id where still masked)
+    committed: torch.Tensor  # [B, G] bool: positions committed by this step
+    done: torch.Tensor  # [B] bool
+
+
+@dataclass
+class SamplerTrace:
+    """What happened, for tests and timings: batched forward calls, forwards per row, and the
+    positions each row committed at each step."""
+
+    forwards: int = 0
+    row_forwards: list[int] = field(default_factory=list)
+    committed: list[list[list[int]]] = field(default_factory=list)  # [step][row] -> sorted positions
+
+
+def transfer_schedule(n_masked: int, steps: int) -> list[int]:
+    """Tokens committed at each step of a block: even split, remainder to the first steps."""
+    base, rem = divmod(n_masked, steps)
+    return [base + (1 if i < rem else 0) for i in range(steps)]
+
+
+def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Gumbel-max in float64 as the official code: exp(logits) / (-log u)^temperature."""
+    if temperature == 0:
+        return logits
+    logits = logits.to(torch.float64)
+    noise = torch.rand(logits.shape, dtype=torch.float64, generator=generator, device=logits.device)
+    return logits.exp() / (-torch.log(noise)) ** temperature
+
+
+def generate(
+    denoiser: Denoiser,
+    gen: GenerationConfig,
+    *,
+    mask_id: int,
+    eot_id: int,
+    suppress_ids: list[int],
+    batch_size: int = 1,
+    active: torch.Tensor | None = None,
+    generators: list[torch.Generator | None] | None = None,
+    trace: SamplerTrace | None = None,
+    device: str | torch.device = "cpu",
+    on_step: Callable[[StepEvent], None] | None = None,
+) -> list[torch.Tensor]:
+    """Generate ``batch_size`` responses on ``device`` (where the denoiser's outputs live).
+
+    ``active`` [B] bool: rows holding a request (default all); ``generators``: one per row for
+    sampling (temperature > 0, random remasking), on ``device``. Returns each row's answer ids
+    (cut at its first ``<|eot_id|>``), int64 on the CPU; inactive rows give an empty tensor."""
+    gen.validate()
+    b, g, bl = batch_size, gen.gen_length, gen.block_length
+    n_blocks, steps = gen.n_blocks, gen.steps // gen.n_blocks
+    greedy = gen.temperature == 0 and gen.remasking == "low_confidence" and gen.cfg_scale == 0
+    if getattr(denoiser, "fused", False) and not greedy:
+        raise GenerationError(
+            "these engines were built with --fuse-sampler (argmax and confidence inside the graph): they serve "
+            "temperature 0, low_confidence remasking and no CFG only; re-export without --fuse-sampler")
+    generators = generators or [None] * b
+    with torch.device(device):
+        pos = torch.arange(g)[None, :]  # [1, G]
+        x = torch.full((b, g), mask_id, dtype=torch.long)  # [B, G] response ids
+        suppress = torch.tensor(suppress_ids, dtype=torch.long)
+        block = torch.zeros(b, dtype=torch.long)  # current block per row
+        step_in = torch.zeros(b, dtype=torch.long)  # forwards made in the current block
+        masked_at_start = torch.full((b,), bl, dtype=torch.long)  # masked slots when the block began
+        stop = torch.full((b,), g, dtype=torch.long)  # first committed eot (g: none)
+        done = torch.zeros(b, dtype=torch.bool) if active is None else ~active.to(torch.bool)
+        neg_inf = torch.tensor(float("-inf"), dtype=torch.float64)
+    rank_base = torch.arange(g, device=device).expand(b, g)
+    row_forwards = torch.zeros(b, dtype=torch.long, device=device)
+
+    def advance() -> None:
+        """Rows whose block is over move to the next block, or finish (the official checks
+        before each forward: block committed, or nothing left before the stop, or steps used)."""
+        nonlocal done
+        start = block * bl
+        masked = x == mask_id
+        in_block = (pos >= start[:, None]) & (pos < (start + bl)[:, None])
+        over = ~(masked & in_block).any(1) | ((stop < g) & ~(masked & (pos < stop[:, None])).any(1))
+        # the fixed schedule ends after its steps; parallel decoding after block_length forwards at most
+        # (each commits a position, unless it commits the mask token itself, which leaves it masked)
+        over |= step_in >= (steps if gen.parallel == "none" else bl)
+        over &= ~done
+        block.add_(over.long())
+        step_in.masked_fill_(over, 0)
+        nxt = block * bl
+        done = done | (over & ((block >= n_blocks) | (stop <= nxt)))
+        n_new = (masked & (pos >= nxt[:, None]) & (pos < (nxt + bl)[:, None])).sum(1)
+        masked_at_start.copy_(torch.where(over, n_new, masked_at_start))
+
+    forwards = 0
+    while True:
+        advance()
+        advance()  # a row that ended its block at a stop finishes at the next block's check
+        if bool(done.all()):
+            break
+        refresh = (step_in == 0) if gen.refresh is None else (step_in % gen.refresh == 0)
+        info = StepInfo(forwards, refresh, block * bl, ~done)
+        masked = x == mask_id  # [B, G]
+        if getattr(denoiser, "fused", False):
+            x0, x0_p = denoiser.predict(x.clone(), info)  # argmax + its probability computed in the graph
+            x0, x0_p = x0.to(device), x0_p.to(device, torch.float64)
+        else:
+            x0, x0_p = _predict(denoiser, x, masked, info, suppress, gen, generators)
+        forwards += 1 + (gen.cfg_scale > 0 and not getattr(denoiser, "fused", False))
+        row_forwards += (~done).long()
+        start = block * bl
+        limit = torch.where(stop < g, stop, start + bl)  # positions >= limit do not compete
+        x0 = torch.where(masked, x0, x)
+        conf = torch.where(masked & (pos < limit[:, None]), x0_p, neg_inf)  # [B, G] float64
+        order = conf.sort(dim=1, descending=True, stable=True)  # values / indices [B, G]
+        k = _n_commit(gen, order.values, masked, masked_at_start, step_in, steps)
+        k = torch.minimum(k, torch.isfinite(conf).sum(1))
+        k = torch.where(done, torch.zeros_like(k), k)
+        rank = torch.empty_like(rank_base).scatter_(1, order.indices, rank_base)  # rank of each slot
+        chosen = rank < k[:, None]  # [B, G]
+        x = torch.where(chosen, x0, x)
+        step_in += (~done).long()
+        if gen.stop_at_eot:
+            first_eot = torch.where(x == eot_id, pos, g).amin(1)
+            stop = torch.minimum(stop, first_eot)
+        if trace is not None:
+            trace.committed.append([sorted(chosen[i].nonzero().flatten().tolist()) for i in range(b)])
+        if on_step is not None:
+            on_step(StepEvent(forwards, x, chosen, done.clone()))
+    if trace is not None:
+        trace.forwards += forwards
+        trace.row_forwards = row_forwards.tolist()
+    x, active_rows = x.cpu(), (~done).cpu() if active is None else active.cpu()
+    return [cut_at_eot(x[i], eot_id) if (active is None or bool(active_rows[i])) else x[i, :0] for i in range(b)]
+
+
+def _n_commit(gen: GenerationConfig, sorted_conf: torch.Tensor, masked: torch.Tensor, masked_at_start: torch.Tensor,
+              step_in: torch.Tensor, steps: int) -> torch.Tensor:
+    """Positions each row commits this step [B], before clamping to its finite candidates."""
+    if gen.parallel == "none":
+        base, rem = masked_at_start // steps, masked_at_start % steps
+        return base + (step_in < rem).long()  # transfer_schedule(masked_at_start, steps)[step_in]
+    if gen.parallel == "threshold":
+        return (sorted_conf >= gen.threshold).sum(1).clamp_min(1)
+    # factor rule: first index j >= 1 with c_j < 1 - f / (j + 2) among the N masked slots, else N - 1;
+    # then k = 0 or k = N - 1 is bumped by one (the official hook's loop, written vectorised)
+    n = masked.sum(1)  # [B] every masked response slot (later blocks too, at -inf)
+    j = torch.arange(sorted_conf.shape[1], device=sorted_conf.device)
+    th = (1 - gen.factor / (j + 2).to(torch.float64))
+    th[0] = -1.0
+    fail = (sorted_conf < th) & (j[None, :] < n[:, None])
+    k = torch.where(fail.any(1), fail.to(torch.int8).argmax(1), n - 1)
+    return torch.where((k == 0) | (k == n - 1), k + 1, k)
+
+
+def _predict(denoiser, x, mask, info, suppress, gen, generators) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step from logits: (x0 [B, G], confidence [B, G] float64), as the official sampler."""
+    logits = denoiser(x.clone(), info).float()  # [B, G, V]
+    if gen.cfg_scale > 0:
+        un = denoiser(x.clone(), info, uncond=True).float()
+        logits = un + (gen.cfg_scale + 1) * (logits - un)
+    sup = logits[..., suppress]  # [B, G, S]
+    logits[..., suppress] = torch.where(mask[..., None], torch.full_like(sup, float("-inf")), sup)
+    if gen.temperature > 0:
+        x0 = torch.stack([add_gumbel_noise(logits[i], gen.temperature, gen_i).argmax(dim=-1)
+                          for i, gen_i in enumerate(generators)])  # [B, G]
+    else:
+        x0 = logits.argmax(dim=-1)  # [B, G]
+    if gen.remasking == "low_confidence":
+        p = torch.softmax(logits.to(torch.float64), dim=-1)  # [B, G, V]
+        return x0, p.gather(-1, x0[..., None]).squeeze(-1)
+    return x0, torch.stack([torch.rand(x0.shape[1], dtype=torch.float64, generator=gen_i, device=x0.device)
+                            for gen_i in generators])
+
+
+def fused_prediction(logits: torch.Tensor, response_ids: torch.Tensor, suppress_ids: list[int],
+                     mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The greedy step inside a graph: logits [B, G, V] -> (x0 [B, G] int64, confidence [B, G] fp32).
+
+    Suppressed ids are -inf at masked positions, as in the sampler; the confidence is the
+    softmax probability of the argmax, exp(max - logsumexp), computed in fp32 (the eager
+    sampler uses float64, so a near-tie can in rare cases commit positions in another order).
+    """
+    masked = (response_ids == mask_id)[..., None]  # [B, G, 1]
+    sup = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    sup[suppress_ids] = True
+    logits = torch.where(masked & sup, torch.full_like(logits, float("-inf")), logits)  # [B, G, V]
+    best = logits.max(dim=-1)  # values/indices [B, G]
+    conf = torch.exp(best.values - torch.logsumexp(logits, dim=-1))  # [B, G]
+    return best.indices, conf
+
+
+def cut_at_eot(ids: torch.Tensor, eot_id: int) -> torch.Tensor:
+    hits = (ids == eot_id).nonzero().flatten()
+    return ids[: int(hits[0])] if len(hits) else ids
