@@ -16,7 +16,7 @@ import torch
 
 from helpers import KEEP, PROMPTS, PRUNE_LAYER, export
 from llada_export.contract.layout import layout_bucket, reduce_inputs
-from llada_export.contract.manifest import Manifest
+from llada_export.contract.manifest import Manifest, file_table
 from llada_export.contract.pruning import PruneSettings, num_kept
 from llada_export.reference import embed_prompt, pruned_forward
 from llada_export.tokenizer import special_tokens
@@ -303,3 +303,51 @@ def test_inductor_programs_from_checkpoint(tiny, tiny_ckpt, tmp_path, images):
         ref = reference_generate(model, tok, images["384x384"], PROMPTS[name], gen, PruneSettings(1, 0.35))
         got = pipe.generate(images["384x384"], PROMPTS[name], gen_length=8, block_length=8, steps=8)
         assert got.ids == ref.ids and got.kept_visual == ref.kept_visual
+
+
+LOAD_SCRIPT = """
+import json, sys, time
+import torch
+torch.set_num_threads(1)
+from torch._dynamo.utils import counters
+from llada_export.runtime.pipeline import Pipeline
+t0 = time.perf_counter()
+pipe = Pipeline.load(sys.argv[1])
+print(json.dumps({"cache": pipe.compile_cache, "seconds": time.perf_counter() - t0,
+                  "fx_hits": counters["inductor"]["fxgraph_cache_hit"],
+                  "fx_misses": counters["inductor"]["fxgraph_cache_miss"]}))
+"""
+
+
+def test_inductor_compile_cache_is_saved_and_loaded(tiny_ckpt, tmp_path):
+    """--compile-cache: the export compiles each graph and saves the compiler's cache; a fresh process
+    with an empty Inductor cache loads it and compiles every graph from it (cache hits, no misses); a
+    cache made for another torch is ignored (and says so)."""
+    import os
+
+    out = export(tiny_ckpt, tmp_path / "e", prune=PruneSettings(1, 0.35), backends=("inductor",), gen_length=8,
+                 max_prompt_tokens=160, compile_cache=True)
+    m = Manifest.read(out)
+    assert m.compile_cache == {"inductor": "programs/compile_cache.bin"}
+    assert {"programs/compile_cache.bin", "programs/compile_cache.json"} <= set(m.files)
+
+    def load(cache_dir):
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir)}
+        r = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(out)], capture_output=True, text=True,
+                           timeout=900, env=env)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    warm = load(tmp_path / "inductor-cache-1")
+    assert warm["cache"] == "loaded"
+    assert warm["fx_hits"] >= len(m.artifacts["inductor"]) and warm["fx_misses"] == 0
+    info = out / "programs" / "compile_cache.json"
+    saved = json.loads(info.read_text())
+    info.write_text(json.dumps(saved | {"torch": "0.0.0"}))
+    m.files.update(file_table(out, [info]))  # a consistent directory: only the versions differ
+    m.write(out)
+    cold = load(tmp_path / "inductor-cache-2")
+    assert cold["cache"].startswith("ignored: made for another machine (torch 0.0.0")
+    assert cold["fx_misses"] >= len(m.artifacts["inductor"]) and cold["fx_hits"] == 0
+    print(f"tiny inductor load on this CPU: {warm['seconds']:.1f} s with the compile cache, "
+          f"{cold['seconds']:.1f} s without")

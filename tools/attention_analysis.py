@@ -347,12 +347,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keeps", type=float, nargs="+", default=[0.35, 0.1])
     p.add_argument("--gen-length", type=int, default=GEN_LENGTH)
     p.add_argument("--sweep", default="benchmarks/prune_sweep.json", help="sweep results to cross-check, if present")
+    p.add_argument("--replot", action="store_true", help="only rewrite <out>.md and <out>.png from <out>.json")
     args = p.parse_args(argv)
-    res = run_analysis(args.ckpt, args.n, args.layers, args.keeps, args.gen_length)
-    sweep = json.loads(Path(args.sweep).read_text()) if Path(args.sweep).exists() else None
     out = Path(args.out)
+    if args.replot:
+        res = json.loads(out.with_suffix(".json").read_text())
+    else:
+        res = run_analysis(args.ckpt, args.n, args.layers, args.keeps, args.gen_length)
+    sweep = json.loads(Path(args.sweep).read_text()) if Path(args.sweep).exists() else None
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    if not args.replot:
+        out.with_suffix(".json").write_text(json.dumps(res, indent=1))
     out.with_suffix(".md").write_text(markdown(res, sweep))
     plot(res, out.with_suffix(".png"))
     print(markdown(res, sweep))

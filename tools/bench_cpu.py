@@ -66,6 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fuse-sampler", action="store_true", help="export with --fuse-sampler (argmax in the graphs)")
     p.add_argument("--workdir", default="build/bench_cpu", help="checkpoint and engines (default build/bench_cpu)")
     p.add_argument("--out", default="benchmarks", help="where cpu_ort.json / cpu_ort.md go (default benchmarks)")
+    p.add_argument("--replot", action="store_true", help="only rewrite cpu_ort.md from cpu_ort.json in --out")
     p.add_argument("--keep-workdir", action="store_true", help="do not delete the workdir at the end")
     args = p.parse_args(argv)
     for k in args.keep:
@@ -262,6 +263,10 @@ def write_markdown(report: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        out = Path(args.out)
+        write_markdown(json.loads((out / "cpu_ort.json").read_text()), out / "cpu_ort.md")
+        return 0
     t_start = time.perf_counter()
     import torch
 

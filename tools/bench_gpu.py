@@ -1,27 +1,35 @@
-"""GPU benchmark: full-size LLaDA-V (random bf16 weights) on one GPU, unpruned vs LLaDA-FastV.
+"""GPU benchmark: full-size LLaDA-V (random bf16 weights) on one GPU.
 
-Two parts, each fits one device call:
+Parts (each fits one device call):
 
-``grid``   the eager PyTorch reference that mirrors the official implementation (full sequence
-           every step, SDPA, bf16) against the eager pruned model, over keep x prune layer x
-           image size x preset; per setting: end-to-end latency, vision / stage A / stage B
-           per step, tokens/s, analytic FLOPs, FLOP/s and share of the measured bf16 matmul
-           peak, peak GPU memory. The model is built on the GPU directly (no checkpoint).
 ``engines`` random full-size weights built on the GPU, ``export_engines`` in-process (one bucket:
-           first image size, first prune layer and keep; fused sampler; unpruned baseline graph),
-           the ``Pipeline`` (``--backend``, default inductor: compiled at load, CUDA graphs),
-           per preset the pruned and the unpruned engines, each LM graph alone with and
-           without its CUDA graph, and the eager baseline with the same weights, in one run.
+           the image size, prune layer and keep given; fused sampler; the prefix-cache graphs),
+           the ``Pipeline`` (``--backend``, default inductor: compiled at export and load, CUDA
+           graphs) per preset and per path: pruned exact (the official schedule), pruned + cache
+           and the unpruned ones (``--paths``), with the cache paths at the official demo's
+           Fast-dLLM setting (refresh 32, factor 1); each LM graph alone; the warm load of the
+           engines in a fresh process from the compile cache saved at export. With
+           ``--official official_gpu.json`` (``../shared/bench/official_gpu.py``, run in the same
+           device session) the report gives the ratios to the official code.
+``batch``  throughput of the pruned + cache path at several batch sizes (one engine set each),
+           requests of distinct images, latency per request beside it.
+``load``   (used by ``engines``) one load of an engines directory, its seconds as JSON.
+``grid``   the eager PyTorch oracles (official algorithm vs LLaDA-FastV) over keep x K x image x
+           preset, no engines (the H100 run of 2026-11-25).
 
-Writes ``<out>/bench_gpu_<part>.json`` and ``.md`` (and a PNG for the grid).
+Writes ``<out>/bench_gpu_<part>.json`` and ``.md`` and ``.png``; ``--replot`` re-renders them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,19 +37,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-# Official LLaDA-V on the H100, 1024x768, random bf16 weights (issue 7's anchor).
+from llada_export.flops import request_flops
+from llada_export.timing import matmul_peak, median_seconds, sync, wall_seconds
+
+# Official LLaDA-V on the H100, 1024x768, random bf16 weights (issue 7's anchor; format-1 reports only).
 ANCHOR_IMAGE = "1024x768"  # the only image size the anchor was measured at
 TARGET = {"image": ANCHOR_IMAGE, "prune_layer": 16, "keep": 0.35}  # the setting issue 7's targets are for
 OFFICIAL = {"forward_3815_ms": 196.0, "mc": 0.42, "chartqa": 3.25, "demo": 26.5, "vision_7_crops_ms": 40.0,
             "peak_gib": 28.7}
-
-
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: smoke runs with the tiny preset
+PATHS = {"pruned": (True, False), "pruned+cache": (True, True), "unpruned": (False, False),
+         "unpruned+cache": (False, True)}  # path -> (pruned, cache)
 
 
 def reset_peak() -> None:
@@ -53,99 +59,37 @@ def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
-def timed(fn, repeat=3, warmup=1):
-    for _ in range(warmup):
-        fn()
-    sync()
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
-def matmul_peak(n=8192, dtype=torch.bfloat16) -> float:
-    if not torch.cuda.is_available():
-        n, dtype = 1024, torch.float32  # CPU smoke runs
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
-    t = timed(lambda: a @ b, repeat=10, warmup=3)
-    return 2 * n**3 / t
-
-
-# ---------------------------------------------------------------------- analytic FLOPs
-def lm_flops(cfg, length: int, layers: int, logits_rows: int = 0) -> float:
-    """Multiply-adds x2 of `layers` decoder layers over `length` tokens (+ lm_head rows)."""
-    t = cfg.text
-    d, i = t.hidden_size, t.intermediate_size
-    per_layer = 2 * length * (4 * d * d + 3 * d * i) + 4 * length * length * d
-    return layers * per_layer + 2 * logits_rows * d * t.vocab_size
-
-
-def vision_flops(cfg, crops: int) -> float:
-    v = cfg.vision
-    n, c, i, layers = v.tokens_per_crop, v.hidden_size, v.intermediate_size, v.num_hidden_layers - 1
-    tower = layers * (2 * n * (4 * c * c + 2 * c * i) + 4 * n * n * c) + 2 * n * 3 * v.patch_size**2 * c
-    proj = 2 * n * (c * cfg.text.hidden_size + cfg.text.hidden_size**2)
-    return crops * (tower + proj)
-
-
-def request_flops(cfg, prefix: int, n_vis: int, gen, layer: int | None, keep: float, crops: int) -> dict:
-    from llada_export.graphs.pruning import num_kept
-
-    g, n_layers = gen.gen_length, cfg.text.num_hidden_layers
-    length = prefix + g
-    if layer is None:
-        step1 = rest = lm_flops(cfg, length, n_layers, g)
-        red = length
-    else:
-        red = length - n_vis + num_kept(keep, n_vis)
-        step1 = lm_flops(cfg, length, layer, 0) + lm_flops(cfg, red, n_layers - layer, g) + 4 * g * length * cfg.text.hidden_size
-        rest = lm_flops(cfg, red, n_layers, g)
-    total = vision_flops(cfg, crops) + step1 + (gen.steps - 1) * rest
-    return {"total": total, "stage_a": step1, "stage_b": rest, "reduced_length": red, "length": length}
-
-
-# ---------------------------------------------------------------------- grid (eager)
-def random_model(preset: str, device: str):
+def build_model(preset: str, seed: int = 0):
+    """(model, config, tokenizer): random weights made on the device by the project's init rule."""
     from llada_export.config import PRESETS
-    from llada_export.graphs.llava import LLaDAV
-    from llada_export.tokenizer import build_tokenizer
+    from llada_export.synthetic.tokenizer import build_tokenizer
+    from llada_export.synthetic.weights import random_model
 
     cfg = PRESETS[preset]()
     tok = build_tokenizer("full" if preset == "full" else "tiny")
     cfg.text.vocab_size = cfg.text.vocab_size or len(tok)
-    torch.set_default_dtype(torch.bfloat16 if device == "cuda" else torch.float32)
-    with torch.device(device):
-        model = LLaDAV(cfg)
-    torch.set_default_dtype(torch.float32)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            elif p.dim() == 1:
-                p.zero_() if "newline" not in name else p.normal_(0, 0.02, generator=gen)
-            else:
-                p.normal_(0, 0.02, generator=gen)
-    return model.eval().requires_grad_(False), cfg, tok
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    cfg.torch_dtype = str(dtype).removeprefix("torch.")
+    return random_model(cfg, DEVICE, dtype, seed), cfg, tok
 
 
+def request_images(w: int, h: int, n: int) -> list[Image.Image]:
+    return [Image.fromarray(np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8)) for i in range(n)]
+
+
+# ---------------------------------------------------------------------- grid (eager)
 def run_grid(args) -> dict:
-    from llada_export.reference import (PrunedReferenceDenoiser, PruneSettings, ReferenceDenoiser, build_prompt,
-                                        pruned_forward)
-    from llada_export.graphs.anyres import grid_shape
-    from llada_export.graphs.pruning import num_kept
-    from llada_export.runtime.sampler import PRESETS, SamplerTrace, generate
-    from llada_export.tokenizer import SpecialTokens
+    from llada_export.contract.pruning import PruneSettings, num_kept
+    from llada_export.graphs.anyres import grid_shape, preprocess
+    from llada_export.reference import ReferenceDenoiser, embed_prompt, pruned_forward
+    from llada_export.sampler import PRESETS, SamplerTrace, generate
+    from llada_export.tokenizer import special_tokens
 
     t0 = time.perf_counter()
     peak = matmul_peak()
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model, cfg, tok = random_model(args.preset, dev)
-    sp = SpecialTokens.from_tokenizer(tok)
+    dev = DEVICE
+    model, cfg, tok = build_model(args.preset)
+    sp = special_tokens(tok)
     setup_s = time.perf_counter() - t0
     rows, prompts = [], {}
     rng = np.random.default_rng(0)
@@ -154,22 +98,20 @@ def run_grid(args) -> dict:
         img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
         cols, rws = grid_shape((w, h), cfg)
         crops = 1 + cols * rws
-        pi = build_prompt(model, tok, img, args.prompt, system=args.system)
-        from llada_export.graphs.anyres import preprocess
-
+        pi = embed_prompt(model, tok, img, args.prompt, system=args.system)
         pixels = preprocess(img, cfg)[0].to(dev)
-        t_vis = timed(lambda: model.encode_images(pixels), repeat=5)
+        t_vis = wall_seconds(lambda: model.encode_images(pixels), repeat=5)
         prompts[size] = (pi, t_vis, crops)
 
     def run(pi, gen, prune):
-        den = ReferenceDenoiser(model, pi, sp.mask) if prune is None else PrunedReferenceDenoiser(model, pi, prune, sp.mask)
+        den = ReferenceDenoiser(model, pi, sp.mask, prune)
         trace = SamplerTrace()
         if dev == "cuda":
             torch.cuda.reset_peak_memory_stats()
         sync()
         t = time.perf_counter()
         generate(den, gen, mask_id=sp.mask, eot_id=sp.eot, suppress_ids=sp.suppressed(), trace=trace,
-                 device=dev, generator=torch.Generator(device=dev).manual_seed(0))
+                 device=dev, generators=[torch.Generator(device=dev).manual_seed(0)])
         sync()
         mem = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
         return time.perf_counter() - t, trace.forwards, mem
@@ -184,17 +126,17 @@ def run_grid(args) -> dict:
                 resp = torch.full((1, g), sp.mask, device=dev)
                 pos = torch.arange(p + g, device=dev)[None]
                 if layer is None:
-                    t_a = t_b = timed(lambda: model.denoise(pi.embeds, resp, pos))
+                    t_a = t_b = wall_seconds(lambda: model.denoise(pi.embeds, resp, pos))
                     red = p + g
                 else:
                     k = num_kept(keep, nv)
                     vmask = torch.cat([pi.visual_mask, torch.zeros(1, g, dtype=torch.bool, device=dev)], 1)
                     st = PruneSettings(layer, keep)
-                    t_a = timed(lambda: pruned_forward(model, pi.embeds, resp, pos, torch.ones_like(vmask), vmask,
+                    t_a = wall_seconds(lambda: pruned_forward(model, pi.embeds, resp, pos, torch.ones_like(vmask), vmask,
                                                        torch.tensor([k], device=dev), st, k, sp.mask))
                     red = p + g - nv + k
                     red_prefix = pi.embeds[:, : red - g]
-                    t_b = timed(lambda: model.denoise(red_prefix, resp, torch.arange(red, device=dev)[None]))
+                    t_b = wall_seconds(lambda: model.denoise(red_prefix, resp, torch.arange(red, device=dev)[None]))
                 measure = pname != "demo" or layer in (None, 16)
                 if measure:
                     total, fwd, mem = run(pi, gen, None if layer is None else PruneSettings(layer, keep))
@@ -215,183 +157,217 @@ def run_grid(args) -> dict:
             "official_anchor": OFFICIAL}
 
 
+
+
 # ---------------------------------------------------------------------- engines
-def eager_request(model, tok, img, prompt: str, system: str, gen, prune) -> dict:
-    """One request through the eager oracle (unpruned: the official algorithm; or LLaDA-FastV),
-    vision included; seconds, forwards, peak GPU memory."""
-    from llada_export.reference import PrunedReferenceDenoiser, ReferenceDenoiser, build_prompt
-    from llada_export.runtime.sampler import SamplerTrace, generate
-    from llada_export.tokenizer import SpecialTokens
+def export_opts(args, out: Path, pruned: bool, cache: bool, batch_size: int = 1, compile_cache: bool | None = None):
+    from llada_export.contract.pruning import PruneSettings
+    from llada_export.exporter.build import ExportOptions
 
-    sp = SpecialTokens.from_tokenizer(tok)
-    dev = model.lm_head.weight.device
-    reset_peak()
-    sync()
-    t0 = time.perf_counter()
-    pi = build_prompt(model, tok, img, prompt, system=system)
-    sync()
-    t_vis = time.perf_counter() - t0
-    den = ReferenceDenoiser(model, pi, sp.mask) if prune is None else PrunedReferenceDenoiser(model, pi, prune, sp.mask)
-    trace = SamplerTrace()
-    generate(den, gen, mask_id=sp.mask, eot_id=sp.eot, suppress_ids=sp.suppressed(), trace=trace, device=dev,
-             generator=torch.Generator(device=dev).manual_seed(0))
-    sync()
-    return {"latency_s": time.perf_counter() - t0, "vision_and_prompt_s": t_vis, "forwards": trace.forwards,
-            "peak_gib": peak_gib(), "visual_tokens": pi.n_visual,
-            "text_tokens": pi.length - pi.n_visual}
+    w, h = args.images[0]
+    return ExportOptions(model=f"random {args.preset} (bench_gpu, seed {args.seed})", output=str(out),
+                         prune=PruneSettings(args.layers[0], args.keeps[0]) if pruned else None, cache=cache,
+                         fuse_sampler=True, backends=(args.backend,), compiled_weights="checkpoint",
+                         dtype="bfloat16" if DEVICE == "cuda" else "float32", device=DEVICE,
+                         gen_length=args.gen_length, max_prompt_tokens=args.max_prompt_tokens, image_size=(w, h),
+                         batch_size=batch_size, compile_cache=compile_cache, overwrite=True, progress=False)
 
 
-def graph_ms(runner, feeds: dict, repeat: int = 20) -> dict:
-    """A graph alone, CUDA events: replayed from its CUDA graph, and (if it has one) the
-    compiled function it was captured from, called directly."""
-    from llada_export.engines.runners import CudaGraphCall
+def settings_of(args, cache: bool) -> dict:
+    return dict(cache=True, refresh=args.refresh, factor=args.factor) if cache else dict(cache=False)
 
-    args = [feeds[k] for k in runner.inputs]
-    call = runner.call
-    graphed = isinstance(call, CudaGraphCall)
-    out = {"cuda_graph_ms" if graphed else "ms": median_event_ms(lambda: call(*args), repeat)}
-    if graphed:
-        out["no_cuda_graph_ms"] = median_event_ms(lambda: call.fn(*args), repeat)
+
+def time_requests(pipe, images, args, preset: str, pruned: bool, cache: bool) -> dict:
+    """One untimed batch, then ``--repeat`` timed ones: medians of the timings, the forwards, FLOPs."""
+    from llada_export.runtime.pipeline import Request
+
+    reqs = [Request(img, args.prompt, args.system) for img in images]
+    kw = dict(preset=preset, unpruned=not pruned, **settings_of(args, cache))
+    runs = []
+    for i in range(args.repeat + 1):
+        reset_peak()
+        out = pipe.generate_batch(reqs, **kw)
+        if i:
+            runs.append(out)
+    first = runs[0][0]
+    med = {k: statistics.median(r[0].timings[k] for r in runs) for k in first.timings}
+    gen = pipe.generation_config(**kw)
+    b, n_vis = pipe.bucket, first.n_visual
+    cached = sum(v for k, v in first.graph_calls.items() if k.endswith("cached"))
+    fl = request_flops(pipe.config, b.max_text_tokens + n_vis, n_vis, gen, args.layers[0] if pruned else None,
+                       args.keeps[0], b.vision_batch, forwards=first.forwards, cached_forwards=cached)
+    seconds = med["total"]
+    return {"preset": preset, "path": ("pruned" if pruned else "unpruned") + ("+cache" if cache else ""),
+            "batch_size": len(reqs), "seconds": seconds, "all_seconds": [r[0].timings["total"] for r in runs],
+            "forwards": first.forwards, "graph_calls": first.graph_calls, "timings": med,
+            "tokens_per_s": len(reqs) * gen.gen_length / seconds, "tflops": fl["total"] / 1e12 * len(reqs),
+            "tflop_per_s": fl["total"] * len(reqs) / seconds / 1e12, "peak_gib": peak_gib(),
+            "answer_tokens": len(first.ids), "settings": gen.describe()}
+
+
+def graph_times(pipe, image, args, peak: float) -> dict:
+    """Each LM graph alone from its CUDA graph (CUDA events, median of 20) on a real request's inputs."""
+    from llada_export.contract.layout import reduce_inputs
+    from llada_export.runtime.pipeline import Request
+
+    x, _ = pipe._layout([Request(image, args.prompt, args.system)], pipe.bucket.gen_length)
+    resp = torch.full((x.batch, pipe.bucket.gen_length), pipe.tokens.mask, dtype=torch.long, device=pipe.device)
+    feeds, out = {}, {}
+    if "stage_a" in pipe.runners:
+        feeds["stage_a"] = x.stage_a_feeds(resp, pipe.keep)
+        a = pipe.run("stage_a", **feeds["stage_a"])
+        red = reduce_inputs(x, a["kept_index"], a["kept_alive"])
+        feeds["stage_b"] = feeds["prefill"] = red.denoiser_feeds(resp)
+        if "prefill" in pipe.runners:
+            kv = pipe.run("prefill", **feeds["prefill"])["kv_cache"]
+            feeds["cached"] = red.cached_feeds(resp, kv, torch.zeros(x.batch, dtype=torch.long, device=pipe.device))
+    feeds["unpruned"] = feeds["unpruned_prefill"] = x.denoiser_feeds(resp)
+    if "unpruned_prefill" in pipe.runners:
+        kv = pipe.run("unpruned_prefill", **feeds["unpruned_prefill"])["kv_cache"]
+        feeds["unpruned_cached"] = x.cached_feeds(resp, kv, torch.zeros(x.batch, dtype=torch.long, device=pipe.device))
+    cfg, g = pipe.config, pipe.bucket.gen_length
+    from llada_export.flops import lm_flops
+
+    n_layers = cfg.text.num_hidden_layers
+    lengths = {"stage_b": x.prefix_embeds.shape[1] - x.n_visual[0] + pipe.bucket.k_static}
+    for name, f in feeds.items():
+        if name not in pipe.runners:
+            continue
+        runner = pipe.runners[name]
+        args_ = [f[k] for k in runner.inputs]
+        seconds = median_seconds(lambda: runner.call(*args_), repeat=20)
+        length = (pipe.bucket.reduced_seq_len if name in ("stage_b", "prefill", "cached") else pipe.bucket.seq_len)
+        flops = (lm_flops(cfg, g, n_layers, g, keys=length) if name.endswith("cached")
+                 else lm_flops(cfg, length, n_layers, g))
+        out[name] = {"ms": seconds * 1e3, "tflop": flops / 1e12, "share_of_peak": flops / seconds / peak,
+                     "sequence": length}
+        print(name, json.dumps(out[name]), flush=True)
     return out
 
 
-def median_event_ms(fn, repeat: int) -> float:
-    from gpu_probe import bench
+def warm_load(engines: Path, args) -> dict:
+    """``Pipeline.load`` (+ warm-up) of ``engines`` in a fresh process with an empty Inductor cache: what a
+    serving host pays on start with the compile cache the export saved. The weights are made again on the
+    GPU first (same seed; not timed: a host would read them from the checkpoint)."""
+    with tempfile.TemporaryDirectory(prefix="inductor_cache_") as cache_dir:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
+        cmd = [sys.executable, __file__, "load", "--engines", str(engines), "--preset", args.preset, "--seed",
+               str(args.seed), "--backend", args.backend]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    if r.returncode:
+        return {"error": r.stderr[-2000:]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
-    if not torch.cuda.is_available():
-        return 1e3 * timed(fn, repeat=repeat, warmup=1)
-    return 1e3 * bench(fn, repeat=repeat)
+
+def run_load(args) -> None:
+    from torch._dynamo.utils import counters
+
+    from llada_export.runtime.pipeline import Pipeline
+
+    model, _, _ = build_model(args.preset, args.seed)
+    weights = dict(model.state_dict())
+    sync()
+    t0 = time.perf_counter()
+    pipe = Pipeline.load(args.engines, backend=args.backend, device=DEVICE, weights=weights)
+    sync()
+    print(json.dumps({"seconds": time.perf_counter() - t0, "compile_cache": pipe.compile_cache,
+                      "fxgraph_cache_hit": counters["inductor"]["fxgraph_cache_hit"],
+                      "fxgraph_cache_miss": counters["inductor"]["fxgraph_cache_miss"],
+                      "graphs": len(pipe.runners)}), flush=True)
 
 
-def run_engines(args, save=lambda res: None) -> dict:
-    """Random full-size bf16 weights on the GPU -> per image size and pruning setting (keep x
-    prune layer): export_engines in-process (no checkpoint on disk: the weights are handed to
-    the pipeline) -> Pipeline (compile + warm-up; Inductor's cache reuses a graph already
-    compiled in this process, e.g. the vision and unpruned graphs, or stage B for another
-    layer) -> per preset the pruned engines (and, once per image, the unpruned ones) and each
-    LM graph alone; then per image the eager baseline with the same weights."""
-    from llada_export.reference import PruneSettings
-    from llada_export.runtime.sampler import PRESETS
+def run_engines(args, save) -> dict:
+    from llada_export.exporter.build import export_engines
+    from llada_export.runtime.pipeline import Pipeline
 
-    rows: list[dict] = []
-    # the main setting: the issue's target setting where the lists hold it
-    tags = ["x".join(map(str, wh)) for wh in args.images]
-    main = {"image": TARGET["image"] if TARGET["image"] in tags else tags[0],
-            "prune_layer": TARGET["prune_layer"] if TARGET["prune_layer"] in args.layers else args.layers[0],
-            "keep": TARGET["keep"] if TARGET["keep"] in args.keeps else args.keeps[0]}
-    res: dict = {"part": "engines", "backend": args.backend, "official_anchor": OFFICIAL, "rows": rows,
-                 "settings": [], "main": main}
+    res: dict = {"part": "engines", "format": 2, "backend": args.backend, "rows": [], "groups": {}, "graphs": {},
+                 "setting": {"image": "x".join(map(str, args.images[0])), "prune_layer": args.layers[0],
+                             "keep": args.keeps[0], "refresh": args.refresh, "factor": args.factor,
+                             "gen_length": args.gen_length, "max_prompt_tokens": args.max_prompt_tokens}}
+    if args.official:
+        res["official"] = json.loads(Path(args.official).read_text())
     res["matmul_peak_tflops"] = peak = matmul_peak() / 1e12
     t0 = time.perf_counter()
-    model, cfg, tok = random_model(args.preset, DEVICE)
+    model, cfg, tok = build_model(args.preset, args.seed)
     res["model_build_s"] = time.perf_counter() - t0
-    for w, h in args.images:
-        tag = f"{w}x{h}"
-        img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8))
-        first = True
-        for keep in args.keeps:
-            for layer in args.layers:
-                setting = engine_setting(args, model, cfg, tok, img, tag, layer, keep, peak, first, rows, save, res)
-                res["settings"].append(setting)
+    weights = dict(model.state_dict())
+    image = request_images(*args.images[0], 1)
+    for pruned in (True, False):
+        paths = [p for p in args.paths if PATHS[p][0] == pruned]
+        if not paths:
+            continue
+        cache = any(PATHS[p][1] for p in paths)
+        group = "pruned" if pruned else "unpruned"
+        out = Path(args.workdir) / f"engines_{group}"
+        reset_peak()
+        t0 = time.perf_counter()
+        export_engines(export_opts(args, out, pruned, cache, compile_cache=args.compile_cache), loaded=(model, tok, cfg))
+        info = {"export_s": time.perf_counter() - t0, "export_peak_gpu_gib": peak_gib()}
+        from llada_export.contract.manifest import Manifest
+
+        info["notes"] = Manifest.read(out, verify=False).notes
+        t0 = time.perf_counter()
+        pipe = Pipeline.load(out, backend=args.backend, device=DEVICE, weights=weights,
+                             runner_options=None if args.compile else {"compile": False})
+        info["load_in_process_s"] = time.perf_counter() - t0
+        info["compile_cache"] = pipe.compile_cache
+        print(group, json.dumps(info), flush=True)
+        res["groups"][group] = info
+        save(res)
+        for preset in args.presets:
+            for path in paths:
+                row = time_requests(pipe, image, args, preset, pruned, PATHS[path][1])
+                res["rows"].append(row)
+                print(json.dumps(row), flush=True)
                 save(res)
-                first = False
-        if not args.no_eager:  # the eager oracles, same weights / image / prompt, the main pruning setting
-            if DEVICE == "cuda":
-                torch.cuda.empty_cache()
-            # one untimed request per path first: the 1024x768 run of 2026-12-01 had none (its first
-            # eager row, mc unpruned 0.72 s, includes one-time CUDA / cuBLAS initialisation), the
-            # 384x384 run warmed the unpruned path only (its eager pruned mc row, 0.28 s, is cold)
-            for prune in (None, PruneSettings(main["prune_layer"], main["keep"])):
-                eager_request(model, tok, img, args.prompt, args.system, PRESETS["mc"], prune)
-            for pname in args.presets:
-                for prune in (None, PruneSettings(main["prune_layer"], main["keep"])):
-                    er = eager_request(model, tok, img, args.prompt, args.system, PRESETS[pname], prune)
-                    rows.append({"kind": "eager", "image": tag, "preset": pname, "unpruned": prune is None,
-                                 "prune_layer": None if prune is None else prune.layer,
-                                 "keep": 1.0 if prune is None else prune.keep, **er,
-                                 "speedup_vs_official": OFFICIAL[pname] / er["latency_s"]})
-                    print(json.dumps(rows[-1]), flush=True)
-                    save(res)
+        res["graphs"].update(graph_times(pipe, image[0], args, peak * 1e12))
+        del pipe
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if args.warm_load and args.compile_cache is not False and args.compile:
+            info["warm_load"] = warm_load(out, args)
+            print(group, "warm load", json.dumps(info["warm_load"]), flush=True)
+        save(res)
     return res
 
 
-def engine_setting(args, model, cfg, tok, img, tag: str, layer: int, keep: float, peak: float, with_unpruned: bool,
-                   rows: list, save, res: dict) -> dict:
-    """One image size and pruning setting: export, load (compile), time the presets and the graphs."""
-    import resource
-
-    from llada_export.exporter.build import ExportOptions, export_engines
-    from llada_export.graphs.anyres import grid_shape
+def run_batch(args, save) -> dict:
+    """Throughput of the pruned + cache path (or ``--paths``' first) at each batch size: one engine set
+    per size, ``B`` requests of distinct images per batch."""
+    from llada_export.exporter.build import export_engines
     from llada_export.runtime.pipeline import Pipeline
-    from llada_export.runtime.sampler import PRESETS
 
-    w, h = img.size
-    opts = ExportOptions(model=f"random {args.preset} (bench_gpu)", output=str(Path(args.workdir) / "engines"),
-                         prune_layer=layer, keep=keep, baseline=with_unpruned, fuse_sampler=True,
-                         backends=(args.backend,), compiled_weights="checkpoint",
-                         dtype="bfloat16" if DEVICE == "cuda" else "float32", device=DEVICE, gen_length=128,
-                         block_length=128, steps=128, max_prompt_tokens=64, image_size=(w, h), overwrite=True)
-    setting: dict = {"image": tag, "prune_layer": layer, "keep": keep}
-    reset_peak()
-    t0 = time.perf_counter()
-    out = export_engines(opts, loaded=(model, tok, cfg))
-    setting["export"] = {"seconds": time.perf_counter() - t0, "peak_gpu_gib": peak_gib(),
-                         "peak_host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-    print(tag, layer, keep, "export", json.dumps(setting["export"]), flush=True)
-    t0 = time.perf_counter()
-    pipe = Pipeline.load(out, backend=args.backend, device=DEVICE, weights=dict(model.state_dict()))
-    setting["load_and_compile_s"] = time.perf_counter() - t0
-    print(f"loaded + compiled + warmed up in {setting['load_and_compile_s']:.1f} s", flush=True)
-    setting["manifest"] = {k: pipe.manifest[k] for k in ("bucket", "pruning", "dtype", "fused_sampler")}
-    b = pipe.bucket
-    cols, rws = grid_shape((w, h), cfg)
-    for pname in args.presets:
-        gen = PRESETS[pname]
-        for unpruned in (False, True) if with_unpruned else (False,):
-            ts = []
-            for i in range(args.repeat + 1):  # the first run warms this preset's path up
-                reset_peak()
-                r = pipe.generate(img, args.prompt, preset=pname, unpruned=unpruned, system=args.system)
-                if i:
-                    ts.append(r.timings)
-            med = {k: statistics.median(t[k] for t in ts) for k in ts[0]}
-            fl = request_flops(cfg, b.prefix_len, b.max_visual_tokens, gen, None if unpruned else layer, keep,
-                               1 + cols * rws)
-            rows.append({"kind": "engines", "image": tag, "preset": pname, "unpruned": unpruned,
-                         "prune_layer": None if unpruned else layer, "keep": 1.0 if unpruned else keep,
-                         "timings": med, "steps": len(r.step_times), "n_visual": r.n_visual,
-                         "kept": len(r.kept_visual) if r.kept_visual is not None else r.n_visual,
-                         "latency_s": med["total"], "tokens_per_s": gen.gen_length / med["total"],
-                         "tflops": fl["total"] / 1e12, "tflop_per_s": fl["total"] / med["total"] / 1e12,
-                         "share_of_peak": fl["total"] / med["total"] / (peak * 1e12),
-                         "peak_gib": peak_gib(), "speedup_vs_official": OFFICIAL[pname] / med["total"]})
-            print(json.dumps(rows[-1]), flush=True)
-            save(res)
-    # each LM graph alone (CUDA events), with and without its CUDA graph
-    x, _ = pipe.build_inputs(img, args.prompt, b.gen_length, args.system)
-    resp = torch.full((1, b.gen_length), pipe.tokens["mask"], dtype=torch.long, device=DEVICE)
-    feeds = dict(prefix_embeds=x.prefix_embeds, response_ids=resp, position_ids=x.position_ids, key_mask=x.key_mask)
-    n_keep = torch.tensor([b.k_static], device=DEVICE)
-    a_out = pipe.run("stage_a", **feeds, visual_mask=x.visual_mask, num_keep=n_keep)
-    idx = a_out["kept_index"][0]
-    p_red = idx.shape[0] - b.gen_length
-    feeds_b = dict(prefix_embeds=x.prefix_embeds[:, idx[:p_red]].contiguous(), response_ids=resp,
-                   position_ids=x.position_ids[:, idx].contiguous(), key_mask=a_out["kept_alive"].bool())
-    n_layers = cfg.text.num_hidden_layers
-    graphs = {"stage_a": (dict(feeds, visual_mask=x.visual_mask, num_keep=n_keep),
-                          request_flops(cfg, b.prefix_len, b.max_visual_tokens, PRESETS["mc"], layer, keep, 0)["stage_a"]),
-              "stage_b": (feeds_b, lm_flops(cfg, b.reduced_prefix_len + b.gen_length, n_layers, b.gen_length))}
-    if with_unpruned:
-        graphs["full"] = (feeds, lm_flops(cfg, b.prefix_len + b.gen_length, n_layers, b.gen_length))
-    setting["graphs"] = {}
-    for name, (f, flops) in graphs.items():
-        g = graph_ms(pipe.runners[name], f)
-        best = g.get("cuda_graph_ms", g.get("ms"))
-        g.update(tflops=flops / 1e12, share_of_peak=flops / (best / 1e3) / (peak * 1e12))
-        setting["graphs"][name] = g
-        print(name, json.dumps(g), flush=True)
-    del pipe
-    return setting
+    path = args.paths[0]
+    pruned, cache = PATHS[path]
+    res: dict = {"part": "batch", "backend": args.backend, "compiled": args.compile, "path": path, "rows": [],
+                 "setting": {"image": "x".join(map(str, args.images[0])), "prune_layer": args.layers[0],
+                             "keep": args.keeps[0], "refresh": args.refresh, "factor": args.factor,
+                             "preset": args.presets[0]}}
+    res["matmul_peak_tflops"] = matmul_peak() / 1e12
+    model, cfg, tok = build_model(args.preset, args.seed)
+    weights = dict(model.state_dict())
+    for b in args.batch_sizes:
+        out = Path(args.workdir) / f"engines_b{b}"
+        t0 = time.perf_counter()
+        export_engines(export_opts(args, out, pruned, cache, batch_size=b, compile_cache=False),
+                       loaded=(model, tok, cfg))
+        export_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pipe = Pipeline.load(out, backend=args.backend, device=DEVICE, weights=weights,
+                             runner_options=None if args.compile else {"compile": False})
+        load_s = time.perf_counter() - t0
+        row = time_requests(pipe, request_images(*args.images[0], b), args, args.presets[0], pruned, cache)
+        row.update(export_s=export_s, load_s=load_s, latency_s=row["seconds"])
+        res["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        save(res)
+        del pipe
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    base = res["rows"][0]["tokens_per_s"]
+    for row in res["rows"]:
+        row["speedup_vs_b1"] = row["tokens_per_s"] / base
+    return res
 
 
 # ---------------------------------------------------------------------- reports
@@ -413,8 +389,12 @@ def markdown(res: dict, env: dict) -> str:
                 f"{r['stage_a_ms']:.1f} | {r['stage_b_ms']:.1f} | {r['tokens_per_s']:.1f} | {r['tflops']:.1f} | "
                 f"{r['tflop_per_s']:.0f} | {100 * r['share_of_peak']:.0f} | {100 * r['stage_b_share_of_peak']:.0f} | "
                 f"{r['peak_gib']:.1f} | {'yes' if r['measured'] else 'composed'} |")
-    else:
+    elif res["part"] == "batch":
+        lines += markdown_batch(res)
+    elif res.get("format") == 2:
         lines += markdown_engines(res)
+    else:
+        lines += markdown_engines_v1(res)
     return "\n".join(lines) + "\n"
 
 
@@ -431,7 +411,7 @@ def main_rows(res: dict, st: dict, kind: str) -> dict:
             and (r["unpruned"] or (r["prune_layer"], r["keep"]) == (st["prune_layer"], st["keep"]))}
 
 
-def markdown_engines(res: dict) -> list[str]:
+def markdown_engines_v1(res: dict) -> list[str]:
     st = primary_setting(res)
     m, image = st["manifest"], st["image"]
     eng, eag = main_rows(res, st, "engines"), main_rows(res, st, "eager")
@@ -519,7 +499,9 @@ def markdown_engines(res: dict) -> list[str]:
 
 def plot(res: dict, path: Path) -> None:
     if res["part"] == "engines":
-        return plot_engines(res, path)
+        return plot_engines(res, path) if res.get("format") == 2 else plot_engines_v1(res, path)
+    if res["part"] == "batch":
+        return plot_batch(res, path)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -542,7 +524,7 @@ def plot(res: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def plot_engines(res: dict, path: Path) -> None:
+def plot_engines_v1(res: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -570,33 +552,224 @@ def plot_engines(res: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+
+
+# ---------------------------------------------------------------------- reports (format 2)
+def _official(res: dict, mode: str, preset: str) -> float | None:
+    o = res.get("official", {}).get("presets", {}).get(mode, {}).get(preset)
+    return None if o is None else o["median_s"]
+
+
+def markdown_engines(res: dict) -> list[str]:
+    st, nan = res["setting"], float("nan")
+    rows = {(r["preset"], r["path"]): r for r in res["rows"]}
+    presets = list(dict.fromkeys(r["preset"] for r in res["rows"]))
+    paths = list(dict.fromkeys(r["path"] for r in res["rows"]))
+    has_official = "official" in res
+    lines = [f"Engines: {res['backend']} (torch.export programs compiled with Inductor, CUDA graphs), bf16, fused "
+             f"sampler; image {st['image']}, pruning at layer {st['prune_layer']}, keep {st['keep']}; bucket "
+             f"{st['max_prompt_tokens']} text + the image's visual tokens + {st['gen_length']} response slots. "
+             f"Exact = the official schedule (one token per step, every step a full forward); +cache = the "
+             f"prefix KV cache refreshed every {st['refresh']} forwards and at block starts, with factor "
+             f"{st['factor']} parallel decoding (the official demo's Fast-dLLM setting).", ""]
+    if has_official:
+        v = res["official"].get("versions", {})
+        lines += [f"Official columns: `../shared/bench/official_gpu.py` in the same device session "
+                  f"(transformers {v.get('transformers')}, {v.get('gpu')}); fast_dllm = the official repo's "
+                  "Fast-dLLM hook as its generate_demo.py registers it (refresh 32, threshold 1).", ""]
+    head = (["official vanilla", "official + Fast-dLLM"] if has_official else []) + paths
+    lines += ["## End to end (seconds per request)", "", "| preset | " + " | ".join(head) + " |",
+              "| --- | " + " | ".join("---" for _ in head) + " |"]
+    for p in presets:
+        cells = ([f"{_official(res, 'vanilla', p) or nan:.3f}", f"{_official(res, 'fast_dllm', p) or nan:.3f}"]
+                 if has_official else [])
+        cells += [f"{rows[(p, path)]['seconds']:.3f}" if (p, path) in rows else "-" for path in paths]
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    if has_official:
+        lines += ["", "## Ratios (official seconds / ours, same session)", "",
+                  "| preset | path | x official vanilla | x official + Fast-dLLM | forwards (ours) | "
+                  "forwards (official Fast-dLLM) |", "| --- | --- | --- | --- | --- | --- |"]
+        for (p, path), r in rows.items():
+            van, fast = _official(res, "vanilla", p), _official(res, "fast_dllm", p)
+            of = res["official"]["presets"].get("fast_dllm", {}).get(p, {}).get("forwards", "-")
+            lines.append(f"| {p} | {path} | {van / r['seconds'] if van else nan:.2f} | "
+                         f"{fast / r['seconds'] if fast else nan:.2f} | {r['forwards']} | {of} |")
+    lines += ["", "## Per path and preset", "",
+              "| preset | path | forwards | graph calls | vision ms | per call ms | sampler overhead ms | tok/s | "
+              "TFLOPs | TFLOP/s | peak GiB |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (p, path), r in rows.items():
+        t = r["timings"]
+        calls = ", ".join(f"{k} {v}" for k, v in r["graph_calls"].items())
+        per = ", ".join(f"{k[:-9]} {t[k] * 1e3:.2f}" for k in t if k.endswith("_per_call"))
+        lines.append(f"| {p} | {path} | {r['forwards']} | {calls} | {t['vision'] * 1e3:.1f} | {per} | "
+                     f"{t['sampler_overhead'] * 1e3:.1f} | {r['tokens_per_s']:.1f} | {r['tflops']:.1f} | "
+                     f"{r['tflop_per_s']:.0f} | {r['peak_gib']:.1f} |")
+    lines += ["", "## Each LM graph alone (CUDA graph, CUDA events, median of 20)", "",
+              "| graph | sequence | ms | TFLOP | % of measured peak |", "| --- | --- | --- | --- | --- |"]
+    for name, g in res["graphs"].items():
+        lines.append(f"| {name} | {g['sequence']} | {g['ms']:.2f} | {g['tflop']:.2f} | {100 * g['share_of_peak']:.0f} |")
+    lines += ["", "## Export and load", ""]
+    for group, info in res["groups"].items():
+        wl = info.get("warm_load", {})
+        lines.append(f"- {group}: in-process export {info['export_s']:.1f} s (peak GPU {info['export_peak_gpu_gib']:.1f} "
+                     f"GiB; {'; '.join(info.get('notes', [])) or 'no notes'}); load in the exporting process "
+                     f"{info['load_in_process_s']:.1f} s; " + (
+                         f"warm load in a fresh process from the saved compile cache {wl['seconds']:.1f} s "
+                         f"({wl['compile_cache']}, {wl['fxgraph_cache_hit']} Inductor cache hits, "
+                         f"{wl['fxgraph_cache_miss']} misses)" if "seconds" in wl else
+                         f"warm load not measured ({wl.get('error', 'off')[-300:]})"))
+    lines += markdown_targets(res, rows)
+    return lines
+
+
+def markdown_targets(res: dict, rows: dict) -> list[str]:
+    """Issue 13's targets, where this run measured what they need."""
+    checks = []
+    demo, chart = rows.get(("demo", "pruned+cache")), rows.get(("chartqa", "pruned+cache"))
+    van = {p: _official(res, "vanilla", p) for p in ("demo", "chartqa")}
+    fast = {p: _official(res, "fast_dllm", p) for p in ("demo", "chartqa")}
+    if demo:
+        checks.append(("demo pruned + cache <= 1.2 s", demo["seconds"], 1.2, "<="))
+        if van["demo"]:
+            checks += [("demo >= 18x official vanilla", van["demo"] / demo["seconds"], 18, ">="),
+                       ("demo >= 4.8x official Fast-dLLM", fast["demo"] / demo["seconds"], 4.8, ">=")]
+        if ("demo", "unpruned+cache") in rows:
+            checks.append(("demo pruned + cache >= 1.5x unpruned + cache",
+                           rows[("demo", "unpruned+cache")]["seconds"] / demo["seconds"], 1.5, ">="))
+    if chart:
+        checks.append(("chartqa pruned + cache <= 0.30 s", chart["seconds"], 0.30, "<="))
+        if van["chartqa"]:
+            checks += [("chartqa >= 10x official vanilla", van["chartqa"] / chart["seconds"], 10, ">="),
+                       ("chartqa >= 2.6x official Fast-dLLM", fast["chartqa"] / chart["seconds"], 2.6, ">=")]
+    if "cached" in res["graphs"]:
+        checks.append(("cached step, pruned prefix <= 7.5 ms", res["graphs"]["cached"]["ms"], 7.5, "<="))
+    wl = res["groups"].get("pruned", {}).get("warm_load", {})
+    if "seconds" in wl:
+        checks.append(("warm Pipeline.load <= 20 s", wl["seconds"], 20, "<="))
+    if not checks:
+        return []
+    lines = ["", "## Targets (issue 13)", "", "| target | measured | met |", "| --- | --- | --- |"]
+    for name, v, t, op in checks:
+        ok = v <= t if op == "<=" else v >= t
+        lines.append(f"| {name} | {v:.3f} | {'yes' if ok else 'NO'} |")
+    return lines
+
+
+def plot_engines(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    presets = list(dict.fromkeys(r["preset"] for r in res["rows"]))
+    series = []
+    if "official" in res:
+        for mode, label in (("vanilla", "official vanilla"), ("fast_dllm", "official + Fast-dLLM")):
+            series.append((label, [_official(res, mode, p) or float("nan") for p in presets]))
+    for name in dict.fromkeys(r["path"] for r in res["rows"]):
+        vals = {r["preset"]: r["seconds"] for r in res["rows"] if r["path"] == name}
+        series.append((f"ours: {name}", [vals.get(p, float("nan")) for p in presets]))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / len(series)
+    for i, (label, vals) in enumerate(series):
+        ax.bar([j + (i - (len(series) - 1) / 2) * width for j in range(len(presets))], vals, width, label=label)
+    ax.set_xticks(range(len(presets)), presets)
+    ax.set_yscale("log")
+    ax.set_ylabel("seconds per request (log)")
+    st = res["setting"]
+    ax.set_title(f"LLaDA-V full size, {res['env']['gpu']}: K {st['prune_layer']}, keep {st['keep']}, {st['image']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def markdown_batch(res: dict) -> list[str]:
+    st = res["setting"]
+    lines = [f"Path {res['path']} ({'compiled' if res['compiled'] else 'eager kernels'} in CUDA graphs, "
+             f"{res['backend']} backend), preset {st['preset']}, image {st['image']}, K {st['prune_layer']}, keep "
+             f"{st['keep']}, refresh {st['refresh']}, factor {st['factor']}; one engine set per batch size, a batch of "
+             "B requests of distinct images; throughput counts every request's response slots.", "",
+             "| batch size | seconds per batch (= latency per request) | tokens/s | x B=1 | forwards | per call ms |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in res["rows"]:
+        t = r["timings"]
+        per = ", ".join(f"{k[:-9]} {t[k] * 1e3:.2f}" for k in t if k.endswith("_per_call"))
+        lines.append(f"| {r['batch_size']} | {r['seconds']:.3f} | {r['tokens_per_s']:.1f} | {r['speedup_vs_b1']:.2f} | "
+                     f"{r['forwards']} | {per} |")
+    return lines
+
+
+def plot_batch(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    b = [r["batch_size"] for r in res["rows"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(b, [r["tokens_per_s"] for r in res["rows"]], "o-", label="tokens/s")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("tokens/s")
+    ax2 = ax.twinx()
+    ax2.plot(b, [r["seconds"] for r in res["rows"]], "s--", color="tab:red", label="latency per request (s)")
+    ax2.set_ylabel("latency per request (s)")
+    ax.set_title(f"{res['path']} throughput vs batch size, {res['env']['gpu']}", fontsize=9)
+    fig.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=("grid", "engines"))
+    p.add_argument("part", choices=("grid", "engines", "batch", "load"))
     p.add_argument("--out", default="benchmarks", help="output directory (default: benchmarks)")
-    p.add_argument("--images", default="384x384,1024x768", help="image sizes (default: 384x384,1024x768)")
+    p.add_argument("--images", default="1024x768", help="image sizes; engines and batch use the first")
     p.add_argument("--presets", default="mc,chartqa,demo", help="sampler presets (default: mc,chartqa,demo)")
-    p.add_argument("--keeps", default="1.0,0.5,0.35,0.25", help="keep ratios for the grid")
-    p.add_argument("--layers", default="8,16,24", help="prune layers for the grid")
+    p.add_argument("--keeps", default="0.35", help="keep ratios (grid: all; engines, batch: the first)")
+    p.add_argument("--layers", default="16", help="prune layers (grid: all; engines, batch: the first)")
+    p.add_argument("--paths", default="pruned,pruned+cache,unpruned,unpruned+cache",
+                   help="engines: the paths to time; batch: the first (default: all four / pruned+cache)")
+    p.add_argument("--refresh", type=int, default=32, help="cache refresh interval (default: 32, the official demo's)")
+    p.add_argument("--factor", type=float, default=1.0, help="parallel decoding factor (default: 1, the official demo's)")
+    p.add_argument("--batch-sizes", default="1,2,4,8", help="batch: the batch sizes (default: 1,2,4,8)")
+    p.add_argument("--official", help="engines: official_gpu.py's JSON from the same device session")
     p.add_argument("--preset", default="full", choices=("full", "tiny", "demo"),
-                   help="model dimensions for the grid (default: full; tiny for a CPU smoke run)")
+                   help="model dimensions (default: full; tiny for a CPU smoke run)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    p.add_argument("--gen-length", type=int, default=128, help="bucket response slots (default: 128)")
+    p.add_argument("--max-prompt-tokens", type=int, default=64, help="bucket text slots (default: 64)")
     p.add_argument("--prompt", default="<image>\nWhat is shown in this image? Answer briefly.")
     p.add_argument("--system", default="You are a helpful language and vision assistant.",
                    help="system prompt; short, so the stand-in tokenizer gives about the official text length (~60)")
-    p.add_argument("--backend", default="inductor", help="engines backend (part engines; default: inductor)")
-    p.add_argument("--workdir", default="/tmp/llada-bench", help="where the engines are written (part engines)")
-    p.add_argument("--repeat", type=int, default=2, help="timed requests per preset and path (part engines)")
-    p.add_argument("--no-eager", action="store_true", help="skip the eager baseline (part engines)")
+    p.add_argument("--backend", default="inductor", help="engines backend (default: inductor)")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="inductor: run the programs' eager kernels from CUDA graphs (no compile time)")
+    p.add_argument("--no-compile-cache", dest="compile_cache", action="store_false", default=None,
+                   help="engines: do not compile at export and save the compile cache")
+    p.add_argument("--no-warm-load", dest="warm_load", action="store_false", help="engines: skip the warm-load check")
+    p.add_argument("--engines", help="load: the engines directory")
+    p.add_argument("--workdir", default="/tmp/llada-bench", help="where the engines are written")
+    p.add_argument("--repeat", type=int, default=2, help="timed requests per preset and path (after one untimed)")
+    p.add_argument("--no-eager", action="store_true", help="(unused; kept for old command lines)")
     p.add_argument("--replot", action="store_true",
-                   help="only rewrite bench_gpu_<part>.md and .png from the bench_gpu_<part>.json in --out "
-                        "(runs of this version)")
+                   help="only rewrite bench_gpu_<part>.md and .png from the bench_gpu_<part>.json in --out")
     args = p.parse_args(argv)
     args.images = [tuple(int(v) for v in s.split("x")) for s in args.images.split(",")]
     args.presets = args.presets.split(",")
     args.keeps = [float(k) for k in args.keeps.split(",")]
     args.layers = [int(k) for k in args.layers.split(",")]
-    env = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu", "torch": torch.__version__, "cuda": torch.version.cuda,
-           "host": platform.node(), "date": time.strftime("%Y-%m-%d")}
+    args.paths = [q for q in args.paths.split(",") if q]
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    bad = [q for q in args.paths if q not in PATHS]
+    if bad:
+        p.error(f"unknown path(s) {bad}; choose from {', '.join(PATHS)}")
+    if args.part == "load":
+        with torch.no_grad():
+            run_load(args)
+        return 0
+    env = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+           "torch": torch.__version__, "cuda": torch.version.cuda, "host": platform.node(),
+           "date": time.strftime("%Y-%m-%d")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -606,12 +779,13 @@ def main(argv=None) -> int:
 
     if args.replot:  # re-render the Markdown and the plot of an earlier run
         res = json.loads((out / f"bench_gpu_{args.part}.json").read_text())
-        if res["part"] == "engines" and "settings" not in res:
+        if res["part"] == "engines" and "settings" not in res and res.get("format") != 2:
             raise SystemExit("--replot: this JSON predates the engine grid (no 'settings'); rerun the benchmark")
         env = res["env"]
     else:
         with torch.no_grad():
-            res = run_grid(args) if args.part == "grid" else run_engines(args, save)
+            runs = {"grid": run_grid, "engines": run_engines, "batch": run_batch}
+            res = runs[args.part](args) if args.part == "grid" else runs[args.part](args, save)
         save(res)
     (out / f"bench_gpu_{args.part}.md").write_text(markdown(res, env))
     plot(res, out / f"bench_gpu_{args.part}.png")

@@ -271,8 +271,12 @@ def main(argv=None) -> int:
     p.add_argument("--aoti-timeout", type=int, default=240)
     p.add_argument("--no-aoti", action="store_true")
     p.add_argument("--aoti-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--replot", action="store_true", help="only rewrite gpu_probe.md from gpu_probe.json in --out")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        (args.out / "gpu_probe.md").write_text(markdown(json.loads((args.out / "gpu_probe.json").read_text())))
+        return 0
     if args.aoti_child:
         aoti_child(args.out, args.aoti_length)
         return 0

@@ -82,7 +82,7 @@ def finalize(ctx: WriteContext) -> list[Path]:
         mapping = ctx.constants.get(BACKEND.name, {}).get(graph)
         constants = {fqn: ctx.weights[key] for fqn, key in mapping.items()} if mapping else None
         r = runner(ctx.root / rel, io, ctx.device, constants=constants, cuda_graph=False)
-        extra = {"device": ctx.device, "mask_id": 0, "k_static": 1, "n_visual": 1}
+        extra = {"device": ctx.device, **ctx.options["example_fill"]}
         feeds = {t.name: example_value(t, spec, extra) for t, spec in zip(io.inputs, GRAPHS[graph].inputs)}
         with torch.no_grad():
             r.run(feeds)
@@ -113,11 +113,13 @@ def load_cache(blob: Path) -> str:
     return "loaded"
 
 
-def runner(path: Path, io, device: str = "cpu", constants=None, cuda_graph: bool | None = None):
+def runner(path: Path, io, device: str = "cpu", constants=None, cuda_graph: bool | None = None,
+           compile: bool = True):
     """An ExportedProgram archive compiled with ``torch.compile`` (static shapes, whole graph); the
     compilation happens at the first call, which ``Pipeline.warmup`` makes at load time.
     ``constants``: {fqn: tensor} for archives saved with their checkpoint weights left out.
-    ``cuda_graph`` (default: on for CUDA, measured on the H200): replay from a CUDA graph."""
+    ``cuda_graph`` (default: on for CUDA, measured on the H200): replay from a CUDA graph.
+    ``compile=False``: the program's own (eager) kernels, captured in the CUDA graph; no compile time."""
     import torch
 
     from .torch_common import TorchRunner
@@ -133,8 +135,8 @@ def runner(path: Path, io, device: str = "cpu", constants=None, cuda_graph: bool
             w = constants[fqn]
             table[fqn] = torch.nn.Parameter(w, requires_grad=False) if isinstance(t, torch.nn.Parameter) else w
     module = ep.module()
-    r = TorchRunner(torch.compile(module, dynamic=False, fullgraph=True), io, device, cuda_graph,
-                    graphs_by_default=True)
+    fn = torch.compile(module, dynamic=False, fullgraph=True) if compile else module
+    r = TorchRunner(fn, io, device, cuda_graph, graphs_by_default=True)
     r.module = module
     return r
 

@@ -193,7 +193,7 @@ def _build(opts: ExportOptions, root: Path, loaded: tuple | None) -> Manifest:
     compile_cache = opts.compile_cache if opts.compile_cache is not None else device.type == "cuda"
     wctx = WriteContext(root, opts.device, opts.dtype, programs=programs, io=io, notes=list(opts.notes),
                         weight_keys={t.data_ptr(): k for k, t in state.items()} if external else None,
-                        weights=state, options={"compile_cache": compile_cache})
+                        weights=state, options={"compile_cache": compile_cache, "example_fill": ctx.fill()})
     backends = []
     for name in opts.backends:
         b = get_backend(name)

@@ -41,10 +41,13 @@ class BuildContext:
     def io(self, graph: str) -> GraphIO:
         return GRAPHS[graph].io(self.dims, self.fused)
 
+    def fill(self) -> dict:
+        """What the example inputs need besides shapes (``contract.graphset.example_value``)."""
+        return dict(mask_id=self.tokens.mask, k_static=self.bucket.k_static, n_visual=self.bucket.max_visual_tokens)
+
     def examples(self, graph: str) -> tuple[torch.Tensor, ...]:
         spec = GRAPHS[graph]
-        extra = dict(device=self.device, mask_id=self.tokens.mask, k_static=self.bucket.k_static,
-                     n_visual=self.bucket.max_visual_tokens)
+        extra = dict(device=self.device, **self.fill())
         return tuple(example_value(t, s, extra) for t, s in zip(spec.io(self.dims, self.fused).inputs, spec.inputs))
 
     def traced(self, kind: str) -> torch.export.ExportedProgram:

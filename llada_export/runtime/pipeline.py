@@ -60,7 +60,8 @@ class Pipeline:
     """Load an engines directory and answer requests. See :meth:`generate`."""
 
     def __init__(self, root: Path, manifest: Manifest, backend: str, device: str, weights_from: str | None = None,
-                 cuda_graphs: bool | None = None, weights: dict[str, torch.Tensor] | None = None):
+                 cuda_graphs: bool | None = None, weights: dict[str, torch.Tensor] | None = None,
+                 runner_options: dict | None = None):
         self.root, self.manifest, self.backend, self.device = root, manifest, backend, device
         self.config = manifest.model_config()
         self.bucket, self.tokens = manifest.bucket, manifest.tokens
@@ -83,7 +84,7 @@ class Pipeline:
         graphs = manifest.artifacts[backend]
         # a progress bar only where loading takes long: the inductor graphs compile in warmup()
         for name, rel in tqdm(graphs.items(), desc=f"load {backend}", unit="graph", disable=not b.cuda_graphs):
-            kw = {"cuda_graph": cuda_graphs}
+            kw = {"cuda_graph": cuda_graphs, **(runner_options or {})}
             if external:
                 kw["constants"] = {fqn: weights[key] for fqn, key in external[name].items()}
                 side = (root / rel).with_suffix(".constants.safetensors")
@@ -108,7 +109,8 @@ class Pipeline:
     @classmethod
     def load(cls, path: str | Path, backend: str | None = None, device: str | None = None,
              verify: bool = True, weights_from: str | None = None, cuda_graphs: bool | None = None,
-             warmup: bool | None = None, weights: dict[str, torch.Tensor] | None = None) -> "Pipeline":
+             warmup: bool | None = None, weights: dict[str, torch.Tensor] | None = None,
+             runner_options: dict | None = None) -> "Pipeline":
         """Validate the manifest (versions, artifacts, SHA-256 of every file) and open the sessions.
 
         ``backend``: default the best-ranked built backend that runs here. ``weights_from``:
@@ -116,7 +118,9 @@ class Pipeline:
         the checkpoint recorded in the manifest), or ``weights``: those tensors already in memory,
         by checkpoint key, on ``device``. ``cuda_graphs``: replay each graph from a captured CUDA
         graph (default: what the backend does by default). ``warmup`` (default: on for backends
-        that compile at load, e.g. inductor): run :meth:`warmup` before returning."""
+        that compile at load, e.g. inductor): run :meth:`warmup` before returning. ``runner_options``:
+        passed to the backend's runner (inductor: ``{"compile": False}`` runs the programs' eager kernels
+        from CUDA graphs, without compile time)."""
         root = Path(path)
         m = Manifest.read(root, verify=verify)
         load_builtin()
@@ -137,7 +141,7 @@ class Pipeline:
             dev = parse_device("cuda" if b.needs_gpu or m.device.startswith("cuda") else "cpu")
         if dev.type not in b.devices:
             raise ManifestError(f"{root}: the {backend} engines do not run on {dev} (they run on {', '.join(b.devices)})")
-        pipe = cls(root, m, backend, str(dev), weights_from, cuda_graphs, weights)
+        pipe = cls(root, m, backend, str(dev), weights_from, cuda_graphs, weights, runner_options)
         if warmup if warmup is not None else b.cuda_graphs:
             pipe.warmup()
         return pipe

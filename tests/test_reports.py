@@ -1,0 +1,37 @@
+"""The committed benchmark and sweep reports re-render byte-identical from their JSON (the code that
+renders them is the code that is committed)."""
+
+from __future__ import annotations
+
+import filecmp
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+CASES = [  # (tool, its JSON, the report it renders, the command line that re-renders it into OUT)
+    ("bench_gpu.py", "bench_gpu_grid.json", "bench_gpu_grid.md", ["grid", "--replot", "--out", "{out}"]),
+    ("bench_gpu.py", "bench_gpu_engines_384x384.json", "bench_gpu_engines_384x384.md",
+     ["engines", "--replot", "--out", "{out}"]),
+    ("prune_sweep.py", "prune_sweep.json", "prune_sweep.md", ["--replot", "--out", "{out}/prune_sweep"]),
+    ("attention_analysis.py", "attention_analysis.json", "attention_analysis.md",
+     ["--replot", "--out", "{out}/attention_analysis", "--sweep", str(BENCH / "prune_sweep.json")]),
+    ("bench_cpu.py", "cpu_ort.json", "cpu_ort.md", ["--replot", "--out", "{out}"]),
+    ("gpu_probe.py", "gpu_probe.json", "gpu_probe.md", ["--replot", "--out", "{out}"]),
+]
+
+
+@pytest.mark.parametrize("tool, js, md, argv", CASES, ids=[c[2] for c in CASES])
+def test_committed_report_rerenders_identically(tmp_path, tool, js, md, argv):
+    part = argv[0] if tool == "bench_gpu.py" else None
+    name = f"bench_gpu_{part}" if part else Path(js).stem  # the file name the tool reads back
+    shutil.copy(BENCH / js, tmp_path / f"{name}.json")
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / tool), *[a.format(out=tmp_path) for a in argv]],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert filecmp.cmp(tmp_path / f"{name}.md", BENCH / md, shallow=False)
