@@ -178,7 +178,7 @@ class ReferenceDenoiser:
         if not self.cache:
             self.calls.append("full")
             return lm(prefix, response_ids, pos)
-        if self.kv is None or step is None or bool(step.refresh[0]):
+        if self.kv is None or step is None or step.refresh_rows[0]:
             self.calls.append("prefill")
             logits, self.kv = lm.prefill(prefix, response_ids, pos)
             return logits

@@ -139,12 +139,14 @@ def preset(name: str, **overrides) -> GenerationConfig:
 
 @dataclass
 class StepInfo:
-    """What the sampler tells the denoiser about one forward."""
+    """What the sampler tells the denoiser about one forward (device tensors, and the same flags on the host)."""
 
     index: int  # forwards made so far in this generation
     refresh: torch.Tensor  # [B] bool: this row's cache is due for a refresh (cached denoisers)
     block_start: torch.Tensor  # [B] int64: first response slot of the row's current block
     active: torch.Tensor  # [B] bool: rows still generating (the others' outputs are ignored)
+    refresh_rows: list[bool] = field(default_factory=list)  # refresh, on the host
+    active_rows: list[bool] = field(default_factory=list)  # active, on the host
 
 
 class Denoiser(Protocol):
@@ -159,7 +161,7 @@ class Denoiser(Protocol):
 
 @dataclass
 class StepEvent:
-    """Passed to ``on_step`` after each forward: the ids so far (read-only) and what changed."""
+    """Passed to ``on_step`` after each forward: the ids so far and what changed (copies)."""
 
     index: int  # forwards made, this one included
     ids: torch.Tensor  # [B, G] current response ids (mask id where still masked)
@@ -175,6 +177,8 @@ class SamplerTrace:
     forwards: int = 0
     row_forwards: list[int] = field(default_factory=list)
     committed: list[list[list[int]]] = field(default_factory=list)  # [step][row] -> sorted positions
+    record: bool = True  # record ``committed`` (a read-back per step: off on the serving path)
+    step_graph: bool = False  # the per-step update ran from a CUDA graph
 
 
 def transfer_schedule(n_masked: int, steps: int) -> list[int]:
@@ -205,93 +209,201 @@ def generate(
     trace: SamplerTrace | None = None,
     device: str | torch.device = "cpu",
     on_step: Callable[[StepEvent], None] | None = None,
+    step_graph: bool | None = None,
 ) -> list[torch.Tensor]:
     """Generate ``batch_size`` responses on ``device`` (where the denoiser's outputs live).
 
     ``active`` [B] bool: rows holding a request (default all); ``generators``: one per row for
-    sampling (temperature > 0, random remasking), on ``device``. Returns each row's answer ids
-    (cut at its first ``<|eot_id|>``), int64 on the CPU; inactive rows give an empty tensor."""
+    sampling (temperature > 0, random remasking), on ``device``. ``step_graph`` (default: on
+    CUDA): the per-step update runs from a captured CUDA graph (the same code; one launch and
+    one small read-back per step instead of dozens of kernel launches). Returns each row's
+    answer ids (cut at its first ``<|eot_id|>``), int64 on the CPU; inactive rows give an empty
+    tensor."""
     gen.validate()
-    b, g, bl = batch_size, gen.gen_length, gen.block_length
-    n_blocks, steps = gen.n_blocks, gen.steps // gen.n_blocks
+    fused = getattr(denoiser, "fused", False)
     greedy = gen.temperature == 0 and gen.remasking == "low_confidence" and gen.cfg_scale == 0
-    if getattr(denoiser, "fused", False) and not greedy:
+    if fused and not greedy:
         raise GenerationError(
             "these engines were built with --fuse-sampler (argmax and confidence inside the graph): they serve "
             "temperature 0, low_confidence remasking and no CFG only; re-export without --fuse-sampler")
+    b, dev = batch_size, torch.device(device)
     generators = generators or [None] * b
-    with torch.device(device):
-        pos = torch.arange(g)[None, :]  # [1, G]
-        x = torch.full((b, g), mask_id, dtype=torch.long)  # [B, G] response ids
-        suppress = torch.tensor(suppress_ids, dtype=torch.long)
-        block = torch.zeros(b, dtype=torch.long)  # current block per row
-        step_in = torch.zeros(b, dtype=torch.long)  # forwards made in the current block
-        masked_at_start = torch.full((b,), bl, dtype=torch.long)  # masked slots when the block began
-        stop = torch.full((b,), g, dtype=torch.long)  # first committed eot (g: none)
-        done = torch.zeros(b, dtype=torch.bool) if active is None else ~active.to(torch.bool)
-        neg_inf = torch.tensor(float("-inf"), dtype=torch.float64)
-    rank_base = torch.arange(g, device=device).expand(b, g)
-    row_forwards = torch.zeros(b, dtype=torch.long, device=device)
+    use_graph = dev.type == "cuda" if step_graph is None else step_graph
+    loop = _loop(gen, b, mask_id, eot_id, dev, use_graph)
+    with loop.lock:
+        done, refresh = loop.reset(active)
+        suppress = torch.tensor(suppress_ids, dtype=torch.long, device=dev)
+        forwards = 0
+        while not all(done):
+            info = StepInfo(forwards, loop.refresh, loop.block_start, ~loop.done, refresh, [not d for d in done])
+            if fused:
+                x0, x0_p = denoiser.predict(loop.x.clone(), info)  # argmax + its probability computed in the graph
+            else:
+                x0, x0_p = _predict(denoiser, loop.x, loop.x == mask_id, info, suppress, gen, generators)
+            forwards += 1 + (gen.cfg_scale > 0 and not fused)
+            done, refresh = loop.step(x0, x0_p)
+            if trace is not None and trace.record:
+                trace.committed.append([sorted(loop.chosen[i].nonzero().flatten().tolist()) for i in range(b)])
+            if on_step is not None:
+                on_step(StepEvent(forwards, loop.x.clone(), loop.chosen.clone(), loop.done.clone()))
+        if trace is not None:
+            trace.forwards += forwards
+            trace.row_forwards = loop.row_forwards.tolist()
+            trace.step_graph = loop.graph is not None and loop.use_graph
+        x = loop.x.to("cpu", copy=True)  # the loop's buffer is reused by the next generation
+    rows = [True] * b if active is None else active.cpu().tolist()
+    return [cut_at_eot(x[i], eot_id) if rows[i] else x[i, :0] for i in range(b)]
 
-    def advance() -> None:
-        """Rows whose block is over move to the next block, or finish (the official checks
-        before each forward: block committed, or nothing left before the stop, or steps used)."""
-        nonlocal done
-        start = block * bl
-        masked = x == mask_id
+
+_LOOPS: dict[tuple, "_Loop"] = {}
+
+
+def _loop(gen: GenerationConfig, b: int, mask_id: int, eot_id: int, dev: torch.device, use_graph: bool) -> "_Loop":
+    """One loop (state buffers, captured step) per setting and device, kept for later generations."""
+    key = (gen, b, mask_id, eot_id, str(dev), use_graph)
+    if key not in _LOOPS:
+        if len(_LOOPS) >= 32:
+            _LOOPS.pop(next(iter(_LOOPS)))
+        _LOOPS[key] = _Loop(gen, b, mask_id, eot_id, dev, use_graph)
+    return _LOOPS[key]
+
+
+class _Loop:
+    """The sampler's per-row state, updated in place by :meth:`update` after each forward: commit
+    this step's tokens, then move rows whose block is over to the next block or finish them (the
+    official checks before a forward). On CUDA the update is captured once in a CUDA graph and
+    replayed; elsewhere it runs as it is. Either way the host reads back two flags per row a step."""
+
+    def __init__(self, gen: GenerationConfig, b: int, mask_id: int, eot_id: int, dev: torch.device, use_graph: bool):
+        import threading
+
+        self.gen, self.mask_id, self.eot_id, self.dev = gen, mask_id, eot_id, dev
+        g, bl = gen.gen_length, gen.block_length
+        self.steps = gen.steps // gen.n_blocks
+        self.cap = self.steps if gen.parallel == "none" else bl  # forwards a block may take at most
+        self.lock = threading.Lock()
+        with torch.device(dev):
+            self.pos = torch.arange(g)[None, :]  # [1, G]
+            self.rank_base = torch.arange(g).expand(b, g).contiguous()  # [B, G]
+            self.neg_inf = torch.tensor(float("-inf"), dtype=torch.float64)
+            self.x = torch.empty(b, g, dtype=torch.long)  # [B, G] response ids
+            self.block = torch.empty(b, dtype=torch.long)  # current block per row
+            self.step_in = torch.empty(b, dtype=torch.long)  # forwards made in the current block
+            self.masked_at_start = torch.empty(b, dtype=torch.long)  # masked slots when the block began
+            self.stop = torch.empty(b, dtype=torch.long)  # first committed eot (G: none)
+            self.done = torch.empty(b, dtype=torch.bool)
+            self.row_forwards = torch.empty(b, dtype=torch.long)
+            self.chosen = torch.zeros(b, g, dtype=torch.bool)  # positions committed by the last step
+            self.x0_in = torch.empty(b, g, dtype=torch.long)  # this step's predictions ...
+            self.conf_in = torch.empty(b, g, dtype=torch.float64)  # ... and their confidences
+            self.refresh = torch.empty(b, dtype=torch.bool)  # the cache refresh hint of the next forward
+            self.block_start = torch.empty(b, dtype=torch.long)  # first slot of each row's current block
+            self.flags = torch.empty(2, b, dtype=torch.bool)  # (done, refresh): what the host reads back
+        self.use_graph, self.graph = use_graph and dev.type == "cuda", None
+
+    def reset(self, active: torch.Tensor | None) -> tuple[list[bool], list[bool]]:
+        g, bl = self.gen.gen_length, self.gen.block_length
+        self.x.fill_(self.mask_id)
+        self.block.zero_()
+        self.step_in.zero_()
+        self.masked_at_start.fill_(bl)
+        self.stop.fill_(g)
+        self.done.copy_(torch.zeros_like(self.done) if active is None else ~active.to(self.dev, torch.bool))
+        self.row_forwards.zero_()
+        self.chosen.zero_()
+        self._advance()
+        self._advance()
+        self._flags()
+        return self._read()
+
+    def step(self, x0: torch.Tensor, conf: torch.Tensor) -> tuple[list[bool], list[bool]]:
+        self.x0_in.copy_(x0)
+        self.conf_in.copy_(conf)
+        if self.use_graph and self.graph is None:
+            try:
+                self._capture()
+            except Exception as e:  # never let the speed-up cost an answer: run the same update eagerly
+                import sys
+
+                print(f"llada-export: warning: the sampler step could not be captured in a CUDA graph ({e}); "
+                      "running it eagerly", file=sys.stderr)
+                self.use_graph = False
+        if self.use_graph:
+            self.graph.replay()
+        else:
+            self.update()
+        return self._read()
+
+    def _read(self) -> tuple[list[bool], list[bool]]:
+        done, refresh = self.flags.tolist()  # the one read-back per step
+        return done, refresh
+
+    def update(self) -> None:
+        self._commit()
+        self._advance()
+        self._advance()  # a row that ended its block at a stop finishes at the next block's check
+        self._flags()
+
+    def _capture(self) -> None:
+        state = [self.x, self.block, self.step_in, self.masked_at_start, self.stop, self.done, self.row_forwards,
+                 self.chosen, self.refresh, self.block_start, self.flags]
+        saved = [t.clone() for t in state]
+        side = torch.cuda.Stream(self.dev)
+        side.wait_stream(torch.cuda.current_stream(self.dev))
+        with torch.cuda.stream(side):  # warm up outside the capture, then put the state back
+            self.update()
+        torch.cuda.current_stream(self.dev).wait_stream(side)
+        for t, v in zip(state, saved):
+            t.copy_(v)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.update()
+        self.graph = graph
+
+    def _advance(self) -> None:
+        """Rows whose block is over move to the next block, or finish (the official checks before
+        each forward: block committed, or nothing left before the stop, or the block's steps used)."""
+        gen, g, bl, pos = self.gen, self.gen.gen_length, self.gen.block_length, self.pos
+        start = self.block * bl
+        masked = self.x == self.mask_id
         in_block = (pos >= start[:, None]) & (pos < (start + bl)[:, None])
-        over = ~(masked & in_block).any(1) | ((stop < g) & ~(masked & (pos < stop[:, None])).any(1))
+        over = ~(masked & in_block).any(1) | ((self.stop < g) & ~(masked & (pos < self.stop[:, None])).any(1))
         # the fixed schedule ends after its steps; parallel decoding after block_length forwards at most
         # (each commits a position, unless it commits the mask token itself, which leaves it masked)
-        over |= step_in >= (steps if gen.parallel == "none" else bl)
-        over &= ~done
-        block.add_(over.long())
-        step_in.masked_fill_(over, 0)
-        nxt = block * bl
-        done = done | (over & ((block >= n_blocks) | (stop <= nxt)))
+        over = (over | (self.step_in >= self.cap)) & ~self.done
+        self.block.add_(over.long())
+        self.step_in.masked_fill_(over, 0)
+        nxt = self.block * bl
+        self.done.logical_or_(over & ((self.block >= gen.n_blocks) | (self.stop <= nxt)))
         n_new = (masked & (pos >= nxt[:, None]) & (pos < (nxt + bl)[:, None])).sum(1)
-        masked_at_start.copy_(torch.where(over, n_new, masked_at_start))
+        self.masked_at_start.copy_(torch.where(over, n_new, self.masked_at_start))
 
-    forwards = 0
-    while True:
-        advance()
-        advance()  # a row that ended its block at a stop finishes at the next block's check
-        if bool(done.all()):
-            break
-        refresh = (step_in == 0) if gen.refresh is None else (step_in % gen.refresh == 0)
-        info = StepInfo(forwards, refresh, block * bl, ~done)
-        masked = x == mask_id  # [B, G]
-        if getattr(denoiser, "fused", False):
-            x0, x0_p = denoiser.predict(x.clone(), info)  # argmax + its probability computed in the graph
-            x0, x0_p = x0.to(device), x0_p.to(device, torch.float64)
-        else:
-            x0, x0_p = _predict(denoiser, x, masked, info, suppress, gen, generators)
-        forwards += 1 + (gen.cfg_scale > 0 and not getattr(denoiser, "fused", False))
-        row_forwards += (~done).long()
-        start = block * bl
-        limit = torch.where(stop < g, stop, start + bl)  # positions >= limit do not compete
-        x0 = torch.where(masked, x0, x)
-        conf = torch.where(masked & (pos < limit[:, None]), x0_p, neg_inf)  # [B, G] float64
+    def _commit(self) -> None:
+        """Commit this step's tokens (``x0_in``, ranked by ``conf_in``) by the schedule or a parallel rule."""
+        gen, g, bl, pos = self.gen, self.gen.gen_length, self.gen.block_length, self.pos
+        masked = self.x == self.mask_id  # [B, G]
+        active = (~self.done).long()
+        self.row_forwards.add_(active)
+        limit = torch.where(self.stop < g, self.stop, self.block * bl + bl)  # positions >= limit do not compete
+        x0 = torch.where(masked, self.x0_in, self.x)
+        conf = torch.where(masked & (pos < limit[:, None]), self.conf_in, self.neg_inf)  # [B, G] float64
         order = conf.sort(dim=1, descending=True, stable=True)  # values / indices [B, G]
-        k = _n_commit(gen, order.values, masked, masked_at_start, step_in, steps)
+        k = _n_commit(gen, order.values, masked, self.masked_at_start, self.step_in, self.steps)
         k = torch.minimum(k, torch.isfinite(conf).sum(1))
-        k = torch.where(done, torch.zeros_like(k), k)
-        rank = torch.empty_like(rank_base).scatter_(1, order.indices, rank_base)  # rank of each slot
-        chosen = rank < k[:, None]  # [B, G]
-        x = torch.where(chosen, x0, x)
-        step_in += (~done).long()
+        k = torch.where(self.done, torch.zeros_like(k), k)
+        rank = torch.empty_like(self.rank_base).scatter_(1, order.indices, self.rank_base)  # rank of each slot
+        self.chosen.copy_(rank < k[:, None])  # [B, G]
+        self.x.copy_(torch.where(self.chosen, x0, self.x))
+        self.step_in.add_(active)
         if gen.stop_at_eot:
-            first_eot = torch.where(x == eot_id, pos, g).amin(1)
-            stop = torch.minimum(stop, first_eot)
-        if trace is not None:
-            trace.committed.append([sorted(chosen[i].nonzero().flatten().tolist()) for i in range(b)])
-        if on_step is not None:
-            on_step(StepEvent(forwards, x, chosen, done.clone()))
-    if trace is not None:
-        trace.forwards += forwards
-        trace.row_forwards = row_forwards.tolist()
-    x, active_rows = x.cpu(), (~done).cpu() if active is None else active.cpu()
-    return [cut_at_eot(x[i], eot_id) if (active is None or bool(active_rows[i])) else x[i, :0] for i in range(b)]
+            self.stop.copy_(torch.minimum(self.stop, torch.where(self.x == self.eot_id, pos, g).amin(1)))
+
+    def _flags(self) -> None:
+        r = self.gen.refresh
+        self.refresh.copy_((self.step_in == 0) if r is None else (self.step_in % r == 0))
+        self.block_start.copy_(self.block * self.gen.block_length)
+        self.flags[0].copy_(self.done)
+        self.flags[1].copy_(self.refresh)
 
 
 def _n_commit(gen: GenerationConfig, sorted_conf: torch.Tensor, masked: torch.Tensor, masked_at_start: torch.Tensor,

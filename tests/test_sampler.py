@@ -38,7 +38,9 @@ class TableDenoiser:
         return out * (0.5 if uncond else 1.0)
 
     def __call__(self, ids: torch.Tensor, step: StepInfo, *, uncond: bool = False) -> torch.Tensor:
-        self.calls.append((ids.clone(), step, uncond))
+        snapshot = StepInfo(step.index, step.refresh.clone(), step.block_start.clone(), step.active.clone(),
+                            list(step.refresh_rows), list(step.active_rows))  # the sampler reuses its buffers
+        self.calls.append((ids.clone(), snapshot, uncond))
         return self.logits(ids, uncond)
 
 
@@ -288,6 +290,7 @@ def test_refresh_hints_follow_the_official_hook(refresh, expect):
     run(gen, den)
     hints = [bool(step.refresh[0]) for _, step, _ in den.calls]
     assert hints == expect + expect  # two blocks of 8 forwards
+    assert [step.refresh_rows[0] for _, step, _ in den.calls] == hints  # the same flags on the host
     assert [int(step.block_start[0]) for _, step, _ in den.calls] == [0] * 8 + [8] * 8
 
 

@@ -320,6 +320,16 @@ def run_engines(args, save) -> dict:
                 res["rows"].append(row)
                 print(json.dumps(row), flush=True)
                 save(res)
+        if DEVICE == "cuda":  # the sampler step from its CUDA graph gives the eager sampler's tokens
+            kw = dict(preset=args.presets[-1], unpruned=not pruned, **settings_of(args, cache))
+            a = pipe.generate(image[0], args.prompt, system=args.system, **kw)
+            pipe.step_graph = False
+            b = pipe.generate(image[0], args.prompt, system=args.system, **kw)
+            pipe.step_graph = None
+            info["step_graph_check"] = {"preset": args.presets[-1], "same_ids": a.ids == b.ids,
+                                        "graph": a.timings["sampler_step_graph"], "eager_total_s": b.timings["total"],
+                                        "graph_total_s": a.timings["total"]}
+            print(group, "step graph check", json.dumps(info["step_graph_check"]), flush=True)
         res["graphs"].update(graph_times(pipe, image[0], args, peak * 1e12))
         del pipe
         if torch.cuda.is_available():

@@ -28,7 +28,7 @@ from ..engines.tensorrt import TOPK_LIMIT
 from ..graphs.anyres import grid_shape, max_visual_token_count, visual_token_count
 from ..outdir import atomic_output_dir, check_output_dir
 from ..sampler import GenerationConfig
-from ..tokenizer import DEFAULT_SYSTEM_PROMPT, encode_prompt, has_tokenizer_files, load_tokenizer, special_tokens
+from ..tokenizer import encode_prompt, has_tokenizer_files, load_tokenizer, special_tokens
 from .programs import BuildContext, check_program
 
 COMPILED_WEIGHTS = ("auto", "package", "checkpoint")
@@ -116,8 +116,9 @@ def plan_bucket(opts: ExportOptions, cfg: LLaDAVConfig) -> Bucket:
 
 
 def template_tokens(tokenizer) -> int:
-    """Text tokens of the chat template around an empty question with an image (the smallest prompt)."""
-    before, after = encode_prompt(tokenizer, "", has_image=True, system=DEFAULT_SYSTEM_PROMPT)
+    """Text tokens of the chat template around an empty question with an image and an empty system
+    prompt: the smallest prompt there is."""
+    before, after = encode_prompt(tokenizer, "", has_image=True, system="")
     return len(before) + len(after)
 
 
@@ -142,7 +143,7 @@ def preflight(opts: ExportOptions, cfg: LLaDAVConfig | None = None, tokenizer=No
     bucket = plan_bucket(opts, cfg)
     if tokenizer is not None and (n := template_tokens(tokenizer)) >= opts.max_prompt_tokens:
         raise ExportError(f"--max-prompt-tokens {opts.max_prompt_tokens} does not hold the chat template itself "
-                          f"({n} tokens with the default system prompt); use at least {n + 16}")
+                          f"({n} tokens with an empty system prompt and question); use at least {n + 16}")
     if "tensorrt" in opts.backends and opts.prune is not None and bucket.k_static >= TOPK_LIMIT:
         raise ExportError(f"the bucket keeps {bucket.k_static} visual tokens, over TensorRT's TopK limit "
                           f"({TOPK_LIMIT - 1}); lower --keep, --image-size or --max-visual-tokens")

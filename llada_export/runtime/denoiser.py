@@ -31,9 +31,9 @@ class EngineDenoiser:
         self.path = UNPRUNED_PATH if unpruned else PRUNED_PATH
         self.reduced: BucketInputs | None = None  # after stage A
         self.kv: torch.Tensor | None = None  # [layers, 2, B, n_kv, L', hd], the prefill graph's output
-        self.valid = torch.zeros(x.batch, dtype=torch.bool, device=x.key_mask.device)  # rows with a filled cache
+        self.valid = [False] * x.batch  # rows with a filled cache
         self._resp: torch.Tensor | None = None
-        self.calls: list[tuple[str, float]] = []  # (graph, seconds) per forward
+        self._calls: list[tuple[str, object, object]] = []  # (graph, start, end): CUDA events or perf_counter
 
     @property
     def fused(self) -> bool:
@@ -55,12 +55,25 @@ class EngineDenoiser:
         return out["x0"][:, :g], out["confidence"][:, :g].float()  # [B, g], [B, g]
 
     def _run(self, graph: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        t0 = time.perf_counter()
-        out = self.pipe.run(graph, **feeds)
-        if self.x.key_mask.is_cuda:
-            torch.cuda.synchronize(self.x.key_mask.device)  # honest per-graph times (the sampler syncs anyway)
-        self.calls.append((graph, time.perf_counter() - t0))
+        if self.x.key_mask.is_cuda:  # timed with CUDA events: no host sync per call
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = self.pipe.run(graph, **feeds)
+            end.record()
+        else:
+            start = time.perf_counter()
+            out = self.pipe.run(graph, **feeds)
+            end = time.perf_counter()
+        self._calls.append((graph, start, end))
         return out
+
+    @property
+    def calls(self) -> list[tuple[str, float]]:
+        """(graph, seconds) of every forward so far (reading CUDA events waits for the last one)."""
+        if self._calls and not isinstance(self._calls[-1][1], float):
+            self._calls[-1][2].synchronize()
+            return [(g, a.elapsed_time(b) / 1e3) for g, a, b in self._calls]
+        return [(g, b - a) for g, a, b in self._calls]
 
     def _forward(self, response_ids: torch.Tensor, step: StepInfo, uncond: bool) -> dict[str, torch.Tensor]:
         resp = self._response(response_ids)
@@ -76,24 +89,25 @@ class EngineDenoiser:
             return self._run(self.path.full, seq.denoiser_feeds(resp) | {"prefix_embeds": masked.contiguous()})
         if not self.cache:
             return self._run(self.path.full, seq.denoiser_feeds(resp))
-        need = (~self.valid | step.refresh.to(self.valid.device)) & step.active.to(self.valid.device)
-        n_need, n_active = int(need.sum()), int(step.active.sum())
-        if n_need == 0:
+        need = [(not v or r) and a for v, r, a in zip(self.valid, step.refresh_rows, step.active_rows)]
+        if not any(need):
             return self._run(self.path.cached, seq.cached_feeds(resp, self.kv, step.block_start))
-        if n_need == n_active:
+        if need == step.active_rows:
             out = self._run(self.path.prefill, seq.denoiser_feeds(resp))
             self.kv = out["kv_cache"]
-            self.valid[:] = True
+            self.valid = [True] * len(self.valid)
             return out
         # rows disagree: the cached rows step with their old cache, the others refresh theirs
         cached = self._run(self.path.cached, seq.cached_feeds(resp, self.kv, step.block_start))
-        keep = (~need).nonzero().flatten()
+        dev = self.kv.device
+        keep = torch.tensor([i for i, n in enumerate(need) if not n], device=dev)
         saved = self.kv.index_select(2, keep)
         out = self._run(self.path.prefill, seq.denoiser_feeds(resp))
         self.kv = out["kv_cache"]
         self.kv.index_copy_(2, keep, saved)
-        self.valid |= need
-        return {k: torch.where(need.view(-1, *([1] * (v.dim() - 1))), out[k], v) for k, v in cached.items()}
+        self.valid = [v or n for v, n in zip(self.valid, need)]
+        rows = torch.tensor(need, device=dev)
+        return {k: torch.where(rows.view(-1, *([1] * (v.dim() - 1))), out[k], v) for k, v in cached.items()}
 
     def kept_visual(self, row: int) -> list[int] | None:
         """Kept visual tokens of ``row`` as positions in its unpadded prompt (= their position ids)."""

@@ -67,6 +67,7 @@ class Pipeline:
         self.bucket, self.tokens = manifest.bucket, manifest.tokens
         self.keep = manifest.pruning.keep if manifest.pruning else 1.0
         self.pruned = manifest.pruned
+        self.step_graph: bool | None = None  # the sampler's per-step update from a CUDA graph (None: on CUDA)
         tok_dir = root / "tokenizer"
         self.tokenizer = load_tokenizer(tok_dir) if tok_dir.is_dir() else None
         emb = load_file(str(root / "text_embeddings.safetensors"), device=device)
@@ -276,19 +277,21 @@ class Pipeline:
         t1 = time.perf_counter()
         gens = [torch.Generator(device=self.device).manual_seed(r.seed) for r in requests]
         gens += [None] * (x.batch - len(requests))
-        trace = SamplerTrace()
+        trace = SamplerTrace(record=False)
         ids = generate(den, gen, mask_id=self.tokens.mask, eot_id=self.tokens.eot, suppress_ids=self.tokens.suppressed(),
                        batch_size=x.batch, active=x.active, generators=gens, trace=trace, device=self.device,
-                       on_step=on_step)
+                       on_step=on_step, step_graph=self.step_graph)
         t2 = time.perf_counter()
-        st = [s for _, s in den.calls]
+        done_calls = den.calls
+        st = [s for _, s in done_calls]
         calls: dict[str, int] = {}
-        for name, _ in den.calls:
+        for name, _ in done_calls:
             calls[name] = calls.get(name, 0) + 1
         timings = {"prepare": t1 - t0 - sum(t_vis), "total": t2 - t0, "denoise": t2 - t1,
-                   "sampler_overhead": (t2 - t1) - sum(st), "batch_size": len(requests)}
+                   "sampler_overhead": (t2 - t1) - sum(st), "batch_size": len(requests),
+                   "sampler_step_graph": float(trace.step_graph)}
         for name in calls:
-            timings[f"{name}_per_call"] = sum(s for n, s in den.calls if n == name) / calls[name]
+            timings[f"{name}_per_call"] = sum(s for n, s in done_calls if n == name) / calls[name]
         out = []
         for i, r in enumerate(requests):
             row = ids[i].tolist()
@@ -301,7 +304,8 @@ class Pipeline:
 def _blank_step(b: int, index: int, device) -> StepInfo:
     dev = torch.device(device)
     return StepInfo(index, torch.full((b,), index == 0, dtype=torch.bool, device=dev),
-                    torch.zeros(b, dtype=torch.long, device=dev), torch.ones(b, dtype=torch.bool, device=dev))
+                    torch.zeros(b, dtype=torch.long, device=dev), torch.ones(b, dtype=torch.bool, device=dev),
+                    [index == 0] * b, [True] * b)
 
 
 __all__ = ["GenerationResult", "Pipeline", "Request", "RequestError"]
