@@ -418,8 +418,7 @@ def _n_commit(gen: GenerationConfig, sorted_conf: torch.Tensor, masked: torch.Te
     # then k = 0 or k = N - 1 is bumped by one (the official hook's loop, written vectorised)
     n = masked.sum(1)  # [B] every masked response slot (later blocks too, at -inf)
     j = torch.arange(sorted_conf.shape[1], device=sorted_conf.device)
-    th = (1 - gen.factor / (j + 2).to(torch.float64))
-    th[0] = -1.0
+    th = torch.where(j == 0, -1.0, 1 - gen.factor / (j + 2).to(torch.float64))  # no host->device copy: capturable
     fail = (sorted_conf < th) & (j[None, :] < n[:, None])
     k = torch.where(fail.any(1), fail.to(torch.int8).argmax(1), n - 1)
     return torch.where((k == 0) | (k == n - 1), k + 1, k)
@@ -446,16 +445,19 @@ def _predict(denoiser, x, mask, info, suppress, gen, generators) -> tuple[torch.
 
 
 def fused_prediction(logits: torch.Tensor, response_ids: torch.Tensor, suppress_ids: list[int],
-                     mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     mask_id: int, suppress_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The greedy step inside a graph: logits [B, G, V] -> (x0 [B, G] int64, confidence [B, G] fp32).
 
-    Suppressed ids are -inf at masked positions, as in the sampler; the confidence is the
+    Suppressed ids (``suppress_mask`` [V], or made from ``suppress_ids``) are -inf at masked positions,
+    as in the sampler; the confidence is the
     softmax probability of the argmax, exp(max - logsumexp), computed in fp32 (the eager
     sampler uses float64, so a near-tie can in rare cases commit positions in another order).
     """
     masked = (response_ids == mask_id)[..., None]  # [B, G, 1]
-    sup = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-    sup[suppress_ids] = True
+    sup = suppress_mask  # [V] bool: a buffer of the graph (no host->device copy inside it), or made here
+    if sup is None:
+        sup = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        sup[suppress_ids] = True
     logits = torch.where(masked & sup, torch.full_like(logits, float("-inf")), logits)  # [B, G, V]
     best = logits.max(dim=-1)  # values/indices [B, G]
     conf = torch.exp(best.values - torch.logsumexp(logits, dim=-1))  # [B, G]

@@ -586,7 +586,8 @@ def markdown_engines(res: dict) -> list[str]:
         v = res["official"].get("versions", {})
         lines += [f"Official columns: `../shared/bench/official_gpu.py` in the same device session "
                   f"(transformers {v.get('transformers')}, {v.get('gpu')}); fast_dllm = the official repo's "
-                  "Fast-dLLM hook as its generate_demo.py registers it (refresh 32, threshold 1).", ""]
+                  "Fast-dLLM hook as its generate_demo.py registers it (refresh 32, threshold 1)."
+                  + (f" Source: {res['official_source']}." if res.get("official_source") else ""), ""]
     head = (["official vanilla", "official + Fast-dLLM"] if has_official else []) + paths
     lines += ["## End to end (seconds per request)", "", "| preset | " + " | ".join(head) + " |",
               "| --- | " + " | ".join("---" for _ in head) + " |"]

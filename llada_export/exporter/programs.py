@@ -36,7 +36,8 @@ class BuildContext:
     _traced: dict[str, torch.export.ExportedProgram] = field(default_factory=dict)
 
     def head(self) -> Head:
-        return Head((self.tokens.suppressed(), self.tokens.mask) if self.fused else None)
+        return Head((self.tokens.suppressed(), self.tokens.mask) if self.fused else None,
+                    self.model.config.text.vocab_size, self.device)
 
     def io(self, graph: str) -> GraphIO:
         return GRAPHS[graph].io(self.dims, self.fused)

@@ -237,14 +237,18 @@ class Head(nn.Module):
     (x0 [B, G] int64, confidence [B, G] fp32), so a step copies two small tensors instead of the
     logits. The fused head serves temperature 0 / low_confidence only."""
 
-    def __init__(self, fused: tuple[list[int], int] | None = None):
+    def __init__(self, fused: tuple[list[int], int] | None = None, vocab: int = 0, device=None):
         super().__init__()
         self.fused = fused  # (suppressed ids, mask id) or None
+        if fused is not None:  # the suppressed ids as a [V] mask buffer: a graph constant on the device
+            mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+            mask[list(fused[0])] = True
+            self.register_buffer("suppress_mask", mask, persistent=False)
 
     def forward(self, logits: torch.Tensor, response_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.fused is None:
             return (logits,)
-        return fused_prediction(logits, response_ids, *self.fused)
+        return fused_prediction(logits, response_ids, *self.fused, suppress_mask=self.suppress_mask)
 
 
 class DenoiserGraph(nn.Module):
