@@ -396,6 +396,31 @@ def text_only_baseline(split: str | Sequence[Sample], n: int = 2000) -> dict:
     }
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion."""
+    import math
+
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, c - h), min(1.0, c + h)
+
+
+def accuracy_table(types: Sequence[str], hits: Sequence[bool]) -> dict:
+    """Accuracy overall (with its 95% interval) and per question type."""
+    per: dict[str, list[bool]] = defaultdict(list)
+    for t, h in zip(types, hits):
+        per[t].append(h)
+    k, n = sum(hits), len(hits)
+    lo, hi = wilson(k, n)
+    return {"overall": k / max(1, n), "correct": k, "n": n, "ci95": [lo, hi],
+            "per_type": {t: sum(v) / len(v) for t, v in sorted(per.items())},
+            "per_type_n": {t: len(v) for t, v in sorted(per.items())}}
+
+
 GEN_LENGTH = 8  # the demo model's evaluation response length: the answer + <|eot_id|> padding
 DEMO_BPE_VOCAB = 448  # 256 byte symbols + 192 merges: every answer and task word is one token
 

@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import shutil
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -41,28 +39,6 @@ IMAGE_SIZE = (vqa_task.WIDTH, vqa_task.HEIGHT)
 
 
 # ---------------------------------------------------------------------- helpers
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return max(0.0, c - h), min(1.0, c + h)
-
-
-def accuracy_table(types: list[str], hits: list[bool]) -> dict:
-    per: dict[str, list[bool]] = defaultdict(list)
-    for t, h in zip(types, hits):
-        per[t].append(h)
-    k, n = sum(hits), len(hits)
-    lo, hi = wilson(k, n)
-    return {"overall": k / max(1, n), "correct": k, "n": n, "ci95": [lo, hi],
-            "per_type": {t: sum(v) / len(v) for t, v in sorted(per.items())},
-            "per_type_n": {t: len(v) for t, v in sorted(per.items())}}
-
-
 class VisualCache:
     """Visual embeddings per sample from the first pipeline's vision engine: every engine set
     holds the same vision graph, so later pipelines reuse them instead of re-running it."""
@@ -97,7 +73,7 @@ def evaluate(pipe: Pipeline, samples, images, gen: GenerationConfig, unpruned: b
         if r.kept_visual is not None:
             kept.append(len(r.kept_visual))
     seconds = time.perf_counter() - t0
-    out = accuracy_table([s.qtype for s in samples], hits)
+    out = vqa_task.accuracy_table([s.qtype for s in samples], hits)
     out.update(seconds=seconds, seconds_per_question=seconds / max(1, len(samples)),
                mean_steps=sum(steps) / max(1, len(steps)), predictions=preds)
     if kept:

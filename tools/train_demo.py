@@ -46,7 +46,6 @@ import os
 import shutil
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -263,14 +262,6 @@ def batched_generate(bt: Batcher, crops: torch.Tensor, questions: list[str], aut
     return [bt.tok.decode(r.tolist(), skip_special_tokens=True) for r in rows]
 
 
-def accuracy_table(types: list[str], hits: list[bool]) -> dict:
-    per: dict[str, list[bool]] = defaultdict(list)
-    for t, h in zip(types, hits):
-        per[t].append(h)
-    return {"overall": sum(hits) / max(1, len(hits)), "n": len(hits),
-            "per_type": {t: sum(v) / len(v) for t, v in sorted(per.items())}}
-
-
 _EVAL_CACHE: dict[tuple[str, int], tuple] = {}
 
 
@@ -288,7 +279,7 @@ def fast_eval(bt: Batcher, split: str, n: int, device, autocast, gen_length: int
         preds += got
         types += ts
         hits += [p.strip() == a for p, a in zip(got, ans)]
-    return accuracy_table(types, hits), preds
+    return vqa_task.accuracy_table(types, hits), preds
 
 
 # ---------------------------------------------------------------------- real-path eval
@@ -328,7 +319,7 @@ def reference_eval(ckpt: Path, n: int, gen_length: int, processes: int, device: 
     texts = dict(results)
     samples = vqa_task.make_split("val", n)
     preds = [texts[s.index] for s in samples]
-    table = accuracy_table([s.qtype for s in samples], [p.strip() == s.answer for p, s in zip(preds, samples)])
+    table = vqa_task.accuracy_table([s.qtype for s in samples], [p.strip() == s.answer for p, s in zip(preds, samples)])
     return table, preds
 
 
