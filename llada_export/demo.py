@@ -13,7 +13,6 @@ exits with status 1 if any answer is wrong.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path

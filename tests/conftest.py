@@ -23,6 +23,16 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """Tools run in-process (prune_sweep, train_demo) set torch's thread count for their own runs; put
+    it back so that no test depends on which ran before it in the same worker (Inductor's CPU kernels,
+    and so its compile cache, specialise on the count)."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     return random_checkpoint("tiny", tmp_path_factory.mktemp("ckpt") / "tiny", seed=0, init_std=TINY_STD)

@@ -107,7 +107,8 @@ def test_json_into_a_closed_pipe_is_quiet(engines):
     assert "Broken pipe" not in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("tool", ["llada-export", "llada-generate", "llada-compare", "llada-checkpoint", "llada-demo"])
+@pytest.mark.parametrize("tool", ["llada-export", "llada-generate", "llada-compare", "llada-checkpoint", "llada-demo",
+                                  "llada-serve"])
 def test_version_and_help(tool):
     r = subprocess.run([str(BIN / tool), "--version"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == f"{tool} {__version__} (llada-export)"
@@ -120,9 +121,10 @@ def test_version_and_help(tool):
 def test_help_is_fast_and_imports_no_torch():
     """--help must not pay for torch: the CLIs import it only once there is work to do."""
     code = ("import sys, llada_export.cli.export, llada_export.cli.generate, llada_export.cli.compare, "
-            "llada_export.cli.checkpoint; print('torch' in sys.modules)")
+            "llada_export.cli.checkpoint, llada_export.cli.serve, llada_export.serve.client; "
+            "print('torch' in sys.modules, 'ray' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.stdout.strip() == "False", r.stderr
+    assert r.stdout.strip() == "False False", r.stderr
 
 
 def test_checkpoint_help_names_every_preset():
@@ -132,3 +134,29 @@ def test_checkpoint_help_names_every_preset():
     for name in PRESETS:
         assert f"'{name}'" in h.stdout
     assert "overwrite=True" not in h.stdout
+
+
+def test_serve_refuses_what_it_cannot_serve_before_starting_ray(engines):
+    """A batch larger than the engines', a port in use, --server with local-engine flags: one line,
+    exit 2, and no Ray cluster started (the checks come first)."""
+    import socket
+
+    r = subprocess.run([str(BIN / "llada-serve"), "--engines", str(engines), "--max-batch", "8"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "exceeds the engines' batch size 1" in r.stderr and "--batch-size 8" in r.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = subprocess.run([str(BIN / "llada-serve"), "--engines", str(engines), "--port", str(port)],
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in r.stderr, r.stderr
+    r = subprocess.run([str(BIN / "llada-serve"), "--engines", "/nonexistent"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "/nonexistent" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([str(BIN / "llada-generate"), "--server", "http://127.0.0.1:9", "--image", str(DEMO_IMAGE),
+                        "--prompt", "hi", "--backend", "onnxruntime"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--backend" in r.stderr and "--server" in r.stderr
+    r = subprocess.run([str(BIN / "llada-generate"), "--server", "http://127.0.0.1:9", "--image", str(DEMO_IMAGE),
+                        "--prompt", "hi"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "no answer from http://127.0.0.1:9" in r.stderr

@@ -10,7 +10,7 @@ from llada_export.contract.manifest import Manifest
 from llada_export.contract.pruning import PruneSettings
 from llada_export.reference import reference_generate
 from llada_export.runtime.pipeline import Pipeline
-from llada_export.sampler import GenerationError, preset
+from llada_export.sampler import GenerationError
 
 
 @pytest.fixture(scope="module")

@@ -128,7 +128,7 @@ def test_prune_settings_errors(tiny, prompt_inputs):
 def test_score_sources_weight_the_right_queries():
     """``text`` and ``last`` against weights built by hand from the layout (``response``: the masked
     response slots)."""
-    g, mask_id = 4, 99
+    mask_id = 99
     # layout: [t t v v v t pad | r r r r]: text 0,1,5; visual 2-4; slot 6 padding; response 7-10
     key = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1]], dtype=torch.bool)
     vis = torch.tensor([[0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)

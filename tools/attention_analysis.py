@@ -43,6 +43,7 @@ from llada_export.reference import embed_prompt
 from llada_export.sampler import GenerationConfig, generate
 from llada_export.tokenizer import DEFAULT_SYSTEM_PROMPT, special_tokens
 from llada_export.vqa_task import patch_labels
+from llada_export.report import pyplot, save, write_report
 
 GEN_LENGTH = vqa_task.GEN_LENGTH
 
@@ -300,10 +301,7 @@ def markdown(res: dict, sweep: dict | None = None) -> str:
 
 
 def plot(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (a, c, b) = plt.subplots(1, 3, figsize=(16, 4.2))
     nl = res["n_layers"]
@@ -333,9 +331,7 @@ def plot(res: dict, path: Path) -> None:
     b.set_title("top-k visual set stability vs step 1")
     b.legend(fontsize=7, ncol=2)
     fig.suptitle(f"demo LLaDA-V, {res['n']} test questions", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,18 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", default="benchmarks/prune_sweep.json", help="sweep results to cross-check, if present")
     p.add_argument("--replot", action="store_true", help="only rewrite <out>.md and <out>.png from <out>.json")
     args = p.parse_args(argv)
-    out = Path(args.out)
-    if args.replot:
-        res = json.loads(out.with_suffix(".json").read_text())
-    else:
-        res = run_analysis(args.ckpt, args.n, args.layers, args.keeps, args.gen_length)
     sweep = json.loads(Path(args.sweep).read_text()) if Path(args.sweep).exists() else None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not args.replot:
-        out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    out.with_suffix(".md").write_text(markdown(res, sweep))
-    plot(res, out.with_suffix(".png"))
-    print(markdown(res, sweep))
+    res = None if args.replot else run_analysis(args.ckpt, args.n, args.layers, args.keeps, args.gen_length)
+    write_report(args.out, res, lambda r: markdown(r, sweep), plot)
     return 0
 
 

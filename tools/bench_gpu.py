@@ -39,6 +39,7 @@ from PIL import Image
 
 from llada_export.flops import request_flops
 from llada_export.timing import matmul_peak, median_seconds, sync, wall_seconds
+from llada_export.report import pyplot, save
 
 # Official LLaDA-V on the H100, 1024x768, random bf16 weights (issue 7's anchor; format-1 reports only).
 ANCHOR_IMAGE = "1024x768"  # the only image size the anchor was measured at
@@ -229,7 +230,6 @@ def graph_times(pipe, image, args, peak: float) -> dict:
     from llada_export.flops import lm_flops
 
     n_layers = cfg.text.num_hidden_layers
-    lengths = {"stage_b": x.prefix_embeds.shape[1] - x.n_visual[0] + pipe.bucket.k_static}
     for name, f in feeds.items():
         if name not in pipe.runners:
             continue
@@ -512,10 +512,7 @@ def plot(res: dict, path: Path) -> None:
         return plot_engines(res, path) if res.get("format") == 2 else plot_engines_v1(res, path)
     if res["part"] == "batch":
         return plot_batch(res, path)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for image in sorted({r["image"] for r in res["rows"]}):
@@ -530,15 +527,11 @@ def plot(res: dict, path: Path) -> None:
     ax.set_ylabel("latency (s)")
     ax.set_title("LLaDA-V full size, eager bf16 on one GPU: latency vs FLOPs")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, path)
 
 
 def plot_engines_v1(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     st = primary_setting(res)
     presets = list(dict.fromkeys(r["preset"] for r in res["rows"]))
@@ -558,8 +551,7 @@ def plot_engines_v1(res: dict, path: Path) -> None:
     ax.set_ylabel("seconds per request (log)")
     ax.set_title(f"LLaDA-V full size, {res['env']['gpu']}: K {st['prune_layer']}, keep {st['keep']}, {st['image']}")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, path)
 
 
 
@@ -667,10 +659,7 @@ def markdown_targets(res: dict, rows: dict) -> list[str]:
 
 
 def plot_engines(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     presets = list(dict.fromkeys(r["preset"] for r in res["rows"]))
     series = []
@@ -690,8 +679,7 @@ def plot_engines(res: dict, path: Path) -> None:
     st = res["setting"]
     ax.set_title(f"LLaDA-V full size, {res['env']['gpu']}: K {st['prune_layer']}, keep {st['keep']}, {st['image']}")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, path)
 
 
 def markdown_batch(res: dict) -> list[str]:
@@ -711,10 +699,7 @@ def markdown_batch(res: dict) -> list[str]:
 
 
 def plot_batch(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     b = [r["batch_size"] for r in res["rows"]]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -726,8 +711,7 @@ def plot_batch(res: dict, path: Path) -> None:
     ax2.set_ylabel("latency per request (s)")
     ax.set_title(f"{res['path']} throughput vs batch size, {res['env']['gpu']}", fontsize=9)
     fig.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, path)
 
 
 def main(argv=None) -> int:

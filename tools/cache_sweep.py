@@ -16,7 +16,6 @@ Writes ``<out>.json``, ``<out>.md`` and ``<out>.png`` (default ``benchmarks/cach
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import tempfile
@@ -30,6 +29,7 @@ from llada_export.checkpoint.loader import load_checkpoint
 from llada_export.contract.pruning import PruneSettings
 from llada_export.exporter.build import ExportOptions, export_engines
 from llada_export.runtime.pipeline import Pipeline, Request
+from llada_export.report import pyplot, save, write_report
 
 REFRESHES = ["1", "4", "8", "16", "32", "never"]
 RULES = ["none", "factor 1", "factor 0.5", "threshold 0.95", "threshold 0.9", "threshold 0.8", "threshold 0.7"]
@@ -131,7 +131,7 @@ def choose(res: dict) -> dict:
 def markdown(res: dict) -> str:
     c = choose(res)
     ex, best = c["exact"], c["best"]
-    lines = [f"# Prefix cache and parallel decoding: fidelity on the demo model", "",
+    lines = ["# Prefix cache and parallel decoding: fidelity on the demo model", "",
              f"{res['n']} test questions of the procedural VQA task, ONNX Runtime engines on this CPU "
              f"({res['backend']}), pruning at layer {res['pruning']['layer']}, keep {res['pruning']['keep']}, "
              f"{res['gen_length']} response slots (one block), batches of {res['batch']}. Exact = no cache, the "
@@ -167,10 +167,7 @@ def markdown(res: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     colors = {rule: f"C{i}" for i, rule in enumerate(res["rules"])}
@@ -187,9 +184,7 @@ def plot(res: dict, path: Path) -> None:
     ax.set_title("demo model: prefix cache x parallel decoding (o pruned, s unpruned)", fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,16 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=10, help="engines' batch size (default: 10)")
     p.add_argument("--replot", action="store_true", help="only rewrite <out>.md and <out>.png from <out>.json")
     args = p.parse_args(argv)
-    out = Path(args.out)
-    if args.replot:
-        res = json.loads(out.with_suffix(".json").read_text())
-    else:
-        res = run_sweep(args.ckpt, args.n, args.refreshes, args.rules, args.gen_length, args.batch)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    out.with_suffix(".md").write_text(markdown(res))
-    plot(res, out.with_suffix(".png"))
-    print(markdown(res))
+    res = None if args.replot else run_sweep(args.ckpt, args.n, args.refreshes, args.rules, args.gen_length,
+                                             args.batch)
+    write_report(args.out, res, markdown, plot)
     return 0
 
 

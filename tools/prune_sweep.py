@@ -33,6 +33,7 @@ from llada_export.exporter.build import ExportOptions, export_engines, plan_buck
 from llada_export.flops import request_flops
 from llada_export.runtime.pipeline import Pipeline
 from llada_export.sampler import GenerationConfig
+from llada_export.report import pyplot, save, write_report
 
 GEN_LENGTH = vqa_task.GEN_LENGTH
 IMAGE_SIZE = (vqa_task.WIDTH, vqa_task.HEIGHT)
@@ -214,11 +215,11 @@ def markdown(res: dict) -> str:
         f"- sampler: gen = block = steps = {res['generation']['gen_length']}, temperature 0, low-confidence "
         f"remasking, stop at the first committed `<|eot_id|>` (the trainer's evaluation settings); "
         f"answer check `prediction.strip() == answer`",
-        f"- FLOPs: analytic (`tools/bench_gpu.py: request_flops`) for a request filling the bucket and all "
+        f"- FLOPs: analytic (`llada_export.flops.request_flops`) for a request filling the bucket and all "
         f"{res['generation']['steps']} steps (vision included); the sampler stops earlier when the answer "
         f"and its `<|eot_id|>` are committed, see 'steps'",
-        f"- lost / gained: questions the setting turns from right to wrong / wrong to right against the "
-        f"unpruned engines (paired, on the same questions)",
+        "- lost / gained: questions the setting turns from right to wrong / wrong to right against the "
+        "unpruned engines (paired, on the same questions)",
         f"- total time {res['seconds']:.0f} s (exports {res['export_seconds']:.0f} s) on "
         f"{res['env']['threads']} CPU threads",
         "",
@@ -265,10 +266,7 @@ def markdown(res: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     base = res["results"][0]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -290,9 +288,7 @@ def plot(res: dict, path: Path) -> None:
     ax.set_title("demo model, ONNX Runtime engines: accuracy vs FLOPs", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -308,22 +304,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replot", action="store_true", help="only rewrite <out>.md and <out>.png from <out>.json")
     args = p.parse_args(argv)
     out = Path(args.out)
-    if args.replot:
+    if args.replot:  # recomputes the agreement column of an older JSON
         res = json.loads(out.with_suffix(".json").read_text())
-        add_agreement(res)
-        out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-        out.with_suffix(".md").write_text(markdown(res))
-        plot(res, out.with_suffix(".png"))
-        print(markdown(res))
-        return 0
-    res = run_sweep(args.ckpt, args.n, args.layers, args.keeps, args.gen_length,
-                    fuse_sampler=not args.no_fuse_sampler, workdir=args.workdir)
+    else:
+        res = run_sweep(args.ckpt, args.n, args.layers, args.keeps, args.gen_length,
+                        fuse_sampler=not args.no_fuse_sampler, workdir=args.workdir)
     add_agreement(res)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    out.with_suffix(".md").write_text(markdown(res))
-    plot(res, out.with_suffix(".png"))
-    print(markdown(res))
+    write_report(out, res, markdown, plot)
     return 0
 
 

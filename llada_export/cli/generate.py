@@ -19,6 +19,7 @@ examples:
   llada-generate --engines engines/ --image chart.png --prompt "What is the maximum?" --preset chartqa
   llada-generate --engines engines/ --image photo.jpg --prompt "Describe it." --factor 1 --refresh 32
   llada-generate --engines engines/ --image photo.jpg --prompt "Describe it." --compare-unpruned --json
+  llada-generate --server http://127.0.0.1:8000 --image photo.jpg --prompt "What is shown?"
 
 The image goes first unless the prompt places it with <image> ("<image>\\n" + question, as
 the official demo writes it); a typed \\n in --prompt is a newline. With --cache (the default
@@ -28,7 +29,10 @@ when the engines have the cache graphs) the prefix K/V are reused between refres
 
 def build_parser() -> argparse.ArgumentParser:
     p = parser("llada-generate", DESCRIPTION, EPILOG)
-    p.add_argument("--engines", required=True, help="engines directory written by llada-export")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--engines", help="engines directory written by llada-export")
+    where.add_argument("--server", metavar="URL",
+                       help="ask a running llada-serve instead (e.g. http://127.0.0.1:8000); needs --image")
     p.add_argument("--image", help="image file (any format Pillow reads); omit for a text-only prompt")
     p.add_argument("--prompt", required=True, type=cli_prompt,
                    help="user message; <image> marks where the image goes (default: first)")
@@ -79,9 +83,35 @@ def decoding_settings(args: argparse.Namespace) -> dict:
                 threshold=args.threshold)
 
 
+LOCAL_ONLY = ("backend", "device", "weights", "compare_unpruned")
+
+
+def ask_server(args: argparse.Namespace) -> int:
+    """--server: the same request through llada-serve's HTTP API (retried on a server-side failure)."""
+    from ..serve.client import Client
+
+    if args.image is None:
+        raise ValueError("--server needs --image: the server answers questions about an image")
+    refresh = getattr(args, "refresh", "default")
+    reply = Client(args.server).chat(
+        args.prompt, args.image, max_tokens=args.gen_length, steps=args.steps, block_length=args.block_length,
+        preset=args.preset, temperature=args.temperature, remasking=args.remasking, cfg_scale=args.cfg_scale,
+        seed=args.seed, cache=args.cache, factor=args.factor, threshold=args.threshold,
+        **({} if refresh == "default" else {"refresh": "never" if refresh is None else refresh}))
+    print(json.dumps(reply, indent=2) if args.json else reply["choices"][0]["message"]["content"], flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.server is not None:
+        given = [f"--{k.replace('_', '-')}" for k in LOCAL_ONLY if getattr(args, k) not in (None, False)]
+        if given:
+            p.error(f"{', '.join(given)}: for local engines (--engines) only, not with --server")
     with user_errors("llada-generate"):
+        if args.server is not None:
+            return ask_server(args)
         from ..runtime.pipeline import Pipeline
 
         pipe = Pipeline.load(args.engines, backend=args.backend, device=args.device, weights_from=args.weights)

@@ -75,12 +75,17 @@ class BucketInputs:
 
 
 def check_fits(b: Bucket, parts: RequestParts, gen_length: int) -> None:
-    if parts.n_text > b.max_text_tokens:
-        raise RequestError(f"the prompt has {parts.n_text} text tokens (chat template included); these engines take "
-                          f"at most {b.max_text_tokens}: re-export with --max-prompt-tokens {parts.n_text} or more")
-    if parts.n_visual > b.max_visual_tokens:
-        raise RequestError(f"the image gives {parts.n_visual} visual tokens; these engines take at most "
-                          f"{b.max_visual_tokens}: re-export with --max-visual-tokens {parts.n_visual} or more "
+    check_counts(b, parts.n_text, parts.n_visual, gen_length)
+
+
+def check_counts(b: Bucket, n_text: int, n_visual: int, gen_length: int) -> None:
+    """RequestError naming the export flag to raise when a request of these sizes does not fit."""
+    if n_text > b.max_text_tokens:
+        raise RequestError(f"the prompt has {n_text} text tokens (chat template included); these engines take "
+                          f"at most {b.max_text_tokens}: re-export with --max-prompt-tokens {n_text} or more")
+    if n_visual > b.max_visual_tokens:
+        raise RequestError(f"the image gives {n_visual} visual tokens; these engines take at most "
+                          f"{b.max_visual_tokens}: re-export with --max-visual-tokens {n_visual} or more "
                           "(or a larger --image-size)")
     if gen_length > b.gen_length:
         raise RequestError(f"gen_length {gen_length} exceeds the engines' {b.gen_length}: re-export with "

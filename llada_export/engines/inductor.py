@@ -52,8 +52,9 @@ def write(ctx: WriteContext, graph: str, path: Path) -> list[Path]:
 CACHE_BLOB, CACHE_INFO = "compile_cache.bin", "compile_cache.json"
 
 
-def cache_key() -> dict:
-    """What a saved compile cache is valid for (a mismatch would be a silent recompile)."""
+def cache_key(device: str) -> dict:
+    """What a saved compile cache is valid for (a mismatch would be a silent recompile). Inductor's
+    C++ kernels for the CPU specialise on ``torch.get_num_threads()``, so there the count is part of it."""
     import torch
 
     try:
@@ -63,7 +64,10 @@ def cache_key() -> dict:
     except ImportError:
         triton_version = None
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"torch": torch.__version__, "triton": triton_version, "gpu": gpu}
+    key = {"torch": torch.__version__, "triton": triton_version, "gpu": gpu}
+    if not device.startswith("cuda"):
+        key["cpu_threads"] = torch.get_num_threads()
+    return key
 
 
 def finalize(ctx: WriteContext) -> list[Path]:
@@ -93,21 +97,22 @@ def finalize(ctx: WriteContext) -> list[Path]:
     blob, _info = saved
     folder = ctx.root / BACKEND.folder
     (folder / CACHE_BLOB).write_bytes(blob)
-    (folder / CACHE_INFO).write_text(json.dumps(cache_key(), indent=2) + "\n")
+    (folder / CACHE_INFO).write_text(json.dumps(cache_key(ctx.device), indent=2) + "\n")
     ctx.compile_cache[BACKEND.name] = f"{BACKEND.folder}/{CACHE_BLOB}"
     return [folder / CACHE_BLOB, folder / CACHE_INFO]
 
 
-def load_cache(blob: Path) -> str:
-    """Load a saved compile cache if it was made for this machine's torch, Triton and GPU; says what it did."""
+def load_cache(blob: Path, device: str) -> str:
+    """Load a saved compile cache if it was made for this machine's torch, Triton and GPU (and on the
+    CPU, torch's thread count); says what it did."""
     import json
 
     import torch
 
     saved = json.loads(blob.with_name(CACHE_INFO).read_text())
-    here = cache_key()
+    here = cache_key(device)
     if saved != here:
-        diff = ", ".join(f"{k} {saved.get(k)} (here {here.get(k)})" for k in here if saved.get(k) != here.get(k))
+        diff = ", ".join(f"{k} {saved.get(k)} (here {here.get(k)})" for k in {**saved, **here} if saved.get(k) != here.get(k))
         return f"ignored: made for another machine ({diff}); the graphs compile from scratch"
     torch.compiler.load_cache_artifacts(blob.read_bytes())
     return "loaded"

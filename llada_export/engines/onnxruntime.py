@@ -107,11 +107,14 @@ def _tensor_bytes(t, folder: Path) -> tuple[bytes, Path | None]:
 
 
 class OrtRunner:
-    def __init__(self, path: Path, io, device: str = "cpu", constants=None, cuda_graph=None):
+    def __init__(self, path: Path, io, device: str = "cpu", constants=None, cuda_graph=None,
+                 threads: int | None = None):
         import onnxruntime as ort
         import torch
 
         so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = so.inter_op_num_threads = threads
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.device = torch.device(device)
@@ -180,4 +183,4 @@ def polygraphy_runner(path: Path, name: str):
 BACKEND = register_backend(Backend(
     name="onnxruntime", folder="onnx", suffix=".onnx", write=write, runner=OrtRunner,
     description="ONNX graphs for ONNX Runtime (CPU; CUDA with onnxruntime-gpu), one shared weights file",
-    priority={"cpu": 0, "cuda": 3}, polygraphy_runner=polygraphy_runner, polygraphy_cli="--onnxrt"))
+    priority={"cpu": 0, "cuda": 3}, session_threads=True, polygraphy_runner=polygraphy_runner, polygraphy_cli="--onnxrt"))

@@ -88,13 +88,14 @@ class Backend:
     devices: tuple[str, ...] = ("cpu", "cuda")
     cuda_graphs: bool = False  # replays graphs from CUDA graphs on CUDA by default
     needs_gpu: bool = False
+    session_threads: bool = False  # the runner takes threads= (its own CPU thread pool, beside torch's)
     external_weights: bool = False  # artifacts can leave their weights in the checkpoint
     priority: dict[str, int] = field(default_factory=dict)  # device type -> rank when Pipeline.load picks one
     available: Callable[[], str | None] = lambda: None  # None, or why it cannot build / run here
     polygraphy_runner: Callable[[Path, str], Any] | None = None  # native Polygraphy runner for llada-compare
     polygraphy_cli: str | None = None  # "polygraphy run FILE <flag>" repeats a comparison by hand
     finalize: Callable[[WriteContext], list[Path]] | None = None  # after every graph is written (compile cache)
-    load_cache: Callable[[Path], str] | None = None  # before the runners are made: load a saved compile cache
+    load_cache: Callable[[Path, str], str] | None = None  # (blob, device), before the runners are made
 
 
 BACKENDS: dict[str, Backend] = {}

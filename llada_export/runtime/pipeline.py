@@ -20,11 +20,11 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..contract.graphset import PRUNED_PATH, UNPRUNED, UNPRUNED_PATH
-from ..contract.layout import RequestError, RequestParts, check_fits, layout_bucket
+from ..contract.layout import RequestError, RequestParts, check_counts, check_fits, layout_bucket
 from ..contract.manifest import Manifest, ManifestError
 from ..device import parse_device
 from ..engines.registry import Runner, get_backend, load_builtin, pick_backend
-from ..graphs.anyres import assemble, preprocess
+from ..graphs.anyres import assemble, load_image, preprocess, visual_token_count
 from ..sampler import DEFAULT_REFRESH, GenerationConfig, SamplerTrace, StepEvent, StepInfo, generate
 from ..sampler import preset as get_preset
 from ..tokenizer import DEFAULT_SYSTEM_PROMPT, encode_prompt, load_tokenizer
@@ -81,7 +81,7 @@ class Pipeline:
         self.runners: dict[str, Runner] = {}
         self.compile_cache = "none"
         if (rel := (manifest.compile_cache or {}).get(backend)) and b.load_cache is not None:
-            self.compile_cache = b.load_cache(root / rel)
+            self.compile_cache = b.load_cache(root / rel, device)
         graphs = manifest.artifacts[backend]
         # a progress bar only where loading takes long: the inductor graphs compile in warmup()
         for name, rel in tqdm(graphs.items(), desc=f"load {backend}", unit="graph", disable=not b.cuda_graphs):
@@ -111,7 +111,7 @@ class Pipeline:
     def load(cls, path: str | Path, backend: str | None = None, device: str | None = None,
              verify: bool = True, weights_from: str | None = None, cuda_graphs: bool | None = None,
              warmup: bool | None = None, weights: dict[str, torch.Tensor] | None = None,
-             runner_options: dict | None = None) -> "Pipeline":
+             runner_options: dict | None = None, threads: int | None = None) -> "Pipeline":
         """Validate the manifest (versions, artifacts, SHA-256 of every file) and open the sessions.
 
         ``backend``: default the best-ranked built backend that runs here. ``weights_from``:
@@ -121,7 +121,8 @@ class Pipeline:
         graph (default: what the backend does by default). ``warmup`` (default: on for backends
         that compile at load, e.g. inductor): run :meth:`warmup` before returning. ``runner_options``:
         passed to the backend's runner (inductor: ``{"compile": False}`` runs the programs' eager kernels
-        from CUDA graphs, without compile time)."""
+        from CUDA graphs, without compile time). ``threads``: CPU threads for the engines (torch's
+        intra-op threads, and the sessions' own pools for backends that have them); default: theirs."""
         root = Path(path)
         m = Manifest.read(root, verify=verify)
         load_builtin()
@@ -142,6 +143,10 @@ class Pipeline:
             dev = parse_device("cuda" if b.needs_gpu or m.device.startswith("cuda") else "cpu")
         if dev.type not in b.devices:
             raise ManifestError(f"{root}: the {backend} engines do not run on {dev} (they run on {', '.join(b.devices)})")
+        if threads is not None:
+            torch.set_num_threads(threads)
+            if b.session_threads:
+                runner_options = {"threads": threads, **(runner_options or {})}
         pipe = cls(root, m, backend, str(dev), weights_from, cuda_graphs, weights, runner_options)
         if warmup if warmup is not None else b.cuda_graphs:
             pipe.warmup()
@@ -167,7 +172,6 @@ class Pipeline:
         t0 = time.perf_counter()
         blank = np.full((64, 64, 3), 128, dtype=np.uint8)  # fits every bucket
         g = self.bucket.gen_length
-        gen = GenerationConfig(g, g, g)
         for unpruned in dict.fromkeys([not self.pruned, self.has_unpruned]):
             for cache in dict.fromkeys([False, self.has_cache(unpruned)]):
                 x, _ = self._layout([Request(blank, "", system="")], g)
@@ -199,6 +203,18 @@ class Pipeline:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         return visual, time.perf_counter() - t0
+
+    def check(self, request: Request, gen_length: int) -> tuple[int, int]:
+        """(text tokens, visual tokens) of ``request``, checked against the bucket without running a
+        graph (a server refuses it before it joins a batch). RequestError, PromptError or ImageError
+        say what is wrong and which export flag would make it fit."""
+        if self.tokenizer is None:
+            raise RequestError(f"{self.root} has no tokenizer/ folder: text prompts cannot be encoded")
+        before, after = encode_prompt(self.tokenizer, request.prompt, has_image=request.image is not None,
+                                      system=request.system)
+        n_visual = visual_token_count(*load_image(request.image).size, self.config) if request.image is not None else 0
+        check_counts(self.bucket, len(before) + len(after), n_visual, gen_length)
+        return len(before) + len(after), n_visual
 
     def prepare(self, request: Request, gen_length: int, pixels=None) -> tuple[RequestParts, float]:
         """A request's embedded prefix pieces, checked against the bucket (the text is encoded first,
@@ -267,10 +283,14 @@ class Pipeline:
 
     @torch.no_grad()
     def generate_batch(self, requests: list[Request], *, unpruned: bool = False,
-                       on_step: Callable[[StepEvent], None] | None = None, **settings) -> list[GenerationResult]:
-        """Answer up to ``bucket.batch_size`` requests together, with one generation setting."""
+                       on_step: Callable[[StepEvent], None] | None = None, config: GenerationConfig | None = None,
+                       **settings) -> list[GenerationResult]:
+        """Answer up to ``bucket.batch_size`` requests together, with one generation setting:
+        ``settings`` as :meth:`generation_config` takes them, or the ``config`` it returned."""
         t0 = time.perf_counter()
-        gen = self.generation_config(unpruned=unpruned, **settings)
+        if config is not None and settings:
+            raise TypeError("pass the settings or a GenerationConfig, not both")
+        gen = config if config is not None else self.generation_config(unpruned=unpruned, **settings)
         use_full = unpruned or not self.pruned
         x, t_vis = self._layout(requests, gen.gen_length)
         den = EngineDenoiser(self, x, unpruned=use_full, cache=gen.cache)

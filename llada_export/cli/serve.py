@@ -1,0 +1,91 @@
+"""``llada-serve``: serve exported engines over HTTP on Ray Serve (an OpenAI-style chat API)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+
+from .common import parser, positive_float, positive_int, user_errors
+
+DESCRIPTION = """\
+Serve LLaDA-V engines built by llada-export on Ray Serve: one Pipeline per replica (one GPU
+each where the cluster has GPUs), concurrent requests of one generation setting batched
+together up to the engines' --batch-size. Starts a local Ray cluster (loopback only), or
+attaches to a running one with --address. Routes: POST /v1/chat/completions, GET /v1/models,
+GET /health."""
+
+EPILOG = """\
+examples:
+  llada-serve --engines engines/
+  llada-serve --engines engines/ --replicas 2 --max-batch 8 --batch-wait-ms 20 --port 8080
+  llada-serve --engines engines/ --address auto          # a cluster started with `ray start --head`
+
+then, from another shell:
+  llada-generate --server http://127.0.0.1:8000 --image photo.png --prompt "What is shown?"
+  curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' -d @body.json
+
+Ctrl-C or SIGTERM stops the server: the local cluster and every process it started, or on an
+attached cluster only this application. Ray's logs (and Serve's access log with --verbose)
+are in the cluster's session folder (--temp-dir, default /tmp/ray)."""
+
+
+def build_parser():
+    p = parser("llada-serve", DESCRIPTION, EPILOG)
+    p.add_argument("--engines", required=True, help="engines directory written by llada-export")
+    p.add_argument("--model-name", help="the model id in the API (default: the engines directory's name)")
+    p.add_argument("--replicas", type=positive_int, default=1, help="copies of the pipeline (default: 1)")
+    p.add_argument("--max-batch", type=positive_int,
+                   help="requests per batch, at most the engines' --batch-size (default: that size)")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0,
+                   help="how long a request waits for others of its setting to fill a batch (default: 10)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=positive_int, default=8000, help="HTTP port (default: 8000)")
+    p.add_argument("--address", help="attach to this Ray cluster (auto, or host:port) instead of starting one")
+    p.add_argument("--temp-dir", help="the local cluster's session folder (at most 40 characters; default: Ray's)")
+    p.add_argument("--backend", help="backend to serve (default: the fastest one built that runs on the replica)")
+    p.add_argument("--device", help="cpu, cuda (default: cuda where the cluster has GPUs)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads per replica for the engines (default: theirs)")
+    p.add_argument("--cpus-per-replica", type=positive_float, default=1.0,
+                   help="Ray CPUs reserved per replica (default: 1)")
+    p.add_argument("--startup-timeout", type=positive_float, default=900.0,
+                   help="seconds to wait for the replicas to load (default: 900)")
+    p.add_argument("--verbose", action="store_true", help="Ray's and Serve's own logs on the console")
+    return p
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with user_errors("llada-serve"):
+        from ..serve.app import ServeOptions
+        from ..serve.server import start
+
+        options = ServeOptions(engines=args.engines, model_name=args.model_name, max_batch=args.max_batch,
+                               batch_wait_ms=args.batch_wait_ms, backend=args.backend, device=args.device,
+                               threads=args.threads)
+        t0 = time.perf_counter()
+        server = start(options, replicas=args.replicas, host=args.host, port=args.port, address=args.address,
+                       temp_dir=args.temp_dir, cpus_per_replica=args.cpus_per_replica, verbose=args.verbose,
+                       startup_timeout_s=args.startup_timeout)
+        signal.signal(signal.SIGTERM, _stop)  # ray.init installed its own handler, which exits at once
+        where = f"{server.replicas} replica(s)" + (", one GPU each" if server.gpus_per_replica else ", CPU")
+        print(f"llada-serve: serving {options.name!r} at {server.url} ({where}, max batch {server.max_batch}, "
+              f"batch wait {args.batch_wait_ms:g} ms; ready in {time.perf_counter() - t0:.0f} s). "
+              "Ctrl-C stops it.", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through user_errors' handler
+            print("llada-serve: stopping", file=sys.stderr, flush=True)
+        finally:
+            server.stop()
+        print("llada-serve: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

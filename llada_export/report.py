@@ -1,0 +1,48 @@
+"""What every benchmark and sweep under tools/ does with its result: JSON, a Markdown table, a plot.
+
+``write_report(out, res, markdown, plot)`` writes ``<out>.json`` (unless ``res`` is None: then
+it is read back, which is ``--replot``), ``<out>.md`` and ``<out>.png``, prints the Markdown and
+returns the result. Renderers take the result dict only, so a committed report re-renders from
+its committed JSON byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+
+def write_report(out: str | Path, res: dict | None, markdown: Callable[[dict], str],
+                 plot: Callable[[dict, Path], None] | None) -> dict:
+    out = Path(out)
+    if res is None:
+        res = json.loads(out.with_suffix(".json").read_text())
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    md = markdown(res)
+    out.with_suffix(".md").write_text(md)
+    if plot is not None:
+        plot(res, out.with_suffix(".png"))
+    print(md)
+    return res
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display on servers and CI)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    fig.clf()
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

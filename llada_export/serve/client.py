@@ -1,0 +1,113 @@
+"""A small client for ``llada-serve`` (standard library only: no torch, no Ray).
+
+    from llada_export.serve.client import Client
+    client = Client("http://127.0.0.1:8000")
+    reply = client.chat("What colour is the square?", image="photo.png", max_tokens=16)
+    print(reply["choices"][0]["message"]["content"])
+
+Generation is deterministic for a given request and seed, so a request that failed on the server
+side (500, 502, 503, 504: a replica that died, backpressure) or whose connection broke is sent
+again, ``retries`` times with a growing pause; a 4xx is the caller's to fix and raised at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+RETRY_STATUS = (500, 502, 503, 504)
+
+
+class ServerError(OSError):
+    """An error answer (``status``, and the server's message) or no answer at all (status None)."""
+
+    def __init__(self, message: str, status: int | None = None, body: dict | None = None):
+        super().__init__(message)
+        self.status, self.body = status, body
+
+
+def image_data_url(image) -> str:
+    """A path, PIL image, HxWx3 uint8 array or encoded bytes -> ``data:image/...;base64,...``."""
+    if isinstance(image, (bytes, bytearray)):
+        raw, fmt = bytes(image), "png"
+    elif isinstance(image, (str, Path)):
+        raw, fmt = Path(image).read_bytes(), Path(image).suffix.lstrip(".").lower() or "png"
+        fmt = "jpeg" if fmt == "jpg" else fmt
+    else:
+        from PIL import Image
+
+        im = Image.fromarray(image) if not isinstance(image, Image.Image) else image
+        buf = io.BytesIO()
+        im.convert("RGB").save(buf, format="PNG")
+        raw, fmt = buf.getvalue(), "png"
+    return f"data:image/{fmt};base64,{base64.b64encode(raw).decode('ascii')}"
+
+
+def chat_body(prompt: str, image, *, system: str | None = None, **fields) -> dict:
+    """The /v1/chat/completions body for one question about one image (``fields``: max_tokens, seed,
+    temperature and the server's sampler settings; None values are left out). An ``<image>`` in the
+    prompt places the image there (as llada-generate reads it); without one the image goes first."""
+    before, marker, after = prompt.partition("<image>")
+    if not marker:
+        before, after = "", prompt
+    parts = [{"type": "text", "text": before.rstrip("\n")}] if before.strip() else []
+    parts.append({"type": "image_url", "image_url": {"url": image_data_url(image)}})
+    if after.lstrip("\n"):
+        parts.append({"type": "text", "text": after.lstrip("\n")})
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    messages.append({"role": "user", "content": parts})
+    return {"messages": messages, **{k: v for k, v in fields.items() if v is not None}}
+
+
+class Client:
+    def __init__(self, url: str, timeout_s: float = 600, retries: int = 3, backoff_s: float = 0.5):
+        self.url, self.timeout_s, self.retries, self.backoff_s = url.rstrip("/"), timeout_s, retries, backoff_s
+
+    def chat(self, prompt: str, image, *, system: str | None = None, **fields) -> dict:
+        """One chat completion (the server's JSON answer)."""
+        return self.post("/v1/chat/completions", chat_body(prompt, image, system=system, **fields))
+
+    def models(self) -> dict:
+        return self.get("/v1/models")
+
+    def health(self) -> dict:
+        return self.get("/health")
+
+    def get(self, path: str) -> dict:
+        return self._send(urllib.request.Request(self.url + path, method="GET"))
+
+    def post(self, path: str, body: dict | bytes) -> dict:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return self._send(urllib.request.Request(self.url + path, data=data, method="POST",
+                                                 headers={"Content-Type": "application/json"}))
+
+    def _send(self, req: urllib.request.Request) -> dict:
+        for attempt in range(self.retries + 1):
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
+                    return json.loads(r.read())
+            except urllib.error.HTTPError as e:
+                err = _server_error(e)
+                if e.code not in RETRY_STATUS or attempt == self.retries:
+                    raise err from None
+            except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+                reason = getattr(e, "reason", e)
+                if attempt == self.retries:
+                    raise ServerError(f"no answer from {self.url} after {attempt + 1} attempt(s): {reason}") from None
+            time.sleep(self.backoff_s * 2**attempt)
+        raise AssertionError("unreachable")
+
+
+def _server_error(e: urllib.error.HTTPError) -> ServerError:
+    raw = e.read()
+    try:
+        body = json.loads(raw)
+        message = body["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        body, message = None, raw.decode("utf-8", "replace").strip() or e.reason
+    return ServerError(f"HTTP {e.code}: {message}", e.code, body)

@@ -1,0 +1,382 @@
+"""llada-serve end to end on the CPU: the CLI starts a local Ray cluster with two replicas of the demo
+model's engines (batch size 4, prefix cache); answers over HTTP are checked against the pipeline
+in this process, errors against the API, and the faults (a replica killed during load, a client
+that hangs up, shutdown) against what a client and the machine see.
+
+All of it runs in one pytest-xdist worker (group "serve"), one server for the module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import load_tool
+from llada_export import vqa_task
+from llada_export.serve.client import Client, ServerError, chat_body, image_data_url
+
+pytestmark = pytest.mark.xdist_group("serve")
+ROOT = Path(__file__).resolve().parents[1]
+REPLICA = "ServeReplica:llada:LLaDAServer"
+
+
+# ---------------------------------------------------------------------- processes
+def children_map() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(d.name))
+    return kids
+
+
+def descendants(pid: int) -> list[int]:
+    kids, out, todo = children_map(), [], [pid]
+    while todo:
+        for c in kids.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def replicas(server) -> list[int]:
+    return [p for p in descendants(server["proc"].pid) if REPLICA in cmdline(p) and alive(p)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def serve_engines(tmp_path_factory):
+    """The demo model's engines as make demo exports them (K 3, keep 0.5, prefix cache), batch size 4."""
+    from llada_export.contract.pruning import PruneSettings
+    from llada_export.demo import DEMO_IMAGE_SIZE, DEMO_KEEP, DEMO_MODEL, DEMO_PRUNE_LAYER
+    from llada_export.exporter.build import ExportOptions, export_engines
+    from llada_export.tokenizer import load_tokenizer
+
+    return export_engines(ExportOptions(
+        model=str(DEMO_MODEL), output=str(tmp_path_factory.mktemp("serve") / "engines"),
+        prune=PruneSettings(DEMO_PRUNE_LAYER, DEMO_KEEP), cache=True, gen_length=16, block_length=16, steps=16,
+        max_prompt_tokens=vqa_task.prompt_tokens(load_tokenizer(DEMO_MODEL)), image_size=DEMO_IMAGE_SIZE,
+        batch_size=4, progress=False))
+
+
+@pytest.fixture(scope="module")
+def server(serve_engines):
+    """``llada-serve`` as a user runs it: 2 replicas, max batch 4, 1 thread each, a short Ray temp dir."""
+    tmp = tempfile.mkdtemp(prefix="llsv_", dir="/tmp")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-m", "llada_export.cli.serve", "--engines", str(serve_engines), "--replicas", "2",
+           "--port", str(port), "--temp-dir", tmp, "--threads", "1", "--batch-wait-ms", "100",
+           "--cpus-per-replica", "0.5", "--model-name", "demo"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    ready = threading.Event()
+    lines: list[str] = []
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if "serving" in line:
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    t0 = time.perf_counter()
+    while not ready.wait(1):
+        if proc.poll() is not None or time.perf_counter() - t0 > 300:
+            proc.kill()
+            pytest.fail(f"llada-serve did not start (rc {proc.poll()}): {proc.stderr.read()[-3000:]}")
+    print(f"llada-serve ready in {time.perf_counter() - t0:.0f} s: {''.join(lines)}")
+    info = {"proc": proc, "url": f"http://127.0.0.1:{port}", "tmp": tmp, "lines": lines}
+    yield info
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def direct(serve_engines):
+    """The single-request pipeline on the same engines, in this process: the oracle."""
+    from llada_export.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(serve_engines)
+    cache: dict = {}
+
+    def answer(i: int, **settings) -> str:
+        key = (i, tuple(sorted(settings.items())))
+        if key not in cache:
+            img, q, _ = ITEMS[i]
+            cache[key] = pipe.generate(img, q, **settings).text
+        return cache[key]
+
+    return answer
+
+
+ITEMS = [(s.image(), s.prompt, s.answer) for s in vqa_task.make_split("test", 12)]
+
+
+def ask(url: str, i: int, **fields) -> dict:
+    img, q, _ = ITEMS[i]
+    return Client(url, timeout_s=120, retries=0).chat(q, img, **fields)
+
+
+def text_of(reply: dict) -> str:
+    return reply["choices"][0]["message"]["content"]
+
+
+# ---------------------------------------------------------------------- answers
+def test_concurrent_requests_are_batched_and_answer_as_the_pipeline(server, direct):
+    """8 different images and questions at once: batched (some batch > 1), each answer identical to
+    the single-request pipeline and right on the task (the demo model is trained)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as ex:
+        replies = list(ex.map(lambda i: ask(server["url"], i), range(8)))
+    for i, r in enumerate(replies):
+        assert text_of(r) == direct(i), i
+        assert r["model"] == "demo" and r["object"] == "chat.completion"
+        assert r["choices"][0]["finish_reason"] == "stop"
+        assert r["llada"]["visual_tokens"] == 594 and r["llada"]["kept_visual_tokens"] == 297
+        assert r["usage"]["completion_tokens"] >= 1
+    assert max(r["llada"]["batch"]["size"] for r in replies) > 1
+    assert sum(text_of(r).strip() == ITEMS[i][2] for i, r in enumerate(replies)) >= 7
+
+
+def test_settings_are_honoured_and_batched_apart(server, direct):
+    """A request without the cache and one with a parallel rule answer as the pipeline does with
+    those settings; requests of different settings never share a batch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = [{"cache": False}, {"threshold": 0.9}, {}, {"cache": False}]
+    with ThreadPoolExecutor(4) as ex:
+        replies = list(ex.map(lambda a: ask(server["url"], a[0], **a[1]), enumerate(settings)))
+    for (i, s), r in zip(enumerate(settings), replies):
+        assert text_of(r) == direct(i, **s)
+        assert ("cache" in r["llada"]["setting"]) == (s.get("cache", True))
+    assert "threshold 0.9" in replies[1]["llada"]["setting"] and replies[1]["llada"]["batch"]["size"] == 1
+    assert replies[2]["llada"]["batch"]["size"] == 1
+
+
+def test_models_and_health(server):
+    c = Client(server["url"])
+    assert c.health()["status"] == "ok"
+    m = c.models()["data"][0]
+    assert m["id"] == "demo" and m["llada"]["batch_size"] == 4 and m["llada"]["prefix_cache"] is True
+    assert m["llada"]["max_tokens"] == 16 and m["llada"]["backend"] == "onnxruntime"
+
+
+def test_llada_generate_server(server):
+    img, q, truth = ITEMS[0]
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "q.png"
+        img.save(path)
+        r = subprocess.run([sys.executable, "-m", "llada_export.cli.generate", "--server", server["url"],
+                            "--image", str(path), "--prompt", q], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == truth
+
+
+# ---------------------------------------------------------------------- errors
+def post_raw(url: str, data: bytes, path: str = "/v1/chat/completions", method: str = "POST"):
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url + path, data=data if method == "POST" else None, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_bad_requests_get_4xx_and_nothing_else_is_affected(server, direct):
+    """Every refusal the API defines, sent while good requests run: each bad one gets its status and a
+    JSON error naming the fault; the good ones answer as before; the server answers afterwards."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    img, q, _ = ITEMS[0]
+    good = chat_body(q, img)
+    big = vqa_task.make_split("test", 1)[0].image().resize((1600, 1200))  # more visual tokens than the bucket
+    two = chat_body(q, img)
+    two["messages"][0]["content"].append({"type": "image_url", "image_url": {"url": image_data_url(img)}})
+    bad_b64 = chat_body(q, img)
+    bad_b64["messages"][0]["content"][0]["image_url"]["url"] = "data:image/png;base64,%%%"
+    bad_img = chat_body(q, img)
+    bad_img["messages"][0]["content"][0]["image_url"]["url"] = "data:image/png;base64,aGVsbG8="
+    cases = [
+        (b"{not json", 400, "invalid_json"),
+        (json.dumps(bad_b64).encode(), 400, "invalid_base64"),
+        (json.dumps(bad_img).encode(), 400, "invalid_image"),
+        (json.dumps({"messages": [{"role": "user", "content": q}]}).encode(), 400, "no_image"),
+        (json.dumps(two).encode(), 400, "too_many_images"),
+        (json.dumps(chat_body("word " * 400, img)).encode(), 400, "context_length_exceeded"),
+        (json.dumps(chat_body(q, big)).encode(), 400, "context_length_exceeded"),
+        (json.dumps({**good, "top_p": 0.5}).encode(), 400, "unknown_field"),
+        (json.dumps({**good, "max_tokens": 64}).encode(), 400, "invalid_settings"),
+        (json.dumps({**good, "block_length": 5}).encode(), 400, "invalid_settings"),
+        (json.dumps({**good, "unpruned": True}).encode(), 400, "invalid_settings"),
+        (json.dumps({**good, "model": "other"}).encode(), 404, "model_not_found"),
+    ]
+    with ThreadPoolExecutor(6) as ex:
+        goods = [ex.submit(ask, server["url"], i) for i in range(3)]
+        bads = list(ex.map(lambda c: post_raw(server["url"], c[0]), cases))
+        answers = [g.result() for g in goods]
+    for (data, status, code), (got, body) in zip(cases, bads):
+        assert got == status and body["error"]["code"] == code, (code, got, body)
+        assert body["error"]["message"]
+    assert "--max-visual-tokens" in bads[6][1]["error"]["message"]  # says which export flag would fit it
+    assert [text_of(a) for a in answers] == [direct(i) for i in range(3)]
+    assert post_raw(server["url"], b"", "/v2/nothing", "GET")[0] == 404
+    assert post_raw(server["url"], b"", "/v1/chat/completions", "GET")[0] == 405
+    assert text_of(ask(server["url"], 3)) == direct(3)
+
+
+# ---------------------------------------------------------------------- faults
+def test_client_that_hangs_up_does_not_break_its_batch(server, direct):
+    """A caller sends a request and closes its socket while its batch runs: the requests batched with
+    it answer normally, and so does the next one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    img, q, _ = ITEMS[4]
+    body = json.dumps(chat_body(q, img)).encode()
+    host, port = server["url"].rsplit("/", 1)[1].split(":")
+
+    def hang_up():
+        s = socket.create_connection((host, int(port)))
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        time.sleep(0.3)  # in the batch by now (batch wait 100 ms)
+        s.close()
+
+    with ThreadPoolExecutor(4) as ex:
+        gone = ex.submit(hang_up)
+        others = [ex.submit(ask, server["url"], i) for i in (5, 6, 7)]
+        gone.result()
+        assert [text_of(o.result()) for o in others] == [direct(i) for i in (5, 6, 7)]
+    assert text_of(ask(server["url"], 4)) == direct(4)
+
+
+def test_replica_killed_during_load(server, direct):
+    """kill -9 one of the two replicas while 4 clients send requests: every request ends (an answer
+    identical to the pipeline's, or an error; the client retries server-side failures), none hangs,
+    none is lost; the deployment is back to two replicas and answers correctly."""
+    before = replicas(server)
+    assert len(before) == 2, [cmdline(p) for p in descendants(server["proc"].pid)]
+    results: list = []
+    lock = threading.Lock()
+
+    def client(c: int):
+        cl = Client(server["url"], timeout_s=120, retries=3, backoff_s=1.0)
+        for j in range(5):
+            i = (c * 5 + j) % len(ITEMS)
+            img, q, _ = ITEMS[i]
+            try:
+                out = (i, text_of(cl.chat(q, img)))
+            except ServerError as e:
+                out = (i, e)
+            with lock:
+                results.append(out)
+
+    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    os.kill(before[0], signal.SIGKILL)
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join(300)
+    assert not any(t.is_alive() for t in threads), "a client hung"
+    assert len(results) == 20  # none lost
+    answered = [(i, a) for i, a in results if isinstance(a, str)]
+    errors = [a for _, a in results if not isinstance(a, str)]
+    assert all(a == direct(i) for i, a in answered)
+    assert len(answered) >= 16, errors
+    assert all(e.status is None or e.status >= 500 for e in errors)
+    while len(replicas(server)) < 2 or before[0] in replicas(server):
+        assert time.perf_counter() - t0 < 180, "the killed replica was not replaced"
+        time.sleep(1)
+    deadline = time.perf_counter() + 120
+    while True:  # the new replica answers once it has loaded the engines
+        try:
+            assert all(text_of(ask(server["url"], i)) == direct(i) for i in range(4))
+            break
+        except ServerError:
+            assert time.perf_counter() < deadline
+            time.sleep(2)
+    print(f"replica replaced {time.perf_counter() - t0:.0f} s after the kill; {len(errors)} request(s) failed "
+          "after their retries")
+
+
+def test_load_test_small_run(server, serve_engines, tmp_path):
+    tool = load_tool("load_test")
+    out = tmp_path / "load"
+    tool.main(["--engines", str(serve_engines), "--url", server["url"], "--concurrency", "1", "3",
+               "--requests", "2", "--items", "6", "--out", str(out)])
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert [lv["concurrency"] for lv in res["levels"]] == [1, 3]
+    for lv in res["levels"]:
+        assert lv["sent"] == lv["concurrency"] * 2 and lv["answered"] == lv["sent"]
+        assert lv["errors"] == lv["lost"] == lv["differ_from_pipeline"] == 0
+        assert lv["latency_p50_s"] <= lv["latency_p99_s"] and lv["requests_per_s"] > 0
+    assert out.with_suffix(".png").stat().st_size > 0 and "| 3 | 6 | 6 | 0 | 0 |" in out.with_suffix(".md").read_text()
+
+
+def test_load_test_refuses_a_remote_server(serve_engines):
+    tool = load_tool("load_test")
+    with pytest.raises(SystemExit, match="not a loopback address"):
+        tool.main(["--engines", str(serve_engines), "--url", "http://192.0.2.1:8000"])
+
+
+def test_shutdown_leaves_no_processes(server):
+    """SIGTERM: llada-serve stops its cluster and exits 0; every process it started is gone."""
+    proc = server["proc"]
+    tree = descendants(proc.pid)
+    assert len(tree) >= 4 and any(REPLICA in cmdline(p) for p in tree)
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(90)
+    err = proc.stderr.read()
+    assert rc == 0 and "llada-serve: stopped" in err, err[-2000:]
+    deadline = time.perf_counter() + 60
+    while any(alive(p) for p in tree):
+        assert time.perf_counter() < deadline, [cmdline(p) for p in tree if alive(p)]
+        time.sleep(1)
+    assert not [p for p in children_map() if server["tmp"] in cmdline(p)]
