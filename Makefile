@@ -26,9 +26,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m llada_export.demo --workdir $(DEMO_DIR)
 
-# loadgroup: the serving tests (one Ray cluster) stay on one worker
+# loadfile: a test module runs on one worker, so module fixtures (the serving tests' Ray cluster) are
+# made once
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf build out .pytest_cache

@@ -16,7 +16,7 @@ import torch
 
 from helpers import KEEP, PROMPTS, PRUNE_LAYER, export
 from llada_export.contract.layout import layout_bucket, reduce_inputs
-from llada_export.contract.manifest import Manifest, file_table
+from llada_export.contract.manifest import Manifest
 from llada_export.contract.pruning import PruneSettings, num_kept
 from llada_export.reference import embed_prompt, pruned_forward
 from llada_export.tokenizer import special_tokens
@@ -341,13 +341,55 @@ def test_inductor_compile_cache_is_saved_and_loaded(tiny_ckpt, tmp_path):
     warm = load(tmp_path / "inductor-cache-1")
     assert warm["cache"] == "loaded"
     assert warm["fx_hits"] >= len(m.artifacts["inductor"]) and warm["fx_misses"] == 0
+    print(f"tiny inductor load on this CPU from the compile cache: {warm['seconds']:.1f} s")
+    from llada_export.engines.inductor import load_cache
+
     info = out / "programs" / "compile_cache.json"
     saved = json.loads(info.read_text())
     info.write_text(json.dumps(saved | {"torch": "0.0.0"}))
-    m.files.update(file_table(out, [info]))  # a consistent directory: only the versions differ
-    m.write(out)
-    cold = load(tmp_path / "inductor-cache-2")
-    assert cold["cache"].startswith("ignored: made for another machine (torch 0.0.0")
-    assert cold["fx_misses"] >= len(m.artifacts["inductor"]) and cold["fx_hits"] == 0
-    print(f"tiny inductor load on this CPU: {warm['seconds']:.1f} s with the compile cache, "
-          f"{cold['seconds']:.1f} s without")
+    said = load_cache(out / "programs" / "compile_cache.bin", "cpu")
+    assert said.startswith(f"ignored: made for another machine (torch 0.0.0 (here {torch.__version__})"), said
+    info.write_text(json.dumps(saved | {"cpu_threads": saved["cpu_threads"] + 1}))  # CPU kernels are per count
+    assert "cpu_threads" in load_cache(out / "programs" / "compile_cache.bin", "cpu")
+
+
+def test_cli_never_touches_the_checkpoint_or_a_bystander(tiny_ckpt, tmp_path):
+    """`-o` that is the checkpoint, contains it or lies inside it, or is a file: refused with one line
+    and exit 2 even with --overwrite; the checkpoint, a bystander file and the file are untouched."""
+    import shutil
+
+    par = tmp_path / "par"
+    shutil.copytree(tiny_ckpt, par / "ck")
+    (par / "notes.txt").write_text("mine")
+    (tmp_path / "o_file").write_text("a file")
+    before = {p: p.read_bytes() for p in par.rglob("*") if p.is_file()}
+    ck = str(par / "ck")
+    for out, msg in [(par, f"contains {ck}, which must not be modified"), (par / "ck", f"is {ck}"),
+                     (par / "ck" / "sub", f"lies inside {ck}"), (tmp_path / "o_file", "exists and is not a directory")]:
+        r = _cli("--model", str(par / "ck"), "-o", str(out), "--overwrite", "-q")
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, (out, r.stderr)
+        assert msg in r.stderr and "Traceback" not in r.stderr, (msg, r.stderr)
+    assert {p: p.read_bytes() for p in par.rglob("*") if p.is_file()} == before
+    assert (tmp_path / "o_file").read_text() == "a file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o_file", "par"]  # no .old / .partial / .lock left
+
+
+def test_cli_second_export_to_one_dir_is_refused_and_sigterm_cleans_up(tiny_ckpt, tmp_path):
+    """Two llada-export runs into one -o: the second fails at once naming the first; SIGTERM to the
+    first (mid-export) exits 143 and leaves nothing: no -o, no hidden partial, no lock."""
+    import signal
+
+    out = tmp_path / "eng"
+    args = ["--model", str(tiny_ckpt), "--prune-layer", "2", "-o", str(out), "-q"]
+    first = subprocess.Popen([sys.executable, "-m", "llada_export.cli.export", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    t0 = time.perf_counter()
+    while not list(tmp_path.glob(".eng.partial-*")):  # the first holds the lock and is writing
+        assert first.poll() is None and time.perf_counter() - t0 < 120, first.communicate()
+        time.sleep(0.2)
+    second = _cli(*args)
+    assert second.returncode == 2 and f"pid {first.pid}" in second.stderr, second.stderr
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 143 and "interrupted" in err, err
+    assert list(tmp_path.iterdir()) == []

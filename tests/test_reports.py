@@ -26,6 +26,7 @@ CASES = [  # (tool, its JSON, the report it renders, the command line that re-re
     ("attention_analysis.py", "attention_analysis.json", "attention_analysis.md",
      ["--replot", "--out", "{out}/attention_analysis", "--sweep", str(BENCH / "prune_sweep.json")]),
     ("cache_sweep.py", "cache_sweep.json", "cache_sweep.md", ["--replot", "--out", "{out}/cache_sweep"]),
+    ("load_test.py", "load_test.json", "load_test.md", ["--engines", "-", "--replot", "--out", "{out}/load_test"]),
     ("bench_cpu.py", "cpu_ort.json", "cpu_ort.md", ["--replot", "--out", "{out}"]),
     ("gpu_probe.py", "gpu_probe.json", "gpu_probe.md", ["--replot", "--out", "{out}"]),
 ]

@@ -3,7 +3,8 @@ model's engines (batch size 4, prefix cache); answers over HTTP are checked agai
 in this process, errors against the API, and the faults (a replica killed during load, a client
 that hangs up, shutdown) against what a client and the machine see.
 
-All of it runs in one pytest-xdist worker (group "serve"), one server for the module.
+One server for the module (`make test` runs pytest-xdist with --dist loadfile: a module stays on one
+worker).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from helpers import load_tool
 from llada_export import vqa_task
 from llada_export.serve.client import Client, ServerError, chat_body, image_data_url
 
-pytestmark = pytest.mark.xdist_group("serve")
 ROOT = Path(__file__).resolve().parents[1]
 REPLICA = "ServeReplica:llada:LLaDAServer"
 

@@ -50,6 +50,8 @@ def build_parser():
                    help="Ray CPUs reserved per replica (default: 1)")
     p.add_argument("--startup-timeout", type=positive_float, default=900.0,
                    help="seconds to wait for the replicas to load (default: 900)")
+    p.add_argument("--metrics-port", type=positive_int,
+                   help="local cluster: the port of Ray's Prometheus metrics (default: one Ray picks; printed)")
     p.add_argument("--verbose", action="store_true", help="Ray's and Serve's own logs on the console")
     return p
 
@@ -69,13 +71,14 @@ def main(argv: list[str] | None = None) -> int:
                                threads=args.threads)
         t0 = time.perf_counter()
         server = start(options, replicas=args.replicas, host=args.host, port=args.port, address=args.address,
-                       temp_dir=args.temp_dir, cpus_per_replica=args.cpus_per_replica, verbose=args.verbose,
+                       temp_dir=args.temp_dir, cpus_per_replica=args.cpus_per_replica,
+                       metrics_port=args.metrics_port, verbose=args.verbose,
                        startup_timeout_s=args.startup_timeout)
         signal.signal(signal.SIGTERM, _stop)  # ray.init installed its own handler, which exits at once
         where = f"{server.replicas} replica(s)" + (", one GPU each" if server.gpus_per_replica else ", CPU")
         print(f"llada-serve: serving {options.name!r} at {server.url} ({where}, max batch {server.max_batch}, "
               f"batch wait {args.batch_wait_ms:g} ms; ready in {time.perf_counter() - t0:.0f} s). "
-              "Ctrl-C stops it.", flush=True)
+              "Ctrl-C stops it." + (f" Metrics: {server.metrics_url}" if server.metrics_url else ""), flush=True)
         try:
             while True:
                 time.sleep(3600)

@@ -28,6 +28,7 @@ class Server:
     max_batch: int
     gpus_per_replica: float
     local: bool  # True: this process started the Ray cluster (stop() shuts it down)
+    metrics_url: str | None = None  # Prometheus text of this node (Ray Serve's metrics among it)
 
     def stop(self) -> None:
         stop(self)
@@ -44,6 +45,7 @@ def ray_environment(local: bool) -> None:
 
 def check_port(host: str, port: int) -> None:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the HTTP server will (TIME_WAIT is no conflict)
         try:
             s.bind((host, port))
         except OSError as e:
@@ -52,7 +54,7 @@ def check_port(host: str, port: int) -> None:
 
 def start(options: ServeOptions, *, replicas: int = 1, host: str = "127.0.0.1", port: int = 8000,
           address: str | None = None, temp_dir: str | None = None, cpus_per_replica: float = 1,
-          verbose: bool = False, startup_timeout_s: float = 900) -> Server:
+          metrics_port: int | None = None, verbose: bool = False, startup_timeout_s: float = 900) -> Server:
     from ..contract.manifest import Manifest
 
     m = Manifest.read(options.engines, verify=False)  # each replica verifies the hashes when it loads
@@ -71,7 +73,8 @@ def start(options: ServeOptions, *, replicas: int = 1, host: str = "127.0.0.1", 
     level = logging.INFO if verbose else logging.WARNING
     if local:
         ray.init(num_cpus=max(os.cpu_count() or 1, int(replicas * cpus_per_replica + 0.999)),
-                 include_dashboard=False, log_to_driver=verbose, logging_level=level, _temp_dir=temp_dir)
+                 include_dashboard=False, log_to_driver=verbose, logging_level=level, _temp_dir=temp_dir,
+                 **({"_metrics_export_port": metrics_port} if metrics_port else {}))
     else:
         ray.init(address=address, log_to_driver=verbose, logging_level=level)
     logging.getLogger("ray.serve").setLevel(level)
@@ -88,7 +91,18 @@ def start(options: ServeOptions, *, replicas: int = 1, host: str = "127.0.0.1", 
     except BaseException:
         _shutdown(local)
         raise
-    return Server(f"http://{host}:{port}", replicas, options.max_batch or b, per_gpu, local)
+    return Server(f"http://{host}:{port}", replicas, options.max_batch or b, per_gpu, local, _metrics_url())
+
+
+def _metrics_url() -> str | None:
+    """Where this node's metrics agent serves Prometheus text (Ray has no public call for the port)."""
+    import ray
+
+    try:
+        node = ray._private.worker._global_node
+        return f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
+    except AttributeError:
+        return None
 
 
 def _run_with_timeout(app, timeout_s: float, verbose: bool) -> None:
