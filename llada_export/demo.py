@@ -3,12 +3,11 @@
 The bundled default is the trained demo model (``assets/demo-model``: the official
 LLaDA-V structure at 3.8 M parameters, fp32, trained by ``tools/train_demo.py`` on the
 procedural shapes-and-digits VQA task of :mod:`llada_export.vqa_task`). The demo exports
-it with LLaDA-FastV pruning and the prefix-cache graphs (ONNX Runtime, CPU) plus the
-unpruned baseline, in a bucket that takes every question of the task, answers one
-question of each of the task's five types about the bundled image (``assets/demo.png``,
-a test image never seen in training) with the pruned and the unpruned graphs, and prints
-the answers against the task's ground truth, the kept-token count and the timings. It
-exits with status 1 if any answer is wrong.
+it with LLaDA-FastV pruning (ONNX Runtime, CPU) plus the unpruned baseline, in a bucket
+that takes every question of the task, answers one question of each of the task's five
+types about the bundled image (``assets/demo.png``, a test image never seen in training)
+with the pruned and the unpruned graphs, and prints the answers against the task's ground
+truth, the kept-token count and the timings. It exits with status 1 if any answer is wrong.
 """
 
 from __future__ import annotations
@@ -56,7 +55,7 @@ def demo_questions() -> list[tuple[str, str]]:
 
 def run_demo(workdir: str | Path, model: str | Path = DEMO_MODEL, prune_layer: int = DEMO_PRUNE_LAYER,
              keep: float = DEMO_KEEP, preset: str = DEMO_PRESET, progress: bool = True):
-    """Export ``model`` (pruned + cache graphs + unpruned baseline, ONNX Runtime, the task's 384x288
+    """Export ``model`` (pruned + unpruned baseline, ONNX Runtime, the task's 384x288
     bucket with room for every question of the task) into ``workdir/engines`` and answer
     :func:`demo_questions` about :data:`DEMO_IMAGE` with both graphs. Returns (the Pipeline, a
     DemoAnswer per question)."""
@@ -72,15 +71,15 @@ def run_demo(workdir: str | Path, model: str | Path = DEMO_MODEL, prune_layer: i
     max_prompt = vqa_task.prompt_tokens(load_tokenizer(model))
     if progress:
         print(f"exporting {model} -> {engines} (prune layer {prune_layer}, keep {keep}, ONNX Runtime, "
-              f"+ prefix-cache graphs, + unpruned baseline)", flush=True)
+              f"+ unpruned baseline)", flush=True)
     export_engines(ExportOptions(model=str(model), output=str(engines), prune=PruneSettings(prune_layer, keep),
-                                 baseline=True, cache=True, gen_length=gen.gen_length, block_length=gen.block_length,
+                                 baseline=True, gen_length=gen.gen_length, block_length=gen.block_length,
                                  steps=gen.steps, max_prompt_tokens=max_prompt, image_size=DEMO_IMAGE_SIZE,
                                  overwrite=True, progress=progress))
     pipe = Pipeline.load(engines)
     pipe.warmup()  # first-run costs (session warm-up, allocations) stay out of the timings
-    answers = [DemoAnswer(q, truth, pipe.generate(DEMO_IMAGE, q, preset=preset, cache=False),
-                          pipe.generate(DEMO_IMAGE, q, preset=preset, unpruned=True, cache=False))
+    answers = [DemoAnswer(q, truth, pipe.generate(DEMO_IMAGE, q, preset=preset),
+                          pipe.generate(DEMO_IMAGE, q, preset=preset, unpruned=True))
                for q, truth in demo_questions()]
     return pipe, answers
 

@@ -6,7 +6,8 @@ position to position: token-exact comparisons between two paths can then fail.
 
 from __future__ import annotations
 
-import time
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,9 +34,27 @@ def _keep_torch_threads():
     torch.set_num_threads(n)
 
 
+def shared(tmp_path_factory, name: str, build):
+    """A directory built once per test run, not once per pytest-xdist worker (the workers share the
+    parent of their base temp dirs; the first to take the lock builds, the others wait and reuse it).
+    Tests treat it as read-only, as they treat any session fixture."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    out, done = root / "shared" / name, root / "shared" / f"{name}.done"
+    out.parent.mkdir(exist_ok=True)
+    with FileLock(str(root / "shared" / f"{name}.lock")):
+        if not done.exists():
+            built = build(out)
+            done.write_text(str(built))
+    return Path(done.read_text())
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
-    return random_checkpoint("tiny", tmp_path_factory.mktemp("ckpt") / "tiny", seed=0, init_std=TINY_STD)
+    return shared(tmp_path_factory, "tiny", lambda out: random_checkpoint("tiny", out, seed=0, init_std=TINY_STD))
 
 
 @pytest.fixture(scope="session")
@@ -47,15 +66,15 @@ def tiny(tiny_ckpt):
 @pytest.fixture(scope="session")
 def engines(tiny_ckpt, tmp_path_factory):
     """ONNX Runtime engines: pruned (layer 2, keep 0.5) + unpruned baseline, G = 128, 384x384 bucket."""
-    return export(tiny_ckpt, tmp_path_factory.mktemp("engines") / "onnx", baseline=True, gen_length=128)
+    return shared(tmp_path_factory, "engines", lambda out: export(tiny_ckpt, out, baseline=True, gen_length=128))
 
 
 @pytest.fixture(scope="session")
 def cache_engines(tiny_ckpt, tmp_path_factory):
     """ONNX Runtime engines with the prefix-cache graphs, pruned (layer 2, keep 0.5) + unpruned, G = 16,
     batch size 3."""
-    return export(tiny_ckpt, tmp_path_factory.mktemp("cache") / "onnx", baseline=True, cache=True, gen_length=16,
-                  batch_size=3)
+    return shared(tmp_path_factory, "cache_engines", lambda out: export(
+        tiny_ckpt, out, baseline=True, cache=True, gen_length=16, batch_size=3))
 
 
 @pytest.fixture(scope="session")
@@ -67,8 +86,5 @@ def images():
 @pytest.fixture(scope="session")
 def aoti_engines(tiny_ckpt, tmp_path_factory):
     """AOTInductor packages (CPU): pruned stages at layer 1, keep 0.35, G = 128 (serves every preset)."""
-    t0 = time.perf_counter()
-    out = export(tiny_ckpt, tmp_path_factory.mktemp("aoti") / "engines", prune=PruneSettings(1, 0.35),
-                 backends=("aoti",), gen_length=128, max_prompt_tokens=160)
-    print(f"AOTInductor export of the tiny model: {time.perf_counter() - t0:.1f} s")
-    return out
+    return shared(tmp_path_factory, "aoti_engines", lambda out: export(
+        tiny_ckpt, out, prune=PruneSettings(1, 0.35), backends=("aoti",), gen_length=128, max_prompt_tokens=160))

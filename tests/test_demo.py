@@ -88,8 +88,8 @@ def test_demo_fails_loudly_on_a_wrong_answer(tmp_path):
     from llada_export.synthetic.weights import random_checkpoint
 
     ck = random_checkpoint("demo", tmp_path / "random-demo", seed=3)  # the demo's structure, untrained
-    r = subprocess.run([str(BIN / "llada-demo"), "--workdir", str(tmp_path / "w"), "--model", str(ck)],
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run([str(BIN / "llada-demo"), "--workdir", str(tmp_path / "w"), "--model", str(ck),
+                        "--preset", "mc"], capture_output=True, text=True, timeout=900)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "WRONG" in r.stdout
     assert r.stderr.strip().splitlines()[-1] == "llada-demo: error: an answer does not match the task's ground truth"

@@ -56,6 +56,10 @@ def positive_float(text: str) -> float:
     return _number(text, lambda v: v > 0, "> 0")
 
 
+def non_negative_float(text: str) -> float:
+    return _number(text, lambda v: v >= 0, ">= 0")
+
+
 def refresh_value(text: str) -> int | None:
     """``--refresh N`` (forwards between cache refreshes in a block) or ``never`` (block starts only)."""
     if text.strip().lower() == "never":

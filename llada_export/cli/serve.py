@@ -6,7 +6,7 @@ import signal
 import sys
 import time
 
-from .common import parser, positive_float, positive_int, user_errors
+from .common import non_negative_float, parser, positive_float, positive_int, user_errors
 
 DESCRIPTION = """\
 Serve LLaDA-V engines built by llada-export on Ray Serve: one Pipeline per replica (one GPU
@@ -37,7 +37,7 @@ def build_parser():
     p.add_argument("--replicas", type=positive_int, default=1, help="copies of the pipeline (default: 1)")
     p.add_argument("--max-batch", type=positive_int,
                    help="requests per batch, at most the engines' --batch-size (default: that size)")
-    p.add_argument("--batch-wait-ms", type=float, default=10.0,
+    p.add_argument("--batch-wait-ms", type=non_negative_float, default=10.0,
                    help="how long a request waits for others of its setting to fill a batch (default: 10)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=positive_int, default=8000, help="HTTP port (default: 8000)")

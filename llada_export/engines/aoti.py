@@ -17,16 +17,14 @@ from .registry import Backend, WriteContext, register_backend
 
 def write(ctx: WriteContext, graph: str, path: Path) -> list[Path]:
     from safetensors.torch import save_file
-    from torch._inductor import aoti_compile_and_package
 
     from .torch_common import checkpoint_constants
 
     ep = ctx.programs[graph]
     if ctx.weight_keys is None:
-        aoti_compile_and_package(ep, package_path=str(path))
+        _compile(ep, path, {})
         return [path]
-    aoti_compile_and_package(ep, package_path=str(path),
-                             inductor_configs={"aot_inductor.package_constants_in_so": False})
+    _compile(ep, path, {"aot_inductor.package_constants_in_so": False})
     mapping, extra = checkpoint_constants(ep, ctx.weight_keys)
     ctx.constants.setdefault(BACKEND.name, {})[graph] = mapping
     files = [path]
@@ -35,6 +33,22 @@ def write(ctx: WriteContext, graph: str, path: Path) -> list[Path]:
         save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(side))
         files.append(side)
     return files
+
+
+def _compile(ep, path: Path, configs: dict) -> None:
+    """``aoti_compile_and_package``, leaving Inductor's global config as it found it: torch fills
+    ``aot_inductor.metadata`` in place and never resets it, and that dict is part of every later
+    compile's cache key (an inductor compile cache saved after it would never be hit elsewhere)."""
+    import copy
+
+    import torch._inductor.config as inductor_config
+    from torch._inductor import aoti_compile_and_package
+
+    metadata = copy.deepcopy(inductor_config.aot_inductor.metadata)
+    try:
+        aoti_compile_and_package(ep, package_path=str(path), inductor_configs=configs or None)
+    finally:
+        inductor_config.aot_inductor.metadata = metadata
 
 
 def runner(path: Path, io, device: str = "cpu", constants=None, cuda_graph: bool | None = None):
