@@ -274,3 +274,18 @@ def test_load_image_errors_name_the_path(tmp_path):
     missing = tmp_path / "missing.png"
     with pytest.raises(ImageError, match="missing.png"):
         load_image(str(missing))
+
+
+def test_image_size_reads_no_pixels_and_refuses_what_load_image_refuses(tmp_path):
+    from PIL import Image
+
+    from llada_export.graphs.anyres import ImageError, image_size
+
+    img = Image.new("RGB", (37, 21))
+    img.save(tmp_path / "a.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    assert image_size(img) == image_size(tmp_path / "a.png") == image_size(str(tmp_path / "a.png")) == (37, 21)
+    assert image_size(np.zeros((21, 37, 3), np.uint8)) == (37, 21)
+    for bad in (tmp_path / "bad.png", tmp_path / "missing.png", np.zeros((21, 37), np.uint8), 3):
+        with pytest.raises(ImageError):
+            image_size(bad)

@@ -122,7 +122,6 @@ def run(args) -> dict:
                                     threads=args.threads), replicas=args.replicas, port=port,
                        temp_dir=args.temp_dir)
         url = server.url
-    check_loopback(url)
     try:
         from llada_export.serve.client import Client
 

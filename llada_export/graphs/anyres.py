@@ -59,6 +59,22 @@ def load_image(image: ImageLike) -> Image.Image:
     raise ImageError(f"unsupported image type {type(image).__name__} (expected a path, PIL image or uint8 array)")
 
 
+def image_size(image: ImageLike) -> SizeWH:
+    """(width, height) of an image without decoding or copying it (a file's header only); the same
+    checks as :func:`load_image`."""
+    if isinstance(image, Image.Image):
+        return image.size
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
+        return image.shape[1], image.shape[0]  # [H, W, 3]
+    if isinstance(image, (str, Path)) and Path(image).is_file():
+        try:
+            with Image.open(image) as im:
+                return im.size
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError):
+            pass  # load_image says why
+    return load_image(image).size
+
+
 # ---------------------------------------------------------------------- grid choice
 def select_best_resolution(size_wh: SizeWH, resolutions: Sequence[SizeWH]) -> SizeWH:
     """The (width, height) pinpoint keeping the most original pixels after an

@@ -24,7 +24,7 @@ from ..contract.layout import RequestError, RequestParts, check_counts, check_fi
 from ..contract.manifest import Manifest, ManifestError
 from ..device import parse_device
 from ..engines.registry import Runner, get_backend, load_builtin, pick_backend
-from ..graphs.anyres import assemble, load_image, preprocess, visual_token_count
+from ..graphs.anyres import assemble, image_size, preprocess, visual_token_count
 from ..sampler import DEFAULT_REFRESH, GenerationConfig, SamplerTrace, StepEvent, StepInfo, generate
 from ..sampler import preset as get_preset
 from ..tokenizer import DEFAULT_SYSTEM_PROMPT, encode_prompt, load_tokenizer
@@ -212,7 +212,7 @@ class Pipeline:
             raise RequestError(f"{self.root} has no tokenizer/ folder: text prompts cannot be encoded")
         before, after = encode_prompt(self.tokenizer, request.prompt, has_image=request.image is not None,
                                       system=request.system)
-        n_visual = visual_token_count(*load_image(request.image).size, self.config) if request.image is not None else 0
+        n_visual = visual_token_count(*image_size(request.image), self.config) if request.image is not None else 0
         check_counts(self.bucket, len(before) + len(after), n_visual, gen_length)
         return len(before) + len(after), n_visual
 
