@@ -12,7 +12,8 @@ Parts (each fits one device call):
            ``--official official_gpu.json`` (``../shared/bench/official_gpu.py``, run in the same
            device session) the report gives the ratios to the official code.
 ``batch``  throughput of the pruned + cache path at several batch sizes (one engine set each),
-           requests of distinct images, latency per request beside it.
+           requests of distinct images, latency per request beside it; row 0's answer against
+           B = 1's. ``--resume`` continues a run that a device call's time limit cut short.
 ``load``   (used by ``engines``) one load of an engines directory, its seconds as JSON.
 ``grid``   the eager PyTorch oracles (official algorithm vs LLaDA-FastV) over keep x K x image x
            preset, no engines (the H100 run of 2026-11-25).
@@ -187,9 +188,12 @@ def time_requests(pipe, images, args, preset: str, pruned: bool, cache: bool) ->
     runs = []
     for i in range(args.repeat + 1):
         reset_peak()
+        t0 = time.perf_counter()
         out = pipe.generate_batch(reqs, **kw)
         if i:
             runs.append(out)
+        else:
+            first_s = time.perf_counter() - t0  # with a lazy load: compiles and captures the graphs it runs
     first = runs[0][0]
     med = {k: statistics.median(r[0].timings[k] for r in runs) for k in first.timings}
     gen = pipe.generation_config(**kw)
@@ -203,7 +207,8 @@ def time_requests(pipe, images, args, preset: str, pruned: bool, cache: bool) ->
             "forwards": first.forwards, "graph_calls": first.graph_calls, "timings": med,
             "tokens_per_s": len(reqs) * gen.gen_length / seconds, "tflops": fl["total"] / 1e12 * len(reqs),
             "tflop_per_s": fl["total"] * len(reqs) / seconds / 1e12, "peak_gib": peak_gib(),
-            "answer_tokens": len(first.ids), "settings": gen.describe()}
+            "answer_tokens": len(first.ids), "settings": gen.describe(), "first_batch_s": first_s,
+            "ids": [list(map(int, r.ids)) for r in runs[0]]}
 
 
 def graph_times(pipe, image, args, peak: float) -> dict:
@@ -343,40 +348,53 @@ def run_engines(args, save) -> dict:
 
 def run_batch(args, save) -> dict:
     """Throughput of the pruned + cache path (or ``--paths``' first) at each batch size: one engine set
-    per size, ``B`` requests of distinct images per batch."""
+    per size, ``B`` requests of distinct images per batch (row 0's image is the same at every size, so
+    its answer is compared with B = 1's). The engines load lazily: the first, untimed batch compiles
+    the graphs the path runs (``first_batch_s``), not the others. ``--resume`` keeps the rows of an
+    earlier run's JSON (an earlier device call) and measures the missing sizes."""
     from llada_export.exporter.build import export_engines
     from llada_export.runtime.pipeline import Pipeline
 
     path = args.paths[0]
     pruned, cache = PATHS[path]
+    setting = {"image": "x".join(map(str, args.images[0])), "prune_layer": args.layers[0], "keep": args.keeps[0],
+               "refresh": args.refresh, "factor": args.factor, "preset": args.presets[0]}
     res: dict = {"part": "batch", "backend": args.backend, "compiled": args.compile, "path": path, "rows": [],
-                 "setting": {"image": "x".join(map(str, args.images[0])), "prune_layer": args.layers[0],
-                             "keep": args.keeps[0], "refresh": args.refresh, "factor": args.factor,
-                             "preset": args.presets[0]}}
+                 "setting": setting}
+    if args.resume:
+        old = json.loads(Path(args.resume).read_text())
+        if (old["path"], old["setting"], old["compiled"]) != (path, setting, args.compile):
+            raise SystemExit(f"--resume {args.resume}: measured another path or setting")
+        res["rows"] = [r for r in old["rows"] if r["batch_size"] in args.batch_sizes]
+        res["earlier"] = {"env": old["env"], "batch_sizes": [r["batch_size"] for r in res["rows"]]}
     res["matmul_peak_tflops"] = matmul_peak() / 1e12
     model, cfg, tok = build_model(args.preset, args.seed)
     weights = dict(model.state_dict())
     for b in args.batch_sizes:
+        if any(r["batch_size"] == b for r in res["rows"]):
+            continue
         out = Path(args.workdir) / f"engines_b{b}"
         t0 = time.perf_counter()
         export_engines(export_opts(args, out, pruned, cache, batch_size=b, compile_cache=False),
                        loaded=(model, tok, cfg))
         export_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        pipe = Pipeline.load(out, backend=args.backend, device=DEVICE, weights=weights,
+        pipe = Pipeline.load(out, backend=args.backend, device=DEVICE, weights=weights, warmup=False,
                              runner_options=None if args.compile else {"compile": False})
         load_s = time.perf_counter() - t0
         row = time_requests(pipe, request_images(*args.images[0], b), args, args.presets[0], pruned, cache)
         row.update(export_s=export_s, load_s=load_s, latency_s=row["seconds"])
         res["rows"].append(row)
-        print(json.dumps(row), flush=True)
+        res["rows"].sort(key=lambda r: r["batch_size"])
+        print(json.dumps({k: v for k, v in row.items() if k != "ids"}), flush=True)
         save(res)
         del pipe
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    base = res["rows"][0]["tokens_per_s"]
+    base = next((r for r in res["rows"] if r["batch_size"] == 1), None)
     for row in res["rows"]:
-        row["speedup_vs_b1"] = row["tokens_per_s"] / base
+        row["speedup_vs_b1"] = row["tokens_per_s"] / base["tokens_per_s"] if base else None
+        row["row0_same_as_b1"] = row["ids"][0] == base["ids"][0] if base else None
     return res
 
 
@@ -687,14 +705,28 @@ def markdown_batch(res: dict) -> list[str]:
     lines = [f"Path {res['path']} ({'compiled' if res['compiled'] else 'eager kernels'} in CUDA graphs, "
              f"{res['backend']} backend), preset {st['preset']}, image {st['image']}, K {st['prune_layer']}, keep "
              f"{st['keep']}, refresh {st['refresh']}, factor {st['factor']}; one engine set per batch size, a batch of "
-             "B requests of distinct images; throughput counts every request's response slots.", "",
-             "| batch size | seconds per batch (= latency per request) | tokens/s | x B=1 | forwards | per call ms |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "B requests of distinct images; throughput counts every request's response slots. Seconds: median of "
+             "the timed batches after one untimed (which compiles the graphs: `first batch s`).", ""]
+    if "earlier" in res:
+        e = res["earlier"]["env"]
+        lines += [f"Batch sizes {res['earlier']['batch_sizes']} were measured in an earlier device call of the same "
+                  f"session ({e['gpu']}, host {e['host']}, {e['date']}); the others on host {res['env']['host']}.", ""]
+    lines += ["| batch size | seconds per batch (= latency per request) | tokens/s | x B=1 | forwards | per call ms | "
+              "sampler overhead ms | first batch s | peak GiB | row 0 = B=1's answer |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in res["rows"]:
         t = r["timings"]
         per = ", ".join(f"{k[:-9]} {t[k] * 1e3:.2f}" for k in t if k.endswith("_per_call"))
-        lines.append(f"| {r['batch_size']} | {r['seconds']:.3f} | {r['tokens_per_s']:.1f} | {r['speedup_vs_b1']:.2f} | "
-                     f"{r['forwards']} | {per} |")
+        same = {None: "-", True: "yes", False: "no"}[r.get("row0_same_as_b1")]
+        lines.append(f"| {r['batch_size']} | {r['seconds']:.3f} | {r['tokens_per_s']:.1f} | "
+                     f"{fmt(r.get('speedup_vs_b1'), '.2f')} | {r['forwards']} | {per} | "
+                     f"{t.get('sampler_overhead', float('nan')) * 1e3:.1f} | {fmt(r.get('first_batch_s'), '.1f')} | "
+                     f"{r['peak_gib']:.1f} | {same} |")
+    b8 = next((r for r in res["rows"] if r["batch_size"] == 8 and r.get("speedup_vs_b1")), None)
+    if b8:
+        lines += ["", f"Target (issue 14): B = 8 at >= 1.6x the tokens/s of B = 1: measured "
+                  f"{b8['speedup_vs_b1']:.2f}x ({'met' if b8['speedup_vs_b1'] >= 1.6 else 'NOT met'})."]
     return lines
 
 
@@ -710,7 +742,8 @@ def plot_batch(res: dict, path: Path) -> None:
     ax2.plot(b, [r["seconds"] for r in res["rows"]], "s--", color="tab:red", label="latency per request (s)")
     ax2.set_ylabel("latency per request (s)")
     ax.set_title(f"{res['path']} throughput vs batch size, {res['env']['gpu']}", fontsize=9)
-    fig.legend(fontsize=7, loc="upper left")
+    (h1, l1), (h2, l2) = ax.get_legend_handles_labels(), ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="center right")
     save(fig, path)
 
 
@@ -722,7 +755,7 @@ def main(argv=None) -> int:
     p.add_argument("--presets", default="mc,chartqa,demo", help="sampler presets (default: mc,chartqa,demo)")
     p.add_argument("--keeps", default="0.35", help="keep ratios (grid: all; engines, batch: the first)")
     p.add_argument("--layers", default="16", help="prune layers (grid: all; engines, batch: the first)")
-    p.add_argument("--paths", default="pruned,pruned+cache,unpruned,unpruned+cache",
+    p.add_argument("--paths", default=None,
                    help="engines: the paths to time; batch: the first (default: all four / pruned+cache)")
     p.add_argument("--refresh", type=int, default=32, help="cache refresh interval (default: 32, the official demo's)")
     p.add_argument("--factor", type=float, default=1.0, help="parallel decoding factor (default: 1, the official demo's)")
@@ -744,6 +777,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-warm-load", dest="warm_load", action="store_false", help="engines: skip the warm-load check")
     p.add_argument("--engines", help="load: the engines directory")
     p.add_argument("--workdir", default="/tmp/llada-bench", help="where the engines are written")
+    p.add_argument("--resume", help="batch: an earlier run's bench_gpu_batch.json; its batch sizes are kept, not rerun")
     p.add_argument("--repeat", type=int, default=2, help="timed requests per preset and path (after one untimed)")
     p.add_argument("--no-eager", action="store_true", help="(unused; kept for old command lines)")
     p.add_argument("--replot", action="store_true",
@@ -753,7 +787,7 @@ def main(argv=None) -> int:
     args.presets = args.presets.split(",")
     args.keeps = [float(k) for k in args.keeps.split(",")]
     args.layers = [int(k) for k in args.layers.split(",")]
-    args.paths = [q for q in args.paths.split(",") if q]
+    args.paths = [q for q in (args.paths or ("pruned+cache" if args.part == "batch" else ",".join(PATHS))).split(",") if q]
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     bad = [q for q in args.paths if q not in PATHS]
     if bad:

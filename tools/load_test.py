@@ -135,7 +135,13 @@ def run(args) -> dict:
             "replicas": args.replicas if args.url is None else None, "items": args.items,
             "requests_per_client": args.requests, "duration_s": args.duration, "levels": levels,
             "env": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-                    "device": models["llada"]["device"]}}
+                    "device": models["llada"]["device"], "gpu": gpu_name()}}
+
+
+def gpu_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
 def markdown(res: dict) -> str:
@@ -145,7 +151,8 @@ def markdown(res: dict) -> str:
              f"{s['max_batch']}, prefix cache {'on' if s['prefix_cache'] else 'off'}); "
              + (f"{res['replicas']} replica(s); " if res["replicas"] else "")
              + f"closed-loop clients, {res['requests_per_client']} requests each (VQA test questions, "
-             f"{res['items']} different images); machine: {res['env']['machine']}, {res['env']['cpus']} CPUs.", "",
+             f"{res['items']} different images); machine: {res['env']['machine']}, {res['env']['cpus']} CPUs"
+             + (f", {res['env']['gpu']}" if res["env"].get("gpu") else "") + ".", "",
              "| clients | sent | answered | errors | lost | requests/s | tokens/s | p50 s | p95 s | p99 s | mean batch "
              "| differ from pipeline | accuracy |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
