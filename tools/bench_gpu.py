@@ -402,7 +402,7 @@ def run_batch(args, save) -> dict:
 def markdown(res: dict, env: dict) -> str:
     lines = [f"# GPU benchmark ({res['part']})", "",
              f"Machine: {env['gpu']}, torch {env['torch']}, CUDA {env['cuda']}; measured bf16 matmul peak "
-             f"{res['matmul_peak_tflops']:.0f} TFLOP/s. Random bf16 weights, full LLaDA-V dimensions.", ""]
+             f"{res['matmul_peak_tflops']:.0f} TFLOP/s. " + model_line(res), ""]
     if res["part"] == "grid":
         lines += ["Baseline = eager PyTorch reference (full sequence every step, SDPA, bf16); pruned = eager "
                   "LLaDA-FastV reference. `measured` = whole request timed; otherwise vision + stage A + "
@@ -424,6 +424,13 @@ def markdown(res: dict, env: dict) -> str:
     else:
         lines += markdown_engines_v1(res)
     return "\n".join(lines) + "\n"
+
+
+def model_line(res: dict) -> str:
+    """What the weights were (reports before the ``model`` field: full size, bf16)."""
+    m = res.get("model", {"preset": "full", "dtype": "bfloat16"})
+    dims = "full LLaDA-V dimensions" if m["preset"] == "full" else f"the {m['preset']!r} preset's dimensions (a smoke run)"
+    return f"Random {'bf16' if m['dtype'] == 'bfloat16' else m['dtype']} weights, {dims}."
 
 
 def primary_setting(res: dict) -> dict:
@@ -804,6 +811,7 @@ def main(argv=None) -> int:
 
     def save(res: dict) -> None:  # also called part-way, so a run cut short keeps what it measured
         res["env"] = env
+        res["model"] = {"preset": args.preset, "dtype": "bfloat16" if DEVICE == "cuda" else "float32"}
         (out / f"bench_gpu_{args.part}.json").write_text(json.dumps(res, indent=2) + "\n")
 
     if args.replot:  # re-render the Markdown and the plot of an earlier run
