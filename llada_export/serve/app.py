@@ -12,7 +12,8 @@ While a batch runs, new requests wait before the queues and join them together w
 is free. Serve's batcher closes its next batch ``batch_wait_ms`` after the first request that
 comes after the last batch started, whether or not the engine is free (it then waits for it):
 under steady load every batch would hold the one or two requests of that window (measured: mean
-batch 1.0 with requests queued for seconds) instead of all that queued meanwhile.
+batch 1.0 with requests queued for seconds) instead of all that queued meanwhile. Requests
+waiting for the engine are not in Serve's batch queue length metric (they count as ongoing).
 
 A caller that disconnects is cancelled by Serve; the batch it was in runs to the end for the
 others. Ray Serve's metrics (batch sizes, queue lengths, latencies) stay on: Prometheus text at
