@@ -27,6 +27,8 @@ CASES = [  # (tool, its JSON, the report it renders, the command line that re-re
      ["--replot", "--out", "{out}/attention_analysis", "--sweep", str(BENCH / "prune_sweep.json")]),
     ("cache_sweep.py", "cache_sweep.json", "cache_sweep.md", ["--replot", "--out", "{out}/cache_sweep"]),
     ("load_test.py", "load_test.json", "load_test.md", ["--engines", "-", "--replot", "--out", "{out}/load_test"]),
+    ("load_test.py", "load_test_before_fix.json", "load_test_before_fix.md",
+     ["--engines", "-", "--replot", "--out", "{out}/load_test_before_fix"]),
     ("load_test.py", "load_test_gpu.json", "load_test_gpu.md",
      ["--engines", "-", "--replot", "--out", "{out}/load_test_gpu"]),
     ("bench_gpu.py", "bench_gpu_batch.json", "bench_gpu_batch.md", ["batch", "--replot", "--out", "{out}"]),
