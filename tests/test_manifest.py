@@ -150,3 +150,116 @@ def test_file_table_rehash_keeps_a_consistent_copy_loadable(copy):
 def test_backend_not_built(copy, no_sessions, backend):
     msg = load_fails(copy, no_sessions, f"--backend {backend}", backend=backend)
     assert "not built" in msg and "onnxruntime" in msg
+
+
+# ---------------------------------------------------------------------- tamper evidence
+def reseal(m) -> None:
+    """What a careful hand edit would add: the content digest recomputed for the edited content."""
+    from llada_export.contract.manifest import content_digest
+
+    m["content_sha256"] = content_digest(m)
+
+
+def regraph(m) -> None:
+    """Rewrite every graph's I/O from the (edited) bucket, as the exporter would have: a manifest
+    consistent with itself, no longer with its graph files."""
+    from llada_export.config import LLaDAVConfig
+    from llada_export.contract.bucket import Bucket
+    from llada_export.contract.graphset import GRAPHS, Dims
+
+    dims = Dims.of(Bucket.from_dict(m["bucket"]), LLaDAVConfig.from_dict(m["config"]), m["dtype"])
+    m["graphs"] = {n: GRAPHS[n].io(dims, m["fused_sampler"]).to_dict() for n in m["graphs"]}
+
+
+def _input_shape(m):
+    m["graphs"]["stage_a"]["inputs"][0]["shape"][1] += 1
+
+
+def _keep(m):
+    m["pruning"]["keep"] = 0.9
+
+
+def _text_tokens(m):
+    m["bucket"]["max_text_tokens"] *= 2
+
+
+@pytest.mark.parametrize("sealed", [False, True], ids=["as-edited", "resealed"])
+@pytest.mark.parametrize("edit, match", [
+    (_input_shape, r"graph stage_a: prefix_embeds \[1, \d+, \d+\] float32, the bucket and config give"),
+    (_keep, r"bucket.k_static \d+ is not what pruning.keep 0.9 gives"),
+    (_text_tokens, r"graph \w+: prefix_embeds .* the bucket and config give"),
+], ids=["graph-input-shape", "pruning-keep", "bucket-text-tokens"])
+def test_edited_manifest_is_refused(copy, no_sessions, edit, match, sealed):
+    """The edits of issue 20 (a graph's input shape, pruning.keep, bucket.max_text_tokens) ran, kept the
+    old number of tokens or ended in an ONNX Runtime traceback: refused at load, naming the field, with
+    or without the content digest recomputed."""
+    edit_manifest(copy, lambda m: (edit(m), sealed and reseal(m)))
+    msg = load_fails(copy, no_sessions, match)
+    assert "edited manifest; re-run llada-export" in msg and "\n" not in msg
+
+
+def test_edit_that_keeps_the_fields_consistent_is_caught_by_the_digest(copy, no_sessions):
+    """pruning.keep 0.5 -> 0.502 keeps k_static (68 of 136 slots) but changes how many tokens a smaller
+    image keeps: only the content digest written at export can tell."""
+    edit_manifest(copy, lambda m: m["pruning"].__setitem__("keep", m["pruning"]["keep"] + 0.002))
+    load_fails(copy, no_sessions, "edited after export")
+
+
+@pytest.mark.parametrize("edit", [_keep, _text_tokens], ids=["keep-and-k_static", "text-tokens"])
+def test_consistent_rewrite_is_caught_by_the_graph_files(copy, edit):
+    """Bucket, k_static and every graph's I/O rewritten consistently and the digest recomputed: the ONNX
+    graphs themselves (read without their weights) disagree."""
+    from llada_export.contract.pruning import num_kept
+
+    def rewrite(m):
+        edit(m)
+        if m["pruning"]["keep"] == 0.9:
+            m["bucket"]["k_static"] = num_kept(0.9, m["bucket"]["max_visual_tokens"])
+        regraph(m)
+        reseal(m)
+
+    edit_manifest(copy, rewrite)
+    with pytest.raises(ManifestError, match=r"onnx/stage_a.onnx: its (input|output) is \w+ \[.*the manifest says"):
+        Pipeline.load(copy, backend="onnxruntime")
+
+
+def test_stage_a_with_another_static_top_k_is_refused(copy):
+    """A stage A graph whose TopK constant was changed (file table re-hashed, shapes intact): refused,
+    naming both numbers."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from llada_export.contract.manifest import Manifest
+
+    m = Manifest.read(copy)
+    path = copy / m.artifacts["onnxruntime"]["stage_a"]
+    proto = onnx.load(str(path), load_external_data=False)
+    (topk,) = [n for n in proto.graph.node if n.op_type == "TopK"]
+    consts = [n for n in proto.graph.node if n.op_type == "Constant" and n.output[0] == topk.input[1]]
+    inits = [t for t in proto.graph.initializer if t.name == topk.input[1]]
+    t = consts[0].attribute[0].t if consts else inits[0]
+    k = numpy_helper.to_array(t)
+    t.CopyFrom(numpy_helper.from_array(np.asarray(k - 1, dtype=k.dtype), t.name))
+    onnx.save_model(proto, str(path))
+
+    def rehash(d):
+        d["files"] = {k: {"sha256": v.sha256, "bytes": v.bytes}
+                      for k, v in file_table(copy, [copy / k for k in d["files"]]).items()}
+
+    edit_manifest(copy, rehash)
+    k_static = m.bucket.k_static
+    with pytest.raises(ManifestError, match=f"its static top-k keeps {k_static - 1} visual tokens, the manifest "
+                                            f"says bucket.k_static {k_static}"):
+        Pipeline.load(copy, backend="onnxruntime")
+
+
+def test_cli_refuses_an_edited_manifest_in_one_line(copy):
+    import subprocess
+    import sys
+
+    edit_manifest(copy, _keep)
+    r = subprocess.run([sys.executable, "-m", "llada_export.cli.generate", "--engines", str(copy), "--prompt",
+                        "What is here?"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "pruning.keep 0.9" in r.stderr

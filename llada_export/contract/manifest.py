@@ -3,6 +3,14 @@
 :class:`Manifest` is the one typed reader and writer. :meth:`Manifest.read` validates the
 format and version, every field, that every artifact is a file listed (size and SHA-256)
 in the file table, and that every artifact's graph has its I/O recorded.
+
+Tamper evidence: the export writes ``content_sha256``, a SHA-256 of the manifest's own
+content (every field but the file table, which is checked against the files themselves,
+and the digest); :meth:`Manifest.from_dict` recomputes it, and checks that the fields
+agree with each other (the graphs' I/O with the bucket and the config, the bucket's static
+top-k with the pruning). :meth:`Manifest.check_artifacts` checks the artifacts of one
+backend against the manifest (shapes in the graphs, stage A's static top-k) without
+reading any weights. A hand-edited manifest is refused with one line.
 """
 
 from __future__ import annotations
@@ -16,12 +24,13 @@ from typing import Any
 from .. import __version__
 from ..config import LLaDAVConfig
 from .bucket import Bucket
-from .graphset import GraphIO
+from .graphset import GRAPHS, Dims, GraphIO
 from .pruning import PruneSettings
 from .tokens import SpecialTokens
 
 FORMAT = "llada-export/engines"
-FORMAT_VERSION = 3  # 3: typed manifest, batch size, graph I/O with dtypes, "unpruned" graph names, cache graphs
+FORMAT_VERSION = 4  # 3: typed manifest, batch size, graph I/O with dtypes, "unpruned" graph names, cache graphs;
+# 4: content_sha256 (the manifest's own content, checked at load)
 MANIFEST = "manifest.json"
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -46,6 +55,16 @@ class FileEntry:
 
 def file_table(root: Path, files: list[Path]) -> dict[str, FileEntry]:
     return {str(p.relative_to(root)): FileEntry(sha256(p), p.stat().st_size) for p in sorted(set(files))}
+
+
+DIGEST = "content_sha256"
+UNSEALED = ("files", DIGEST)  # the file table is checked against the files it lists
+
+
+def content_digest(d: dict[str, Any]) -> str:
+    """SHA-256 of a manifest dict's canonical JSON, without the file table and the digest itself."""
+    body = {k: v for k, v in d.items() if k not in UNSEALED}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 @dataclass
@@ -100,6 +119,11 @@ class Manifest:
             "files": {k: {"sha256": f.sha256, "bytes": f.bytes} for k, f in self.files.items()},
         }
 
+    def sealed_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` as JSON holds it, with its ``content_sha256``."""
+        d = json.loads(json.dumps(self.to_dict()))
+        return d | {DIGEST: content_digest(d)}
+
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = MANIFEST) -> "Manifest":
         if not isinstance(d, dict) or d.get("format") != FORMAT:
@@ -129,7 +153,51 @@ class Manifest:
         if m.dtype not in DTYPES:
             raise ManifestError(f"{where}: unknown dtype {m.dtype!r}")
         m._check_artifacts(where)
+        m._check_consistent(where)
+        if d.get(DIGEST) != content_digest(d):
+            raise ManifestError(f"{where}: edited after export (its {DIGEST} does not match its content); the "
+                                "engines are only valid as exported: re-run llada-export (or restore the manifest)")
         return m
+
+    def _check_consistent(self, where: str) -> None:
+        """The fields must agree with each other: an edit of one of them is refused by name."""
+        edited = "(edited manifest; re-run llada-export)"
+        try:
+            cfg = self.model_config()
+        except ValueError as e:
+            raise ManifestError(f"{where}: config: {e} {edited}") from None
+        if cfg.hash() != self.config_hash:
+            raise ManifestError(f"{where}: config does not match source.config_hash {edited}")
+        b, v = self.bucket, self.bucket.max_visual_tokens
+        want_k = self.pruning.k_static(v) if self.pruning and v else v
+        if b.k_static != want_k:
+            what = f"pruning.keep {self.pruning.keep}" if self.pruning else "unpruned engines"
+            raise ManifestError(f"{where}: bucket.k_static {b.k_static} is not what {what} gives for {v} visual "
+                                f"slots ({want_k}) {edited}")
+        if not 1 <= self.generation.get("gen_length", 0) <= b.gen_length:
+            raise ManifestError(f"{where}: generation.gen_length {self.generation.get('gen_length')} does not fit "
+                                f"bucket.gen_length {b.gen_length} {edited}")
+        dims = Dims.of(b, cfg, self.dtype)
+        for name, io in self.graphs.items():
+            if name in GRAPHS and (want := GRAPHS[name].io(dims, self.fused_sampler)) != io:
+                bad = next(f"{a.name} {list(a.shape)} {a.dtype}, the bucket and config give {list(w.shape)} {w.dtype}"
+                           for a, w in zip(io.inputs + io.outputs, want.inputs + want.outputs) if a != w) \
+                    if len(io.inputs) == len(want.inputs) and len(io.outputs) == len(want.outputs) \
+                    else f"tensors {io.input_names + io.output_names}, expected {want.input_names + want.output_names}"
+                raise ManifestError(f"{where}: graph {name}: {bad} {edited}")
+
+    def check_artifacts(self, root: Path, backend: str) -> None:
+        """The artifacts of ``backend`` must be what the manifest describes (their I/O shapes and dtypes,
+        stage A's static top-k), read from the graph files without their weights."""
+        from ..engines.registry import get_backend
+
+        check = get_backend(backend).check_artifact
+        if check is None:
+            return
+        for name, rel in self.artifacts.get(backend, {}).items():
+            if problem := check(Path(root) / rel, name, self.graphs[name], self.bucket):
+                raise ManifestError(f"{Path(root) / rel}: {problem} (edited manifest or replaced graph; re-run "
+                                    "llada-export)")
 
     def _check_artifacts(self, where: str) -> None:
         for backend, graphs in self.artifacts.items():
@@ -150,7 +218,7 @@ class Manifest:
 
     def write(self, root: Path) -> Path:
         path = Path(root) / MANIFEST
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        path.write_text(json.dumps(self.sealed_dict(), indent=2) + "\n")
         return path
 
     @classmethod

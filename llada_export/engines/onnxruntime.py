@@ -174,6 +174,39 @@ def _torch_dtype(name: str):
     return getattr(torch, name)
 
 
+_ONNX_DTYPES = {1: "float32", 7: "int64", 9: "bool", 10: "float16", 16: "bfloat16"}  # TensorProto elem types
+
+
+def check_artifact(path: Path, graph: str, io, bucket) -> str | None:
+    """What in the ONNX graph differs from the manifest's I/O (names, static shapes, dtypes) and, for
+    stage A, from its static top-k; the graph is read without its weights (they are external)."""
+    import itertools
+
+    import onnx
+    from onnx import numpy_helper
+
+    def fmt(t) -> str:
+        return "nothing" if t is None else f"{t[0]} {list(t[1])} {t[2]}"
+
+    model = onnx.load(str(path), load_external_data=False)
+    for kind, have, want in (("input", model.graph.input, io.inputs), ("output", model.graph.output, io.outputs)):
+        got = [(v.name, tuple(d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim),
+                _ONNX_DTYPES.get(v.type.tensor_type.elem_type, "?")) for v in have]
+        expect = [(t.name, tuple(t.shape), t.dtype) for t in want]
+        for g, e in itertools.zip_longest(got, expect):
+            if g != e:
+                return f"its {kind} is {fmt(g)}, the manifest says {fmt(e)}"
+    if graph == "stage_a" and bucket.max_visual_tokens:
+        consts = {t.name: t for t in model.graph.initializer}
+        consts |= {n.output[0]: n.attribute[0].t for n in model.graph.node if n.op_type == "Constant" and n.attribute}
+        ks = sorted({int(numpy_helper.to_array(consts[n.input[1]]).reshape(-1)[0])
+                     for n in model.graph.node if n.op_type == "TopK" and len(n.input) > 1 and n.input[1] in consts})
+        if ks != [bucket.k_static]:
+            return (f"its static top-k keeps {ks[0] if len(ks) == 1 else ks or 'no constant number of'} visual "
+                    f"tokens, the manifest says bucket.k_static {bucket.k_static}")
+    return None
+
+
 def polygraphy_runner(path: Path, name: str):
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
@@ -183,4 +216,5 @@ def polygraphy_runner(path: Path, name: str):
 BACKEND = register_backend(Backend(
     name="onnxruntime", folder="onnx", suffix=".onnx", write=write, runner=OrtRunner,
     description="ONNX graphs for ONNX Runtime (CPU; CUDA with onnxruntime-gpu), one shared weights file",
-    priority={"cpu": 0, "cuda": 3}, session_threads=True, polygraphy_runner=polygraphy_runner, polygraphy_cli="--onnxrt"))
+    priority={"cpu": 0, "cuda": 3}, session_threads=True, polygraphy_runner=polygraphy_runner, polygraphy_cli="--onnxrt",
+    check_artifact=check_artifact))

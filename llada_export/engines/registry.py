@@ -96,6 +96,9 @@ class Backend:
     polygraphy_cli: str | None = None  # "polygraphy run FILE <flag>" repeats a comparison by hand
     finalize: Callable[[WriteContext], list[Path]] | None = None  # after every graph is written (compile cache)
     load_cache: Callable[[Path, str], str] | None = None  # (blob, device), before the runners are made
+    # (artifact, graph, GraphIO, Bucket) -> what in the artifact differs from the manifest, or None; read
+    # without the weights, at every Pipeline.load (Manifest.check_artifacts)
+    check_artifact: Callable[[Path, str, Any, Any], str | None] | None = None
 
 
 BACKENDS: dict[str, Backend] = {}

@@ -147,6 +147,7 @@ class Pipeline:
             torch.set_num_threads(threads)
             if b.session_threads:
                 runner_options = {"threads": threads, **(runner_options or {})}
+        m.check_artifacts(root, backend)  # the graphs are what the manifest says (shapes, static top-k)
         pipe = cls(root, m, backend, str(dev), weights_from, cuda_graphs, weights, runner_options)
         if warmup if warmup is not None else b.cuda_graphs:
             pipe.warmup()
