@@ -345,3 +345,51 @@ def test_local_vision_tower_directory_supplies_the_dimensions(copy_dir):
     model, _, cfg = load_checkpoint(copy_dir)
     assert cfg.vision.hidden_size == vision["hidden_size"] and cfg.vision.patch_size == vision["patch_size"]
     assert len(model.model.vision_tower.vision_tower.vision_model.encoder.layers) == vision["num_hidden_layers"] - 1
+
+
+# ---------------------------------------------------------------------- issue 20: one-line errors that say what is wrong
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "0"])
+def test_cli_refuses_an_init_std_that_is_not_a_finite_positive_number(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["--preset", "tiny", "-o", str(tmp_path / "ck"), "--init-std", value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--init-std" in err[0] and "finite number > 0" in err[0], err
+    assert not (tmp_path / "ck").exists()
+    with pytest.raises(ValueError, match="init_std must be a finite number > 0"):
+        random_checkpoint("tiny", tmp_path / "api", init_std=float(value))
+    assert not (tmp_path / "api").exists()
+
+
+def test_missing_tokenizer_json_is_named(copy_dir):
+    """tokenizer_config.json without tokenizer.json: the error names the file (transformers' own says
+    it cannot convert a slow tokenizer without sentencepiece or tiktoken)."""
+    from llada_export.exporter.build import ExportOptions, preflight
+
+    (copy_dir / "tokenizer.json").unlink()
+    for call in (lambda: load_checkpoint(copy_dir), lambda: preflight(ExportOptions(str(copy_dir), str(copy_dir) + "-e"))):
+        with pytest.raises(CheckpointError) as e:
+            call()
+        msg = str(e.value)
+        assert "no tokenizer.json" in msg and str(copy_dir) in msg
+        assert "sentencepiece" not in msg and "tiktoken" not in msg
+
+
+@pytest.mark.parametrize("delta", [2, -2])
+def test_layer_count_that_does_not_match_the_weights_says_both_counts(copy_dir, delta):
+    """A config whose num_hidden_layers is not the weights' printed every missing tensor (1,289
+    characters): now both counts and the first few keys."""
+    conf = json.loads((copy_dir / "config.json").read_text())
+    n = conf["num_hidden_layers"]
+    conf["num_hidden_layers"] = n + delta
+    (copy_dir / "config.json").write_text(json.dumps(conf))
+    per_layer = len([k for k in files_state(copy_dir) if k.startswith("model.layers.0.")])
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(copy_dir)
+    msg = str(e.value)
+    assert f"config.json says {n + delta} decoder layers (num_hidden_layers) but the weights hold {n} " \
+           f"(layers 0..{n - 1})" in msg
+    first = n if delta > 0 else n + delta
+    word = "missing" if delta > 0 else "unexpected"
+    assert f"{word} model.layers.{first}." in msg and f"({abs(delta) * per_layer} in all)" in msg
+    assert "\n" not in msg and len(msg) < 500 and msg.count(word) == 3

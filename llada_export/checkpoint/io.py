@@ -37,6 +37,8 @@ from ..tokenizer import TokenizerError, special_tokens
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 VISION_LAYER_PREFIX = "model.vision_tower.vision_tower.vision_model.encoder.layers."
+DECODER_LAYER_PREFIX = "model.layers."
+SHOWN_PROBLEMS = 5  # key problems named in an error; the rest are counted
 _MAX_HEADER_BYTES = 100 * 2**20
 WRITER_KEY = "llada_export_writer"  # config.json field naming the tool that wrote the checkpoint
 
@@ -267,8 +269,36 @@ def _check_against_model(
             if k not in index and k in expected:
                 problems.append(f"{fname}: {k} is not listed in {INDEX_NAME}")
     if problems:
-        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
-        raise CheckpointError(f"{where}: the weights do not match the model:\n  " + "\n  ".join(shown))
+        raise CheckpointError(f"{where}: the weights do not match the model: {first_few(problems)}")
+
+
+def first_few(items: list[str], n: int = SHOWN_PROBLEMS) -> str:
+    """The first ``n`` items and how many there are in all (a message stays one readable line)."""
+    more = f"; ... ({len(items)} in all)" if len(items) > n else ""
+    return "; ".join(items[:n]) + more
+
+
+def check_decoder_layers(cfg: LLaDAVConfig, keys: Iterable[str], expected: Iterable[str], where: str) -> None:
+    """config.json's ``num_hidden_layers`` must be the decoder layers the weights hold: say both counts
+    and the first few tensors one side lacks (not every one of them)."""
+    keys, expected = set(keys), set(expected)
+    ids = sorted({int(n) for k in keys if k.startswith(DECODER_LAYER_PREFIX)
+                  and (n := k[len(DECODER_LAYER_PREFIX):].split(".", 1)[0]).isdigit()})
+    want = cfg.text.num_hidden_layers
+    if len(ids) != want or (ids and ids[-1] != want - 1):
+        held = f"{len(ids)} (layers {ids[0]}..{ids[-1]})" if ids and ids == list(range(ids[0], ids[-1] + 1)) \
+            else f"{len(ids)} ({', '.join(map(str, ids[:8]))}{', ...' if len(ids) > 8 else ''})"
+        missing = [f"missing {k}" for k in sorted(expected - keys, key=_layer_order)]
+        extra = [f"unexpected {k}" for k in sorted(keys - expected, key=_layer_order)]
+        raise CheckpointError(f"{where}: config.json says {want} decoder layers (num_hidden_layers) but the weights "
+                              f"hold {held}: {first_few(missing + extra, 3)}; use the config.json that came with "
+                              "these weights")
+
+
+def _layer_order(key: str) -> tuple:
+    """Keys in layer order (layer 10 after layer 9), the rest by name."""
+    n = key[len(DECODER_LAYER_PREFIX):].split(".", 1)[0] if key.startswith(DECODER_LAYER_PREFIX) else ""
+    return (int(n), key) if n.isdigit() else (-1, key)
 
 
 # ---------------------------------------------------------------------- writing

@@ -24,8 +24,8 @@ from ..config import ConfigError, LLaDAVConfig
 from ..graphs.llada import RotaryEmbedding
 from ..graphs.llava import LLaDAV
 from ..tokenizer import TokenizerError, has_tokenizer_files, load_tokenizer, special_tokens
-from .io import (INDEX_NAME, SINGLE_NAME, CheckpointError, _check_against_model, expected_shapes, meta_model,
-                 parse_dtype, read_safetensors_header, resolve_vision_layers)
+from .io import (INDEX_NAME, SINGLE_NAME, CheckpointError, _check_against_model, check_decoder_layers,
+                 expected_shapes, meta_model, parse_dtype, read_safetensors_header, resolve_vision_layers)
 
 
 def read_config(ckpt_dir: str | Path) -> LLaDAVConfig:
@@ -39,6 +39,21 @@ def read_config(ckpt_dir: str | Path) -> LLaDAVConfig:
     if cfg.text.vocab_size <= 0:
         raise ConfigError(f"{ckpt_dir / 'config.json'}: vocab_size {cfg.text.vocab_size} is not positive")
     return cfg
+
+
+def check_tokenizer_files(ckpt_dir: Path) -> None:
+    """A tokenizer_config.json without the vocabulary it needs: name the missing file (transformers
+    would say it cannot convert a slow tokenizer without sentencepiece or tiktoken)."""
+    if not any((ckpt_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise CheckpointError(f"{ckpt_dir}: no tokenizer.json beside tokenizer_config.json (LLaDA-V's tokenizer "
+                              "is that file); copy it from the model's release")
+
+
+def checkpoint_tokenizer(ckpt_dir: str | Path, cfg: LLaDAVConfig) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer, checked (its files, its special tokens, its size against the vocab)."""
+    ckpt_dir = Path(ckpt_dir)
+    check_tokenizer_files(ckpt_dir)
+    return _load_tokenizer(ckpt_dir, cfg)
 
 
 def _load_tokenizer(ckpt_dir: Path, cfg: LLaDAVConfig) -> PreTrainedTokenizerBase:
@@ -124,7 +139,7 @@ def load_checkpoint(
     dt = parse_dtype(dtype if dtype is not None else cfg.torch_dtype)
     device = torch.device(device)
 
-    tokenizer = _load_tokenizer(ckpt_dir, cfg) if has_tokenizer_files(ckpt_dir) else None
+    tokenizer = checkpoint_tokenizer(ckpt_dir, cfg) if has_tokenizer_files(ckpt_dir) else None
     if tokenizer is None and require_tokenizer:
         raise CheckpointError(f"{ckpt_dir}: no tokenizer files (tokenizer.json / tokenizer_config.json); "
                               "the special token ids and the prompt encoding come from them")
@@ -140,6 +155,7 @@ def load_checkpoint(
             found[k] = (fname, info.shape)
     layers, ignored = resolve_vision_layers(cfg, found, str(ckpt_dir))
     expected = expected_shapes(cfg, layers)
+    check_decoder_layers(cfg, found, expected, str(ckpt_dir))
     _check_against_model(
         str(ckpt_dir),
         {k: v for k, v in found.items() if k not in ignored},

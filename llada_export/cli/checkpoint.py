@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from pathlib import Path
@@ -35,6 +36,17 @@ def parse_bytes(text: str) -> int:
     return n
 
 
+def init_std(text: str) -> float:
+    """A finite standard deviation > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = parser(PROG, DESCRIPTION)
     p.add_argument("--preset", required=True, choices=sorted(PRESETS),
@@ -45,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default: 0)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weight dtype (default: bfloat16 for full, float32 for tiny)")
-    p.add_argument("--init-std", type=float, default=INIT_STD,
+    p.add_argument("--init-std", type=init_std, default=INIT_STD,
                    help=f"std of the random normal init of matrices and embeddings (default: {INIT_STD})")
     p.add_argument("--auto-bos", action="store_true",
                    help="write a tokenizer that prepends BOS itself (default: off, like the official "

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..checkpoint.loader import load_checkpoint, read_config
+from ..checkpoint.loader import checkpoint_tokenizer, load_checkpoint, read_config
 from ..config import LLaDAVConfig
 from ..contract.bucket import Bucket
 from ..contract.graphset import Dims, Selection, graphs_for, resolve
@@ -28,7 +28,7 @@ from ..engines.tensorrt import TOPK_LIMIT
 from ..graphs.anyres import grid_shape, max_visual_token_count, visual_token_count
 from ..outdir import atomic_output_dir, check_output_dir
 from ..sampler import GenerationConfig
-from ..tokenizer import encode_prompt, has_tokenizer_files, load_tokenizer, special_tokens
+from ..tokenizer import encode_prompt, has_tokenizer_files, special_tokens
 from .programs import BuildContext, check_program
 
 COMPILED_WEIGHTS = ("auto", "package", "checkpoint")
@@ -135,7 +135,7 @@ def preflight(opts: ExportOptions, cfg: LLaDAVConfig | None = None, tokenizer=No
         if not has_tokenizer_files(opts.model):
             raise ExportError(f"{opts.model}: no tokenizer files (tokenizer.json / tokenizer_config.json): "
                               "the engines need the special token ids and the prompt encoding")
-        tokenizer = load_tokenizer(opts.model)
+        tokenizer = checkpoint_tokenizer(opts.model, cfg)
     check_output_dir(opts.output, overwrite=opts.overwrite, owned=is_engines_dir, protect=protect,
                      what="engines directory")
     if opts.prune is not None:

@@ -16,6 +16,7 @@ fail.
 
 from __future__ import annotations
 
+import math
 import zlib
 from pathlib import Path
 from typing import Callable
@@ -49,9 +50,16 @@ def init_kind(name: str, norms: set[str]) -> str:
     return "normal"
 
 
+def check_init_std(init_std: float) -> None:
+    if isinstance(init_std, bool) or not isinstance(init_std, (int, float)) or not (math.isfinite(init_std)
+                                                                                   and init_std > 0):
+        raise ValueError(f"init_std must be a finite number > 0, got {init_std!r}")
+
+
 def random_state(cfg: LLaDAVConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
                  vision_layers: int | None = None, init_std: float = INIT_STD) -> LazyState:
     """Random weights for ``cfg``, made lazily tensor by tensor on the CPU (see the module docstring)."""
+    check_init_std(init_std)
     model = meta_model(cfg, vision_layers)
     norms = _norm_tensor_names(model)
     specs = [TensorSpec(k, tuple(v.shape), dtype) for k, v in model.state_dict().items()]
@@ -75,6 +83,7 @@ def random_state(cfg: LLaDAVConfig, seed: int = 0, dtype: torch.dtype = torch.fl
 def random_model(cfg: LLaDAVConfig, device: str | torch.device, dtype: torch.dtype, seed: int = 0,
                  init_std: float = INIT_STD) -> LLaDAV:
     """The model with random weights made on ``device`` by the same rule (eval mode, no grad)."""
+    check_init_std(init_std)
     from ..checkpoint.loader import materialize_buffers, set_tensor
 
     dev = torch.device(device)
@@ -112,6 +121,7 @@ def random_checkpoint(
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    check_init_std(init_std)
     dt = parse_dtype(dtype if dtype is not None else ("bfloat16" if preset == "full" else "float32"))
     check_output_dir(out_dir, overwrite=overwrite, owned=is_written_checkpoint, what="checkpoint directory",
                      flag=overwrite_flag)
