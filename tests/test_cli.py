@@ -134,29 +134,3 @@ def test_checkpoint_help_names_every_preset():
     for name in PRESETS:
         assert f"'{name}'" in h.stdout
     assert "overwrite=True" not in h.stdout
-
-
-def test_serve_refuses_what_it_cannot_serve_before_starting_ray(engines):
-    """A batch larger than the engines', a port in use, --server with local-engine flags: one line,
-    exit 2, and no Ray cluster started (the checks come first)."""
-    import socket
-
-    r = subprocess.run([str(BIN / "llada-serve"), "--engines", str(engines), "--max-batch", "8"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "exceeds the engines' batch size 1" in r.stderr and "--batch-size 8" in r.stderr
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        port = s.getsockname()[1]
-        r = subprocess.run([str(BIN / "llada-serve"), "--engines", str(engines), "--port", str(port)],
-                           capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in r.stderr, r.stderr
-    r = subprocess.run([str(BIN / "llada-serve"), "--engines", "/nonexistent"], capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 2 and "/nonexistent" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([str(BIN / "llada-generate"), "--server", "http://127.0.0.1:9", "--image", str(DEMO_IMAGE),
-                        "--prompt", "hi", "--backend", "onnxruntime"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "--backend" in r.stderr and "--server" in r.stderr
-    r = subprocess.run([str(BIN / "llada-generate"), "--server", "http://127.0.0.1:9", "--image", str(DEMO_IMAGE),
-                        "--prompt", "hi"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "no answer from http://127.0.0.1:9" in r.stderr

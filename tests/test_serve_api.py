@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from helpers import random_image
-from llada_export.serve.api import APIError, completion, decode_data_url, parse_chat
-from llada_export.serve.client import chat_body, image_data_url
+from llada_export.serve.api import (MAX_BODY_BYTES, APIError, check_body_size, completion, decode_data_url,
+                                    decode_json, parse_chat)
+from llada_export.serve.client import Client, ServerError, chat_body, image_data_url
 
 
 def png_url(w=40, h=30, seed=0) -> str:
@@ -85,6 +86,12 @@ BAD = [  # (body, status, code or message fragment)
     ({**user(IMG, text("q")), "n": 2}, 400, "n must be 1"),
     ({"messages": [{"role": "user", "content": [IMG, text("q")]}, {"role": "assistant", "content": "a"}]}, 400,
      "multi-turn"),
+    ({"messages": [{"role": "assistant", "content": "a"}]}, 400, "no user message"),
+    ({"messages": [{"role": "system", "content": "s"}]}, 400, "no user message"),
+    ({**user(IMG, text("q")), "seed": "1"}, 400, "seed must be an integer"),
+    ({**user(IMG, text("q")), "seed": 1.5}, 400, "seed must be an integer"),
+    ({**user(IMG, text("q")), "temperature": "hot"}, 400, "temperature must be a number"),
+    ({**user(IMG, text("q")), "temperature": 10**400}, 400, "temperature must be a finite number"),
     ({"messages": [{"role": "user", "content": [IMG]}, {"role": "system", "content": "late"}]}, 400,
      "one system message"),
 ]
@@ -97,6 +104,19 @@ def test_bad_requests_are_refused_with_a_reason(body, status, expect):
     assert e.value.status == status
     assert expect in (e.value.code or "") or expect in e.value.message, e.value.message
     assert json.loads(json.dumps(e.value.body()))["error"]["message"] == e.value.message
+    assert "object at 0x" not in e.value.message  # no repr of Pillow's buffer (it was <_io.BytesIO object at 0x..>)
+    assert "multi-turn" not in e.value.message or expect == "multi-turn"
+
+
+def test_body_limit_and_json_that_nests_too_deeply():
+    check_body_size(MAX_BODY_BYTES)
+    with pytest.raises(APIError) as e:
+        check_body_size(MAX_BODY_BYTES + 1)
+    assert e.value.status == 413 and e.value.code == "request_too_large" and "16 MiB" in e.value.message
+    with pytest.raises(APIError) as e:
+        decode_json(b"[" * 100_000)  # json.loads: RecursionError, which was a plain-text 500
+    assert e.value.status == 400 and e.value.code == "invalid_json" and "too deeply" in e.value.message
+    assert decode_json(b"[[1], {\"a\": 2}]") == [[1], {"a": 2}]
 
 
 def test_image_over_the_size_limit_is_413_before_decoding():
@@ -114,18 +134,18 @@ def test_huge_image_is_refused_before_it_is_decoded():
     assert e.value.status == 413 and "8000x6000" in e.value.message
 
 
-class _Result:
-    def __init__(self, ids):
-        self.ids, self.text, self.n_visual, self.kept_visual = ids, "x", 10, [1, 2, 3]
-        self.forwards, self.timings, self.graph_calls = 2, {}, {}
+def _result(ids):
+    from llada_export.runtime.pipeline import GenerationResult
+
+    return GenerationResult("x", ids, kept_visual=[1, 2, 3], n_visual=10, forwards=2)
 
 
 def test_completion_reports_stop_and_usage():
-    c = completion("m", _Result([5, 6]), prompt_tokens=30, gen_length=8)
+    c = completion("m", _result([5, 6]), prompt_tokens=30, gen_length=8)
     assert c["choices"][0]["finish_reason"] == "stop" and c["usage"] == {
         "prompt_tokens": 30, "completion_tokens": 2, "total_tokens": 32}
     assert c["llada"]["kept_visual_tokens"] == 3 and c["llada"]["visual_tokens"] == 10
-    assert completion("m", _Result(list(range(8))), 30, 8)["choices"][0]["finish_reason"] == "length"
+    assert completion("m", _result(list(range(8))), 30, 8)["choices"][0]["finish_reason"] == "length"
 
 
 def test_client_places_the_image_where_the_prompt_marks_it():
@@ -134,3 +154,67 @@ def test_client_places_the_image_where_the_prompt_marks_it():
     assert parse_chat(chat_body("Look:\n<image>\nwhat is it?", img)).prompt == "Look:\n<image>\nwhat is it?"
     kinds = [p["type"] for p in chat_body("Look:\n<image>\nwhat is it?", img)["messages"][0]["content"]]
     assert kinds == ["text", "image_url", "text"]
+
+
+# ---------------------------------------------------------------------- the client against a local http.server
+class _Flaky:
+    """A stdlib HTTP server on loopback: GET /flaky answers 503 (a JSON error) twice, then 200; GET /bad
+    always 400. ``hits`` counts the requests per path."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        hits: dict[str, int] = {}
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                n = hits[self.path] = hits.get(self.path, 0) + 1
+                status, body = ((503, {"error": {"message": "replica restarting"}}) if self.path == "/flaky" and n <= 2
+                                else (400, {"error": {"message": "seed must be an integer in [0, 2**63)"}})
+                                if self.path == "/bad" else (200, {"ok": n}))
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.hits = hits
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def flaky():
+    server = _Flaky()
+    yield server
+    server.close()
+
+
+def test_client_retries_server_failures_and_never_a_bad_request(flaky):
+    client = Client(flaky.url, retries=3, backoff_s=0.01)
+    assert client.get("/flaky") == {"ok": 3} and flaky.hits["/flaky"] == 3  # 503, 503, then the answer
+    with pytest.raises(ServerError) as e:
+        client.get("/bad")
+    assert flaky.hits["/bad"] == 1  # a 4xx is the caller's to fix: sent once
+    assert e.value.status == 400 and str(e.value) == "HTTP 400: seed must be an integer in [0, 2**63)"
+    flaky.hits.clear()
+    with pytest.raises(ServerError) as e:
+        Client(flaky.url, retries=1, backoff_s=0.01).get("/flaky")
+    assert e.value.status == 503 and flaky.hits["/flaky"] == 2  # retries=1: two attempts, then the error
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:8000", "localhost:8000", "ftp://127.0.0.1:8000", "http://"])
+def test_client_refuses_a_url_that_is_no_http_url(url):
+    with pytest.raises(ValueError, match="is not an http:// or https:// URL"):
+        Client(url)
+    assert Client("http://127.0.0.1:8000/").url == "http://127.0.0.1:8000"

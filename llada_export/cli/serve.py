@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 import time
@@ -27,7 +28,19 @@ then, from another shell:
 
 Ctrl-C or SIGTERM stops the server: the local cluster and every process it started, or on an
 attached cluster only this application. Ray's logs (and Serve's access log with --verbose)
-are in the cluster's session folder (--temp-dir, default /tmp/ray)."""
+are in the cluster's session folder under --temp-dir, which is kept; without --temp-dir the
+local cluster's session folder under /tmp/ray is removed when it stops. Request bodies are
+limited to 16 MiB (413 above it).
+
+needs Ray Serve: pip install 'llada-export[serve]'"""
+
+
+def port(text: str) -> int:
+    """A TCP port, 1..65535."""
+    v = positive_int(text)
+    if v > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port, 1 to 65535, got {v}")
+    return v
 
 
 def build_parser():
@@ -40,17 +53,21 @@ def build_parser():
     p.add_argument("--batch-wait-ms", type=non_negative_float, default=10.0,
                    help="how long a request waits for others of its setting to fill a batch (default: 10)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=positive_int, default=8000, help="HTTP port (default: 8000)")
+    p.add_argument("--port", type=port, default=8000, help="HTTP port (default: 8000)")
     p.add_argument("--address", help="attach to this Ray cluster (auto, or host:port) instead of starting one")
-    p.add_argument("--temp-dir", help="the local cluster's session folder (at most 40 characters; default: Ray's)")
-    p.add_argument("--backend", help="backend to serve (default: the fastest one built that runs on the replica)")
+    p.add_argument("--connect-timeout", type=positive_float, default=30.0,
+                   help="seconds to wait for the cluster at --address to answer (default: 30)")
+    p.add_argument("--temp-dir", help="the local cluster's folder, kept when it stops (at most 40 characters; "
+                                      "default: a session folder under /tmp/ray, removed when it stops)")
+    p.add_argument("--backend", help="backend to serve, one the engines were built with (default: the fastest "
+                                     "one built that runs on the replica)")
     p.add_argument("--device", help="cpu, cuda (default: cuda where the cluster has GPUs)")
     p.add_argument("--threads", type=positive_int, help="CPU threads per replica for the engines (default: theirs)")
     p.add_argument("--cpus-per-replica", type=positive_float, default=1.0,
                    help="Ray CPUs reserved per replica (default: 1)")
     p.add_argument("--startup-timeout", type=positive_float, default=900.0,
                    help="seconds to wait for the replicas to load (default: 900)")
-    p.add_argument("--metrics-port", type=positive_int,
+    p.add_argument("--metrics-port", type=port,
                    help="local cluster: the port of Ray's Prometheus metrics (default: one Ray picks; printed)")
     p.add_argument("--verbose", action="store_true", help="Ray's and Serve's own logs on the console")
     return p
@@ -73,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         server = start(options, replicas=args.replicas, host=args.host, port=args.port, address=args.address,
                        temp_dir=args.temp_dir, cpus_per_replica=args.cpus_per_replica,
                        metrics_port=args.metrics_port, verbose=args.verbose,
-                       startup_timeout_s=args.startup_timeout)
+                       startup_timeout_s=args.startup_timeout, connect_timeout_s=args.connect_timeout)
         signal.signal(signal.SIGTERM, _stop)  # ray.init installed its own handler, which exits at once
         where = f"{server.replicas} replica(s)" + (", one GPU each" if server.gpus_per_replica else ", CPU")
         print(f"llada-serve: serving {options.name!r} at {server.url} ({where}, max batch {server.max_batch}, "

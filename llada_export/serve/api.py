@@ -18,8 +18,9 @@ sampler's gen length), at most the engines' (default: theirs, or the preset's). 
 ``seed`` are this server's sampler settings (see ``llada-generate --help``). Any other field is
 refused, so a setting the server would silently ignore never passes as honoured.
 
-Every error is ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status for what the
-caller can fix; nothing in this module touches the engines.
+A body is at most ``MAX_BODY_BYTES`` (16 MiB, the base64 image included: 413 above it, before it is
+parsed). Every error is ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status for what
+the caller can fix; nothing in this module touches the engines.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -39,7 +42,8 @@ SAMPLER_FIELDS = ("steps", "block_length", "preset", "cache", "refresh", "factor
 OPENAI_FIELDS = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "seed", "n", "stream",
                  "user")
 FIELDS = OPENAI_FIELDS + SAMPLER_FIELDS
-MAX_IMAGE_BYTES = 16 * 2**20  # a decoded data URL above this is refused (413) before Pillow sees it
+MAX_BODY_BYTES = 16 * 2**20  # a request body above this is refused (413) before it is parsed
+MAX_IMAGE_BYTES = MAX_BODY_BYTES  # a decoded data URL above this is refused (413) before Pillow sees it
 MAX_IMAGE_PIXELS = 40_000_000  # and an image above this before it is decoded (anyres resizes to a few crops)
 
 
@@ -68,6 +72,24 @@ class ChatRequest:
     model: str | None = None
 
 
+def check_body_size(n_bytes: int, max_bytes: int = MAX_BODY_BYTES) -> None:
+    """413 for a body of ``n_bytes`` over ``max_bytes`` (called with the Content-Length before the body is
+    read, and on the bytes read so far while it is)."""
+    if n_bytes > max_bytes:
+        raise APIError(f"the request body is over {max_bytes / 2**20:g} MiB ({n_bytes / 2**20:.1f} MiB): send a "
+                       "smaller image (its base64 takes 4/3 of its size)", status=413, code="request_too_large")
+
+
+def decode_json(raw: bytes) -> object:
+    """The body's JSON; 400 for anything that is not JSON, or that nests deeper than Python can parse."""
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(f"the request body is not valid JSON ({e})", code="invalid_json") from e
+    except RecursionError:
+        raise APIError("the request body nests arrays or objects too deeply to parse", code="invalid_json") from None
+
+
 def parse_chat(body: object, max_image_bytes: int = MAX_IMAGE_BYTES) -> ChatRequest:
     """Validate a decoded JSON body; raises APIError naming the field at fault."""
     if not isinstance(body, dict):
@@ -89,13 +111,13 @@ def parse_chat(body: object, max_image_bytes: int = MAX_IMAGE_BYTES) -> ChatRequ
     if max_tokens is not None:
         settings["gen_length"] = _int(max_tokens, "max_tokens", low=1)
     if "temperature" in body:
-        settings["temperature"] = _number(body["temperature"], "temperature", low=0.0)
+        settings["temperature"] = _number(body["temperature"], "temperature")
     for k in ("steps", "block_length"):
         if k in body:
             settings[k] = _int(body[k], k, low=1)
     for k in ("factor", "threshold", "cfg_scale"):
         if body.get(k) is not None:
-            settings[k] = _number(body[k], k, low=0.0)
+            settings[k] = _number(body[k], k)
     for k in ("preset", "remasking"):
         if k in body:
             if not isinstance(body[k], str):
@@ -106,7 +128,7 @@ def parse_chat(body: object, max_image_bytes: int = MAX_IMAGE_BYTES) -> ChatRequ
     if "refresh" in body:
         r = body["refresh"]
         settings["refresh"] = None if r in (None, "never") else _int(r, "refresh", low=1)
-    seed = _int(body.get("seed", 0), "seed", low=0)
+    seed = _int(body.get("seed", 0), "seed")
     unpruned = _bool(body.get("unpruned", False), "unpruned")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
@@ -117,7 +139,7 @@ def parse_chat(body: object, max_image_bytes: int = MAX_IMAGE_BYTES) -> ChatRequ
 def _split_messages(messages: object) -> tuple[str | None, dict]:
     if not isinstance(messages, list) or not messages:
         raise APIError("messages must be a non-empty list", param="messages")
-    system, users = None, []
+    system, users, answers = None, [], 0
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise APIError(f"messages[{i}] must be an object with role and content", param="messages")
@@ -128,9 +150,15 @@ def _split_messages(messages: object) -> tuple[str | None, dict]:
         elif m["role"] == "user":
             users.append(m)
         elif m["role"] == "assistant":
-            raise APIError("multi-turn conversations are not supported: send one user message", param="messages")
+            answers += 1
         else:
             raise APIError(f"messages[{i}].role {m['role']!r} is not system or user", param="messages")
+    if not users:
+        raise APIError("no user message: send one user message with the image and the question"
+                       + (" (assistant messages, earlier answers, are not taken)" if answers else ""), param="messages")
+    if answers:
+        raise APIError("multi-turn conversations are not supported: send one user message, without assistant "
+                       "messages", param="messages")
     if len(users) != 1:
         raise APIError(f"{len(users)} user messages; send exactly one", param="messages")
     return system, users[0]
@@ -204,18 +232,30 @@ def decode_data_url(url: object, max_bytes: int = MAX_IMAGE_BYTES):
                 raise APIError(f"the image is {im.width}x{im.height}: over {MAX_IMAGE_PIXELS // 10**6} Mpixels",
                                status=413, param="messages", code="image_too_large")
             return im.convert("RGB")
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
-        raise APIError(f"the image bytes cannot be decoded ({e})", param="messages", code="invalid_image") from e
+    except UnidentifiedImageError:
+        raise APIError("the image bytes are not an image Pillow can read (PNG, JPEG, WebP, ...)", param="messages",
+                       code="invalid_image") from None
+    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
+        raise APIError(f"the image bytes cannot be decoded ({_no_repr(e)})", param="messages",
+                       code="invalid_image") from e
+
+
+def _no_repr(e: BaseException) -> str:
+    """An exception's message without the ``<_io.BytesIO object at 0x...>`` reprs Pillow puts in it."""
+    return re.sub(r"\s*<[\w.]+ object at 0x[0-9a-f]+>", "", str(e)).strip() or type(e).__name__
 
 
 def completion(model: str, result, prompt_tokens: int, gen_length: int, extra: dict | None = None) -> dict:
     """A ``chat.completion`` object for a pipeline GenerationResult (whose ids are cut before the first
     ``<|eot_id|>``: fewer than ``gen_length`` means it stopped). ``llada``: what this server adds:
-    visual tokens kept, forwards, timings, the batch the request ran in."""
+    visual tokens kept, forwards, timings, the settings that produced the answer and the pipeline's
+    finish reason (as ``GenerationResult.to_dict`` records them), the batch the request ran in."""
     used = len(result.ids)
+    recorded = result.to_dict()
     llada = {"visual_tokens": result.n_visual,
              "kept_visual_tokens": result.n_visual if result.kept_visual is None else len(result.kept_visual),
-             "forwards": result.forwards, "timings": result.timings, "graph_calls": result.graph_calls}
+             "forwards": result.forwards, "timings": result.timings, "graph_calls": result.graph_calls,
+             **{k: recorded[k] for k in ("settings", "finish_reason") if k in recorded}}
     return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
@@ -231,16 +271,27 @@ def _str(v: object, where: str) -> str:
     return v
 
 
-def _int(v: object, name: str, low: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
-        raise APIError(f"{name} must be an integer >= {low}, got {v!r}", param=name)
+def _int(v: object, name: str, low: int | None = None) -> int:
+    """A JSON integer (``low``: for sizes, whose 0 the pipeline would read as "the default"); other ranges
+    are the pipeline's to check, as for every caller."""
+    if isinstance(v, bool) or not isinstance(v, int) or (low is not None and v < low):
+        raise APIError(f"{name} must be an integer{'' if low is None else f' >= {low}'}, got {_short(v)}", param=name)
     return v
 
 
-def _number(v: object, name: str, low: float) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < low:
-        raise APIError(f"{name} must be a number >= {low}, got {v!r}", param=name)
-    return float(v)
+def _number(v: object, name: str) -> float:
+    """A JSON number (its range, finiteness included, is the pipeline's to check)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise APIError(f"{name} must be a number, got {_short(v)}", param=name)
+    try:
+        return float(v)
+    except OverflowError:  # an integer beyond a float
+        raise APIError(f"{name} must be a finite number, got {_short(v)}", param=name) from None
+
+
+def _short(v: object) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _bool(v: object, name: str) -> bool:

@@ -15,23 +15,35 @@ under steady load every batch would hold the one or two requests of that window 
 batch 1.0 with requests queued for seconds) instead of all that queued meanwhile. Requests
 waiting for the engine are not in Serve's batch queue length metric (they count as ongoing).
 
-A caller that disconnects is cancelled by Serve; the batch it was in runs to the end for the
-others. Ray Serve's metrics (batch sizes, queue lengths, latencies) stay on: Prometheus text at
+A body is read up to 16 MiB (413 beyond, from its Content-Length before a byte is read), then
+parsed, decoded and checked on an admission thread, never on the replica's event loop; a prompt
+whose byte length alone cannot fit the bucket is refused before it is tokenised.
+
+A caller that disconnects is cancelled by Serve (the replica logs it); the batch it was in runs
+to the end for the others. Ray Serve's metrics (batch sizes, queue lengths, latencies) stay on: Prometheus text at
 the node's metrics port.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import logging
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .api import MAX_IMAGE_BYTES, APIError, completion, parse_chat
+from .api import MAX_BODY_BYTES, APIError, check_body_size, completion, decode_json, parse_chat
 
 APP_NAME, DEPLOYMENT = "llada", "LLaDAServer"
+DRAIN_FACTOR = 4  # a body over the limit is read (and dropped) up to this many times the limit before the 413
+log = logging.getLogger("ray.serve")  # a replica's own log file under the session folder's logs/serve/
+# API names of the settings the runtime checks, by the name its messages use
+RUNTIME_NAMES = {"gen_length": "max_tokens", "temperature": "temperature", "seed": "seed", "steps": "steps",
+                 "block_length": "block_length", "refresh": "refresh", "factor": "factor", "threshold": "threshold",
+                 "cfg_scale": "cfg_scale", "remasking": "remasking", "preset": "preset", "cache": "cache",
+                 "prompt": "messages", "system": "messages"}
 
 
 @dataclass
@@ -43,7 +55,7 @@ class ServeOptions:
     backend: str | None = None
     device: str | None = None  # default: cuda where the replica has a GPU, else what the engines were built for
     threads: int | None = None  # CPU threads per replica for the engines
-    max_image_mb: float = MAX_IMAGE_BYTES / 2**20
+    max_body_mb: float = MAX_BODY_BYTES / 2**20  # the largest request body (an image's base64 included)
 
     @property
     def name(self) -> str:
@@ -71,6 +83,10 @@ class LLaDAServer:
         self.max_batch = min(self.options.max_batch or b, b)
         self.refusals = (RequestError, ImageError, GenerationError, PromptError)
         self.engine = ThreadPoolExecutor(1, thread_name_prefix="llada-engine")  # one batch at a time per device
+        self.admission = ThreadPoolExecutor(1, thread_name_prefix="llada-admit")  # parse, decode, tokenise
+        # no token spans more UTF-8 bytes than the longest vocabulary entry's own (byte-level entries take 1 or 2
+        # bytes per byte they stand for): a prompt of n bytes has at least n / this many tokens
+        self.max_token_bytes = max(len(t.encode("utf-8", "surrogatepass")) for t in self.pipe.tokenizer.get_vocab())
         self.batchers: dict = {}
         self.running = 0  # batches started and not finished (on the engine thread or waiting for it)
         self.idle: asyncio.Event | None = None  # set while running == 0 (made in the replica's event loop)
@@ -93,6 +109,10 @@ class LLaDAServer:
             return JSONResponse(await handlers[route](http))
         except APIError as e:
             return JSONResponse(e.body(), status_code=e.status)
+        except Exception as e:  # noqa: BLE001 - a fault of ours: still a JSON answer, and in the replica's log
+            log.exception("llada: %s %s failed", *route)
+            return JSONResponse(APIError(f"internal error: {type(e).__name__}: {e}", status=500,
+                                         type="server_error").body(), status_code=500)
 
     async def health(self, http) -> dict:
         return {"status": "ok", "model": self.options.name, "uptime_s": round(time.time() - self.started, 1)}
@@ -108,48 +128,104 @@ class LLaDAServer:
 
     async def chat(self, http) -> dict:
         t0 = time.perf_counter()
-        raw = await http.body()
-        limit = int(self.options.max_image_mb * 2**20)
-        if len(raw) > limit * 4 // 3 + 2**20:  # base64 of the largest image, plus room for the text
-            raise APIError(f"the request body is {len(raw) / 2**20:.1f} MiB; images up to "
-                           f"{self.options.max_image_mb:g} MiB are taken", status=413, code="request_too_large")
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(f"the request body is not valid JSON ({e})", code="invalid_json") from e
-        chat = parse_chat(body, limit)
-        if chat.model is not None and chat.model != self.options.name:
-            raise APIError(f"model {chat.model!r} is not served here; this server serves {self.options.name!r}",
-                           status=404, param="model", code="model_not_found")
-        request, gen, prompt_tokens = self._admit(chat)
+        raw = await self._read_body(http)
+        loop = asyncio.get_running_loop()
+        chat, request, gen, prompt_tokens = await loop.run_in_executor(self.admission, self._admit, raw)
         await self._engine_idle()
         try:
             result, batch = await self._batcher(gen, chat.unpruned)(request)
+        except asyncio.CancelledError:
+            log.warning("llada: a request was cancelled (its caller hung up); its batch goes on for the others")
+            raise
         except Exception as e:  # the engines failed on a batch: every caller in it hears why
             raise APIError(f"generation failed: {type(e).__name__}: {e}", status=500, type="server_error") from e
-        extra = {"batch": {"size": batch["size"], "seconds": batch["seconds"]}, "queue_s": batch["started"] - t0,
-                 "server_s": time.perf_counter() - t0, "setting": gen.describe()}
+        extra = {"batch": {"id": batch["id"], "size": batch["size"], "seconds": batch["seconds"]},
+                 "queue_s": batch["started"] - t0, "server_s": time.perf_counter() - t0, "setting": gen.describe()}
         return completion(self.options.name, result, prompt_tokens, gen.gen_length, extra)
 
-    def _admit(self, chat):
-        """The pipeline request and its GenerationConfig, checked against these engines (a 4xx if not)."""
+    async def _read_body(self, http) -> bytes:
+        """The body, at most the limit; a 413 beyond it. Bytes past the limit are read and dropped, never
+        kept or parsed (up to DRAIN_FACTOR times the limit, announced or not), so that a client that reads
+        its answer only once it has sent its body (most do) gets the 413 rather than a reset connection."""
+        limit = int(self.options.max_body_mb * 2**20)
+        declared = http.headers.get("content-length", "")
+        declared = int(declared) if declared.isdigit() else None
+        if declared is not None and declared > DRAIN_FACTOR * limit:
+            check_body_size(declared, limit)  # not worth reading at all
+        chunks, n = [], 0
+        async for chunk in http.stream():
+            n += len(chunk)
+            if n > limit or (declared or 0) > limit:
+                chunks.clear()  # over the limit: only counted from here on
+                if n > DRAIN_FACTOR * limit:
+                    break
+            else:
+                chunks.append(chunk)
+        check_body_size(max(n, declared or 0), limit)
+        return b"".join(chunks)
+
+    def _admit(self, raw: bytes):
+        """On the admission thread: the body -> (chat, pipeline request, GenerationConfig, prompt tokens),
+        checked against these engines by the runtime's own rules (a 4xx naming the field if not)."""
+        chat = parse_chat(decode_json(raw), int(self.options.max_body_mb * 2**20))
+        if chat.model is not None and chat.model != self.options.name:
+            raise APIError(f"model {chat.model!r} is not served here; this server serves {self.options.name!r}",
+                           status=404, param="model", code="model_not_found")
         from ..contract.layout import RequestError
         from ..runtime.pipeline import Request
         from ..tokenizer import DEFAULT_SYSTEM_PROMPT
 
-        request = Request(chat.image, chat.prompt, DEFAULT_SYSTEM_PROMPT if chat.system is None else chat.system,
-                          chat.seed)
+        bucket = self.pipe.bucket
+        max_tokens = chat.settings.get("gen_length")
+        if max_tokens is not None and max_tokens > bucket.gen_length:
+            raise APIError(f"max_tokens {max_tokens} is over these engines' maximum {bucket.gen_length} (their "
+                           f"--gen-length): ask for at most {bucket.gen_length}", param="max_tokens",
+                           code="invalid_settings")
         try:
-            gen = self.pipe.generation_config(unpruned=chat.unpruned, **chat.settings)
-        except self.refusals as e:
-            raise APIError(str(e), code="invalid_settings") from e
+            request = Request(chat.image, chat.prompt,
+                              DEFAULT_SYSTEM_PROMPT if chat.system is None else chat.system, chat.seed)
+            _until_the_runtime_checks(chat)
+            gen = self._generation_config(chat)
+        except ValueError as e:
+            raise APIError(str(e), param=_param(e), code="invalid_settings") from e
+        self._check_prompt_bytes(request)
         try:
             n_text, n_visual = self.pipe.check(request, gen.gen_length)
         except RequestError as e:  # larger than the bucket
-            raise APIError(str(e), code="context_length_exceeded") from e
-        except self.refusals as e:
-            raise APIError(str(e), code="invalid_prompt") from e
-        return request, gen, n_text + n_visual
+            raise APIError(str(e), param="messages", code="context_length_exceeded") from e
+        except ValueError as e:
+            raise APIError(str(e), param=_param(e) or "messages", code="invalid_prompt") from e
+        return chat, request, gen, n_text + n_visual
+
+    def _generation_config(self, chat):
+        """``Pipeline.generation_config`` for the request; a preset that does not fit these engines is named."""
+        from ..sampler import PRESETS, GenerationError
+
+        try:
+            return self.pipe.generation_config(unpruned=chat.unpruned, **chat.settings)
+        except GenerationError as e:
+            name = chat.settings.get("preset")
+            if name not in PRESETS:
+                raise
+            api = {"gen_length": "max_tokens", "block_length": "block_length", "steps": "steps"}
+            unset = [k for k in api if k not in chat.settings]  # what the preset decides
+            if not unset:
+                raise
+            raise GenerationError(
+                f"preset {name!r} sets {', '.join(f'{k} {getattr(PRESETS[name], k)}' for k in unset)}, which does "
+                f"not fit the rest of this request on these engines (responses of at most "
+                f"{self.pipe.bucket.gen_length} tokens): {e}; give {', '.join(api[k] for k in unset)} too, or leave "
+                "preset out") from e
+
+    def _check_prompt_bytes(self, request) -> None:
+        """A prompt too long for the bucket by its UTF-8 length alone, refused before it is tokenised."""
+        n_bytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in (request.prompt, request.system))
+        at_least = n_bytes // self.max_token_bytes - 2  # a token may straddle the chat template's text at each end
+        limit = self.pipe.bucket.max_text_tokens
+        if at_least > limit:
+            raise APIError(f"the prompt is {n_bytes} bytes: at least {at_least} text tokens, and these engines take "
+                           f"at most {limit}: shorten it, or re-export with a larger --max-prompt-tokens",
+                           param="messages", code="context_length_exceeded")
 
     async def _engine_idle(self) -> None:
         """Return once no batch is running (at once when none is): what arrives during a batch joins
@@ -178,7 +254,8 @@ class LLaDAServer:
                     self.running -= 1
                     if not self.running:
                         self.idle.set()
-                info = {"size": len(requests), "started": started, "seconds": time.perf_counter() - started}
+                info = {"id": uuid.uuid4().hex[:12], "size": len(requests), "started": started,
+                        "seconds": time.perf_counter() - started}
                 return [(r, info) for r in results]
 
             self.batchers[key] = serve.batch(max_batch_size=self.max_batch,
@@ -189,6 +266,27 @@ class LLaDAServer:
         """Serve calls this periodically; an exception marks the replica unhealthy and restarts it."""
         if self.engine._shutdown:
             raise RuntimeError("the engine thread is gone")
+
+
+def _until_the_runtime_checks(chat) -> None:
+    """The seed and the float settings, as the runtime is to check them for every caller (interim)."""
+    import math
+
+    if not 0 <= chat.seed < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {chat.seed}")
+    for k in ("temperature", "factor", "threshold", "cfg_scale"):
+        if k in chat.settings and not math.isfinite(chat.settings[k]):
+            raise ValueError(f"{k} must be a finite number, got {chat.settings[k]}")
+
+
+def _param(e: ValueError) -> str | None:
+    """The API field a runtime refusal is about: its ``field`` when it names one, else the first setting
+    its message starts with or mentions."""
+    name = getattr(e, "field", None) or getattr(e, "param", None)
+    if name:
+        return RUNTIME_NAMES.get(name, name)
+    words = str(e).replace(",", " ").replace(":", " ").split()
+    return next((RUNTIME_NAMES[w] for w in words if w in RUNTIME_NAMES), None)
 
 
 def build_app(options: ServeOptions, replicas: int = 1, gpus_per_replica: float = 0, cpus_per_replica: float = 1):

@@ -17,6 +17,7 @@ import io
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -64,9 +65,18 @@ def chat_body(prompt: str, image, *, system: str | None = None, **fields) -> dic
     return {"messages": messages, **{k: v for k, v in fields.items() if v is not None}}
 
 
+def check_url(url: str) -> str:
+    """The server's base URL without its trailing slash; ValueError at once for one that is no http(s) URL."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        hint = f": use http://{url}" if "://" not in url else ""
+        raise ValueError(f"the server URL {url!r} is not an http:// or https:// URL{hint}")
+    return url.rstrip("/")
+
+
 class Client:
     def __init__(self, url: str, timeout_s: float = 600, retries: int = 3, backoff_s: float = 0.5):
-        self.url, self.timeout_s, self.retries, self.backoff_s = url.rstrip("/"), timeout_s, retries, backoff_s
+        self.url, self.timeout_s, self.retries, self.backoff_s = check_url(url), timeout_s, retries, backoff_s
 
     def chat(self, prompt: str, image, *, system: str | None = None, **fields) -> dict:
         """One chat completion (the server's JSON answer)."""

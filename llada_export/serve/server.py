@@ -1,18 +1,23 @@
 """Start and stop ``llada-serve``: a Ray cluster (local, or an existing one), Serve's HTTP proxy, the app.
 
 :func:`start` returns once every replica has loaded the engines and warmed them up (or raises
-ServeError saying why not: port taken, not enough GPUs, a replica that failed to load);
-:func:`stop` shuts down what :func:`start` started and nothing else: the whole local cluster,
-or only this application on an attached one.
+ServeError saying why not, in one line: port taken, a backend the engines lack, Ray not installed,
+no cluster at ``--address`` within the connect timeout, not enough GPUs, a replica that failed to
+load); :func:`stop` shuts down what :func:`start` started and nothing else: the whole local cluster,
+its session folder included unless the caller named the temp dir, or only this application on an
+attached one.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import threading
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from .app import APP_NAME, DEPLOYMENT, ServeOptions, build_app
 
@@ -29,6 +34,7 @@ class Server:
     gpus_per_replica: float
     local: bool  # True: this process started the Ray cluster (stop() shuts it down)
     metrics_url: str | None = None  # Prometheus text of this node (Ray Serve's metrics among it)
+    session_dir: str | None = None  # the local cluster's session folder that stop() removes (None: keep it)
 
     def stop(self) -> None:
         stop(self)
@@ -52,23 +58,56 @@ def check_port(host: str, port: int) -> None:
             raise ServeError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port") from e
 
 
-def start(options: ServeOptions, *, replicas: int = 1, host: str = "127.0.0.1", port: int = 8000,
-          address: str | None = None, temp_dir: str | None = None, cpus_per_replica: float = 1,
-          metrics_port: int | None = None, verbose: bool = False, startup_timeout_s: float = 900) -> Server:
-    from ..contract.manifest import Manifest
+def check_address(address: str, timeout_s: float) -> None:
+    """A ``host:port`` with nothing listening is refused at once (Ray itself would retry it for ever)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # auto, ray://...: Ray resolves it (within the connect timeout)
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=min(timeout_s, 5)).close()
+    except OSError as e:
+        raise ServeError(f"no Ray cluster at --address {address} ({e.strerror or e}): start one there with "
+                         "`ray start --head`, or leave out --address to start a local one") from None
 
-    m = Manifest.read(options.engines, verify=False)  # each replica verifies the hashes when it loads
-    b = m.bucket.batch_size
+
+def import_ray():
+    """``ray`` and ``ray.serve``, or ServeError naming the extra that installs them."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError as e:
+        raise ServeError(f"llada-serve needs Ray Serve, which is not installed ({e}): "
+                         "pip install 'llada-export[serve]'") from None
+    return ray, serve
+
+
+def check_options(options: ServeOptions, manifest) -> None:
+    """What a replica would refuse only after the cluster started, refused before (one line)."""
+    b = manifest.bucket.batch_size
     if options.max_batch is not None and options.max_batch > b:
         raise ServeError(f"--max-batch {options.max_batch} exceeds the engines' batch size {b}: re-export with "
                          f"llada-export --batch-size {options.max_batch}, or lower --max-batch")
+    if options.backend is not None and options.backend not in manifest.backends:
+        raise ServeError(f"--backend {options.backend!r} was not built for {options.engines}; these engines have: "
+                         f"{', '.join(manifest.backends)} (leave --backend out for the fastest that runs here)")
+
+
+def start(options: ServeOptions, *, replicas: int = 1, host: str = "127.0.0.1", port: int = 8000,
+          address: str | None = None, temp_dir: str | None = None, cpus_per_replica: float = 1,
+          metrics_port: int | None = None, verbose: bool = False, startup_timeout_s: float = 900,
+          connect_timeout_s: float = 30) -> Server:
+    from ..contract.manifest import Manifest
+
+    m = Manifest.read(options.engines, verify=False)  # each replica verifies the hashes when it loads
+    check_options(options, m)
     if temp_dir is not None and len(os.path.abspath(temp_dir)) > 40:
         raise ServeError(f"--temp-dir {temp_dir} is too long for Ray's socket paths (at most 40 characters)")
     local = address is None
     check_port(host, port)
+    if not local:
+        check_address(address, connect_timeout_s)
     ray_environment(local)
-    import ray
-    from ray import serve
+    ray, serve = import_ray()
 
     level = logging.INFO if verbose else logging.WARNING
     if local:
@@ -76,7 +115,8 @@ def start(options: ServeOptions, *, replicas: int = 1, host: str = "127.0.0.1", 
                  include_dashboard=False, log_to_driver=verbose, logging_level=level, _temp_dir=temp_dir,
                  **({"_metrics_export_port": metrics_port} if metrics_port else {}))
     else:
-        ray.init(address=address, log_to_driver=verbose, logging_level=level)
+        _connect(address, connect_timeout_s, verbose, level)
+    session = _session_dir() if local and temp_dir is None else None
     logging.getLogger("ray.serve").setLevel(level)
     try:
         gpus = ray.cluster_resources().get("GPU", 0)
@@ -89,9 +129,46 @@ def start(options: ServeOptions, *, replicas: int = 1, host: str = "127.0.0.1", 
         app = build_app(options, replicas, gpus_per_replica=per_gpu, cpus_per_replica=cpus_per_replica)
         _run_with_timeout(app, startup_timeout_s, verbose)
     except BaseException:
-        _shutdown(local)
+        _shutdown(local, session)
         raise
-    return Server(f"http://{host}:{port}", replicas, options.max_batch or b, per_gpu, local, _metrics_url())
+    return Server(f"http://{host}:{port}", replicas, options.max_batch or m.bucket.batch_size, per_gpu, local,
+                  _metrics_url(), session)
+
+
+def _connect(address: str, timeout_s: float, verbose: bool, level: int) -> None:
+    """``ray.init(address=...)`` on a thread, waited for at most ``timeout_s`` (Ray retries an address that
+    does not answer as a cluster for ever, deaf to Ctrl-C meanwhile; this thread's wait hears it)."""
+    import ray
+
+    if not verbose:  # ray.init off the main thread warns that it set no SIGTERM handler: ours is set later
+        logging.getLogger("ray._private.worker").setLevel(logging.ERROR)
+    err: list[BaseException] = []
+
+    def init():
+        try:
+            ray.init(address=address, log_to_driver=verbose, logging_level=level)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            err.append(e)
+
+    t = threading.Thread(target=init, daemon=True, name="ray-connect")
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        raise ServeError(f"no Ray cluster answered at --address {address} within {timeout_s:g} s: check the "
+                         "address (`ray status` on the head node prints it), or raise --connect-timeout")
+    if err:
+        raise ServeError(f"cannot attach to the Ray cluster at --address {address}: "
+                         f"{_first_error(err[0])}") from err[0]
+
+
+def _session_dir() -> str | None:
+    """The session folder of the cluster this process started (Ray has no public call for it)."""
+    import ray
+
+    try:
+        return ray._private.worker._global_node.get_session_dir_path()
+    except AttributeError:
+        return None
 
 
 def _metrics_url() -> str | None:
@@ -123,7 +200,21 @@ def _run_with_timeout(app, timeout_s: float, verbose: bool) -> None:
     if t.is_alive():
         raise ServeError(f"the replicas did not start within {timeout_s:.0f} s: {_status()}")
     if err:
-        raise ServeError(f"the replicas failed to start: {_first_error(err[0])}") from err[0]
+        raise ServeError(f"the replicas failed to start: {_replica_error(err[0])}") from err[0]
+
+
+def _replica_error(e: BaseException) -> str:
+    """The replica's own error line: from Serve's deploy-failure text, or from the deployment's status
+    message when that text only says that the deployment failed."""
+    line = _first_error(e)
+    if "Error" in line or "Exception" in line:
+        return line
+    try:
+        from ray import serve
+
+        return _first_error(Exception(serve.status().applications[APP_NAME].deployments[DEPLOYMENT].message))
+    except Exception:  # noqa: BLE001 - only for the message
+        return line
 
 
 def _status() -> str:
@@ -144,10 +235,10 @@ def _first_error(e: BaseException) -> str:
 
 
 def stop(server: Server) -> None:
-    _shutdown(server.local)
+    _shutdown(server.local, server.session_dir)
 
 
-def _shutdown(local: bool) -> None:
+def _shutdown(local: bool, session_dir: str | None = None) -> None:
     import ray
     from ray import serve
 
@@ -159,3 +250,23 @@ def _shutdown(local: bool) -> None:
         except Exception:  # noqa: BLE001 - already gone
             pass
     ray.shutdown()  # a local cluster goes with it, Serve included (serve.shutdown() would only add noise)
+    if session_dir is not None:
+        _remove_session(Path(session_dir))
+
+
+def _remove_session(session: Path, wait_s: float = 10) -> None:
+    """Remove the session folder a local cluster of ours wrote under Ray's shared temp dir (``/tmp/ray``:
+    one per run, they pile up), and ``session_latest`` when it points at it. Ray's processes may still
+    be writing their last lines for a moment after ``ray.shutdown()``."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        shutil.rmtree(session, ignore_errors=True)
+        if not session.exists() or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    latest = session.parent / "session_latest"
+    try:
+        if latest.is_symlink() and Path(os.readlink(latest)).name == session.name:
+            latest.unlink()
+    except OSError:
+        pass
