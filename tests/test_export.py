@@ -201,7 +201,8 @@ def test_cli_exports_tiny_checkpoint(tiny_ckpt, tmp_path):
     (["--max-visual-tokens", "0"], "must be a positive integer"),
     (["--max-prompt-tokens", "20", "--prune-layer", "1"], "does not hold the chat template"),
     (["--device", "tpu"], "unknown device 'tpu'"),
-    (["--device", "cuda"], "no CUDA GPU is visible"),
+    pytest.param(["--device", "cuda"], "no CUDA GPU is visible", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="a CUDA GPU is visible here: --device cuda is valid")),
     (["--gen-length", "10", "--block-length", "4"], "not a multiple of block_length"),
     (["--gen-length", "16", "--steps", "3", "--block-length", "8"], "not divisible"),
     (["--backend", "tensorrt", "--max-visual-tokens", "12000", "--keep", "0.5", "--prune-layer", "1"], "TopK"),
@@ -213,6 +214,85 @@ def test_cli_bad_input_is_one_line_exit_2_and_leaves_nothing(tiny_ckpt, tmp_path
     assert msg in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not out.exists() and not list(tmp_path.glob(".engines*"))
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--keep", "nan"], "argument --keep:"),
+    (["--keep", "inf"], "argument --keep:"),
+    (["--image-size", "384x288", "--max-visual-tokens", "100"],
+     "--max-visual-tokens 100 is fewer than the"),
+    (["--no-prune", "--keep", "0.2"], "--no-prune builds unpruned engines only: --keep would be ignored"),
+    (["--no-prune", "--prune-layer", "1", "--score-from", "text"],
+     "--prune-layer, --score-from would be ignored; drop them or --no-prune"),
+    (["--no-prune", "--baseline"], "--baseline would be ignored"),
+    (["--compile-cache"], "--compile-cache applies to inductor builds only"),
+    (["--no-compile-cache", "--backend", "aoti"], "--no-compile-cache applies to inductor builds only"),
+    (["--batch-size", str(10**8)], "these engines need at least"),
+], ids=["keep-nan", "keep-inf", "image-size-vs-slots", "no-prune-keep", "no-prune-layer-score", "no-prune-baseline",
+        "compile-cache-onnx", "no-compile-cache-aoti", "batch-size-memory"])
+def test_cli_refuses_conflicting_ignored_or_unbuildable_flags(tiny_ckpt, tmp_path, capsys, args, msg):
+    """Flags the export would ignore, contradict or cannot hold (issue 20): one line, exit 2, before any
+    weight is read, nothing written. In-process: the CLI's own argument handling and preflight."""
+    from llada_export.cli.export import main
+
+    out = tmp_path / "engines"
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tiny_ckpt), "-o", str(out), "-q", "--prune-layer", "1", *args]
+             if "--no-prune" not in args else ["--model", str(tiny_ckpt), "-o", str(out), "-q", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and msg in err[0], err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_batch_size_beyond_memory_names_a_batch_size_that_fits(tiny_ckpt, tmp_path):
+    """`--batch-size 100000` on the default bucket (every image size): refused before anything is allocated
+    (it ended in an out-of-memory traceback), naming a batch size this machine can hold; that one passes."""
+    import re
+
+    from llada_export.exporter.build import ExportError, ExportOptions, preflight
+
+    opts = ExportOptions(str(tiny_ckpt), str(tmp_path / "e"), prune=PruneSettings(1, 0.35), batch_size=100_000_000)
+    with pytest.raises(ExportError, match=r"and cpu has [\d.]+ [GM]iB free: use --batch-size \d+ or less") as e:
+        preflight(opts)
+    fits = int(re.search(r"use --batch-size (\d+) or less", str(e.value)).group(1))
+    assert preflight(ExportOptions(str(tiny_ckpt), str(tmp_path / "e"), prune=PruneSettings(1, 0.35),
+                                   batch_size=fits // 2)).batch_size == fits // 2
+    assert not (tmp_path / "e").exists()
+
+
+OOM_SCRIPT = """
+import resource, sys
+import onnx, onnxruntime, torch, torch.onnx  # mapped before the limit
+from llada_export.cli.export import main
+vm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (vm + 2**30, resource.RLIM_INFINITY))  # 1 GiB more address space
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc are Linux's")
+def test_out_of_memory_while_building_is_one_line_and_leaves_nothing(tiny_ckpt, tmp_path):
+    """An allocation that fails during the build (a process limited to 1 GiB more address space, a batch
+    whose example inputs alone exceed it, under the memory estimate of a machine with several GiB
+    free): one line naming the batch size, exit 2, no output and no partial directory left."""
+    from llada_export.checkpoint.loader import read_config
+    from llada_export.exporter.build import ExportError, ExportOptions, check_memory, plan_bucket
+
+    args = ["--model", str(tiny_ckpt), "-o", str(tmp_path / "e"), "-q", "--prune-layer", "1", "--image-size",
+            "384x384", "--max-prompt-tokens", "64", "--gen-length", "16", "--batch-size", "20000"]
+    opts = ExportOptions(str(tiny_ckpt), str(tmp_path / "e"), prune=PruneSettings(1, 0.35), image_size=(384, 384),
+                         max_prompt_tokens=64, gen_length=16, batch_size=20000)
+    cfg = read_config(tiny_ckpt)
+    try:  # the estimate must pass here, or the refusal before the build is what would be tested
+        check_memory(opts, plan_bucket(opts, cfg), cfg, weights_loaded=False)
+    except ExportError as e:
+        pytest.skip(f"the memory estimate refuses first on this machine: {e}")
+    r = subprocess.run([sys.executable, "-c", OOM_SCRIPT, *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    err = [line for line in r.stderr.strip().splitlines() if "Warning" not in line and "pbar" not in line]
+    assert err[-1].startswith("llada-export: error: out of memory on cpu while building the engines (batch size "
+                              "20000)") and "Traceback" not in r.stderr, r.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_missing_and_foreign_checkpoint(tmp_path):

@@ -34,13 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="checkpoint directory (config.json, *.safetensors, tokenizer)")
     p.add_argument("-o", "--output", required=True, help="engines directory to write (written atomically)")
     g = p.add_argument_group("pruning")
-    g.add_argument("--prune-layer", type=int, default=16, help="layer K: layers < K see every visual token (default: 16)")
-    g.add_argument("--keep", type=unit_interval, default=0.35,
-                   help="fraction of visual tokens kept, in (0, 1] (default: 0.35)")
-    g.add_argument("--score-from", choices=("response", "text", "last"), default="response",
+    g.add_argument("--prune-layer", type=int, default=None,
+                   help=f"layer K: layers < K see every visual token (default: {PRUNE_DEFAULTS['prune_layer']})")
+    g.add_argument("--keep", type=unit_interval, default=None,
+                   help=f"fraction of visual tokens kept, in (0, 1] (default: {PRUNE_DEFAULTS['keep']})")
+    g.add_argument("--score-from", choices=("response", "text", "last"), default=None,
                    help="queries whose attention ranks visual tokens: masked response positions, all text, or the "
                    "last prompt token (default: response)")
-    g.add_argument("--no-prune", action="store_true", help="build unpruned engines instead")
+    g.add_argument("--no-prune", action="store_true",
+                   help="build unpruned engines instead (the pruning flags above and --baseline do not apply)")
     g.add_argument("--baseline", action="store_true",
                    help="also build the unpruned graphs beside the pruned ones (for --compare-unpruned)")
     c = p.add_argument_group("decoding")
@@ -74,22 +76,45 @@ def build_parser() -> argparse.ArgumentParser:
     cc = b.add_mutually_exclusive_group()
     cc.add_argument("--compile-cache", dest="compile_cache", action="store_true", default=None,
                     help="inductor: compile every graph at export and save the compiler's cache, so a load on a "
-                    "machine with the same torch, Triton and GPU takes seconds (default: on for CUDA)")
-    cc.add_argument("--no-compile-cache", dest="compile_cache", action="store_false", help="do not")
+                    "machine with the same torch, Triton and GPU takes seconds (default: on for CUDA; inductor "
+                    "builds only)")
+    cc.add_argument("--no-compile-cache", dest="compile_cache", action="store_false", help="do not (inductor only)")
     b.add_argument("--overwrite", action="store_true",
                    help="replace an existing engines directory written by llada-export")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return p
 
 
+PRUNE_DEFAULTS = {"prune_layer": 16, "keep": 0.35, "score_from": "response"}
+
+
+def check_flags(p: argparse.ArgumentParser, args: argparse.Namespace, backends: tuple[str, ...]) -> None:
+    """Refuse flags that this combination would ignore (a usage error, exit 2), then fill the defaults."""
+    if args.no_prune:
+        given = [f"--{k.replace('_', '-')}" for k in PRUNE_DEFAULTS if getattr(args, k) is not None]
+        given += ["--baseline"] if args.baseline else []
+        if given:
+            p.error(f"--no-prune builds unpruned engines only: {', '.join(given)} would be ignored; drop "
+                    f"{'it' if len(given) == 1 else 'them'} or --no-prune")
+    for k, v in PRUNE_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.compile_cache is not None and "inductor" not in backends:
+        flag = "--compile-cache" if args.compile_cache else "--no-compile-cache"
+        p.error(f"{flag} applies to inductor builds only (--backend inductor or all); this builds "
+                f"{', '.join(backends)}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    backends = tuple(backend_names()) if args.backend == "all" else (args.backend,)
+    check_flags(p, args, backends)
     with user_errors("llada-export"):
         from ..contract.manifest import Manifest
         from ..contract.pruning import PruneSettings
         from ..exporter.build import ExportOptions, export_engines
 
-        backends = tuple(backend_names()) if args.backend == "all" else (args.backend,)
         prune = None if args.no_prune else PruneSettings(args.prune_layer, args.keep, args.score_from)
         opts = ExportOptions(
             model=args.model, output=args.output, prune=prune, baseline=args.baseline, cache=args.cache,

@@ -7,6 +7,7 @@ builder and I/O come from its spec, each artifact from its backend's writer.
 
 from __future__ import annotations
 
+import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -16,10 +17,11 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..checkpoint.io import expected_shapes
 from ..checkpoint.loader import checkpoint_tokenizer, load_checkpoint, read_config
 from ..config import LLaDAVConfig
 from ..contract.bucket import Bucket
-from ..contract.graphset import Dims, Selection, graphs_for, resolve
+from ..contract.graphset import Dims, Selection, TensorIO, graphs_for, resolve
 from ..contract.manifest import DTYPES, Manifest, file_table, is_engines_dir
 from ..contract.pruning import PruneSettings
 from ..device import parse_device
@@ -32,6 +34,8 @@ from ..tokenizer import encode_prompt, has_tokenizer_files, special_tokens
 from .programs import BuildContext, check_program
 
 COMPILED_WEIGHTS = ("auto", "package", "checkpoint")
+EXTERNAL_WEIGHTS_ABOVE = 2 * 1024**3  # compiled_weights="auto": weights bigger than this stay in the checkpoint
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "bool": 1}
 
 
 class ExportError(ValueError):
@@ -47,8 +51,10 @@ class ExportOptions:
     cache: bool = False  # also build the prefix-KV-cache graphs (prefill + cached step)
     fuse_sampler: bool = False  # graphs output (x0, confidence) instead of logits
     # aoti / inductor artifacts: "package" keeps the weights inside each .pt2, "checkpoint" maps them to
-    # checkpoint keys and the runtime loads them once for all graphs; "auto": checkpoint above 2 GB
+    # checkpoint keys and the runtime loads them once for all graphs; "auto": checkpoint above
+    # external_weights_above bytes (2 GiB)
     compiled_weights: str = "auto"
+    external_weights_above: int = EXTERNAL_WEIGHTS_ABOVE  # bytes: "auto"'s threshold
     backends: tuple[str, ...] = ("onnxruntime",)
     dtype: str = "float32"
     device: str = "cpu"
@@ -93,6 +99,8 @@ class ExportOptions:
             raise ExportError("no backend to build")
         for b in self.backends:
             get_backend(b)  # unknown names raise with the list
+        if self.compile_cache and "inductor" not in self.backends:
+            raise ExportError("compile_cache applies to inductor builds only")
         if self.image_size is not None and min(self.image_size) < 1:
             raise ExportError(f"--image-size must be positive, got {self.image_size}")
         self.device = str(parse_device(self.device))
@@ -104,7 +112,12 @@ def plan_bucket(opts: ExportOptions, cfg: LLaDAVConfig) -> Bucket:
     s = cfg.vision.image_size
     if opts.image_size is not None:
         w, h = opts.image_size
-        v = opts.max_visual_tokens or visual_token_count(w, h, cfg)
+        n = visual_token_count(w, h, cfg)
+        if opts.max_visual_tokens is not None and opts.max_visual_tokens < n:
+            raise ExportError(f"--max-visual-tokens {opts.max_visual_tokens} is fewer than the {n} visual tokens of a "
+                              f"{w}x{h} image (--image-size): the engines would refuse the image they are built for; "
+                              f"give --max-visual-tokens {n} or more, or only one of the two flags")
+        v = opts.max_visual_tokens or n
         cols, rows = grid_shape((w, h), cfg)
         crops = 1 + cols * rows
     else:
@@ -113,6 +126,64 @@ def plan_bucket(opts: ExportOptions, cfg: LLaDAVConfig) -> Bucket:
     k = opts.prune.k_static(v) if opts.prune is not None else v
     return Bucket(max_text_tokens=opts.max_prompt_tokens, max_visual_tokens=v, k_static=k,
                   gen_length=opts.gen_length, vision_batch=crops, batch_size=opts.batch_size)
+
+
+def tensor_bytes(t: TensorIO) -> int:
+    return math.prod(t.shape) * ITEMSIZE[t.dtype]
+
+
+def largest_call(opts: ExportOptions, bucket: Bucket, cfg: LLaDAVConfig) -> tuple[str, int]:
+    """The graph whose one call needs the most memory, and a lower bound of that memory: its inputs,
+    outputs and one layer's activations (hidden states and the MLP's two projections, fp32, for every
+    row it computes). The export allocates the inputs as tracing examples; running the graph needs it all."""
+    dims, worst = Dims.of(bucket, cfg, opts.dtype), ("", 0)
+    for spec in graphs_for(opts.selection):
+        io = spec.io(dims, opts.fuse_sampler)
+        if spec.denoiser:  # rows computed: [B, L] position ids (the G response rows for a cached step)
+            width, rows = cfg.text.hidden_size + cfg.text.intermediate_size, math.prod(io.inputs[2].shape)
+        else:  # vision: N crops of T tokens
+            width, rows = cfg.vision.hidden_size + cfg.vision.intermediate_size, bucket.vision_batch * cfg.vision.tokens_per_crop
+        need = sum(map(tensor_bytes, io.inputs + io.outputs)) + 2 * 4 * rows * width
+        worst = max(worst, (spec.name, need), key=lambda x: x[1])
+    return worst
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for this process: the GPU's free memory, or the host's MemAvailable (within a
+    cgroup's limit); None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    have = None
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        have = next(int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvailable:"))
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            have = min(have, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError, StopIteration):
+        pass
+    return have
+
+
+def check_memory(opts: ExportOptions, bucket: Bucket, cfg: LLaDAVConfig, weights_loaded: bool) -> None:
+    """Refuse a bucket whose largest graph call (and the weights, unless already in memory) cannot fit
+    the export device's free memory, before anything is allocated; say the batch size that fits."""
+    device = torch.device(opts.device)
+    have = available_memory(device)
+    graph, call = largest_call(opts, bucket, cfg)
+    weights = 0 if weights_loaded else sum(map(math.prod, expected_shapes(cfg).values())) * ITEMSIZE[opts.dtype]
+    if have is None or weights + call <= have:
+        return
+    fits = int((have - weights) // (call / bucket.batch_size)) if have > weights else 0
+    fix = (f"use --batch-size {fits} or less" if 1 <= fits < bucket.batch_size else
+           "use a smaller --image-size / --max-visual-tokens, --max-prompt-tokens or --gen-length")
+    raise ExportError(f"these engines need at least {human_bytes(weights + call)} on {device} (weights "
+                      f"{human_bytes(weights)}; one {graph} call of batch size {bucket.batch_size}, its inputs, outputs "
+                      f"and one layer's activations: {human_bytes(call)}) and {device} has {human_bytes(have)} free: {fix}")
+
+
+def human_bytes(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def template_tokens(tokenizer) -> int:
@@ -141,19 +212,29 @@ def preflight(opts: ExportOptions, cfg: LLaDAVConfig | None = None, tokenizer=No
     if opts.prune is not None:
         opts.prune.validate(cfg.text.num_hidden_layers)
     bucket = plan_bucket(opts, cfg)
+    check_memory(opts, bucket, cfg, weights_loaded=not protect)
     if tokenizer is not None and (n := template_tokens(tokenizer)) >= opts.max_prompt_tokens:
         raise ExportError(f"--max-prompt-tokens {opts.max_prompt_tokens} does not hold the chat template itself "
                           f"({n} tokens with an empty system prompt and question); use at least {n + 16}")
     if "tensorrt" in opts.backends and opts.prune is not None and bucket.k_static >= TOPK_LIMIT:
         raise ExportError(f"the bucket keeps {bucket.k_static} visual tokens, over TensorRT's TopK limit "
                           f"({TOPK_LIMIT - 1}); lower --keep, --image-size or --max-visual-tokens")
-    for name in opts.backends:
-        b = get_backend(name)
-        if (reason := b.available()) and len(opts.backends) == 1:
-            raise ExportError(f"{name} engines cannot be built here: {reason}")
-        if torch.device(opts.device).type not in b.devices:
-            raise ExportError(f"the {name} backend does not run on {opts.device} (it runs on {', '.join(b.devices)})")
+    skipped = {name: why for name in opts.backends if (why := skip_reason(name, opts.device))}
+    if len(opts.backends) == 1 and skipped:  # several (--backend all): those that cannot are left out, with a note
+        raise ExportError(skipped[opts.backends[0]])
+    if len(skipped) == len(opts.backends):
+        raise ExportError(f"none of the backends can be built here: {'; '.join(skipped.values())}")
     return bucket
+
+
+def skip_reason(name: str, device: str) -> str | None:
+    """Why ``name``'s engines cannot be built here for ``device``, or None."""
+    b = get_backend(name)
+    if (reason := b.available()) is not None:
+        return f"{name} engines cannot be built here: {reason}"
+    if torch.device(device).type not in b.devices:
+        return f"the {name} backend does not run on {device} (it runs on {', '.join(b.devices)})"
+    return None
 
 
 def export_engines(opts: ExportOptions, loaded: tuple | None = None) -> Path:
@@ -164,10 +245,24 @@ def export_engines(opts: ExportOptions, loaded: tuple | None = None) -> Path:
     stay in the checkpoint then need ``Pipeline.load(..., weights=model.state_dict())``."""
     preflight(opts, *(loaded[2], loaded[1]) if loaded else ())
     protect = [] if loaded else [opts.model]
-    with atomic_output_dir(opts.output, overwrite=opts.overwrite, owned=is_engines_dir, protect=protect,
-                           what="engines directory") as tmp:
-        _build(opts, tmp, loaded).write(tmp)
+    try:
+        with atomic_output_dir(opts.output, overwrite=opts.overwrite, owned=is_engines_dir, protect=protect,
+                               what="engines directory") as tmp:
+            _build(opts, tmp, loaded).write(tmp)
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not is_out_of_memory(e):
+            raise
+        raise ExportError(f"out of memory on {opts.device} while building the engines (batch size {opts.batch_size}); "
+                          "lower --batch-size, --image-size / --max-visual-tokens or --max-prompt-tokens, or free "
+                          "memory; nothing was written") from None
     return Path(opts.output)
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """An allocation failure of torch (CPU or CUDA) or of Python."""
+    text = str(e).lower()
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text \
+        or "out of memory" in text
 
 
 def _build(opts: ExportOptions, root: Path, loaded: tuple | None) -> Manifest:
@@ -190,18 +285,18 @@ def _build(opts: ExportOptions, root: Path, loaded: tuple | None) -> Manifest:
 
     state = model.state_dict()
     weight_bytes = sum(t.numel() * t.element_size() for t in state.values())
-    external = opts.compiled_weights == "checkpoint" or (opts.compiled_weights == "auto" and weight_bytes > 2 * 1024**3)
+    external = opts.compiled_weights == "checkpoint" or (opts.compiled_weights == "auto"
+                                                         and weight_bytes > opts.external_weights_above)
     compile_cache = opts.compile_cache if opts.compile_cache is not None else device.type == "cuda"
     wctx = WriteContext(root, opts.device, opts.dtype, programs=programs, io=io, notes=list(opts.notes),
                         weight_keys={t.data_ptr(): k for k, t in state.items()} if external else None,
                         weights=state, options={"compile_cache": compile_cache, "example_fill": ctx.fill()})
     backends = []
     for name in opts.backends:
-        b = get_backend(name)
-        if (reason := b.available()) is not None:
-            wctx.notes.append(f"{name} engines were not built: {reason}")
+        if (reason := skip_reason(name, opts.device)) is not None:
+            wctx.notes.append(f"not built: {reason}")
         else:
-            backends.append(b)
+            backends.append(get_backend(name))
     work = [(b, s.name) for b in backends for s in specs]
     bar = tqdm(total=len(work), desc="build engines", unit="artifact", disable=not opts.progress)
     for b, graph in work:
