@@ -45,11 +45,9 @@ from typing import Callable, Protocol
 
 import torch
 
+from .runtime.inputs import GenerationError, check_number, check_refresh
+
 DEFAULT_REFRESH = 32  # forwards between cache refreshes within a block (the official demo's value)
-
-
-class GenerationError(ValueError):
-    """Generation settings that cannot be used together."""
 
 
 @dataclass(frozen=True)
@@ -91,24 +89,35 @@ class GenerationConfig:
             raise GenerationError(f"{self.steps // n_blocks} steps per block exceed block_length {self.block_length}")
         if self.remasking not in ("low_confidence", "random"):
             raise GenerationError(f"remasking must be 'low_confidence' or 'random', got {self.remasking!r}")
-        if self.temperature < 0:
-            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
-        if self.cfg_scale < 0:
-            raise GenerationError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        # the one rule for numbers (runtime.inputs): finite, in range; inf / nan are refused
+        check_number(self.temperature, "temperature", low=0.0)
+        check_number(self.cfg_scale, "cfg_scale", low=0.0)
         if self.factor is not None and self.threshold is not None:
             raise GenerationError("choose one parallel decoding rule: factor or threshold, not both")
-        if self.factor is not None and not self.factor > 0:
-            raise GenerationError(f"factor must be > 0, got {self.factor}")
-        if self.threshold is not None and not 0 < self.threshold <= 1:
-            raise GenerationError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.factor is not None:
+            check_number(self.factor, "factor", low=0.0, low_open=True)
+        if self.threshold is not None:
+            check_number(self.threshold, "threshold", low=0.0, high=1.0, low_open=True)
         if self.parallel != "none" and self.remasking != "low_confidence":
             raise GenerationError("parallel decoding ranks by confidence: it needs remasking 'low_confidence'")
         if self.cache and self.cfg_scale > 0:
-            raise GenerationError("the prefix cache does not support classifier-free guidance (cfg_scale > 0)")
-        if self.refresh is not None and (isinstance(self.refresh, bool) or not isinstance(self.refresh, int)
-                                         or self.refresh < 1):
+            raise GenerationError(
+                f"classifier-free guidance (cfg_scale {self.cfg_scale:g}) needs the full forward, which the prefix "
+                "cache skips: turn the cache off (llada-generate --no-cache; cache=False in Python, \"cache\": false "
+                "over HTTP)")
+        if check_refresh(self.refresh) != self.refresh:
             raise GenerationError(f"refresh must be a positive integer or None (never), got {self.refresh!r}")
         return self
+
+    def to_dict(self) -> dict:
+        """The settings as ``Pipeline.generate`` takes them back (refresh only with the cache; None
+        there is written "never", as llada-generate and the HTTP API spell it)."""
+        d = dict(gen_length=self.gen_length, block_length=self.block_length, steps=self.steps,
+                 temperature=self.temperature, remasking=self.remasking, cfg_scale=self.cfg_scale,
+                 factor=self.factor, threshold=self.threshold, cache=self.cache)
+        if self.cache:
+            d["refresh"] = "never" if self.refresh is None else self.refresh
+        return d
 
     def describe(self) -> str:
         s = f"{self.gen_length}/{self.block_length}/{self.steps}"

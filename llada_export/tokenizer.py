@@ -173,3 +173,62 @@ def encode_prompt(
         )
     ids = tokenize_with_image(tokenizer, prompt)
     return split_at_image(ids) if has_image else (ids, [])
+
+
+# ---------------------------------------------------------------------- answers
+def decode_answer(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
+    """Answer ids -> text: ``tokenizer.decode(ids, skip_special_tokens=True)``, except that the text never
+    ends in a partial UTF-8 sequence. A byte-level BPE token can hold part of a character; an answer
+    cut at ``gen_length`` (or before its ``<|eot_id|>``) inside one would end in U+FFFD. The bytes of
+    those incomplete characters are cut (a U+FFFD the model wrote as a whole character stays)."""
+    text = tokenizer.decode(list(ids), skip_special_tokens=True)
+    if not text.endswith("\ufffd"):
+        return text
+    raw = _answer_bytes(tokenizer, ids)
+    if raw is None:  # not a byte-level tokenizer: decode whole tokens, dropping the last few that end badly
+        for k in range(len(ids) - 1, max(-1, len(ids) - 5), -1):
+            if not (shorter := tokenizer.decode(list(ids[:k]), skip_special_tokens=True)).endswith("\ufffd"):
+                return shorter
+        return text
+    cut = _incomplete_tail(raw)
+    return text[: len(text) - cut] if cut and text.endswith("\ufffd" * cut) else text
+
+
+def _incomplete_tail(raw: bytes) -> int:
+    """How many U+FFFD at the end of ``raw.decode("utf-8", "replace")`` stand for bytes that make no
+    character (a character's first bytes, or stray continuation bytes)."""
+    cut = 0
+    while raw and not raw.endswith("\ufffd".encode()):
+        lossy = raw.decode("utf-8", "replace")
+        if not lossy.endswith("\ufffd"):
+            break
+        # a U+FFFD replaces at most 3 bytes (the longest incomplete sequence): find how many
+        j = next((j for j in (1, 2, 3) if raw[:-j].decode("utf-8", "replace") == lossy[:-1]), None)
+        if j is None:
+            break
+        raw, cut = raw[:-j], cut + 1
+    return cut
+
+
+def _answer_bytes(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> bytes | None:
+    """The bytes a byte-level BPE decodes ``ids`` from (special tokens skipped); None for other tokenizers."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if type(decoder).__name__ != "ByteLevel":
+        return None
+    byte_of = _byte_decoder()
+    added = set(tokenizer.get_added_vocab())
+    out = bytearray()
+    for tok in tokenizer.convert_ids_to_tokens(list(ids), skip_special_tokens=True):
+        if tok in added or any(c not in byte_of for c in tok):
+            out += tok.encode("utf-8")  # an added token is its text
+        else:
+            out += bytes(byte_of[c] for c in tok)
+    return bytes(out)
+
+
+def _byte_decoder() -> dict[str, int]:
+    """The byte-level BPE alphabet: printable Latin-1 bytes stand for themselves, the other bytes for
+    the characters from U+0100 on, in byte order."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    others = [b for b in range(256) if b not in set(kept)]
+    return {**{chr(b): b for b in kept}, **{chr(256 + i): b for i, b in enumerate(others)}}

@@ -10,7 +10,8 @@ the exporter: the manifest, the bucket, the graph set and the layout are the con
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -24,11 +25,12 @@ from ..contract.layout import RequestError, RequestParts, check_counts, check_fi
 from ..contract.manifest import Manifest, ManifestError
 from ..device import parse_device
 from ..engines.registry import Runner, get_backend, load_builtin, pick_backend
-from ..graphs.anyres import assemble, image_size, preprocess, visual_token_count
-from ..sampler import DEFAULT_REFRESH, GenerationConfig, SamplerTrace, StepEvent, StepInfo, generate
+from ..graphs.anyres import ImageError, assemble, image_size, preprocess, visual_token_count
+from ..sampler import DEFAULT_REFRESH, GenerationConfig, GenerationError, SamplerTrace, StepEvent, StepInfo, generate
 from ..sampler import preset as get_preset
-from ..tokenizer import DEFAULT_SYSTEM_PROMPT, encode_prompt, load_tokenizer
+from ..tokenizer import DEFAULT_SYSTEM_PROMPT, decode_answer, encode_prompt, load_tokenizer
 from .denoiser import EngineDenoiser
+from .inputs import check_prompt, check_refresh, check_seed, check_text
 
 
 @dataclass
@@ -36,7 +38,17 @@ class Request:
     image: object = None  # path, PIL image, HxWx3 uint8 array, or None for text only
     prompt: str = ""
     system: str = DEFAULT_SYSTEM_PROMPT
-    seed: int = 0  # for temperature > 0 / random remasking
+    seed: int = 0  # for temperature > 0 / random remasking; 0 <= seed < 2**63
+
+    def validate(self) -> "Request":
+        """The one rule of :mod:`.inputs`: a non-empty UTF-8 prompt, UTF-8 system text, a seed in
+        [0, 2**63); an image path must name a file. PromptError, GenerationError or ImageError."""
+        check_prompt(self.prompt)
+        check_text(self.system, "system")
+        check_seed(self.seed)
+        if isinstance(self.image, (str, Path)) and Path(self.image).is_dir():
+            raise ImageError(f"{self.image}: is a directory, not an image file")
+        return self
 
 
 @dataclass
@@ -49,9 +61,15 @@ class GenerationResult:
     step_times: list[float] = field(default_factory=list)  # seconds per denoising forward (the batch's)
     forwards: int = 0  # forwards this request's row needed
     graph_calls: dict[str, int] = field(default_factory=dict)  # graph -> calls (the batch's)
+    # what produced the answer: Pipeline.generate(image, prompt, **settings) gives it again
+    # (gen/block/steps, temperature, remasking, cfg_scale, factor/threshold, cache, refresh, seed, system, unpruned)
+    settings: dict = field(default_factory=dict)
+    pruning: dict | None = None  # the graphs' pruning (layer, keep, score_from); None: the unpruned graph ran
+    finish_reason: str = "length"  # "stop": the answer ended at <|eot_id|>; "length": it used gen_length
 
     def to_dict(self) -> dict:
-        return dict(text=self.text, ids=self.ids, kept_visual=self.kept_visual, n_visual=self.n_visual,
+        return dict(text=self.text, ids=self.ids, finish_reason=self.finish_reason, settings=self.settings,
+                    pruning=self.pruning, kept_visual=self.kept_visual, n_visual=self.n_visual,
                     timings=self.timings, step_times=self.step_times, forwards=self.forwards,
                     graph_calls=self.graph_calls)
 
@@ -123,6 +141,8 @@ class Pipeline:
         passed to the backend's runner (inductor: ``{"compile": False}`` runs the programs' eager kernels
         from CUDA graphs, without compile time). ``threads``: CPU threads for the engines (torch's
         intra-op threads, and the sessions' own pools for backends that have them); default: theirs."""
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive integer (CPU threads for the engines), got {threads!r}")
         root = Path(path)
         m = Manifest.read(root, verify=verify)
         load_builtin()
@@ -209,6 +229,7 @@ class Pipeline:
         """(text tokens, visual tokens) of ``request``, checked against the bucket without running a
         graph (a server refuses it before it joins a batch). RequestError, PromptError or ImageError
         say what is wrong and which export flag would make it fit."""
+        request.validate()
         if self.tokenizer is None:
             raise RequestError(f"{self.root} has no tokenizer/ folder: text prompts cannot be encoded")
         before, after = encode_prompt(self.tokenizer, request.prompt, has_image=request.image is not None,
@@ -247,10 +268,13 @@ class Pipeline:
                           refresh: int | None | str = "default", unpruned: bool = False) -> GenerationConfig:
         """The sampler settings of a request, checked against what these engines can serve.
         ``cache`` None: the prefix cache when the engines have its graphs. ``refresh``: forwards
-        between cache refreshes within a block (None: only at block starts)."""
+        between cache refreshes within a block (None or "never": only at block starts). Every value is
+        checked by the rule of :mod:`.inputs` (finite numbers in range; GenerationError naming the field)."""
         if unpruned and self.pruned and not self.has_unpruned:
             raise RequestError(f"{self.root} has no unpruned graph; export with --baseline or --no-prune")
         has_cache = self.has_cache(unpruned)
+        if cache is not None and not isinstance(cache, bool):
+            raise GenerationError(f"cache must be True, False or None (when the engines have it), got {cache!r}")
         if cache and not has_cache:
             raise RequestError(f"{self.root} has no prefix-cache graphs for the {'unpruned' if unpruned or not self.pruned else 'pruned'} "
                                "path; re-export with --cache")
@@ -258,14 +282,16 @@ class Pipeline:
         if refresh != "default" and not use_cache:
             raise RequestError("refresh applies to the prefix cache only; use it with cache=True (--cache)")
         kw = dict(temperature=temperature, remasking=remasking, cfg_scale=cfg_scale, factor=factor,
-                  threshold=threshold, cache=use_cache, refresh=DEFAULT_REFRESH if refresh == "default" else refresh)
+                  threshold=threshold, cache=use_cache,
+                  refresh=DEFAULT_REFRESH if refresh == "default" else check_refresh(refresh))
         d = self.manifest.generation
         if preset is not None:
             gen = get_preset(preset, gen_length=gen_length, steps=steps, block_length=block_length)
             gen = replace(gen, **kw)
         else:
-            gl = gen_length or d["gen_length"]
-            gen = GenerationConfig(gl, block_length or min(d["block_length"], gl), steps or min(d["steps"], gl), **kw)
+            gl = d["gen_length"] if gen_length is None else gen_length
+            gen = GenerationConfig(gl, min(d["block_length"], gl) if block_length is None else block_length,
+                                   min(d["steps"], gl) if steps is None else steps, **kw)
         gen.validate()
         if gen.gen_length > self.bucket.gen_length:
             raise RequestError(f"gen_length {gen.gen_length} exceeds the engines' {self.bucket.gen_length}: "
@@ -287,10 +313,12 @@ class Pipeline:
                        on_step: Callable[[StepEvent], None] | None = None, config: GenerationConfig | None = None,
                        **settings) -> list[GenerationResult]:
         """Answer up to ``bucket.batch_size`` requests together, with one generation setting:
-        ``settings`` as :meth:`generation_config` takes them, or the ``config`` it returned."""
+        ``settings`` as :meth:`generation_config` takes them, or the ``config`` it returned.
+        ``requests``: :class:`Request` objects, ``(image, prompt)`` pairs or dicts of Request's fields."""
         t0 = time.perf_counter()
         if config is not None and settings:
             raise TypeError("pass the settings or a GenerationConfig, not both")
+        requests = as_requests(requests)
         gen = config if config is not None else self.generation_config(unpruned=unpruned, **settings)
         use_full = unpruned or not self.pruned
         x, t_vis = self._layout(requests, gen.gen_length)
@@ -316,10 +344,42 @@ class Pipeline:
         out = []
         for i, r in enumerate(requests):
             row = ids[i].tolist()
-            text = self.tokenizer.decode(row, skip_special_tokens=True)
-            out.append(GenerationResult(text, row, None if use_full else den.kept_visual(i), x.n_visual[i],
-                                        {"vision": t_vis[i], **timings}, st, trace.row_forwards[i], dict(calls)))
+            settings = {**gen.to_dict(), "seed": r.seed, "system": r.system, "unpruned": bool(unpruned)}
+            out.append(GenerationResult(
+                decode_answer(self.tokenizer, row), row, None if use_full else den.kept_visual(i), x.n_visual[i],
+                {"vision": t_vis[i], **timings}, st, trace.row_forwards[i], dict(calls), settings,
+                None if use_full or self.manifest.pruning is None else self.manifest.pruning.to_dict(),
+                # the sampler cuts each answer at its first <|eot_id|>: a full-length answer found none
+                "stop" if len(row) < gen.gen_length else "length"))
         return out
+
+
+def as_requests(requests) -> list[Request]:
+    """``generate_batch``'s requests as validated :class:`Request` objects: Requests, ``(image, prompt)``
+    pairs, or dicts of Request's fields (image, prompt, system, seed)."""
+    one = isinstance(requests, (Request, str, bytes, dict)) or (
+        isinstance(requests, tuple) and len(requests) == 2 and isinstance(requests[1], str))
+    if one or not isinstance(requests, Iterable):
+        raise RequestError("generate_batch takes a list of requests, e.g. [Request(image, prompt), ...] or "
+                           "[(image, prompt), ...]; for one request call generate(image, prompt)")
+    requests = list(requests)
+    if not requests:
+        raise RequestError("generate_batch got no requests: pass at least one Request(image, prompt)")
+    return [_as_request(r, i).validate() for i, r in enumerate(requests)]
+
+
+def _as_request(r, i: int) -> Request:
+    names = [f.name for f in fields(Request)]
+    if isinstance(r, Request):
+        return replace(r)  # a copy: validating it changes nothing the caller holds
+    if isinstance(r, tuple) and len(r) == 2:
+        return Request(*r)
+    if isinstance(r, dict) and set(r) <= set(names):
+        return Request(**r)
+    what = (f"a dict with {', '.join(sorted(map(str, set(r) - set(names))))}" if isinstance(r, dict)
+            else f"a tuple of {len(r)}" if isinstance(r, tuple) else f"a {type(r).__name__}")
+    raise RequestError(f"requests[{i}] is {what}: pass Request(image, prompt, system=..., seed=...), an "
+                       f"(image, prompt) pair or a dict of Request's fields ({', '.join(names)})")
 
 
 def _blank_step(b: int, index: int, device) -> StepInfo:
@@ -329,4 +389,4 @@ def _blank_step(b: int, index: int, device) -> StepInfo:
                     [index == 0] * b, [True] * b)
 
 
-__all__ = ["GenerationResult", "Pipeline", "Request", "RequestError"]
+__all__ = ["GenerationResult", "Pipeline", "Request", "RequestError", "as_requests"]
