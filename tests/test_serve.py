@@ -95,13 +95,14 @@ def serve_engines(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(serve_engines):
-    """``llada-serve`` as a user runs it: 2 replicas, max batch 4, 1 thread each, a short Ray temp dir."""
+    """``llada-serve`` as a user runs it: 2 replicas, max batch 4, 1 thread each, a short Ray temp dir, a
+    fixed metrics port."""
     tmp = tempfile.mkdtemp(prefix="llsv_", dir="/tmp")
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     cmd = [sys.executable, "-m", "llada_export.cli.serve", "--engines", str(serve_engines), "--replicas", "2",
            "--port", str(port), "--temp-dir", tmp, "--threads", "1", "--batch-wait-ms", "100",
-           "--cpus-per-replica", "0.5", "--model-name", "demo"]
+           "--cpus-per-replica", "0.5", "--model-name", "demo", "--metrics-port", str(metrics_port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     ready = threading.Event()
     lines: list[str] = []
@@ -119,7 +120,7 @@ def server(serve_engines):
             proc.kill()
             pytest.fail(f"llada-serve did not start (rc {proc.poll()}): {proc.stderr.read()[-3000:]}")
     print(f"llada-serve ready in {time.perf_counter() - t0:.0f} s: {''.join(lines)}")
-    info = {"proc": proc, "url": f"http://127.0.0.1:{port}", "tmp": tmp, "lines": lines}
+    info = {"proc": proc, "url": f"http://127.0.0.1:{port}", "tmp": tmp, "lines": lines, "metrics_port": metrics_port}
     yield info
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -279,6 +280,14 @@ def test_bad_requests_get_4xx_and_nothing_else_is_affected(server, direct):
         (json.dumps({**good, "block_length": 5}).encode(), 400, "invalid_settings"),
         (json.dumps({**good, "unpruned": True}).encode(), 400, "invalid_settings"),
         (json.dumps({**good, "model": "other"}).encode(), 404, "model_not_found"),
+        (b"[" * 100_000, 400, "invalid_json"),  # was a plain-text 500 (RecursionError)
+        (json.dumps({**good, "seed": 2**70}).encode(), 400, "invalid_settings"),  # was a 500, retried by the client
+        (json.dumps({**good, "seed": -1}).encode(), 400, "invalid_settings"),
+        (json.dumps(good)[:-1].encode() + b', "temperature": 1e999}', 400, "invalid_settings"),  # inf: was 200, ""
+        (json.dumps(good)[:-1].encode() + b', "temperature": NaN}', 400, "invalid_settings"),  # was greedy
+        (json.dumps({**good, "max_tokens": 100000}).encode(), 400, "invalid_settings"),
+        (json.dumps({**good, "preset": "demo", "max_tokens": 16}).encode(), 400, "invalid_settings"),
+        (json.dumps({"messages": [{"role": "assistant", "content": "hi"}]}).encode(), 400, None),
     ]
     with ThreadPoolExecutor(6) as ex:
         goods = [ex.submit(ask, server["url"], i) for i in range(3)]
@@ -288,6 +297,13 @@ def test_bad_requests_get_4xx_and_nothing_else_is_affected(server, direct):
         assert got == status and body["error"]["code"] == code, (code, got, body)
         assert body["error"]["message"]
     assert "--max-visual-tokens" in bads[6][1]["error"]["message"]  # says which export flag would fit it
+    errors = [body["error"] for _, body in bads[12:]]
+    assert [e["param"] for e in errors] == [None, "seed", "seed", "temperature", "temperature", "max_tokens",
+                                            "preset", "messages"]
+    assert "too deeply" in errors[0]["message"] and "seed" in errors[1]["message"] and "-1" in errors[2]["message"]
+    assert "maximum 16" in errors[5]["message"] and "divisible" not in errors[5]["message"]
+    assert "preset 'demo' sets block_length 128, steps 128" in errors[6]["message"]
+    assert "no user message" in errors[7]["message"] and "multi-turn" not in errors[7]["message"]
     assert [text_of(a) for a in answers] == [direct(i) for i in range(3)]
     assert post_raw(server["url"], b"", "/v2/nothing", "GET")[0] == 404
     assert post_raw(server["url"], b"", "/v1/chat/completions", "GET")[0] == 405
@@ -296,13 +312,21 @@ def test_bad_requests_get_4xx_and_nothing_else_is_affected(server, direct):
 
 # ---------------------------------------------------------------------- faults
 def test_client_that_hangs_up_does_not_break_its_batch(server, direct):
-    """A caller sends a request and closes its socket while its batch runs: the requests batched with
-    it answer normally, and so does the next one."""
+    """A caller sends a request and closes its socket while its batch runs: the batch it shared (a batch
+    whose size counts one more row than the answers that name it) answers the others as the pipeline
+    does, the replica logs the caller's cancellation, and the next request answers normally."""
     from concurrent.futures import ThreadPoolExecutor
 
     img, q, _ = ITEMS[4]
     body = json.dumps(chat_body(q, img)).encode()
     host, port = server["url"].rsplit("/", 1)[1].split(":")
+    logs = Path(server["tmp"]) / "session_latest" / "logs" / "serve"
+
+    def cancelled() -> int:
+        return sum(f.read_text(errors="replace").count("was cancelled (its caller hung up)")
+                   for f in logs.glob("replica_*.log"))
+
+    before = cancelled()
 
     def hang_up():
         s = socket.create_connection((host, int(port)))
@@ -311,11 +335,24 @@ def test_client_that_hangs_up_does_not_break_its_batch(server, direct):
         time.sleep(0.3)  # in the batch by now (batch wait 100 ms)
         s.close()
 
-    with ThreadPoolExecutor(4) as ex:
+    others = (5, 6, 7, 8, 9, 10, 11)  # with the dropped one, a full batch of 4 on each of the two replicas
+    with ThreadPoolExecutor(8) as ex:
         gone = ex.submit(hang_up)
-        others = [ex.submit(ask, server["url"], i) for i in (5, 6, 7)]
+        time.sleep(0.02)  # the dropped request first: its replica's batch then fills with others
+        replies = [ex.submit(ask, server["url"], i) for i in others]
         gone.result()
-        assert [text_of(o.result()) for o in others] == [direct(i) for i in (5, 6, 7)]
+        replies = [r.result() for r in replies]
+    assert [text_of(r) for r in replies] == [direct(i) for i in others]
+    named: dict[str, int] = {}
+    for r in replies:
+        named[r["llada"]["batch"]["id"]] = named.get(r["llada"]["batch"]["id"], 0) + 1
+    sizes = {r["llada"]["batch"]["id"]: r["llada"]["batch"]["size"] for r in replies}
+    shared = [b for b in named if sizes[b] == named[b] + 1]  # one row answered no one: the dropped request's
+    assert len(shared) == 1 and all(sizes[b] == named[b] for b in named if b not in shared), (sizes, named)
+    deadline = time.perf_counter() + 20
+    while cancelled() == before:
+        assert time.perf_counter() < deadline, "no replica logged the cancelled request"
+        time.sleep(0.5)
     assert text_of(ask(server["url"], 4)) == direct(4)
 
 
@@ -370,6 +407,68 @@ def test_replica_killed_during_load(server, direct):
           "after their retries")
 
 
+def test_oversized_body_and_overlong_prompt_are_refused_at_once(server, direct):
+    """A body over the documented 16 MiB: a 413 JSON error, the body never parsed. A 15 MiB text prompt
+    (under the limit; tokenising it took over 30 s): refused from its byte length in a moment, while a
+    good request sent meanwhile answers as usual."""
+    import urllib.error
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    img, q, _ = ITEMS[0]
+    huge = json.dumps(chat_body("x" * (17 * 2**20), img)).encode()
+    status, body = post_raw(server["url"], huge)
+    assert status == 413 and body["error"]["code"] == "request_too_large" and "16 MiB" in body["error"]["message"]
+    long = json.dumps(chat_body("word " * (3 * 2**20), img)).encode()
+    assert len(long) < 16 * 2**20
+    with ThreadPoolExecutor(2) as ex:
+        t0 = time.perf_counter()
+        refused = ex.submit(post_raw, server["url"], long)
+        time.sleep(0.1)
+        good = ex.submit(ask, server["url"], 1)
+        status, body = refused.result()
+        took = time.perf_counter() - t0
+        assert text_of(good.result()) == direct(1)
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded", body
+    assert "--max-prompt-tokens" in body["error"]["message"] and took < 10, took
+    with pytest.raises(urllib.error.HTTPError) as e:  # the Content-Length alone decides a far larger body
+        urllib.request.urlopen(urllib.request.Request(
+            server["url"] + "/v1/chat/completions", data=b"{}", method="POST",
+            headers={"Content-Type": "application/json", "Content-Length": str(2**30)}), timeout=30)
+    assert e.value.code == 413 and json.loads(e.value.read())["error"]["code"] == "request_too_large"
+
+
+def test_sampling_with_a_seed_answers_as_the_pipeline(server, direct):
+    """temperature > 0 with a seed, batched on the server: each answer is Pipeline.generate's with the same
+    seed (per-row generators); the seeds change the answers (they are honoured, not dropped)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    asks = [(i, seed) for i in (0, 3) for seed in range(4)]
+    with ThreadPoolExecutor(8) as ex:
+        replies = list(ex.map(lambda a: ask(server["url"], a[0], temperature=2.0, seed=a[1]), asks))
+    expected = [direct(i, temperature=2.0, seed=seed) for i, seed in asks]
+    assert [text_of(r) for r in replies] == expected
+    assert len(set(expected[:4])) > 1 or len(set(expected[4:])) > 1, expected  # the seeds matter
+    assert max(r["llada"]["batch"]["size"] for r in replies) > 1
+
+
+def test_metrics_port_serves_prometheus_text(server):
+    """--metrics-port: the printed URL on that port serves Ray Serve's metrics (batch sizes among them)."""
+    import urllib.request
+
+    url = f"http://127.0.0.1:{server['metrics_port']}/metrics"
+    assert f"Metrics: {url}" in "".join(server["lines"])
+    ask(server["url"], 0)
+    deadline = time.perf_counter() + 60
+    while True:  # the replicas report every few seconds
+        with urllib.request.urlopen(url, timeout=30) as r:
+            text = r.read().decode()
+        if "ray_serve_actual_batch_size" in text or time.perf_counter() > deadline:
+            break
+        time.sleep(2)
+    assert "ray_serve_actual_batch_size" in text and "ray_serve_num_http_requests" in text, text[:2000]
+
+
 def test_load_test_small_run(server, serve_engines, tmp_path):
     tool = load_tool("load_test")
     out = tmp_path / "load"
@@ -402,11 +501,11 @@ def test_load_test_refuses_an_empty_run(capsys):
 
 
 def test_shutdown_leaves_no_processes(server):
-    """SIGTERM: llada-serve stops its cluster and exits 0; every process it started is gone."""
+    """Ctrl-C (SIGINT): llada-serve stops its cluster and exits 0; every process it started is gone."""
     proc = server["proc"]
     tree = descendants(proc.pid)
     assert len(tree) >= 4 and any(REPLICA in cmdline(p) for p in tree)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)
     rc = proc.wait(90)
     err = proc.stderr.read()
     assert rc == 0 and "llada-serve: stopped" in err, err[-2000:]

@@ -255,7 +255,7 @@ def completion(model: str, result, prompt_tokens: int, gen_length: int, extra: d
     llada = {"visual_tokens": result.n_visual,
              "kept_visual_tokens": result.n_visual if result.kept_visual is None else len(result.kept_visual),
              "forwards": result.forwards, "timings": result.timings, "graph_calls": result.graph_calls,
-             **{k: recorded[k] for k in ("settings", "finish_reason") if k in recorded}}
+             **{k: recorded[k] for k in ("settings", "pruning", "finish_reason") if k in recorded}}
     return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
