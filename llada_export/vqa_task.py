@@ -12,7 +12,17 @@ count       How many {shape}s are there?          1, 2, 3, 4
 top         What shape is at the top?             circle, square, triangle
 left        What colour is the leftmost shape?    red, green, ... (6)
 digit       What digit is shown?                  0 ... 9
+list        List the shapes from left to right.   red circle, blue square, green triangle
+describe    Describe the image.                   2 shapes: red circle, blue square and digit 7
+number      Read the number.                      4719 (4-5 digits, one token each)
 ==========  ====================================  =======================
+
+The first five are the short types (one token with the demo tokenizer); ``list``,
+``describe`` and ``number`` are the long types (task v2): 4 to 20 tokens, where every object
+(or glyph) of the scene has to be read, in order. ``list`` orders the shapes by their
+centres from left to right (at least ``GAP`` px apart); ``describe`` counts the shapes and
+names them in a canonical order (by shape: circle, square, triangle; then by colour name),
+then the digit; ``number`` is a row of 4-5 separate digit glyphs.
 
 Answers are drawn uniformly first and the scene is built around them, so the answer
 can't be guessed from the question (:func:`text_only_baseline` measures the best
@@ -36,6 +46,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -55,7 +66,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (135, 55, 175),
     "orange": (240, 130, 25),
 }
-QTYPES = ("colour", "count", "top", "left", "digit")
+SHORT_TYPES = ("colour", "count", "top", "left", "digit")  # one-token answers (task v1)
+LONG_TYPES = ("list", "describe", "number")  # several tokens (task v2)
+QTYPES = SHORT_TYPES + LONG_TYPES
 MAX_COUNT = 4
 MAX_OBJECTS = 7
 # Sizes against the demo tower's 16 px patches (one 192 px grid crop is a native-resolution quarter
@@ -81,6 +94,10 @@ DIGIT_GLYPHS: dict[str, tuple[str, ...]] = {
     "9": (" ### ", "#   #", "#   #", " ####", "    #", "   # ", " ##  "),
 }
 DIGIT_SCALES = (6, 7, 8)  # glyph pixel -> scale x scale px: 30x42 .. 40x56
+NUMBER_SCALES = (7, 8)  # glyphs of a number: 5 of them at scale 8 with their gaps fit in 384 px
+NUMBER_DIGITS = (4, 5)  # digits of a number, inclusive
+LIST_SHAPES = (2, 4)  # shapes of a list scene, inclusive
+DESCRIBE_SHAPES = (1, 3)  # shapes of a describe scene, inclusive (it always has a digit)
 
 
 # ---------------------------------------------------------------------- scenes
@@ -117,6 +134,7 @@ class Scene:
     background: tuple[int, int, int]
     shapes: tuple[Shape, ...]
     digit: Digit | None = None
+    number: tuple[Digit, ...] = ()  # a row of glyphs, left to right ("number" questions)
     width: int = WIDTH
     height: int = HEIGHT
 
@@ -151,24 +169,46 @@ def question_text(qtype: str, arg: str | None = None) -> str:
         return "What colour is the leftmost shape?"
     if qtype == "digit":
         return "What digit is shown?"
+    if qtype == "list":
+        return "List the shapes from left to right."
+    if qtype == "describe":
+        return "Describe the image."
+    if qtype == "number":
+        return "Read the number."
     raise ValueError(f"unknown question type {qtype!r}")
 
 
-def all_questions() -> list[str]:
-    """Every question the task can ask."""
-    qs = [question_text("colour", s) for s in SHAPES] + [question_text("count", s) for s in SHAPES]
-    return qs + [question_text(t) for t in ("top", "left", "digit")]
+def all_questions(types: Sequence[str] = QTYPES) -> list[str]:
+    """Every question the task can ask (of the given types)."""
+    qs = [question_text("colour", s) for s in SHAPES if "colour" in types]
+    qs += [question_text("count", s) for s in SHAPES if "count" in types]
+    return qs + [question_text(t) for t in types if t not in ("colour", "count")]
 
 
 def all_answers() -> list[str]:
+    """Every answer of the short types (the long types' answers are compositions of them)."""
     return sorted(set(COLOURS) | set(SHAPES) | {str(i) for i in range(10)})
 
 
 def tokenizer_corpus(repeat: int = 20) -> list[str]:
-    """Training lines for the demo model's own BPE: every question, and every answer alone on
-    a line (as a response starts, without a leading space), repeated so that whole words
-    become single tokens."""
-    return (all_questions() + all_answers()) * repeat
+    """Training lines for the demo model's own BPE: every question of the short types, and every
+    answer alone on a line (as a response starts, without a leading space), repeated so that
+    whole words become single tokens. (Task v1's corpus: the shipped tokenizer was trained on it,
+    and the long types reuse it, several tokens an answer.)"""
+    return (all_questions(SHORT_TYPES) + all_answers()) * repeat
+
+
+def list_answer(shapes: Sequence[Shape]) -> str:
+    """``red circle, blue square``: the shapes by their centres from left to right."""
+    return ", ".join(f"{s.colour} {s.shape}" for s in sorted(shapes, key=lambda s: s.cx))
+
+
+def describe_answer(shapes: Sequence[Shape], digit: str) -> str:
+    """``2 shapes: blue circle, red circle and digit 7``: the count, the shapes by shape
+    (SHAPES order) then colour name, and the digit."""
+    items = sorted(shapes, key=lambda s: (SHAPES.index(s.shape), s.colour))
+    n = len(items)
+    return f"{n} shape{'s' if n != 1 else ''}: " + ", ".join(f"{s.colour} {s.shape}" for s in items) + f" and digit {digit}"
 
 
 def derive_answer(scene: Scene, qtype: str, arg: str | None = None) -> str:
@@ -194,6 +234,20 @@ def derive_answer(scene: Scene, qtype: str, arg: str | None = None) -> str:
         if scene.digit is None:
             raise ValueError("no digit in the scene")
         return scene.digit.value
+    if qtype == "list":
+        xs = sorted(s.cx for s in scene.shapes)
+        if not LIST_SHAPES[0] <= len(xs) <= LIST_SHAPES[1] or any(b - a < GAP for a, b in zip(xs, xs[1:])):
+            raise ValueError("list: the shapes are not clearly ordered from left to right")
+        return list_answer(scene.shapes)
+    if qtype == "describe":
+        if scene.digit is None or not DESCRIBE_SHAPES[0] <= len(scene.shapes) <= DESCRIBE_SHAPES[1]:
+            raise ValueError("describe: needs a digit and 1-3 shapes")
+        return describe_answer(scene.shapes, scene.digit.value)
+    if qtype == "number":
+        glyphs = sorted(scene.number, key=lambda d: d.x)
+        if not NUMBER_DIGITS[0] <= len(glyphs) <= NUMBER_DIGITS[1] or glyphs[0].value == "0":
+            raise ValueError("number: needs 4-5 glyphs, the first not 0")
+        return "".join(d.value for d in glyphs)
     raise ValueError(f"unknown question type {qtype!r}")
 
 
@@ -201,7 +255,7 @@ def derive_answer(scene: Scene, qtype: str, arg: str | None = None) -> str:
 def render(scene: Scene) -> Image.Image:
     """Scene -> RGB image (width x height)."""
     img = Image.new("RGB", (scene.width, scene.height), scene.background)
-    _draw(ImageDraw.Draw(img), scene, lambda s: s.rgb, scene.digit.rgb if scene.digit else None)
+    _draw(ImageDraw.Draw(img), scene, lambda s: s.rgb, lambda d: d.rgb)
     return img
 
 
@@ -212,13 +266,13 @@ COLOUR_LABELS = ("none", *COLOURS)
 
 def label_image(scene: Scene, what: str) -> Image.Image:
     """Scene -> "L" image of label ids, drawn with the same primitives as :func:`render`:
-    ``what="shape"``: index in SHAPE_LABELS (a digit labels its whole glyph box);
+    ``what="shape"``: index in SHAPE_LABELS (a digit, or a glyph of a number, labels its whole box);
     ``what="colour"``: index in COLOUR_LABELS (digits are "none")."""
     img = Image.new("L", (scene.width, scene.height), 0)
     draw = ImageDraw.Draw(img)
     if what == "shape":
-        _draw(draw, scene, lambda s: SHAPE_LABELS.index(s.shape),
-              SHAPE_LABELS.index(f"digit {scene.digit.value}") if scene.digit else None, digit_box=True)
+        _draw(draw, scene, lambda s: SHAPE_LABELS.index(s.shape), lambda d: SHAPE_LABELS.index(f"digit {d.value}"),
+              digit_box=True)
     elif what == "colour":
         _draw(draw, scene, lambda s: COLOUR_LABELS.index(s.colour), None)
     else:
@@ -236,17 +290,19 @@ def _draw(draw: ImageDraw.ImageDraw, scene: Scene, shape_fill, digit_fill, digit
             draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
         else:  # triangle, pointing up
             draw.polygon([((x0 + x1 - 1) / 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=fill)
-    if scene.digit is not None and digit_fill is not None:
-        d = scene.digit
+    if digit_fill is None:
+        return
+    for d in ((scene.digit,) if scene.digit is not None else ()) + scene.number:
+        fill = digit_fill(d)
         if digit_box:
             x0, y0, x1, y1 = d.box
-            draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=digit_fill)
-            return
+            draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
+            continue
         for r, row in enumerate(DIGIT_GLYPHS[d.value]):
             for c, ch in enumerate(row):
                 if ch == "#":
                     x, y = d.x + c * d.scale, d.y + r * d.scale
-                    draw.rectangle((x, y, x + d.scale - 1, y + d.scale - 1), fill=digit_fill)
+                    draw.rectangle((x, y, x + d.scale - 1, y + d.scale - 1), fill=fill)
 
 
 def image_digest(img: Image.Image) -> str:
@@ -295,6 +351,15 @@ class _Layout:
         grey = int(self.rng.integers(0, 70))
         return Digit(value, x, y, scale, (grey, grey, grey))
 
+    def number(self, value: str) -> tuple[Digit, ...]:
+        """A row of separate glyphs, one box for the row."""
+        scale = int(self.rng.choice(NUMBER_SCALES))
+        gap = int(self.rng.integers(10, 17))  # px between glyphs: at 4-8 px a tower from scratch ran them together
+        w = len(value) * 5 * scale + (len(value) - 1) * gap
+        x, y = self.place(w, 7 * scale)
+        grey = int(self.rng.integers(0, 70))
+        return tuple(Digit(v, x + i * (5 * scale + gap), y, scale, (grey, grey, grey)) for i, v in enumerate(value))
+
 
 def _pick(rng: np.random.Generator, seq: Sequence[str]) -> str:
     return seq[int(rng.integers(len(seq)))]
@@ -309,7 +374,7 @@ def _scene(rng: np.random.Generator, qtype: str, easy: bool = False) -> tuple[Sc
     colours, shapes = list(COLOURS), list(SHAPES)
     arg: str | None = None
     objs: list[Shape] = []
-    with_digit = rng.random() < 0.5 and not easy
+    with_digit = rng.random() < 0.5 and not easy and qtype != "number"
     if qtype == "colour":
         arg, answer = _pick(rng, shapes), _pick(rng, colours)
         others = [s for s in shapes if s != arg]
@@ -342,22 +407,53 @@ def _scene(rng: np.random.Generator, qtype: str, easy: bool = False) -> tuple[Sc
         with_digit = True
         for _ in range(int(rng.integers(1, 5)) if not easy else 0):
             objs.append(lay.shape(_pick(rng, shapes), _pick(rng, colours)))
+    elif qtype == "list":
+        lo, hi = LIST_SHAPES
+        for _ in range(int(rng.integers(lo, hi + 1)) if not easy else lo):
+            objs.append(lay.shape(_pick(rng, shapes), _pick(rng, colours)))
+        xs = sorted(o.cx for o in objs)
+        if any(b - a < GAP for a, b in zip(xs, xs[1:])):
+            raise _Retry
+        answer = list_answer(objs)
+    elif qtype == "describe":
+        lo, hi = DESCRIBE_SHAPES
+        for _ in range(int(rng.integers(lo, hi + 1)) if not easy else lo):
+            objs.append(lay.shape(_pick(rng, shapes), _pick(rng, colours)))
+        with_digit = True
+        answer = ""  # set once the digit is drawn
+    elif qtype == "number":
+        lo, hi = NUMBER_DIGITS
+        n = int(rng.integers(lo, hi + 1)) if not easy else lo
+        answer = _pick(rng, [str(i) for i in range(1, 10)]) + "".join(_pick(rng, [str(i) for i in range(10)])
+                                                                      for _ in range(n - 1))
+        number = lay.number(answer)
+        for _ in range(int(rng.integers(0, 3)) if not easy else 0):
+            objs.append(lay.shape(_pick(rng, shapes), _pick(rng, colours)))
+        order = rng.permutation(len(objs))
+        return Scene(background, tuple(objs[i] for i in order), None, number), None, answer
     else:
         raise ValueError(f"unknown question type {qtype!r}")
     digit = None
     if with_digit:
         digit = lay.digit(answer if qtype == "digit" else _pick(rng, [str(i) for i in range(10)]))
+    if qtype == "describe":
+        answer = describe_answer(objs, digit.value)
     order = rng.permutation(len(objs))  # drawing order carries no hint
     return Scene(background, tuple(objs[i] for i in order), digit), arg, answer
 
 
-def sample(split: str, index: int, easy: bool = False) -> Sample:
+def sample(split: str, index: int, easy: bool = False, qtype: str | None = None) -> Sample:
     """Sample ``index`` of ``split`` (deterministic). ``easy`` (training curriculum only): the
-    same question type with the fewest objects that question allows, a scene of its own."""
+    same question type with the fewest objects that question allows, a scene of its own.
+    ``qtype``: this question type instead of the drawn one (a scene of its own; training mixes)."""
     if split not in SPLIT_SEEDS:
         raise ValueError(f"unknown split {split!r} (choose from {', '.join(SPLIT_SEEDS)})")
-    rng = np.random.default_rng((SPLIT_SEEDS[split], index) + ((1,) if easy else ()))
-    qtype = QTYPES[int(rng.integers(len(QTYPES)))]
+    if qtype is not None and qtype not in QTYPES:
+        raise ValueError(f"unknown question type {qtype!r} (choose from {', '.join(QTYPES)})")
+    key = (SPLIT_SEEDS[split], index) + ((1,) if easy else ()) + ((2, QTYPES.index(qtype)) if qtype else ())
+    rng = np.random.default_rng(key)
+    drawn = QTYPES[int(rng.integers(len(QTYPES)))]
+    qtype = qtype or drawn
     while True:
         try:
             scene, arg, answer = _scene(rng, qtype, easy)
@@ -371,6 +467,20 @@ def sample(split: str, index: int, easy: bool = False) -> Sample:
 def make_split(name: str, n: int, start: int = 0) -> list[Sample]:
     """Samples ``start .. start + n - 1`` of split ``name`` (deterministic)."""
     return [sample(name, i) for i in range(start, start + n)]
+
+
+def balanced_split(name: str, per_type: int, types: Sequence[str] = QTYPES) -> list[Sample]:
+    """The first ``per_type`` samples of every question type in ``types`` (in split order, scanning
+    ``name`` from index 0): the evaluation sets of the sweeps."""
+    want = {t: per_type for t in types}
+    out, i = [], 0
+    while any(want.values()):
+        s = sample(name, i)
+        if want.get(s.qtype, 0):
+            out.append(s)
+            want[s.qtype] -= 1
+        i += 1
+    return out
 
 
 # ---------------------------------------------------------------------- baselines
@@ -409,19 +519,54 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, c - h), min(1.0, c + h)
 
 
-def accuracy_table(types: Sequence[str], hits: Sequence[bool]) -> dict:
-    """Accuracy overall (with its 95% interval) and per question type."""
-    per: dict[str, list[bool]] = defaultdict(list)
-    for t, h in zip(types, hits):
-        per[t].append(h)
+def answer_words(text: str) -> list[str]:
+    """The words of an answer for token-level F1: letters runs and single digits (a number is
+    read digit by digit), lower case; punctuation is dropped."""
+    return re.findall(r"[a-z]+|\d", text.lower())
+
+
+def answer_f1(predicted: str, truth: str) -> float:
+    """Token-level F1 of two answers (SQuAD-style, over :func:`answer_words` as multisets)."""
+    p, t = answer_words(predicted), answer_words(truth)
+    common = sum((Counter(p) & Counter(t)).values())
+    if not p or not t or not common:
+        return float(p == t)
+    precision, recall = common / len(p), common / len(t)
+    return 2 * precision * recall / (precision + recall)
+
+
+def answer_length(qtype: str) -> str:
+    return "long" if qtype in LONG_TYPES else "short"
+
+
+def accuracy_table(types: Sequence[str], hits: Sequence[bool], f1: Sequence[float] | None = None) -> dict:
+    """Accuracy (exact match) overall (with its 95% interval), per question type and per answer
+    length (short / long types); with ``f1`` (one score per answer) the mean F1 the same ways."""
+    per: dict[str, list[int]] = defaultdict(list)
+    for i, t in enumerate(types):
+        per[t].append(i)
+        per[answer_length(t)].append(i)
     k, n = sum(hits), len(hits)
     lo, hi = wilson(k, n)
-    return {"overall": k / max(1, n), "correct": k, "n": n, "ci95": [lo, hi],
-            "per_type": {t: sum(v) / len(v) for t, v in sorted(per.items())},
-            "per_type_n": {t: len(v) for t, v in sorted(per.items())}}
+    kinds = [t for t in sorted(per) if t not in ("short", "long")]
+    out = {"overall": k / max(1, n), "correct": k, "n": n, "ci95": [lo, hi],
+           "per_type": {t: sum(hits[i] for i in per[t]) / len(per[t]) for t in kinds},
+           "per_type_n": {t: len(per[t]) for t in kinds},
+           "per_length": {t: sum(hits[i] for i in per[t]) / len(per[t]) for t in ("short", "long") if per[t]}}
+    if f1 is not None:
+        out["f1"] = sum(f1) / max(1, n)
+        out["per_type_f1"] = {t: sum(f1[i] for i in per[t]) / len(per[t]) for t in kinds}
+        out["per_length_f1"] = {t: sum(f1[i] for i in per[t]) / len(per[t]) for t in ("short", "long") if per[t]}
+    return out
 
 
-GEN_LENGTH = 8  # the demo model's evaluation response length: the answer + <|eot_id|> padding
+def score(samples: Sequence[Sample], predictions: Sequence[str]) -> dict:
+    """:func:`accuracy_table` of predictions (exact match after stripping, and F1) on samples."""
+    return accuracy_table([s.qtype for s in samples], [p.strip() == s.answer for p, s in zip(predictions, samples)],
+                          [answer_f1(p, s.answer) for p, s in zip(predictions, samples)])
+
+
+GEN_LENGTH = 32  # the demo model's evaluation response length: the answer + <|eot_id|> padding (long types: up to 22 tokens)
 DEMO_BPE_VOCAB = 448  # 256 byte symbols + 192 merges: every answer and task word is one token
 
 

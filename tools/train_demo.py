@@ -94,19 +94,38 @@ class VisionAux(nn.Module):
 
 
 # ---------------------------------------------------------------------- data
+def type_mix(long_weight: int, weights: str = "") -> tuple[str, ...] | None:
+    """The cycle of question types a training run draws from: every short type once and every
+    long type ``long_weight`` times, or as ``weights`` says ("list=4,number=4": those types that
+    many times); None when every type is drawn once (the task's own uniform draw)."""
+    w = {t: 1 for t in vqa_task.SHORT_TYPES} | {t: long_weight for t in vqa_task.LONG_TYPES}
+    for item in filter(None, weights.split(",")):
+        name, _, n = item.partition("=")
+        if name not in w or not n.isdigit():
+            raise ValueError(f"--type-weights: {item!r} is not TYPE=N with a type of {', '.join(w)}")
+        w[name] = int(n)
+    if set(w.values()) == {1}:
+        return None
+    return tuple(t for t in vqa_task.QTYPES for _ in range(w[t]))
+
+
 class VQADataset(torch.utils.data.Dataset):
     """Sample ``i`` of a split -> (crops [N, S, S, 3] uint8, question, answer, qtype).
     ``easy_every=k``: every k-th sample is an easy scene (no distractors), a curriculum
-    for training only (0: none)."""
+    for training only (0: none). ``mix``: sample ``i`` is of type ``mix[i % len(mix)]``
+    (training only; None: the task's uniform draw)."""
 
-    def __init__(self, split: str, cfg: LLaDAVConfig, n: int, easy_every: int = 0, labels: bool = False):
+    def __init__(self, split: str, cfg: LLaDAVConfig, n: int, easy_every: int = 0, labels: bool = False,
+                 mix: tuple[str, ...] | None = None):
         self.split, self.cfg, self.n, self.easy_every, self.labels = split, cfg, n, easy_every, labels
+        self.mix = mix
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int):
-        s = vqa_task.sample(self.split, i, easy=bool(self.easy_every) and i % self.easy_every == 0)
+        s = vqa_task.sample(self.split, i, easy=bool(self.easy_every) and i % self.easy_every == 0,
+                            qtype=self.mix[i % len(self.mix)] if self.mix else None)
         lab = patch_labels(s.scene, self.cfg) if self.labels else np.zeros(0, np.uint8)
         return crops_uint8(s.image(), self.cfg), s.question, s.answer, s.qtype, lab
 
@@ -215,6 +234,11 @@ class Batcher:
     def targets(self, answers: list[str], device) -> torch.Tensor:
         return torch.tensor([self.response_ids(a) for a in answers]).to(device, non_blocking=True)  # [B, G]
 
+    def needed(self, answers: list[str]) -> torch.Tensor:
+        """[B] the response slots each answer needs (its tokens + one eot)."""
+        eot = self.sp.eot
+        return torch.tensor([next(i for i, t in enumerate(self.response_ids(a)) if t == eot) + 1 for a in answers])
+
 
 def diffusion_loss(logits: torch.Tensor, target: torch.Tensor, masked: torch.Tensor, p_mask: torch.Tensor,
                    glen: torch.Tensor, answer: torch.Tensor):
@@ -269,7 +293,7 @@ def fast_eval(bt: Batcher, split: str, n: int, device, autocast, gen_length: int
               batch: int = 128) -> tuple[dict, list[str]]:
     """Accuracy of :func:`batched_generate` on the first ``n`` samples of ``split``."""
     ds = VQADataset(split, bt.cfg, n)
-    preds, types, hits = [], [], []
+    preds, types, hits, f1 = [], [], [], []
     for start in range(0, n, batch):
         key = (split, start, min(n, start + batch))
         if key not in _EVAL_CACHE:
@@ -279,7 +303,8 @@ def fast_eval(bt: Batcher, split: str, n: int, device, autocast, gen_length: int
         preds += got
         types += ts
         hits += [p.strip() == a for p, a in zip(got, ans)]
-    return vqa_task.accuracy_table(types, hits), preds
+        f1 += [vqa_task.answer_f1(p, a) for p, a in zip(got, ans)]
+    return vqa_task.accuracy_table(types, hits, f1), preds
 
 
 # ---------------------------------------------------------------------- real-path eval
@@ -319,8 +344,7 @@ def reference_eval(ckpt: Path, n: int, gen_length: int, processes: int, device: 
     texts = dict(results)
     samples = vqa_task.make_split("val", n)
     preds = [texts[s.index] for s in samples]
-    table = vqa_task.accuracy_table([s.qtype for s in samples], [p.strip() == s.answer for p, s in zip(preds, samples)])
-    return table, preds
+    return vqa_task.score(samples, preds), preds
 
 
 # ---------------------------------------------------------------------- main
@@ -407,9 +431,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="default: min(200, steps // 10)")
     p.add_argument("--gen-length", type=int, default=vqa_task.GEN_LENGTH,
                    help="response length of the evaluations (gen = block = steps; default 8)")
-    p.add_argument("--train-gen-lengths", default="2,4,8,16",
-                   help="response lengths drawn per training sample (answer + eot padding; default 2,4,8,16: "
-                        "the model then serves the mc preset, 8 and the chartqa preset)")
+    p.add_argument("--train-gen-lengths", default="2,4,8,16,32",
+                   help="response lengths drawn per training sample (answer + eot padding; a long answer takes "
+                        "the shortest one that holds it when the drawn one does not; default 2,4,8,16,32: the "
+                        "model then serves the mc preset, 8, the chartqa preset and the long answers at 32)")
+    p.add_argument("--long-weight", type=int, default=3,
+                   help="each long question type (list, describe, number) is drawn this many times as often as "
+                        "each short one in training (default 3; 1: the task's uniform draw)")
+    p.add_argument("--type-weights", default="",
+                   help="per-type draw counts overriding --long-weight, e.g. 'list=4,number=5'")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the training step (default: on with CUDA; falls back to eager on error)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -493,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-8, **({"fused": True} if cuda else {}))
 
     ds = VQADataset("train", cfg, (cap + args.vision_pretrain_steps) * args.batch, easy_every=args.easy_every,
-                    labels=aux is not None)
+                    labels=aux is not None, mix=type_mix(args.long_weight, args.type_weights))
     workers, prefetch = loader_sizes(workers, args.batch * bt.n_crops * cfg.vision.image_size**2 * 3)
     loader = torch.utils.data.DataLoader(
         ds, batch_size=args.batch, shuffle=False, drop_last=True, num_workers=workers, collate_fn=collate,
@@ -542,6 +572,9 @@ def main(argv: list[str] | None = None) -> int:
         target = bt.targets(ans, dev)  # [B, G]
         b = target.shape[0]
         glens = train_glens[torch.randint(len(train_glens), (b,), generator=data_gen)]  # [B]
+        need = bt.needed(ans)  # [B]: a long answer takes the shortest drawable length that holds it
+        fits = train_glens[None, :] >= need[:, None]  # [B, n_lengths]
+        glens = torch.maximum(glens, torch.where(fits, train_glens[None, :], bt.g).min(1).values)
         lay = bt.layout(qs, glens, dev)
         t = torch.rand(b, device=dev, generator=gen)
         p_mask = (1 - EPS) * t + EPS  # [B]
