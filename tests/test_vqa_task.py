@@ -50,6 +50,15 @@ def _independent_answer(s: vqa_task.Sample) -> str:
         return min(shapes, key=lambda o: o.cy).shape
     if s.qtype == "left":
         return min(shapes, key=lambda o: o.cx).colour
+    if s.qtype == "list":
+        return ", ".join(o.colour + " " + o.shape for o in sorted(shapes, key=lambda o: o.cx))
+    if s.qtype == "describe":
+        by_shape = {"circle": 0, "square": 1, "triangle": 2}
+        names = [o.colour + " " + o.shape for o in sorted(shapes, key=lambda o: (by_shape[o.shape], o.colour))]
+        noun = "shape" if len(names) == 1 else "shapes"
+        return f"{len(names)} {noun}: {', '.join(names)} and digit {s.scene.digit.value}"
+    if s.qtype == "number":
+        return "".join(d.value for d in sorted(s.scene.number, key=lambda d: d.x))
     return s.scene.digit.value
 
 
@@ -66,12 +75,57 @@ def test_answers_consistent_with_scene():
             key = (lambda o: o.cy) if s.qtype == "top" else (lambda o: o.cx)
             ks = sorted(key(o) for o in s.scene.shapes)
             assert len(ks) == 1 or ks[1] - ks[0] >= vqa_task.GAP
+        if s.qtype == "list":  # every neighbour clearly to the right of the previous one
+            xs = sorted(o.cx for o in s.scene.shapes)
+            assert 2 <= len(xs) <= 4 and all(b - a >= vqa_task.GAP for a, b in zip(xs, xs[1:]))
+        if s.qtype == "number":
+            assert 4 <= len(s.answer) <= 5 and s.answer.isdigit() and s.answer[0] != "0"
+            assert s.scene.digit is None and len(s.scene.number) == len(s.answer)
+        else:
+            assert s.scene.number == ()
         assert len(s.scene.shapes) <= vqa_task.MAX_OBJECTS
+
+
+def test_long_answers_are_several_tokens_of_the_demo_tokenizer():
+    """Task v2: the long types answer in 3 to 30 tokens of the bundled model's tokenizer (a
+    4-digit number with the merged pair '42' is 3), the short ones in one."""
+    from llada_export.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(vqa_task.__file__.rsplit("/", 1)[0] + "/assets/demo-model")
+    lengths: dict[str, list[int]] = {t: [] for t in vqa_task.QTYPES}
+    for s in make_split("test", 400):
+        ids = tok(s.answer, add_special_tokens=False).input_ids
+        assert tok.decode(ids) == s.answer
+        lengths[s.qtype].append(len(ids))
+    for t in vqa_task.SHORT_TYPES:
+        assert set(lengths[t]) == {1}, t
+    for t in vqa_task.LONG_TYPES:
+        assert lengths[t] and 3 <= min(lengths[t]) and max(lengths[t]) <= 30, (t, sorted(set(lengths[t])))
+    assert max(lengths["list"]) >= 10 and max(lengths["describe"]) >= 15  # long, not only longer
+    # every answer with its eot fits the evaluation response length
+    assert max(max(v) for v in lengths.values()) + 1 <= vqa_task.GEN_LENGTH
+
+
+def test_answer_f1_and_score():
+    f1 = vqa_task.answer_f1
+    assert f1("red circle, blue square", "red circle, blue square") == 1.0
+    assert f1("red circle", "red circle, blue square") == pytest.approx(2 * 1.0 * 0.5 / 1.5)  # p 1, r 1/2
+    assert f1("4719", "4718") == pytest.approx(0.75)  # a number is scored digit by digit
+    assert f1("", "red") == 0.0 and f1("", "") == 1.0 and f1("green", "red") == 0.0
+    samples = vqa_task.balanced_split("test", 3)
+    assert [s.qtype for s in samples].count("list") == 3 and len(samples) == 3 * len(vqa_task.QTYPES)
+    assert samples == sorted(samples, key=lambda s: s.index)  # in split order
+    preds = [s.answer if s.qtype != "list" else "" for s in samples]
+    table = vqa_task.score(samples, preds)
+    assert table["per_type"]["list"] == 0.0 and table["per_type"]["colour"] == 1.0
+    assert table["per_length"] == {"short": 1.0, "long": pytest.approx(6 / 9)}
+    assert table["per_length_f1"]["long"] == pytest.approx(6 / 9) and table["n"] == 24
 
 
 def test_scene_geometry_and_pixels():
     for s in make_split("test", 40):
-        boxes = [o.box for o in s.scene.shapes] + ([s.scene.digit.box] if s.scene.digit else [])
+        glyphs = ([s.scene.digit] if s.scene.digit else []) + list(s.scene.number)
+        boxes = [o.box for o in s.scene.shapes] + [d.box for d in glyphs]
         for x0, y0, x1, y1 in boxes:
             assert 0 <= x0 < x1 <= vqa_task.WIDTH and 0 <= y0 < y1 <= vqa_task.HEIGHT
         for i in range(len(boxes)):
@@ -81,15 +135,15 @@ def test_scene_geometry_and_pixels():
         assert img.shape == (vqa_task.HEIGHT, vqa_task.WIDTH, 3)
         for o in s.scene.shapes:  # the centre pixel has the shape's colour
             assert tuple(img[o.cy + o.size // 4 if o.shape == "triangle" else o.cy, o.cx]) == o.rgb
-        if s.scene.digit is not None:  # ink is drawn in the digit's box
-            x0, y0, x1, y1 = s.scene.digit.box
-            assert (img[y0:y1, x0:x1] == s.scene.digit.rgb).all(-1).any()
+        for d in glyphs:  # ink is drawn in each digit's box
+            x0, y0, x1, y1 = d.box
+            assert (img[y0:y1, x0:x1] == d.rgb).all(-1).any()
 
 
 def test_answers_balanced_and_text_only_baseline_low():
     samples = make_split("val", 1000)
     per_type = Counter(s.qtype for s in samples)
-    assert min(per_type.values()) > 150
+    assert min(per_type.values()) > 90  # 8 types, 125 each on average
     base = text_only_baseline(samples)
     assert base["n"] == 1000
     assert base["overall"] < 0.35, base
@@ -141,8 +195,9 @@ def test_training_pieces_match_the_inference_path():
 
     model, tok, cfg = td.build_model(0)
     model.eval()
-    bt = td.Batcher(model, tok, 16)
-    samples = [sample("val", i) for i in (0, 3)]  # questions of different lengths: padding in the batch
+    bt = td.Batcher(model, tok, 32)
+    samples = [sample("val", i, qtype=t) for i, t in ((0, "describe"), (3, "colour"))]  # a long and a short answer,
+    # questions of different lengths: padding in the batch
     assert len(bt.after_ids(samples[0].question)) != len(bt.after_ids(samples[1].question))
     crops = torch.from_numpy(np.stack([crops_uint8(s.image(), cfg) for s in samples]))
     for k, s in enumerate(samples):
@@ -154,13 +209,14 @@ def test_training_pieces_match_the_inference_path():
     assert (resp == sp.eos).sum() == 0 and resp[0, -1] == sp.eot
     for k, s in enumerate(samples):
         ids = tok(s.answer, add_special_tokens=False).input_ids
-        assert len(ids) == 1  # the demo tokenizer holds every answer as one token
+        assert (len(ids) == 1) == (s.qtype in vqa_task.SHORT_TYPES)  # short answers are one token
         assert resp[k, : len(ids)].tolist() == ids and (resp[k, len(ids):] == sp.eot).all()
-    # per-sample response lengths 8 and 4 in 16 static slots: the unused slots are masked keys,
+    assert bt.needed([s.answer for s in samples]).tolist() == [len(tok(samples[0].answer).input_ids) + 1, 2]
+    # per-sample response lengths 24 and 4 in 32 static slots: the unused slots are masked keys,
     # so each sample sees exactly the unpadded inference sequence of its own length
-    glens = torch.tensor([8, 4])
+    glens = torch.tensor([24, 4])
     lay = bt.layout([s.question for s in samples], glens, "cpu")
-    assert lay["real"].sum(1).tolist() == [8, 4]
+    assert lay["real"].sum(1).tolist() == [24, 4]
     noisy = torch.where(lay["real"], resp, torch.full_like(resp, sp.mask))
     noisy[:, 0] = sp.mask  # the answer slot still to be predicted
     with torch.no_grad():
@@ -219,16 +275,28 @@ def test_easy_scenes_have_no_distractors():
             assert n_shapes == 1 and s.scene.digit is None
         elif s.qtype == "count":
             assert n_shapes == int(s.answer) and all(o.shape == s.arg for o in s.scene.shapes)
-        elif s.qtype in ("top", "left"):
+        elif s.qtype in ("top", "left", "list"):
             assert n_shapes == 2 and s.scene.digit is None
+        elif s.qtype == "describe":
+            assert n_shapes == 1 and s.scene.digit is not None
+        elif s.qtype == "number":
+            assert n_shapes == 0 and len(s.answer) == 4
         else:
             assert n_shapes == 0 and s.scene.digit.value == s.answer
+    # a forced type is a scene of its own too; every type can be asked of any index
+    forced = [sample("train", 5, qtype=t) for t in vqa_task.QTYPES]
+    assert [s.qtype for s in forced] == list(vqa_task.QTYPES)
+    assert all(s.answer == _independent_answer(s) for s in forced)
+    with pytest.raises(ValueError, match="unknown question type"):
+        sample("train", 5, qtype="colours")
     # an easy sample is a scene of its own, not a cut-down copy of the regular one
     assert sample("train", 5, easy=True).scene != sample("train", 5).scene
 
 
 def test_label_image_matches_the_drawing():
-    for s in make_split("val", 20):
+    samples = make_split("val", 20) + [sample("val", i, qtype="number") for i in range(3)]
+    assert any(s.scene.number for s in samples)
+    for s in samples:
         img, shape_ids, colour_ids = (np.asarray(s.image()), np.asarray(vqa_task.label_image(s.scene, "shape")),
                                       np.asarray(vqa_task.label_image(s.scene, "colour")))
         bg = (img == np.asarray(s.scene.background, dtype=np.uint8)).all(-1)
@@ -239,9 +307,9 @@ def test_label_image_matches_the_drawing():
             box[y0:y1, x0:x1] = True
             assert (shape_ids[drawn & box] == vqa_task.SHAPE_LABELS.index(o.shape)).all()
             assert (colour_ids[drawn & box] == vqa_task.COLOUR_LABELS.index(o.colour)).all()
-        if s.scene.digit is not None:  # the whole glyph box is the digit's label
-            x0, y0, x1, y1 = s.scene.digit.box
-            assert (shape_ids[y0:y1, x0:x1] == vqa_task.SHAPE_LABELS.index(f"digit {s.scene.digit.value}")).all()
+        for d in ([s.scene.digit] if s.scene.digit else []) + list(s.scene.number):  # a glyph box is its digit's label
+            x0, y0, x1, y1 = d.box
+            assert (shape_ids[y0:y1, x0:x1] == vqa_task.SHAPE_LABELS.index(f"digit {d.value}")).all()
             bg[y0:y1, x0:x1] = False
         assert (shape_ids[bg] == 0).all() and (colour_ids[bg] == 0).all()
 
