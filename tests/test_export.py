@@ -475,3 +475,137 @@ def test_cli_second_export_to_one_dir_is_refused_and_sigterm_cleans_up(tiny_ckpt
     _, err = first.communicate(timeout=120)
     assert first.returncode == 143 and "interrupted" in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------- issue 20: paths never run through engines
+TINY_EXPORT = dict(gen_length=8, max_prompt_tokens=160)  # the smallest bucket the chat template and presets fit
+GEN8 = dict(gen_length=8, block_length=8, steps=8)
+
+
+@pytest.fixture(scope="module")
+def unpruned_all(tiny_ckpt, tmp_path_factory):
+    """`--no-prune --backend all` of the tiny checkpoint, with the "auto" weights threshold (2 GiB) lowered
+    to 1 MiB, under the tiny model's 2.5 MB: the compiled backends take the real switch to checkpoint
+    weights. One export for three checks."""
+    from llada_export.engines.registry import backend_names
+
+    return export(tiny_ckpt, tmp_path_factory.mktemp("all") / "e", prune=None, backends=tuple(backend_names()),
+                  external_weights_above=2**20, **TINY_EXPORT)
+
+
+def test_backend_all_writes_every_installed_backend_and_each_loads(unpruned_all):
+    """--backend all: onnxruntime, aoti and inductor (always installed with torch) written and loadable;
+    TensorRT, where its package or a GPU is missing, skipped with the reason in the manifest's notes."""
+    import importlib.util
+
+    from llada_export.runtime.pipeline import Pipeline
+
+    m = Manifest.read(unpruned_all)
+    installed = {"onnxruntime", "aoti", "inductor"}
+    trt = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
+    assert set(m.artifacts) == installed | ({"tensorrt"} if trt else set())
+    for b in m.artifacts:
+        assert set(m.artifacts[b]) == {"vision", "unpruned"}
+        pipe = Pipeline.load(unpruned_all, backend=b, warmup=False)  # inductor compiles at its first call
+        assert pipe.backend == b and set(pipe.runners) == {"vision", "unpruned"}
+    if not trt:
+        (note,) = [n for n in m.notes if "tensorrt" in n]
+        assert note.startswith("not built: ") and ("package is not installed" in note or "cuda" in note), note
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "aoti"])
+def test_no_prune_engines_match_the_eager_unpruned_oracle(tiny, unpruned_all, images, backend):
+    """--no-prune engines (only the unpruned graph; nothing kept or dropped) generate token-exact what the
+    eager unpruned model does, with an image and without."""
+    from llada_export.reference import reference_generate
+    from llada_export.runtime.pipeline import Pipeline
+    from llada_export.sampler import preset
+
+    model, tok, _ = tiny
+    pipe = Pipeline.load(unpruned_all, backend=backend)
+    assert not pipe.pruned and "stage_a" not in pipe.runners
+    for image, prompt in ((images["380x250"], PROMPTS["long"]), (None, "What is two plus two?")):
+        ref = reference_generate(model, tok, image, prompt, preset("mc", **GEN8), prune=None)
+        got = pipe.generate(image, prompt, preset="mc", **GEN8)
+        assert got.ids == ref.ids and got.kept_visual is None
+
+
+def test_auto_switch_to_checkpoint_weights(tiny, tiny_ckpt, unpruned_all, aoti_engines, images):
+    """compiled_weights="auto" above its threshold: the aoti and inductor graphs hold no weights and map
+    each constant to a checkpoint key, loaded once from the source checkpoint (the manifest says so); the
+    ONNX graphs keep their weights file. Below the threshold (the session's aoti engines, default 2 GiB)
+    the packages hold them. The aoti engines run correctly on the checkpoint's tensors."""
+    from llada_export.reference import reference_generate
+    from llada_export.runtime.pipeline import Pipeline, Request
+    from llada_export.sampler import preset
+
+    m = Manifest.read(unpruned_all)
+    weight_bytes = sum(t.numel() * t.element_size() for t in tiny[0].state_dict().values())
+    assert m.source_checkpoint == str(tiny_ckpt.resolve())
+    assert set(m.constants_from_checkpoint) == {"aoti", "inductor"}
+    decoder = {k for k in tiny[0].state_dict() if k.startswith("model.layers.")}
+    for b in ("aoti", "inductor"):
+        assert "from the source checkpoint" in m.weights[b]
+        assert m.constants_from_checkpoint[b]["unpruned"]["lm.lm_head.weight"] == "lm_head.weight"
+        assert decoder <= set(m.constants_from_checkpoint[b]["unpruned"].values())  # every decoder weight mapped
+    ep = torch.export.load(str(unpruned_all / m.artifacts["inductor"]["unpruned"]))
+    assert {t.device.type for t in ep.state_dict.values()} == {"meta"}  # the archive holds none of them
+    assert m.files["onnx/weights.bin"].bytes > 0.9 * weight_bytes and m.weights["onnxruntime"].startswith("ONNX")
+    packed = Manifest.read(aoti_engines)
+    assert packed.constants_from_checkpoint is None and "from the source checkpoint" not in packed.weights["aoti"]
+
+    ind = Pipeline.load(unpruned_all, backend="inductor", warmup=False)  # no compile: its parameters are checked
+    head = ind._weights_model.lm_head.weight  # loaded once from the checkpoint, shared by the graphs
+    assert any(p.data_ptr() == head.data_ptr() for p in ind.runners["unpruned"].module.parameters())
+    pipe = Pipeline.load(unpruned_all, backend="aoti")
+    head = pipe._weights_model.lm_head.weight
+    model, tok, _ = tiny
+    ref = reference_generate(model, tok, images["384x384"], PROMPTS["short"], preset("mc", **GEN8), prune=None)
+    assert pipe.generate(images["384x384"], PROMPTS["short"], preset="mc", **GEN8).ids == ref.ids  # aoti's
+    with torch.no_grad():  # the aoti graphs compute with those very tensors: doubling lm_head doubles the logits
+        x = pipe._layout([Request(images["384x384"], PROMPTS["short"])], 8)[0]
+        feeds = x.denoiser_feeds(torch.full((1, 8), pipe.tokens.mask))
+        before = pipe.run("unpruned", **feeds)["logits"]
+        head.mul_(2.0)
+        try:
+            after = pipe.run("unpruned", **feeds)["logits"]
+        finally:
+            head.div_(2.0)
+    torch.testing.assert_close(after, 2 * before, rtol=1e-5, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def text_scored(tiny_ckpt, tmp_path_factory):
+    """Pruned ONNX engines whose stage A ranks the visual tokens by the attention of all text
+    (--score-from text), through the FX pruning pass."""
+    return export(tiny_ckpt, tmp_path_factory.mktemp("text") / "e", prune=PruneSettings(PRUNE_LAYER, KEEP, "text"),
+                  **TINY_EXPORT)
+
+
+def test_score_from_text_through_the_fx_pass(tiny, text_scored, images):
+    """The engine's stage A keeps exactly the slots the eager pruned oracle keeps for score_from="text",
+    which here differ from those the response queries choose (so the setting reaches the graph); the
+    whole generation then matches the eager reference."""
+    from llada_export.reference import reference_generate
+    from llada_export.runtime.pipeline import Pipeline, Request
+    from llada_export.sampler import preset
+
+    model, tok, _ = tiny
+    sp = special_tokens(tok)
+    pipe = Pipeline.load(text_scored)
+    assert pipe.manifest.pruning == PruneSettings(PRUNE_LAYER, KEEP, "text")
+    x = pipe._layout([Request(images["384x384"], PROMPTS["long"])], 8)[0]
+    resp = torch.full((1, 8), sp.mask)
+    feeds = x.stage_a_feeds(resp, KEEP)
+    got = pipe.run("stage_a", **feeds)
+    with torch.no_grad():
+        oracle = {s: pruned_forward(model, *feeds.values(), PruneSettings(PRUNE_LAYER, KEEP, s), pipe.bucket.k_static,
+                                    sp.mask) for s in ("text", "response")}
+    kept = {s: set(o[1][o[2]].tolist()) for s, o in oracle.items()}
+    assert kept["text"] != kept["response"], "this input does not tell the two score sources apart"
+    assert torch.equal(got["kept_alive"], oracle["text"][2])
+    assert torch.equal(got["kept_index"][got["kept_alive"]], oracle["text"][1][oracle["text"][2]])
+    ref = reference_generate(model, tok, images["384x384"], PROMPTS["long"], preset("mc", **GEN8),
+                             PruneSettings(PRUNE_LAYER, KEEP, "text"))
+    res = pipe.generate(images["384x384"], PROMPTS["long"], preset="mc", **GEN8)
+    assert res.ids == ref.ids and res.kept_visual == ref.kept_visual
