@@ -10,6 +10,7 @@ worker).
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -253,6 +254,19 @@ def post_raw(url: str, data: bytes, path: str = "/v1/chat/completions", method: 
         return e.code, json.loads(e.read())
 
 
+def runtime_refusal(value, field: str) -> str:
+    """What the Python API says of ``value`` for ``field`` (a seed, or a sampler setting)."""
+    from llada_export.runtime.pipeline import Request
+    from llada_export.sampler import GenerationConfig
+
+    with pytest.raises(ValueError) as e:
+        if field == "seed":
+            Request(None, "q", seed=value).validate()
+        else:
+            GenerationConfig(16, 16, 16, **{field: value}).validate()
+    return str(e.value)
+
+
 def test_bad_requests_get_4xx_and_nothing_else_is_affected(server, direct):
     """Every refusal the API defines, sent while good requests run: each bad one gets its status and a
     JSON error naming the fault; the good ones answer as before; the server answers afterwards."""
@@ -288,6 +302,7 @@ def test_bad_requests_get_4xx_and_nothing_else_is_affected(server, direct):
         (json.dumps({**good, "max_tokens": 100000}).encode(), 400, "invalid_settings"),
         (json.dumps({**good, "preset": "demo", "max_tokens": 16}).encode(), 400, "invalid_settings"),
         (json.dumps({"messages": [{"role": "assistant", "content": "hi"}]}).encode(), 400, None),
+        (json.dumps(chat_body("  ", img)).encode(), 400, "invalid_prompt"),  # an image and a blank question
     ]
     with ThreadPoolExecutor(6) as ex:
         goods = [ex.submit(ask, server["url"], i) for i in range(3)]
@@ -299,8 +314,11 @@ def test_bad_requests_get_4xx_and_nothing_else_is_affected(server, direct):
     assert "--max-visual-tokens" in bads[6][1]["error"]["message"]  # says which export flag would fit it
     errors = [body["error"] for _, body in bads[12:]]
     assert [e["param"] for e in errors] == [None, "seed", "seed", "temperature", "temperature", "max_tokens",
-                                            "preset", "messages"]
-    assert "too deeply" in errors[0]["message"] and "seed" in errors[1]["message"] and "-1" in errors[2]["message"]
+                                            "preset", "messages", "messages"]
+    assert "too deeply" in errors[0]["message"]
+    for e, (value, check) in zip(errors[1:5], [(2**70, "seed"), (-1, "seed"), (math.inf, "temperature"),
+                                               (math.nan, "temperature")]):
+        assert e["message"] == runtime_refusal(value, check)  # the Python API's rule and words
     assert "maximum 16" in errors[5]["message"] and "divisible" not in errors[5]["message"]
     assert "preset 'demo' sets block_length 128, steps 128" in errors[6]["message"]
     assert "no user message" in errors[7]["message"] and "multi-turn" not in errors[7]["message"]
@@ -443,12 +461,17 @@ def test_sampling_with_a_seed_answers_as_the_pipeline(server, direct):
     seed (per-row generators); the seeds change the answers (they are honoured, not dropped)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    asks = [(i, seed) for i in (0, 3) for seed in range(4)]
-    with ThreadPoolExecutor(8) as ex:
+    asks = [(i, seed) for i in (0, 3) for seed in range(3)]
+    with ThreadPoolExecutor(6) as ex:
         replies = list(ex.map(lambda a: ask(server["url"], a[0], temperature=2.0, seed=a[1]), asks))
-    expected = [direct(i, temperature=2.0, seed=seed) for i, seed in asks]
+    for (i, seed), r in zip(asks, replies):  # the reply records the settings that produced it
+        settings = r["llada"]["settings"]
+        assert (settings["seed"], settings["temperature"], settings["gen_length"]) == (seed, 2.0, 16)
+        assert r["llada"]["finish_reason"] == r["choices"][0]["finish_reason"] == "stop"
+    # Pipeline.generate(image, prompt, **those settings): temperature 2.0 and the seed, the rest as defaulted
+    expected = [direct(i, **r["llada"]["settings"]) for (i, _), r in zip(asks, replies)]
     assert [text_of(r) for r in replies] == expected
-    assert len(set(expected[:4])) > 1 or len(set(expected[4:])) > 1, expected  # the seeds matter
+    assert len(set(expected[:3])) > 1 or len(set(expected[3:])) > 1, expected  # the seeds matter
     assert max(r["llada"]["batch"]["size"] for r in replies) > 1
 
 

@@ -183,18 +183,17 @@ class LLaDAServer:
                            code="invalid_settings")
         try:
             request = Request(chat.image, chat.prompt,
-                              DEFAULT_SYSTEM_PROMPT if chat.system is None else chat.system, chat.seed)
-            _until_the_runtime_checks(chat)
+                              DEFAULT_SYSTEM_PROMPT if chat.system is None else chat.system, chat.seed).validate()
             gen = self._generation_config(chat)
         except ValueError as e:
-            raise APIError(str(e), param=_param(e), code="invalid_settings") from e
+            raise APIError(str(e), param=_param(e), code=_code(e)) from e
         self._check_prompt_bytes(request)
         try:
             n_text, n_visual = self.pipe.check(request, gen.gen_length)
         except RequestError as e:  # larger than the bucket
             raise APIError(str(e), param="messages", code="context_length_exceeded") from e
         except ValueError as e:
-            raise APIError(str(e), param=_param(e) or "messages", code="invalid_prompt") from e
+            raise APIError(str(e), param=_param(e) or "messages", code=_code(e)) from e
         return chat, request, gen, n_text + n_visual
 
     def _generation_config(self, chat):
@@ -268,15 +267,12 @@ class LLaDAServer:
             raise RuntimeError("the engine thread is gone")
 
 
-def _until_the_runtime_checks(chat) -> None:
-    """The seed and the float settings, as the runtime is to check them for every caller (interim)."""
-    import math
+def _code(e: ValueError) -> str:
+    """The error code of a runtime refusal: the prompt or image at fault, or the settings."""
+    from ..graphs.anyres import ImageError
+    from ..tokenizer import PromptError
 
-    if not 0 <= chat.seed < 2**63:
-        raise ValueError(f"seed must be an integer in [0, 2**63), got {chat.seed}")
-    for k in ("temperature", "factor", "threshold", "cfg_scale"):
-        if k in chat.settings and not math.isfinite(chat.settings[k]):
-            raise ValueError(f"{k} must be a finite number, got {chat.settings[k]}")
+    return "invalid_prompt" if isinstance(e, (PromptError, ImageError)) else "invalid_settings"
 
 
 def _param(e: ValueError) -> str | None:
