@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -609,3 +610,23 @@ def test_score_from_text_through_the_fx_pass(tiny, text_scored, images):
                              PruneSettings(PRUNE_LAYER, KEEP, "text"))
     res = pipe.generate(images["384x384"], PROMPTS["long"], preset="mc", **GEN8)
     assert res.ids == ref.ids and res.kept_visual == ref.kept_visual
+
+
+def test_inductor_archives_are_checked_against_the_manifest(unpruned_all, tmp_path):
+    """A manifest rewritten consistently for another bucket (graph I/O, digest: as if re-sealed) over the
+    same Inductor archives: Pipeline.load reads each archive's serialized program (no weights) and refuses."""
+    import dataclasses
+    import shutil
+
+    from llada_export.contract.graphset import GRAPHS, Dims
+    from llada_export.contract.manifest import ManifestError
+    from llada_export.runtime.pipeline import Pipeline
+
+    root = Path(shutil.copytree(unpruned_all, tmp_path / "e"))
+    m = Manifest.read(root)
+    bucket = dataclasses.replace(m.bucket, max_text_tokens=2 * m.bucket.max_text_tokens)
+    dims = Dims.of(bucket, m.model_config(), m.dtype)
+    dataclasses.replace(m, bucket=bucket, graphs={n: GRAPHS[n].io(dims, m.fused_sampler) for n in m.graphs}).write(root)
+    assert Manifest.read(root).bucket == bucket  # the manifest alone is consistent
+    with pytest.raises(ManifestError, match=r"programs/\w+\.pt2: its inputs are \[\(\[1, \d+, \d+\], 'float32'\)"):
+        Pipeline.load(root, backend="inductor", warmup=False)

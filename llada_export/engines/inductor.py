@@ -146,8 +146,44 @@ def runner(path: Path, io, device: str = "cpu", constants=None, cuda_graph: bool
     return r
 
 
+_SCALARS = {"FLOAT": "float32", "LONG": "int64", "BOOL": "bool", "HALF": "float16", "BFLOAT16": "bfloat16"}
+
+
+def check_artifact(path: Path, graph: str, io, bucket) -> str | None:
+    """What in the archive's program differs from the manifest's I/O (shapes and dtypes of the user
+    inputs and outputs, in order), read from its serialized graph (``models/model.json``), no weights."""
+    import itertools
+    import json
+    import zipfile
+
+    from torch._export.serde.schema import ScalarType
+
+    with zipfile.ZipFile(path) as z:
+        name = next((n for n in z.namelist() if n.endswith("/models/model.json")), None)
+        if name is None:
+            return "it holds no serialized program (models/model.json)"
+        gm = json.loads(z.read(name))["graph_module"]
+    values, sig = gm["graph"]["tensor_values"], gm["signature"]
+
+    def described(spec: dict, kind: str) -> tuple | None:
+        arg = spec.get(kind, {}).get("arg", {}).get("as_tensor")
+        if arg is None:
+            return None
+        v = values[arg["name"]]
+        dims = tuple(d.get("as_int", -1) for d in v["sizes"])
+        return dims, _SCALARS.get(ScalarType(v["dtype"]).name, "?")
+
+    for kind, specs, want in (("input", sig["input_specs"], io.inputs), ("output", sig["output_specs"], io.outputs)):
+        got = [d for s in specs if (d := described(s, f"user_{kind}")) is not None]
+        for g, t in itertools.zip_longest(got, want):
+            if t is None or g != (tuple(t.shape), t.dtype):
+                return (f"its {kind}s are {[(list(x[0]), x[1]) for x in got]}, the manifest says "
+                        f"{[(list(x.shape), x.dtype) for x in want]}")
+    return None
+
+
 BACKEND = register_backend(Backend(
     name="inductor", folder="programs", suffix=".pt2", write=write, runner=runner,
     description="torch.export programs compiled with torch.compile when loaded, CUDA-graph replay",
     cuda_graphs=True, external_weights=True, priority={"cpu": 2, "cuda": 2}, finalize=finalize,
-    load_cache=load_cache))
+    load_cache=load_cache, check_artifact=check_artifact))
