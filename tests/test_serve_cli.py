@@ -65,6 +65,8 @@ def test_serve_refuses_what_it_cannot_serve_before_starting_ray(engines, ray_tmp
     t0 = time.perf_counter()
     r = serve("--engines", str(engines), "--address", "127.0.0.1:1", env=env)  # nothing listens on port 1
     assert "no Ray cluster at --address 127.0.0.1:1" in one_line_error(r) and time.perf_counter() - t0 < 20
+    r = serve("--engines", str(engines), "--address", "auto", "--metrics-port", "9100", env=env)
+    assert "--metrics-port: for the local cluster" in one_line_error(r)
     r = serve("--engines", "/nonexistent", env=env)
     assert "/nonexistent" in one_line_error(r)
     r = subprocess.run([sys.executable, "-c", "import sys; sys.modules['ray'] = None  # an install without ray\n"

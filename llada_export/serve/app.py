@@ -83,7 +83,7 @@ class LLaDAServer:
         self.max_batch = min(self.options.max_batch or b, b)
         self.refusals = (RequestError, ImageError, GenerationError, PromptError)
         self.engine = ThreadPoolExecutor(1, thread_name_prefix="llada-engine")  # one batch at a time per device
-        self.admission = ThreadPoolExecutor(1, thread_name_prefix="llada-admit")  # parse, decode, tokenise
+        self.admission = ThreadPoolExecutor(2, thread_name_prefix="llada-admit")  # parse, decode, tokenise
         # no token spans more UTF-8 bytes than the longest vocabulary entry's own (byte-level entries take 1 or 2
         # bytes per byte they stand for): a prompt of n bytes has at least n / this many tokens
         self.max_token_bytes = max(len(t.encode("utf-8", "surrogatepass")) for t in self.pipe.tokenizer.get_vocab())

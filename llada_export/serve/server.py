@@ -103,6 +103,10 @@ def start(options: ServeOptions, *, replicas: int = 1, host: str = "127.0.0.1", 
     if temp_dir is not None and len(os.path.abspath(temp_dir)) > 40:
         raise ServeError(f"--temp-dir {temp_dir} is too long for Ray's socket paths (at most 40 characters)")
     local = address is None
+    if not local and (temp_dir is not None or metrics_port is not None):
+        flags = " and ".join(f for f, v in (("--temp-dir", temp_dir), ("--metrics-port", metrics_port)) if v)
+        raise ServeError(f"{flags}: for the local cluster llada-serve starts, not with --address (the attached "
+                         "cluster was started with its own)")
     check_port(host, port)
     if not local:
         check_address(address, connect_timeout_s)
