@@ -4,6 +4,7 @@ renders them is the code that is committed)."""
 from __future__ import annotations
 
 import filecmp
+import re
 import shutil
 import subprocess
 import sys
@@ -46,3 +47,16 @@ def test_committed_report_rerenders_identically(tmp_path, tool, js, md, argv):
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert filecmp.cmp(tmp_path / f"{name}.md", BENCH / md, shallow=False)
+
+
+def test_docs_refer_only_to_what_the_repository_holds():
+    """The README, the committed reports and the tools name no path outside the repository (a user has no
+    ../shared), and every repository path the README names in backticks exists (globs: some file)."""
+    docs = [ROOT / "README.md", *sorted(BENCH.glob("*.md")), *sorted((ROOT / "tools").glob("*.py"))]
+    outside = [f"{d.relative_to(ROOT)}:{i}" for d in docs for i, line in enumerate(d.read_text().splitlines(), 1)
+               if re.search(r"\.\./\w", line)]
+    assert not outside, outside
+    named = re.findall(r"`((?:tools|benchmarks|llada_export|tests)/[^`\s]*)`", (ROOT / "README.md").read_text())
+    assert "tools/official_gpu.py" in named
+    missing = [p for p in named if not list(ROOT.glob(p))]
+    assert not missing, missing

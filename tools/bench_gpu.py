@@ -9,7 +9,7 @@ Parts (each fits one device call):
            and the unpruned ones (``--paths``), with the cache paths at the official demo's
            Fast-dLLM setting (refresh 32, factor 1); each LM graph alone; the warm load of the
            engines in a fresh process from the compile cache saved at export. With
-           ``--official official_gpu.json`` (``../shared/bench/official_gpu.py``, run in the same
+           ``--official official_gpu.json`` (``tools/official_gpu.py``, run in the same
            device session) the report gives the ratios to the official code.
 ``batch``  throughput of the pruned + cache path at several batch sizes (one engine set each),
            requests of distinct images, latency per request beside it; row 0's answer against
@@ -601,7 +601,7 @@ def markdown_engines(res: dict) -> list[str]:
              f"{st['factor']} parallel decoding (the official demo's Fast-dLLM setting).", ""]
     if has_official:
         v = res["official"].get("versions", {})
-        lines += [f"Official columns: `../shared/bench/official_gpu.py` in the same device session "
+        lines += [f"Official columns: `tools/official_gpu.py` in the same device session "
                   f"(transformers {v.get('transformers')}, {v.get('gpu')}); fast_dllm = the official repo's "
                   "Fast-dLLM hook as its generate_demo.py registers it (refresh 32, threshold 1)."
                   + (f" Source: {res['official_source']}." if res.get("official_source") else ""), ""]
