@@ -8,12 +8,17 @@ that takes every question of the task, answers one question of each of the task'
 types about the bundled image (``assets/demo.png``, a test image never seen in training)
 with the pruned and the unpruned graphs, and prints the answers against the task's ground
 truth, the kept-token count and the timings. It exits with status 1 if any answer is wrong.
+Engines already in the workdir that were built from the same checkpoint and settings are
+reused (``--rebuild`` exports them again).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 ASSETS = Path(__file__).parent / "assets"
@@ -45,6 +50,99 @@ class DemoAnswer:
         return self.pruned.text.strip() == self.truth, self.unpruned.text.strip() == self.truth
 
 
+# ---------------------------------------------------------------------- reuse of matching engines
+BUILD_NOTE = "llada-demo build: "  # the manifest note that records what the engines were built from
+PER_RUN_OPTIONS = ("output", "overwrite", "progress", "notes")  # export options that do not shape the engines
+LABELS = {"model": "checkpoint path", "checkpoint_sha256": "checkpoint (its files changed)",
+          "prune": "pruning setting", "tool_version": "llada-export version"}  # record key -> words
+
+
+def tree_digest(root: Path) -> str:
+    """SHA-256 over the files under ``root`` (relative names and contents)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(root)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 22):
+                h.update(block)
+    return h.hexdigest()
+
+
+def build_record(opts) -> dict:
+    """What engines exported with ``opts`` (an ExportOptions) are built from: the checkpoint (path and
+    a digest of its files), every option that shapes the engines, and the tool's version (a changed
+    exporter of the same version is not detected: ``--rebuild``)."""
+    from . import __version__
+
+    rec = {k: v for k, v in asdict(opts).items() if k not in PER_RUN_OPTIONS}
+    rec["model"] = str(Path(opts.model).resolve())
+    rec["checkpoint_sha256"] = tree_digest(Path(opts.model))
+    rec["tool_version"] = __version__
+    return json.loads(json.dumps(rec, default=str))  # tuples -> lists: as read back from the manifest
+
+
+def recorded_build(engines: Path) -> dict | None:
+    """The build record in the manifest of ``engines`` (None: none there); raises ManifestError for a
+    missing, damaged or altered directory (every file is checked against its SHA-256)."""
+    from .contract.manifest import Manifest
+
+    m = Manifest.read(engines)
+    return next((json.loads(n[len(BUILD_NOTE):]) for n in m.notes if n.startswith(BUILD_NOTE)), None)
+
+
+def export_reason(engines: Path, want: dict, rebuild: bool = False) -> str | None:
+    """Why the engines in ``engines`` are not reused for the build ``want``; None: they are."""
+    from .contract.manifest import ManifestError
+
+    if rebuild:
+        return "--rebuild"
+    if not Path(engines).exists():
+        return "none there yet"
+    try:
+        have = recorded_build(Path(engines))
+    except ManifestError as e:
+        return f"the ones there are unusable: {e}"
+    return build_changes(have, want)
+
+
+def build_changes(have: dict | None, want: dict) -> str | None:
+    """What differs between the recorded build ``have`` and ``want``, in words; None: nothing."""
+    if have is None:
+        return "the ones there were not built by llada-demo"
+    changed = sorted(LABELS.get(k, k) for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+    return f"the ones there were built with a different {', '.join(changed)}" if changed else None
+
+
+def describe_build(rec: dict) -> str:
+    prune = rec.get("prune")
+    what = f"prune layer {prune['layer']}, keep {prune['keep']}" if prune else "unpruned"
+    return (f"{rec['model']}, checkpoint sha256 {rec['checkpoint_sha256'][:12]}, {what}"
+            f"{' + unpruned baseline' if rec.get('baseline') else ''}, {', '.join(rec['backends'])}, "
+            f"gen length {rec['gen_length']}")
+
+
+def export_or_reuse(opts, rebuild: bool = False, say=print) -> bool:
+    """Export ``opts`` (an ExportOptions) into ``opts.output`` unless the engines already there were
+    built from the same checkpoint contents and options by the same llada-export version (their
+    manifest records it) and ``rebuild`` is off. Says which it does and why; returns True when it exported."""
+    from .exporter.build import export_engines
+
+    engines, want = Path(opts.output), build_record(opts)
+    why = export_reason(engines, want, rebuild)
+    if why is None:
+        say(f"reusing engines in {engines} (built from {describe_build(want)}; --rebuild exports them again)")
+        return False
+    say(f"exporting {describe_build(want)} -> {engines} ({why})")
+    export_engines(replace(opts, overwrite=True, notes=[*opts.notes, BUILD_NOTE + json.dumps(want, sort_keys=True)]))
+    return True
+
+
+def plain(doc: str) -> str:
+    """A docstring paragraph as plain text for --help: RST literals and roles without their markup."""
+    return re.sub(r"(:\w+:)?`+([^`]+)`+", r"\2", doc)
+
+
+# ---------------------------------------------------------------------- the demo
 def demo_questions() -> list[tuple[str, str]]:
     """(question, ground truth) about the bundled image, one per question type."""
     from . import vqa_task
@@ -53,30 +151,34 @@ def demo_questions() -> list[tuple[str, str]]:
     return [(vqa_task.question_text(t, a), vqa_task.derive_answer(scene, t, a)) for t, a in DEMO_KINDS]
 
 
-def run_demo(workdir: str | Path, model: str | Path = DEMO_MODEL, prune_layer: int = DEMO_PRUNE_LAYER,
-             keep: float = DEMO_KEEP, preset: str = DEMO_PRESET, progress: bool = True):
-    """Export ``model`` (pruned + unpruned baseline, ONNX Runtime, the task's 384x288
-    bucket with room for every question of the task) into ``workdir/engines`` and answer
-    :func:`demo_questions` about :data:`DEMO_IMAGE` with both graphs. Returns (the Pipeline, a
-    DemoAnswer per question)."""
+def demo_export_options(workdir: str | Path, model: str | Path = DEMO_MODEL, prune_layer: int = DEMO_PRUNE_LAYER,
+                        keep: float = DEMO_KEEP, preset: str = DEMO_PRESET, progress: bool = True):
+    """The ExportOptions of the demo's engines: ``workdir/engines``, pruned + unpruned baseline, ONNX
+    Runtime, the task's 384x288 bucket with room for every question of the task."""
     from . import vqa_task
     from .contract.pruning import PruneSettings
-    from .exporter.build import ExportOptions, export_engines
-    from .runtime.pipeline import Pipeline
+    from .exporter.build import ExportOptions
     from .sampler import preset as get_preset
     from .tokenizer import load_tokenizer
 
     gen = get_preset(preset)
-    engines = Path(workdir) / "engines"
-    max_prompt = vqa_task.prompt_tokens(load_tokenizer(model))
-    if progress:
-        print(f"exporting {model} -> {engines} (prune layer {prune_layer}, keep {keep}, ONNX Runtime, "
-              f"+ unpruned baseline)", flush=True)
-    export_engines(ExportOptions(model=str(model), output=str(engines), prune=PruneSettings(prune_layer, keep),
-                                 baseline=True, gen_length=gen.gen_length, block_length=gen.block_length,
-                                 steps=gen.steps, max_prompt_tokens=max_prompt, image_size=DEMO_IMAGE_SIZE,
-                                 overwrite=True, progress=progress))
-    pipe = Pipeline.load(engines)
+    return ExportOptions(model=str(model), output=str(Path(workdir) / "engines"), prune=PruneSettings(prune_layer, keep),
+                         baseline=True, gen_length=gen.gen_length, block_length=gen.block_length, steps=gen.steps,
+                         max_prompt_tokens=vqa_task.prompt_tokens(load_tokenizer(model)), image_size=DEMO_IMAGE_SIZE,
+                         overwrite=True, progress=progress)
+
+
+def run_demo(workdir: str | Path, model: str | Path = DEMO_MODEL, prune_layer: int = DEMO_PRUNE_LAYER,
+             keep: float = DEMO_KEEP, preset: str = DEMO_PRESET, progress: bool = True, rebuild: bool = False):
+    """Export ``model`` (:func:`demo_export_options`) into ``workdir/engines``, or reuse the
+    engines there if they were built from the same (:func:`export_or_reuse`), and answer
+    :func:`demo_questions` about :data:`DEMO_IMAGE` with both graphs. Returns (the Pipeline, a
+    DemoAnswer per question)."""
+    from .runtime.pipeline import Pipeline
+
+    opts = demo_export_options(workdir, model, prune_layer, keep, preset, progress)
+    export_or_reuse(opts, rebuild, say=lambda m: print(m, flush=True) if progress else None)
+    pipe = Pipeline.load(opts.output)
     pipe.warmup()  # first-run costs (session warm-up, allocations) stay out of the timings
     answers = [DemoAnswer(q, truth, pipe.generate(DEMO_IMAGE, q, preset=preset),
                           pipe.generate(DEMO_IMAGE, q, preset=preset, unpruned=True))
@@ -87,8 +189,12 @@ def run_demo(workdir: str | Path, model: str | Path = DEMO_MODEL, prune_layer: i
 def main(argv: list[str] | None = None) -> int:
     from .cli.common import parser, user_errors
 
-    p = parser("llada-demo", __doc__.split("\n\n")[1])
-    p.add_argument("--workdir", default="out/demo", help="where the engines go (default: out/demo)")
+    p = parser("llada-demo", plain(__doc__.split("\n\n")[1]))
+    p.add_argument("--workdir", default="out/demo",
+                   help="where the engines go (default: out/demo); engines there built from the same checkpoint "
+                        "and settings are reused")
+    p.add_argument("--rebuild", action="store_true", help="export the engines again even if matching ones exist (say, after changing the "
+                        "exporter's code)")
     p.add_argument("--model", default=str(DEMO_MODEL),
                    help="checkpoint directory in the official layout (default: the bundled demo model)")
     p.add_argument("--prune-layer", type=int, default=DEMO_PRUNE_LAYER,
@@ -101,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         from .sampler import preset as get_preset
 
         gen = get_preset(args.preset)  # an unknown preset fails before the export
-        pipe, answers = run_demo(args.workdir, args.model, args.prune_layer, args.keep, args.preset)
+        pipe, answers = run_demo(args.workdir, args.model, args.prune_layer, args.keep, args.preset,
+                                 rebuild=args.rebuild)
         layer = pipe.manifest.pruning.layer
         print(f"\nimage: {DEMO_IMAGE.name} ({DEMO_IMAGE_SIZE[0]}x{DEMO_IMAGE_SIZE[1]}), preset {args.preset} "
               f"(gen/block/steps {gen.gen_length}/{gen.block_length}/{gen.steps}; a request stops at its "

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -69,9 +71,11 @@ def test_bundled_model_answers_test_questions():
     assert sum(hits) >= 21, f"{sum(hits)}/24 right"
 
 
-def test_make_demo_answers_every_question_type(tmp_path):
+def test_make_demo_answers_every_question_type_and_reuses_matching_engines(tmp_path):
     """`llada-demo` (what `make demo` runs): every type answered right pruned and unpruned, exit 0,
-    nothing half-written beside the engines, and no warning on its screen."""
+    nothing half-written beside the engines, and no warning on its screen. A second run reuses the
+    engines (no export: the directory and its manifest stay as they were) and says so; a run with
+    another checkpoint re-exports them, and an untrained one makes it fail loudly (exit 1)."""
     r = subprocess.run([str(BIN / "llada-demo"), "--workdir", str(tmp_path)], capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -81,18 +85,71 @@ def test_make_demo_answers_every_question_type(tmp_path):
     assert "WRONG" not in r.stdout and "benchmarks/" not in r.stdout
     assert "arning" not in r.stdout + r.stderr  # no Warning / warning of anyone's making
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engines"]
+    engines = tmp_path / "engines"
+    assert f"-> {engines} (none there yet)" in r.stdout
 
+    # the second run's export step (run_demo's own call; the answers it then gives are those above)
+    before = (engines.stat().st_ino, (engines / "manifest.json").stat().st_mtime_ns)
+    said: list[str] = []
+    t0 = time.perf_counter()
+    assert demo.export_or_reuse(demo.demo_export_options(tmp_path), say=said.append) is False
+    assert time.perf_counter() - t0 < 10  # an export takes 25 s
+    assert len(said) == 1 and said[0].startswith(
+        f"reusing engines in {engines} (built from {demo.DEMO_MODEL.resolve()}, checkpoint sha256 ")
+    assert "prune layer 3, keep 0.5 + unpruned baseline" in said[0]
+    assert (engines.stat().st_ino, (engines / "manifest.json").stat().st_mtime_ns) == before
 
-def test_demo_fails_loudly_on_a_wrong_answer(tmp_path):
-    """The main job checks its own ground truth: a model that answers wrong makes it exit 1."""
     from llada_export.synthetic.weights import random_checkpoint
 
     ck = random_checkpoint("demo", tmp_path / "random-demo", seed=3)  # the demo's structure, untrained
-    r = subprocess.run([str(BIN / "llada-demo"), "--workdir", str(tmp_path / "w"), "--model", str(ck),
-                        "--preset", "mc"], capture_output=True, text=True, timeout=900)
-    assert r.returncode == 1, r.stdout + r.stderr
+    r = subprocess.run([str(BIN / "llada-demo"), "--workdir", str(tmp_path), "--model", str(ck), "--preset", "mc"],
+                       capture_output=True, text=True, timeout=900)
+    why = next((line for line in r.stdout.splitlines() if line.startswith("exporting ")), "")
+    assert "(the ones there were built with a different " in why, r.stdout + r.stderr
+    assert all(w in why for w in ("checkpoint (its files changed)", "checkpoint path", "gen_length")), why
+    assert "reusing" not in r.stdout and engines.stat().st_ino != before[0]  # exported again, into place
+    assert r.returncode == 1, r.stdout + r.stderr  # and the untrained model answers wrong
     assert "WRONG" in r.stdout
     assert r.stderr.strip().splitlines()[-1] == "llada-demo: error: an answer does not match the task's ground truth"
+
+
+def test_reuse_needs_the_same_checkpoint_files_settings_and_intact_engines(tmp_path, engines):
+    """What decides a reuse (no export here: the decision alone; the demo test above reuses for real)."""
+    from dataclasses import replace
+
+    from llada_export.contract.pruning import PruneSettings
+    from llada_export.exporter.build import ExportOptions
+
+    ck = tmp_path / "ck"
+    shutil.copytree(demo.DEMO_MODEL, ck)
+    opts = ExportOptions(model=str(ck), output=str(tmp_path / "e"), prune=PruneSettings(3, 0.5), baseline=True,
+                         gen_length=16, image_size=demo.DEMO_IMAGE_SIZE)
+    want = demo.build_record(opts)
+    assert want == json.loads(json.dumps(want))  # as the manifest gives it back
+    assert demo.build_changes(want, demo.build_record(replace(opts, output="elsewhere", progress=False))) is None
+    assert demo.build_changes(want, demo.build_record(replace(opts, prune=PruneSettings(3, 0.35)))) == \
+        "the ones there were built with a different pruning setting"
+    assert demo.build_changes(want, demo.build_record(replace(opts, image_size=(384, 384), baseline=False))) == \
+        "the ones there were built with a different baseline, image_size"
+    (ck / "config.json").write_text((ck / "config.json").read_text() + " ")  # same path, other contents
+    assert demo.build_changes(want, demo.build_record(opts)) == \
+        "the ones there were built with a different checkpoint (its files changed)"
+    # the directory: none, one llada-demo did not build, an altered one (checked against its SHA-256s)
+    assert demo.export_reason(tmp_path / "none", want) == "none there yet"
+    assert demo.export_reason(engines, want) == "the ones there were not built by llada-demo"
+    assert demo.export_reason(engines, want, rebuild=True) == "--rebuild"
+    altered = tmp_path / "altered"
+    shutil.copytree(engines, altered)
+    victim = next(altered.rglob("*.onnx"))
+    victim.write_bytes(victim.read_bytes()[:-1] + bytes([victim.read_bytes()[-1] ^ 1]))
+    assert demo.export_reason(altered, want).startswith("the ones there are unusable: ")
+
+
+def test_demo_help_is_plain_text():
+    r = subprocess.run([str(BIN / "llada-demo"), "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "``" not in r.stdout and ":mod:" not in r.stdout and "`" not in r.stdout
+    assert "assets/demo-model" in r.stdout and "--rebuild" in r.stdout
 
 
 def test_demo_cli_rejects_unknown_preset(tmp_path):
