@@ -30,7 +30,7 @@ def test_prune_sweep_tiny(tiny_ckpt, tmp_path):
     assert [r["setting"] for r in res["results"]] == ["unpruned", "K=1 keep=0.5"]
     # the predictions are the eager oracles' answers to the same test questions
     model, tok, _ = load_checkpoint(tiny_ckpt, dtype=torch.float32)
-    gen = GenerationConfig(8, 8, 8)
+    gen = GenerationConfig(vqa_task.GEN_LENGTH, vqa_task.GEN_LENGTH, vqa_task.GEN_LENGTH)  # the tool's
     for r, prune in zip(res["results"], (None, PruneSettings(1, 0.5))):
         ref = [reference_generate(model, tok, s.image(), s.prompt, gen, prune).text
                for s in vqa_task.make_split("test", 2)]
@@ -81,7 +81,7 @@ def test_flops_fall_as_keep_falls(tiny_ckpt):
 
 
 def test_attention_analysis_tiny(tiny_ckpt, tmp_path):
-    res = attention_analysis.run_analysis(tiny_ckpt, n=2, layers=[1, 3], keeps=[0.35], progress=False)
+    res = attention_analysis.run_analysis(tiny_ckpt, n=2, layers=[0, 1, 2, 3], keeps=[0.35], progress=False)
     json.loads(json.dumps(res))  # serialisable
     n_layers = res["n_layers"]
     assert len(res["visual_share_step1"]) == len(res["visual_share_all_steps"]) == n_layers
@@ -94,15 +94,54 @@ def test_attention_analysis_tiny(tiny_ckpt, tmp_path):
             for series in per_keep.values():
                 assert series[0] == 1.0  # step 1 overlaps itself fully
     # the answers are the eager reference's (the recording denoiser must not change the trajectory)
-    model, tok, _ = load_checkpoint(tiny_ckpt, dtype=torch.float32)
+    model, tok, cfg = load_checkpoint(tiny_ckpt, dtype=torch.float32)
     for p, s in zip(q, vqa_task.make_split("test", 2)):
-        assert p["prediction"] == reference_generate(model, tok, s.image(), s.prompt, GenerationConfig(8, 8, 8)).text
-    assert res["recommended_layer"] in (1, 3)
+        gen = GenerationConfig(vqa_task.GEN_LENGTH, vqa_task.GEN_LENGTH, vqa_task.GEN_LENGTH)  # the tool's
+        assert p["prediction"] == reference_generate(model, tok, s.image(), s.prompt, gen).text
+    # step 1's selection at every layer, recomputed here from the layers' q and k: the share of the object
+    # tokens it keeps is what the tool reports, and the recommended layer is the one that keeps the most
+    # (the tool breaks a tie at 3 decimals by stability, so any layer of such a tie will do)
+    samples = vqa_task.make_split("test", 2)
+    scores = [step1_visual_attention(model, tok, s) for s in samples]  # [question][layer] -> [n_visual]
+    recall = [sum(object_recall(sc[layer], s, cfg, 0.35) for sc, s in zip(scores, samples)) / 2
+              for layer in range(n_layers)]
+    assert res["object_recall_step1"]["0.35"] == pytest.approx(recall, abs=1e-9)
+    best = [layer for layer in range(n_layers) if round(recall[layer], 3) == round(max(recall), 3)]
+    assert len(best) < n_layers  # the layers differ: the choice is a real one
+    assert res["recommended_layer"] in best
     for kp, per_layer in res["object_recall_step1"].items():
         n_vis = q[0]["n_visual"]
         assert res["object_recall_chance"][kp] == pytest.approx(num_kept(float(kp), n_vis) / n_vis)
     md = attention_analysis.markdown(res)
     assert "object recall" in md and "Recommended K" not in md  # no sweep given: no final recommendation
+
+
+def step1_visual_attention(model, tok, sample) -> list[torch.Tensor]:
+    """Per layer [n_visual]: the attention each visual token receives at denoising step 1 (every response
+    position masked), mean over heads and response queries, from the layer's q and k by hand."""
+    from llada_export.reference import embed_prompt
+    from llada_export.tokenizer import special_tokens
+
+    inputs = embed_prompt(model, tok, sample.image(), sample.prompt)
+    lm, g, p = model.language, vqa_task.GEN_LENGTH, inputs.length
+    x = torch.cat([inputs.embeds, lm.embed_tokens(torch.full((1, g), special_tokens(tok).mask))], 1)  # [1, P+G, D]
+    cos, sin = lm.rotary(torch.arange(p + g)[None])
+    out = []
+    with torch.no_grad():
+        for layer in lm.layers:
+            q, k = layer.self_attn.query_key(layer.input_layernorm(x), cos, sin)  # [1, H, L, hd]
+            probs = (q[:, :, -g:] @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)  # [1, H, G, L]
+            out.append(probs[0].mean((0, 1))[:p][inputs.visual_mask[0]])  # [n_visual]
+            x = layer(x, cos, sin, None)
+    return out
+
+
+def object_recall(scores: torch.Tensor, sample, cfg, keep: float) -> float:
+    """Share of the sample's object tokens (the tool's map, checked in the test below) among the top
+    round(keep * n) visual tokens by ``scores``."""
+    obj = attention_analysis.object_tokens(sample.scene, cfg)  # [n_visual] bool
+    top = scores.topk(round(keep * scores.numel())).indices
+    return float(obj[top].sum()) / float(obj.sum())
 
 
 def test_recording_denoiser_shares_are_attention_mass_on_visual_tokens(tiny):

@@ -15,7 +15,6 @@ from llada_export.contract.pruning import PruneSettings
 from llada_export.engines.registry import Backend, register_backend, unregister_backend
 from llada_export.reference import reference_generate
 from llada_export.runtime.pipeline import Pipeline
-from llada_export.sampler import preset
 
 PACKAGE = Path(__file__).resolve().parents[1] / "llada_export"
 
@@ -171,4 +170,7 @@ def test_a_new_graph_is_one_registration(fake_graph, tiny_ckpt, tmp_path):
     rep = run_compare(out, tiny_ckpt, presets=("mc",))
     probe = [g for g in rep.graphs if g.graph == "embed_probe"]
     assert probe and probe[0].passed and rep.passed
-    assert preset("mc").gen_length <= 8
+    assert probe[0].stats["embeds"]["max_abs"] <= probe[0].tolerances["embeds"]["atol"]  # compared, and close
+    # the engines with the extra graph still answer end to end as the eager model does (mc fits G = 8)
+    mc = [a for a in rep.agreement if a["preset"] == "mc"]
+    assert mc and all(a["engine_vs_reference_exact"] for a in mc)

@@ -53,7 +53,10 @@ def run(gen: GenerationConfig, den: TableDenoiser, b: int = 1, **kw) -> tuple[li
 # ---------------------------------------------------------------------- independent oracles
 def official_generate(logits_fn, gen: GenerationConfig, rule=None) -> list[int]:
     """One request, the official loop written plainly (blocks, fixed schedule or a parallel rule,
-    suppression, stop at the first committed eot; a -inf candidate is never committed)."""
+    suppression; a -inf candidate is never committed). With ``gen.stop_at_eot`` the first committed
+    eot is a stop (later positions stop competing, nothing after it runs); without it every block
+    runs all its steps, as the official generate without stopping criteria. The answer is cut at its
+    first eot either way."""
     g, bl = gen.gen_length, gen.block_length
     steps = gen.steps // (g // bl)
     x = [MASK] * g
@@ -90,7 +93,7 @@ def official_generate(logits_fn, gen: GenerationConfig, rule=None) -> list[int]:
             for p in order[: min(k, finite)]:
                 x[p] = x0[p]
             i += 1
-            if EOT in x:
+            if gen.stop_at_eot and EOT in x:
                 stop = min(stop if stop is not None else g, x.index(EOT))
     return x[: x.index(EOT)] if EOT in x else x
 
@@ -155,9 +158,13 @@ def test_matches_the_official_loop(gen, favour):
     for seed in range(3):
         den = TableDenoiser(gen.gen_length, seeds=(seed,), favour=favour)
         (out,), _ = run(gen, den)
-        expect = official_generate(lambda ids: den.logits(ids), gen) if gen.stop_at_eot else None
-        if expect is not None:
-            assert out.tolist() == expect
+        seen: list[torch.Tensor] = []  # the ids of every forward of the oracle
+        expect = official_generate(lambda ids: seen.append(ids) or den.logits(ids), gen)
+        assert out.tolist() == expect
+        # the same trajectory: every forward sees the same ids (which positions were committed when,
+        # and where it stopped; the tokens alone would not show a schedule or stop error here)
+        assert len(den.calls) == len(seen)
+        assert all(torch.equal(ids, want) for (ids, _, _), want in zip(den.calls, seen))
 
 
 def test_suppressed_ids_never_chosen_but_eot_is():
