@@ -303,6 +303,7 @@ def test_bad_requests_get_4xx_and_nothing_else_is_affected(server, direct):
         (json.dumps({**good, "preset": "demo", "max_tokens": 16}).encode(), 400, "invalid_settings"),
         (json.dumps({"messages": [{"role": "assistant", "content": "hi"}]}).encode(), 400, None),
         (json.dumps(chat_body("  ", img)).encode(), 400, "invalid_prompt"),  # an image and a blank question
+        (json.dumps({**good, "preset": "demo"}).encode(), 400, "invalid_settings"),
     ]
     with ThreadPoolExecutor(6) as ex:
         goods = [ex.submit(ask, server["url"], i) for i in range(3)]
@@ -314,13 +315,15 @@ def test_bad_requests_get_4xx_and_nothing_else_is_affected(server, direct):
     assert "--max-visual-tokens" in bads[6][1]["error"]["message"]  # says which export flag would fit it
     errors = [body["error"] for _, body in bads[12:]]
     assert [e["param"] for e in errors] == [None, "seed", "seed", "temperature", "temperature", "max_tokens",
-                                            "preset", "messages", "messages"]
+                                            "preset", "messages", "messages", "preset"]
     assert "too deeply" in errors[0]["message"]
     for e, (value, check) in zip(errors[1:5], [(2**70, "seed"), (-1, "seed"), (math.inf, "temperature"),
                                                (math.nan, "temperature")]):
         assert e["message"] == runtime_refusal(value, check)  # the Python API's rule and words
     assert "maximum 16" in errors[5]["message"] and "divisible" not in errors[5]["message"]
     assert "preset 'demo' sets block_length 128, steps 128" in errors[6]["message"]
+    assert "preset 'demo' sets gen_length 128, block_length 128" in errors[9]["message"]
+    assert "give max_tokens, block_length, steps too" in errors[9]["message"]
     assert "no user message" in errors[7]["message"] and "multi-turn" not in errors[7]["message"]
     assert [text_of(a) for a in answers] == [direct(i) for i in range(3)]
     assert post_raw(server["url"], b"", "/v2/nothing", "GET")[0] == 404

@@ -198,17 +198,18 @@ class LLaDAServer:
 
     def _generation_config(self, chat):
         """``Pipeline.generation_config`` for the request; a preset that does not fit these engines is named."""
+        from ..contract.layout import RequestError
         from ..sampler import PRESETS, GenerationError
 
         try:
             return self.pipe.generation_config(unpruned=chat.unpruned, **chat.settings)
-        except GenerationError as e:
+        except (GenerationError, RequestError) as e:
             name = chat.settings.get("preset")
             if name not in PRESETS:
                 raise
             api = {"gen_length": "max_tokens", "block_length": "block_length", "steps": "steps"}
             unset = [k for k in api if k not in chat.settings]  # what the preset decides
-            if not unset:
+            if not any(k in str(e) for k in unset):
                 raise
             raise GenerationError(
                 f"preset {name!r} sets {', '.join(f'{k} {getattr(PRESETS[name], k)}' for k in unset)}, which does "
