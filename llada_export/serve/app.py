@@ -296,5 +296,8 @@ def build_app(options: ServeOptions, replicas: int = 1, gpus_per_replica: float 
         num_replicas=replicas, ray_actor_options=actor,
         # room for a full batch per setting queued behind the one running; beyond it Serve queues in the proxy
         max_ongoing_requests=max(16, 4 * max_batch),
-        health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_timeout_s=5)
+        health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_timeout_s=5,
+        # a replica that fails to load (bad engines, no memory) fails the same way again: one failure per replica
+        # ends the start with its error (Serve's default, three per replica, tripled the wait for it)
+        max_constructor_retry_count=replicas)
     return deployment.bind(asdict(options))
