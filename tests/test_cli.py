@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from llada_export import __version__
 from llada_export.demo import DEMO_IMAGE
@@ -21,22 +23,43 @@ def _gen(engines, *args, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_generate_json_and_compare_unpruned(engines, tiny):
-    from llada_export.contract.pruning import num_kept
+def test_generate_json_and_compare_unpruned(engines, tiny, images, tmp_path):
+    """Both answers of a sampled request (temperature, seed, random remasking) against their eager oracles:
+    the pruned one (and its kept tokens) against the pruned reference, the unpruned one against the plain
+    model. The JSON alone reproduces the answer: its settings, given back to llada-generate as flags."""
+    from llada_export.contract.pruning import PruneSettings, num_kept
     from llada_export.reference import reference_generate
-    from llada_export.sampler import preset
+    from llada_export.sampler import GenerationConfig
 
-    r = _gen(engines, "--image", str(DEMO_IMAGE), "--prompt", "What colour is the circle?",
-             "--preset", "mc", "--compare-unpruned", "--json")
+    q, image = "What colour is the circle?", tmp_path / "photo.png"
+    images["384x384"].save(image)
+    r = _gen(engines, "--image", str(image), "--prompt", q, "--preset", "chartqa", "--temperature", "0.9",
+             "--seed", "7", "--remasking", "random", "--compare-unpruned", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    res = out["result"]
+    res, s = out["result"], out["result"]["settings"]
+    assert (s["gen_length"], s["block_length"], s["steps"], s["temperature"], s["remasking"], s["seed"]) == \
+        (16, 16, 16, 0.9, "random", 7)
+    assert res["pruning"] == {"layer": 2, "keep": 0.5, "score_from": "response"} and out["unpruned"]["pruning"] is None
+    assert {**out["unpruned"]["settings"], "unpruned": False} == s and out["unpruned"]["settings"]["unpruned"]
     model, tok, _ = tiny
-    ref = reference_generate(model, tok, DEMO_IMAGE, "What colour is the circle?", preset("mc"))
+    gen = GenerationConfig(s["gen_length"], s["block_length"], s["steps"], s["temperature"], s["remasking"],
+                           s["cfg_scale"], factor=s["factor"], threshold=s["threshold"], cache=s["cache"])
+    ref = reference_generate(model, tok, out["image"], out["prompt"], gen, seed=s["seed"], system=s["system"])
+    ref_pruned = reference_generate(model, tok, out["image"], out["prompt"], gen, PruneSettings(**res["pruning"]),
+                                    seed=s["seed"], system=s["system"])
     assert out["unpruned"]["ids"] == ref.ids  # the unpruned graph's answer, as the eager model's
+    assert res["ids"] == ref_pruned.ids and res["kept_visual"] == ref_pruned.kept_visual  # the pruned one, too
+    assert res["ids"] != ref.ids  # pruning changed this answer: the two checks above are not one
     assert len(res["kept_visual"]) == num_kept(0.5, res["n_visual"]) and res["n_visual"] > 0
     assert {"vision", "stage_a_per_call", "stage_b_per_call", "total"} <= set(res["timings"])
-    assert out["speedup"] == pytest.approx(out["unpruned"]["timings"]["total"] / res["timings"]["total"])
+    assert res["finish_reason"] in ("stop", "length") and out["speedup"] > 0
+    flags = ["--gen-length", s["gen_length"], "--block-length", s["block_length"], "--steps", s["steps"],
+             "--temperature", s["temperature"], "--remasking", s["remasking"], "--cfg-scale", s["cfg_scale"],
+             "--seed", s["seed"], "--no-cache", "--backend", out["backend"]]
+    again = _gen(out["engines"], "--image", out["image"], "--prompt", out["prompt"], *map(str, flags), "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["result"]["ids"] == res["ids"]
 
 
 def test_generate_plain_text_output(engines, tiny):
@@ -48,7 +71,10 @@ def test_generate_plain_text_output(engines, tiny):
     assert r.returncode == 0, r.stderr
     model, tok, _ = tiny
     ref = reference_generate(model, tok, DEMO_IMAGE, "What is here?", preset("chartqa"), PruneSettings(2, 0.5))
-    assert r.stdout == ref.text + "\n"
+    assert r.stdout == ref.text.rstrip("\ufffd") + "\n"  # the answer alone (a partial last character cut)
+    # and how long it took, one line on stderr
+    assert re.fullmatch(rf"llada-generate: {len(ref.ids)} tokens \((stop|length)\) in [0-9.]+ s: vision [0-9.]+ s, "
+                        r"\d+ forwards [0-9.]+ s \(onnxruntime on cpu\)\n", r.stderr), r.stderr
 
 
 def test_literal_backslash_n_prompt_as_typed_in_bash(engines):
@@ -67,7 +93,7 @@ def test_literal_backslash_n_prompt_as_typed_in_bash(engines):
     (["--image", "{bad}", "--prompt", "x"], "cannot decode image"),
     (["--image", "{missing}", "--prompt", "x"], "not found"),
     (["--prompt", "<image>\nWhat is shown?"], "but no image was given"),
-    (["--image", str(DEMO_IMAGE), "--prompt", "<image> <image>"], "2 <image> markers"),
+    (["--image", str(DEMO_IMAGE), "--prompt", "<image> <image> x"], "2 <image> markers"),
     (["--image", str(DEMO_IMAGE), "--prompt", "x", "--gen-length", "10", "--block-length", "4"],
      "not a multiple of block_length"),
     (["--image", str(DEMO_IMAGE), "--prompt", "x", "--gen-length", "16", "--block-length", "8",
@@ -75,16 +101,30 @@ def test_literal_backslash_n_prompt_as_typed_in_bash(engines):
     (["--image", str(DEMO_IMAGE), "--prompt", "x", "--gen-length", "0"], "must be a positive integer"),
     (["--image", str(DEMO_IMAGE), "--prompt", "x", "--steps", "0"], "must be a positive integer"),
     (["--image", str(DEMO_IMAGE), "--prompt", "x", "--block-length", "0"], "must be a positive integer"),
-    (["--image", str(DEMO_IMAGE), "--prompt", "x", "--device", "cuda"], "no CUDA GPU is visible"),
+    pytest.param(["--image", str(DEMO_IMAGE), "--prompt", "x", "--device", "cuda"], "no CUDA GPU is visible",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible here")),
     (["--image", str(DEMO_IMAGE), "--prompt", "x", "--device", "tpu"], "unknown device"),
     (["--image", str(DEMO_IMAGE), "--prompt", "x", "--cache"], "re-export with --cache"),
     (["--image", str(DEMO_IMAGE), "--prompt", "x", "--refresh", "4"], "refresh applies to the prefix cache"),
     (["--image", str(DEMO_IMAGE), "--prompt", "x", "--factor", "1", "--threshold", "0.9"], "not allowed with"),
+    # one rule for values (as the Python API and the HTTP server): finite numbers, seeds 0 .. 2**63 - 1
+    (["--image", str(DEMO_IMAGE), "--prompt", "x", "--temperature", "inf"], "temperature must be a finite number"),
+    (["--image", str(DEMO_IMAGE), "--prompt", "x", "--temperature", "nan"], "temperature must be a finite number"),
+    (["--image", str(DEMO_IMAGE), "--prompt", "x", "--cfg-scale", "nan"], "cfg_scale must be a finite number"),
+    (["--image", str(DEMO_IMAGE), "--prompt", "x", "--factor", "inf"], "factor must be a finite number"),
+    (["--image", str(DEMO_IMAGE), "--prompt", "x", "--threshold", "nan"], "threshold must be a finite number"),
+    (["--image", str(DEMO_IMAGE), "--prompt", "x", "--seed", "-1"], "seed must be from 0 to 2**63 - 1"),
+    (["--image", str(DEMO_IMAGE), "--prompt", "x", "--seed", str(2**63)], "seed must be from 0 to 2**63 - 1"),
+    (["--image", str(DEMO_IMAGE), "--prompt", os.fsdecode(b"caf\xe9?")], "not valid UTF-8 text: the byte 0xe9"),
+    (["--image", str(DEMO_IMAGE), "--prompt", ""], "prompt is empty"),
+    (["--image", str(DEMO_IMAGE), "--prompt", " \\n "], "prompt is empty"),
+    (["--image", "{dir}", "--prompt", "x"], "is a directory, not an image file"),
 ])
 def test_generate_user_errors_are_one_line(engines, tmp_path, args, msg):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image at all")
-    args = [a.replace("{bad}", str(bad)).replace("{missing}", str(tmp_path / "nope.jpg")) for a in args]
+    args = [a.replace("{bad}", str(bad)).replace("{missing}", str(tmp_path / "nope.jpg")).replace("{dir}", str(tmp_path))
+            for a in args]
     r = _gen(engines, *args)
     assert r.returncode == 2, r.stdout + r.stderr
     assert msg in r.stderr and "Traceback" not in r.stderr

@@ -407,6 +407,12 @@ def test_load_refuses_bad_thread_counts(engines, threads):
         Pipeline.load(engines, threads=threads)
 
 
+def test_cfg_with_the_cache_says_how_to_turn_it_off(cache_pipe, images):
+    """The cache engines use their cache by default; guidance needs the full forward."""
+    with pytest.raises(GenerationError, match=r"turn the cache off \(llada-generate --no-cache; cache=False"):
+        cache_pipe.generate(images["380x250"], PROMPTS["long"], gen_length=16, cfg_scale=1.0)
+
+
 def test_refresh_never_as_the_cli_and_http_spell_it(cache_pipe, tiny, images):
     model, tok, _ = tiny
     never = cache_pipe.generate(images["380x250"], PROMPTS["long"], gen_length=16, block_length=4, steps=16,

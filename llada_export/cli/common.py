@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import signal
 import sys
 
 from .. import __version__
 from ..outdir import Terminated
+from ..runtime.inputs import check_number, check_prompt, check_refresh, check_seed
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -42,6 +44,8 @@ def _number(text: str, ok, what: str) -> float:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number {what}, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number {what}, got {text!r}")
     if not ok(v):
         raise argparse.ArgumentTypeError(f"must be {what}, got {v}")
     return v
@@ -60,17 +64,62 @@ def non_negative_float(text: str) -> float:
     return _number(text, lambda v: v >= 0, ">= 0")
 
 
+def _rule(check, parse, *args, **kw):
+    """An argparse type that parses the text and applies a check of ``runtime.inputs`` (the rule the
+    Python API and the HTTP server apply too), its message as the usage error."""
+
+    def convert(text: str):
+        try:
+            return check(parse(text), *args, **kw)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return convert
+
+
+def _to_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"expected a number, got {text!r}") from None
+
+
+def _to_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"expected an integer, got {text!r}") from None
+
+
+def setting_number(name: str, **bounds):
+    """A sampler number (``--temperature``, ``--cfg-scale``, ...): finite, in ``bounds`` (see
+    :func:`~llada_export.runtime.inputs.check_number`)."""
+    return _rule(check_number, _to_float, name, **bounds)
+
+
+def seed_value(text: str) -> int:
+    """``--seed``: an integer from 0 to 2**63 - 1, as everywhere."""
+    return _rule(check_seed, _to_int)(text)
+
+
 def refresh_value(text: str) -> int | None:
     """``--refresh N`` (forwards between cache refreshes in a block) or ``never`` (block starts only)."""
-    if text.strip().lower() == "never":
-        return None
-    return positive_int(text)
+    return _rule(check_refresh, lambda t: t if t.strip().lower() == "never" else _to_int(t))(text)
 
 
 def cli_prompt(text: str) -> str:
     """A prompt as typed in a shell: ``"<image>\\nWhat is shown?"`` in bash is a literal backslash-n,
-    which is read as the newline the user meant (a prompt never needs a literal backslash-n)."""
-    return text.replace("\\n", "\n")
+    which is read as the newline the user meant (a prompt never needs a literal backslash-n). Checked
+    as every prompt is: UTF-8 text (an undecodable byte of the argument is refused), not empty."""
+    return _rule(check_prompt, lambda t: t.replace("\\n", "\n"))(text)
+
+
+def image_file(text: str) -> str:
+    """``--image``: a path (whether it is there and an image is checked where it is read); a directory is
+    refused at once, by name."""
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text}: is a directory, not an image file")
+    return text
 
 
 class Parser(argparse.ArgumentParser):

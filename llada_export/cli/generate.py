@@ -7,7 +7,7 @@ import json
 import sys
 
 from ..engines.registry import backend_names
-from .common import cli_prompt, parser, positive_float, positive_int, refresh_value, unit_interval, user_errors
+from .common import cli_prompt, image_file, parser, positive_int, refresh_value, seed_value, setting_number, user_errors
 
 DESCRIPTION = """\
 Generate an answer with LLaDA-V engines built by llada-export: vision -> stage A (prune)
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--engines", help="engines directory written by llada-export")
     where.add_argument("--server", metavar="URL",
                        help="ask a running llada-serve instead (e.g. http://127.0.0.1:8000); needs --image")
-    p.add_argument("--image", help="image file (any format Pillow reads); omit for a text-only prompt")
+    p.add_argument("--image", type=image_file, help="image file (any format Pillow reads); omit for a text-only prompt")
     p.add_argument("--prompt", required=True, type=cli_prompt,
                    help="user message; <image> marks where the image goes (default: first)")
     p.add_argument("--preset", choices=("mc", "chartqa", "docvqa", "mathvista", "mathverse", "demo"),
@@ -41,11 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-length", type=positive_int, help="response length (default: the engines' --gen-length)")
     p.add_argument("--block-length", type=positive_int, help="sampler block length (default: the engines' value)")
     p.add_argument("--steps", type=positive_int, help="denoising steps (default: the engines' value)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 Gumbel-max sampling (default: 0)")
+    p.add_argument("--temperature", type=setting_number("temperature", low=0.0), default=0.0,
+                   help="0 = greedy; > 0 Gumbel-max sampling (default: 0)")
     p.add_argument("--remasking", choices=("low_confidence", "random"), default="low_confidence",
                    help="which positions to commit each step (default: low_confidence)")
-    p.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance scale (default: 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed for temperature / random remasking (default: 0)")
+    p.add_argument("--cfg-scale", type=setting_number("cfg_scale", low=0.0), default=0.0,
+                   help="classifier-free guidance scale (default: 0; needs --no-cache)")
+    p.add_argument("--seed", type=seed_value, default=0,
+                   help="seed for temperature / random remasking, 0 to 2**63 - 1 (default: 0)")
     add_decoding_flags(p)
     p.add_argument("--backend", choices=backend_names(),
                    help="backend to run (default: the fastest one built that runs here)")
@@ -55,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the checkpoint recorded in the manifest)")
     p.add_argument("--compare-unpruned", action="store_true",
                    help="also run the unpruned graph from the same directory and print the speed-up")
-    p.add_argument("--json", action="store_true", help="print the full result (ids, kept tokens, timings) as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print the full result as JSON: the answer, its ids, finish reason (stop / length), the "
+                   "settings that produced it, kept tokens, timings")
     return p
 
 
@@ -70,10 +75,10 @@ def add_decoding_flags(p: argparse.ArgumentParser) -> None:
                    help="with the cache: forwards between refreshes within a block; never = only at block "
                    "starts (default: 32, the official demo's)")
     r = g.add_mutually_exclusive_group()
-    r.add_argument("--factor", type=positive_float, metavar="F",
+    r.add_argument("--factor", type=setting_number("factor", low=0.0, low_open=True), metavar="F",
                    help="parallel decoding, the official LLaDA-V Fast-dLLM hook's rule (its demo's threshold=1 "
                    "is --factor 1): commit the top k, k the first rank with confidence < 1 - F/(k+2)")
-    r.add_argument("--threshold", type=unit_interval, metavar="T",
+    r.add_argument("--threshold", type=setting_number("threshold", low=0.0, high=1.0, low_open=True), metavar="T",
                    help="parallel decoding, Fast-dLLM's threshold rule: commit every masked token of the block "
                    "with confidence >= T (at least one)")
 
@@ -102,6 +107,13 @@ def ask_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def timing_line(res, pipe) -> str:
+    """One line for stderr after a plain answer: how long it took, and where the time went."""
+    t = res.timings
+    return (f"llada-generate: {len(res.ids)} tokens ({res.finish_reason}) in {t['total']:.2f} s: vision "
+            f"{t['vision']:.2f} s, {res.forwards} forwards {t['denoise']:.2f} s ({pipe.backend} on {pipe.device})")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
@@ -121,13 +133,16 @@ def main(argv: list[str] | None = None) -> int:
         res = pipe.generate(args.image, args.prompt, **kw)
         base = pipe.generate(args.image, args.prompt, unpruned=True, **kw) if args.compare_unpruned else None
         if args.json:
-            out = {"backend": pipe.backend, "device": pipe.device, "result": res.to_dict()}
+            # with the engines, the image and the prompt, result.settings reproduce the answer
+            out = {"engines": args.engines, "backend": pipe.backend, "device": pipe.device, "image": args.image,
+                   "prompt": args.prompt, "result": res.to_dict()}
             if base is not None:
                 out["unpruned"] = base.to_dict()
                 out["speedup"] = base.timings["total"] / res.timings["total"]
             print(json.dumps(out, indent=2), flush=True)
             return 0
         print(res.text, flush=True)
+        print(timing_line(res, pipe), file=sys.stderr, flush=True)
         if base is not None:
             kept = len(res.kept_visual) if res.kept_visual is not None else res.n_visual
             print(f"\n[pruned]   {res.timings['total'] * 1e3:.1f} ms, kept {kept}/{res.n_visual} visual tokens")
