@@ -96,13 +96,14 @@ def serve_engines(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(serve_engines):
-    """``llada-serve`` as a user runs it: 2 replicas, max batch 4, 1 thread each, a short Ray temp dir, a
-    fixed metrics port."""
+    """``llada-serve`` as a user runs it: 2 replicas, max batch 4, 1 thread each, a fixed metrics port, no
+    --temp-dir (Ray's temp root, RAY_TMPDIR, is a short folder of this module's: the session folder in it
+    is the server's to remove when it stops)."""
     tmp = tempfile.mkdtemp(prefix="llsv_", dir="/tmp")
     port, metrics_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": tmp}
     cmd = [sys.executable, "-m", "llada_export.cli.serve", "--engines", str(serve_engines), "--replicas", "2",
-           "--port", str(port), "--temp-dir", tmp, "--threads", "1", "--batch-wait-ms", "100",
+           "--port", str(port), "--threads", "1", "--batch-wait-ms", "100",
            "--cpus-per-replica", "0.5", "--model-name", "demo", "--metrics-port", str(metrics_port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     ready = threading.Event()
@@ -341,7 +342,7 @@ def test_client_that_hangs_up_does_not_break_its_batch(server, direct):
     img, q, _ = ITEMS[4]
     body = json.dumps(chat_body(q, img)).encode()
     host, port = server["url"].rsplit("/", 1)[1].split(":")
-    logs = Path(server["tmp"]) / "session_latest" / "logs" / "serve"
+    logs = Path(server["tmp"]) / "ray" / "session_latest" / "logs" / "serve"
 
     def cancelled() -> int:
         return sum(f.read_text(errors="replace").count("was cancelled (its caller hung up)")
@@ -527,10 +528,12 @@ def test_load_test_refuses_an_empty_run(capsys):
 
 
 def test_shutdown_leaves_no_processes(server):
-    """Ctrl-C (SIGINT): llada-serve stops its cluster and exits 0; every process it started is gone."""
+    """Ctrl-C (SIGINT): llada-serve stops its cluster and exits 0; every process it started is gone, and
+    so is the session folder it wrote under Ray's temp root (they piled up in /tmp/ray)."""
     proc = server["proc"]
     tree = descendants(proc.pid)
     assert len(tree) >= 4 and any(REPLICA in cmdline(p) for p in tree)
+    assert len(list((Path(server["tmp"]) / "ray").glob("session_2*"))) == 1
     proc.send_signal(signal.SIGINT)
     rc = proc.wait(90)
     err = proc.stderr.read()
@@ -540,3 +543,4 @@ def test_shutdown_leaves_no_processes(server):
         assert time.perf_counter() < deadline, [cmdline(p) for p in tree if alive(p)]
         time.sleep(1)
     assert not [p for p in children_map() if server["tmp"] in cmdline(p)]
+    assert not list((Path(server["tmp"]) / "ray").glob("session_*"))
