@@ -354,7 +354,7 @@ def test_client_that_hangs_up_does_not_break_its_batch(server, direct):
         s = socket.create_connection((host, int(port)))
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        time.sleep(0.3)  # in the batch by now (batch wait 100 ms)
+        time.sleep(0.6)  # in its batch by now (batch wait 100 ms), and the batch not done (about a second)
         s.close()
 
     others = (5, 6, 7, 8, 9, 10, 11)  # with the dropped one, a full batch of 4 on each of the two replicas
