@@ -394,6 +394,12 @@ def test_generate_batch_refuses_what_is_not_a_request(pipe, requests, msg):
         pipe.generate_batch(requests, preset="mc")
 
 
+def test_a_bad_request_of_a_batch_is_named(cache_pipe, images):
+    reqs = [Request(images["384x384"], "What is here?"), Request(images["384x384"], "What?", seed=-2)]
+    with pytest.raises(GenerationError, match=r"^requests\[1\]: seed must be from 0"):
+        cache_pipe.generate_batch(reqs, preset="mc")
+
+
 def test_generate_batch_takes_pairs_and_dicts(pipe, images):
     one = pipe.generate(images["384x384"], "What is here?", preset="mc", seed=3)
     pair, = pipe.generate_batch([(images["384x384"], "What is here?")], preset="mc")

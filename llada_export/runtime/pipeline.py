@@ -302,9 +302,11 @@ class Pipeline:
     def generate(self, image, prompt: str, *, system: str = DEFAULT_SYSTEM_PROMPT, seed: int = 0,
                  unpruned: bool = False, on_step: Callable[[StepEvent], None] | None = None,
                  **settings) -> GenerationResult:
-        """Answer ``prompt`` about ``image`` (path, PIL image or HxWx3 uint8 array; None for text only).
+        """Answer ``prompt`` (non-empty UTF-8 text) about ``image`` (path, PIL image or HxWx3 uint8 array;
+        None for text only); ``seed`` (0 <= seed < 2**63) drives temperature > 0 and random remasking.
         ``settings``: see :meth:`generation_config` (preset, gen_length, steps, block_length,
-        temperature, remasking, cfg_scale, factor, threshold, cache, refresh)."""
+        temperature, remasking, cfg_scale, factor, threshold, cache, refresh). The result's ``settings``
+        are these, resolved: ``generate(image, prompt, **result.settings)`` answers the same."""
         return self.generate_batch([Request(image, prompt, system, seed)], unpruned=unpruned, on_step=on_step,
                                    **settings)[0]
 
@@ -365,7 +367,13 @@ def as_requests(requests) -> list[Request]:
     requests = list(requests)
     if not requests:
         raise RequestError("generate_batch got no requests: pass at least one Request(image, prompt)")
-    return [_as_request(r, i).validate() for i, r in enumerate(requests)]
+    out = [_as_request(r, i) for i, r in enumerate(requests)]
+    for i, r in enumerate(out):
+        try:
+            r.validate()
+        except ValueError as e:  # in a batch, say which request
+            raise e if len(out) == 1 else type(e)(f"requests[{i}]: {e}") from None
+    return out
 
 
 def _as_request(r, i: int) -> Request:
