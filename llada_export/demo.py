@@ -2,12 +2,15 @@
 
 The bundled default is the trained demo model (``assets/demo-model``: the official
 LLaDA-V structure at 3.8 M parameters, fp32, trained by ``tools/train_demo.py`` on the
-procedural shapes-and-digits VQA task of :mod:`llada_export.vqa_task`). The demo exports
-it with LLaDA-FastV pruning (ONNX Runtime, CPU) plus the unpruned baseline, in a bucket
-that takes every question of the task, answers one question of each of the task's five
-types about the bundled image (``assets/demo.png``, a test image never seen in training)
-with the pruned and the unpruned graphs, and prints the answers against the task's ground
-truth, the kept-token count and the timings. It exits with status 1 if any answer is wrong.
+procedural shapes-and-digits VQA task of :mod:`llada_export.vqa_task`, whose answers are
+one token (short types) or whole phrases of 4 to 22 tokens (long types)). The demo exports
+it once (ONNX Runtime, CPU): LLaDA-FastV pruning with the prefix-cache graphs, plus the
+unpruned baseline, in a bucket that takes every question of the task. It asks short and
+long questions about the bundled image (``assets/demo.png``, a test image never seen in
+training) two ways: the exact unpruned engines on the official fixed schedule (one token
+per forward), and the product's fast path (pruned, prefix cache, parallel decoding). It
+prints each answer against the task's ground truth with its forwards, tokens per forward
+and time, and exits with status 1 if any answer is wrong.
 Engines already in the workdir that were built from the same checkpoint and settings are
 reused (``--rebuild`` exports them again).
 """
@@ -23,31 +26,38 @@ from pathlib import Path
 
 ASSETS = Path(__file__).parent / "assets"
 DEMO_MODEL = ASSETS / "demo-model"
-DEMO_IMAGE = ASSETS / "demo.png"  # vqa_task.sample("test", 22).image()
+DEMO_IMAGE = ASSETS / "demo.png"  # demo_sample().image()
 DEMO_IMAGE_SIZE = (384, 288)  # the task's image size: the bucket the demo exports
-DEMO_SAMPLE = ("test", 22)
-# (question type, what it asks about) of the questions about DEMO_IMAGE: one of each type. The
+DEMO_SAMPLE = {"split": "test", "index": 5, "qtype": "describe"}  # a test scene of 3 shapes and a digit
+# (question type, what it asks about) of the questions about DEMO_IMAGE: two short, two long. The
 # ground truth comes from the task generator (vqa_task.derive_answer on the sample's scene).
-DEMO_KINDS = (("colour", "square"), ("digit", None), ("count", "triangle"), ("top", None), ("left", None))
-# The setting the demo exports, from benchmarks/prune_sweep.md (ONNX Runtime engines, 300 test
-# questions): K 3 keeps the most accuracy over the keeps (the recommended K of
-# benchmarks/attention_analysis.md), and keep 0.5 is its smallest keep within 95% of the
-# unpruned accuracy (96.0% vs 99.0%, 49% fewer FLOPs per request).
+DEMO_KINDS = (("digit", None), ("left", None), ("describe", None), ("list", None))
+# The pruning the demo exports (benchmarks/prune_sweep.md, the demo model v2 on long and short answers).
 DEMO_PRUNE_LAYER = 3
 DEMO_KEEP = 0.5
-DEMO_PRESET = "chartqa"
+DEMO_GEN_LENGTH = 32  # the task's evaluation length (vqa_task.GEN_LENGTH): one block, 32 steps
+# The fast path's sampler settings (benchmarks/cache_sweep.md): the prefix cache with its default
+# refresh, and the factor rule of parallel decoding.
+DEMO_FAST = {"cache": True, "factor": 1.0}
 
 
 @dataclass
 class DemoAnswer:
     question: str
     truth: str
-    pruned: object  # runtime.pipeline.GenerationResult
-    unpruned: object
+    long: bool  # a long-answer question type
+    exact: object  # runtime.pipeline.GenerationResult: unpruned engines, fixed schedule, no cache
+    fast: object  # pruned + prefix cache + parallel decoding
 
     @property
     def right(self) -> tuple[bool, bool]:
-        return self.pruned.text.strip() == self.truth, self.unpruned.text.strip() == self.truth
+        return self.exact.text.strip() == self.truth, self.fast.text.strip() == self.truth
+
+
+def tokens_per_forward(result) -> float:
+    """Answer tokens (the closing <|eot_id|> included) committed per forward of the request's row."""
+    n = len(result.ids) + (result.finish_reason == "stop")
+    return n / max(1, result.forwards)
 
 
 # ---------------------------------------------------------------------- reuse of matching engines
@@ -143,47 +153,65 @@ def plain(doc: str) -> str:
 
 
 # ---------------------------------------------------------------------- the demo
-def demo_questions() -> list[tuple[str, str]]:
-    """(question, ground truth) about the bundled image, one per question type."""
+def demo_sample():
+    """The task sample whose image is :data:`DEMO_IMAGE`."""
     from . import vqa_task
 
-    scene = vqa_task.sample(*DEMO_SAMPLE).scene
+    return vqa_task.sample(**DEMO_SAMPLE)
+
+
+def demo_questions() -> list[tuple[str, str]]:
+    """(question, ground truth) about the bundled image: :data:`DEMO_KINDS`."""
+    from . import vqa_task
+
+    scene = demo_sample().scene
     return [(vqa_task.question_text(t, a), vqa_task.derive_answer(scene, t, a)) for t, a in DEMO_KINDS]
 
 
 def demo_export_options(workdir: str | Path, model: str | Path = DEMO_MODEL, prune_layer: int = DEMO_PRUNE_LAYER,
-                        keep: float = DEMO_KEEP, preset: str = DEMO_PRESET, progress: bool = True):
-    """The ExportOptions of the demo's engines: ``workdir/engines``, pruned + unpruned baseline, ONNX
-    Runtime, the task's 384x288 bucket with room for every question of the task."""
+                        keep: float = DEMO_KEEP, gen_length: int = DEMO_GEN_LENGTH, progress: bool = True):
+    """The ExportOptions of the demo's engines: ``workdir/engines``, pruned with the prefix-cache graphs
+    + the unpruned baseline, ONNX Runtime, the task's 384x288 bucket with room for every question of
+    the task, one block of ``gen_length``."""
     from . import vqa_task
     from .contract.pruning import PruneSettings
     from .exporter.build import ExportOptions
-    from .sampler import preset as get_preset
     from .tokenizer import load_tokenizer
 
-    gen = get_preset(preset)
     return ExportOptions(model=str(model), output=str(Path(workdir) / "engines"), prune=PruneSettings(prune_layer, keep),
-                         baseline=True, gen_length=gen.gen_length, block_length=gen.block_length, steps=gen.steps,
+                         baseline=True, cache=True, gen_length=gen_length, block_length=gen_length, steps=gen_length,
                          max_prompt_tokens=vqa_task.prompt_tokens(load_tokenizer(model)), image_size=DEMO_IMAGE_SIZE,
                          overwrite=True, progress=progress)
 
 
 def run_demo(workdir: str | Path, model: str | Path = DEMO_MODEL, prune_layer: int = DEMO_PRUNE_LAYER,
-             keep: float = DEMO_KEEP, preset: str = DEMO_PRESET, progress: bool = True, rebuild: bool = False):
+             keep: float = DEMO_KEEP, gen_length: int = DEMO_GEN_LENGTH, progress: bool = True, rebuild: bool = False,
+             fast: dict | None = None):
     """Export ``model`` (:func:`demo_export_options`) into ``workdir/engines``, or reuse the
     engines there if they were built from the same (:func:`export_or_reuse`), and answer
-    :func:`demo_questions` about :data:`DEMO_IMAGE` with both graphs. Returns (the Pipeline, a
-    DemoAnswer per question)."""
+    :func:`demo_questions` about :data:`DEMO_IMAGE` the exact way (unpruned, fixed schedule, no
+    cache) and the fast way (pruned, ``fast`` sampler settings: default :data:`DEMO_FAST`).
+    Returns (the Pipeline, a DemoAnswer per question)."""
+    from . import vqa_task
     from .runtime.pipeline import Pipeline
 
-    opts = demo_export_options(workdir, model, prune_layer, keep, preset, progress)
+    opts = demo_export_options(workdir, model, prune_layer, keep, gen_length, progress)
     export_or_reuse(opts, rebuild, say=lambda m: print(m, flush=True) if progress else None)
     pipe = Pipeline.load(opts.output)
     pipe.warmup()  # first-run costs (session warm-up, allocations) stay out of the timings
-    answers = [DemoAnswer(q, truth, pipe.generate(DEMO_IMAGE, q, preset=preset),
-                          pipe.generate(DEMO_IMAGE, q, preset=preset, unpruned=True))
+    sched = dict(gen_length=gen_length, block_length=gen_length, steps=gen_length)
+    long_qs = {vqa_task.question_text(t, a) for t, a in DEMO_KINDS if t in vqa_task.LONG_TYPES}
+    answers = [DemoAnswer(q, truth, q in long_qs, pipe.generate(DEMO_IMAGE, q, unpruned=True, cache=False, **sched),
+                          pipe.generate(DEMO_IMAGE, q, **sched, **(DEMO_FAST if fast is None else fast)))
                for q, truth in demo_questions()]
     return pipe, answers
+
+
+def describe_fast(settings: dict) -> str:
+    rule = (f"factor {settings['factor']:g}" if settings.get("factor") is not None else
+            f"threshold {settings['threshold']:g}" if settings.get("threshold") is not None else "fixed schedule")
+    refresh = settings.get("refresh")
+    return f"prefix cache (refresh {'at block starts only' if refresh is None else f'every {refresh} forwards'}), {rule}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,35 +229,32 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"LM layer K where visual tokens are pruned (default {DEMO_PRUNE_LAYER})")
     p.add_argument("--keep", type=float, default=DEMO_KEEP,
                    help=f"fraction of visual tokens kept (default {DEMO_KEEP})")
-    p.add_argument("--preset", default=DEMO_PRESET, help=f"sampler preset (default: {DEMO_PRESET})")
+    p.add_argument("--gen-length", type=int, default=DEMO_GEN_LENGTH,
+                   help=f"response length, one block, as many steps (default {DEMO_GEN_LENGTH})")
     args = p.parse_args(argv)
     with user_errors("llada-demo"):
-        from .sampler import preset as get_preset
-
-        gen = get_preset(args.preset)  # an unknown preset fails before the export
-        pipe, answers = run_demo(args.workdir, args.model, args.prune_layer, args.keep, args.preset,
+        if args.gen_length < 1:
+            raise ValueError(f"--gen-length must be a positive integer, got {args.gen_length}")
+        pipe, answers = run_demo(args.workdir, args.model, args.prune_layer, args.keep, args.gen_length,
                                  rebuild=args.rebuild)
         layer = pipe.manifest.pruning.layer
-        print(f"\nimage: {DEMO_IMAGE.name} ({DEMO_IMAGE_SIZE[0]}x{DEMO_IMAGE_SIZE[1]}), preset {args.preset} "
-              f"(gen/block/steps {gen.gen_length}/{gen.block_length}/{gen.steps}; a request stops at its "
-              f"<|eot_id|>, so it takes fewer steps), prune layer {layer}, keep {pipe.keep}")
+        print(f"\nimage: {DEMO_IMAGE.name} ({DEMO_IMAGE_SIZE[0]}x{DEMO_IMAGE_SIZE[1]}), {args.gen_length} response "
+              f"slots in one block.\n  exact: unpruned engines, official fixed schedule ({args.gen_length} steps: one "
+              f"token per forward; a request stops at its <|eot_id|>), no cache\n  fast:  pruned at layer {layer} "
+              f"(keep {pipe.keep}) + {describe_fast(answers[0].fast.settings)}")
         for a in answers:
-            pr, fu = a.pruned, a.unpruned
             marks = ["right" if ok else "WRONG" for ok in a.right]
-            print(f"\nQ: {a.question}   (ground truth: {a.truth})")
-            print(f"  pruned   answer: {pr.text.strip()!r:10} {marks[0]:5} {pr.timings['total'] * 1e3:7.1f} ms "
-                  f"(visual tokens {pr.n_visual} -> {len(pr.kept_visual or [])} at layer {layer}; stage A "
-                  f"{pr.timings['stage_a_per_call'] * 1e3:.1f} ms, stage B "
-                  f"{pr.timings.get('stage_b_per_call', 0.0) * 1e3:.2f} ms/step, {pr.forwards} steps)")
-            print(f"  unpruned answer: {fu.text.strip()!r:10} {marks[1]:5} {fu.timings['total'] * 1e3:7.1f} ms "
-                  f"({fu.timings['unpruned_per_call'] * 1e3:.2f} ms/step, {fu.forwards} steps)")
+            print(f"\nQ: {a.question}   ({'long' if a.long else 'short'} answer; ground truth: {a.truth!r})")
+            for name, r, mark in (("exact", a.exact, marks[0]), ("fast", a.fast, marks[1])):
+                print(f"  {name:5} {r.text.strip()!r} {mark}: {r.forwards} forwards, "
+                      f"{tokens_per_forward(r):.2f} tokens/forward, {r.timings['total'] * 1e3:.0f} ms")
         n_right = sum(sum(a.right) for a in answers)
-        step_b = [a.pruned.timings["stage_b_per_call"] for a in answers if "stage_b_per_call" in a.pruned.timings]
-        step_full = [a.unpruned.timings["unpruned_per_call"] for a in answers]
-        b, f = sum(step_b) / max(len(step_b), 1), sum(step_full) / len(step_full)
-        print(f"\n{n_right}/{2 * len(answers)} answers right. Per denoising step: pruned stage B {b * 1e3:.1f} ms, "
-              f"unpruned {f * 1e3:.1f} ms ({f / max(b, 1e-9):.2f}x) on this CPU. The project's README has the "
-              "full-size GPU numbers.")
+        fw = [sum(getattr(a, k).forwards for a in answers) for k in ("exact", "fast")]
+        t = [sum(getattr(a, k).timings["total"] for a in answers) for k in ("exact", "fast")]
+        print(f"\n{n_right}/{2 * len(answers)} answers right. All questions: exact {fw[0]} forwards in "
+              f"{t[0]:.2f} s, fast {fw[1]} forwards in {t[1]:.2f} s ({fw[0] / max(fw[1], 1):.1f}x fewer forwards, "
+              f"{t[0] / max(t[1], 1e-9):.1f}x faster on this CPU). The project's README has the sweeps behind "
+              "these settings and the full-size GPU numbers.")
         if n_right < 2 * len(answers):
             print("llada-demo: error: an answer does not match the task's ground truth", file=sys.stderr)
             return 1

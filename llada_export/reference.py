@@ -31,7 +31,7 @@ from .graphs.llada import attention_mask
 from .graphs.llava import LLaDAV
 from .graphs.pruning import gather_seq, prune_indices
 from .sampler import GenerationConfig, SamplerTrace, StepInfo, fused_prediction, generate
-from .tokenizer import DEFAULT_SYSTEM_PROMPT, TokenizerError, encode_prompt, special_tokens
+from .tokenizer import DEFAULT_SYSTEM_PROMPT, TokenizerError, decode_answer, encode_prompt, special_tokens
 
 
 @dataclass
@@ -218,7 +218,7 @@ def reference_generate(
                       generators=[torch.Generator(device=dev).manual_seed(seed)], trace=trace, device=dev)
     kept = den.kept_visual.tolist() if prune is not None and den.kept_visual is not None else (
         [] if prune is not None else None)
-    return ReferenceResult(ids.tolist(), tokenizer.decode(ids.tolist(), skip_special_tokens=True), kept, trace,
+    return ReferenceResult(ids.tolist(), decode_answer(tokenizer, ids.tolist()), kept, trace,
                            den.calls)
 
 
