@@ -34,7 +34,7 @@ class Server:
     gpus_per_replica: float
     local: bool  # True: this process started the Ray cluster (stop() shuts it down)
     metrics_url: str | None = None  # Prometheus text of this node (Ray Serve's metrics among it)
-    session_dir: str | None = None  # the local cluster's session folder that stop() removes (None: keep it)
+    remove_session: bool = False  # stop() removes the local cluster's session folder (no --temp-dir given)
 
     def stop(self) -> None:
         stop(self)
@@ -114,15 +114,15 @@ def start(options: ServeOptions, *, replicas: int = 1, host: str = "127.0.0.1", 
     ray, serve = import_ray()
 
     level = logging.INFO if verbose else logging.WARNING
-    if local:
-        ray.init(num_cpus=max(os.cpu_count() or 1, int(replicas * cpus_per_replica + 0.999)),
-                 include_dashboard=False, log_to_driver=verbose, logging_level=level, _temp_dir=temp_dir,
-                 **({"_metrics_export_port": metrics_port} if metrics_port else {}))
-    else:
-        _connect(address, connect_timeout_s, verbose, level)
-    session = _session_dir() if local and temp_dir is None else None
-    logging.getLogger("ray.serve").setLevel(level)
-    try:
+    remove_session = local and temp_dir is None  # Ray's shared /tmp/ray: our session folder is ours to remove
+    try:  # Ctrl-C or a failure from here on: the local cluster (its session folder too) goes, however far it got
+        if local:
+            ray.init(num_cpus=max(os.cpu_count() or 1, int(replicas * cpus_per_replica + 0.999)),
+                     include_dashboard=False, log_to_driver=verbose, logging_level=level, _temp_dir=temp_dir,
+                     **({"_metrics_export_port": metrics_port} if metrics_port else {}))
+        else:
+            _connect(address, connect_timeout_s, verbose, level)
+        logging.getLogger("ray.serve").setLevel(level)
         gpus = ray.cluster_resources().get("GPU", 0)
         want_gpu = options.device is not None and options.device.startswith("cuda")
         if want_gpu and gpus < replicas or (options.device is None and 0 < gpus < replicas):
@@ -133,10 +133,10 @@ def start(options: ServeOptions, *, replicas: int = 1, host: str = "127.0.0.1", 
         app = build_app(options, replicas, gpus_per_replica=per_gpu, cpus_per_replica=cpus_per_replica)
         _run_with_timeout(app, startup_timeout_s, verbose)
     except BaseException:
-        _shutdown(local, session)
+        _shutdown(local, remove_session)
         raise
     return Server(f"http://{host}:{port}", replicas, options.max_batch or m.bucket.batch_size, per_gpu, local,
-                  _metrics_url(), session)
+                  _metrics_url(), remove_session)
 
 
 def _connect(address: str, timeout_s: float, verbose: bool, level: int) -> None:
@@ -239,15 +239,16 @@ def _first_error(e: BaseException) -> str:
 
 
 def stop(server: Server) -> None:
-    _shutdown(server.local, server.session_dir)
+    _shutdown(server.local, server.remove_session)
 
 
-def _shutdown(local: bool, session_dir: str | None = None) -> None:
+def _shutdown(local: bool, remove_session: bool = False) -> None:
     import ray
     from ray import serve
 
     if not ray.is_initialized():
         return
+    session_dir = _session_dir() if local and remove_session else None
     if not local:
         try:
             serve.delete(APP_NAME)
