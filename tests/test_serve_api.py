@@ -134,18 +134,20 @@ def test_huge_image_is_refused_before_it_is_decoded():
     assert e.value.status == 413 and "8000x6000" in e.value.message
 
 
-def _result(ids):
+def _result(ids, finish_reason):
     from llada_export.runtime.pipeline import GenerationResult
 
-    return GenerationResult("x", ids, kept_visual=[1, 2, 3], n_visual=10, forwards=2)
+    return GenerationResult("x", ids, kept_visual=[1, 2, 3], n_visual=10, forwards=2,
+                            settings={"gen_length": 8, "seed": 3}, finish_reason=finish_reason)
 
 
-def test_completion_reports_stop_and_usage():
-    c = completion("m", _result([5, 6]), prompt_tokens=30, gen_length=8)
-    assert c["choices"][0]["finish_reason"] == "stop" and c["usage"] == {
+def test_completion_reports_stop_usage_and_the_settings():
+    c = completion("m", _result([5, 6], "stop"), prompt_tokens=30, gen_length=8)
+    assert c["choices"][0]["finish_reason"] == c["llada"]["finish_reason"] == "stop" and c["usage"] == {
         "prompt_tokens": 30, "completion_tokens": 2, "total_tokens": 32}
     assert c["llada"]["kept_visual_tokens"] == 3 and c["llada"]["visual_tokens"] == 10
-    assert completion("m", _result(list(range(8))), 30, 8)["choices"][0]["finish_reason"] == "length"
+    assert c["llada"]["settings"] == {"gen_length": 8, "seed": 3}  # what reproduces the answer
+    assert completion("m", _result(list(range(8)), "length"), 30, 8)["choices"][0]["finish_reason"] == "length"
 
 
 def test_client_places_the_image_where_the_prompt_marks_it():

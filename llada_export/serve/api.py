@@ -259,7 +259,7 @@ def completion(model: str, result, prompt_tokens: int, gen_length: int, extra: d
     return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                         "finish_reason": "stop" if used < gen_length else "length"}],
+                         "finish_reason": recorded.get("finish_reason", "stop" if used < gen_length else "length")}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": used,
                       "total_tokens": prompt_tokens + used},
             "llada": llada | (extra or {})}
