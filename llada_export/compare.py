@@ -4,9 +4,17 @@ Per graph of the graph set (vision, stage A, stage B, the cache graphs, the unpr
 the eager oracle the graph names and the engine run on the same real inputs (from an image
 and a prompt) through Polygraphy's ``Comparator``; ``CompareFunc.simple`` checks per-output
 tolerances (fp32 tight, fp16/bf16 looser; integer outputs exact) and gives the error
-statistics. The inputs and the reference outputs are saved so that
-``polygraphy run <graph>.onnx --onnxrt --load-inputs ... --load-outputs ...`` repeats the
-check from the command line.
+statistics. Stage A's kept tokens are judged as a set (:func:`kept_set`, :class:`KeptSetCompare`):
+the static top-k's surplus slots (``kept_alive`` false) point at arbitrary padded positions
+that the eager oracle and an engine may choose differently, so they are not compared. The
+inputs and the reference outputs are saved so that ``polygraphy run <graph>.onnx --onnxrt
+--load-inputs ... --load-outputs ...`` repeats the check from the command line (for stage A
+with the same set comparison, from a script written beside them).
+
+What cannot run is refused before any comparison (:func:`plan_compare`): a backend not built,
+a user's prompt or image that does not fit the bucket, an unknown preset. Built-in prompts and
+presets that do not fit are skipped, and the report says so. A run that fails leaves no
+Polygraphy files behind unless ``save_dir`` was given.
 
 End to end, over a set of prompts: token agreement engine vs eager (same pruning, same
 cache and parallel settings; exact in fp32), pruned vs unpruned (the pruning's own
@@ -17,6 +25,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
@@ -26,7 +35,7 @@ import numpy as np
 import torch
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
-from polygraphy.comparator import Comparator, RunResults, SimpleCompareFunc
+from polygraphy.comparator import Comparator, IterationResult, RunResults, SimpleCompareFunc
 from polygraphy.json import save_json
 from polygraphy.logger import G_LOGGER
 
@@ -37,6 +46,8 @@ from .engines.registry import get_backend
 from .graphs.anyres import preprocess
 from .reference import OracleContext, reference_generate
 from .runtime.pipeline import Pipeline, Request
+from .sampler import GenerationConfig
+from .sampler import preset as get_preset
 
 ASSETS = Path(__file__).parent / "assets"
 BUNDLED = [
@@ -45,11 +56,64 @@ BUNDLED = [
 ]
 # (atol, rtol) per engine dtype, relative to the largest reference magnitude of each output.
 TOLERANCES = {"float32": (1e-4, 1e-4), "float16": (2e-2, 2e-2), "bfloat16": (5e-2, 5e-2)}
+# Fraction of a row's kept visual tokens that may differ from the eager oracle's (near-ties in the
+# layer-K scores flip in low precision; fp32 keeps exactly the same set).
+KEPT_TOLERANCE = {"float32": 0.0, "float16": 0.1, "bfloat16": 0.2}
 INTEGER_DTYPES = {"int64", "bool"}
+KEPT = ("kept_index", "kept_alive")  # stage A's outputs, compared as a set (kept_set)
 
 
 class CompareError(ValueError):
-    """The engines and the checkpoint cannot be compared (another model, a missing tokenizer)."""
+    """The engines and the checkpoint cannot be compared (another model, a missing tokenizer, a
+    prompt that does not fit the bucket, a backend not built)."""
+
+
+def kept_set(result):
+    """Polygraphy post-process step (``IterationResult -> IterationResult``, in place): stage A's
+    ``kept_index`` [B, L'] / ``kept_alive`` [B, L'] as the SET of kept positions. ``kept_index``
+    becomes the alive positions ascending then -1, ``kept_alive`` True for as many slots. The
+    surplus (dead) slots of the static top-k point at arbitrary padded positions that two correct
+    implementations pick differently; they are dropped. Idempotent; other results pass through."""
+    if not all(k in result for k in KEPT):
+        return result
+    index, alive = np.asarray(result["kept_index"]), np.asarray(result["kept_alive"]).astype(bool)
+    out_index = np.full_like(index, -1)  # [B, L']
+    out_alive = np.zeros_like(alive)  # [B, L']
+    for row in range(index.shape[0]):
+        kept = np.sort(index[row][alive[row]])
+        out_index[row, : len(kept)] = kept
+        out_alive[row, : len(kept)] = True
+    result["kept_index"], result["kept_alive"] = out_index, out_alive
+    return result
+
+
+def kept_missing(ref_index: np.ndarray, out_index: np.ndarray) -> np.ndarray:
+    """Per row [B]: kept positions of the reference (after :func:`kept_set`) the engine lacks."""
+    return np.array([len(set(r[r >= 0].tolist()) - set(o[o >= 0].tolist())) for r, o in zip(ref_index, out_index)])
+
+
+@dataclass
+class KeptSetCompare:
+    """Polygraphy compare function: ``SimpleCompareFunc`` (elementwise atol OR rtol) for every
+    output, except ``kept_index`` (after :func:`kept_set`), which passes where no row lacks more
+    than ``kept_diff`` of the reference's kept positions. ``polygraphy run --compare-func-script``
+    loads it from the script :func:`compare_graph` writes, so the command repeats this check."""
+
+    atol: dict[str, float]
+    rtol: dict[str, float]
+    kept_diff: int = 0
+
+    def __call__(self, ref: IterationResult, out: IterationResult):
+        simple = SimpleCompareFunc(atol=self.atol, rtol=self.rtol, check_error_stat="elemwise", error_quantile=0.99)
+        with np.errstate(divide="ignore", invalid="ignore"):  # Polygraphy's relative error of exact zeros
+            res = simple(_without(ref, "kept_index"), _without(out, "kept_index"))
+        if "kept_index" in ref and "kept_index" in out:
+            res["kept_index"] = bool(kept_missing(ref["kept_index"], out["kept_index"]).max() <= self.kept_diff)
+        return res
+
+
+def _without(result: IterationResult, name: str) -> IterationResult:
+    return IterationResult({k: v for k, v in result.items() if k != name}, result.runtime, result.runner_name)
 
 
 class EagerRunner(BaseRunner):
@@ -109,23 +173,33 @@ class CompareReport:
     dtype: str
     graphs: list[GraphReport] = field(default_factory=list)
     agreement: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was skipped or removed, and why
+    error: str | None = None  # why the comparison could not run
 
     @property
     def passed(self) -> bool:
-        return all(g.passed for g in self.graphs) and all(a["engine_vs_reference_exact"] or not a["strict"]
-                                                          for a in self.agreement)
+        return self.error is None and all(g.passed for g in self.graphs) and all(
+            a["engine_vs_reference_exact"] or not a["strict"] for a in self.agreement)
 
     def to_dict(self) -> dict:
         return {"engines": self.engines, "checkpoint": self.checkpoint, "dtype": self.dtype, "passed": self.passed,
-                "graphs": [g.__dict__ for g in self.graphs], "agreement": self.agreement}
+                "error": self.error, "notes": self.notes, "graphs": [g.__dict__ for g in self.graphs],
+                "agreement": self.agreement}
 
     def markdown(self) -> str:
         lines = [f"# llada-compare: {'PASS' if self.passed else 'FAIL'}", "",
-                 f"engines `{self.engines}` vs eager PyTorch on `{self.checkpoint}` (engine dtype {self.dtype})", "",
-                 "An output passes where every element is within atol OR within rtol of the reference "
-                 "(Polygraphy's rule); `passes on` says which held for the worst element.", "",
-                 "| backend | graph | output | max abs | mean abs | median abs | p99 abs | max rel | atol | rtol | "
-                 "passes on | ok |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                 f"engines `{self.engines}` vs eager PyTorch on `{self.checkpoint}` (engine dtype {self.dtype})", ""]
+        if self.error:
+            lines += [f"**Could not compare**: {self.error}", ""]
+        if self.notes:
+            lines += ["## Notes", "", *(f"- {n}" for n in self.notes), ""]
+        lines += ["An output passes where every element is within atol OR within rtol of the reference "
+                  "(Polygraphy's rule); `passes on` says which held for the worst element. `kept_index` is "
+                  "compared as the set of kept positions where `kept_alive` (the static top-k's dead slots are "
+                  "not compared): its abs errors count the reference's kept positions a row of the engine lacks, "
+                  "its atol how many may.", "",
+                  "| backend | graph | output | max abs | mean abs | median abs | p99 abs | max rel | atol | rtol | "
+                  "passes on | ok |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for g in self.graphs:
             for out, s in g.stats.items():
                 t = g.tolerances[out]
@@ -210,24 +284,53 @@ def _stats(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
             "mean_rel": float(rel.mean())}
 
 
+def tolerances(io, ref_out: dict[str, np.ndarray], feeds: dict[str, np.ndarray], dtype: str
+               ) -> dict[str, dict[str, float]]:
+    """Per output {atol, rtol}: floats relative to the reference's largest magnitude, integers exact,
+    ``kept_index`` the number of a row's kept visual tokens that may differ (KEPT_TOLERANCE)."""
+    a, r = TOLERANCES[dtype]
+    tol = {t.name: ({"atol": 0.0, "rtol": 0.0} if t.dtype in INTEGER_DTYPES else
+                    {"atol": a * max(1.0, float(np.abs(ref_out[t.name]).max())), "rtol": r}) for t in io.outputs}
+    if "kept_index" in tol and "num_keep" in feeds:
+        real = (feeds["visual_mask"].astype(bool) & feeds["key_mask"].astype(bool)).sum(1)  # [B]
+        kept_visual = int(np.minimum(feeds["num_keep"], real).max())
+        tol["kept_index"]["atol"] = float(int(KEPT_TOLERANCE[dtype] * kept_visual))
+    return tol
+
+
+def _kept_stats(ref_index: np.ndarray, out_index: np.ndarray) -> dict[str, float]:
+    """kept_index statistics: per row, the reference's kept positions the engine lacks."""
+    d = kept_missing(ref_index, out_index).astype(np.float64)  # [B]
+    rel = d / np.maximum((ref_index >= 0).sum(1), 1)
+    return {"max_abs": float(d.max()), "mean_abs": float(d.mean()), "median_abs": float(np.median(d)),
+            "p90_abs": float(np.quantile(d, 0.9)), "p99_abs": float(np.quantile(d, 0.99)), "max_rel": float(rel.max()),
+            "mean_rel": float(rel.mean())}
+
+
+CHECK_SCRIPT = '''"""llada-compare's check of {backend} {name}, for polygraphy run --postprocess-func-script and
+--compare-func-script: stage A's kept tokens compared as a set, every other output within atol OR rtol."""
+from llada_export.compare import KeptSetCompare
+from llada_export.compare import kept_set as postprocess_outputs  # noqa: F401
+
+compare_outputs = KeptSetCompare(atol={atol!r}, rtol={rtol!r}, kept_diff={kept_diff})
+'''
+
+
 def compare_graph(name: str, backend: str, engine_runner: BaseRunner, ref_fn, feeds: dict[str, np.ndarray],
                   io, dtype: str, save_dir: Path, engine_path: Path) -> GraphReport:
     outputs = io.output_names
     ref_runner = EagerRunner(ref_fn, feeds, outputs, name=f"pytorch-{name}")
     results = Comparator.run([ref_runner, engine_runner], data_loader=[feeds], warm_up=0)
-    ref_out = results[0][1][0]
-    a, r = TOLERANCES[dtype]
-    tol = {t.name: ({"atol": 0.0, "rtol": 0.0} if t.dtype in INTEGER_DTYPES else
-                    {"atol": a * max(1.0, float(np.abs(ref_out[t.name]).max())), "rtol": r}) for t in io.outputs}
-    func = SimpleCompareFunc(atol={o: t["atol"] for o, t in tol.items()},
-                              rtol={o: t["rtol"] for o, t in tol.items()}, check_error_stat="elemwise",
-                              error_quantile=0.99)
-    with np.errstate(divide="ignore", invalid="ignore"):  # Polygraphy's relative error of exact zeros
-        acc = Comparator.compare_accuracy(results, compare_func=func)
+    Comparator.postprocess(results, kept_set)  # in place: stage A's kept slots as a set
+    ref_out, eng_out = results[0][1][0], results[1][1][0]
+    tol = tolerances(io, ref_out, feeds, dtype)
+    func = KeptSetCompare({o: t["atol"] for o, t in tol.items()}, {o: t["rtol"] for o, t in tol.items()},
+                          int(tol["kept_index"]["atol"]) if "kept_index" in tol else 0)
+    acc = Comparator.compare_accuracy(results, compare_func=func)
     per_out = acc[0][(results[0][0], results[1][0])][0]  # one compare func, one iteration: output -> result
     stats = {}
     for o in outputs:
-        s = _stats(ref_out[o], results[1][1][0][o])
+        s = (_kept_stats if o == "kept_index" else _stats)(ref_out[o], eng_out[o])
         s["passed"] = bool(per_out[o])
         stats[o] = s
     cmd = None
@@ -237,66 +340,157 @@ def compare_graph(name: str, backend: str, engine_runner: BaseRunner, ref_fn, fe
         inp, outp = save_dir / f"{backend}_{name}_inputs.json", save_dir / f"{backend}_{name}_reference_outputs.json"
         save_json([feeds], str(inp))
         RunResults([results[0]]).save(str(outp))
-        atol = " ".join(f"{o}:{t['atol']:.6g}" for o, t in tol.items())
-        rtol = " ".join(f"{o}:{t['rtol']:.6g}" for o, t in tol.items())
         cmd = (f"polygraphy run {shlex.quote(str(engine_path))} {cli} --load-inputs {shlex.quote(str(inp))} "
-               f"--load-outputs {shlex.quote(str(outp))} --atol {atol} --rtol {rtol}")
+               f"--load-outputs {shlex.quote(str(outp))} ")
+        if "kept_index" in tol:  # the same post-process and compare function as here
+            script = save_dir / f"{backend}_{name}_check.py"
+            script.write_text(CHECK_SCRIPT.format(backend=backend, name=name, atol=func.atol, rtol=func.rtol,
+                                                  kept_diff=func.kept_diff))
+            cmd += (f"--postprocess-func-script {shlex.quote(str(script))} "
+                    f"--compare-func-script {shlex.quote(str(script))}")
+        else:
+            atol = " ".join(f"{o}:{t['atol']:.6g}" for o, t in tol.items())
+            rtol = " ".join(f"{o}:{t['rtol']:.6g}" for o, t in tol.items())
+            cmd += f"--atol {atol} --rtol {rtol}"
     return GraphReport(name, backend, all(s["passed"] for s in stats.values()), tol, stats, cmd)
+
+
+@dataclass
+class Plan:
+    """What a comparison runs, all checked before it runs anything (CompareError otherwise)."""
+
+    pipes: dict[str, Pipeline]  # backend -> its engines, loaded
+    prompts: list[tuple]  # (image, prompt) that fit the bucket; the first feeds the per-graph checks
+    presets: list[tuple[str | None, GenerationConfig]]  # (preset, its settings) of the end-to-end check
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_compare(first: Pipeline, prompts: list[tuple] | None, backends: list[str] | None,
+                 presets: tuple[str, ...], settings: dict) -> Plan:
+    """Refuse what cannot run (a backend not built, a user's prompt or image that does not fit the
+    bucket, an unknown preset or setting); skip, and note, built-in prompts and presets that do
+    not fit these engines. ``prompts`` None: the built-in ones; given, they replace them."""
+    plan = Plan({}, [], [])
+    for backend in backends or first.manifest.backends:
+        plan.pipes[backend] = (first if backend == first.backend else
+                               Pipeline.load(first.root, backend=backend, verify=False))
+    for image, prompt in prompts or BUNDLED:
+        try:
+            first.check(Request(image, prompt), first.bucket.gen_length)
+        except ValueError as e:
+            if prompts:
+                raise CompareError(f"prompt {prompt!r} with image {str(image)!r}: {e}") from None
+            plan.notes.append(f"built-in prompt {prompt!r} skipped: {e}")
+            continue
+        plan.prompts.append((image, prompt))
+    if not plan.prompts:
+        raise CompareError(f"no built-in prompt fits {first.root} ({'; '.join(plan.notes)}); "
+                           "pass a shorter one with --image and --prompt")
+    g = first.bucket.gen_length
+    for name in presets:
+        want = get_preset(name).gen_length  # an unknown preset: a usage error
+        if want > g:
+            plan.notes.append(f"preset {name} skipped: its gen length {want} exceeds the engines' {g}")
+            continue
+        plan.presets.append((name, first.generation_config(preset=name, **settings)))
+    if presets and not plan.presets:
+        plan.presets.append((None, first.generation_config(**settings)))
+        plan.notes.append("no preset fits: the end-to-end check uses the engines' own gen/block/steps")
+    return plan
+
+
+def _discard(save_dir: Path, created: bool, backends) -> None:
+    """Remove the Polygraphy files of this run: the whole directory where this run created it."""
+    if created:
+        shutil.rmtree(save_dir, ignore_errors=True)
+        return
+    for backend in backends:
+        for f in save_dir.glob(f"{backend}_*"):
+            if f.name.endswith(("_inputs.json", "_reference_outputs.json", "_check.py")):
+                f.unlink(missing_ok=True)
 
 
 def run_compare(engines: str | Path, checkpoint: str | Path, prompts: list[tuple] | None = None,
                 backends: list[str] | None = None, save_dir: str | Path | None = None,
                 presets: tuple[str, ...] = ("mc", "chartqa"), verbose: bool = False,
-                settings: dict | None = None) -> CompareReport:
-    """``settings``: sampler settings for the end-to-end check (cache, refresh, factor, threshold)."""
+                settings: dict | None = None, report: CompareReport | None = None) -> CompareReport:
+    """``prompts``: (image, prompt) pairs that replace the built-in ones (built-ins that do not fit
+    the bucket are skipped, and the report says so). ``settings``: sampler settings for the
+    end-to-end check (cache, refresh, factor, threshold). ``save_dir``: where the Polygraphy files
+    go (default ``<engines>-compare/``, removed again when the comparison fails); a run that
+    raises leaves none of its files. ``report``: filled in place, so that a caller can write what
+    was done when it raises."""
     G_LOGGER.module_severity = G_LOGGER.INFO if verbose else G_LOGGER.ERROR
     engines = Path(engines)
+    report = report if report is not None else CompareReport(str(engines), str(checkpoint), "")
     first = Pipeline.load(engines)
+    m = first.manifest
+    report.dtype = m.dtype
     model, tok, cfg = load_checkpoint(checkpoint, dtype=torch.float32)
     check_same_model(first, cfg, checkpoint)
     if tok is None:
         raise CompareError(f"{checkpoint} has no tokenizer files; the end-to-end check encodes prompts")
-    m = first.manifest
     ctx = OracleContext(m.tokens, m.pruning, m.bucket.k_static, m.fused_sampler)
-    report = CompareReport(str(engines), str(checkpoint), m.dtype)
-    prompts = prompts or BUNDLED
+    plan = plan_compare(first, prompts, backends, presets, dict(settings or {}))
+    report.notes += plan.notes
+    keep_files = save_dir is not None
     save_dir = Path(save_dir) if save_dir else engines.parent / f"{engines.name}-compare"
-    settings = dict(settings or {})
-    for backend in backends or m.backends:
-        pipe = first if backend == first.backend else Pipeline.load(engines, backend=backend, verify=False)
-        image, prompt = prompts[0]
-        pool = feed_pool(pipe, model, image, prompt, ctx)
-        b = get_backend(backend)
-        for name, rel in m.artifacts[backend].items():
-            spec, io, path = GRAPHS.get(name), m.graphs[name], engines / rel
-            feeds = feeds_for(io, pool)
-            if spec is None or spec.oracle is None or feeds is None:
-                continue  # a graph this version cannot build inputs or an oracle for
-            oracle = resolve(spec.oracle)
-            ref_fn = lambda oracle=oracle, **kw: oracle(model, kw, ctx)  # noqa: E731
-            runner = (b.polygraphy_runner(path, f"{backend}-{name}") if b.polygraphy_runner else
-                      EngineRunner(pipe.runners[name], feeds, name=f"{backend}-{name}"))
-            report.graphs.append(compare_graph(name, backend, runner, ref_fn, feeds, io, m.dtype, save_dir, path))
-        for image, prompt in prompts:
-            for pname in presets:
-                try:
-                    gen = pipe.generation_config(preset=pname, **settings)
-                except ValueError:
-                    continue  # a preset these engines were not built for (gen length)
-                eng = pipe.generate(image, prompt, preset=pname, **settings)
-                ref = reference_generate(model, tok, image, prompt, gen, m.pruning)
-                unp = reference_generate(model, tok, image, prompt, gen) if m.pruning else ref
-                n = max(len(ref.ids), len(unp.ids), 1)
-                agree = sum(a == b for a, b in zip(ref.ids, unp.ids)) / n
-                ek, rk = set(eng.kept_visual or []), set(ref.kept_visual or [])
-                overlap = len(ek & rk) / max(len(ek | rk), 1) if m.pruning else 1.0
-                report.agreement.append({
-                    "backend": backend, "prompt": prompt, "image": str(image), "preset": pname,
-                    "settings": f"{pname} {gen.describe()}",
-                    "engine_vs_reference_exact": eng.ids == ref.ids, "strict": m.dtype == "float32",
-                    "pruned_vs_unpruned_agreement": agree, "pruned_vs_unpruned_exact": ref.ids == unp.ids,
-                    "kept_overlap": overlap, "answer": eng.text})
+    created = not save_dir.exists()
+    try:
+        for pipe in plan.pipes.values():
+            compare_graphs(report, pipe, model, plan.prompts[0], ctx, save_dir)
+            agreement(report, pipe, model, tok, plan)
+    except BaseException:
+        _discard(save_dir, created, plan.pipes)
+        raise
+    if not report.passed and not keep_files:
+        _discard(save_dir, created, plan.pipes)
+        for g in report.graphs:
+            g.polygraphy_command = None
+        report.notes.append(f"the Polygraphy files of this failed run were removed from {save_dir}; pass "
+                            "--save-dir to keep them and get the commands that repeat each check")
     return report
+
+
+def compare_graphs(report: CompareReport, pipe: Pipeline, model, first_prompt: tuple, ctx: OracleContext,
+                   save_dir: Path) -> None:
+    """Every graph of ``pipe``'s backend against its eager oracle on real inputs from one prompt."""
+    m, backend = pipe.manifest, pipe.backend
+    image, prompt = first_prompt
+    pool = feed_pool(pipe, model, image, prompt, ctx)
+    b = get_backend(backend)
+    for name, rel in m.artifacts[backend].items():
+        spec, io, path = GRAPHS.get(name), m.graphs[name], pipe.root / rel
+        feeds = feeds_for(io, pool)
+        if spec is None or spec.oracle is None or feeds is None:
+            continue  # a graph this version cannot build inputs or an oracle for
+        oracle = resolve(spec.oracle)
+        ref_fn = lambda oracle=oracle, **kw: oracle(model, kw, ctx)  # noqa: E731
+        runner = (b.polygraphy_runner(path, f"{backend}-{name}") if b.polygraphy_runner else
+                  EngineRunner(pipe.runners[name], feeds, name=f"{backend}-{name}"))
+        report.graphs.append(compare_graph(name, backend, runner, ref_fn, feeds, io, m.dtype, save_dir, path))
+
+
+def agreement(report: CompareReport, pipe: Pipeline, model, tok, plan: Plan) -> None:
+    """End to end, per prompt and preset: engine vs eager (same pruning and settings), pruned vs
+    unpruned, and the kept-index overlap."""
+    m = pipe.manifest
+    for image, prompt in plan.prompts:
+        for pname, gen in plan.presets:
+            eng = pipe.generate_batch([Request(image, prompt)], config=gen)[0]
+            ref = reference_generate(model, tok, image, prompt, gen, m.pruning)
+            unp = reference_generate(model, tok, image, prompt, gen) if m.pruning else ref
+            n = max(len(ref.ids), len(unp.ids), 1)
+            agree = sum(a == b for a, b in zip(ref.ids, unp.ids)) / n
+            ek, rk = set(eng.kept_visual or []), set(ref.kept_visual or [])
+            overlap = len(ek & rk) / max(len(ek | rk), 1) if m.pruning else 1.0
+            label = pname or "engines"
+            report.agreement.append({
+                "backend": pipe.backend, "prompt": prompt, "image": str(image), "preset": label,
+                "settings": f"{label} {gen.describe()}",
+                "engine_vs_reference_exact": eng.ids == ref.ids, "strict": m.dtype == "float32",
+                "pruned_vs_unpruned_agreement": agree, "pruned_vs_unpruned_exact": ref.ids == unp.ids,
+                "kept_overlap": overlap, "answer": eng.text})
 
 
 def write_report(report: CompareReport, path: str | Path) -> tuple[Path, Path]:

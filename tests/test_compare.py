@@ -7,10 +7,12 @@ import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from polygraphy.comparator import RunResults
 
 from llada_export.contract.manifest import MANIFEST, file_table
 
@@ -39,18 +41,34 @@ def test_compare_passes_for_onnxruntime_and_polygraphy_command_reproduces(engine
         for out, s in g["stats"].items():
             assert {"max_abs", "mean_abs", "median_abs", "p99_abs", "max_rel"} <= set(s)
             assert s["passed"] and s["max_abs"] <= g["tolerances"][out]["atol"]  # fp32: within atol everywhere
-    assert g["tolerances"]["kept_index"] == {"atol": 0.0, "rtol": 0.0} if g["graph"] == "stage_a" else True
+    stage_a = next(g for g in rep["graphs"] if g["graph"] == "stage_a")
+    assert stage_a["tolerances"]["kept_index"] == stage_a["tolerances"]["kept_alive"] == {"atol": 0.0, "rtol": 0.0}
+    assert stage_a["stats"]["kept_index"]["max_abs"] == 0  # fp32: the same kept set
     assert rep["agreement"] and all(a["engine_vs_reference_exact"] for a in rep["agreement"])
     assert all(a["kept_overlap"] == 1.0 for a in rep["agreement"])  # fp32: the same tokens kept
     assert "passes on" in (tmp_path / "report.md").read_text()
     assert "invalid value encountered" not in r.stderr
-    # The printed polygraphy command, run by hand, passes.
+    # The printed polygraphy command, run by hand, passes; it judges the kept SET like llada-compare:
+    # a dead slot of the static top-k (this bucket holds 9: 118 of 136 visual slots are real) may point
+    # anywhere, a kept position that differs fails.
     cmd = next(g["polygraphy_command"] for g in rep["graphs"] if g["graph"] == "stage_a")
     assert cmd in r.stdout
     argv = shlex.split(cmd)
-    argv[0] = str(shutil.which("polygraphy", path=str(__import__("pathlib").Path(sys.executable).parent)))
+    argv[0] = str(shutil.which("polygraphy", path=str(Path(sys.executable).parent)))
+    ref_path = tmp_path / "pg" / "onnxruntime_stage_a_reference_outputs.json"
+    ref = RunResults.load(str(ref_path))
+    outs = ref[0][1][0]
+    index, alive = outs["kept_index"].copy(), outs["kept_alive"].astype(bool)
+    assert (~alive).any() and alive.any()
+    index[~alive] = 7  # a dead slot pointing at another position
+    outs["kept_index"] = index
+    ref.save(str(ref_path))
     pg = subprocess.run(argv, capture_output=True, text=True, timeout=300)
-    assert pg.returncode == 0 and "PASSED" in pg.stdout + pg.stderr
+    assert pg.returncode == 0 and "PASSED" in pg.stdout + pg.stderr, pg.stdout + pg.stderr
+    index[alive.nonzero()[0][0], alive.nonzero()[1][0]] += 1  # a kept position that differs
+    ref.save(str(ref_path))
+    pg = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert pg.returncode != 0 and "FAILED" in pg.stdout + pg.stderr
 
 
 def test_compare_passes_for_aoti(aoti_engines, tiny_ckpt, tmp_path):

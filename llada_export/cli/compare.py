@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from ..engines.registry import backend_names
 from .common import cli_prompt, parser, user_errors
 from .generate import add_decoding_flags, decoding_settings
+
+DEFAULT_REPORT = "llada-compare.json"
 
 DESCRIPTION = """\
 Compare every graph of an engines directory (vision, stage A, stage B, the cache graphs,
@@ -20,9 +23,15 @@ examples:
   llada-compare --engines engines/ --model ckpt/ --image a.jpg --prompt "What is this?" --report out.json
   llada-compare --engines engines/ --model ckpt/ --factor 1 --refresh 8
 
+Prompts: --image/--prompt pairs replace the built-in prompts; built-in prompts (and presets)
+that do not fit the engines' bucket are skipped, and the report says which and why. What
+cannot run (a backend not built, a prompt too long for the bucket) is refused before any
+comparison runs.
+
 Exit status: 0 when every graph is within tolerance and fp32 engines reproduce the eager
 tokens exactly, 1 when a comparison fails, 2 on a usage error (a checkpoint of another
-model included)."""
+model included). A failed run removes the Polygraphy files it wrote (unless --save-dir is
+given); the report (with --report, the reason a run could not compare) is still written."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,31 +40,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the checkpoint the engines were exported from")
     p.add_argument("--image", action="append", default=[], help="image for a prompt (repeatable, pairs with --prompt)")
     p.add_argument("--prompt", action="append", default=[], type=cli_prompt,
-                   help="prompt about the image (repeatable; the image goes first unless <image> places it)")
+                   help="prompt about the image (repeatable; the image goes first unless <image> places it); "
+                   "replaces the built-in prompts")
     p.add_argument("--backend", action="append", choices=backend_names(),
                    help="backends to check (default: every backend built)")
-    p.add_argument("--presets", default="mc,chartqa", help="sampler presets for the agreement check (default: mc,chartqa)")
+    p.add_argument("--presets", default="mc,chartqa", help="sampler presets for the agreement check; one longer than "
+                   "the engines' gen length is skipped (default: mc,chartqa)")
     add_decoding_flags(p)
-    p.add_argument("--report", default="llada-compare.json", help="JSON report path; a .md summary is written beside "
-                   "it (default: llada-compare.json)")
+    p.add_argument("--report", help="JSON report path; a .md summary is written beside it (default: "
+                   f"{DEFAULT_REPORT}; a run that cannot compare writes it only when --report is given)")
     p.add_argument("-v", "--verbose", action="store_true", help="show Polygraphy's own comparison log")
-    p.add_argument("--save-dir", help="where Polygraphy inputs/outputs go (default: <engines>-compare/)")
+    p.add_argument("--save-dir", help="where Polygraphy inputs/outputs go, kept when a comparison fails (default: "
+                   "<engines>-compare/, removed when a comparison fails)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with user_errors("llada-compare"):
-        from ..compare import BUNDLED, run_compare, write_report
+        from ..compare import CompareReport, run_compare, write_report
 
         if len(args.image) != len(args.prompt):
             raise ValueError("give one --image for each --prompt")
-        prompts = list(zip(args.image, args.prompt)) + BUNDLED
-        report = run_compare(args.engines, args.model, prompts, args.backend, args.save_dir,
-                             tuple(p for p in args.presets.split(",") if p), args.verbose,
-                             settings=decoding_settings(args))
-        js, md = write_report(report, args.report)
+        report = CompareReport(args.engines, args.model, "")
+        try:
+            run_compare(args.engines, args.model, list(zip(args.image, args.prompt)) or None, args.backend,
+                        args.save_dir, tuple(p for p in args.presets.split(",") if p), args.verbose,
+                        settings=decoding_settings(args), report=report)
+        except Exception as e:
+            if args.report:  # the user sees why in the report they asked for
+                report.error = " ".join(str(e).split()) or type(e).__name__
+                with contextlib.suppress(OSError):  # the error to show is the one above
+                    write_report(report, args.report)
+            raise
+        js, md = write_report(report, args.report or DEFAULT_REPORT)
         print(md.read_text())
+        for note in report.notes:
+            print(f"note: {note}", file=sys.stderr)
         for g in report.graphs:
             for out, s in g.stats.items():
                 if not s["passed"]:
