@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from conftest import shared
@@ -119,3 +123,21 @@ def test_compare_passes_on_the_readme_demo_and_serving_engines(tmp_path_factory,
     assert {a["preset"] for a in rep["agreement"]} == {"mc", "chartqa"}
     assert {g["graph"] for g in rep["graphs"]} == {"vision", "stage_a", "stage_b", "prefill", "cached"}
     assert all(a["engine_vs_reference_exact"] for a in rep["agreement"])
+
+
+def test_an_interrupted_run_leaves_no_polygraphy_files(engines, tiny_ckpt, tmp_path):
+    """Ctrl-C after the first graph's Polygraphy files were written: exit 130 and `<engines>-compare/`
+    is gone (the end-to-end check with chartqa's 16 steps still had seconds to run)."""
+    eng = _copy(engines, tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "llada_export.cli.compare", "--engines", str(eng), "--model",
+                             str(tiny_ckpt), "--presets", "mc,chartqa"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    written = tmp_path / "eng-compare" / "onnxruntime_vision_reference_outputs.json"
+    deadline = time.monotonic() + 120
+    while not written.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out + err
+    assert err.strip().splitlines()[-1] == "llada-compare: interrupted"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eng"]
