@@ -176,7 +176,8 @@ def test_concurrent_requests_are_batched_and_answer_as_the_pipeline(server, dire
     for i, r in enumerate(replies):
         assert text_of(r) == direct(i), i
         assert r["model"] == "demo" and r["object"] == "chat.completion"
-        assert r["choices"][0]["finish_reason"] == "stop"
+        # the demo model answers in up to 15 tokens and <|eot_id|>: "length" when it used all 16 (one wrong list)
+        assert r["choices"][0]["finish_reason"] == ("stop" if r["usage"]["completion_tokens"] < 16 else "length")
         assert r["llada"]["visual_tokens"] == 594 and r["llada"]["kept_visual_tokens"] == 297
         assert r["usage"]["completion_tokens"] >= 1
     assert max(r["llada"]["batch"]["size"] for r in replies) > 1
@@ -471,7 +472,8 @@ def test_sampling_with_a_seed_answers_as_the_pipeline(server, direct):
     for (i, seed), r in zip(asks, replies):  # the reply records the settings that produced it
         settings = r["llada"]["settings"]
         assert (settings["seed"], settings["temperature"], settings["gen_length"]) == (seed, 2.0, 16)
-        assert r["llada"]["finish_reason"] == r["choices"][0]["finish_reason"] == "stop"
+        assert r["llada"]["finish_reason"] == r["choices"][0]["finish_reason"] == (
+            "stop" if r["usage"]["completion_tokens"] < 16 else "length")
     # Pipeline.generate(image, prompt, **those settings): temperature 2.0 and the seed, the rest as defaulted
     expected = [direct(i, **r["llada"]["settings"]) for (i, _), r in zip(asks, replies)]
     assert [text_of(r) for r in replies] == expected
