@@ -22,7 +22,7 @@ def test_non_finite_settings_are_refused(field, value):
 
 
 @pytest.mark.parametrize("value, msg", [(True, "must be a number"), ("1", "must be a number"), (None, "must be a number"),
-                                        (-0.5, "must be >= 0"), (1e999, "finite")])
+                                        (-0.5, "must be >= 0"), (1e999, "finite"), (10**400, "finite number, got an integer of 401 digits")])
 def test_check_number(value, msg):
     with pytest.raises(GenerationError, match=msg):
         check_number(value, "temperature", low=0.0)

@@ -428,3 +428,15 @@ def test_refresh_never_as_the_cli_and_http_spell_it(cache_pipe, tiny, images):
     assert never.ids == ref.ids and never.settings["refresh"] == "never"
     # stage A at step 1, the cache filled at step 2, then refreshed only at the 3 other blocks' starts
     assert never.graph_calls["stage_a"] == 1 and never.graph_calls["prefill"] == 1 + 3
+
+
+def test_gen_length_over_the_engines_maximum_is_said_first(engines):
+    """A gen_length over the engines' (e.g. 100000, whose blocks do not divide the steps either) is
+    refused with the maximum, not a divisibility rule."""
+    import pytest
+    from llada_export.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(engines)
+    g = pipe.bucket.gen_length
+    with pytest.raises(ValueError, match=f"gen_length 100000 exceeds the engines' maximum {g}"):
+        pipe.generation_config(gen_length=100000)

@@ -34,7 +34,10 @@ def check_number(value: object, name: str, *, low: float | None = None, high: fl
     """A finite real number in [low, high] (``low_open``: (low, high]); ``name`` goes in the message."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise GenerationError(f"{name} must be a number, got {value!r}")
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # an integer beyond float's range, e.g. 10**400
+        raise GenerationError(f"{name} must be a finite number, got an integer of {len(str(value))} digits") from None
     if not math.isfinite(v):
         raise GenerationError(f"{name} must be a finite number, got {v}")
     if low is not None and (v <= low if low_open else v < low):

@@ -292,10 +292,10 @@ class Pipeline:
             gl = d["gen_length"] if gen_length is None else gen_length
             gen = GenerationConfig(gl, min(d["block_length"], gl) if block_length is None else block_length,
                                    min(d["steps"], gl) if steps is None else steps, **kw)
-        gen.validate()
-        if gen.gen_length > self.bucket.gen_length:
-            raise RequestError(f"gen_length {gen.gen_length} exceeds the engines' {self.bucket.gen_length}: "
+        if isinstance(gen.gen_length, int) and gen.gen_length > self.bucket.gen_length:  # before the divisibility rules
+            raise RequestError(f"gen_length {gen.gen_length} exceeds the engines' maximum {self.bucket.gen_length}: "
                                f"re-export with --gen-length {gen.gen_length}")
+        gen.validate()
         return gen
 
     @torch.no_grad()
