@@ -29,6 +29,35 @@ def vision_flops(cfg: LLaDAVConfig, crops: int) -> float:
     return crops * (tower + proj)
 
 
+def graph_flops(cfg: LLaDAVConfig, prefix: int, n_vis: int, g: int, layer: int | None, keep: float, crops: int,
+                score_from: str = "response") -> dict:
+    """FLOPs of one call of each graph of a path, per request row, for a bucket of ``prefix`` prompt
+    slots (``n_vis`` of them visual) and ``g`` response slots: ``vision`` (every crop), ``stage_a``
+    (pruned path: the first forward, full length up to layer K, then the reduced sequence; None
+    unpruned), ``full`` (stage B, or the unpruned forward), ``prefill`` (the same forward writing the
+    cache) and ``cached`` (the G response rows against the cached prefix). ``score_from``: the
+    queries that rank the visual tokens at layer K (``response``: the G response rows; ``text`` and
+    ``last``: the graph computes the full L x L probability matrix and weights it)."""
+    n_layers, length = cfg.text.num_hidden_layers, prefix + g
+    if layer is None:
+        full = lm_flops(cfg, length, n_layers, g)
+        stage_a, red = None, length
+    else:
+        red = length - n_vis + num_kept(keep, n_vis)
+        rows = g if score_from == "response" else length
+        stage_a = (lm_flops(cfg, length, layer, 0) + lm_flops(cfg, red, n_layers - layer, g)
+                   + 4 * rows * length * cfg.text.hidden_size)
+        full = lm_flops(cfg, red, n_layers, g)
+    return {"vision": vision_flops(cfg, crops), "stage_a": stage_a, "full": full, "prefill": full,
+            "cached": lm_flops(cfg, g, n_layers, g, keys=red), "reduced_length": red, "length": length}
+
+
+def answer_flops(per_call: dict, counts: dict) -> float:
+    """FLOPs of one answer as it ran: vision once, plus each graph's calls for its row (``counts``:
+    graph kind -> calls, the kinds of :func:`graph_flops`) times that graph's FLOPs per call."""
+    return per_call["vision"] + sum(n * per_call[kind] for kind, n in counts.items() if n)
+
+
 def request_flops(cfg: LLaDAVConfig, prefix: int, n_vis: int, gen, layer: int | None, keep: float, crops: int,
                   forwards: int | None = None, cached_forwards: int = 0) -> dict:
     """FLOPs of one request: vision, step 1 (stage A, or the unpruned forward), and every later

@@ -176,3 +176,85 @@ def test_object_tokens_follow_the_anyres_layout():
     assert torch.equal(obj[:t], torch.from_numpy(base))  # the base crop's tokens come first, unchanged
     # the grid tokens: each object covers some, the background most
     assert 0 < int(obj[t:].sum()) < 0.5 * (obj.numel() - t)
+
+
+# ---------------------------------------------------------------------- tools/long_sweeps.py (issue 21)
+long_sweeps = load_tool("long_sweeps")
+
+
+def test_long_sweeps_driver_tiny(tiny_ckpt, tmp_path):
+    """The driver end to end on the CPU (inductor engines, eager kernels): the main part's answers are the
+    eager oracles', each row's graph calls add up to its forwards, and render writes the report."""
+    out = tmp_path / "raw"
+    assert long_sweeps.main(["run", "--ckpt", str(tiny_ckpt), "--out", str(out), "--backend", "inductor",
+                             "--device", "cpu", "--parts", "main", "--main-per-type", "1", "--batch", "8",
+                             "--demo-prune", "2 0.5 response"]) == 0
+    raw = json.loads((out / "main.json").read_text())
+    assert raw["machine"]["cpu_count"] and "main: done" in (out / "log.txt").read_text()
+    samples = vqa_task.balanced_split("test", 1)
+    model, tok, _ = load_checkpoint(tiny_ckpt, dtype=torch.float32)
+    gen = GenerationConfig(32, 32, 32)
+    for c, prune in zip(raw["cells"], (None, PruneSettings(2, 0.5))):
+        (r,) = c["results"]
+        assert r["predictions"] == [reference_generate(model, tok, s.image(), s.prompt, gen, prune).text
+                                    for s in samples]
+        n = r["counts"]
+        for i, f in enumerate(r["forwards"]):
+            assert n["stage_a"][i] == (prune is not None) and n["prefill"][i] == n["cached"][i] == 0
+            assert n["stage_a"][i] + n["full"][i] == f
+    bench = tmp_path / "bench"
+    long_sweeps.main(["render", "--from", str(out), "--out", str(bench)])
+    s = json.loads((bench / "vqa2_main.json").read_text())
+    assert [r["name"] for r in s["rows"]] == ["unpruned exact", "pruned exact"]
+    assert s["rows"][0]["groups"]["long"]["n"] == len(vqa_task.LONG_TYPES)
+    md = (bench / "vqa2_main.md").read_text()
+    assert "| text-only baseline |" in md and (bench / "vqa2_main.png").stat().st_size > 0
+    before = md
+    long_sweeps.main(["render", "--replot", "--out", str(bench)])
+    assert (bench / "vqa2_main.md").read_text() == before
+
+
+def test_long_sweeps_counts_cached_forwards(cache_engines, tiny):
+    """On engines with the cache graphs: which graph each row's forward used, as documented (stage A
+    first; with refresh never, one prefill then cached steps; with refresh 1, prefills only), the answers
+    unchanged by the counting, and FLOPs per answer equal to request_flops for those counts."""
+    _, _, cfg = tiny
+    long_sweeps._init_worker({"ckpt": "", "backend": "onnxruntime", "device": "cpu", "workdir": "",
+                              "threads": 1})
+    S = long_sweeps.setting
+    settings = [S("exact", "pruned", 16, gen=16), S("never", "pruned", 16, True, "never", gen=16),
+                S("every", "pruned", 16, True, "1", gen=16),
+                S("par", "unpruned", 8, True, "4", "threshold 0.9", gen=16)]
+    cell = long_sweeps.cell("cache", "t", {"prune": [2, 0.5, "response"], "baseline": True, "cache": True,
+                                           "dtype": "float32", "batch": 3}, settings,
+                            {"split": "test", "per_type": 1, "types": ["list", "digit"]}, engines=str(cache_engines))
+    res = long_sweeps.run_cell(cell)
+    assert "error" not in res, res.get("traceback")
+    exact, never, every, par = res["results"]
+    for i, f in enumerate(never["forwards"]):
+        assert exact["counts"]["stage_a"][i] == 1 and exact["counts"]["full"][i] == exact["forwards"][i] - 1
+        assert (never["counts"]["stage_a"][i], never["counts"]["prefill"][i], never["counts"]["cached"][i]) == \
+            (1, 1, f - 2)
+        assert every["counts"]["prefill"][i] == every["forwards"][i] - 1 and every["counts"]["cached"][i] == 0
+        assert sum(par["counts"][k][i] for k in long_sweeps.KINDS) == par["forwards"][i]
+        assert par["counts"]["stage_a"][i] == 0 and par["counts"]["prefill"][i] >= 1
+    from llada_export.runtime.pipeline import EngineDenoiser, Pipeline, Request
+
+    assert not hasattr(EngineDenoiser, "row_counts")  # the runtime's class is back
+    samples = vqa_task.balanced_split("test", 1, ["list", "digit"])
+    pipe = Pipeline.load(cache_engines)
+    plain = pipe.generate_batch([Request(s.image(), s.prompt) for s in samples], **long_sweeps.gen_kwargs(never))
+    assert never["predictions"] == [r.text for r in plain]
+    b = pipe.bucket
+    row = long_sweeps.summarize_setting(samples, never, res["flops_per_call"]["pruned"])
+    want = [request_flops(cfg, b.prefix_len, b.max_visual_tokens, GenerationConfig(16, 16, 16), 2, 0.5,
+                          b.vision_batch, forwards=f, cached_forwards=f - 2)["total"] for f in never["forwards"]]
+    assert row["groups"]["all"]["gflops"] == pytest.approx(sum(want) / len(want) / 1e9)
+
+
+def test_attention_analysis_long_types(tiny_ckpt):
+    """The attention analysis on the long question types at gen 32 (issue 21)."""
+    res = attention_analysis.run_analysis(tiny_ckpt, n=3, layers=[1], keeps=[0.5], gen_length=32,
+                                          types=list(vqa_task.LONG_TYPES), progress=False)
+    assert sorted(q["qtype"] for q in res["per_question"]) == sorted(vqa_task.LONG_TYPES)
+    assert res["generation"]["gen_length"] == 32 and all(1 <= q["steps"] <= 32 for q in res["per_question"])

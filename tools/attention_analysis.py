@@ -79,7 +79,7 @@ class RecordingDenoiser:
             shares.append(float(sc[vis_cols].sum()))
             scores.append(sc[vis_cols])  # [n_visual]
             x = layer(x, cos, sin, None)
-        self.steps.append({"ids": response_ids[0].clone(), "share": shares, "scores": torch.stack(scores)})
+        self.steps.append({"ids": response_ids[0].clone(), "share": shares, "scores": torch.stack(scores).cpu()})
         return lm.head(x[:, -g:])  # [1, G, V]
 
 
@@ -98,7 +98,8 @@ def analyse_sample(model, tokenizer, cfg, sample, gen: GenerationConfig, layers:
     sp = special_tokens(tokenizer)
     inputs = embed_prompt(model, tokenizer, sample.image(), sample.prompt, system)
     den = RecordingDenoiser(model, inputs, sp.mask)
-    (ids,) = generate(den, gen, mask_id=sp.mask, eot_id=sp.eot, suppress_ids=sp.suppressed())
+    (ids,) = generate(den, gen, mask_id=sp.mask, eot_id=sp.eot, suppress_ids=sp.suppressed(),
+                      device=inputs.embeds.device)
     text = tokenizer.decode(ids.tolist(), skip_special_tokens=True)
     n_vis = inputs.n_visual
     # what the step-1 selection at each layer keeps of the objects (every layer, every keep)
@@ -128,17 +129,23 @@ def analyse_sample(model, tokenizer, cfg, sample, gen: GenerationConfig, layers:
 
 
 def run_analysis(ckpt: str | Path, n: int, layers: list[int], keeps: list[float], gen_length: int = GEN_LENGTH,
-                 split: str = "test", progress: bool = True) -> dict:
+                 split: str = "test", progress: bool = True, types: list[str] | None = None,
+                 device: str = "cpu") -> dict:
+    """``types``: only these question types, ``n // len(types)`` of each (``vqa_task.balanced_split``);
+    default: the first ``n`` questions of the split. ``device``: where the eager model runs."""
     torch.set_num_threads(1)  # small eager ops: a second OpenMP thread on 2 busy cores slows them down
     t0 = time.perf_counter()
-    model, tokenizer, cfg = load_checkpoint(ckpt, dtype=torch.float32)
+    model, tokenizer, cfg = load_checkpoint(ckpt, dtype=torch.float32, device=device)
     n_layers = cfg.text.num_hidden_layers
     bad = [k for k in layers if not 0 <= k < n_layers]
     if bad:
         raise SystemExit(f"--layers {bad}: the model has layers 0..{n_layers - 1}")
     gen = GenerationConfig(gen_length, gen_length, gen_length).validate()
     per_q = []
-    for s in vqa_task.make_split(split, n):
+    samples = (vqa_task.balanced_split(split, max(1, n // len(types)), types) if types
+               else vqa_task.make_split(split, n))
+    n = len(samples)
+    for s in samples:
         per_q.append(analyse_sample(model, tokenizer, cfg, s, gen, layers, keeps))
         if progress and len(per_q) % 10 == 0:
             print(f"{len(per_q)}/{n} questions ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -180,6 +187,7 @@ def run_analysis(ckpt: str | Path, n: int, layers: list[int], keeps: list[float]
     peak = max(range(n_layers), key=lambda i: share1[i])
     return {
         "checkpoint": str(ckpt), "split": split, "n": n, "n_layers": n_layers, "hidden_size": cfg.text.hidden_size,
+        "types": list(types) if types else None, "device": device,
         "generation": {"gen_length": gen.gen_length, "block_length": gen.block_length, "steps": gen.steps},
         "layers": layers, "keeps": keeps,
         "accuracy": sum(q["correct"] for q in per_q) / len(per_q),

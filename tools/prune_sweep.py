@@ -184,7 +184,10 @@ def run_sweep(ckpt: str | Path, n: int, layers: list[int], keeps: list[float], g
 def add_agreement(res: dict) -> None:
     """Paired measures against the unpruned engines on the same questions: the share with the
     same answer, and how many questions each setting turns from right to wrong (lost) and from
-    wrong to right (gained). Less noisy than comparing two accuracies."""
+    wrong to right (gained). Less noisy than comparing two accuracies. A result that has them keeps
+    them: the answers are those of the task version it ran on (task v2 drew other test questions)."""
+    if all(k in r for r in res["results"] for k in ("agreement_with_unpruned", "lost", "gained")):
+        return
     base = res["results"][0]["predictions"]
     answers = [s.answer for s in vqa_task.make_split(res["split"], res["n"])]
     base_ok = [p.strip() == a for p, a in zip(base, answers)]
