@@ -112,10 +112,14 @@ def has_tokenizer_files(path: str | Path) -> bool:
 
 
 # ---------------------------------------------------------------------- prompts
-def format_prompt(tokenizer: PreTrainedTokenizerBase, user_text: str, system: str = DEFAULT_SYSTEM_PROMPT) -> str:
+def format_prompt(tokenizer: PreTrainedTokenizerBase, user_text: str, system: str = DEFAULT_SYSTEM_PROMPT,
+                  history: Sequence[tuple[str, str]] = ()) -> str:
     """The prompt string the official conversation code builds: system + user message
-    rendered by the chat template, ending with the assistant header."""
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": user_text}]
+    rendered by the chat template, ending with the assistant header. ``history``: the earlier
+    turns of a conversation, ``(role, text)`` pairs (user, assistant, system) between the system
+    message and ``user_text``, rendered by the same template, message by message."""
+    messages = [{"role": "system", "content": system}, *({"role": r, "content": t} for r, t in history),
+                {"role": "user", "content": user_text}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -153,17 +157,24 @@ def encode_prompt(
     user_text: str,
     has_image: bool,
     system: str = DEFAULT_SYSTEM_PROMPT,
+    history: Sequence[tuple[str, str]] = (),
 ) -> tuple[list[int], list[int]]:
-    """Chat-format ``user_text`` and tokenize it the official way.
+    """Chat-format ``user_text`` (after the earlier turns ``history``, see :func:`format_prompt`) and
+    tokenize it the official way.
 
     With an image, the user text holds at most one ``<image>`` marker where the image goes;
     without one the image goes first, ``"<image>\\n" + text``, as the official demo and
-    evaluation write it. Returns the ids before and after the image. Without an image there
-    must be no marker; returns (all ids, []).
+    evaluation write it (in a conversation: first in the first user message). Returns the ids
+    before and after the image. Without an image there must be no marker; returns (all ids, []).
     """
-    if has_image and IMAGE_TOKEN not in user_text:
-        user_text = IMAGE_TOKEN + "\n" + user_text
-    prompt = format_prompt(tokenizer, user_text, system)
+    history = list(history)
+    if has_image and not any(IMAGE_TOKEN in t for _, t in history) and IMAGE_TOKEN not in user_text:
+        first = next((i for i, (r, _) in enumerate(history) if r == "user"), None)
+        if first is None:
+            user_text = IMAGE_TOKEN + "\n" + user_text
+        else:
+            history[first] = ("user", IMAGE_TOKEN + "\n" + history[first][1])
+    prompt = format_prompt(tokenizer, user_text, system, history)
     n = prompt.count(IMAGE_TOKEN)
     if has_image and n > 1:
         raise PromptError(f"the prompt has {n} {IMAGE_TOKEN} markers; only one image per prompt is supported")

@@ -150,6 +150,7 @@ def direct(serve_engines):
             cache[key] = pipe.generate(img, q, **settings).text
         return cache[key]
 
+    answer.pipe = pipe  # for requests beyond ITEMS' (text only, conversations)
     return answer
 
 
@@ -240,6 +241,139 @@ def test_llada_generate_server(server):
                             "--image", str(path), "--prompt", q], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == truth
+
+
+# ---------------------------------------------------------------------- the official openai client
+def openai_client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server["url"] + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def openai_user(i: int) -> list[dict]:
+    """ITEMS[i] as the official client's users write it: the image part first, then the question."""
+    img, q, _ = ITEMS[i]
+    return [{"type": "image_url", "image_url": {"url": image_data_url(img), "detail": "auto"}},
+            {"type": "text", "text": q.removeprefix("<image>\n")}]
+
+
+def streamed(stream) -> tuple[list[str], list]:
+    """``for chunk in stream``: (the content pieces, the chunks)."""
+    pieces, chunks = [], []
+    for chunk in stream:
+        chunks.append(chunk)
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+    return pieces, chunks
+
+
+# every field the task names at the value the model honours (or the neutral value of one it does not use)
+NEUTRAL_FIELDS = dict(temperature=0, seed=0, n=1, user="tester", logprobs=False, response_format={"type": "text"},
+                      top_p=1, presence_penalty=0, frequency_penalty=0, logit_bias={}, store=False,
+                      service_tier="auto", tool_choice="none", parallel_tool_calls=False, modalities=["text"],
+                      metadata={"run": "test"}, safety_identifier="s", prompt_cache_key="k")
+
+
+def test_openai_client_plain_and_streamed_answers_are_the_pipelines(server, direct):
+    """The official client, an image question with every honoured / neutral field set: the plain answer, a
+    streamed one (``for chunk in stream``, usage included) and a streamed one with block_length 8 < gen 16
+    (the committed prefix grows block by block: more than one piece) are the pipeline's, sent together
+    (the streams batch with the plain requests)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = openai_client(server)
+
+    def plain(i: int):
+        return client.chat.completions.create(model="demo", messages=[{"role": "user", "content": openai_user(i)}],
+                                              max_completion_tokens=16, **NEUTRAL_FIELDS)
+
+    def stream(i: int, **extra):
+        return streamed(client.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": openai_user(i)}], max_tokens=16, stream=True,
+            stream_options={"include_usage": True}, **NEUTRAL_FIELDS, **extra))
+
+    with ThreadPoolExecutor(6) as ex:
+        plains = [ex.submit(plain, i) for i in (4, 6, 1)]
+        streams = [ex.submit(stream, i) for i in (4, 6, 1)]
+        blocks = ex.submit(stream, 6, extra_body={"block_length": 8})
+        plains, streams, (bpieces, bchunks) = [f.result() for f in plains], [f.result() for f in streams], blocks.result()
+    for i, p, (pieces, chunks) in zip((4, 6, 1), plains, streams):
+        assert p.choices[0].message.content == direct(i) == "".join(pieces), i
+        assert p.choices[0].finish_reason == chunks[-2].choices[0].finish_reason
+        assert p.choices[0].finish_reason == ("stop" if p.usage.completion_tokens < 16 else "length")
+        assert chunks[0].choices[0].delta.role == "assistant" and not chunks[-1].choices
+        assert chunks[-1].usage.completion_tokens == p.usage.completion_tokens >= 1
+        assert chunks[-1].usage.prompt_tokens == p.usage.prompt_tokens
+        assert all(c.usage is None for c in chunks[:-1])
+    assert max(c[-2].model_extra["llada"]["batch"]["size"] for _, c in streams) > 1  # streams batch like the rest
+    assert "".join(bpieces) == direct(6, block_length=8) and len(bpieces) >= 2, bpieces
+    assert len(direct(6, block_length=8)) > 0 and bchunks[-2].choices[0].finish_reason == "stop"
+
+
+def test_openai_client_text_only_system_and_conversation(server, direct):
+    """No image (the visual slots stay padded), a system message, and a conversation whose first user turn
+    holds the image: each answer is Pipeline.generate's for the same turns, rendered by the chat template."""
+    from llada_export.runtime.pipeline import Request
+
+    client = openai_client(server)
+    pipe = direct.pipe
+    img, q1, _ = ITEMS[1]  # "What digit is shown?": a short first turn (the engines take 71 text tokens)
+    q1 = q1.removeprefix("<image>\n")
+
+    def ask_openai(messages, **kw):
+        r = client.chat.completions.create(model="demo", messages=messages, max_tokens=16, **kw)
+        return r.choices[0].message.content
+
+    text_only = ask_openai([{"role": "user", "content": "What digit is shown?"}])
+    assert text_only == pipe.generate(None, "What digit is shown?").text
+    system = ask_openai([{"role": "system", "content": "Answer in one word."},
+                         {"role": "user", "content": [{"type": "text", "text": "Describe the image."}]}])
+    assert system == pipe.generate(None, "Describe the image.", system="Answer in one word.").text
+    turns = [{"role": "developer", "content": "Be brief."},  # the client's newer name for the system message
+             {"role": "user", "content": openai_user(1)},
+             {"role": "assistant", "content": direct(1)},
+             {"role": "user", "content": "Read the number."}]
+    chat = ask_openai(turns)
+    expect = pipe.generate(img, "Read the number.", system="Be brief.",
+                           history=(("user", q1), ("assistant", direct(1))))
+    assert chat == expect.text and expect.settings["history"] == [["user", q1], ["assistant", direct(1)]]
+    pieces, _ = streamed(client.chat.completions.create(model="demo", messages=turns, max_tokens=16, stream=True))
+    assert "".join(pieces) == chat
+
+
+def test_openai_client_stop_strings(server, direct):
+    """``stop``: the answer cut before the first stop string, finish_reason "stop", plain and streamed alike;
+    a stop string the answer does not hold changes nothing."""
+    client = openai_client(server)
+    full = direct(6)  # "2 shapes: ..." (a long answer)
+    cut_at = full.index(":")
+    messages = [{"role": "user", "content": openai_user(6)}]
+    r = client.chat.completions.create(model="demo", messages=messages, max_tokens=16, stop=[":", "zzz"])
+    assert r.choices[0].message.content == full[:cut_at] and r.choices[0].finish_reason == "stop"
+    assert 1 <= r.usage.completion_tokens < len(pipe_ids := direct.pipe.tokenizer(full).input_ids) + 2, pipe_ids
+    pieces, chunks = streamed(client.chat.completions.create(model="demo", messages=messages, max_tokens=16,
+                                                             stop=":", stream=True))
+    assert "".join(pieces) == full[:cut_at] and chunks[-1].choices[0].finish_reason == "stop"
+    r = client.chat.completions.create(model="demo", messages=messages, max_tokens=16, stop="zzz")
+    assert r.choices[0].message.content == full
+
+
+@pytest.mark.parametrize("field, value", [
+    ("n", 2), ("top_p", 0.5), ("logprobs", True), ("response_format", {"type": "json_object"}),
+    ("presence_penalty", 0.5), ("frequency_penalty", -1), ("logit_bias", {"42": 5}), ("top_logprobs", 3),
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]), ("tool_choice", "required"),
+    ("reasoning_effort", "high"), ("store", True), ("audio", {"voice": "alloy", "format": "wav"})])
+def test_openai_client_refusals_name_the_field(server, field, value):
+    """A value the model cannot honour: a 400 whose message names the field and what this server supports."""
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:
+        openai_client(server).chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "What digit is shown?"}], **{field: value})
+    err = e.value.body
+    assert e.value.status_code == 400 and err["param"] == field and err["code"] == "unsupported_value"
+    assert err["message"].startswith(f"{field} ") and "is not supported" in err["message"]
+    assert "leave" in err["message"], err["message"]
 
 
 # ---------------------------------------------------------------------- errors

@@ -39,12 +39,17 @@ class Request:
     prompt: str = ""
     system: str = DEFAULT_SYSTEM_PROMPT
     seed: int = 0  # for temperature > 0 / random remasking; 0 <= seed < 2**63
+    # earlier turns of a conversation, (role, text) pairs between the system message and ``prompt``, rendered
+    # by the chat template (the image, if any, goes in the first user turn)
+    history: tuple[tuple[str, str], ...] = ()
 
     def validate(self) -> "Request":
         """The one rule of :mod:`.inputs`: a non-empty UTF-8 prompt, UTF-8 system text, a seed in
         [0, 2**63); an image path must name a file. PromptError, GenerationError or ImageError."""
         check_prompt(self.prompt)
         check_text(self.system, "system")
+        for i, (role, text) in enumerate(self.history):
+            check_text(text, f"history[{i}] ({role})")
         check_seed(self.seed)
         if isinstance(self.image, (str, Path)) and Path(self.image).is_dir():
             raise ImageError(f"{self.image}: is a directory, not an image file")
@@ -233,7 +238,7 @@ class Pipeline:
         if self.tokenizer is None:
             raise RequestError(f"{self.root} has no tokenizer/ folder: text prompts cannot be encoded")
         before, after = encode_prompt(self.tokenizer, request.prompt, has_image=request.image is not None,
-                                      system=request.system)
+                                      system=request.system, history=request.history)
         n_visual = visual_token_count(*image_size(request.image), self.config) if request.image is not None else 0
         check_counts(self.bucket, len(before) + len(after), n_visual, gen_length)
         return len(before) + len(after), n_visual
@@ -244,7 +249,7 @@ class Pipeline:
         if self.tokenizer is None:
             raise RequestError(f"{self.root} has no tokenizer/ folder: text prompts cannot be encoded")
         before, after = encode_prompt(self.tokenizer, request.prompt, has_image=request.image is not None,
-                                      system=request.system)
+                                      system=request.system, history=request.history)
         dev = torch.device(self.device)
         ids = torch.tensor(before + after, dtype=torch.long, device=dev)
         text = self.embed_table[ids].float()  # [nb + na, D]
@@ -300,14 +305,14 @@ class Pipeline:
 
     @torch.no_grad()
     def generate(self, image, prompt: str, *, system: str = DEFAULT_SYSTEM_PROMPT, seed: int = 0,
-                 unpruned: bool = False, on_step: Callable[[StepEvent], None] | None = None,
+                 history: tuple[tuple[str, str], ...] = (), unpruned: bool = False, on_step: Callable[[StepEvent], None] | None = None,
                  **settings) -> GenerationResult:
         """Answer ``prompt`` (non-empty UTF-8 text) about ``image`` (path, PIL image or HxWx3 uint8 array;
-        None for text only); ``seed`` (0 <= seed < 2**63) drives temperature > 0 and random remasking.
+        None for text only), after the conversation's earlier turns ``history`` ((role, text) pairs); ``seed`` (0 <= seed < 2**63) drives temperature > 0 and random remasking.
         ``settings``: see :meth:`generation_config` (preset, gen_length, steps, block_length,
         temperature, remasking, cfg_scale, factor, threshold, cache, refresh). The result's ``settings``
         are these, resolved: ``generate(image, prompt, **result.settings)`` answers the same."""
-        return self.generate_batch([Request(image, prompt, system, seed)], unpruned=unpruned, on_step=on_step,
+        return self.generate_batch([Request(image, prompt, system, seed, tuple(history))], unpruned=unpruned, on_step=on_step,
                                    **settings)[0]
 
     @torch.no_grad()
@@ -346,7 +351,8 @@ class Pipeline:
         out = []
         for i, r in enumerate(requests):
             row = ids[i].tolist()
-            settings = {**gen.to_dict(), "seed": r.seed, "system": r.system, "unpruned": bool(unpruned)}
+            settings = {**gen.to_dict(), "seed": r.seed, "system": r.system, "unpruned": bool(unpruned),
+                        **({"history": [list(t) for t in r.history]} if r.history else {})}
             out.append(GenerationResult(
                 decode_answer(self.tokenizer, row), row, None if use_full else den.kept_visual(i), x.n_visual[i],
                 {"vision": t_vis[i], **timings}, st, trace.row_forwards[i], dict(calls), settings,

@@ -19,8 +19,14 @@ A body is read up to 16 MiB (413 beyond, from its Content-Length before a byte i
 parsed, decoded and checked on an admission thread, never on the replica's event loop; a prompt
 whose byte length alone cannot fit the bucket is refused before it is tokenised.
 
-A caller that disconnects is cancelled by Serve (the replica logs it); the batch it was in runs
-to the end for the others. Ray Serve's metrics (batch sizes, queue lengths, latencies) stay on: Prometheus text at
+A streaming request (``stream: true``) joins the same batch queues as a plain one: the sampler's
+per-step callback hands each streaming row's committed prefix (the answer's longest prefix with no
+mask left: it grows as the sampler fills it from the left, block by block with block_length <
+gen_length) to its caller's event stream, which sends the new text as a chunk; only batches with a
+streaming row read the ids back each step.
+
+A caller that disconnects (plain or streaming) is cancelled by Serve (the replica logs it); the
+batch it was in runs to the end for the others. Ray Serve's metrics (batch sizes, queue lengths, latencies) stay on: Prometheus text at
 the node's metrics port.
 """
 
@@ -34,7 +40,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .api import MAX_BODY_BYTES, APIError, check_body_size, completion, decode_json, parse_chat
+from .api import (MAX_BODY_BYTES, APIError, check_body_size, chunk, completion, decode_json, finish_reason, llada_info,
+                  parse_chat, sse, usage)
+from .stream import RowStreams, TextStream, answer_with_stop
 
 APP_NAME, DEPLOYMENT = "llada", "LLaDAServer"
 DRAIN_FACTOR = 4  # a body over the limit is read (and dropped) up to this many times the limit before the 413
@@ -106,7 +114,8 @@ class LLaDAServer:
                     raise APIError(f"{route[0]} is not allowed on {route[1]}", status=405, code="method_not_allowed")
                 raise APIError(f"no route {route[1]}; routes: POST /v1/chat/completions, GET /v1/models, GET /health",
                                status=404, code="not_found")
-            return JSONResponse(await handlers[route](http))
+            answer = await handlers[route](http)
+            return answer if not isinstance(answer, dict) else JSONResponse(answer)
         except APIError as e:
             return JSONResponse(e.body(), status_code=e.status)
         except Exception as e:  # noqa: BLE001 - a fault of ours: still a JSON answer, and in the replica's log
@@ -126,22 +135,97 @@ class LLaDAServer:
         return {"object": "list", "data": [{"id": self.options.name, "object": "model", "created": int(self.started),
                                             "owned_by": "llada-export", "llada": info}]}
 
-    async def chat(self, http) -> dict:
+    async def chat(self, http):
         t0 = time.perf_counter()
         raw = await self._read_body(http)
         loop = asyncio.get_running_loop()
         chat, request, gen, prompt_tokens = await loop.run_in_executor(self.admission, self._admit, raw)
+        if chat.stream:
+            return self._stream(chat, request, gen, prompt_tokens, t0)
         await self._engine_idle()
         try:
-            result, batch = await self._batcher(gen, chat.unpruned)(request)
+            result, batch = await self._batcher(gen, chat.unpruned)(Row(request))
         except asyncio.CancelledError:
             log.warning("llada: a request was cancelled (its caller hung up); its batch goes on for the others")
             raise
         except Exception as e:  # the engines failed on a batch: every caller in it hears why
             raise APIError(f"generation failed: {type(e).__name__}: {e}", status=500, type="server_error") from e
-        extra = {"batch": {"id": batch["id"], "size": batch["size"], "seconds": batch["seconds"]},
-                 "queue_s": batch["started"] - t0, "server_s": time.perf_counter() - t0, "setting": gen.describe()}
-        return completion(self.options.name, result, prompt_tokens, gen.gen_length, extra)
+        answer = answer_with_stop(self._decode, result.ids, result.text, chat.stop) if chat.stop else None
+        return completion(self.options.name, result, prompt_tokens, gen.gen_length, self._extra(batch, gen, t0),
+                          answer)
+
+    @staticmethod
+    def _extra(batch: dict, gen, t0: float) -> dict:
+        return {"batch": {"id": batch["id"], "size": batch["size"], "seconds": batch["seconds"]},
+                "queue_s": batch["started"] - t0, "server_s": time.perf_counter() - t0, "setting": gen.describe()}
+
+    def _decode(self, ids: list[int]) -> str:
+        from ..tokenizer import decode_answer
+
+        return decode_answer(self.pipe.tokenizer, ids)
+
+    def _stream(self, chat, request, gen, prompt_tokens: int, t0: float):
+        """``stream: true``: server-sent chat.completion.chunk events. The request joins the same batch
+        queue as a plain one; each step's committed prefix (the answer's longest prefix with no mask
+        left) comes from the sampler's per-step callback, and each chunk carries its new text. The last
+        chunk has the finish_reason (and this server's ``llada`` record); with ``stream_options:
+        {"include_usage": true}`` a chunk with the usage and no choices follows, then ``data: [DONE]``.
+        A caller that hangs up is logged; its batch goes on for the others."""
+        from starlette.responses import StreamingResponse
+
+        loop = asyncio.get_running_loop()
+        prefixes: asyncio.Queue = asyncio.Queue()
+        row = Row(request, lambda ids: loop.call_soon_threadsafe(prefixes.put_nowait, ids))
+        cid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.options.name
+        extra = {"usage": None} if chat.include_usage else {}
+
+        async def events():
+            text = TextStream(self._decode, chat.stop)
+            task = None
+            try:
+                yield chunk(cid, name, created, {"role": "assistant", "content": ""}, **extra)
+                await self._engine_idle()
+                task = asyncio.ensure_future(self._batcher(gen, chat.unpruned)(row))
+                task.add_done_callback(_consume)
+                while not text.stopped:
+                    ids = asyncio.ensure_future(prefixes.get())
+                    done, _ = await asyncio.wait({ids, task}, return_when=asyncio.FIRST_COMPLETED)
+                    if ids not in done:
+                        ids.cancel()
+                        break
+                    if delta := text.feed(ids.result()):
+                        yield chunk(cid, name, created, {"content": delta}, **extra)
+                if text.stopped:  # a stop string: the answer is complete, whatever the rest of the row becomes
+                    reason, n_tokens, info = "stop", text.stop_tokens, {}
+                else:
+                    try:
+                        result, batch = await task
+                    except Exception as e:  # noqa: BLE001 - the engines failed on the batch: said in the stream
+                        log.exception("llada: a streamed request's batch failed")
+                        yield sse({"error": APIError(f"generation failed: {type(e).__name__}: {e}", status=500,
+                                                     type="server_error").body()["error"]})
+                        return
+                    if delta := text.finish(result.text):
+                        yield chunk(cid, name, created, {"content": delta}, **extra)
+                    if text.stopped:
+                        _, n_tokens, _ = answer_with_stop(self._decode, result.ids, result.text, chat.stop)
+                        reason = "stop"
+                    else:
+                        n_tokens, reason = len(result.ids), finish_reason(result, gen.gen_length)
+                    info = {"llada": llada_info(result) | self._extra(batch, gen, t0)}
+                yield chunk(cid, name, created, {}, reason, **extra, **info)
+                if chat.include_usage:
+                    yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
+                               "choices": [], "usage": usage(prompt_tokens, n_tokens)})
+                yield sse("[DONE]")
+                task = None
+            finally:
+                if task is not None and not task.done():
+                    log.warning("llada: a streaming request was cancelled (its caller hung up); its batch goes on "
+                                "for the others")
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def _read_body(self, http) -> bytes:
         """The body, at most the limit; a 413 beyond it. Bytes past the limit are read and dropped, never
@@ -167,7 +251,7 @@ class LLaDAServer:
     def _admit(self, raw: bytes):
         """On the admission thread: the body -> (chat, pipeline request, GenerationConfig, prompt tokens),
         checked against these engines by the runtime's own rules (a 4xx naming the field if not)."""
-        chat = parse_chat(decode_json(raw), int(self.options.max_body_mb * 2**20))
+        chat = parse_chat(decode_json(raw), int(self.options.max_body_mb * 2**20))  # 4xx naming the field
         if chat.model is not None and chat.model != self.options.name:
             raise APIError(f"model {chat.model!r} is not served here; this server serves {self.options.name!r}",
                            status=404, param="model", code="model_not_found")
@@ -182,8 +266,8 @@ class LLaDAServer:
                            f"--gen-length): ask for at most {bucket.gen_length}", param="max_tokens",
                            code="invalid_settings")
         try:
-            request = Request(chat.image, chat.prompt,
-                              DEFAULT_SYSTEM_PROMPT if chat.system is None else chat.system, chat.seed).validate()
+            request = Request(chat.image, chat.prompt, DEFAULT_SYSTEM_PROMPT if chat.system is None else chat.system,
+                              chat.seed, chat.history).validate()
             gen = self._generation_config(chat)
         except ValueError as e:
             raise APIError(str(e), param=_param(e), code=_code(e)) from e
@@ -219,7 +303,8 @@ class LLaDAServer:
 
     def _check_prompt_bytes(self, request) -> None:
         """A prompt too long for the bucket by its UTF-8 length alone, refused before it is tokenised."""
-        n_bytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in (request.prompt, request.system))
+        texts = (request.prompt, request.system, *(t for _, t in request.history))
+        n_bytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
         at_least = n_bytes // self.max_token_bytes - 2  # a token may straddle the chat template's text at each end
         limit = self.pipe.bucket.max_text_tokens
         if at_least > limit:
@@ -242,14 +327,19 @@ class LLaDAServer:
 
         key = (gen, unpruned)
         if key not in self.batchers:
-            async def run(requests: list) -> list:
+            async def run(rows: list) -> list:
                 started = time.perf_counter()
                 self.running += 1
                 self.idle.clear()
+                requests = [r.request for r in rows]
+                tokens = self.pipe.tokens
+                on_step = (RowStreams([r.push for r in rows], tokens.mask, tokens.eot)
+                           if any(r.push for r in rows) else None)  # a read-back per step only for streams
                 try:
                     loop = asyncio.get_running_loop()
                     results = await loop.run_in_executor(
-                        self.engine, lambda: self.pipe.generate_batch(requests, unpruned=unpruned, config=gen))
+                        self.engine, lambda: self.pipe.generate_batch(requests, unpruned=unpruned, config=gen,
+                                                                      on_step=on_step))
                 finally:
                     self.running -= 1
                     if not self.running:
@@ -266,6 +356,22 @@ class LLaDAServer:
         """Serve calls this periodically; an exception marks the replica unhealthy and restarts it."""
         if self.engine._shutdown:
             raise RuntimeError("the engine thread is gone")
+
+
+@dataclass
+class Row:
+    """A request in a batch queue; ``push``: its stream's committed prefixes (called on the engine thread),
+    None for a plain request."""
+
+    request: object  # runtime Request
+    push: object = None  # Callable[[list[int]], None] | None
+
+
+def _consume(task: asyncio.Future) -> None:
+    """A streamed request's batch future, when nobody awaits it any more (its caller hung up): its outcome
+    is dropped without a "never retrieved" warning."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _code(e: ValueError) -> str:
