@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .registry import Backend, WriteContext, register_backend
+from .registry import Backend, BackendError, WriteContext, register_backend
 
 ONNX_SINGLE_FILE_LIMIT = 2 * 1024**3  # protobuf limit: larger graphs are exported with external data
 SHARED_WEIGHTS = "weights.bin"  # in the onnx/ folder, beside the graphs
@@ -121,7 +121,15 @@ class OrtRunner:
         providers = ["CUDAExecutionProvider"] if self.device.type == "cuda" else ["CPUExecutionProvider"]
         if self.device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
             raise RuntimeError("onnxruntime has no CUDA execution provider here; install onnxruntime-gpu")
-        self.session = ort.InferenceSession(str(path), so, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=providers)
+        except Exception as e:  # onnxruntime's own exception types
+            if self.device.type == "cpu" and "bfloat16" in str(e):
+                raise BackendError(
+                    f"{path.name}: ONNX Runtime's CPU provider has no bfloat16 kernel for this graph; run these "
+                    "engines on a GPU (onnxruntime-gpu, --device cuda), or export --dtype float32 or float16 for "
+                    "the CPU") from None
+            raise
         self.io, self.inputs, self.outputs = io, io.input_names, io.output_names
         self._state_out: dict[str, Any] = {}
 
