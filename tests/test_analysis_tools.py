@@ -214,12 +214,12 @@ def test_long_sweeps_driver_tiny(tiny_ckpt, tmp_path):
     assert (bench / "vqa2_main.md").read_text() == before
 
 
-def test_long_sweeps_counts_cached_forwards(cache_engines, tiny):
+def test_long_sweeps_counts_cached_forwards(cache_engines, tiny, tmp_path):
     """On engines with the cache graphs: which graph each row's forward used, as documented (stage A
     first; with refresh never, one prefill then cached steps; with refresh 1, prefills only), the answers
     unchanged by the counting, and FLOPs per answer equal to request_flops for those counts."""
     _, _, cfg = tiny
-    long_sweeps._init_worker({"ckpt": "", "backend": "onnxruntime", "device": "cpu", "workdir": "",
+    long_sweeps._init_worker({"ckpt": "", "backend": "onnxruntime", "device": "cpu", "workdir": str(tmp_path),
                               "threads": 1})
     S = long_sweeps.setting
     settings = [S("exact", "pruned", 16, gen=16), S("never", "pruned", 16, True, "never", gen=16),
@@ -245,6 +245,12 @@ def test_long_sweeps_counts_cached_forwards(cache_engines, tiny):
     pipe = Pipeline.load(cache_engines)
     plain = pipe.generate_batch([Request(s.image(), s.prompt) for s in samples], **long_sweeps.gen_kwargs(never))
     assert never["predictions"] == [r.text for r in plain]
+    # the visual features were saved for other workers: a fresh process state reads them back
+    saved = dict(long_sweeps._W["vision"])
+    long_sweeps._init_worker(long_sweeps._W["common"])
+    long_sweeps._load_shared_vision("cpu")
+    assert saved.keys() == long_sweeps._W["vision"].keys()
+    assert all(torch.equal(saved[k], long_sweeps._W["vision"][k]) for k in saved)
     b = pipe.bucket
     row = long_sweeps.summarize_setting(samples, never, res["flops_per_call"]["pruned"])
     want = [request_flops(cfg, b.prefix_len, b.max_visual_tokens, GenerationConfig(16, 16, 16), 2, 0.5,

@@ -23,9 +23,16 @@ graph each row's forward used: stage A, full, prefill or cached) and priced by
 ``llada_export.flops.graph_flops`` for the engines' bucket, plus the vision graph once.
 
 Run (on the GPU: inductor engines exported for CUDA, fp32, no compile cache, loaded with
-``runner_options={"compile": False}``; cells run in ``--workers`` processes)::
+``runner_options={"compile": False}``; cells run in ``--workers`` processes, each keeping the
+visual features it computed in ``<workdir>/vision`` for the others)::
 
-    python tools/long_sweeps.py run --ckpt out/demo-v2 --out $OUT --backend inductor --device cuda
+    python tools/long_sweeps.py run --ckpt out/demo-v2 --out $OUT --backend inductor --device cuda \
+        --workers 8 --batch 128 2>$OUT/stderr.txt
+
+On one H100 (16 cores) with the default grids (27 pruning cells, 164 cache settings, 100
+questions per type, 300 for the main table) the parts take about 50 / 80 / 90 / 35 / 60 s
+(estimated from a 20-per-type run of the bundled model and a 100-per-type run of part of the
+pruning grid); the default budgets (``--budget``) cap them at 75 / 100 / 130 / 50 / 60 s.
 
 writes ``$OUT/<part>.json`` (raw: every prediction and per-row graph counts) and
 ``$OUT/log.txt``. Then, here::
@@ -66,7 +73,7 @@ RULES = ["none", "factor 0.5", "factor 1", "factor 2", "threshold 0.95", "thresh
          "threshold 0.7"]
 REFRESHES = ["1", "2", "4", "8", "16", "32", "never"]
 KINDS = ("stage_a", "full", "prefill", "cached")  # graph kinds a row's forward can use
-DEFAULT_BUDGET = {"main": 75, "prune": 100, "cache": 140, "composed": 50, "batch": 45}  # seconds: ~7 min in all
+DEFAULT_BUDGET = {"main": 75, "prune": 100, "cache": 130, "composed": 50, "batch": 60}  # seconds: ~7 min in all
 NAMES = {"main": "vqa2_main", "prune": "vqa2_prune_sweep", "attention": "vqa2_attention", "cache": "vqa2_cache_sweep",
          "composed": "vqa2_composed", "batch": "vqa2_batch_invariance"}
 
@@ -182,20 +189,52 @@ def _share_vision(pipe, samples, images) -> None:
     (the evaluation sets, and so their images, live as long as the process: their ids are stable)."""
     index = _W.setdefault("image_index", {})
     index.update({id(img): s.index for s, img in zip(samples, images)})
+    _load_shared_vision(pipe.device)
     if getattr(pipe, "shared_vision", False):
         return
-    store, orig, dtype = _W["vision"], pipe.encode_image, pipe.manifest.dtype
+    store, new, orig, dtype = _W["vision"], _W.setdefault("vision_new", {}), pipe.encode_image, pipe.manifest.dtype
 
     def encode_image(image, pixels=None):
         i = index.get(id(image))
         if i is None:  # not an evaluation image: nothing to share
             return orig(image, pixels)
         if (dtype, i) not in store:
-            store[(dtype, i)] = orig(image, pixels)[0]
+            store[(dtype, i)] = new[(dtype, i)] = orig(image, pixels)[0]
         return store[(dtype, i)], 0.0
 
     pipe.encode_image = encode_image
     pipe.shared_vision = True
+
+
+def _vision_dir() -> Path:
+    return Path(_W["common"]["workdir"]) / "vision"
+
+
+def _save_shared_vision() -> None:
+    """Visual features this process computed, for the other workers (preprocessing and encoding an
+    image costs more than answering it): one file per save, written under a temporary name first."""
+    new = _W.get("vision_new")
+    if not new:
+        return
+    d = _vision_dir()
+    d.mkdir(exist_ok=True)
+    name = f"{os.getpid()}-{len(_W.setdefault('vision_files', set()))}-{time.time_ns()}.pt"
+    torch.save({f"{k[0]}:{k[1]}": v.cpu() for k, v in new.items()}, d / (name + ".tmp"))
+    os.replace(d / (name + ".tmp"), d / name)
+    _W["vision_files"].add(name)
+    new.clear()
+
+
+def _load_shared_vision(device: str) -> None:
+    d = _vision_dir()
+    seen = _W.setdefault("vision_files", set())
+    for f in sorted(d.glob("*.pt")) if d.is_dir() else []:
+        if f.name in seen:
+            continue
+        seen.add(f.name)
+        for key, v in torch.load(f, map_location=device).items():
+            dtype, i = key.split(":")
+            _W["vision"].setdefault((dtype, int(i)), v)
 
 
 def gen_kwargs(s: dict) -> dict:
@@ -278,6 +317,7 @@ def run_cell(cell: dict) -> dict:
         res["flops_per_call"] = _flops_per_call(pipe, cell)
         res["results"] = [dict(s, **evaluate(pipe, samples, images, cell["export"]["batch"], s, cell.get("ids", False)))
                           for s in cell["settings"]]
+        _save_shared_vision()
         del pipe
         if not cell.get("engines") and not cell.get("keep_engines"):
             shutil.rmtree(path, ignore_errors=True)
@@ -342,7 +382,8 @@ class Runner:
             pending = set(futs)
             while pending:
                 left = budget - (time.perf_counter() - t0)
-                finished, pending = wait(pending, timeout=max(left, 0.0), return_when=FIRST_COMPLETED)
+                timeout = None if left == float("inf") else max(left, 0.0)
+                finished, pending = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
                 for f in finished:
                     done[futs[f]] = self._result(f, cells[futs[f]], part)
                     if done[futs[f]] is not None:
@@ -1185,11 +1226,16 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "render" and not a.replot and not a.src:
         raise SystemExit("render: give --from DIR (run's output) or --replot")
     if a.cmd == "run":
-        bad = [r for r in a.rules if r != "none" and (len(r.split()) != 2 or r.split()[0] not in ("factor", "threshold"))]
-        if bad:
-            raise SystemExit(f"--rules {bad}: use 'none', 'factor F' or 'threshold T'")
-        if a.device == "cuda" and a.backend == "onnxruntime":
-            raise SystemExit("--device cuda needs --backend inductor here (no onnxruntime-gpu)")
+        return _checked_run(a)
+    return a.func(a)
+
+
+def _checked_run(a) -> int:
+    bad = [r for r in a.rules if r != "none" and (len(r.split()) != 2 or r.split()[0] not in ("factor", "threshold"))]
+    if bad:
+        raise SystemExit(f"--rules {bad}: use 'none', 'factor F' or 'threshold T'")
+    if a.device == "cuda" and a.backend == "onnxruntime":
+        raise SystemExit("--device cuda needs --backend inductor here (no onnxruntime-gpu)")
     return a.func(a)
 
 
