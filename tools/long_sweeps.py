@@ -29,10 +29,11 @@ visual features it computed in ``<workdir>/vision`` for the others)::
     python tools/long_sweeps.py run --ckpt out/demo-v2 --out $OUT --backend inductor --device cuda \
         --workers 8 --batch 128 2>$OUT/stderr.txt
 
-On one H100 (16 cores) with the default grids (27 pruning cells, 164 cache settings, 100
-questions per type, 300 for the main table) the parts take about 50 / 80 / 90 / 35 / 60 s
+On one H100 (16 cores) with the default grids (36 pruning cells, 164 cache settings, 100
+questions per type, 300 for the main table) the parts take about 50 / 95 / 90 / 35 / 60 s
 (estimated from a 20-per-type run of the bundled model and a 100-per-type run of part of the
-pruning grid); the default budgets (``--budget``) cap them at 75 / 100 / 130 / 50 / 60 s.
+pruning grid); the default budgets (``--budget``) stop starting new cells after 75 / 110 / 120 /
+50 / 60 s.
 
 writes ``$OUT/<part>.json`` (raw: every prediction and per-row graph counts) and
 ``$OUT/log.txt``. Then, here::
@@ -46,6 +47,7 @@ re-renders the Markdown and PNG from those summaries.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -73,7 +75,7 @@ RULES = ["none", "factor 0.5", "factor 1", "factor 2", "threshold 0.95", "thresh
          "threshold 0.7"]
 REFRESHES = ["1", "2", "4", "8", "16", "32", "never"]
 KINDS = ("stage_a", "full", "prefill", "cached")  # graph kinds a row's forward can use
-DEFAULT_BUDGET = {"main": 75, "prune": 100, "cache": 130, "composed": 50, "batch": 60}  # seconds: ~7 min in all
+DEFAULT_BUDGET = {"main": 75, "prune": 110, "cache": 120, "composed": 50, "batch": 60}  # seconds: ~7 min in all
 NAMES = {"main": "vqa2_main", "prune": "vqa2_prune_sweep", "attention": "vqa2_attention", "cache": "vqa2_cache_sweep",
          "composed": "vqa2_composed", "batch": "vqa2_batch_invariance"}
 
@@ -416,7 +418,7 @@ class Runner:
             return
         bits = [f"{k.split('_')[0]} {r[k]:.1f} s" for k in ("export_seconds", "load_seconds") if k in r]
         for s in r.get("results", [])[:3]:
-            samples = vqa_task.balanced_split(*_split_args(r, s))
+            samples = _balanced(*_split_args(r, s))
             acc = vqa_task.score(samples, s["predictions"]).get("per_length", {})
             bits.append(f"{s['name']}: " + " ".join(f"{k} {v:.1%}" for k, v in acc.items())
                         + f", {sum(s['forwards']) / len(s['forwards']):.1f} fwd, {s['seconds']:.1f} s")
@@ -427,6 +429,11 @@ class Runner:
 
 def _split_args(r: dict, s: dict) -> tuple:
     return r["eval"]["split"], r["eval"]["per_type"], tuple(r["eval"].get("types") or vqa_task.QTYPES)
+
+
+@functools.lru_cache(maxsize=16)
+def _balanced(split: str, per_type: int, types: tuple) -> list:
+    return vqa_task.balanced_split(split, per_type, types)
 
 
 def parse_prune(text: str) -> list:
@@ -591,7 +598,7 @@ def _cells_ok(raw: dict) -> list[dict]:
 
 def _samples(c: dict):
     ev = c["eval"]
-    return vqa_task.balanced_split(ev["split"], ev["per_type"], tuple(ev.get("types") or vqa_task.QTYPES))
+    return _balanced(ev["split"], ev["per_type"], tuple(ev.get("types") or vqa_task.QTYPES))
 
 
 def _machine(raw: dict) -> dict:
@@ -842,24 +849,25 @@ def _rel(r: dict, base: dict, kind: str) -> float | None:
 
 def _breaks(base: dict, rows: list[dict]) -> list[str]:
     """From the data: per (K, source), the largest keep at which long answers fall below 95% of their
-    unpruned accuracy, and whether short answers still hold there."""
+    unpruned exact match, the same for short answers, and each cell's relative accuracy long vs short."""
     out = []
     for key in sorted({(r["layer"], r["source"]) for r in rows}):
         rs = sorted([r for r in rows if (r["layer"], r["source"]) == key], key=lambda r: -r["keep"])
-        long_break = next((r for r in rs if (_rel(r, base, "long") or 0) < 0.95), None)
-        short_break = next((r for r in rs if (_rel(r, base, "short") or 0) < 0.95), None)
-        if long_break is None:
-            out.append(f"- K={key[0]}, {key[1]}: long answers hold >= 95% of unpruned down to keep {rs[-1]['keep']}.")
-            continue
-        lk, sk = long_break["keep"], short_break["keep"] if short_break else None
-        when = ("before short ones" if sk is None or sk < lk else "together with short ones" if sk == lk
-                else "after short ones")
-        out.append(f"- K={key[0]}, {key[1]}: long answers break at keep {lk} ({_pct(_rel(long_break, base, 'long'))}% "
-                   f"of unpruned), short at " + (f"keep {sk}" if sk is not None else "no keep tested")
-                   + f": long break **{when}**.")
-    n_before = sum("before short" in x for x in out)
-    out.append(f"- In {n_before} of {len(out)} (K, source) series the long answers break at a larger keep than the "
-               "short ones (break = below 95% of the unpruned exact match).")
+        rel = [(r["keep"], _rel(r, base, "long") or 0.0, _rel(r, base, "short") or 0.0) for r in rs]
+        lk = next((k for k, lo, _ in rel if lo < 0.95), None)
+        sk = next((k for k, _, sh in rel if sh < 0.95), None)
+        when = ("long answers hold" if lk is None else "before short ones" if sk is None or sk < lk
+                else "together with short ones" if sk == lk else "after short ones")
+        cells = ", ".join(f"keep {k}: long {100 * lo:.0f}% / short {100 * sh:.0f}%" for k, lo, sh in rel)
+        brk = (f"long break at keep {lk}, short at " + (f"keep {sk}" if sk is not None else "none tested")
+               if lk is not None else f"long answers hold >= 95% down to keep {rel[-1][0]}")
+        out.append(f"- K={key[0]}, {key[1]}: {brk}: **{when}** (of unpruned: {cells}).")
+    n = len(rows)
+    worse = sum((_rel(r, base, "long") or 0.0) < (_rel(r, base, "short") or 0.0) for r in rows)
+    before = sum("**before short ones**" in x for x in out)
+    out.append(f"- Long answers break at a larger keep than short ones in {before} of {len(out)} (K, source) series "
+               f"(break = below 95% of the unpruned exact match), and lose a larger share of their unpruned accuracy "
+               f"than short ones in {worse} of {n} pruned cells.")
     return out
 
 
@@ -1069,6 +1077,11 @@ def render(src: Path, out: Path, replot: bool = False) -> list[Path]:
     """Summaries + Markdown + PNG of every part found in ``src`` (raw JSONs of ``run``), into ``out``;
     ``replot``: from the summaries already in ``out``."""
     written = []
+    att = out / NAMES["attention"]
+    if replot and att.with_suffix(".json").exists():
+        aa = _tool("attention_analysis")
+        write_report(att, None, aa.markdown, aa.plot)
+        written.append(att)
     for part, (summarize, md, plot) in RENDER.items():
         name = out / NAMES[part]
         if replot:
@@ -1197,7 +1210,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--demo-prune", type=parse_prune, default=[3, 0.5, "response"], metavar="'K KEEP SOURCE'",
                    help="the demo's pruning (main, cache, batch parts; default '3 0.5 response')")
     r.add_argument("--layers", type=int, nargs="+", default=[1, 3, 5])
-    r.add_argument("--keeps", type=float, nargs="+", default=[0.5, 0.25, 0.1])
+    r.add_argument("--keeps", type=float, nargs="+", default=[0.75, 0.5, 0.25, 0.1])
     r.add_argument("--sources", nargs="+", choices=("response", "text", "last"), default=["response", "text", "last"])
     r.add_argument("--attention-n", type=int, default=60, help="long-answer questions of the attention analysis (0: skip)")
     r.add_argument("--attention-layers", type=int, nargs="*", default=None, help="default: --layers")
