@@ -36,6 +36,10 @@ CASES = [  # (tool, its JSON, the report it renders, the command line that re-re
     ("bench_cpu.py", "cpu_ort.json", "cpu_ort.md", ["--replot", "--out", "{out}"]),
     ("gpu_probe.py", "gpu_probe.json", "gpu_probe.md", ["--replot", "--out", "{out}"]),
 ]
+# issue 21's reports (tools/long_sweeps.py render), once a GPU run's summaries are committed
+CASES += [("long_sweeps.py", f"vqa2_{part}.json", f"vqa2_{part}.md", ["render", "--replot", "--out", "{out}"])
+          for part in ("main", "prune_sweep", "attention", "cache_sweep", "composed", "batch_invariance")
+          if (BENCH / f"vqa2_{part}.json").exists()]
 
 
 @pytest.mark.parametrize("tool, js, md, argv", CASES, ids=[c[2] for c in CASES])
