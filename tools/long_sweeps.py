@@ -327,6 +327,8 @@ def run_cell(cell: dict) -> dict:
         res["error"] = f"{type(e).__name__}: {e}"
         res["traceback"] = traceback.format_exc(limit=6)
     res["seconds"] = time.perf_counter() - t0
+    if torch.cuda.is_available() and _W["common"]["device"] == "cuda":  # this worker's peak so far
+        res["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return res
 
 
@@ -417,6 +419,8 @@ class Runner:
             self.log(f"{part}: {r['key']}: ERROR {r['error']}\n{r.get('traceback', '')}")
             return
         bits = [f"{k.split('_')[0]} {r[k]:.1f} s" for k in ("export_seconds", "load_seconds") if k in r]
+        if "gpu_peak_gib" in r:
+            bits.append(f"GPU peak {r['gpu_peak_gib']} GiB")
         for s in r.get("results", [])[:3]:
             samples = _balanced(*_split_args(r, s))
             acc = vqa_task.score(samples, s["predictions"]).get("per_length", {})
