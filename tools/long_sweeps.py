@@ -1168,7 +1168,11 @@ def run_all(a) -> int:
             raw.update(part=part, args=args, machine=machine, seconds=time.perf_counter() - t0)
             raws[part] = raw
             (out / f"{part}.json").write_text(json.dumps(raw))
-            log(f"{part}: done in {raw['seconds']:.1f} s -> {out / (part + '.json')}")
+            cells = raw.get("cells", [])
+            bad = sum("error" in c for c in cells)
+            cut = sum("skipped" in c for c in cells)
+            log(f"{part}: done in {raw['seconds']:.1f} s -> {out / (part + '.json')} ({len(cells) - bad - cut} cells "
+                f"measured, {bad} failed, {cut} cut by the time budget)")
     finally:
         runner.close()
         if not a.workdir:
