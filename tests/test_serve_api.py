@@ -329,3 +329,8 @@ def test_text_stream_sends_the_committed_prefix_and_holds_back_a_possible_stop()
     assert s.finish("hi END and more") == "" and s.sent == "hi "
     assert answer_with_stop(decode, list("hi END and"), "hi END and", ("END",)) == ("hi ", 6, True)
     assert answer_with_stop(decode, list("hi"), "hi", ("END",)) == ("hi", 2, False)
+
+
+def test_client_body_without_an_image_is_text_only():
+    c = parse_chat(chat_body("What is 2 + 2?", None, system="S", stream=True, stop=["\n"]))
+    assert (c.image, c.prompt, c.system, c.stream, c.stop) == (None, "What is 2 + 2?", "S", True, ("\n",))

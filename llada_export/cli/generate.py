@@ -19,7 +19,8 @@ examples:
   llada-generate --engines engines/ --image chart.png --prompt "What is the maximum?" --preset chartqa
   llada-generate --engines engines/ --image photo.jpg --prompt "Describe it." --factor 1 --refresh 32
   llada-generate --engines engines/ --image photo.jpg --prompt "Describe it." --compare-unpruned --json
-  llada-generate --server http://127.0.0.1:8000 --image photo.jpg --prompt "What is shown?"
+  llada-generate --engines engines/ --image photo.jpg --prompt "Describe it." --stream
+  llada-generate --server http://127.0.0.1:8000 --image photo.jpg --prompt "What is shown?" --stream
 
 The image goes first unless the prompt places it with <image> ("<image>\\n" + question, as
 the official demo writes it); a typed \\n in --prompt is a newline. With --cache (the default
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--engines", help="engines directory written by llada-export")
     where.add_argument("--server", metavar="URL",
-                       help="ask a running llada-serve instead (e.g. http://127.0.0.1:8000); needs --image")
+                       help="ask a running llada-serve instead (e.g. http://127.0.0.1:8000)")
     p.add_argument("--image", type=image_file, help="image file (any format Pillow reads); omit for a text-only prompt")
     p.add_argument("--prompt", required=True, type=cli_prompt,
                    help="user message; <image> marks where the image goes (default: first)")
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the checkpoint recorded in the manifest)")
     p.add_argument("--compare-unpruned", action="store_true",
                    help="also run the unpruned graph from the same directory and print the speed-up")
+    p.add_argument("--stream", action="store_true",
+                   help="print the answer as it is committed: its prefix with no mask left, as it grows (block by "
+                   "block with --block-length < --gen-length); with --server too (stream: true)")
     p.add_argument("--json", action="store_true",
                    help="print the full result as JSON: the answer, its ids, finish reason (stop / length), the "
                    "settings that produced it, kept tokens, timings")
@@ -95,16 +99,36 @@ def ask_server(args: argparse.Namespace) -> int:
     """--server: the same request through llada-serve's HTTP API (retried on a server-side failure)."""
     from ..serve.client import Client
 
-    if args.image is None:
-        raise ValueError("--server needs --image: the server answers questions about an image")
     refresh = getattr(args, "refresh", "default")
-    reply = Client(args.server).chat(
-        args.prompt, args.image, max_tokens=args.gen_length, steps=args.steps, block_length=args.block_length,
-        preset=args.preset, temperature=args.temperature, remasking=args.remasking, cfg_scale=args.cfg_scale,
-        seed=args.seed, cache=args.cache, factor=args.factor, threshold=args.threshold,
-        **({} if refresh == "default" else {"refresh": "never" if refresh is None else refresh}))
+    fields = dict(max_tokens=args.gen_length, steps=args.steps, block_length=args.block_length, preset=args.preset,
+                  temperature=args.temperature, remasking=args.remasking, cfg_scale=args.cfg_scale, seed=args.seed,
+                  cache=args.cache, factor=args.factor, threshold=args.threshold,
+                  **({} if refresh == "default" else {"refresh": "never" if refresh is None else refresh}))
+    if args.stream:
+        for piece in Client(args.server).chat_stream(args.prompt, args.image, **fields):
+            print(piece, end="", flush=True)
+        print(flush=True)
+        return 0
+    reply = Client(args.server).chat(args.prompt, args.image, **fields)
     print(json.dumps(reply, indent=2) if args.json else reply["choices"][0]["message"]["content"], flush=True)
     return 0
+
+
+def printer(pipe):
+    """``on_step`` for Pipeline.generate that prints the answer's committed prefix as it grows, and the
+    function that prints the rest of the final answer."""
+    from ..serve.stream import RowStreams, TextStream
+    from ..tokenizer import decode_answer
+
+    text = TextStream(lambda ids: decode_answer(pipe.tokenizer, ids))
+
+    def push(ids: list[int]) -> None:
+        print(text.feed(ids), end="", flush=True)
+
+    def finish(answer: str) -> None:
+        print(text.finish(answer), flush=True)
+
+    return RowStreams([push], pipe.tokens.mask, pipe.tokens.eot), finish
 
 
 def timing_line(res, pipe) -> str:
@@ -121,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         given = [f"--{k.replace('_', '-')}" for k in LOCAL_ONLY if getattr(args, k) not in (None, False)]
         if given:
             p.error(f"{', '.join(given)}: for local engines (--engines) only, not with --server")
+    if args.stream and args.json:
+        p.error("--stream and --json: pick one (--json prints the whole result once it is done)")
     with user_errors("llada-generate"):
         if args.server is not None:
             return ask_server(args)
@@ -130,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         kw = dict(gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
                   temperature=args.temperature, remasking=args.remasking, cfg_scale=args.cfg_scale,
                   preset=args.preset, seed=args.seed, **decoding_settings(args))
-        res = pipe.generate(args.image, args.prompt, **kw)
+        on_step, finish = printer(pipe) if args.stream else (None, None)
+        res = pipe.generate(args.image, args.prompt, on_step=on_step, **kw)
         base = pipe.generate(args.image, args.prompt, unpruned=True, **kw) if args.compare_unpruned else None
         if args.json:
             # with the engines, the image and the prompt, result.settings reproduce the answer
@@ -141,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                 out["speedup"] = base.timings["total"] / res.timings["total"]
             print(json.dumps(out, indent=2), flush=True)
             return 0
-        print(res.text, flush=True)
+        finish(res.text) if finish else print(res.text, flush=True)
         print(timing_line(res, pipe), file=sys.stderr, flush=True)
         if base is not None:
             kept = len(res.kept_visual) if res.kept_visual is not None else res.n_visual

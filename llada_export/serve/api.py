@@ -328,7 +328,8 @@ def _user_content(content: object, max_image_bytes: int) -> tuple[str, object]:
 
 def _no_marker(text: str, where: str) -> str:
     if IMAGE_TOKEN in text:
-        raise APIError(f"{where} holds {IMAGE_TOKEN}: place the image with an image_url part", param="messages")
+        raise APIError(f"{where} holds {IMAGE_TOKEN}: place the image with an image_url part", param="messages",
+                       code="invalid_prompt")
     return text
 
 

@@ -4,10 +4,13 @@
     client = Client("http://127.0.0.1:8000")
     reply = client.chat("What colour is the square?", image="photo.png", max_tokens=16)
     print(reply["choices"][0]["message"]["content"])
+    for piece in client.chat_stream("Describe the image.", image="photo.png"):  # stream: true
+        print(piece, end="", flush=True)
 
 Generation is deterministic for a given request and seed, so a request that failed on the server
 side (500, 502, 503, 504: a replica that died, backpressure) or whose connection broke is sent
-again, ``retries`` times with a growing pause; a 4xx is the caller's to fix and raised at once.
+again, ``retries`` times with a growing pause; a 4xx is the caller's to fix and raised at once. A
+stream is retried only until its first byte.
 """
 
 from __future__ import annotations
@@ -50,9 +53,14 @@ def image_data_url(image) -> str:
 
 
 def chat_body(prompt: str, image, *, system: str | None = None, **fields) -> dict:
-    """The /v1/chat/completions body for one question about one image (``fields``: max_tokens, seed,
-    temperature and the server's sampler settings; None values are left out). An ``<image>`` in the
-    prompt places the image there (as llada-generate reads it); without one the image goes first."""
+    """The /v1/chat/completions body for one question about one image, or text only (``image`` None;
+    ``fields``: max_tokens, seed, temperature, stop, stream and the server's sampler settings; None values
+    are left out). An ``<image>`` in the prompt places the image there (as llada-generate reads it);
+    without one the image goes first."""
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    if image is None:
+        messages.append({"role": "user", "content": prompt})
+        return {"messages": messages, **{k: v for k, v in fields.items() if v is not None}}
     before, marker, after = prompt.partition("<image>")
     if not marker:
         before, after = "", prompt
@@ -60,7 +68,6 @@ def chat_body(prompt: str, image, *, system: str | None = None, **fields) -> dic
     parts.append({"type": "image_url", "image_url": {"url": image_data_url(image)}})
     if after.lstrip("\n"):
         parts.append({"type": "text", "text": after.lstrip("\n")})
-    messages = [{"role": "system", "content": system}] if system is not None else []
     messages.append({"role": "user", "content": parts})
     return {"messages": messages, **{k: v for k, v in fields.items() if v is not None}}
 
@@ -82,6 +89,32 @@ class Client:
         """One chat completion (the server's JSON answer)."""
         return self.post("/v1/chat/completions", chat_body(prompt, image, system=system, **fields))
 
+    def chat_stream(self, prompt: str, image, *, system: str | None = None, final: list | None = None,
+                    **fields):
+        """``stream: true``: yields the answer's text pieces as the server commits them (their concatenation
+        is the answer). ``final``: a list that receives the last chunk (finish_reason, and the server's
+        ``llada`` record) and, with ``stream_options={"include_usage": True}``, the usage chunk."""
+        body = json.dumps(chat_body(prompt, image, system=system, stream=True, **fields)).encode()
+        req = urllib.request.Request(self.url + "/v1/chat/completions", data=body, method="POST",
+                                     headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
+        with self._open(req) as r:
+            for line in r:
+                line = line.strip()
+                if not line.startswith(b"data: "):
+                    continue
+                data = line[len(b"data: "):]
+                if data == b"[DONE]":
+                    return
+                event = json.loads(data)
+                if "error" in event:
+                    raise ServerError(f"the stream failed: {event['error'].get('message')}", 500, event)
+                choice = event["choices"][0] if event["choices"] else None
+                if choice is not None and choice["delta"].get("content"):
+                    yield choice["delta"]["content"]
+                if final is not None and (choice is None or choice["finish_reason"] is not None):
+                    final.append(event)
+        raise ServerError(f"the stream from {self.url} ended before data: [DONE]")
+
     def models(self) -> dict:
         return self.get("/v1/models")
 
@@ -97,10 +130,17 @@ class Client:
                                                  headers={"Content-Type": "application/json"}))
 
     def _send(self, req: urllib.request.Request) -> dict:
+        return self._open(req, lambda r: json.loads(r.read()))
+
+    def _open(self, req: urllib.request.Request, read=None):
+        """``read(response)``, or the open response without ``read`` (a stream: retried until it answers)."""
         for attempt in range(self.retries + 1):
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
-                    return json.loads(r.read())
+                r = urllib.request.urlopen(req, timeout=self.timeout_s)
+                if read is None:
+                    return r
+                with r:
+                    return read(r)
             except urllib.error.HTTPError as e:
                 err = _server_error(e)
                 if e.code not in RETRY_STATUS or attempt == self.retries:
