@@ -243,6 +243,27 @@ def test_llada_generate_server(server):
     assert r.stdout.strip() == truth
 
 
+def replica_log_count(server, text: str) -> int:
+    """How many times the replicas' logs say ``text``."""
+    logs = Path(server["tmp"]) / "ray" / "session_latest" / "logs" / "serve"
+    return sum(f.read_text(errors="replace").count(text) for f in logs.glob("replica_*.log"))
+
+
+def send_then_hang_up(server, body: bytes, wait_for: bytes = b"") -> bytes:
+    """POST ``body``, read until ``wait_for`` arrives (nothing by default), then close the socket while the
+    request's batch runs; returns what was read."""
+    host, port = server["url"].rsplit("/", 1)[1].split(":")
+    s = socket.create_connection((host, int(port)))
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    read = b""
+    while wait_for not in read:
+        read += s.recv(4096)
+    time.sleep(0.6)  # in its batch by now (batch wait 100 ms), and the batch not done (about a second)
+    s.close()
+    return read
+
+
 # ---------------------------------------------------------------------- the official openai client
 def openai_client(server):
     from openai import OpenAI
@@ -382,36 +403,18 @@ def test_streaming_client_that_hangs_up_does_not_break_its_batch(server, direct)
     from concurrent.futures import ThreadPoolExecutor
 
     body = json.dumps(chat_body(*ITEMS[6][1::-1], stream=True)).encode()
-    host, port = server["url"].rsplit("/", 1)[1].split(":")
-    logs = Path(server["tmp"]) / "ray" / "session_latest" / "logs" / "serve"
-
-    def hung_up() -> int:
-        return sum(f.read_text(errors="replace").count("a streaming request was cancelled (its caller hung up)")
-                   for f in logs.glob("replica_*.log"))
-
-    before = hung_up()
-
-    def hang_up() -> bytes:
-        s = socket.create_connection((host, int(port)))
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        first = b""
-        while b"data: " not in first:  # the headers, then the first chunk (the role), sent before the batch runs
-            first += s.recv(4096)
-        time.sleep(0.6)  # in its batch by now (batch wait 100 ms), and the batch not done (about a second)
-        s.close()
-        return first
-
+    logged = "a streaming caller hung up"
+    before = replica_log_count(server, logged)
     others = (5, 7, 8, 9, 10, 11)
     with ThreadPoolExecutor(7) as ex:
-        gone = ex.submit(hang_up)
+        gone = ex.submit(send_then_hang_up, server, body, b"data: ")  # the role chunk, sent before the batch runs
         time.sleep(0.02)
         replies = [ex.submit(ask, server["url"], i) for i in others]
         first, replies = gone.result(), [r.result() for r in replies]
     assert b"200 OK" in first and b"text/event-stream" in first and b'"role": "assistant"' in first, first
     assert [text_of(r) for r in replies] == [direct(i) for i in others]
     deadline = time.perf_counter() + 20
-    while hung_up() == before:
+    while replica_log_count(server, logged) == before:
         assert time.perf_counter() < deadline, "no replica logged the streaming caller that hung up"
         time.sleep(0.5)
     img, q, _ = ITEMS[6]
@@ -549,25 +552,11 @@ def test_client_that_hangs_up_does_not_break_its_batch(server, direct):
 
     img, q, _ = ITEMS[4]
     body = json.dumps(chat_body(q, img)).encode()
-    host, port = server["url"].rsplit("/", 1)[1].split(":")
-    logs = Path(server["tmp"]) / "ray" / "session_latest" / "logs" / "serve"
-
-    def cancelled() -> int:
-        return sum(f.read_text(errors="replace").count("was cancelled (its caller hung up)")
-                   for f in logs.glob("replica_*.log"))
-
-    before = cancelled()
-
-    def hang_up():
-        s = socket.create_connection((host, int(port)))
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        time.sleep(0.6)  # in its batch by now (batch wait 100 ms), and the batch not done (about a second)
-        s.close()
-
+    logged = "was cancelled (its caller hung up)"
+    before = replica_log_count(server, logged)
     others = (5, 6, 7, 8, 9, 10, 11)  # with the dropped one, a full batch of 4 on each of the two replicas
     with ThreadPoolExecutor(8) as ex:
-        gone = ex.submit(hang_up)
+        gone = ex.submit(send_then_hang_up, server, body)
         time.sleep(0.02)  # the dropped request first: its replica's batch then fills with others
         replies = [ex.submit(ask, server["url"], i) for i in others]
         gone.result()
@@ -580,7 +569,7 @@ def test_client_that_hangs_up_does_not_break_its_batch(server, direct):
     shared = [b for b in named if sizes[b] == named[b] + 1]  # one row answered no one: the dropped request's
     assert len(shared) == 1 and all(sizes[b] == named[b] for b in named if b not in shared), (sizes, named)
     deadline = time.perf_counter() + 20
-    while cancelled() == before:
+    while replica_log_count(server, logged) == before:
         assert time.perf_counter() < deadline, "no replica logged the cancelled request"
         time.sleep(0.5)
     assert text_of(ask(server["url"], 4)) == direct(4)

@@ -221,8 +221,7 @@ class LLaDAServer:
                 task = None
             finally:
                 if task is not None and not task.done():
-                    log.warning("llada: a streaming request was cancelled (its caller hung up); its batch goes on "
-                                "for the others")
+                    log.warning("llada: a streaming caller hung up; its batch goes on for the others")
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
