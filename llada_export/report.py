@@ -46,3 +46,8 @@ def save(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+def history_note(res: dict) -> str:
+    """A report title's suffix for a result kept for history (its JSON's ``history`` field)."""
+    return f" ({res['history']})" if res.get("history") else ""

@@ -43,7 +43,7 @@ from llada_export.reference import embed_prompt
 from llada_export.sampler import GenerationConfig, generate
 from llada_export.tokenizer import DEFAULT_SYSTEM_PROMPT, special_tokens
 from llada_export.vqa_task import patch_labels
-from llada_export.report import pyplot, save, write_report
+from llada_export.report import history_note, pyplot, save, write_report
 
 GEN_LENGTH = vqa_task.GEN_LENGTH
 
@@ -215,7 +215,7 @@ def markdown(res: dict, sweep: dict | None = None) -> str:
     late_mean = sum(share[i] for i in late) / len(late)
     early_mean = sum(share[i] for i in early) / len(early)
     lines = [
-        "# Visual attention of the demo LLaDA-V: per-layer share and top-k stability",
+        "# Visual attention of the demo LLaDA-V: per-layer share and top-k stability" + history_note(res),
         "",
         f"**Caveat:** the demo model is tiny ({nl} LM layers, hidden {res['hidden_size']}; LLaDA-8B has 32 "
         f"layers of 4096) and trained on one synthetic task ({res['accuracy']:.0%} right on these {res['n']} "

@@ -29,7 +29,7 @@ from llada_export.checkpoint.loader import load_checkpoint
 from llada_export.contract.pruning import PruneSettings
 from llada_export.exporter.build import ExportOptions, export_engines
 from llada_export.runtime.pipeline import Pipeline, Request
-from llada_export.report import pyplot, save, write_report
+from llada_export.report import history_note, pyplot, save, write_report
 
 REFRESHES = ["1", "4", "8", "16", "32", "never"]
 RULES = ["none", "factor 1", "factor 0.5", "threshold 0.95", "threshold 0.9", "threshold 0.8", "threshold 0.7"]
@@ -131,7 +131,7 @@ def choose(res: dict) -> dict:
 def markdown(res: dict) -> str:
     c = choose(res)
     ex, best = c["exact"], c["best"]
-    lines = ["# Prefix cache and parallel decoding: fidelity on the demo model", "",
+    lines = ["# Prefix cache and parallel decoding: fidelity on the demo model" + history_note(res), "",
              f"{res['n']} test questions of the procedural VQA task, ONNX Runtime engines on this CPU "
              f"({res['backend']}), pruning at layer {res['pruning']['layer']}, keep {res['pruning']['keep']}, "
              f"{res['gen_length']} response slots (one block), batches of {res['batch']}. Exact = no cache, the "

@@ -33,7 +33,7 @@ from llada_export.exporter.build import ExportOptions, export_engines, plan_buck
 from llada_export.flops import request_flops
 from llada_export.runtime.pipeline import Pipeline
 from llada_export.sampler import GenerationConfig
-from llada_export.report import pyplot, save, write_report
+from llada_export.report import history_note, pyplot, save, write_report
 
 GEN_LENGTH = vqa_task.GEN_LENGTH
 IMAGE_SIZE = (vqa_task.WIDTH, vqa_task.HEIGHT)
@@ -206,7 +206,7 @@ def markdown(res: dict) -> str:
     lo, hi = base["ci95"]
     text_only = res.get("text_only_baseline")
     lines = [
-        "# LLaDA-FastV pruning sweep on the procedural VQA task (ONNX Runtime engines, CPU)",
+        "# LLaDA-FastV pruning sweep on the procedural VQA task (ONNX Runtime engines, CPU)" + history_note(res),
         "",
         f"- checkpoint `{res['checkpoint']}`, split `{res['split']}` (first {n} questions); unpruned accuracy "
         f"{base['overall']:.1%} (95% Wilson interval [{lo:.1%}, {hi:.1%}]), text-only baseline "
