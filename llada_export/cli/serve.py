@@ -13,8 +13,9 @@ DESCRIPTION = """\
 Serve LLaDA-V engines built by llada-export on Ray Serve: one Pipeline per replica (one GPU
 each where the cluster has GPUs), concurrent requests of one generation setting batched
 together up to the engines' --batch-size. Starts a local Ray cluster (loopback only), or
-attaches to a running one with --address. Routes: POST /v1/chat/completions, GET /v1/models,
-GET /health."""
+attaches to a running one with --address. Routes: POST /v1/chat/completions (what the official
+openai client sends: text-only or one image, system messages, conversations, stop strings,
+stream: true as server-sent chunks of the committed answer prefix), GET /v1/models, GET /health."""
 
 EPILOG = """\
 examples:
@@ -23,7 +24,7 @@ examples:
   llada-serve --engines engines/ --address auto          # a cluster started with `ray start --head`
 
 then, from another shell:
-  llada-generate --server http://127.0.0.1:8000 --image photo.png --prompt "What is shown?"
+  llada-generate --server http://127.0.0.1:8000 --image photo.png --prompt "What is shown?" --stream
   curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' -d @body.json
 
 Ctrl-C or SIGTERM stops the server: the local cluster and every process it started, or on an
