@@ -317,7 +317,8 @@ def test_openai_client_plain_and_streamed_answers_are_the_pipelines(server, dire
         plains = [ex.submit(plain, i) for i in (4, 6, 1)]
         streams = [ex.submit(stream, i) for i in (4, 6, 1)]
         blocks = ex.submit(stream, 6, extra_body={"block_length": 8})
-        plains, streams, (bpieces, bchunks) = [f.result() for f in plains], [f.result() for f in streams], blocks.result()
+        plains, streams = [f.result() for f in plains], [f.result() for f in streams]
+        bpieces, bchunks = blocks.result()
     for i, p, (pieces, chunks) in zip((4, 6, 1), plains, streams):
         assert p.choices[0].message.content == direct(i) == "".join(pieces), i
         assert p.choices[0].finish_reason == chunks[-2].choices[0].finish_reason

@@ -269,7 +269,8 @@ def test_openai_values_the_model_cannot_honour_are_refused_by_name(field, value)
     ({"stream": True, "stream_options": {"include_usage": "yes"}}, "include_usage must be true or false"),
     ({"stream": True, "stream_options": {"chunks": 2}}, "stream_options.chunks is not supported"),
     ({"user": 3}, "user must be a string"), ({"metadata": {"a": 1}}, "metadata must be an object of strings"),
-    ({"max_tokens": 4, "max_completion_tokens": 4}, "not both"), ({"max_completion_tokens": 0}, "max_completion_tokens")])
+    ({"max_tokens": 4, "max_completion_tokens": 4}, "not both"),
+    ({"max_completion_tokens": 0}, "max_completion_tokens")])
 def test_openai_fields_with_bad_values(body, expect):
     with pytest.raises(APIError) as e:
         parse_chat({**user(IMG, text("q")), **body})

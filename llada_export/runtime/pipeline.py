@@ -305,15 +305,18 @@ class Pipeline:
 
     @torch.no_grad()
     def generate(self, image, prompt: str, *, system: str = DEFAULT_SYSTEM_PROMPT, seed: int = 0,
-                 history: tuple[tuple[str, str], ...] = (), unpruned: bool = False, on_step: Callable[[StepEvent], None] | None = None,
+                 history: tuple[tuple[str, str], ...] = (), unpruned: bool = False,
+                 on_step: Callable[[StepEvent], None] | None = None,
                  **settings) -> GenerationResult:
         """Answer ``prompt`` (non-empty UTF-8 text) about ``image`` (path, PIL image or HxWx3 uint8 array;
-        None for text only), after the conversation's earlier turns ``history`` ((role, text) pairs); ``seed`` (0 <= seed < 2**63) drives temperature > 0 and random remasking.
+        None for text only), after the conversation's earlier turns ``history`` ((role, text) pairs: user,
+        assistant, system; the image goes in the first user turn); ``seed`` (0 <= seed < 2**63) drives
+        temperature > 0 and random remasking.
         ``settings``: see :meth:`generation_config` (preset, gen_length, steps, block_length,
         temperature, remasking, cfg_scale, factor, threshold, cache, refresh). The result's ``settings``
         are these, resolved: ``generate(image, prompt, **result.settings)`` answers the same."""
-        return self.generate_batch([Request(image, prompt, system, seed, tuple(history))], unpruned=unpruned, on_step=on_step,
-                                   **settings)[0]
+        request = Request(image, prompt, system, seed, tuple(map(tuple, history)))
+        return self.generate_batch([request], unpruned=unpruned, on_step=on_step, **settings)[0]
 
     @torch.no_grad()
     def generate_batch(self, requests: list[Request], *, unpruned: bool = False,
@@ -364,7 +367,7 @@ class Pipeline:
 
 def as_requests(requests) -> list[Request]:
     """``generate_batch``'s requests as validated :class:`Request` objects: Requests, ``(image, prompt)``
-    pairs, or dicts of Request's fields (image, prompt, system, seed)."""
+    pairs, or dicts of Request's fields (image, prompt, system, seed, history)."""
     one = isinstance(requests, (Request, str, bytes, dict)) or (
         isinstance(requests, tuple) and len(requests) == 2 and isinstance(requests[1], str))
     if one or not isinstance(requests, Iterable):

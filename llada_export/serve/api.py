@@ -261,7 +261,8 @@ def _split_messages(messages: object) -> tuple[str | None, list[tuple[str, objec
         if role not in ROLES:
             raise APIError(f"messages[{i}].role {role!r} is not one of {', '.join(ROLES)}", param="messages")
         if role != "user":
-            turns.append(("system" if role == "developer" else role, _text_only(m["content"], f"messages[{i}].content")))
+            text = _text_only(m["content"], f"messages[{i}].content")
+            turns.append(("system" if role == "developer" else role, text))
         else:
             turns.append(("user", m["content"]))
     if turns[-1][0] != "user":

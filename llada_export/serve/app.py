@@ -26,7 +26,8 @@ gen_length) to its caller's event stream, which sends the new text as a chunk; o
 streaming row read the ids back each step.
 
 A caller that disconnects (plain or streaming) is cancelled by Serve (the replica logs it); the
-batch it was in runs to the end for the others. Ray Serve's metrics (batch sizes, queue lengths, latencies) stay on: Prometheus text at
+batch it was in runs to the end for the others. Ray Serve's metrics (batch sizes, queue lengths,
+latencies) stay on: Prometheus text at
 the node's metrics port.
 """
 
