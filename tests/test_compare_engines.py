@@ -103,26 +103,36 @@ def test_what_cannot_run_is_refused_before_comparing(engines, tiny_ckpt, tmp_pat
 
 def _demo_engines(out: Path) -> Path:
     """The README's serving engines (`--prune-layer 3 --keep 0.5 --cache --image-size 384x288
-    --gen-length 16 --max-prompt-tokens 64`) at batch size 1 (4 would only make the eager oracle
+    --gen-length 32 --max-prompt-tokens 72`) at batch size 1 (4 would only make the eager oracle
     slower). make demo's engines add the unpruned graphs (compared on tiny engines by test_compare)."""
-    return export(DEMO_MODEL, out, prune=PruneSettings(3, 0.5), image_size=(384, 288), gen_length=16,
-                  max_prompt_tokens=64, cache=True)
+    return export(DEMO_MODEL, out, prune=PruneSettings(3, 0.5), image_size=(384, 288), gen_length=32,
+                  max_prompt_tokens=72, cache=True)
 
 
 def test_compare_passes_on_the_readme_demo_and_serving_engines(tmp_path_factory, tmp_path, capsys):
-    """The serving bucket takes 64 prompt tokens; the second built-in prompt needs 71: it is skipped,
-    and the output and the report say so. (make demo's own bucket takes 71.)"""
+    """Every built-in prompt fits the serving bucket (72 prompt tokens; the longer built-in takes 71)."""
     eng = shared(tmp_path_factory, "compare_demo_engines", _demo_engines)
     code = compare(eng, DEMO_MODEL, tmp_path / "r.json", "--save-dir", str(tmp_path / "pg"))
     rep = json.loads((tmp_path / "r.json").read_text())
     assert code == 0, rep
-    (note,) = [n for n in rep["notes"] if "skipped" in n]
-    assert note.startswith(f"built-in prompt {BUNDLED[1][1]!r} skipped: ") and "71 text tokens" in note
-    assert f"note: built-in prompt {BUNDLED[1][1]!r} skipped" in capsys.readouterr().err
-    assert {a["prompt"] for a in rep["agreement"]} == {BUNDLED[0][1]}
+    assert not [n for n in rep["notes"] if "skipped: " in n and "built-in prompt" in n]
+    assert {a["prompt"] for a in rep["agreement"]} == {p for _, p in BUNDLED}
     assert {a["preset"] for a in rep["agreement"]} == {"mc", "chartqa"}
     assert {g["graph"] for g in rep["graphs"]} == {"vision", "stage_a", "stage_b", "prefill", "cached"}
     assert all(a["engine_vs_reference_exact"] for a in rep["agreement"])
+
+
+def test_a_built_in_prompt_that_does_not_fit_is_skipped_and_said(tiny_ckpt, tmp_path, capsys):
+    """A bucket of 112 prompt tokens: with the tiny tokenizer the first built-in prompt takes 108, the
+    second 120, so the second is skipped, and the output and the report say so."""
+    eng = export(tiny_ckpt, tmp_path / "eng", image_size=(384, 288), gen_length=16, max_prompt_tokens=112)
+    code = compare(eng, tiny_ckpt, tmp_path / "r.json", "--save-dir", str(tmp_path / "pg"))
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert code == 0, rep
+    (note,) = [n for n in rep["notes"] if "skipped" in n and "built-in prompt" in n]
+    assert note.startswith(f"built-in prompt {BUNDLED[1][1]!r} skipped: ") and "120 text tokens" in note
+    assert f"note: built-in prompt {BUNDLED[1][1]!r} skipped" in capsys.readouterr().err
+    assert {a["prompt"] for a in rep["agreement"]} == {BUNDLED[0][1]}
 
 
 def test_an_interrupted_run_leaves_no_polygraphy_files(engines, tiny_ckpt, tmp_path):
