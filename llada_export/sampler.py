@@ -45,7 +45,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from .runtime.inputs import GenerationError, check_number, check_refresh
+from .rules import GenerationError, check_number, check_refresh
 
 DEFAULT_REFRESH = 32  # forwards between cache refreshes within a block (the official demo's value)
 
@@ -89,7 +89,7 @@ class GenerationConfig:
             raise GenerationError(f"{self.steps // n_blocks} steps per block exceed block_length {self.block_length}")
         if self.remasking not in ("low_confidence", "random"):
             raise GenerationError(f"remasking must be 'low_confidence' or 'random', got {self.remasking!r}")
-        # the one rule for numbers (runtime.inputs): finite, in range; inf / nan are refused
+        # the one rule for numbers (rules.py): finite, in range; inf / nan are refused
         check_number(self.temperature, "temperature", low=0.0)
         check_number(self.cfg_scale, "cfg_scale", low=0.0)
         if self.factor is not None and self.threshold is not None:

@@ -32,6 +32,7 @@ FORBIDDEN = {
     "runtime": {"exporter", "passes", "reference", "compare", "cli", "serve", "demo", "synthetic"},
     "exporter": {"runtime", "reference", "compare", "cli", "serve", "demo"},
     "outdir": {"*"},
+    "rules": {"*"},
 }
 
 

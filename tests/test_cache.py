@@ -110,14 +110,14 @@ def test_trained_model_answers_stop_early(tmp_path):
     from llada_export.checkpoint.loader import load_checkpoint
 
     prompt_tokens = vqa_task.prompt_tokens(load_checkpoint(demo.DEMO_MODEL)[1])
-    out = export(demo.DEMO_MODEL, tmp_path / "e", prune=PruneSettings(3, 0.5), cache=True, gen_length=8,
+    out = export(demo.DEMO_MODEL, tmp_path / "e", prune=PruneSettings(demo.DEMO_PRUNE_LAYER, demo.DEMO_KEEP), cache=True, gen_length=8,
                  max_prompt_tokens=prompt_tokens, image_size=demo.DEMO_IMAGE_SIZE)
     p = Pipeline.load(out)
     model, tok, _ = load_checkpoint(demo.DEMO_MODEL)
-    for s in vqa_task.make_split("test", 3, start=40):
+    for s in [vqa_task.sample("test", 40 + i, qtype=t) for i, t in enumerate(("colour", "count", "digit"))]:
         for kw in (dict(refresh=4), dict(factor=1.0), dict(threshold=0.9)):
             gen = p.generation_config(gen_length=8, cache=True, **kw)
-            ref = reference_generate(model, tok, s.image(), s.prompt, gen, PruneSettings(3, 0.5))
+            ref = reference_generate(model, tok, s.image(), s.prompt, gen, PruneSettings(demo.DEMO_PRUNE_LAYER, demo.DEMO_KEEP))
             got = p.generate(s.image(), s.prompt, gen_length=8, cache=True, **kw)
             assert got.ids == ref.ids and got.text.strip() == s.answer
             assert got.forwards < 8 and (got.forwards <= 3 or "refresh" in kw)

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from llada_export.demo import DEMO_KEEP
+
 from helpers import load_tool
 from llada_export import vqa_task
 from llada_export.serve.client import Client, ServerError, chat_body, image_data_url
@@ -81,7 +83,7 @@ def free_port() -> int:
 # ---------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def serve_engines(tmp_path_factory):
-    """The demo model's engines as make demo exports them (K 3, keep 0.5, prefix cache), batch size 4."""
+    """The demo model's engines with make demo's pruning (K 3, keep 0.75) and the prefix cache, batch size 4."""
     from llada_export.contract.pruning import PruneSettings
     from llada_export.demo import DEMO_IMAGE_SIZE, DEMO_KEEP, DEMO_MODEL, DEMO_PRUNE_LAYER
     from llada_export.exporter.build import ExportOptions, export_engines
@@ -179,7 +181,7 @@ def test_concurrent_requests_are_batched_and_answer_as_the_pipeline(server, dire
         assert r["model"] == "demo" and r["object"] == "chat.completion"
         # the demo model answers in up to 15 tokens and <|eot_id|>: "length" when it used all 16 (one wrong list)
         assert r["choices"][0]["finish_reason"] == ("stop" if r["usage"]["completion_tokens"] < 16 else "length")
-        assert r["llada"]["visual_tokens"] == 594 and r["llada"]["kept_visual_tokens"] == 297
+        assert r["llada"]["visual_tokens"] == 594 and r["llada"]["kept_visual_tokens"] == round(594 * DEMO_KEEP)
         assert r["usage"]["completion_tokens"] >= 1
     assert max(r["llada"]["batch"]["size"] for r in replies) > 1
     assert sum(text_of(r).strip() == ITEMS[i][2] for i, r in enumerate(replies)) >= 7

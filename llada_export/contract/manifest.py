@@ -8,7 +8,7 @@ Tamper evidence: the export writes ``content_sha256``, a SHA-256 of the manifest
 content (every field but the file table, which is checked against the files themselves,
 and the digest); :meth:`Manifest.from_dict` recomputes it, and checks that the fields
 agree with each other (the graphs' I/O with the bucket and the config, the bucket's static
-top-k with the pruning). :meth:`Manifest.check_artifacts` checks the artifacts of one
+top-k with the pruning). :func:`llada_export.engines.registry.check_artifacts` checks the artifacts of one
 backend against the manifest (shapes in the graphs, stage A's static top-k) without
 reading any weights. A hand-edited manifest is refused with one line.
 """
@@ -185,19 +185,6 @@ class Manifest:
                     if len(io.inputs) == len(want.inputs) and len(io.outputs) == len(want.outputs) \
                     else f"tensors {io.input_names + io.output_names}, expected {want.input_names + want.output_names}"
                 raise ManifestError(f"{where}: graph {name}: {bad} {edited}")
-
-    def check_artifacts(self, root: Path, backend: str) -> None:
-        """The artifacts of ``backend`` must be what the manifest describes (their I/O shapes and dtypes,
-        stage A's static top-k), read from the graph files without their weights."""
-        from ..engines.registry import get_backend
-
-        check = get_backend(backend).check_artifact
-        if check is None:
-            return
-        for name, rel in self.artifacts.get(backend, {}).items():
-            if problem := check(Path(root) / rel, name, self.graphs[name], self.bucket):
-                raise ManifestError(f"{Path(root) / rel}: {problem} (edited manifest or replaced graph; re-run "
-                                    "llada-export)")
 
     def _check_artifacts(self, where: str) -> None:
         for backend, graphs in self.artifacts.items():

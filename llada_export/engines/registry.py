@@ -97,7 +97,7 @@ class Backend:
     finalize: Callable[[WriteContext], list[Path]] | None = None  # after every graph is written (compile cache)
     load_cache: Callable[[Path, str], str] | None = None  # (blob, device), before the runners are made
     # (artifact, graph, GraphIO, Bucket) -> what in the artifact differs from the manifest, or None; read
-    # without the weights, at every Pipeline.load (Manifest.check_artifacts)
+    # without the weights, at every Pipeline.load (check_artifacts below)
     check_artifact: Callable[[Path, str, Any, Any], str | None] | None = None
 
 
@@ -138,3 +138,18 @@ def pick_backend(built: list[str], device_type: str) -> str | None:
     ranked = [(get_backend(b).priority.get(device_type, 99), i, b) for i, b in enumerate(built)
               if b in load_builtin() and device_type in get_backend(b).devices and get_backend(b).available() is None]
     return min(ranked)[2] if ranked else None
+
+
+def check_artifacts(manifest, root: Path, backend: str) -> None:
+    """The artifacts of ``backend`` in ``root`` must be what ``manifest`` describes (their I/O shapes and
+    dtypes, stage A's static top-k), read from the graph files without their weights; ManifestError
+    otherwise. Backends without a ``check_artifact`` are not read (the manifest's hashes still hold)."""
+    from ..contract.manifest import ManifestError
+
+    check = get_backend(backend).check_artifact
+    if check is None:
+        return
+    for name, rel in manifest.artifacts.get(backend, {}).items():
+        if problem := check(Path(root) / rel, name, manifest.graphs[name], manifest.bucket):
+            raise ManifestError(f"{Path(root) / rel}: {problem} (edited manifest or replaced graph; re-run "
+                                "llada-export)")

@@ -24,7 +24,7 @@ from ..contract.graphset import PRUNED_PATH, UNPRUNED, UNPRUNED_PATH
 from ..contract.layout import RequestError, RequestParts, check_counts, check_fits, layout_bucket
 from ..contract.manifest import Manifest, ManifestError
 from ..device import parse_device
-from ..engines.registry import Runner, get_backend, load_builtin, pick_backend
+from ..engines.registry import Runner, check_artifacts, get_backend, load_builtin, pick_backend
 from ..graphs.anyres import ImageError, assemble, image_size, preprocess, visual_token_count
 from ..sampler import DEFAULT_REFRESH, GenerationConfig, GenerationError, SamplerTrace, StepEvent, StepInfo, generate
 from ..sampler import preset as get_preset
@@ -172,7 +172,7 @@ class Pipeline:
             torch.set_num_threads(threads)
             if b.session_threads:
                 runner_options = {"threads": threads, **(runner_options or {})}
-        m.check_artifacts(root, backend)  # the graphs are what the manifest says (shapes, static top-k)
+        check_artifacts(m, root, backend)  # the graphs are what the manifest says (shapes, static top-k)
         pipe = cls(root, m, backend, str(dev), weights_from, cuda_graphs, weights, runner_options)
         if warmup if warmup is not None else b.cuda_graphs:
             pipe.warmup()

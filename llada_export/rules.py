@@ -1,0 +1,63 @@
+"""The one rule for the numbers a request carries: sampler settings, seeds, the cache refresh.
+
+The bottom of the package (it imports none of it), so the sampler, the runtime, the CLIs and the
+server all check with it; :mod:`llada_export.runtime.inputs` adds the prompt rules and re-exports
+these. Each check returns the value it accepts and raises :class:`GenerationError` (a
+``ValueError``) with a one-line message naming the field.
+
+- numbers (temperature, cfg scale, factor, threshold): real numbers, finite (``inf`` and ``nan``
+  are refused, not read as "no limit" or "greedy"), within the field's range;
+- seed: an integer with 0 <= seed < 2**63 (what every torch generator takes);
+- refresh: a positive integer, or ``None`` / ``"never"`` (refresh at block starts only).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+SEED_LIMIT = 2**63  # seeds are 0 .. 2**63 - 1
+
+
+class GenerationError(ValueError):
+    """Generation settings that cannot be used (or not together)."""
+
+
+def check_number(value: object, name: str, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False) -> float:
+    """A finite real number in [low, high] (``low_open``: (low, high]); ``name`` goes in the message."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise GenerationError(f"{name} must be a number, got {value!r}")
+    try:
+        v = float(value)
+    except OverflowError:  # an integer beyond float's range, e.g. 10**400
+        raise GenerationError(f"{name} must be a finite number, got an integer of {len(str(value))} digits") from None
+    if not math.isfinite(v):
+        raise GenerationError(f"{name} must be a finite number, got {v}")
+    if low is not None and (v <= low if low_open else v < low):
+        if high is not None:
+            raise GenerationError(f"{name} must be in {'(' if low_open else '['}{low:g}, {high:g}], got {v:g}")
+        raise GenerationError(f"{name} must be {'>' if low_open else '>='} {low:g}, got {v:g}")
+    if high is not None and v > high:
+        raise GenerationError(f"{name} must be in {'(' if low_open else '['}{low:g}, {high:g}], got {v:g}")
+    return v
+
+
+def check_seed(value: object, name: str = "seed") -> int:
+    """An integer seed, 0 <= seed < 2**63."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise GenerationError(f"{name} must be an integer from 0 to 2**63 - 1, got {value!r}")
+    v = int(value)
+    if not 0 <= v < SEED_LIMIT:
+        raise GenerationError(f"{name} must be from 0 to 2**63 - 1 ({SEED_LIMIT - 1}), got {v}")
+    return v
+
+
+def check_refresh(value: object) -> int | None:
+    """Forwards between prefix-cache refreshes within a block: a positive integer, or None / "never"
+    (only at block starts)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "never"):
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise GenerationError(f"refresh must be a positive integer or 'never' (None), got {value!r}")
+    return int(value)
