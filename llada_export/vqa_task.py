@@ -442,7 +442,7 @@ def _scene(rng: np.random.Generator, qtype: str, easy: bool = False) -> tuple[Sc
     return Scene(background, tuple(objs[i] for i in order), digit), arg, answer
 
 
-def sample(split: str, index: int, easy: bool = False, qtype: str | None = None) -> Sample:
+def sample(split: str, index: int, *, easy: bool = False, qtype: str | None = None) -> Sample:
     """Sample ``index`` of ``split`` (deterministic). ``easy`` (training curriculum only): the
     same question type with the fewest objects that question allows, a scene of its own.
     ``qtype``: this question type instead of the drawn one (a scene of its own; training mixes)."""
