@@ -63,19 +63,10 @@ def request_flops(cfg: LLaDAVConfig, prefix: int, n_vis: int, gen, layer: int | 
     """FLOPs of one request: vision, step 1 (stage A, or the unpruned forward), and every later
     forward (``forwards`` in all, default ``gen.steps``; ``cached_forwards`` of them cached steps,
     which run only the G response rows against the cached prefix)."""
-    g, n_layers = gen.gen_length, cfg.text.num_hidden_layers
-    length = prefix + g
+    f = graph_flops(cfg, prefix, n_vis, gen.gen_length, layer, keep, crops)
     forwards = gen.steps if forwards is None else forwards
-    if layer is None:
-        step1 = rest = lm_flops(cfg, length, n_layers, g)
-        red = length
-    else:
-        red = length - n_vis + num_kept(keep, n_vis)
-        step1 = (lm_flops(cfg, length, layer, 0) + lm_flops(cfg, red, n_layers - layer, g)
-                 + 4 * g * length * cfg.text.hidden_size)
-        rest = lm_flops(cfg, red, n_layers, g)
-    cached = lm_flops(cfg, g, n_layers, g, keys=red)
+    step1 = f["full"] if layer is None else f["stage_a"]
     full_later = max(forwards - 1 - cached_forwards, 0)
-    total = vision_flops(cfg, crops) + step1 + full_later * rest + cached_forwards * cached
-    return {"total": total, "stage_a": step1, "stage_b": rest, "cached": cached, "reduced_length": red,
-            "length": length}
+    total = f["vision"] + step1 + full_later * f["full"] + cached_forwards * f["cached"]
+    return {"total": total, "stage_a": step1, "stage_b": f["full"], "cached": f["cached"],
+            "reduced_length": f["reduced_length"], "length": f["length"]}
