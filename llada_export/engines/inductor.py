@@ -28,7 +28,7 @@ def write(ctx: WriteContext, graph: str, path: Path) -> list[Path]:
 
     from .torch_common import checkpoint_constants
 
-    ep = ctx.programs[graph]
+    ep = ctx.options.get("inplace", {}).get(graph, ctx.programs[graph])  # the cached step writing its cache in place
     if ctx.weight_keys is None:
         torch.export.save(ep, str(path))
         return [path]

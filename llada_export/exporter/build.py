@@ -31,7 +31,8 @@ from ..graphs.anyres import grid_shape, max_visual_token_count, visual_token_cou
 from ..outdir import atomic_output_dir, check_output_dir
 from ..sampler import GenerationConfig
 from ..tokenizer import encode_prompt, has_tokenizer_files, special_tokens
-from .programs import BuildContext, check_program
+from ..graphs.fused import fused_weights
+from .programs import INPLACE, BuildContext, check_program
 
 COMPILED_WEIGHTS = ("auto", "package", "checkpoint")
 EXTERNAL_WEIGHTS_ABOVE = 2 * 1024**3  # compiled_weights="auto": weights bigger than this stay in the checkpoint
@@ -285,12 +286,15 @@ def _build(opts: ExportOptions, root: Path, loaded: tuple | None) -> Manifest:
 
     state = model.state_dict()
     weight_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    if ctx.fused_language is not None:  # the graphs' fused weights, by the checkpoint keys they concatenate
+        state |= fused_weights(ctx.fused_language, "model.")
     external = opts.compiled_weights == "checkpoint" or (opts.compiled_weights == "auto"
                                                          and weight_bytes > opts.external_weights_above)
     compile_cache = opts.compile_cache if opts.compile_cache is not None else device.type == "cuda"
     wctx = WriteContext(root, opts.device, opts.dtype, programs=programs, io=io, notes=list(opts.notes),
                         weight_keys={t.data_ptr(): k for k, t in state.items()} if external else None,
-                        weights=state, options={"compile_cache": compile_cache, "example_fill": ctx.fill()})
+                        weights=state, options={"compile_cache": compile_cache, "example_fill": ctx.fill(),
+                                 "inplace": ctx.variants.get(INPLACE, {})})
     backends = []
     for name in opts.backends:
         if (reason := skip_reason(name, opts.device)) is not None:

@@ -4,6 +4,13 @@ The denoiser and the prefill forward are each traced ONCE with a symbolic prefix
 stage A is the traced denoiser rewritten by the FX pruning pass, stage B and the unpruned
 graph are the same program re-exported at static shapes (the prefill graphs likewise); the
 cached-step graphs are exported directly (their only length is static).
+
+Every denoiser graph is built from ONE fused copy of the language model
+(``graphs.fused.fuse_projections``: q/k/v and gate/up as one GEMM each), made once per build so
+that all graphs hold the same fused tensors (one copy in the ONNX weights file, one checkpoint
+mapping). The cached-step graphs come in two programs: the functional one (ONNX) and
+``inplace`` (the torch backends), which writes the fresh K/V into its ``kv_cache`` input instead
+of concatenating the whole cache every layer (``BuildContext.variants``, see ``INPLACE``).
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ from ..contract.bucket import Bucket
 from ..contract.graphset import GRAPHS, Dims, GraphIO, example_value
 from ..contract.pruning import PruneSettings
 from ..contract.tokens import SpecialTokens
-from ..graphs.llada import CachedGraph, DenoiserGraph, Head, PrefillGraph
+from ..graphs.fused import fuse_projections
+from ..graphs.llada import CachedGraph, DenoiserGraph, Head, LanguageModel, PrefillGraph
 from ..graphs.llava import LLaDAV
 from ..graphs.vision import VisionGraph
 from ..passes.prune import insert_pruning
@@ -34,6 +42,21 @@ class BuildContext:
     fused: bool
     device: torch.device
     _traced: dict[str, torch.export.ExportedProgram] = field(default_factory=dict)
+    _language: LanguageModel | None = None
+    # other programs of a graph, by variant (INPLACE: the cached step writing into its kv_cache input)
+    variants: dict[str, dict[str, torch.export.ExportedProgram]] = field(default_factory=dict)
+
+    @property
+    def fused_language(self) -> LanguageModel | None:
+        """The fused language model if a graph was built from it, else None."""
+        return self._language
+
+    @property
+    def language(self) -> LanguageModel:
+        """The language model every denoiser graph traces: the model's, projections fused (made once)."""
+        if self._language is None:
+            self._language = fuse_projections(self.model.language)
+        return self._language
 
     def head(self) -> Head:
         return Head((self.tokens.suppressed(), self.tokens.mask) if self.fused else None,
@@ -56,7 +79,7 @@ class BuildContext:
         length P (sequence length P + G), traced once."""
         if kind not in self._traced:
             cls = PrefillGraph if kind == "prefill" else DenoiserGraph
-            module = cls(self.model.language, self.head())
+            module = cls(self.language, self.head())
             g = self.bucket.gen_length
             p = torch.export.Dim("prefix", min=2, max=max(self.bucket.prefix_len, 4))
             shapes = ({1: p}, None, {1: p + g}, {1: p + g})
@@ -99,9 +122,16 @@ def build_unpruned_prefill(ctx: BuildContext) -> torch.export.ExportedProgram:
     return ctx.static("prefill", "unpruned_prefill")
 
 
+INPLACE = "inplace"  # the variant of a cached-step program that the torch backends (aoti, inductor) write
+
+
 def _cached(ctx: BuildContext, graph: str) -> torch.export.ExportedProgram:
+    """The functional program (returned) and the in-place one (``ctx.variants[INPLACE][graph]``)."""
     with torch.no_grad():
-        return torch.export.export(CachedGraph(ctx.model.language, ctx.head()), ctx.examples(graph))
+        inplace = torch.export.export(CachedGraph(ctx.language, ctx.head(), inplace=True), ctx.examples(graph))
+        ctx.variants.setdefault(INPLACE, {})[graph] = inplace
+        return torch.export.export(CachedGraph(ctx.language, ctx.head()), ctx.examples(graph))
+
 
 
 def build_cached(ctx: BuildContext) -> torch.export.ExportedProgram:

@@ -79,14 +79,20 @@ class Attention(nn.Module):
         # [B, n_kv, L, hd] -> [B, H, L, hd] (grouped-query attention; LLaDA-8B has n_kv == H)
         return t if self.n_kv == self.n_heads else t.repeat_interleave(self.n_heads // self.n_kv, dim=1)
 
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # x [B, L, D] -> q [B, L, H*hd], k, v [B, L, n_kv*hd]
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def _qk(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q = apply_rope(self._heads(self.q_proj(x), self.n_heads), cos, sin)  # [B, H, L, hd]
-        return q, apply_rope(self._heads(self.k_proj(x), self.n_kv), cos, sin)  # [B, n_kv, L, hd]
+        q, k, _ = self._project(x)
+        return apply_rope(self._heads(q, self.n_heads), cos, sin), apply_rope(self._heads(k, self.n_kv), cos, sin)
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [B, H, L, hd] and k [B, n_kv, L, hd] after RoPE, v [B, n_kv, L, hd] (what a KV cache holds)."""
-        return *self._qk(x, cos, sin), self._heads(self.v_proj(x), self.n_kv)
+        q, k, v = self._project(x)
+        q = apply_rope(self._heads(q, self.n_heads), cos, sin)  # [B, H, L, hd]
+        return q, apply_rope(self._heads(k, self.n_kv), cos, sin), self._heads(v, self.n_kv)  # [B, n_kv, L, hd] x2
 
     def query_key(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q [B, H, L, hd] and k [B, H, L, hd] after RoPE (k repeated to H heads): the pruning scores' input."""
@@ -109,16 +115,50 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x, cos, sin)
         return self.attend(q, k, v, mask), k, v
 
-    def forward_cached(self, x, cos, sin, mask, k_cache, v_cache, fresh):
+    def forward_cached(self, x, cos, sin, mask, k_cache, v_cache, fresh, write=None):
         """Response rows only: x [B, G, D], cos/sin [B, G, hd]; k_cache, v_cache [B, n_kv, P + G, hd]
         from the last refresh; fresh [B, G] bool: response slots whose K/V are recomputed now (the
-        current block and after); the others (earlier blocks) and the prefix come from the cache."""
+        current block and after); the others (earlier blocks) and the prefix come from the cache.
+
+        ``write=None`` (the eager oracle, the ONNX graphs: ONNX has no in-place ops) concatenates
+        [prefix ; response slots] into new keys/values every layer. With ``write`` (the torch
+        backends; see :func:`cache_writer`) the response slots ``where(fresh, new, cached)`` are
+        written into the cache buffer and the layer attends over the buffer itself: no copy of the
+        prefix. Both read the same values as long as the slots before ``block_start`` still hold the
+        last refresh's K/V, which holds because the sampler refreshes a row's cache at the first
+        forward of every block (``block_start`` is constant between two refreshes): a cached step
+        only changes slots >= ``block_start``, which the next cached step recomputes anyway."""
         q, k, v = self.qkv(x, cos, sin)  # [B, H, G, hd], [B, n_kv, G, hd] x2
         p = k_cache.shape[2] - x.shape[1]
         f = fresh[:, None, :, None]  # [B, 1, G, 1]
-        keys = torch.cat([k_cache[:, :, :p], torch.where(f, k, k_cache[:, :, p:])], dim=2)  # [B, n_kv, P + G, hd]
-        values = torch.cat([v_cache[:, :, :p], torch.where(f, v, v_cache[:, :, p:])], dim=2)
+        k = torch.where(f, k, k_cache[:, :, p:])  # [B, n_kv, G, hd]
+        v = torch.where(f, v, v_cache[:, :, p:])
+        if write is not None:
+            return self.attend(q, *write(k, v), mask)
+        keys = torch.cat([k_cache[:, :, :p], k], dim=2)  # [B, n_kv, P + G, hd]
+        values = torch.cat([v_cache[:, :, :p], v], dim=2)
         return self.attend(q, keys, values, mask)
+
+
+def cache_writer(kv_cache: torch.Tensor, layer: int, g: int):
+    """``write(k, v)`` for :meth:`Attention.forward_cached`: puts k, v [B, n_kv, G, hd] into the last G
+    slots of ``kv_cache[layer]`` ([layers, 2, B, n_kv, P + G, hd]) in place and returns that layer's
+    (keys, values) [B, n_kv, P + G, hd], views of the buffer. One ``index_put_`` on the whole buffer
+    (not ``copy_`` into a view): Inductor turns it into a kernel writing into the graph input, where
+    a view's scatter made it materialise the whole cache again at every layer."""
+    _, _, b, n_kv, length, _ = kv_cache.shape
+    dev = kv_cache.device
+    index = (torch.full((1, 1, 1, 1), layer, dtype=torch.long, device=dev),
+             torch.arange(2, device=dev).view(2, 1, 1, 1),  # K, V
+             torch.arange(b, device=dev).view(1, b, 1, 1),
+             torch.arange(n_kv, device=dev).view(1, 1, n_kv, 1),
+             torch.arange(length - g, length, device=dev).view(1, 1, 1, g))  # broadcast to [2, B, n_kv, G]
+
+    def write(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kv_cache.index_put_(index, torch.stack([k, v]))  # [2, B, n_kv, G, hd] into the buffer
+        return kv_cache[layer, 0], kv_cache[layer, 1]
+
+    return write
 
 
 class MLP(nn.Module):
@@ -128,8 +168,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
+    def _gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gate_proj(x), self.up_proj(x)  # [B, L, I] x2
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self._gate_up(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -149,8 +193,8 @@ class DecoderLayer(nn.Module):
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
-    def forward_cached(self, x, cos, sin, mask, k_cache, v_cache, fresh):
-        x = x + self.self_attn.forward_cached(self.input_layernorm(x), cos, sin, mask, k_cache, v_cache, fresh)
+    def forward_cached(self, x, cos, sin, mask, k_cache, v_cache, fresh, write=None):
+        x = x + self.self_attn.forward_cached(self.input_layernorm(x), cos, sin, mask, k_cache, v_cache, fresh, write)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -218,17 +262,21 @@ class LanguageModel(nn.Module):
         key_mask: torch.Tensor,  # [B, P + G] bool: prefix and response keys
         kv_cache: torch.Tensor,  # [layers, 2, B, n_kv, P + G, hd] from the last refresh (prefill)
         block_start: torch.Tensor,  # [B] int64: response slots < block_start take their K/V from the cache
+        inplace: bool = False,
     ) -> torch.Tensor:
         """A cached step: only the G response rows go through the layers; each layer attends over
         [cached prefix K/V ; cached K/V of earlier blocks ; fresh K/V of the current block and after].
-        Logits [B, G, V] fp32."""
+        Logits [B, G, V] fp32. ``inplace``: the fresh K/V are written into ``kv_cache``'s response
+        slots in place (:func:`cache_writer`; :meth:`Attention.forward_cached` says why that reads
+        the same values)."""
         g = response_ids.shape[1]
         x = self.embed_tokens(response_ids)  # [B, G, D]
         cos, sin = self.rotary(position_ids)  # [B, G, hd]
         fresh = torch.arange(g, device=response_ids.device)[None, :] >= block_start[:, None]  # [B, G]
         mask = attention_mask(key_mask)  # [B, 1, 1, P + G]
         for i, layer in enumerate(self.layers):
-            x = layer.forward_cached(x, cos, sin, mask, kv_cache[i, 0], kv_cache[i, 1], fresh)
+            write = cache_writer(kv_cache, i, g) if inplace else None
+            x = layer.forward_cached(x, cos, sin, mask, kv_cache[i, 0], kv_cache[i, 1], fresh, write)
         return self.head(x)  # [B, G, V]
 
 
@@ -271,7 +319,13 @@ class PrefillGraph(DenoiserGraph):
 
 
 class CachedGraph(DenoiserGraph):
-    """The cached step (see :meth:`LanguageModel.cached`)."""
+    """The cached step (see :meth:`LanguageModel.cached`). ``inplace``: the graph writes the fresh
+    K/V into its ``kv_cache`` input (torch backends); else it leaves it untouched (ONNX)."""
+
+    def __init__(self, lm: LanguageModel, head: Head, inplace: bool = False):
+        super().__init__(lm, head)
+        self.inplace = inplace
 
     def forward(self, response_ids, position_ids, key_mask, kv_cache, block_start):
-        return self.out(self.lm.cached(response_ids, position_ids, key_mask, kv_cache, block_start), response_ids)
+        logits = self.lm.cached(response_ids, position_ids, key_mask, kv_cache, block_start, self.inplace)
+        return self.out(logits, response_ids)

@@ -25,6 +25,7 @@ from ..contract.layout import RequestError, RequestParts, check_counts, check_fi
 from ..contract.manifest import Manifest, ManifestError
 from ..device import parse_device
 from ..engines.registry import Runner, check_artifacts, get_backend, load_builtin, pick_backend
+from ..graphs.fused import resolve_weight
 from ..graphs.anyres import ImageError, assemble, image_size, preprocess, visual_token_count
 from ..sampler import DEFAULT_REFRESH, GenerationConfig, GenerationError, SamplerTrace, StepEvent, StepInfo, generate
 from ..sampler import preset as get_preset
@@ -110,7 +111,7 @@ class Pipeline:
         for name, rel in tqdm(graphs.items(), desc=f"load {backend}", unit="graph", disable=not b.cuda_graphs):
             kw = {"cuda_graph": cuda_graphs, **(runner_options or {})}
             if external:
-                kw["constants"] = {fqn: weights[key] for fqn, key in external[name].items()}
+                kw["constants"] = {fqn: resolve_weight(weights, key) for fqn, key in external[name].items()}
                 side = (root / rel).with_suffix(".constants.safetensors")
                 if side.exists():
                     kw["constants"].update({k: v.to(device) for k, v in load_file(str(side)).items()})
