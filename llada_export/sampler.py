@@ -29,9 +29,12 @@ forwards within a block (``refresh=None``: only at block starts).
 
 Rows are independent: a row's answer does not depend on the other rows. Each row keeps
 its own block, step and stop state; a row that is done stops committing (its forwards
-are computed and ignored: a dead row). A candidate with confidence -inf is never
-committed (the official code can pick one in a tie of -inf values when a stop position
-leaves fewer candidates than the schedule asks for; which one is not defined there).
+are computed and ignored: a dead row). ``cancel`` (polled before each forward) ends rows
+early: a cancelled row is done from then on (it never again asks the cached denoiser for a
+refresh), gives its committed prefix, and a batch whose rows are all done ends. A candidate
+with confidence -inf is never committed (the official code can pick one in a tie of -inf
+values when a stop position leaves fewer candidates than the schedule asks for; which one
+is not defined there).
 
 The model is reached through a :class:`Denoiser`: response ids [B, G] -> logits
 [B, G, V]; the prompt (and which visual tokens survive, and the cache) is the denoiser's
@@ -41,7 +44,7 @@ own state.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import torch
 
@@ -188,6 +191,7 @@ class SamplerTrace:
     committed: list[list[list[int]]] = field(default_factory=list)  # [step][row] -> sorted positions
     record: bool = True  # record ``committed`` (a read-back per step: off on the serving path)
     step_graph: bool = False  # the per-step update ran from a CUDA graph
+    cancelled: list[bool] = field(default_factory=list)  # [B] rows ended by ``cancel`` before they were done
 
 
 def transfer_schedule(n_masked: int, steps: int) -> list[int]:
@@ -219,6 +223,7 @@ def generate(
     device: str | torch.device = "cpu",
     on_step: Callable[[StepEvent], None] | None = None,
     step_graph: bool | None = None,
+    cancel: Callable[[], Sequence[bool]] | None = None,
 ) -> list[torch.Tensor]:
     """Generate ``batch_size`` responses on ``device`` (where the denoiser's outputs live).
 
@@ -227,7 +232,10 @@ def generate(
     CUDA): the per-step update runs from a captured CUDA graph (the same code; one launch and
     one small read-back per step instead of dozens of kernel launches). Returns each row's
     answer ids (cut at its first ``<|eot_id|>``), int64 on the CPU; inactive rows give an empty
-    tensor."""
+    tensor. ``cancel``: called before each forward, one flag per row (a shorter list leaves the
+    rest alone); a row flagged True stops there (no more commits, no more forwards counted) and
+    gives its committed prefix (up to its first mask, cut at ``<|eot_id|>``); once every row is
+    done or cancelled the generation ends."""
     gen.validate()
     fused = getattr(denoiser, "fused", False)
     greedy = gen.temperature == 0 and gen.remasking == "low_confidence" and gen.cfg_scale == 0
@@ -243,7 +251,12 @@ def generate(
         done, refresh = loop.reset(active)
         suppress = torch.tensor(suppress_ids, dtype=torch.long, device=dev)
         forwards = 0
+        cancelled = [False] * b
         while not all(done):
+            if cancel is not None and loop.cancel(cancel(), done, cancelled):
+                done = [d or c for d, c in zip(done, cancelled)]
+                if all(done):
+                    break
             info = StepInfo(forwards, loop.refresh, loop.block_start, ~loop.done, refresh, [not d for d in done])
             if fused:
                 x0, x0_p = denoiser.predict(loop.x.clone(), info)  # argmax + its probability computed in the graph
@@ -259,9 +272,11 @@ def generate(
             trace.forwards += forwards
             trace.row_forwards = loop.row_forwards.tolist()
             trace.step_graph = loop.graph is not None and loop.use_graph
+            trace.cancelled = cancelled
         x = loop.x.to("cpu", copy=True)  # the loop's buffer is reused by the next generation
     rows = [True] * b if active is None else active.cpu().tolist()
-    return [cut_at_eot(x[i], eot_id) if rows[i] else x[i, :0] for i in range(b)]
+    return [cut_at_eot(_before_mask(x[i], mask_id) if cancelled[i] else x[i], eot_id) if rows[i] else x[i, :0]
+            for i in range(b)]
 
 
 _LOOPS: dict[tuple, "_Loop"] = {}
@@ -324,6 +339,16 @@ class _Loop:
         self._advance()
         self._flags()
         return self._read()
+
+    def cancel(self, rows: Sequence[bool], done: list[bool], cancelled: list[bool]) -> bool:
+        """Rows flagged in ``rows`` that are still running become done (in place, between two updates: a
+        captured update reads the same buffer) and are marked in ``cancelled``. Whether any did."""
+        new = [i for i, (r, d) in enumerate(zip(rows, done)) if r and not d]
+        if new:
+            self.done[new] = True  # [B] one small host -> device copy, only when a row is cancelled
+            for i in new:
+                cancelled[i] = True
+        return bool(new)
 
     def step(self, x0: torch.Tensor, conf: torch.Tensor) -> tuple[list[bool], list[bool]]:
         self.x0_in.copy_(x0)
@@ -471,6 +496,12 @@ def fused_prediction(logits: torch.Tensor, response_ids: torch.Tensor, suppress_
     best = logits.max(dim=-1)  # values/indices [B, G]
     conf = torch.exp(best.values - torch.logsumexp(logits, dim=-1))  # [B, G]
     return best.indices, conf
+
+
+def _before_mask(ids: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """``ids`` up to its first mask (a cancelled row's committed prefix)."""
+    hits = (ids == mask_id).nonzero().flatten()
+    return ids[: int(hits[0])] if len(hits) else ids
 
 
 def cut_at_eot(ids: torch.Tensor, eot_id: int) -> torch.Tensor:

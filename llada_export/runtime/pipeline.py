@@ -25,7 +25,6 @@ from ..contract.layout import RequestError, RequestParts, check_counts, check_fi
 from ..contract.manifest import Manifest, ManifestError
 from ..device import parse_device
 from ..engines.registry import Runner, check_artifacts, get_backend, load_builtin, pick_backend
-from ..graphs.fused import resolve_weight
 from ..graphs.anyres import ImageError, assemble, image_size, preprocess, visual_token_count
 from ..sampler import DEFAULT_REFRESH, GenerationConfig, GenerationError, SamplerTrace, StepEvent, StepInfo, generate
 from ..sampler import preset as get_preset
@@ -71,7 +70,9 @@ class GenerationResult:
     # (gen/block/steps, temperature, remasking, cfg_scale, factor/threshold, cache, refresh, seed, system, unpruned)
     settings: dict = field(default_factory=dict)
     pruning: dict | None = None  # the graphs' pruning (layer, keep, score_from); None: the unpruned graph ran
-    finish_reason: str = "length"  # "stop": the answer ended at <|eot_id|>; "length": it used gen_length
+    # "stop": the answer ended at <|eot_id|>; "length": it used gen_length; "cancelled": generate_batch's
+    # ``cancel`` ended the row (its ids: the committed prefix when it was cancelled)
+    finish_reason: str = "length"
 
     def to_dict(self) -> dict:
         return dict(text=self.text, ids=self.ids, finish_reason=self.finish_reason, settings=self.settings,
@@ -111,7 +112,7 @@ class Pipeline:
         for name, rel in tqdm(graphs.items(), desc=f"load {backend}", unit="graph", disable=not b.cuda_graphs):
             kw = {"cuda_graph": cuda_graphs, **(runner_options or {})}
             if external:
-                kw["constants"] = {fqn: resolve_weight(weights, key) for fqn, key in external[name].items()}
+                kw["constants"] = {fqn: weights[key] for fqn, key in external[name].items()}
                 side = (root / rel).with_suffix(".constants.safetensors")
                 if side.exists():
                     kw["constants"].update({k: v.to(device) for k, v in load_file(str(side)).items()})
@@ -322,10 +323,13 @@ class Pipeline:
     @torch.no_grad()
     def generate_batch(self, requests: list[Request], *, unpruned: bool = False,
                        on_step: Callable[[StepEvent], None] | None = None, config: GenerationConfig | None = None,
-                       **settings) -> list[GenerationResult]:
+                       cancel: Callable[[], list[bool]] | None = None, **settings) -> list[GenerationResult]:
         """Answer up to ``bucket.batch_size`` requests together, with one generation setting:
         ``settings`` as :meth:`generation_config` takes them, or the ``config`` it returned.
-        ``requests``: :class:`Request` objects, ``(image, prompt)`` pairs or dicts of Request's fields."""
+        ``requests``: :class:`Request` objects, ``(image, prompt)`` pairs or dicts of Request's fields.
+        ``cancel``: called before each forward, one flag per request; a request flagged True stops
+        there (its row no longer commits; the batch ends once no row is left running) and its result
+        has ``finish_reason`` "cancelled". The other rows' answers do not change."""
         t0 = time.perf_counter()
         if config is not None and settings:
             raise TypeError("pass the settings or a GenerationConfig, not both")
@@ -340,7 +344,7 @@ class Pipeline:
         trace = SamplerTrace(record=False)
         ids = generate(den, gen, mask_id=self.tokens.mask, eot_id=self.tokens.eot, suppress_ids=self.tokens.suppressed(),
                        batch_size=x.batch, active=x.active, generators=gens, trace=trace, device=self.device,
-                       on_step=on_step, step_graph=self.step_graph)
+                       on_step=on_step, step_graph=self.step_graph, cancel=cancel)
         t2 = time.perf_counter()
         done_calls = den.calls
         st = [s for _, s in done_calls]
@@ -362,7 +366,7 @@ class Pipeline:
                 {"vision": t_vis[i], **timings}, st, trace.row_forwards[i], dict(calls), settings,
                 None if use_full or self.manifest.pruning is None else self.manifest.pruning.to_dict(),
                 # the sampler cuts each answer at its first <|eot_id|>: a full-length answer found none
-                "stop" if len(row) < gen.gen_length else "length"))
+                "cancelled" if trace.cancelled[i] else "stop" if len(row) < gen.gen_length else "length"))
         return out
 
 

@@ -25,20 +25,27 @@ mask left: it grows as the sampler fills it from the left, block by block with b
 gen_length) to its caller's event stream, which sends the new text as a chunk; only batches with a
 streaming row read the ids back each step.
 
-A caller that disconnects (plain or streaming) is cancelled by Serve (the replica logs it); the
-batch it was in runs to the end for the others. Ray Serve's metrics (batch sizes, queue lengths,
-latencies) stay on: Prometheus text at
-the node's metrics port.
+A caller that disconnects (plain or streaming) is cancelled: Serve cancels a plain request's
+handler, a stream's generator is closed; either sets its row's cancel flag, which the sampler reads
+before each forward. A cancelled row stops committing (and no longer asks the cached step for a
+refresh); the batch goes on for the others, and ends at the next step once none is left. A row
+cancelled before its batch starts is left out of it. A stream whose ``stop`` string has come stops
+its row the same way. The graphs have one static batch size, so a cancelled row's slot is computed
+(and ignored) until its batch ends; the engine then takes the next batch. Each replica counts them:
+``cancelled`` (callers that hung up) and ``stopped`` (streams ended by a stop string), in GET
+/health and as the Prometheus counters ``llada_cancelled`` / ``llada_stopped`` next to Ray Serve's
+metrics (batch sizes, queue lengths, latencies) at the node's metrics port.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .api import (MAX_BODY_BYTES, APIError, check_body_size, chunk, completion, decode_json, finish_reason, llada_info,
@@ -59,7 +66,7 @@ RUNTIME_NAMES = {"gen_length": "max_tokens", "temperature": "temperature", "seed
 class ServeOptions:
     engines: str
     model_name: str | None = None  # default: the engines directory's name
-    max_batch: int | None = None  # default: the engines' batch size
+    max_batch: int | None = None  # default: the engines' batch size (the largest of their --batch-sizes)
     batch_wait_ms: float = 10.0
     backend: str | None = None
     device: str | None = None  # default: cuda where the replica has a GPU, else what the engines were built for
@@ -100,6 +107,20 @@ class LLaDAServer:
         self.running = 0  # batches started and not finished (on the engine thread or waiting for it)
         self.idle: asyncio.Event | None = None  # set while running == 0 (made in the replica's event loop)
         self.started = time.time()
+        self.counts = {"cancelled": 0, "stopped": 0}  # rows stopped early: callers that hung up, stop strings
+        self.counters = _counters()
+
+    def _stop_row(self, row: "Row", why: str, message: str | None = None) -> None:
+        """Stop computing ``row`` (its sampler row is frozen from the next step on), counted under ``why``
+        (``cancelled`` or ``stopped``) in /health and the Prometheus counter; ``message`` to the log."""
+        if row.cancelled.is_set():
+            return
+        row.cancelled.set()
+        self.counts[why] += 1
+        if self.counters:
+            self.counters[why].inc()
+        if message:
+            log.warning("llada: %s", message)
 
     # ------------------------------------------------------------------ routing
     async def __call__(self, http):
@@ -125,12 +146,15 @@ class LLaDAServer:
                                          type="server_error").body(), status_code=500)
 
     async def health(self, http) -> dict:
-        return {"status": "ok", "model": self.options.name, "uptime_s": round(time.time() - self.started, 1)}
+        """``cancelled`` / ``stopped``: this replica's rows stopped early since it started (see the module)."""
+        return {"status": "ok", "model": self.options.name, "uptime_s": round(time.time() - self.started, 1),
+                **self.counts}
 
     async def models(self, http) -> dict:
         p, bucket = self.pipe, self.pipe.bucket
         info = {"backend": p.backend, "device": p.device, "pruned": p.pruned, "unpruned_graph": p.has_unpruned,
-                "prefix_cache": p.has_cache(), "batch_size": bucket.batch_size, "max_batch": self.max_batch,
+                "prefix_cache": p.has_cache(), "batch_size": bucket.batch_size, "batch_sizes": p.batch_sizes,
+                "max_batch": self.max_batch,
                 "max_tokens": bucket.gen_length, "max_text_tokens": bucket.max_text_tokens,
                 "max_visual_tokens": bucket.max_visual_tokens, "generation_defaults": p.manifest.generation}
         return {"object": "list", "data": [{"id": self.options.name, "object": "model", "created": int(self.started),
@@ -143,11 +167,13 @@ class LLaDAServer:
         chat, request, gen, prompt_tokens = await loop.run_in_executor(self.admission, self._admit, raw)
         if chat.stream:
             return self._stream(chat, request, gen, prompt_tokens, t0)
-        await self._engine_idle()
+        row = Row(request)
         try:
-            result, batch = await self._batcher(gen, chat.unpruned)(Row(request))
+            await self._engine_idle()
+            result, batch = await self._batcher(gen, chat.unpruned)(row)
         except asyncio.CancelledError:
-            log.warning("llada: a request was cancelled (its caller hung up); its batch goes on for the others")
+            self._stop_row(row, "cancelled", "a request was cancelled (its caller hung up); its row stops, its "
+                           "batch goes on for the others")
             raise
         except Exception as e:  # the engines failed on a batch: every caller in it hears why
             raise APIError(f"generation failed: {type(e).__name__}: {e}", status=500, type="server_error") from e
@@ -171,7 +197,8 @@ class LLaDAServer:
         left) comes from the sampler's per-step callback, and each chunk carries its new text. The last
         chunk has the finish_reason (and this server's ``llada`` record); with ``stream_options:
         {"include_usage": true}`` a chunk with the usage and no choices follows, then ``data: [DONE]``.
-        A caller that hangs up is logged; its batch goes on for the others."""
+        A caller that hangs up (the generator is closed before its end) is cancelled, and a stop string
+        stops the row too: either way its row stops computing and its batch goes on for the others."""
         from starlette.responses import StreamingResponse
 
         loop = asyncio.get_running_loop()
@@ -182,7 +209,7 @@ class LLaDAServer:
 
         async def events():
             text = TextStream(self._decode, chat.stop)
-            task = None
+            task, ended = None, False
             try:
                 yield chunk(cid, name, created, {"role": "assistant", "content": ""}, **extra)
                 await self._engine_idle()
@@ -196,13 +223,15 @@ class LLaDAServer:
                         break
                     if delta := text.feed(ids.result()):
                         yield chunk(cid, name, created, {"content": delta}, **extra)
-                if text.stopped:  # a stop string: the answer is complete, whatever the rest of the row becomes
+                if text.stopped:  # a stop string: the answer is complete, the rest of the row is not computed
+                    self._stop_row(row, "stopped")
                     reason, n_tokens, info = "stop", text.stop_tokens, {}
                 else:
                     try:
                         result, batch = await task
                     except Exception as e:  # noqa: BLE001 - the engines failed on the batch: said in the stream
                         log.exception("llada: a streamed request's batch failed")
+                        ended = True
                         yield sse({"error": APIError(f"generation failed: {type(e).__name__}: {e}", status=500,
                                                      type="server_error").body()["error"]})
                         return
@@ -218,11 +247,12 @@ class LLaDAServer:
                 if chat.include_usage:
                     yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
                                "choices": [], "usage": usage(prompt_tokens, n_tokens)})
+                ended = True
                 yield sse("[DONE]")
-                task = None
             finally:
-                if task is not None and not task.done():
-                    log.warning("llada: a streaming caller hung up; its batch goes on for the others")
+                if not ended:  # closed before its end: the caller hung up
+                    self._stop_row(row, "cancelled", "a streaming caller hung up; its row stops, its batch goes on "
+                                   "for the others")
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -329,28 +359,37 @@ class LLaDAServer:
         if key not in self.batchers:
             async def run(rows: list) -> list:
                 started = time.perf_counter()
-                self.running += 1
-                self.idle.clear()
-                requests = [r.request for r in rows]
-                tokens = self.pipe.tokens
-                on_step = (RowStreams([r.push for r in rows], tokens.mask, tokens.eot)
-                           if any(r.push for r in rows) else None)  # a read-back per step only for streams
-                try:
-                    loop = asyncio.get_running_loop()
-                    results = await loop.run_in_executor(
-                        self.engine, lambda: self.pipe.generate_batch(requests, unpruned=unpruned, config=gen,
-                                                                      on_step=on_step))
-                finally:
-                    self.running -= 1
-                    if not self.running:
-                        self.idle.set()
-                info = {"id": uuid.uuid4().hex[:12], "size": len(requests), "started": started,
+                live = [r for r in rows if not r.cancelled.is_set()]  # cancelled while queued: left out
+                results = await self._generate(live, gen, unpruned) if live else []
+                info = {"id": uuid.uuid4().hex[:12], "size": len(live), "started": started,
                         "seconds": time.perf_counter() - started}
-                return [(r, info) for r in results]
+                _log_cancelled(info["id"], len(rows) - len(live), results)
+                answers = dict(zip(map(id, live), results))
+                return [(answers.get(id(r)), info) for r in rows]  # None: a row left out (nobody waits for it)
 
             self.batchers[key] = serve.batch(max_batch_size=self.max_batch,
                                              batch_wait_timeout_s=self.options.batch_wait_ms / 1e3)(run)
         return self.batchers[key]
+
+    async def _generate(self, rows: list, gen, unpruned: bool) -> list:
+        """One batch on the engine thread; the sampler reads the rows' cancel flags before each forward."""
+        self.running += 1
+        self.idle.clear()
+        requests = [r.request for r in rows]
+        tokens = self.pipe.tokens
+        on_step = (RowStreams([r.push for r in rows], tokens.mask, tokens.eot)
+                   if any(r.push for r in rows) else None)  # a read-back per step only for streams
+        flags = [r.cancelled for r in rows]
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self.engine, lambda: self.pipe.generate_batch(requests, unpruned=unpruned, config=gen,
+                                                              on_step=on_step,
+                                                              cancel=lambda: [f.is_set() for f in flags]))
+        finally:
+            self.running -= 1
+            if not self.running:
+                self.idle.set()
 
     def check_health(self) -> None:
         """Serve calls this periodically; an exception marks the replica unhealthy and restarts it."""
@@ -361,10 +400,33 @@ class LLaDAServer:
 @dataclass
 class Row:
     """A request in a batch queue; ``push``: its stream's committed prefixes (called on the engine thread),
-    None for a plain request."""
+    None for a plain request; ``cancelled``: set when the row is to stop (read by the sampler each step)."""
 
     request: object  # runtime Request
     push: object = None  # Callable[[list[int]], None] | None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+def _counters() -> dict:
+    """The replica's Prometheus counters of rows stopped early (empty outside a Serve replica)."""
+    try:
+        from ray.serve.metrics import Counter
+
+        return {"cancelled": Counter("llada_cancelled", "requests whose caller hung up before the answer; their "
+                                     "rows stopped computing"),
+                "stopped": Counter("llada_stopped", "streams ended by a stop string; their rows stopped computing")}
+    except Exception:  # noqa: BLE001 - no Ray metrics here: /health still counts
+        return {}
+
+
+def _log_cancelled(batch: str, left_out: int, results: list) -> None:
+    """In the replica's log: the rows of a batch that stopped early, and the forwards the batch made."""
+    stopped = sum(r.finish_reason == "cancelled" for r in results)
+    if left_out:
+        log.warning("llada: batch %s: %d cancelled row(s) left out before it started", batch, left_out)
+    if stopped:
+        log.warning("llada: batch %s: %d of %d rows stopped early; %d forwards", batch, stopped, len(results),
+                    max(r.forwards for r in results))
 
 
 def _consume(task: asyncio.Future) -> None:
