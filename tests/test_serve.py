@@ -26,6 +26,7 @@ import pytest
 from llada_export.demo import DEMO_KEEP
 
 from helpers import load_tool
+from test_cancel import ServeCancellation
 from llada_export import vqa_task
 from llada_export.serve.client import Client, ServerError, chat_body, image_data_url
 
@@ -576,6 +577,10 @@ def test_client_that_hangs_up_does_not_break_its_batch(server, direct):
         assert time.perf_counter() < deadline, "no replica logged the cancelled request"
         time.sleep(0.5)
     assert text_of(ask(server["url"], 4)) == direct(4)
+
+
+class TestCancellation(ServeCancellation):
+    """test_cancel.py's cancellation tests through this module's server (one Ray cluster for both)."""
 
 
 def test_replica_killed_during_load(server, direct):

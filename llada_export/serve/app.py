@@ -30,8 +30,8 @@ handler, a stream's generator is closed; either sets its row's cancel flag, whic
 before each forward. A cancelled row stops committing (and no longer asks the cached step for a
 refresh); the batch goes on for the others, and ends at the next step once none is left. A row
 cancelled before its batch starts is left out of it. A stream whose ``stop`` string has come stops
-its row the same way. The graphs have one static batch size, so a cancelled row's slot is computed
-(and ignored) until its batch ends; the engine then takes the next batch. Each replica counts them:
+its row the same way. A batch keeps the graph batch size it started at, so a cancelled row's slot is
+computed (and ignored) until its batch ends; the engine then takes the next batch. Each replica counts them:
 ``cancelled`` (callers that hung up) and ``stopped`` (streams ended by a stop string), in GET
 /health and as the Prometheus counters ``llada_cancelled`` / ``llada_stopped`` next to Ray Serve's
 metrics (batch sizes, queue lengths, latencies) at the node's metrics port.
