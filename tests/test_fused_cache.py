@@ -85,10 +85,15 @@ def fused_engines(tiny_ckpt, tmp_path_factory):
                   compile_cache=False)
 
 
-def test_the_programs_hold_fused_weights_and_the_torch_cached_step_writes_its_cache(fused_engines):
+def test_the_programs_hold_fused_weights_and_the_torch_cached_step_writes_its_cache(fused_engines, tiny):
     from llada_export.contract.manifest import Manifest
+    from llada_export.engines.onnxruntime import SHARED_WEIGHTS
 
     m = Manifest.read(fused_engines)
+    # the ONNX graphs share one copy of the fused weights: the weights file holds less than the model
+    # (no vision tower weight is in a denoiser graph twice, no fused weight twice)
+    model_bytes = sum(t.numel() * t.element_size() for t in tiny[0].state_dict().values())
+    assert (fused_engines / "onnx" / SHARED_WEIGHTS).stat().st_size < 1.05 * model_bytes
     mapped = m.constants_from_checkpoint["inductor"]
     for graph in ("stage_a", "stage_b", "prefill", "cached", "unpruned_prefill", "unpruned_cached"):
         keys = set(mapped[graph].values())
