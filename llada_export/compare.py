@@ -433,6 +433,10 @@ def run_compare(engines: str | Path, checkpoint: str | Path, prompts: list[tuple
     ctx = OracleContext(m.tokens, m.pruning, m.bucket.k_static, m.fused_sampler)
     plan = plan_compare(first, prompts, backends, presets, dict(settings or {}))
     report.notes += plan.notes
+    if len(first.batch_sizes) > 1:
+        report.notes.append(f"these engines hold batch sizes {', '.join(map(str, first.batch_sizes))}: each graph is "
+                            f"compared at batch size {m.bucket.batch_size} (the largest); the end-to-end answers run "
+                            f"one request each, on batch size {first.batch_size_for(1)}")
     keep_files = save_dir is not None
     save_dir = Path(save_dir) if save_dir else engines.parent / f"{engines.name}-compare"
     created = not save_dir.exists()

@@ -20,9 +20,11 @@ examples:
   llada-export --model ckpt/ --image-size 1024x768 --cache --dtype bfloat16 --device cuda \\
       --backend inductor --fuse-sampler --baseline -o engines/    (as benchmarked on the H200)
   llada-export --model ckpt/ --no-prune -o engines-baseline/
+  llada-export --model ckpt/ --cache --batch-sizes 1,2,4,8 -o engines/    (a server's engines: each
+      batch runs on the smallest size that holds it, one copy of the weights for all sizes)
 
 The bucket (--max-prompt-tokens, --image-size / --max-visual-tokens, --gen-length,
---batch-size) fixes every graph's shapes; smaller prompts and images are padded and masked
+--batch-size or --batch-sizes) fixes every graph's shapes; smaller prompts and images are padded and masked
 at run time. By default the bucket takes every image (anyres bounds its visual tokens);
 a smaller --image-size is faster. -o is written atomically; --overwrite replaces only an
 engines directory llada-export wrote (or an empty one), never the checkpoint."""
@@ -63,8 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--block-length", type=positive_int, default=None,
                    help="default sampler block length (default: --gen-length)")
     s.add_argument("--steps", type=positive_int, default=None, help="default denoising steps (default: --gen-length)")
-    s.add_argument("--batch-size", type=positive_int, default=1,
-                   help="requests per graph call (static; default: 1)")
+    bs = s.add_mutually_exclusive_group()
+    bs.add_argument("--batch-size", type=positive_int, default=None,
+                    help="requests per graph call (static; default: 1); the same as --batch-sizes N")
+    bs.add_argument("--batch-sizes", type=size_list, default=None, metavar="N,N,...",
+                    help="several static batch sizes in one directory, e.g. 1,2,4,8: the graphs of each size over "
+                    "one copy of the weights; a batch runs on the smallest size that holds it, llada-serve batches "
+                    "up to the largest")
     b = p.add_argument_group("build")
     b.add_argument("--backend", choices=(*backends, "all"), default="onnxruntime",
                    help="engines to build: onnxruntime (ONNX), aoti (AOTInductor packages), inductor (torch.export "
@@ -83,6 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing engines directory written by llada-export")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return p
+
+
+def size_list(text: str) -> tuple[int, ...]:
+    """``"1,2,4,8"`` -> (1, 2, 4, 8): positive integers, no repeats."""
+    try:
+        sizes = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated positive integers, e.g. 1,2,4,8") from None
+    if min(sizes) < 1 or len(set(sizes)) != len(sizes):
+        raise argparse.ArgumentTypeError(f"{text!r}: positive integers without repeats, e.g. 1,2,4,8")
+    return tuple(sorted(sizes))
 
 
 PRUNE_DEFAULTS = {"prune_layer": 16, "keep": 0.35, "score_from": "response"}
@@ -121,12 +139,14 @@ def main(argv: list[str] | None = None) -> int:
             backends=backends, fuse_sampler=args.fuse_sampler, dtype=args.dtype, device=args.device,
             gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
             max_prompt_tokens=args.max_prompt_tokens, image_size=args.image_size,
-            max_visual_tokens=args.max_visual_tokens, batch_size=args.batch_size, overwrite=args.overwrite,
+            max_visual_tokens=args.max_visual_tokens, batch_sizes=args.batch_sizes or (args.batch_size or 1,),
+            overwrite=args.overwrite,
             compile_cache=args.compile_cache, progress=not args.quiet)
         out = export_engines(opts)
         m = Manifest.read(out, verify=False)
-        built = ", ".join(f"{b} ({', '.join(g)})" for b, g in m.artifacts.items())
-        print(f"wrote {out} in {m.export['seconds']:.1f} s: {built}")
+        built = ", ".join(f"{b} ({', '.join(m.keys_at(m.bucket.batch_size))})" for b in m.artifacts)
+        sizes = f"; batch sizes {', '.join(map(str, m.sizes))}" if len(m.sizes) > 1 else ""
+        print(f"wrote {out} in {m.export['seconds']:.1f} s: {built}{sizes}")
         gpu = f", peak GPU memory {m.export['peak_gpu_gib']} GiB" if m.export.get("peak_gpu_gib") is not None else ""
         print(f"peak host memory (RSS) {m.export['peak_host_rss_gib']} GiB{gpu}")
         for note in m.notes:

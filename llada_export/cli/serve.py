@@ -12,7 +12,8 @@ from .common import non_negative_float, parser, positive_float, positive_int, us
 DESCRIPTION = """\
 Serve LLaDA-V engines built by llada-export on Ray Serve: one Pipeline per replica (one GPU
 each where the cluster has GPUs), concurrent requests of one generation setting batched
-together up to the engines' --batch-size. Starts a local Ray cluster (loopback only), or
+together up to the engines' --batch-size (the largest of --batch-sizes, where each batch runs on
+the smallest size that holds it). Starts a local Ray cluster (loopback only), or
 attaches to a running one with --address. Routes: POST /v1/chat/completions (what the official
 openai client sends: text-only or one image, system messages, conversations, stop strings,
 stream: true as server-sent chunks of the committed answer prefix), GET /v1/models, GET /health."""
@@ -50,7 +51,8 @@ def build_parser():
     p.add_argument("--model-name", help="the model id in the API (default: the engines directory's name)")
     p.add_argument("--replicas", type=positive_int, default=1, help="copies of the pipeline (default: 1)")
     p.add_argument("--max-batch", type=positive_int,
-                   help="requests per batch, at most the engines' --batch-size (default: that size)")
+                   help="requests per batch, at most the engines' --batch-size or the largest of their --batch-sizes "
+                   "(default: that size)")
     p.add_argument("--batch-wait-ms", type=non_negative_float, default=10.0,
                    help="how long a request waits for others of its setting to fill a batch (default: 10)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")

@@ -10,7 +10,7 @@ nothing above it.
 Dimension names (resolved by :class:`Dims` from the bucket and the model config):
 
 ====== =====================================================================
-B      requests per call (``--batch-size``)
+B      requests per call (``--batch-size``; one build per size of ``--batch-sizes``, see :func:`sized_key`)
 P, L   prefix slots (text + visual) and sequence slots (P + G), unpruned
 Pr, Lr the same after pruning (text + ``k_static`` visual slots)
 G      response slots (``--gen-length``)
@@ -128,6 +128,32 @@ class Dims:
     def resolve(self, t: TensorSpec) -> TensorIO:
         dtype = self.compute_dtype if t.dtype == COMPUTE else t.dtype
         return TensorIO(t.name, tuple(self.values[d] for d in t.dims), dtype, t.state)
+
+
+# ---------------------------------------------------------------------- several batch sizes
+SIZE_MARK = "@b"  # "stage_b@b2": graph stage_b built at batch size 2 (a directory's largest size keeps plain names)
+
+
+def sized_key(name: str, batch: int, largest: int) -> str:
+    """The manifest key (and artifact file stem) of graph ``name`` built at batch size ``batch`` in a
+    directory whose largest size is ``largest``: the plain name at the largest size, ``name@bN`` below."""
+    return name if batch == largest else f"{name}{SIZE_MARK}{batch}"
+
+
+def split_key(key: str) -> tuple[str, int | None]:
+    """``"stage_b@b2"`` -> ``("stage_b", 2)``; a plain name -> ``(name, None)`` (the largest size, or a
+    graph without a batch dimension). ValueError for a malformed size."""
+    name, mark, size = key.partition(SIZE_MARK)
+    if not mark:
+        return key, None
+    if not size.isdigit() or int(size) < 1 or str(int(size)) != size:
+        raise ValueError(f"graph key {key!r}: the batch size after {SIZE_MARK!r} must be a positive integer")
+    return name, int(size)
+
+
+def batched(spec: "GraphSpec") -> bool:
+    """Whether ``spec``'s graph has a batch dimension (one build per batch size); the vision graph has not."""
+    return any("B" in t.dims for t in spec.inputs + spec.outputs)
 
 
 def resolve(ref: str | Callable | None) -> Callable | None:

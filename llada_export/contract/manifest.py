@@ -11,26 +11,34 @@ agree with each other (the graphs' I/O with the bucket and the config, the bucke
 top-k with the pruning). :func:`llada_export.engines.registry.check_artifacts` checks the artifacts of one
 backend against the manifest (shapes in the graphs, stage A's static top-k) without
 reading any weights. A hand-edited manifest is refused with one line.
+
+Several batch sizes (``llada-export --batch-sizes 1,2,4``): ``batch_sizes`` lists them,
+``bucket.batch_size`` is the largest, and every graph with a batch dimension is built once per
+size: under its plain name at the largest size, as ``name@bN`` below it
+(``contract.graphset.sized_key``); the vision graph once. :meth:`Manifest.keys_at` gives a size's
+graphs. The cross-field checks cover every size (each key's I/O against the bucket at its size,
+the same graphs at every size, in every backend).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
 from ..config import LLaDAVConfig
 from .bucket import Bucket
-from .graphset import GRAPHS, Dims, GraphIO
+from .graphset import GRAPHS, Dims, GraphIO, batched, split_key
 from .pruning import PruneSettings
 from .tokens import SpecialTokens
 
 FORMAT = "llada-export/engines"
-FORMAT_VERSION = 4  # 3: typed manifest, batch size, graph I/O with dtypes, "unpruned" graph names, cache graphs;
-# 4: content_sha256 (the manifest's own content, checked at load)
+FORMAT_VERSION = 5  # 3: typed manifest, batch size, graph I/O with dtypes, "unpruned" graph names, cache graphs;
+# 4: content_sha256 (the manifest's own content, checked at load); 5: batch_sizes (graphs name@bN), weights_file
+READABLE_VERSIONS = (4, 5)  # a version-4 directory reads as one batch size, its weights where it says
 MANIFEST = "manifest.json"
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -87,6 +95,10 @@ class Manifest:
     compile_cache: dict[str, str] | None = None  # backend -> saved compiler artifacts (path), for a fast load
     notes: list[str] = field(default_factory=list)
     export: dict[str, Any] = field(default_factory=dict)  # seconds, peak memory
+    batch_sizes: list[int] = field(default_factory=list)  # every size built, ascending (empty: [bucket.batch_size])
+    # a safetensors file of the directory holding the compiled backends' weights once, by checkpoint key
+    # (constants_from_checkpoint maps every graph's constants to it); None: they come from the checkpoint
+    weights_file: str | None = None
     tool_version: str = __version__
     format_version: int = FORMAT_VERSION
 
@@ -105,6 +117,26 @@ class Manifest:
     def has_graph(self, name: str, backend: str | None = None) -> bool:
         return any(name in g for b, g in self.artifacts.items() if backend in (None, b))
 
+    @property
+    def sizes(self) -> list[int]:
+        """The batch sizes built, ascending (one for a directory of one ``--batch-size``)."""
+        return list(self.batch_sizes) or [self.bucket.batch_size]
+
+    def bucket_at(self, batch: int) -> Bucket:
+        return replace(self.bucket, batch_size=batch)
+
+    def keys_at(self, batch: int) -> dict[str, str]:
+        """Graph name -> its manifest key at batch size ``batch`` (one of :attr:`sizes`)."""
+        if batch not in self.sizes:
+            raise ManifestError(f"no graphs of batch size {batch} (built: {', '.join(map(str, self.sizes))})")
+        keys = {k: k for k in self.graphs if split_key(k)[1] is None}
+        keys.update({split_key(k)[0]: k for k in self.graphs if split_key(k)[1] == batch})
+        return keys
+
+    def size_of(self, key: str) -> int:
+        """The batch size a graph key was built at (the largest for plain names)."""
+        return split_key(key)[1] or self.bucket.batch_size
+
     # ------------------------------------------------------------------ I/O
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -116,6 +148,7 @@ class Manifest:
             "graphs": {n: g.to_dict() for n, g in self.graphs.items()}, "artifacts": self.artifacts,
             "weights": self.weights, "constants_from_checkpoint": self.constants_from_checkpoint,
             "compile_cache": self.compile_cache, "notes": self.notes, "export": self.export,
+            "batch_sizes": self.sizes, "weights_file": self.weights_file,
             "files": {k: {"sha256": f.sha256, "bytes": f.bytes} for k, f in self.files.items()},
         }
 
@@ -128,7 +161,7 @@ class Manifest:
     def from_dict(cls, d: dict[str, Any], where: str = MANIFEST) -> "Manifest":
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise ManifestError(f"{where}: not a llada-export engines manifest")
-        if d.get("format_version") != FORMAT_VERSION:
+        if d.get("format_version") not in READABLE_VERSIONS:
             raise ManifestError(
                 f"{where}: engines format version {d.get('format_version')} (tool {d.get('tool_version')}) is not "
                 f"supported by llada-export {__version__} (format {FORMAT_VERSION}); re-export with this version")
@@ -146,12 +179,15 @@ class Manifest:
                 weights=dict(d.get("weights") or {}), constants_from_checkpoint=d.get("constants_from_checkpoint"),
                 compile_cache=d.get("compile_cache"), notes=list(d.get("notes") or []),
                 export=dict(d.get("export") or {}), tool_version=str(d.get("tool_version")),
-                format_version=int(d["format_version"]))
+                format_version=int(d["format_version"]),
+                batch_sizes=[_size(b) for b in d.get("batch_sizes") or []],
+                weights_file=None if d.get("weights_file") is None else str(d["weights_file"]))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             what = f"field {e.args[0]!r} is missing" if isinstance(e, KeyError) else f"malformed field ({e})"
             raise ManifestError(f"{where}: {what}; the directory is damaged, re-run llada-export") from None
         if m.dtype not in DTYPES:
             raise ManifestError(f"{where}: unknown dtype {m.dtype!r}")
+        m._check_sizes(where)
         m._check_artifacts(where)
         m._check_consistent(where)
         if d.get(DIGEST) != content_digest(d):
@@ -177,14 +213,46 @@ class Manifest:
         if not 1 <= self.generation.get("gen_length", 0) <= b.gen_length:
             raise ManifestError(f"{where}: generation.gen_length {self.generation.get('gen_length')} does not fit "
                                 f"bucket.gen_length {b.gen_length} {edited}")
-        dims = Dims.of(b, cfg, self.dtype)
-        for name, io in self.graphs.items():
-            if name in GRAPHS and (want := GRAPHS[name].io(dims, self.fused_sampler)) != io:
+        dims = {n: Dims.of(self.bucket_at(n), cfg, self.dtype) for n in self.sizes}
+        for key, io in self.graphs.items():
+            name = split_key(key)[0]
+            if name in GRAPHS and (want := GRAPHS[name].io(dims[self.size_of(key)], self.fused_sampler)) != io:
                 bad = next(f"{a.name} {list(a.shape)} {a.dtype}, the bucket and config give {list(w.shape)} {w.dtype}"
                            for a, w in zip(io.inputs + io.outputs, want.inputs + want.outputs) if a != w) \
                     if len(io.inputs) == len(want.inputs) and len(io.outputs) == len(want.outputs) \
                     else f"tensors {io.input_names + io.output_names}, expected {want.input_names + want.output_names}"
-                raise ManifestError(f"{where}: graph {name}: {bad} {edited}")
+                raise ManifestError(f"{where}: graph {key}: {bad} {edited}")
+
+    def _check_sizes(self, where: str) -> None:
+        """``batch_sizes`` against the bucket and the graph keys: every size has the same graphs, in every
+        backend; a graph without a batch dimension is built once."""
+        edited = "(edited manifest; re-run llada-export)"
+        sizes = self.sizes
+        if sizes != sorted(set(sizes)) or sizes[-1] != self.bucket.batch_size:
+            raise ManifestError(f"{where}: batch_sizes {sizes} must ascend without repeats and end with "
+                                f"bucket.batch_size {self.bucket.batch_size} {edited}")
+        if len(sizes) > 1 and self.format_version < 5:
+            raise ManifestError(f"{where}: batch_sizes {sizes} in a format-{self.format_version} manifest {edited}")
+        try:
+            split = {k: split_key(k) for k in self.graphs}
+        except ValueError as e:
+            raise ManifestError(f"{where}: {e} {edited}") from None
+        for key, (name, size) in split.items():
+            if size is not None and (size not in sizes[:-1] or name not in self.graphs):
+                raise ManifestError(f"{where}: graph {key} is of a batch size not in batch_sizes {sizes[:-1]} below "
+                                    f"the largest, or of no graph at the largest {edited}")
+            if size is not None and name in GRAPHS and not batched(GRAPHS[name]):
+                raise ManifestError(f"{where}: graph {key}: {name} has no batch dimension, it is built once {edited}")
+        plain = [k for k, (n, s) in split.items() if s is None and (n not in GRAPHS or batched(GRAPHS[n]))]
+        for table, what in [(self.graphs, "graphs")] + [(a, f"artifacts.{b}") for b, a in self.artifacts.items()]:
+            for n in sizes[:-1]:
+                have = {split_key(k)[0] for k in table if split_key(k)[1] == n}
+                want = {k for k in plain if k in table}
+                if have != want:
+                    raise ManifestError(f"{where}: {what} at batch size {n} are {sorted(have)}, at "
+                                        f"{sizes[-1]} {sorted(want)}: every size has the same graphs {edited}")
+        if self.weights_file is not None and self.weights_file not in self.files:
+            raise ManifestError(f"{where}: weights_file {self.weights_file} is not in the file table {edited}")
 
     def _check_artifacts(self, where: str) -> None:
         for backend, graphs in self.artifacts.items():
@@ -238,6 +306,12 @@ class Manifest:
                                     f"{info.bytes} (truncated or replaced?)")
             if sha256(f) != info.sha256:
                 raise ManifestError(f"{root}: artifact {rel} does not match its SHA-256 in the manifest (altered?)")
+
+
+def _size(b) -> int:
+    if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+        raise ValueError(f"batch_sizes holds {b!r}, not a positive integer")
+    return b
 
 
 def is_engines_dir(path: Path) -> bool:

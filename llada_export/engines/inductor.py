@@ -77,7 +77,7 @@ def finalize(ctx: WriteContext) -> list[Path]:
 
     import torch
 
-    from ..contract.graphset import GRAPHS, example_value
+    from ..contract.graphset import GRAPHS, example_value, split_key
 
     if not ctx.options.get("compile_cache"):
         return []
@@ -87,7 +87,8 @@ def finalize(ctx: WriteContext) -> list[Path]:
         constants = {fqn: ctx.weights[key] for fqn, key in mapping.items()} if mapping else None
         r = runner(ctx.root / rel, io, ctx.device, constants=constants, cuda_graph=False)
         extra = {"device": ctx.device, **ctx.options["example_fill"]}
-        feeds = {t.name: example_value(t, spec, extra) for t, spec in zip(io.inputs, GRAPHS[graph].inputs)}
+        specs = GRAPHS[split_key(graph)[0]].inputs  # graph: a key, stage_b@b2 at another batch size
+        feeds = {t.name: example_value(t, spec, extra) for t, spec in zip(io.inputs, specs)}
         with torch.no_grad():
             r.run(feeds)
     saved = torch.compiler.save_cache_artifacts()

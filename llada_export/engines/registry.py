@@ -142,14 +142,16 @@ def pick_backend(built: list[str], device_type: str) -> str | None:
 
 def check_artifacts(manifest, root: Path, backend: str) -> None:
     """The artifacts of ``backend`` in ``root`` must be what ``manifest`` describes (their I/O shapes and
-    dtypes, stage A's static top-k), read from the graph files without their weights; ManifestError
+    dtypes, stage A's static top-k; every batch size's), read from the graph files without their weights; ManifestError
     otherwise. Backends without a ``check_artifact`` are not read (the manifest's hashes still hold)."""
+    from ..contract.graphset import split_key
     from ..contract.manifest import ManifestError
 
     check = get_backend(backend).check_artifact
     if check is None:
         return
-    for name, rel in manifest.artifacts.get(backend, {}).items():
-        if problem := check(Path(root) / rel, name, manifest.graphs[name], manifest.bucket):
+    for key, rel in manifest.artifacts.get(backend, {}).items():  # every batch size's graphs, each at its size
+        name, bucket = split_key(key)[0], manifest.bucket_at(manifest.size_of(key))
+        if problem := check(Path(root) / rel, name, manifest.graphs[key], bucket):
             raise ManifestError(f"{Path(root) / rel}: {problem} (edited manifest or replaced graph; re-run "
                                 "llada-export)")

@@ -2,7 +2,10 @@
 
 It iterates over the graph set (``contract.graphset``) and the backend registry
 (``engines.registry``): which graphs are built follows from the options, each graph's
-builder and I/O come from its spec, each artifact from its backend's writer.
+builder and I/O come from its spec, each artifact from its backend's writer. With several
+batch sizes (``batch_sizes``) every graph with a batch dimension is built once per size
+(``contract.graphset.sized_key`` names them) over one copy of the weights: ONNX's shared
+weights file, and for the compiled backends one set of tensors (``compiled_weights``).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import math
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -21,7 +24,7 @@ from ..checkpoint.io import expected_shapes
 from ..checkpoint.loader import checkpoint_tokenizer, load_checkpoint, read_config
 from ..config import LLaDAVConfig
 from ..contract.bucket import Bucket
-from ..contract.graphset import Dims, Selection, TensorIO, graphs_for, resolve
+from ..contract.graphset import Dims, Selection, TensorIO, batched, graphs_for, resolve, sized_key
 from ..contract.manifest import DTYPES, Manifest, file_table, is_engines_dir
 from ..contract.pruning import PruneSettings
 from ..device import parse_device
@@ -34,7 +37,8 @@ from ..tokenizer import encode_prompt, has_tokenizer_files, special_tokens
 from ..graphs.fused import fused_weights
 from .programs import INPLACE, BuildContext, check_program
 
-COMPILED_WEIGHTS = ("auto", "package", "checkpoint")
+COMPILED_WEIGHTS = ("auto", "package", "checkpoint", "shared")
+SHARED_WEIGHTS_FILE = "weights.safetensors"  # compiled_weights="shared": the compiled graphs' weights, once
 EXTERNAL_WEIGHTS_ABOVE = 2 * 1024**3  # compiled_weights="auto": weights bigger than this stay in the checkpoint
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "bool": 1}
 
@@ -52,8 +56,9 @@ class ExportOptions:
     cache: bool = False  # also build the prefix-KV-cache graphs (prefill + cached step)
     fuse_sampler: bool = False  # graphs output (x0, confidence) instead of logits
     # aoti / inductor artifacts: "package" keeps the weights inside each .pt2, "checkpoint" maps them to
-    # checkpoint keys and the runtime loads them once for all graphs; "auto": checkpoint above
-    # external_weights_above bytes (2 GiB)
+    # checkpoint keys and the runtime loads them once for all graphs, "shared" does the same from one
+    # weights.safetensors written into the directory; "auto": checkpoint above external_weights_above
+    # bytes (2 GiB), below it shared with several batch sizes (package would hold a copy per graph and size)
     compiled_weights: str = "auto"
     external_weights_above: int = EXTERNAL_WEIGHTS_ABOVE  # bytes: "auto"'s threshold
     backends: tuple[str, ...] = ("onnxruntime",)
@@ -66,6 +71,9 @@ class ExportOptions:
     image_size: tuple[int, int] | None = None  # None: a bucket that takes every image
     max_visual_tokens: int | None = None
     batch_size: int = 1
+    # several batch sizes in one directory (--batch-sizes 1,2,4,8), graphs of each over one copy of the weights;
+    # empty: (batch_size,). validate() sets batch_size to the largest
+    batch_sizes: tuple[int, ...] = ()
     compile_cache: bool | None = None  # inductor: compile at export and save the cache (default: on CUDA)
     overwrite: bool = False
     progress: bool = True
@@ -74,6 +82,11 @@ class ExportOptions:
     @property
     def selection(self) -> Selection:
         return Selection(prune=self.prune is not None, baseline=self.baseline, cache=self.cache)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """The batch sizes to build, ascending."""
+        return tuple(sorted(set(self.batch_sizes))) if self.batch_sizes else (self.batch_size,)
 
     def generation(self) -> GenerationConfig:
         g = self.gen_length
@@ -88,6 +101,13 @@ class ExportOptions:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ExportError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        for v in self.batch_sizes:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ExportError(f"--batch-sizes must be positive integers, got {v!r}")
+        if self.batch_sizes and self.batch_size not in (1, max(self.batch_sizes)):
+            raise ExportError(f"batch_size {self.batch_size} and batch_sizes {list(self.batch_sizes)}: give one "
+                              "(--batch-size N is --batch-sizes N)")
+        self.batch_size = max(self.sizes)
         self.generation().validate()
         if self.prune is not None:
             self.prune.validate()
@@ -126,7 +146,7 @@ def plan_bucket(opts: ExportOptions, cfg: LLaDAVConfig) -> Bucket:
         crops = 1 + max((gw // s) * (gh // s) for gw, gh in cfg.image_grid_pinpoints)
     k = opts.prune.k_static(v) if opts.prune is not None else v
     return Bucket(max_text_tokens=opts.max_prompt_tokens, max_visual_tokens=v, k_static=k,
-                  gen_length=opts.gen_length, vision_batch=crops, batch_size=opts.batch_size)
+                  gen_length=opts.gen_length, vision_batch=crops, batch_size=max(opts.sizes))
 
 
 def tensor_bytes(t: TensorIO) -> int:
@@ -176,7 +196,7 @@ def check_memory(opts: ExportOptions, bucket: Bucket, cfg: LLaDAVConfig, weights
     if have is None or weights + call <= have:
         return
     fits = int((have - weights) // (call / bucket.batch_size)) if have > weights else 0
-    fix = (f"use --batch-size {fits} or less" if 1 <= fits < bucket.batch_size else
+    fix = (f"use --batch-size {fits} or less (the largest of --batch-sizes)" if 1 <= fits < bucket.batch_size else
            "use a smaller --image-size / --max-visual-tokens, --max-prompt-tokens or --gen-length")
     raise ExportError(f"these engines need at least {human_bytes(weights + call)} on {device} (weights "
                       f"{human_bytes(weights)}; one {graph} call of batch size {bucket.batch_size}, its inputs, outputs "
@@ -254,7 +274,7 @@ def export_engines(opts: ExportOptions, loaded: tuple | None = None) -> Path:
         if not is_out_of_memory(e):
             raise
         raise ExportError(f"out of memory on {opts.device} while building the engines (batch size {opts.batch_size}); "
-                          "lower --batch-size, --image-size / --max-visual-tokens or --max-prompt-tokens, or free "
+                          "lower --batch-size (--batch-sizes), --image-size / --max-visual-tokens or --max-prompt-tokens, or free "
                           "memory; nothing was written") from None
     return Path(opts.output)
 
@@ -274,34 +294,38 @@ def _build(opts: ExportOptions, root: Path, loaded: tuple | None) -> Manifest:
     model.requires_grad_(False)
     tokens = special_tokens(tokenizer)
     bucket = plan_bucket(opts, cfg)
-    dims = Dims.of(bucket, cfg, opts.dtype)
-    ctx = BuildContext(model, bucket, dims, tokens, opts.prune, opts.fuse_sampler, device)
-    specs = graphs_for(opts.selection)
-
-    programs, io = {}, {}
-    for spec in tqdm(specs, desc="torch.export", unit="graph", disable=not opts.progress):
-        io[spec.name] = spec.io(dims, opts.fuse_sampler)
-        programs[spec.name] = resolve(spec.build)(ctx)
-        check_program(programs[spec.name], io[spec.name], spec.name)
+    largest, specs = bucket.batch_size, graphs_for(opts.selection)
+    programs, io, variants, ctx = {}, {}, {}, None
+    # the largest size first (its plain-named graphs, vision among them), then each smaller size's batched graphs
+    work = [(b, s) for b in sorted(opts.sizes, reverse=True) for s in specs if b == largest or batched(s)]
+    for b, spec in tqdm(work, desc="torch.export", unit="graph", disable=not opts.progress):
+        if ctx is None or ctx.bucket.batch_size != b:
+            ctx = size_context(ctx, model, replace(bucket, batch_size=b), cfg, tokens, opts, device)
+        key = sized_key(spec.name, b, largest)
+        io[key] = spec.io(ctx.dims, opts.fuse_sampler)
+        programs[key] = resolve(spec.build)(ctx)
+        check_program(programs[key], io[key], key)
+        for variant, progs in getattr(ctx, "variants", {}).items():  # e.g. the in-place cached step
+            variants.setdefault(variant, {}).update({sized_key(g, b, largest): p for g, p in progs.items()})
 
     state = model.state_dict()
     weight_bytes = sum(t.numel() * t.element_size() for t in state.values())
     if ctx.fused_language is not None:  # the graphs' fused weights, by the checkpoint keys they concatenate
         state |= fused_weights(ctx.fused_language, "model.")
-    external = opts.compiled_weights == "checkpoint" or (opts.compiled_weights == "auto"
-                                                         and weight_bytes > opts.external_weights_above)
+    mode = compiled_weights_mode(opts, weight_bytes)
+    external = mode in ("checkpoint", "shared")
     compile_cache = opts.compile_cache if opts.compile_cache is not None else device.type == "cuda"
     wctx = WriteContext(root, opts.device, opts.dtype, programs=programs, io=io, notes=list(opts.notes),
                         weight_keys={t.data_ptr(): k for k, t in state.items()} if external else None,
                         weights=state, options={"compile_cache": compile_cache, "example_fill": ctx.fill(),
-                                 "inplace": ctx.variants.get(INPLACE, {})})
+                                 "inplace": variants.get(INPLACE, {})})
     backends = []
     for name in opts.backends:
         if (reason := skip_reason(name, opts.device)) is not None:
             wctx.notes.append(f"not built: {reason}")
         else:
             backends.append(get_backend(name))
-    work = [(b, s.name) for b in backends for s in specs]
+    work = [(b, key) for b in backends for key in programs]
     bar = tqdm(total=len(work), desc="build engines", unit="artifact", disable=not opts.progress)
     for b, graph in work:
         bar.set_postfix_str(f"{b.name}:{graph}")
@@ -324,8 +348,13 @@ def _build(opts: ExportOptions, root: Path, loaded: tuple | None) -> Manifest:
     save_file({"embed_tokens": model.model.embed_tokens.weight.detach().cpu().contiguous(),
                "image_newline": model.model.image_newline.detach().cpu().contiguous()}, str(emb))
     files.append(emb)
-    weights = {b.name: ("loaded at run time from the source checkpoint (constants_from_checkpoint maps each "
-                        "graph constant to its checkpoint key) and shared by all graphs"
+    weights_file = None
+    if mode == "shared" and wctx.constants:
+        files.append(write_shared_weights(root / SHARED_WEIGHTS_FILE, wctx.constants, model.state_dict()))
+        weights_file = SHARED_WEIGHTS_FILE
+    where = f"{SHARED_WEIGHTS_FILE} in this directory" if weights_file else "the source checkpoint"
+    weights = {b.name: (f"loaded at run time from {where} (constants_from_checkpoint maps each graph constant "
+                        "to its checkpoint key) and shared by all graphs" + (" of every batch size" if len(opts.sizes) > 1 else "")
                         if b.name in wctx.constants else b.description) for b in backends}
     gen = opts.generation()
     return Manifest(
@@ -336,7 +365,42 @@ def _build(opts: ExportOptions, root: Path, loaded: tuple | None) -> Manifest:
         tokens=tokens, graphs=io, artifacts=wctx.artifacts, files=file_table(root, files),
         weights=weights | {"prompt_embeddings": "text_embeddings.safetensors"},
         constants_from_checkpoint=wctx.constants or None, compile_cache=wctx.compile_cache or None,
-        notes=wctx.notes,
+        notes=wctx.notes, batch_sizes=list(opts.sizes), weights_file=weights_file,
         export={"seconds": round(time.perf_counter() - t0, 2),
                 "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
                 "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None})
+
+
+def size_context(prev: BuildContext | None, model, bucket: Bucket, cfg: LLaDAVConfig, tokens, opts: ExportOptions,
+                 device: torch.device) -> BuildContext:
+    """The build context at ``bucket``'s batch size. After the first size it is ``prev`` with the new bucket
+    and fresh per-program memo tables (programs are traced per batch size) but everything else kept, so
+    that every size's graphs hold the same weight tensors (one copy in ONNX's weights file, one mapping)."""
+    dims = Dims.of(bucket, cfg, opts.dtype)
+    if prev is None:
+        return BuildContext(model, bucket, dims, tokens, opts.prune, opts.fuse_sampler, device)
+    memo = {f.name: f.default_factory() for f in fields(prev) if f.default_factory is not MISSING}
+    return replace(prev, bucket=bucket, dims=dims, **memo)
+
+
+def compiled_weights_mode(opts: ExportOptions, weight_bytes: int) -> str:
+    """Where the compiled backends' (aoti, inductor) weights go: ``opts.compiled_weights``, "auto" resolved."""
+    if opts.compiled_weights != "auto":
+        return opts.compiled_weights
+    if weight_bytes > opts.external_weights_above:
+        return "checkpoint"
+    return "shared" if len(opts.sizes) > 1 else "package"
+
+
+def write_shared_weights(path: Path, constants: dict[str, dict[str, dict[str, str]]],
+                         state: dict[str, torch.Tensor]) -> Path:
+    """Every checkpoint tensor the compiled graphs map a constant to, once, by checkpoint key (a derived
+    key such as ``cat(a,b)`` is stored as its parts, which the runtime concatenates)."""
+    keys = {k for graphs in constants.values() for mapping in graphs.values() for k in mapping.values()}
+    parts = {p for k in keys for p in (k[4:-1].split(",") if k not in state and k.startswith("cat(") else [k])}
+    missing = sorted(parts - set(state))
+    if missing:
+        raise RuntimeError(f"graph constants map to {missing[:3]}, which are not checkpoint tensors")
+    save_file({k: state[k].detach().cpu().contiguous() for k in sorted(parts)}, str(path))
+    return path
+

@@ -1,8 +1,9 @@
 """``Pipeline``: vision -> stage A (once) -> stage B or the prefix cache, with the official sampler, batched.
 
 ``Pipeline.load("engines/")`` validates the manifest and opens one runner per graph of the
-chosen backend; ``generate(image, prompt)`` answers one request, ``generate_batch`` up to the
-engines' batch size together (one bucket, one generation setting; rows are independent, so
+chosen backend (per batch size of a ``--batch-sizes`` directory); ``generate(image, prompt)`` answers one
+request, ``generate_batch`` up to the engines' (largest) batch size together, on the smallest size that
+holds the batch (one bucket, one generation setting; rows are independent, so
 an answer does not depend on what else is in its batch). The runtime imports nothing from
 the exporter: the manifest, the bucket, the graph set and the layout are the contract.
 """
@@ -103,7 +104,7 @@ class Pipeline:
         external = (manifest.constants_from_checkpoint or {}).get(backend)
         if external and weights is None:
             weights = self._checkpoint_weights(weights_from, device)
-        self.runners: dict[str, Runner] = {}
+        self.runners: dict[str, Runner] = {}  # the largest batch size's graphs (sized_runners: every size's)
         self.compile_cache = "none"
         if (rel := (manifest.compile_cache or {}).get(backend)) and b.load_cache is not None:
             self.compile_cache = b.load_cache(root / rel, device)
@@ -117,10 +118,18 @@ class Pipeline:
                 if side.exists():
                     kw["constants"].update({k: v.to(device) for k, v in load_file(str(side)).items()})
             self.runners[name] = b.runner(root / rel, manifest.graphs[name], device, **kw)
+        self.batch_sizes = manifest.sizes  # ascending; several for a --batch-sizes directory
+        self.sized_runners = {n: {g: self.runners[k] for g, k in manifest.keys_at(n).items() if k in self.runners}
+                              for n in self.batch_sizes}
+        self.runners = self.sized_runners[self.bucket.batch_size]
 
     def _checkpoint_weights(self, weights_from: str | None, device: str) -> dict[str, torch.Tensor]:
-        """Compiled graphs (aoti, inductor) built without weights: load them once from the checkpoint."""
+        """Compiled graphs (aoti, inductor) built without weights: load them once from the engines' own
+        weights file (``manifest.weights_file``) unless ``weights_from`` is given, else from the checkpoint."""
         from ..checkpoint.loader import load_checkpoint
+
+        if self.manifest.weights_file is not None and weights_from is None:
+            return load_file(str(self.root / self.manifest.weights_file), device=device)
 
         src = Path(weights_from or self.manifest.source_checkpoint)
         if not src.is_dir():
@@ -192,6 +201,20 @@ class Pipeline:
     def run(self, graph: str, **feeds: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.runners[graph].run(feeds)
 
+    def batch_size_for(self, n: int) -> int:
+        """The engines' batch size that runs ``n`` requests: the smallest built size that holds them.
+        RequestError for more than the largest (a batch is never split: the caller sizes its batches)."""
+        fits = [b for b in self.batch_sizes if b >= n]
+        if not fits:
+            raise RequestError(f"{n} requests, but these engines take at most {self.bucket.batch_size} at once: "
+                               "re-export with a larger --batch-size (or --batch-sizes), or split the batch")
+        return fits[0]
+
+    def at_size(self, batch: int) -> "Pipeline | _AtSize":
+        """This pipeline with the graphs of batch size ``batch`` (one of :attr:`batch_sizes`): what a
+        denoiser of a batch of that size runs. The pipeline itself at the largest size."""
+        return self if batch == self.bucket.batch_size else _AtSize(self, batch)
+
     @torch.no_grad()
     def warmup(self) -> float:
         """Run every graph once on a blank request (each path's first steps, cached and not), so that
@@ -200,10 +223,10 @@ class Pipeline:
         t0 = time.perf_counter()
         blank = np.full((64, 64, 3), 128, dtype=np.uint8)  # fits every bucket
         g = self.bucket.gen_length
-        for unpruned in dict.fromkeys([not self.pruned, self.has_unpruned]):
+        for size, unpruned in ((n, u) for n in self.batch_sizes for u in dict.fromkeys([not self.pruned, self.has_unpruned])):
             for cache in dict.fromkeys([False, self.has_cache(unpruned)]):
-                x, _ = self._layout([Request(blank, "", system="")], g)
-                den = EngineDenoiser(self, x, unpruned=unpruned, cache=cache)
+                x, _ = self._layout([Request(blank, "", system="")], g, size)
+                den = EngineDenoiser(self.at_size(size), x, unpruned=unpruned, cache=cache)
                 ids = torch.full((x.batch, g), self.tokens.mask, dtype=torch.long, device=self.device)
                 for i in range(3):
                     info = _blank_step(x.batch, i, self.device)
@@ -260,12 +283,11 @@ class Pipeline:
         visual, t_vis = self.encode_image(request.image, pixels) if request.image is not None else (empty, 0.0)
         return RequestParts(text[: len(before)], visual, text[len(before):]), t_vis
 
-    def _layout(self, requests: list[Request], gen_length: int):
-        if len(requests) > self.bucket.batch_size:
-            raise RequestError(f"{len(requests)} requests, but these engines take at most {self.bucket.batch_size} "
-                               "at once: re-export with a larger --batch-size, or split the batch")
+    def _layout(self, requests: list[Request], gen_length: int, size: int | None = None):
+        """The requests in the bucket at batch size ``size`` (default: the smallest that holds them)."""
+        size = self.batch_size_for(len(requests)) if size is None else size
         parts, t_vis = zip(*(self.prepare(r, gen_length) for r in requests))
-        return layout_bucket(self.bucket, list(parts), gen_length), list(t_vis)
+        return layout_bucket(self.manifest.bucket_at(size), list(parts), gen_length), list(t_vis)
 
     # ------------------------------------------------------------------ generate
     def generation_config(self, *, gen_length: int | None = None, steps: int | None = None,
@@ -324,7 +346,8 @@ class Pipeline:
     def generate_batch(self, requests: list[Request], *, unpruned: bool = False,
                        on_step: Callable[[StepEvent], None] | None = None, config: GenerationConfig | None = None,
                        cancel: Callable[[], list[bool]] | None = None, **settings) -> list[GenerationResult]:
-        """Answer up to ``bucket.batch_size`` requests together, with one generation setting:
+        """Answer up to ``bucket.batch_size`` requests together, on the smallest built batch size that holds
+        them (``batch_size_for``; ``timings["engine_batch_size"]``), with one generation setting:
         ``settings`` as :meth:`generation_config` takes them, or the ``config`` it returned.
         ``requests``: :class:`Request` objects, ``(image, prompt)`` pairs or dicts of Request's fields.
         ``cancel``: called before each forward, one flag per request; a request flagged True stops
@@ -336,8 +359,9 @@ class Pipeline:
         requests = as_requests(requests)
         gen = config if config is not None else self.generation_config(unpruned=unpruned, **settings)
         use_full = unpruned or not self.pruned
-        x, t_vis = self._layout(requests, gen.gen_length)
-        den = EngineDenoiser(self, x, unpruned=use_full, cache=gen.cache)
+        size = self.batch_size_for(len(requests))
+        x, t_vis = self._layout(requests, gen.gen_length, size)
+        den = EngineDenoiser(self.at_size(size), x, unpruned=use_full, cache=gen.cache)
         t1 = time.perf_counter()
         gens = [torch.Generator(device=self.device).manual_seed(r.seed) for r in requests]
         gens += [None] * (x.batch - len(requests))
@@ -352,7 +376,7 @@ class Pipeline:
         for name, _ in done_calls:
             calls[name] = calls.get(name, 0) + 1
         timings = {"prepare": t1 - t0 - sum(t_vis), "total": t2 - t0, "denoise": t2 - t1,
-                   "sampler_overhead": (t2 - t1) - sum(st), "batch_size": len(requests),
+                   "sampler_overhead": (t2 - t1) - sum(st), "batch_size": len(requests), "engine_batch_size": size,
                    "sampler_step_graph": float(trace.step_graph)}
         for name in calls:
             timings[f"{name}_per_call"] = sum(s for n, s in done_calls if n == name) / calls[name]
@@ -402,6 +426,20 @@ def _as_request(r, i: int) -> Request:
             else f"a tuple of {len(r)}" if isinstance(r, tuple) else f"a {type(r).__name__}")
     raise RequestError(f"requests[{i}] is {what}: pass Request(image, prompt, system=..., seed=...), an "
                        f"(image, prompt) pair or a dict of Request's fields ({', '.join(names)})")
+
+
+class _AtSize:
+    """A pipeline seen at one of its smaller batch sizes: that size's bucket, graphs and ``run``; every
+    other attribute is the pipeline's own (read through, so settings made on it later hold here too)."""
+
+    def __init__(self, pipe: Pipeline, batch: int):
+        self._pipe, self.bucket, self.runners = pipe, pipe.manifest.bucket_at(batch), pipe.sized_runners[batch]
+
+    def __getattr__(self, name: str):
+        return getattr(self._pipe, name)
+
+    def run(self, graph: str, **feeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.runners[graph].run(feeds)
 
 
 def _blank_step(b: int, index: int, device) -> StepInfo:

@@ -1,0 +1,235 @@
+"""Several batch sizes in one engines directory (``llada-export --batch-sizes 1,2,4``): one copy of the
+weights, each batch on the smallest size that holds it, answers equal to single-size engines of that size
+and to the eager oracle, and a manifest whose sizes are as tamper-evident as the rest."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+
+import pytest
+
+from conftest import shared
+from helpers import export, random_image
+from llada_export.contract.manifest import MANIFEST, ManifestError, file_table
+from llada_export.contract.pruning import PruneSettings
+from llada_export.reference import reference_generate
+from llada_export.runtime.pipeline import Pipeline, Request, RequestError
+
+# a small bucket: 136 visual tokens (what warmup's blank image gives), 112 prompt tokens, 16 response tokens
+BUCKET = dict(image_size=(384, 384), gen_length=16, max_prompt_tokens=112)
+SIZES = (1, 2, 4)
+
+
+@pytest.fixture(scope="module")
+def multi(tiny_ckpt, tmp_path_factory):
+    """Pruned + cache graphs at batch sizes 1, 2 and 4, for ONNX Runtime and Inductor."""
+    return shared(tmp_path_factory, "batch_sizes_124", lambda out: export(
+        tiny_ckpt, out, cache=True, batch_sizes=SIZES, backends=("onnxruntime", "inductor"), **BUCKET))
+
+
+@pytest.fixture(scope="module")
+def single(tiny_ckpt, tmp_path_factory):
+    """One ONNX directory per batch size (no cache graphs: the cached path is checked against the oracle)."""
+    return {b: shared(tmp_path_factory, f"batch_size_{b}", lambda out, b=b: export(
+        tiny_ckpt, out, batch_size=b, **BUCKET)) for b in SIZES}
+
+
+@pytest.fixture(scope="module")
+def pipe(multi):
+    return Pipeline.load(multi, backend="onnxruntime")
+
+
+def requests() -> list[Request]:
+    """Four different requests (two image sizes, a text-only one) that fit the bucket."""
+    return [Request(random_image(380, 250, 1), "<image>\nWhat colour is it?"),
+            Request(random_image(384, 288, 9), "<image>\nWhat is here?"),
+            Request(None, "Name three colours."),
+            Request(random_image(300, 200, 3), "<image>\nWhat is here?", seed=5)]
+
+
+def test_one_copy_of_the_weights(multi, single):
+    """ONNX: one shared weights file, the size of a single-size directory's; the graph files hold no weights.
+    Inductor: one weights.safetensors, and the programs hold none (meta tensors mapped to it)."""
+    m = json.loads((multi / MANIFEST).read_text())
+    assert m["batch_sizes"] == [1, 2, 4] and m["bucket"]["batch_size"] == 4
+    weights = (multi / "onnx" / "weights.bin").stat().st_size
+    one = {b: (single[b] / "onnx" / "weights.bin").stat().st_size for b in SIZES}
+    # the decoder weights once (+ each size's few batch-shaped constants of >= 1 KiB and the cache graphs' tables)
+    assert one[4] <= weights < 1.1 * one[4] and one[1] > 0.95 * one[4]
+    onnx = sorted(p.name for p in (multi / "onnx").iterdir())
+    assert onnx == sorted(["weights.bin", "vision.onnx"] + [f"{g}{s}.onnx" for g in ("stage_a", "stage_b", "prefill", "cached")
+                                                            for s in ("", "@b1", "@b2")])
+    for p in (multi / "onnx").glob("*.onnx"):  # graph structure and small constants only
+        assert p.stat().st_size < weights / 4, p.name
+    assert m["weights_file"] == "weights.safetensors" and (multi / "weights.safetensors").stat().st_size <= weights * 1.05
+    for p in (multi / "programs").glob("*.pt2"):
+        with zipfile.ZipFile(p) as z:
+            held = sum(i.file_size for i in z.infolist() if "/data/weights/" in i.filename and not i.filename.endswith(".json"))
+        assert held < 1024, p.name  # meta tensors (0 bytes) and a tiny buffer or two
+    single_dir = sum(p.stat().st_size for p in single[4].rglob("*") if p.is_file())
+    onnx_dir = sum(p.stat().st_size for p in [multi / MANIFEST, multi / "onnx"] + list((multi / "onnx").iterdir())
+                   if p.is_file())
+    assert onnx_dir < 2.5 * single_dir  # 4 + 3 x 4 graphs of a few hundred KB beside one weights file
+
+
+def test_each_batch_runs_on_the_smallest_size_that_holds_it(pipe):
+    assert pipe.batch_sizes == [1, 2, 4]
+    assert [pipe.batch_size_for(n) for n in (1, 2, 3, 4)] == [1, 2, 4, 4]
+    with pytest.raises(RequestError, match="at most 4 at once: re-export with a larger --batch-size"):
+        pipe.batch_size_for(5)
+    with pytest.raises(RequestError, match="at most 4 at once"):
+        pipe.generate_batch(requests() + [Request(None, "hi")], preset="chartqa")
+    (r,) = pipe.generate_batch(requests()[:1], preset="chartqa")
+    assert r.timings["engine_batch_size"] == 1 and r.timings["batch_size"] == 1
+    assert r.graph_calls and set(r.graph_calls) <= {"stage_a", "stage_b", "prefill", "cached"}
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_rows_equal_single_size_engines_and_the_oracle(pipe, single, tiny, n):
+    model, tok, _ = tiny
+    reqs = requests()[:n]
+    size = pipe.batch_size_for(n)
+    alone = Pipeline.load(single[size])
+    got = pipe.generate_batch(reqs, preset="chartqa", cache=False)
+    want = alone.generate_batch(reqs, preset="chartqa")
+    assert {r.timings["engine_batch_size"] for r in got} == {size}
+    assert [r.ids for r in got] == [r.ids for r in want]
+    assert [r.kept_visual for r in got] == [r.kept_visual for r in want]
+    # the cached path (prefill + cached step at this size) against the eager cached oracle, row by row
+    cached = pipe.generate_batch(reqs, preset="chartqa", cache=True, refresh=4)
+    gen = pipe.generation_config(preset="chartqa", cache=True, refresh=4)
+    for r, c in zip(reqs, cached):
+        ref = reference_generate(model, tok, r.image, r.prompt, gen, PruneSettings(2, 0.5), seed=r.seed)
+        assert c.ids == ref.ids and c.kept_visual == ref.kept_visual
+    assert len({tuple(r.ids) for r in cached}) == n  # the rows did not mix
+
+
+def test_inductor_sizes_share_one_set_of_tensors(multi, pipe):
+    """The Inductor graphs (their own eager kernels: no compile time) load their weights once from the
+    directory's weights file, and answer as the ONNX graphs at each size."""
+    ind = Pipeline.load(multi, backend="inductor", runner_options={"compile": False}, warmup=False)
+    assert ind.batch_sizes == [1, 2, 4]
+    for n in (1, 3):
+        got = ind.generate_batch(requests()[:n], preset="chartqa")
+        want = pipe.generate_batch(requests()[:n], preset="chartqa")
+        assert [r.ids for r in got] == [r.ids for r in want] and got[0].timings["engine_batch_size"] == (1, 4)[n > 1]
+
+
+def test_warmup_runs_every_size(multi):
+    p = Pipeline.load(multi, backend="onnxruntime")
+    calls = []
+    for size, runners in p.sized_runners.items():
+        for name, r in runners.items():
+            run = r.run
+            r.run = lambda feeds, run=run, name=name, size=size: calls.append((size, name)) or run(feeds)
+    p.warmup()
+    assert {s for s, _ in calls} == {1, 2, 4}
+
+
+# ---------------------------------------------------------------------- tamper evidence across sizes
+@pytest.fixture
+def copy(multi, tmp_path):
+    dst = tmp_path / "engines"
+    shutil.copytree(multi, dst)
+    return dst
+
+
+def edit(root, fn, rehash: bool = False) -> None:
+    """Edit the manifest, then (as a careful forger would) rehash the file table and reseal its digest."""
+    from llada_export.contract.manifest import content_digest
+
+    path = root / MANIFEST
+    m = json.loads(path.read_text())
+    fn(m)
+    if rehash:
+        m["files"] = {k: {"sha256": f.sha256, "bytes": f.bytes}
+                      for k, f in file_table(root, [root / k for k in m["files"]]).items()}
+    m["content_sha256"] = content_digest(m)
+    path.write_text(json.dumps(m))
+
+
+def _swap(m, a, b):
+    m["artifacts"]["onnxruntime"][a], m["artifacts"]["onnxruntime"][b] = \
+        m["artifacts"]["onnxruntime"][b], m["artifacts"]["onnxruntime"][a]
+
+
+def _drop(m, key):
+    del m["graphs"][key]
+    for a in m["artifacts"].values():
+        a.pop(key, None)
+
+
+def _shape(m, key, batch):
+    for t in m["graphs"][key]["inputs"] + m["graphs"][key]["outputs"]:
+        if t["name"] != "kv_cache":
+            t["shape"][0] = batch
+
+
+EDITS = {
+    "sizes without their graphs": (lambda m: m.__setitem__("batch_sizes", [1, 2, 3, 4]), "at batch size 3 are"),
+    "sizes not ending at the bucket": (lambda m: m.__setitem__("batch_sizes", [1, 2]), "must ascend"),
+    "sizes out of order": (lambda m: m.__setitem__("batch_sizes", [2, 1, 4]), "must ascend"),
+    "a size of no graphs": (lambda m: m["graphs"].__setitem__("stage_b@b3", m["graphs"]["stage_b@b2"]),
+                            "batch size not in batch_sizes"),
+    "a size missing a graph": (lambda m: _drop(m, "cached@b1"), r"at batch size 1 are .*every size has the same"),
+    "vision per size": (lambda m: m["graphs"].__setitem__("vision@b2", m["graphs"]["vision"]), "built once"),
+    "a graph's I/O at another size": (lambda m: _shape(m, "stage_b@b2", 1), r"graph stage_b@b2: prefix_embeds \[1,"),
+    "graphs of two sizes swapped": (lambda m: _swap(m, "stage_b@b1", "stage_b@b2"), "a file of another graph"),
+    "the weights file": (lambda m: m.__setitem__("weights_file", "nowhere.safetensors"), "not in the file table"),
+    "sizes in a format-4 manifest": (lambda m: m.__setitem__("format_version", 4), "in a format-4 manifest"),
+}
+
+
+@pytest.mark.parametrize("name", list(EDITS))
+def test_edits_across_sizes_are_refused(copy, name):
+    fn, match = EDITS[name]
+    edit(copy, fn)
+    with pytest.raises(ManifestError, match=match):
+        Pipeline.load(copy, backend="onnxruntime", warmup=False)
+
+
+def test_a_graph_file_of_another_size_is_caught_in_the_file(copy):
+    """stage_b@b2.onnx replaced by the size-1 graph, the file table rehashed and the manifest resealed:
+    the graph's own input shapes give it away."""
+    shutil.copy(copy / "onnx" / "stage_b@b1.onnx", copy / "onnx" / "stage_b@b2.onnx")
+    edit(copy, lambda m: None, rehash=True)
+    with pytest.raises(ManifestError, match=r"stage_b@b2.onnx: its input is prefix_embeds \[1, "):
+        Pipeline.load(copy, backend="onnxruntime", warmup=False)
+
+
+def test_a_version_4_directory_of_one_size_still_loads(single, tmp_path):
+    """What llada-export wrote before --batch-sizes (format 4: no batch_sizes, no weights_file) loads
+    and answers as before."""
+    dst = tmp_path / "old"
+    shutil.copytree(single[2], dst)
+    edit(dst, lambda m: [m.pop("batch_sizes"), m.pop("weights_file"), m.__setitem__("format_version", 4)])
+    old, new = Pipeline.load(dst), Pipeline.load(single[2])
+    assert old.batch_sizes == [2] and old.manifest.format_version == 4
+    assert [r.ids for r in old.generate_batch(requests()[:2], preset="chartqa")] == \
+        [r.ids for r in new.generate_batch(requests()[:2], preset="chartqa")]
+    with pytest.raises(RequestError, match="at most 2 at once"):
+        old.generate_batch(requests()[:3], preset="chartqa")
+
+
+def test_cli_batch_size_and_batch_sizes(tiny_ckpt, tmp_path, capsys):
+    from llada_export.cli.export import main
+
+    for argv, match in ((["--batch-size", "2", "--batch-sizes", "1,2"], "not allowed with argument"),
+                        (["--batch-sizes", "1,x"], "comma-separated positive integers"),
+                        (["--batch-sizes", "2,2"], "without repeats")):
+        with pytest.raises(SystemExit) as e:
+            main(["--model", str(tiny_ckpt), "-o", str(tmp_path / "e"), *argv])
+        assert e.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_llada_compare_compares_one_size_and_says_which(multi, tiny_ckpt, tmp_path):
+    from llada_export.compare import run_compare
+
+    rep = run_compare(multi, tiny_ckpt, backends=["onnxruntime"], presets=("chartqa",), save_dir=tmp_path / "pg")
+    assert rep.passed, rep.to_dict()
+    (note,) = [n for n in rep.notes if "batch sizes 1, 2, 4" in n]
+    assert "compared at batch size 4 (the largest)" in note and "on batch size 1" in note
+    assert {g.graph for g in rep.graphs} == {"vision", "stage_a", "stage_b", "prefill", "cached"}
+    assert rep.agreement and all(a["engine_vs_reference_exact"] for a in rep.agreement)
