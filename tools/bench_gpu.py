@@ -14,6 +14,8 @@ Parts (each fits one device call):
 ``batch``  throughput of the pruned + cache path at several batch sizes (one engine set each),
            requests of distinct images, latency per request beside it; row 0's answer against
            B = 1's. ``--resume`` continues a run that a device call's time limit cut short.
+           ``--multi 1,2,4,8``: also one directory of those sizes (``llada-export --batch-sizes``)
+           and a lone request on it, against the batch-1 row's latency (``--batch-sizes`` holds 1).
 ``load``   (used by ``engines``) one load of an engines directory, its seconds as JSON.
 ``grid``   the eager PyTorch oracles (official algorithm vs LLaDA-FastV) over keep x K x image x
            preset, no engines (the H100 run of 2026-11-25).
@@ -407,6 +409,9 @@ def run_batch(args, save) -> dict:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     base = next((r for r in res["rows"] if r["batch_size"] == 1), None)
+    if args.multi:
+        res["multi"] = time_multi(args, model, tok, cfg, weights, pruned, cache, base)
+        save(res)
     for row in res["rows"]:
         row["speedup_vs_b1"] = row["tokens_per_s"] / base["tokens_per_s"] if base else None
         row["row0_same_as_b1"] = row["ids"][0] == base["ids"][0] if base else None
@@ -731,6 +736,27 @@ def plot_engines(res: dict, path: Path) -> None:
     save(fig, path)
 
 
+def time_multi(args, model, tok, cfg, weights, pruned: bool, cache: bool, base: dict | None) -> dict:
+    """A lone request on one directory of the ``--multi`` sizes (it runs the smallest size's graphs there)."""
+    from dataclasses import replace
+
+    from llada_export.exporter.build import export_engines
+    from llada_export.runtime.pipeline import Pipeline
+
+    out = Path(args.workdir) / "engines_multi"
+    opts = export_opts(args, out, pruned, cache, batch_size=max(args.multi), compile_cache=False)
+    export_engines(replace(opts, batch_sizes=tuple(args.multi)), loaded=(model, tok, cfg))
+    pipe = Pipeline.load(out, backend=args.backend, device=DEVICE, weights=weights, warmup=False,
+                         runner_options=None if args.compile else {"compile": False})
+    row = time_requests(pipe, request_images(*args.images[0], 1), args, args.presets[0], pruned, cache)
+    row.update(batch_sizes=pipe.batch_sizes, engine_batch_size=row["timings"]["engine_batch_size"],
+               vs_b1_engines=row["seconds"] / base["seconds"] if base else None,
+               same_answer_as_b1=row["ids"][0] == base["ids"][0] if base else None)
+    print("multi", json.dumps({k: v for k, v in row.items() if k != "ids"}), flush=True)
+    del pipe
+    return row
+
+
 def markdown_batch(res: dict) -> list[str]:
     st = res["setting"]
     lines = [f"Path {res['path']} ({'compiled' if res['compiled'] else 'eager kernels'} in CUDA graphs, "
@@ -758,6 +784,11 @@ def markdown_batch(res: dict) -> list[str]:
     if b8:
         lines += ["", f"Target (issue 14): B = 8 at >= 1.6x the tokens/s of B = 1: measured "
                   f"{b8['speedup_vs_b1']:.2f}x ({'met' if b8['speedup_vs_b1'] >= 1.6 else 'NOT met'})."]
+    if (m := res.get("multi")) and m.get("vs_b1_engines"):
+        lines += ["", f"A lone request on one directory of batch sizes {m['batch_sizes']} (it ran on batch size "
+                  f"{m['engine_batch_size']}): {m['seconds']:.3f} s, {m['vs_b1_engines']:.3f}x the batch-1 engines' "
+                  f"latency (target within 10%: {'met' if m['vs_b1_engines'] <= 1.1 else 'NOT met'}); same answer as "
+                  f"B = 1: {'yes' if m['same_answer_as_b1'] else 'no'}."]
     return lines
 
 
@@ -808,6 +839,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-warm-load", dest="warm_load", action="store_false", help="engines: skip the warm-load check")
     p.add_argument("--engines", help="load: the engines directory")
     p.add_argument("--workdir", default="/tmp/llada-bench", help="where the engines are written")
+    p.add_argument("--multi", default=None, metavar="N,N,...",
+                   help="batch: also a lone request on one directory of these batch sizes (llada-export --batch-sizes), "
+                        "against the batch-1 row's latency")
     p.add_argument("--resume", help="batch: an earlier run's bench_gpu_batch.json; its batch sizes are kept, not rerun")
     p.add_argument("--repeat", type=int, default=2, help="timed requests per preset and path (after one untimed)")
     p.add_argument("--no-eager", action="store_true", help="(unused; kept for old command lines)")
@@ -820,6 +854,7 @@ def main(argv=None) -> int:
     args.layers = [int(k) for k in args.layers.split(",")]
     args.paths = [q for q in (args.paths or ("pruned+cache" if args.part == "batch" else ",".join(PATHS))).split(",") if q]
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    args.multi = [int(b) for b in args.multi.split(",")] if args.multi else None
     bad = [q for q in args.paths if q not in PATHS]
     if bad:
         p.error(f"unknown path(s) {bad}; choose from {', '.join(PATHS)}")
