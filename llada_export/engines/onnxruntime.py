@@ -37,6 +37,8 @@ def write(ctx: WriteContext, graph: str, path: Path) -> list[Path]:
     import onnx
     import torch
 
+    from ..quant.fp8 import ONNX_TRANSLATIONS
+
     ep, io = ctx.programs[graph], ctx.io[graph]
     external = program_bytes(ep) >= ONNX_SINGLE_FILE_LIMIT
     # torch.onnx logs one warning per torchvision op it cannot register: noise for these graphs.
@@ -45,7 +47,8 @@ def write(ctx: WriteContext, graph: str, path: Path) -> list[Path]:
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(ep, (), str(path), dynamo=True, input_names=io.input_names, output_names=io.output_names,
-                          external_data=external, optimize=True, verbose=False)
+                          external_data=external, optimize=True, verbose=False,
+                          custom_translation_table=ONNX_TRANSLATIONS)  # FP8 linears -> Q/DQ + MatMul
     onnx.checker.check_model(str(path))  # path form: handles external data and > 2 GB
     weights = share_weights(ctx, path)
     onnx.checker.check_model(str(path))

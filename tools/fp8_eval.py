@@ -1,0 +1,123 @@
+"""FP8 weights against the unquantized model: ``vqa`` (the bundled demo model's accuracy on the VQA
+test split, fp8 vs the native dtype, eager, on --device) and ``logits`` (random full-size weights
+made on the GPU: per graph kind, the top-1 agreement and KL of fp8 logits against bf16).
+
+    python tools/fp8_eval.py vqa --device cuda --per-type 25 [--activations row|tensor]
+    python tools/fp8_eval.py logits --device cuda --preset full [--activations row|tensor]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llada_export.quant.fp8 import FP8Settings, quantized_copy  # noqa: E402
+
+
+def run_vqa(args) -> dict:
+    from llada_export import vqa_task
+    from llada_export.checkpoint.loader import load_checkpoint
+    from llada_export.demo import DEMO_MODEL
+    from llada_export.reference import reference_generate
+    from llada_export.sampler import GenerationConfig
+
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    model, tok, _ = load_checkpoint(args.model or DEMO_MODEL, dtype=dtype, device=torch.device(args.device))
+    q, rec = quantized_copy(model, FP8Settings(args.activations))
+    samples = vqa_task.balanced_split("test", args.per_type)
+    gen = GenerationConfig(args.gen_length, args.gen_length, args.gen_length)
+    out = {"device": args.device, "dtype": str(dtype), "activations": args.activations, "n": len(samples),
+           "quantized_linears": len(rec.quantized)}
+    for name, m in (("native", model), ("fp8", q)):
+        with torch.no_grad():
+            preds = [reference_generate(m, tok, s.image(), s.prompt, gen).text for s in samples]
+        out[name] = vqa_task.score(samples, preds)
+        out[f"{name}_predictions"] = preds
+    out["differ"] = [(s.prompt, a, b) for s, a, b in zip(samples, out["native_predictions"], out["fp8_predictions"])
+                     if a != b]
+    return out
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """[N, V] reference and fp8 logits: top-1 agreement, mean KL(ref || fp8), mean cosine."""
+    a, b = a.double(), b.double()
+    kl = torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    return {"top1": float((a.argmax(-1) == b.argmax(-1)).double().mean()), "kl_mean": float(kl.mean()),
+            "kl_max": float(kl.max()),
+            "cosine_mean": float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())}
+
+
+def run_logits(args) -> dict:
+    """Per graph kind on random full-size weights: the unpruned denoiser (stage B / unpruned graphs), the
+    pruned step 1 (stage A), and the cached step after a prefill; masked response, one random image."""
+    from llada_export.config import PRESETS
+    from llada_export.reference import ReferenceDenoiser, embed_prompt
+    from llada_export.contract.pruning import PruneSettings
+    from llada_export.synthetic.tokenizer import build_tokenizer
+    from llada_export.synthetic.weights import random_model
+    from llada_export.tokenizer import special_tokens
+    from PIL import Image
+    import numpy as np
+
+    cfg = PRESETS[args.preset]()  # as tools/bench_gpu.py builds it: random weights made on the device
+    tok = build_tokenizer("full" if args.preset == "full" else "tiny")
+    cfg.text.vocab_size = cfg.text.vocab_size or len(tok)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    cfg.torch_dtype = str(dtype).removeprefix("torch.")
+    model = random_model(cfg, args.device, dtype, args.seed)
+    q, rec = quantized_copy(model, FP8Settings(args.activations))
+    mask = special_tokens(tok).mask
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (args.height, args.width, 3), dtype=np.uint8))
+    ids = torch.full((1, args.gen_length), mask, device=args.device)
+    res = {"preset": args.preset, "device": args.device, "activations": args.activations,
+           "quantized_linears": len(rec.quantized), "graphs": {}}
+    kinds = {"unpruned / stage_b": dict(prune=None, cache=False),
+             "stage_a": dict(prune=PruneSettings(args.prune_layer, args.keep), cache=False),
+             "cached": dict(prune=None, cache=True)}
+    for kind, kw in kinds.items():
+        outs = []
+        for m in (model, q):
+            with torch.no_grad():
+                den = ReferenceDenoiser(m, embed_prompt(m, tok, img, args.prompt), mask, **kw)
+                logits = den(ids)
+                if kind == "cached":  # the first call is the prefill; the second a cached step
+                    logits = den(ids)
+            outs.append(logits[0].float().cpu())
+        res["graphs"][kind] = agreement(*outs)
+        print(kind, json.dumps(res["graphs"][kind]), flush=True)
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("part", choices=("vqa", "logits"))
+    p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--activations", choices=("row", "tensor"), default="row")
+    p.add_argument("--model", default=None, help="vqa: checkpoint (default: the bundled demo model)")
+    p.add_argument("--per-type", type=int, default=8, help="vqa: test questions per question type")
+    p.add_argument("--gen-length", type=int, default=32)
+    p.add_argument("--preset", default="full", help="logits: config preset of the random weights")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--height", type=int, default=768)
+    p.add_argument("--prompt", default="<image>\nDescribe the image in detail.")
+    p.add_argument("--prune-layer", type=int, default=16)
+    p.add_argument("--keep", type=float, default=0.35)
+    p.add_argument("--json", default=None, help="write the result here")
+    args = p.parse_args(argv)
+    res = run_vqa(args) if args.part == "vqa" else run_logits(args)
+    text = json.dumps(res, indent=1)
+    if args.json:
+        Path(args.json).write_text(text)
+    print(text if args.part == "logits" else json.dumps({k: v for k, v in res.items() if "predictions" not in k}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
