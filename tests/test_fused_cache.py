@@ -34,7 +34,8 @@ def test_fused_model_computes_the_eager_logits_and_shares_the_other_weights(tiny
         (lw, lkv), (fw, fkv) = lm.prefill(embeds, ids, pos), fused.prefill(embeds, ids, pos)
     torch.testing.assert_close(fkv, lkv, rtol=1e-5, atol=1e-5)
     a, b = lm.layers[0], fused.layers[0]
-    assert b.self_attn.o_proj is a.self_attn.o_proj and b.mlp.down_proj is a.mlp.down_proj and fused.lm_head is lm.lm_head
+    assert b.self_attn.o_proj is a.self_attn.o_proj and b.mlp.down_proj is a.mlp.down_proj
+    assert fused.lm_head is lm.lm_head
     assert not hasattr(b.self_attn, "q_proj") and "self_attn.q_proj.weight" in dict(a.named_parameters())
     # the checkpoint keys of a fused weight rebuild it
     state = dict(model.state_dict())
@@ -75,7 +76,7 @@ def test_in_place_cached_steps_equal_the_functional_ones(tiny, images):
     assert not torch.equal(buf[..., p + 8:, :], kv[..., p + 8:, :])  # the fresh slots were written
 
 
-# ---------------------------------------------------------------------- the engines: ONNX (functional) and Inductor (in place)
+# ---------------------------------------------------------------------- engines: ONNX (functional), Inductor (in place)
 @pytest.fixture(scope="module")
 def fused_engines(tiny_ckpt, tmp_path_factory):
     """ONNX Runtime + Inductor engines with the cache graphs, pruned (layer 2, keep 0.5) + unpruned,
@@ -102,7 +103,8 @@ def test_the_programs_hold_fused_weights_and_the_torch_cached_step_writes_its_ca
         assert not any(k.endswith(("q_proj.weight", "gate_proj.weight")) and not k.startswith("cat(") for k in keys)
     for graph in ("cached", "unpruned_cached"):  # the program writes its kv_cache input (and nothing else)
         ep = torch.export.load(str(fused_engines / "programs" / f"{graph}.pt2"))
-        writes = [n for n in ep.graph.nodes if isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable]
+        writes = [n for n in ep.graph.nodes
+                  if isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable]
         assert [n.target for n in writes] == [torch.ops.aten.index_put_.default] * 4, graph  # one per layer
         assert writes[0].args[0].name == "kv_cache" and all(b.args[0] is a for a, b in zip(writes, writes[1:]))
         assert not any(n.target == torch.ops.aten.cat.default and n.args[0][0].name.startswith("select")
@@ -114,7 +116,8 @@ CASES = [("onnxruntime", True, False), ("onnxruntime", True, True), ("inductor",
 
 
 @pytest.mark.parametrize("backend, compiled, unpruned", CASES,
-                         ids=[f"{b}-{'compiled' if c else 'eager'}-{'unpruned' if u else 'pruned'}" for b, c, u in CASES])
+                         ids=[f"{b}-{'compiled' if c else 'eager'}-{'unpruned' if u else 'pruned'}"
+                              for b, c, u in CASES])
 def test_cached_engines_match_the_eager_cached_reference_over_blocks(fused_engines, tiny, images, backend, compiled,
                                                                      unpruned):
     """Blocks of 8 of 32, refresh every 3 forwards (block_start advances between refreshes), and

@@ -8,6 +8,12 @@ cache is the prefill graph's output buffer: on CUDA-graph backends it stays on t
 is handed to the cached graph by reference, no copy per step. A batch whose rows disagree
 (one refreshes, another not) runs both graphs that step and keeps each row's own result, so
 a row's answer never depends on the other rows.
+
+On the torch backends the cached graph writes the fresh K/V of the current block into that
+buffer in place (``graphs.llada.cache_writer``). That reads what the concatenating form (ONNX,
+the eager reference) reads because a row's cache is refreshed at the first forward of each of
+its blocks (the sampler's ``refresh`` hint), so the slots before ``block_start`` that a cached
+step reads are always the last refresh's, never an earlier cached step's.
 """
 
 from __future__ import annotations
