@@ -51,6 +51,23 @@ import torch
 from .rules import GenerationError, check_number, check_refresh
 
 DEFAULT_REFRESH = 32  # forwards between cache refreshes within a block (the official demo's value)
+DEFAULT_FACTOR = 1.0  # the default parallel rule of Pipeline / llada-generate / llada-serve (README: "Defaults")
+
+
+def parallel_rule(factor: float | None, threshold: float | None, fixed_schedule: bool,
+                  remasking: str) -> tuple[float | None, float | None]:
+    """The product's default parallel decoding, from the task-v2 sweeps (README, "Defaults"): the factor
+    rule at ``DEFAULT_FACTOR`` unless a rule is named or ``fixed_schedule`` asks for the official fixed
+    schedule (steps / blocks tokens per forward). Random remasking has no confidence to rank by: it keeps
+    the fixed schedule. Returns (factor, threshold) for :class:`GenerationConfig`."""
+    if not isinstance(fixed_schedule, bool):
+        raise GenerationError(f"fixed_schedule must be true or false, got {fixed_schedule!r}")
+    if fixed_schedule and (factor is not None or threshold is not None):
+        raise GenerationError("fixed_schedule commits a fixed number of tokens per forward: leave factor and "
+                              "threshold out, or drop fixed_schedule to decode in parallel")
+    if factor is None and threshold is None and not fixed_schedule and remasking == "low_confidence":
+        return DEFAULT_FACTOR, None
+    return factor, threshold
 
 
 @dataclass(frozen=True)
@@ -114,10 +131,12 @@ class GenerationConfig:
 
     def to_dict(self) -> dict:
         """The settings as ``Pipeline.generate`` takes them back (refresh only with the cache; None
-        there is written "never", as llada-generate and the HTTP API spell it)."""
+        there is written "never", as llada-generate and the HTTP API spell it; ``fixed_schedule`` true
+        when no parallel rule ran, since Pipeline's default is the factor rule)."""
         d = dict(gen_length=self.gen_length, block_length=self.block_length, steps=self.steps,
                  temperature=self.temperature, remasking=self.remasking, cfg_scale=self.cfg_scale,
-                 factor=self.factor, threshold=self.threshold, cache=self.cache)
+                 factor=self.factor, threshold=self.threshold, fixed_schedule=self.parallel == "none",
+                 cache=self.cache)
         if self.cache:
             d["refresh"] = "never" if self.refresh is None else self.refresh
         return d

@@ -44,3 +44,10 @@ def load_tool(name: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def fixed(settings: dict) -> dict:
+    """Sampler settings with the official fixed schedule made explicit when they name no parallel rule
+    (Pipeline's default is the factor rule; the eager references default to the fixed schedule)."""
+    named = settings.get("factor") is not None or settings.get("threshold") is not None
+    return {**settings, **({} if named else {"fixed_schedule": True})}

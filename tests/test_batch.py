@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import PROMPTS, random_image
+from helpers import fixed, PROMPTS, random_image
 from llada_export.contract.manifest import Manifest
 from llada_export.contract.pruning import PruneSettings
 from llada_export.reference import reference_generate
@@ -41,10 +41,10 @@ SETTINGS = [dict(cache=False), dict(cache=True, refresh=4), dict(cache=True, fac
 def test_batch_equals_one_at_a_time_and_the_reference(pipe, tiny, images, settings, unpruned):
     model, tok, _ = tiny
     reqs = mixed_requests(images)
-    batched = pipe.generate_batch(reqs, preset="chartqa", unpruned=unpruned, **settings)
+    batched = pipe.generate_batch(reqs, preset="chartqa", unpruned=unpruned, **fixed(settings))
     for r, got in zip(reqs, batched):
-        alone = pipe.generate(r.image, r.prompt, preset="chartqa", unpruned=unpruned, **settings)
-        gen = pipe.generation_config(preset="chartqa", unpruned=unpruned, **settings)
+        alone = pipe.generate(r.image, r.prompt, preset="chartqa", unpruned=unpruned, **fixed(settings))
+        gen = pipe.generation_config(preset="chartqa", unpruned=unpruned, **fixed(settings))
         ref = reference_generate(model, tok, r.image, r.prompt, gen, None if unpruned else PruneSettings(2, 0.5))
         assert got.ids == alone.ids == ref.ids
         assert got.kept_visual == alone.kept_visual == (None if unpruned else ref.kept_visual)
@@ -55,19 +55,19 @@ def test_batch_equals_one_at_a_time_and_the_reference(pipe, tiny, images, settin
 def test_partial_batch_and_order(pipe, images):
     """Two requests on batch-3 engines (one dead row), in either order."""
     a, b, _ = mixed_requests(images)
-    ab = pipe.generate_batch([a, b], preset="chartqa")
-    ba = pipe.generate_batch([b, a], preset="chartqa")
+    ab = pipe.generate_batch([a, b], fixed_schedule=True, preset="chartqa")
+    ba = pipe.generate_batch([b, a], fixed_schedule=True, preset="chartqa")
     assert [r.ids for r in ab] == [r.ids for r in reversed(ba)]
     assert ab[0].timings["batch_size"] == 2
 
 
 def test_more_requests_than_the_batch_is_refused(pipe, images):
     with pytest.raises(RequestError, match="at most 3 at once"):
-        pipe.generate_batch(mixed_requests(images) + [Request(None, "hi")], preset="mc")
+        pipe.generate_batch(mixed_requests(images) + [Request(None, "hi")], fixed_schedule=True, preset="mc")
 
 
 def test_one_bad_request_names_itself_and_runs_nothing(pipe, images):
     reqs = mixed_requests(images)
     reqs[1] = Request(random_image(1024, 768, 1), "too big")
     with pytest.raises(RequestError, match="visual tokens"):
-        pipe.generate_batch(reqs, preset="mc")
+        pipe.generate_batch(reqs, fixed_schedule=True, preset="mc")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import PROMPTS, export, random_image
+from helpers import fixed, PROMPTS, export, random_image
 from llada_export.contract.pruning import PruneSettings
 from llada_export.reference import embed_prompt, reference_generate
 from llada_export.runtime.pipeline import Pipeline, RequestError
@@ -68,9 +68,9 @@ def test_cached_engines_match_the_eager_cached_reference(pipe, tiny, images, set
     model, tok, _ = tiny
     for img, prompt in (("380x250", "long"), ("384x384", "short")):  # two padded layouts of one bucket
         kw = dict(gen_length=16, block_length=16 // blocks, steps=16, cache=True, **settings)
-        gen = pipe.generation_config(unpruned=unpruned, **kw)
+        gen = pipe.generation_config(unpruned=unpruned, **fixed(kw))
         ref = reference_generate(model, tok, images[img], PROMPTS[prompt], gen, None if unpruned else PruneSettings(2, 0.5))
-        got = pipe.generate(images[img], PROMPTS[prompt], unpruned=unpruned, **kw)
+        got = pipe.generate(images[img], PROMPTS[prompt], unpruned=unpruned, **fixed(kw))
         assert got.ids == ref.ids, (img, prompt)
         assert got.kept_visual == (None if unpruned else ref.kept_visual)
         assert len(set(ref.ids)) > 2  # the random model's answer varies: the comparison could fail
@@ -84,8 +84,8 @@ def test_cached_engines_match_the_eager_cached_reference(pipe, tiny, images, set
 def test_refresh_one_equals_the_uncached_engines(pipe, images, unpruned):
     """Refreshing at every step recomputes everything: token for token the uncached engines."""
     for prompt in PROMPTS.values():
-        uncached = pipe.generate(images["380x250"], prompt, preset="chartqa", unpruned=unpruned, cache=False)
-        every = pipe.generate(images["380x250"], prompt, preset="chartqa", unpruned=unpruned, cache=True, refresh=1)
+        uncached = pipe.generate(images["380x250"], prompt, fixed_schedule=True, preset="chartqa", unpruned=unpruned, cache=False)
+        every = pipe.generate(images["380x250"], prompt, fixed_schedule=True, preset="chartqa", unpruned=unpruned, cache=True, refresh=1)
         assert every.ids == uncached.ids and every.kept_visual == uncached.kept_visual
         assert "cached" not in every.graph_calls and "unpruned_cached" not in every.graph_calls
 
@@ -96,8 +96,8 @@ def test_cache_changes_answers_somewhere_and_saves_forwards(pipe, images):
     diff = 0
     for img in images.values():
         for prompt in PROMPTS.values():
-            a = pipe.generate(img, prompt, preset="chartqa", cache=False)
-            b = pipe.generate(img, prompt, preset="chartqa", cache=True, refresh=None)
+            a = pipe.generate(img, prompt, fixed_schedule=True, preset="chartqa", cache=False)
+            b = pipe.generate(img, prompt, fixed_schedule=True, preset="chartqa", cache=True, refresh=None)
             diff += a.ids != b.ids
             assert b.graph_calls == {"stage_a": 1, "prefill": 1, "cached": b.forwards - 2}
     assert diff > 0
@@ -116,9 +116,9 @@ def test_trained_model_answers_stop_early(tmp_path):
     model, tok, _ = load_checkpoint(demo.DEMO_MODEL)
     for s in [vqa_task.sample("test", 40 + i, qtype=t) for i, t in enumerate(("colour", "count", "digit"))]:
         for kw in (dict(refresh=4), dict(factor=1.0), dict(threshold=0.9)):
-            gen = p.generation_config(gen_length=8, cache=True, **kw)
+            gen = p.generation_config(gen_length=8, cache=True, **fixed(kw))
             ref = reference_generate(model, tok, s.image(), s.prompt, gen, PruneSettings(demo.DEMO_PRUNE_LAYER, demo.DEMO_KEEP))
-            got = p.generate(s.image(), s.prompt, gen_length=8, cache=True, **kw)
+            got = p.generate(s.image(), s.prompt, gen_length=8, cache=True, **fixed(kw))
             assert got.ids == ref.ids and got.text.strip() == s.answer
             assert got.forwards < 8 and (got.forwards <= 3 or "refresh" in kw)
 
@@ -127,10 +127,10 @@ def test_trained_model_answers_stop_early(tmp_path):
 def test_engines_without_cache_graphs_refuse_cache(engines, images):
     p = Pipeline.load(engines)
     with pytest.raises(RequestError, match="re-export with --cache"):
-        p.generate(images["384x384"], PROMPTS["short"], preset="mc", cache=True)
+        p.generate(images["384x384"], PROMPTS["short"], fixed_schedule=True, preset="mc", cache=True)
     with pytest.raises(RequestError, match="refresh applies to the prefix cache"):
-        p.generate(images["384x384"], PROMPTS["short"], preset="mc", refresh=4)
-    assert p.generate(images["384x384"], PROMPTS["short"], preset="mc").graph_calls == {"stage_a": 1, "stage_b": 1}
+        p.generate(images["384x384"], PROMPTS["short"], fixed_schedule=True, preset="mc", refresh=4)
+    assert p.generate(images["384x384"], PROMPTS["short"], fixed_schedule=True, preset="mc").graph_calls == {"stage_a": 1, "stage_b": 1}
 
 
 @pytest.mark.parametrize("kw, err, msg", [
@@ -142,11 +142,11 @@ def test_engines_without_cache_graphs_refuse_cache(engines, images):
 ])
 def test_bad_combinations_are_clear(pipe, images, kw, err, msg):
     with pytest.raises(err, match=msg):
-        pipe.generate(images["384x384"], PROMPTS["short"], preset="mc", **kw)
+        pipe.generate(images["384x384"], PROMPTS["short"], preset="mc", **fixed(kw))
 
 
 def test_cache_defaults_on_when_the_engines_have_it(pipe, images):
-    r = pipe.generate(images["384x384"], PROMPTS["short"], preset="chartqa")
+    r = pipe.generate(images["384x384"], PROMPTS["short"], fixed_schedule=True, preset="chartqa")
     assert "cached" in r.graph_calls
 
 
@@ -157,7 +157,7 @@ def test_other_pruning_settings_with_the_cache(tiny_ckpt, tiny, tmp_path):
     model, tok, _ = tiny
     img = random_image(333, 222, 5)
     for kw in (dict(refresh=4), dict(factor=1.0)):
-        gen = p.generation_config(preset="chartqa", cache=True, **kw)
+        gen = p.generation_config(preset="chartqa", cache=True, **fixed(kw))
         ref = reference_generate(model, tok, img, PROMPTS["long"], gen, PruneSettings(1, 0.25, "last"))
-        got = p.generate(img, PROMPTS["long"], preset="chartqa", cache=True, **kw)
+        got = p.generate(img, PROMPTS["long"], preset="chartqa", cache=True, **fixed(kw))
         assert got.ids == ref.ids and got.kept_visual == ref.kept_visual

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 import json
 import os
 import re
@@ -70,7 +71,9 @@ def test_generate_plain_text_output(engines, tiny):
     r = _gen(engines, "--image", str(DEMO_IMAGE), "--prompt", "What is here?", "--preset", "chartqa")
     assert r.returncode == 0, r.stderr
     model, tok, _ = tiny
-    ref = reference_generate(model, tok, DEMO_IMAGE, "What is here?", preset("chartqa"), PruneSettings(2, 0.5))
+    # the CLI's default sampler: the factor rule at 1 (README, "Defaults")
+    ref = reference_generate(model, tok, DEMO_IMAGE, "What is here?", replace(preset("chartqa"), factor=1.0),
+                             PruneSettings(2, 0.5))
     assert r.stdout == ref.text.rstrip("\ufffd") + "\n"  # the answer alone (a partial last character cut)
     # and how long it took, one line on stderr
     assert re.fullmatch(rf"llada-generate: {len(ref.ids)} tokens \((stop|length)\) in [0-9.]+ s: vision [0-9.]+ s, "

@@ -324,7 +324,7 @@ def test_aoti_weights_from_checkpoint(tiny, tiny_ckpt, tmp_path, images):
     pipe = Pipeline.load(out)
     model, tok, _ = tiny
     ref = reference_generate(model, tok, images["384x384"], PROMPTS["long"], preset("mc"), PruneSettings(1, 0.35))
-    got = pipe.generate(images["384x384"], PROMPTS["long"], preset="mc")
+    got = pipe.generate(images["384x384"], PROMPTS["long"], fixed_schedule=True, preset="mc")
     assert got.ids == ref.ids and got.kept_visual == ref.kept_visual
 
     x = pipe._layout([Request(images["384x384"], PROMPTS["long"])], 8)[0]
@@ -382,7 +382,7 @@ def test_inductor_programs_from_checkpoint(tiny, tiny_ckpt, tmp_path, images):
     for name in ("short", "long"):
         gen = preset("mc", gen_length=8, block_length=8, steps=8)
         ref = reference_generate(model, tok, images["384x384"], PROMPTS[name], gen, PruneSettings(1, 0.35))
-        got = pipe.generate(images["384x384"], PROMPTS[name], gen_length=8, block_length=8, steps=8)
+        got = pipe.generate(images["384x384"], PROMPTS[name], fixed_schedule=True, gen_length=8, block_length=8, steps=8)
         assert got.ids == ref.ids and got.kept_visual == ref.kept_visual
 
 
@@ -527,7 +527,7 @@ def test_no_prune_engines_match_the_eager_unpruned_oracle(tiny, unpruned_all, im
     assert not pipe.pruned and "stage_a" not in pipe.runners
     for image, prompt in ((images["380x250"], PROMPTS["long"]), (None, "What is two plus two?")):
         ref = reference_generate(model, tok, image, prompt, preset("mc", **GEN8), prune=None)
-        got = pipe.generate(image, prompt, preset="mc", **GEN8)
+        got = pipe.generate(image, prompt, fixed_schedule=True, preset="mc", **GEN8)
         assert got.ids == ref.ids and got.kept_visual is None
 
 
@@ -562,7 +562,7 @@ def test_auto_switch_to_checkpoint_weights(tiny, tiny_ckpt, unpruned_all, aoti_e
     head = pipe._weights_model.lm_head.weight
     model, tok, _ = tiny
     ref = reference_generate(model, tok, images["384x384"], PROMPTS["short"], preset("mc", **GEN8), prune=None)
-    assert pipe.generate(images["384x384"], PROMPTS["short"], preset="mc", **GEN8).ids == ref.ids  # aoti's
+    assert pipe.generate(images["384x384"], PROMPTS["short"], fixed_schedule=True, preset="mc", **GEN8).ids == ref.ids  # aoti's
     with torch.no_grad():  # the aoti graphs compute with those very tensors: doubling lm_head doubles the logits
         x = pipe._layout([Request(images["384x384"], PROMPTS["short"])], 8)[0]
         feeds = x.denoiser_feeds(torch.full((1, 8), pipe.tokens.mask))
@@ -608,7 +608,7 @@ def test_score_from_text_through_the_fx_pass(tiny, text_scored, images):
     assert torch.equal(got["kept_index"][got["kept_alive"]], oracle["text"][1][oracle["text"][2]])
     ref = reference_generate(model, tok, images["384x384"], PROMPTS["long"], preset("mc", **GEN8),
                              PruneSettings(PRUNE_LAYER, KEEP, "text"))
-    res = pipe.generate(images["384x384"], PROMPTS["long"], preset="mc", **GEN8)
+    res = pipe.generate(images["384x384"], PROMPTS["long"], fixed_schedule=True, preset="mc", **GEN8)
     assert res.ids == ref.ids and res.kept_visual == ref.kept_visual
 
 

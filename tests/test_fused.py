@@ -38,9 +38,9 @@ def test_fused_pipeline_matches_reference_tokens(tiny, fused_engines, images, im
     model, tok, _ = tiny
     pipe = Pipeline.load(fused_engines)
     for unpruned, prune in ((False, PruneSettings(2, 0.5)), (True, None)):
-        gen = pipe.generation_config(preset="chartqa", cache=cache, unpruned=unpruned, **({"refresh": 4} if cache else {}))
+        gen = pipe.generation_config(preset="chartqa", cache=cache, unpruned=unpruned, fixed_schedule=True, **({"refresh": 4} if cache else {}))
         ref = reference_generate(model, tok, images[image], PROMPTS["long"], gen, prune)
-        got = pipe.generate(images[image], PROMPTS["long"], preset="chartqa", unpruned=unpruned, cache=cache,
+        got = pipe.generate(images[image], PROMPTS["long"], fixed_schedule=True, preset="chartqa", unpruned=unpruned, cache=cache,
                             **({"refresh": 4} if cache else {}))
         assert got.ids == ref.ids
         assert len(set(ref.ids)) > 2
@@ -49,4 +49,4 @@ def test_fused_pipeline_matches_reference_tokens(tiny, fused_engines, images, im
 def test_fused_engines_refuse_sampling(fused_engines, images):
     pipe = Pipeline.load(fused_engines)
     with pytest.raises(GenerationError, match="--fuse-sampler"):
-        pipe.generate(images["384x384"], PROMPTS["short"], preset="mc", temperature=0.7)
+        pipe.generate(images["384x384"], PROMPTS["short"], fixed_schedule=True, preset="mc", temperature=0.7)

@@ -56,8 +56,8 @@ def run_case(pipe, tiny, images):
         if key not in cache:
             image, text, gen = images[img], PROMPTS[prompt], preset(p)
             cache[key] = dict(
-                pruned=pipe.generate(image, text, preset=p),
-                unpruned=pipe.generate(image, text, preset=p, unpruned=True),
+                pruned=pipe.generate(image, text, fixed_schedule=True, preset=p),
+                unpruned=pipe.generate(image, text, fixed_schedule=True, preset=p, unpruned=True),
                 ref_pruned=reference_generate(model, tok, image, text, gen, prune=PruneSettings(PRUNE_LAYER, KEEP)),
                 ref_unpruned=reference_generate(model, tok, image, text, gen, prune=None),
             )
@@ -123,8 +123,8 @@ def test_text_only_request(pipe, tiny):
     model, tok, _ = tiny
     text = "Name three colours."
     ref = reference_generate(model, tok, None, text, preset("chartqa"), prune=None)
-    got = pipe.generate(None, text, preset="chartqa")
-    full = pipe.generate(None, text, preset="chartqa", unpruned=True)
+    got = pipe.generate(None, text, fixed_schedule=True, preset="chartqa")
+    full = pipe.generate(None, text, fixed_schedule=True, preset="chartqa", unpruned=True)
     assert got.n_visual == 0 and got.kept_visual == []
     assert got.ids == ref.ids
     assert full.ids == ref.ids
@@ -134,27 +134,27 @@ def test_text_only_request(pipe, tiny):
 def test_prompt_longer_than_bucket(pipe, images):
     long_prompt = "<image>\n" + " ".join(f"word{i}" for i in range(400))
     with pytest.raises(RequestError, match="--max-prompt-tokens"):
-        pipe.generate(images["384x384"], long_prompt, preset="mc")
+        pipe.generate(images["384x384"], long_prompt, fixed_schedule=True, preset="mc")
 
 
 def test_image_with_too_many_visual_tokens(pipe):
     with pytest.raises(RequestError, match="--image-size") as e:
-        pipe.generate(random_image(1024, 768, 3), PROMPTS["short"], preset="mc")
+        pipe.generate(random_image(1024, 768, 3), PROMPTS["short"], fixed_schedule=True, preset="mc")
     assert str(pipe.bucket.max_visual_tokens) in str(e.value)
 
 
 def test_gen_length_larger_than_built(pipe, images):
     g = pipe.bucket.gen_length * 2
     with pytest.raises(RequestError, match="--gen-length"):
-        pipe.generate(images["384x384"], PROMPTS["short"], gen_length=g)
+        pipe.generate(images["384x384"], PROMPTS["short"], fixed_schedule=True, gen_length=g)
     with pytest.raises(RequestError, match="--gen-length"):
-        pipe.generate(images["384x384"], PROMPTS["short"], preset="demo", gen_length=g, block_length=g, steps=g)
+        pipe.generate(images["384x384"], PROMPTS["short"], fixed_schedule=True, preset="demo", gen_length=g, block_length=g, steps=g)
 
 
 def test_image_without_marker_goes_first(pipe, images):
     """As the official evaluation writes it: "<image>\n" + question."""
-    plain = pipe.generate(images["384x384"], "What is here?", preset="chartqa")
-    marked = pipe.generate(images["384x384"], "<image>\nWhat is here?", preset="chartqa")
+    plain = pipe.generate(images["384x384"], "What is here?", fixed_schedule=True, preset="chartqa")
+    marked = pipe.generate(images["384x384"], "<image>\nWhat is here?", fixed_schedule=True, preset="chartqa")
     assert plain.ids == marked.ids and plain.kept_visual == marked.kept_visual
     b1, _ = encode_prompt(pipe.tokenizer, "What is here?", has_image=True)
     b2, _ = encode_prompt(pipe.tokenizer, "<image>\nWhat is here?", has_image=True)
@@ -163,12 +163,12 @@ def test_image_without_marker_goes_first(pipe, images):
 
 def test_two_markers_are_refused(pipe, images):
     with pytest.raises(PromptError, match="2 <image> markers"):
-        pipe.generate(images["384x384"], "<image> and <image>", preset="mc")
+        pipe.generate(images["384x384"], "<image> and <image>", fixed_schedule=True, preset="mc")
 
 
 def test_marker_without_image(pipe):
     with pytest.raises(PromptError, match="no image"):
-        pipe.generate(None, PROMPTS["short"], preset="mc")
+        pipe.generate(None, PROMPTS["short"], fixed_schedule=True, preset="mc")
 
 
 # ---------------------------------------------------------------------- keep = 1.0
@@ -185,7 +185,7 @@ def test_keep_all_matches_unpruned_reference(keep_all_engines, tiny, images, img
     model, tok, _ = tiny
     pipe = Pipeline.load(keep_all_engines, backend="onnxruntime")
     assert pipe.pruned and pipe.keep == 1.0 and not pipe.has_unpruned
-    got = pipe.generate(images[img], PROMPTS[prompt], preset="chartqa")
+    got = pipe.generate(images[img], PROMPTS[prompt], fixed_schedule=True, preset="chartqa")
     ref = reference_generate(model, tok, images[img], PROMPTS[prompt], preset("chartqa"), prune=None)
     assert got.ids == ref.ids
     start = len(encode_prompt(tok, PROMPTS[prompt], has_image=True)[0])
@@ -195,7 +195,7 @@ def test_keep_all_matches_unpruned_reference(keep_all_engines, tiny, images, img
 def test_unpruned_request_without_baseline_graph(keep_all_engines, images):
     pipe = Pipeline.load(keep_all_engines, backend="onnxruntime")
     with pytest.raises(RequestError, match="--baseline"):
-        pipe.generate(images["384x384"], PROMPTS["short"], preset="chartqa", unpruned=True)
+        pipe.generate(images["384x384"], PROMPTS["short"], fixed_schedule=True, preset="chartqa", unpruned=True)
 
 
 AOTI_CASES = [("mc", "380x250", "short"), ("chartqa", "384x384", "long"), ("demo", "380x250", "long")]
@@ -208,7 +208,7 @@ def test_aoti_pipeline_matches_pruned_reference(aoti_engines, tiny, images, p, i
     pipe = Pipeline.load(aoti_engines)
     assert pipe.backend == "aoti"
     ref = reference_generate(model, tok, images[img], PROMPTS[prompt], preset(p), PruneSettings(1, 0.35))
-    got = pipe.generate(images[img], PROMPTS[prompt], preset=p)
+    got = pipe.generate(images[img], PROMPTS[prompt], fixed_schedule=True, preset=p)
     assert got.ids == ref.ids
     assert got.kept_visual == ref.kept_visual
 
@@ -236,7 +236,7 @@ def test_seeded_sampling_in_a_batch_is_each_request_alone_and_the_reference(cach
         assert got.ids == alone.ids == ref.ids, r.seed
         assert got.kept_visual == ref.kept_visual
     assert batch[0].ids != batch[2].ids  # same request, another seed: another answer
-    greedy = cache_pipe.generate(images["380x250"], PROMPTS["long"], gen_length=16, block_length=8, steps=16)
+    greedy = cache_pipe.generate(images["380x250"], PROMPTS["long"], fixed_schedule=True, gen_length=16, block_length=8, steps=16)
     assert greedy.ids != batch[0].ids  # the temperature is used
 
 
@@ -247,14 +247,14 @@ def test_random_remasking_matches_the_reference(pipe, tiny, images, unpruned):
     prune = None if unpruned else PruneSettings(PRUNE_LAYER, KEEP)
     answers = {}
     for seed in (4, 5):
-        got = pipe.generate(images["384x384"], PROMPTS["long"], preset="chartqa", remasking="random", seed=seed,
+        got = pipe.generate(images["384x384"], PROMPTS["long"], fixed_schedule=True, preset="chartqa", remasking="random", seed=seed,
                             unpruned=unpruned)
         ref = reference_generate(model, tok, images["384x384"], PROMPTS["long"], replace(gen, remasking="random"),
                                  prune, seed=seed)
         assert got.ids == ref.ids and got.kept_visual == ref.kept_visual
         assert got.settings["remasking"] == "random" and got.settings["seed"] == seed
         answers[seed] = got.ids
-    again = pipe.generate(images["384x384"], PROMPTS["long"], preset="chartqa", remasking="random", seed=4,
+    again = pipe.generate(images["384x384"], PROMPTS["long"], fixed_schedule=True, preset="chartqa", remasking="random", seed=4,
                           unpruned=unpruned)
     assert again.ids == answers[4] and answers[4] != answers[5]
 
@@ -265,9 +265,9 @@ def test_cfg_runs_the_unconditional_forward_as_the_reference(pipe, tiny, images,
     model, tok, _ = tiny
     gen = replace(preset("chartqa"), cfg_scale=1.5)
     prune = None if unpruned else PruneSettings(PRUNE_LAYER, KEEP)
-    got = pipe.generate(images["380x250"], PROMPTS["long"], preset="chartqa", cfg_scale=1.5, unpruned=unpruned)
+    got = pipe.generate(images["380x250"], PROMPTS["long"], fixed_schedule=True, preset="chartqa", cfg_scale=1.5, unpruned=unpruned)
     ref = reference_generate(model, tok, images["380x250"], PROMPTS["long"], gen, prune)
-    plain = pipe.generate(images["380x250"], PROMPTS["long"], preset="chartqa", unpruned=unpruned)
+    plain = pipe.generate(images["380x250"], PROMPTS["long"], fixed_schedule=True, preset="chartqa", unpruned=unpruned)
     assert got.ids == ref.ids and got.kept_visual == ref.kept_visual
     assert got.ids != plain.ids  # guidance changed the answer: the comparison above could fail
     assert sum(got.graph_calls.values()) == 2 * got.forwards == len(ref.calls)  # two forwards a step
@@ -279,7 +279,7 @@ def test_system_prompt_and_on_step(pipe, tiny, images):
     model, tok, _ = tiny
     system = "Answer in one word."
     events = []
-    got = pipe.generate(images["384x384"], PROMPTS["short"], preset="chartqa", system=system, on_step=events.append)
+    got = pipe.generate(images["384x384"], PROMPTS["short"], fixed_schedule=True, preset="chartqa", system=system, on_step=events.append)
     ref = reference_generate(model, tok, images["384x384"], PROMPTS["short"], preset("chartqa"),
                              PruneSettings(PRUNE_LAYER, KEEP), system=system)
     default = reference_generate(model, tok, images["384x384"], PROMPTS["short"], preset("chartqa"),
@@ -307,20 +307,21 @@ def test_result_records_the_settings_that_reproduce_it(pipe, images):
                       threshold=0.2, system="Be brief.")
     d = json.loads(json.dumps(r.to_dict()))  # as a JSON reader gets it
     assert d["settings"] == dict(gen_length=16, block_length=16, steps=16, temperature=0.7,
-                                 remasking="low_confidence", cfg_scale=0.0, factor=None, threshold=0.2, cache=False,
+                                 remasking="low_confidence", cfg_scale=0.0, factor=None, threshold=0.2, fixed_schedule=False,
+                                 cache=False,
                                  seed=11, system="Be brief.", unpruned=False)
     assert d["pruning"] == {"layer": PRUNE_LAYER, "keep": KEEP, "score_from": "response"}
     assert pipe.generate(images["380x250"], PROMPTS["long"], **d["settings"]).ids == r.ids
     other = pipe.generate(images["380x250"], PROMPTS["long"], **{**d["settings"], "seed": 12})
     assert other.ids != r.ids  # the seed is part of what reproduces it
-    full = pipe.generate(images["380x250"], PROMPTS["long"], preset="mc", unpruned=True)
+    full = pipe.generate(images["380x250"], PROMPTS["long"], fixed_schedule=True, preset="mc", unpruned=True)
     assert full.pruning is None and full.settings["unpruned"] is True
 
 
 @pytest.mark.parametrize("img, prompt, reason", [("380x250", "long", "stop"), ("384x384", "short", "length")])
 def test_finish_reason(pipe, tok_eot, images, img, prompt, reason):
     events = []
-    r = pipe.generate(images[img], PROMPTS[prompt], preset="chartqa", on_step=events.append)
+    r = pipe.generate(images[img], PROMPTS[prompt], fixed_schedule=True, preset="chartqa", on_step=events.append)
     reached_eot = tok_eot in events[-1].ids[0].tolist()  # the response before the answer is cut
     assert reached_eot == (reason == "stop") and r.finish_reason == reason
     assert r.to_dict()["finish_reason"] == reason
@@ -336,7 +337,7 @@ def test_answer_never_ends_in_a_partial_utf8_sequence(pipe, tiny, images):
     U+FFFD; the answer ends before that character's bytes."""
     model, tok, _ = tiny
     q = "What colour is it?"
-    r = pipe.generate(images["384x384"], q, preset="chartqa")
+    r = pipe.generate(images["384x384"], q, fixed_schedule=True, preset="chartqa")
     ref = reference_generate(model, tok, images["384x384"], q, preset("chartqa"), PruneSettings(PRUNE_LAYER, KEEP))
     assert r.ids == ref.ids
     raw = tok.decode(r.ids, skip_special_tokens=True)
@@ -391,19 +392,19 @@ def test_bad_inputs_are_refused_by_name(pipe, images, tmp_path, kw, err, msg):
 ])
 def test_generate_batch_refuses_what_is_not_a_request(pipe, requests, msg):
     with pytest.raises(RequestError, match=msg):
-        pipe.generate_batch(requests, preset="mc")
+        pipe.generate_batch(requests, fixed_schedule=True, preset="mc")
 
 
 def test_a_bad_request_of_a_batch_is_named(cache_pipe, images):
     reqs = [Request(images["384x384"], "What is here?"), Request(images["384x384"], "What?", seed=-2)]
     with pytest.raises(GenerationError, match=r"^requests\[1\]: seed must be from 0"):
-        cache_pipe.generate_batch(reqs, preset="mc")
+        cache_pipe.generate_batch(reqs, fixed_schedule=True, preset="mc")
 
 
 def test_generate_batch_takes_pairs_and_dicts(pipe, images):
-    one = pipe.generate(images["384x384"], "What is here?", preset="mc", seed=3)
-    pair, = pipe.generate_batch([(images["384x384"], "What is here?")], preset="mc")
-    mapping, = pipe.generate_batch([{"image": images["384x384"], "prompt": "What is here?", "seed": 3}], preset="mc")
+    one = pipe.generate(images["384x384"], "What is here?", fixed_schedule=True, preset="mc", seed=3)
+    pair, = pipe.generate_batch([(images["384x384"], "What is here?")], fixed_schedule=True, preset="mc")
+    mapping, = pipe.generate_batch([{"image": images["384x384"], "prompt": "What is here?", "seed": 3}], fixed_schedule=True, preset="mc")
     assert pair.ids == mapping.ids == one.ids and mapping.settings["seed"] == 3
 
 
@@ -416,14 +417,14 @@ def test_load_refuses_bad_thread_counts(engines, threads):
 def test_cfg_with_the_cache_says_how_to_turn_it_off(cache_pipe, images):
     """The cache engines use their cache by default; guidance needs the full forward."""
     with pytest.raises(GenerationError, match=r"turn the cache off \(llada-generate --no-cache; cache=False"):
-        cache_pipe.generate(images["380x250"], PROMPTS["long"], gen_length=16, cfg_scale=1.0)
+        cache_pipe.generate(images["380x250"], PROMPTS["long"], fixed_schedule=True, gen_length=16, cfg_scale=1.0)
 
 
 def test_refresh_never_as_the_cli_and_http_spell_it(cache_pipe, tiny, images):
     model, tok, _ = tiny
-    never = cache_pipe.generate(images["380x250"], PROMPTS["long"], gen_length=16, block_length=4, steps=16,
+    never = cache_pipe.generate(images["380x250"], PROMPTS["long"], fixed_schedule=True, gen_length=16, block_length=4, steps=16,
                                 refresh="never")
-    gen = cache_pipe.generation_config(gen_length=16, block_length=4, steps=16, refresh=None)
+    gen = cache_pipe.generation_config(gen_length=16, block_length=4, steps=16, refresh=None, fixed_schedule=True)
     ref = reference_generate(model, tok, images["380x250"], PROMPTS["long"], gen, PruneSettings(PRUNE_LAYER, KEEP))
     assert never.ids == ref.ids and never.settings["refresh"] == "never"
     # stage A at step 1, the cache filled at step 2, then refreshed only at the 3 other blocks' starts

@@ -155,7 +155,7 @@ def bench_one(engines: Path, image, args) -> dict:
     pipe = Pipeline.load(engines, backend="onnxruntime")
 
     def run(unpruned: bool):
-        return pipe.generate(image, args.prompt, preset=args.gen_preset, unpruned=unpruned)
+        return pipe.generate(image, args.prompt, preset=args.gen_preset, unpruned=unpruned, fixed_schedule=True)
 
     for _ in range(args.warmup):
         run(False)

@@ -181,7 +181,9 @@ def export_opts(args, out: Path, pruned: bool, cache: bool, batch_size: int = 1,
 
 
 def settings_of(args, cache: bool) -> dict:
-    return dict(cache=True, refresh=args.refresh, factor=args.factor) if cache else dict(cache=False)
+    if not cache:  # the exact path: no cache, the official fixed schedule
+        return dict(cache=False, fixed_schedule=True)
+    return dict(cache=True, refresh=args.refresh, factor=args.factor, fixed_schedule=args.factor is None)
 
 
 def time_requests(pipe, images, args, preset: str, pruned: bool, cache: bool) -> dict:

@@ -36,8 +36,8 @@ RULES = ["none", "factor 1", "factor 0.5", "threshold 0.95", "threshold 0.9", "t
 
 
 def rule_kwargs(rule: str) -> dict:
-    if rule == "none":
-        return {}
+    if rule == "none":  # the official fixed schedule (Pipeline's default is the factor rule)
+        return {"fixed_schedule": True}
     name, value = rule.split()
     return {name: float(value)}
 

@@ -248,6 +248,8 @@ def gen_kwargs(s: dict) -> dict:
     if s["rule"] != "none":
         name, value = s["rule"].split()
         kw[name] = float(value)
+    else:  # Pipeline's default is the factor rule: "none" is the official fixed schedule
+        kw["fixed_schedule"] = True
     return kw
 
 

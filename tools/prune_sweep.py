@@ -67,7 +67,7 @@ def evaluate(pipe: Pipeline, samples, images, gen: GenerationConfig, unpruned: b
     t0 = time.perf_counter()
     for s, img in zip(samples, images):
         r = pipe.generate(img, s.prompt, gen_length=gen.gen_length, block_length=gen.block_length, steps=gen.steps,
-                          unpruned=unpruned)
+                          unpruned=unpruned, fixed_schedule=True)
         preds.append(r.text)
         hits.append(r.text.strip() == s.answer)
         steps.append(r.forwards)

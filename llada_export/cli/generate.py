@@ -81,7 +81,11 @@ def add_decoding_flags(p: argparse.ArgumentParser) -> None:
     r = g.add_mutually_exclusive_group()
     r.add_argument("--factor", type=setting_number("factor", low=0.0, low_open=True), metavar="F",
                    help="parallel decoding, the official LLaDA-V Fast-dLLM hook's rule (its demo's threshold=1 "
-                   "is --factor 1): commit the top k, k the first rank with confidence < 1 - F/(k+2)")
+                   "is --factor 1): commit the top k, k the first rank with confidence < 1 - F/(k+2) "
+                   "(default: --factor 1, unless --threshold or --fixed-schedule)")
+    r.add_argument("--fixed-schedule", action="store_true",
+                   help="no parallel decoding: the official fixed schedule, steps / blocks tokens per forward "
+                   "(the exact reference; slower)")
     r.add_argument("--threshold", type=setting_number("threshold", low=0.0, high=1.0, low_open=True), metavar="T",
                    help="parallel decoding, Fast-dLLM's threshold rule: commit every masked token of the block "
                    "with confidence >= T (at least one)")
@@ -89,7 +93,7 @@ def add_decoding_flags(p: argparse.ArgumentParser) -> None:
 
 def decoding_settings(args: argparse.Namespace) -> dict:
     return dict(cache=args.cache, refresh=getattr(args, "refresh", "default"), factor=args.factor,
-                threshold=args.threshold)
+                threshold=args.threshold, fixed_schedule=args.fixed_schedule)
 
 
 LOCAL_ONLY = ("backend", "device", "weights", "compare_unpruned")
@@ -103,6 +107,7 @@ def ask_server(args: argparse.Namespace) -> int:
     fields = dict(max_tokens=args.gen_length, steps=args.steps, block_length=args.block_length, preset=args.preset,
                   temperature=args.temperature, remasking=args.remasking, cfg_scale=args.cfg_scale, seed=args.seed,
                   cache=args.cache, factor=args.factor, threshold=args.threshold,
+                  **({"fixed_schedule": True} if args.fixed_schedule else {}),
                   **({} if refresh == "default" else {"refresh": "never" if refresh is None else refresh}))
     if args.stream:
         for piece in Client(args.server).chat_stream(args.prompt, args.image, **fields):

@@ -26,8 +26,10 @@ from ..contract.layout import RequestError, RequestParts, check_counts, check_fi
 from ..contract.manifest import Manifest, ManifestError
 from ..device import parse_device
 from ..engines.registry import Runner, check_artifacts, get_backend, load_builtin, pick_backend
+from ..graphs.fused import resolve_weight
 from ..graphs.anyres import ImageError, assemble, image_size, preprocess, visual_token_count
 from ..sampler import DEFAULT_REFRESH, GenerationConfig, GenerationError, SamplerTrace, StepEvent, StepInfo, generate
+from ..sampler import parallel_rule
 from ..sampler import preset as get_preset
 from ..tokenizer import DEFAULT_SYSTEM_PROMPT, decode_answer, encode_prompt, load_tokenizer
 from .denoiser import EngineDenoiser
@@ -113,7 +115,7 @@ class Pipeline:
         for name, rel in tqdm(graphs.items(), desc=f"load {backend}", unit="graph", disable=not b.cuda_graphs):
             kw = {"cuda_graph": cuda_graphs, **(runner_options or {})}
             if external:
-                kw["constants"] = {fqn: weights[key] for fqn, key in external[name].items()}
+                kw["constants"] = {fqn: resolve_weight(weights, key) for fqn, key in external[name].items()}
                 side = (root / rel).with_suffix(".constants.safetensors")
                 if side.exists():
                     kw["constants"].update({k: v.to(device) for k, v in load_file(str(side)).items()})
@@ -294,11 +296,16 @@ class Pipeline:
                           block_length: int | None = None, temperature: float = 0.0,
                           remasking: str = "low_confidence", cfg_scale: float = 0.0, preset: str | None = None,
                           factor: float | None = None, threshold: float | None = None, cache: bool | None = None,
-                          refresh: int | None | str = "default", unpruned: bool = False) -> GenerationConfig:
+                          refresh: int | None | str = "default", unpruned: bool = False,
+                          fixed_schedule: bool = False) -> GenerationConfig:
         """The sampler settings of a request, checked against what these engines can serve.
         ``cache`` None: the prefix cache when the engines have its graphs. ``refresh``: forwards
-        between cache refreshes within a block (None or "never": only at block starts). Every value is
-        checked by the rule of :mod:`.inputs` (finite numbers in range; GenerationError naming the field)."""
+        between cache refreshes within a block (None or "never": only at block starts). Parallel
+        decoding: ``factor`` or ``threshold`` names a rule; with neither, the factor rule at
+        ``sampler.DEFAULT_FACTOR`` (1, the official demo's) unless ``fixed_schedule`` asks for the
+        official fixed schedule (steps / blocks tokens per forward; random remasking always uses it).
+        Every value is checked by the rule of :mod:`.inputs` (finite numbers in range; GenerationError
+        naming the field)."""
         if unpruned and self.pruned and not self.has_unpruned:
             raise RequestError(f"{self.root} has no unpruned graph; export with --baseline or --no-prune")
         has_cache = self.has_cache(unpruned)
@@ -310,6 +317,7 @@ class Pipeline:
         use_cache = has_cache if cache is None else cache
         if refresh != "default" and not use_cache:
             raise RequestError("refresh applies to the prefix cache only; use it with cache=True (--cache)")
+        factor, threshold = parallel_rule(factor, threshold, fixed_schedule, remasking)
         kw = dict(temperature=temperature, remasking=remasking, cfg_scale=cfg_scale, factor=factor,
                   threshold=threshold, cache=use_cache,
                   refresh=DEFAULT_REFRESH if refresh == "default" else check_refresh(refresh))

@@ -12,7 +12,8 @@ its generation settings, and a pipeline result -> a chat completion.
                   {"role": "user", "content": "And its shape?"}],
      "temperature": 0, "seed": 0, "stop": ["\n"], "stream": false,
      "steps": 16, "block_length": 16, "preset": "chartqa", "cache": true, "refresh": 32,
-     "factor": 1.0, "threshold": 0.9, "remasking": "low_confidence", "unpruned": false}
+     "factor": 1.0, "threshold": 0.9, "fixed_schedule": false, "remasking": "low_confidence",
+     "unpruned": false}
 
 The conversation is rendered with the official chat template, message by message, and answered after
 its last message (the user's). At most one image (a ``data:`` URL: the server fetches nothing), in the
@@ -21,7 +22,9 @@ first). Without an image the question is text only. ``max_tokens`` (or ``max_com
 the response length (the sampler's gen length), at most the engines' (default: theirs, or the
 preset's); ``stop``: up to 4 strings, the answer cut before the first (finish_reason "stop");
 ``stream``: server-sent chunks of the answer's committed prefix (see :mod:`.app`). The fields after
-``stream`` are this server's sampler settings (see ``llada-generate --help``).
+``stream`` are this server's sampler settings (see ``llada-generate --help``): with none of ``factor``,
+``threshold`` and ``fixed_schedule: true``, the factor rule at 1 decodes in parallel (the default of
+``Pipeline`` and ``llada-generate`` too); null for any of them is "left out".
 
 Every other field of the official client is accepted at the value(s) this model honours
 (:data:`NEUTRAL`: ``n`` 1, ``top_p`` 1, ``presence_penalty`` / ``frequency_penalty`` 0, ``logprobs``
@@ -49,8 +52,8 @@ from dataclasses import dataclass, field
 from ..tokenizer import IMAGE_TOKEN
 
 # sampler settings a request may carry, beyond the OpenAI fields; value checks are the pipeline's
-SAMPLER_FIELDS = ("steps", "block_length", "preset", "cache", "refresh", "factor", "threshold", "remasking",
-                  "cfg_scale", "unpruned")
+SAMPLER_FIELDS = ("steps", "block_length", "preset", "cache", "refresh", "factor", "threshold", "fixed_schedule",
+                  "remasking", "cfg_scale", "unpruned")
 # every field of the official client's chat.completions.create (openai 3.63), honoured or checked below
 OPENAI_FIELDS = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "seed", "n", "stream",
                  "stream_options", "stop", "user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
@@ -183,6 +186,8 @@ def parse_chat(body: object, max_image_bytes: int = MAX_IMAGE_BYTES) -> ChatRequ
             settings[k] = body[k]
     if "cache" in body:
         settings["cache"] = _bool(body["cache"], "cache")
+    if body.get("fixed_schedule") is not None:  # true: no parallel rule (the default is the factor rule)
+        settings["fixed_schedule"] = _bool(body["fixed_schedule"], "fixed_schedule")
     if "refresh" in body:
         r = body["refresh"]
         settings["refresh"] = None if r in (None, "never") else _int(r, "refresh", low=1)
