@@ -109,8 +109,9 @@ def test_tiny_random_model_fp8_generations_listed(tiny, capsys):
 
 @pytest.fixture(scope="module")
 def fp8_engines(tiny_ckpt, tmp_path_factory):
-    """FP8 ONNX Runtime engines of the tiny checkpoint: pruned + cache graphs, G = 16."""
-    return export(tiny_ckpt, tmp_path_factory.mktemp("fp8") / "engines", cache=True, gen_length=16, weights="fp8")
+    """FP8 engines of the tiny checkpoint, ONNX Runtime and Inductor (one export): pruned + cache graphs, G = 16."""
+    return export(tiny_ckpt, tmp_path_factory.mktemp("fp8") / "engines", cache=True, gen_length=16, weights="fp8",
+                  backends=("onnxruntime", "inductor"))
 
 
 def test_fp8_onnx_graphs_hold_the_tensorrt_qdq_pattern(fp8_engines):
@@ -138,7 +139,7 @@ def test_fp8_onnx_engines_run_on_the_cpu_like_the_eager_fp8_model(fp8_engines, t
     from llada_export.contract.manifest import Manifest
     from llada_export.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(fp8_engines)
+    pipe = Pipeline.load(fp8_engines, backend="onnxruntime")
     image = random_image(384, 384, 2)
     res = pipe.generate(image, PROMPTS["short"], gen_length=16, block_length=16, steps=16, cache=True)
     assert len(res.ids) == 16
@@ -166,3 +167,65 @@ def test_fp8_refusals(tiny_ckpt, tmp_path):
         export(tiny_ckpt, tmp_path / "y", weights="fp8", backends=("aoti",))
     with pytest.raises(ExportError, match="leaves no linear"):
         export(tiny_ckpt, tmp_path / "z", weights="fp8", fp8=FP8Settings("row", ("*",)))
+
+
+@pytest.mark.skipif(not __import__("llada_export.quant.fp8", fromlist=["x"]).CPU_SCALED_MM,
+                    reason="this torch has no CPU torch._scaled_mm for e4m3")
+@pytest.mark.parametrize("per_row", [True, False])
+def test_cpu_emulation_gives_torch_scaled_mm_numbers(per_row):
+    """The CPU path emulates; torch's own CPU ``_scaled_mm`` on the same e4m3 operands agrees."""
+    from llada_export.quant.fp8 import activation_scale, quantize_weight
+
+    torch.manual_seed(1)
+    lin, x = nn.Linear(64, 32, bias=False), torch.randn(9, 64)
+    w8, sw = quantize_weight(lin.weight)
+    s = activation_scale(x, per_row)
+    x8 = (x / s).clamp(-448, 448).to(E4M3)
+    want = torch._scaled_mm(x8, w8.t(), scale_a=s, scale_b=sw.reshape(1, -1), out_dtype=torch.float32)
+    got = FP8Linear(lin, per_row)(x)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_row", [True, False])
+def test_fp8_linear_through_onnx_runtime_and_inductor(per_row, tmp_path):
+    """One FP8 linear (rank-3 input, bias) exported: ONNX Runtime's CPU provider runs its Q/DQ graph and
+    Inductor compiles its program, both giving the eager op's numbers (same e4m3 values)."""
+    import onnxruntime as ort
+
+    from llada_export.quant.fp8 import ONNX_TRANSLATIONS
+
+    torch.manual_seed(2)
+    mod = FP8Linear(nn.Linear(64, 48), per_row).eval()
+    x = torch.randn(2, 5, 64) * torch.logspace(-1, 1, 5)[None, :, None]
+    want = mod(x)
+    ep = torch.export.export(mod, (x,))
+    assert any(n.target is torch.ops.llada_fp8.linear.default for n in ep.graph.nodes)
+    path = tmp_path / "fp8.onnx"
+    torch.onnx.export(ep, (), str(path), dynamo=True, custom_translation_table=ONNX_TRANSLATIONS, verbose=False)
+    onnx.checker.check_model(str(path), full_check=True)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert abs(got - want.detach().numpy()).max() <= 1e-5 * want.abs().max().item()
+    compiled = torch.compile(ep.module(), fullgraph=True)
+    assert torch.allclose(compiled(x), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_fp8_inductor_engines_load_and_follow_the_eager_fp8_model(fp8_engines, tiny):
+    """Inductor engines (the torch.export programs holding ``llada_fp8::linear``) load through
+    ``Pipeline.load`` and, run as programs (compile off: seconds on the CPU; the op's compiled form is
+    checked above), answer as the eager FP8 model with the same pruning and cache."""
+    from llada_export.contract.manifest import Manifest
+    from llada_export.reference import reference_generate
+    from llada_export.runtime.pipeline import Pipeline
+    from llada_export.sampler import GenerationConfig
+
+    m = Manifest.read(fp8_engines)
+    pipe = Pipeline.load(fp8_engines, backend="inductor", runner_options={"compile": False})
+    image = random_image(384, 384, 2)
+    res = pipe.generate(image, PROMPTS["short"], gen_length=16, block_length=16, steps=16, cache=True)
+    q, _ = quantized_copy(tiny[0], FP8Settings())
+    ref = reference_generate(q, tiny[1], image, PROMPTS["short"], GenerationConfig(16, 16, 16, cache=True),
+                             prune=m.pruning)
+    same = sum(a == b for a, b in zip(res.ids, ref.ids)) / 16
+    print(f"inductor fp8 engines vs eager fp8: {same:.0%} tokens equal")
+    assert res.ids == ref.ids

@@ -5,9 +5,9 @@ One custom op, ``llada_fp8::linear``, carries the whole quantized product throug
 ``torch.export``, so each backend lowers it its own way:
 
 - eager and Inductor (the op is CompositeImplicitAutograd, so ``torch.compile`` traces into it
-  and fuses the activation quantization): ``torch._scaled_mm`` where this torch and device run
-  it (CUDA sm89+ with bf16 output, recent torch on the CPU), else an exact emulation
-  (e4m3 values times their scales, then a matmul in the activation dtype's accumulator);
+  and fuses the activation quantization): ``torch._scaled_mm`` on CUDA sm89+ with bf16
+  activations, else an exact emulation (the e4m3 values times their scales, then a matmul: the
+  same numbers up to accumulation order; on the CPU, whose ``_scaled_mm`` does the same slower);
 - ONNX (``ONNX_TRANSLATIONS`` for ``torch.onnx.export(custom_translation_table=...)``):
   FLOAT8E4M3FN weight initializers behind a ``DequantizeLinear`` per output channel
   (axis 0), and the activation as ``QuantizeLinear`` -> ``DequantizeLinear`` with the scale
@@ -89,11 +89,14 @@ CPU_SCALED_MM = _cpu_scaled_mm()
 
 
 def uses_scaled_mm(device: torch.device, dtype: torch.dtype, k: int, n: int) -> bool:
-    """Whether the op runs ``torch._scaled_mm`` for these operands (else the exact emulation)."""
-    if device.type == "cuda":  # row-wise scaled GEMMs: sm89+, bf16 output, dims in multiples of 16
+    """Whether the op runs ``torch._scaled_mm`` for these operands, else the exact emulation. CUDA:
+    row-wise scaled GEMMs need sm89+, bf16 output and dims in multiples of 16. The CPU has no FP8
+    units: its ``_scaled_mm`` (where this torch has one, ``CPU_SCALED_MM``) upcasts and gives the
+    emulation's numbers 3x slower (measured, torch 2.13), so the CPU emulates."""
+    if device.type == "cuda":
         return (dtype == torch.bfloat16 and k % 16 == 0 and n % 16 == 0
                 and torch.cuda.get_device_capability(device) >= (8, 9))
-    return device.type == "cpu" and CPU_SCALED_MM
+    return False
 
 
 def _linear(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
