@@ -203,18 +203,29 @@ class ServeCancellation:
         assert "".join(pieces) == direct(6)
         wait_for("the cancelled counter", lambda: metric(server, "llada_cancelled") >= before + 1)
 
-    def test_a_stream_ended_by_a_stop_string_stops_computing(self, server, direct):
-        """A stream whose stop string comes in the first of two blocks (block_length 8, one token a forward:
-        16 forwards for the full answer): its text is the answer cut there, it is counted as stopped, and
-        its lone row's batch ends before 16 forwards."""
+    def test_a_stop_string_stops_computing(self, server, direct):
+        """A plain request and then a stream whose stop string comes in the first of two blocks
+        (block_length 8, one token a forward: 16 forwards for the full answer): each answer is the full
+        one cut there (finish_reason "stop"), each is counted as stopped, and each lone row's batch ends
+        before 16 forwards."""
         from test_serve import openai_client, openai_user
 
         client = openai_client(server)
         full = direct(6, block_length=8, **SLOW)  # "2 shapes: ..."
+        ask = dict(model="demo", messages=[{"role": "user", "content": openai_user(6)}], max_tokens=16, stop=":",
+                   extra_body={"block_length": 8, **SLOW})
         before, logged = metric(server, "llada_stopped"), len(batch_logs(server))
-        pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
-            model="demo", messages=[{"role": "user", "content": openai_user(6)}], max_tokens=16, stream=True,
-            stop=":", extra_body={"block_length": 8, **SLOW}) if c.choices]
-        assert "".join(pieces) == full[: full.index(":")]
+        plain = client.chat.completions.create(**ask)
+        assert plain.choices[0].message.content == full[: full.index(":")]
+        assert plain.choices[0].finish_reason == plain.model_extra["llada"]["finish_reason"] == "stop"
+        assert plain.model_extra["llada"]["forwards"] < 16
         wait_for("a batch that stopped early", lambda: stopped_early(server, logged, 16), 20)
-        wait_for("the stopped counter", lambda: metric(server, "llada_stopped") >= before + 1)
+        logged = len(batch_logs(server))
+        pieces, finish = [], []
+        for c in client.chat.completions.create(stream=True, **ask):
+            if c.choices:
+                pieces.append(c.choices[0].delta.content or "")
+                finish.append(c.choices[0].finish_reason)
+        assert "".join(pieces) == full[: full.index(":")] and finish[-1] == "stop"
+        wait_for("a batch that stopped early", lambda: stopped_early(server, logged, 16), 20)
+        wait_for("the stopped counter", lambda: metric(server, "llada_stopped") >= before + 2)

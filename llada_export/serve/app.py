@@ -23,16 +23,17 @@ A streaming request (``stream: true``) joins the same batch queues as a plain on
 per-step callback hands each streaming row's committed prefix (the answer's longest prefix with no
 mask left: it grows as the sampler fills it from the left, block by block with block_length <
 gen_length) to its caller's event stream, which sends the new text as a chunk; only batches with a
-streaming row read the ids back each step.
+streaming row (or a stop string) read the ids back each step.
 
 A caller that disconnects (plain or streaming) is cancelled: Serve cancels a plain request's
 handler, a stream's generator is closed; either sets its row's cancel flag, which the sampler reads
 before each forward. A cancelled row stops committing (and no longer asks the cached step for a
 refresh); the batch goes on for the others, and ends at the next step once none is left. A row
-cancelled before its batch starts is left out of it. A stream whose ``stop`` string has come stops
-its row the same way. A batch keeps the graph batch size it started at, so a cancelled row's slot is
-computed (and ignored) until its batch ends; the engine then takes the next batch. Each replica counts them:
-``cancelled`` (callers that hung up) and ``stopped`` (streams ended by a stop string), in GET
+cancelled before its batch starts is left out of it. A request with a ``stop`` string (streamed or
+plain: its committed prefix is then read each step) stops its row the same way once the stop string
+has come. A batch keeps the graph batch size it started at, so a cancelled row's slot is computed
+(and ignored) until its batch ends; the engine then takes the next batch. Each replica counts them:
+``cancelled`` (callers that hung up) and ``stopped`` (answers ended by a stop string), in GET
 /health and as the Prometheus counters ``llada_cancelled`` / ``llada_stopped`` next to Ray Serve's
 metrics (batch sizes, queue lengths, latencies) at the node's metrics port.
 """
@@ -116,6 +117,9 @@ class LLaDAServer:
         if row.cancelled.is_set():
             return
         row.cancelled.set()
+        self._count(why, message)
+
+    def _count(self, why: str, message: str | None = None) -> None:
         self.counts[why] += 1
         if self.counters:
             self.counters[why].inc()
@@ -168,6 +172,8 @@ class LLaDAServer:
         if chat.stream:
             return self._stream(chat, request, gen, prompt_tokens, t0)
         row = Row(request)
+        if chat.stop:  # the row stops once a stop string is in its committed prefix (the answer up to it is final)
+            row.push = _stop_watch(TextStream(self._decode, chat.stop), row.cancelled)
         try:
             await self._engine_idle()
             result, batch = await self._batcher(gen, chat.unpruned)(row)
@@ -177,6 +183,9 @@ class LLaDAServer:
             raise
         except Exception as e:  # the engines failed on a batch: every caller in it hears why
             raise APIError(f"generation failed: {type(e).__name__}: {e}", status=500, type="server_error") from e
+        if result.finish_reason == "cancelled":  # by its stop string, which the committed prefix holds
+            self._count("stopped")
+            result.finish_reason = "stop"
         answer = answer_with_stop(self._decode, result.ids, result.text, chat.stop) if chat.stop else None
         return completion(self.options.name, result, prompt_tokens, gen.gen_length, self._extra(batch, gen, t0),
                           answer)
@@ -407,6 +416,17 @@ class Row:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
+def _stop_watch(text: TextStream, flag: threading.Event):
+    """A plain request's ``push`` (on the engine thread): its committed prefixes into ``text``; ``flag`` set
+    once a stop string has come."""
+    def push(ids: list[int]) -> None:
+        text.feed(ids)
+        if text.stopped:
+            flag.set()
+
+    return push
+
+
 def _counters() -> dict:
     """The replica's Prometheus counters of rows stopped early (empty outside a Serve replica)."""
     try:
@@ -414,7 +434,7 @@ def _counters() -> dict:
 
         return {"cancelled": Counter("llada_cancelled", "requests whose caller hung up before the answer; their "
                                      "rows stopped computing"),
-                "stopped": Counter("llada_stopped", "streams ended by a stop string; their rows stopped computing")}
+                "stopped": Counter("llada_stopped", "answers ended by a stop string; their rows stopped computing")}
     except Exception:  # noqa: BLE001 - no Ray metrics here: /health still counts
         return {}
 
