@@ -109,9 +109,10 @@ def test_tiny_random_model_fp8_generations_listed(tiny, capsys):
 
 @pytest.fixture(scope="module")
 def fp8_engines(tiny_ckpt, tmp_path_factory):
-    """FP8 engines of the tiny checkpoint, ONNX Runtime and Inductor (one export): pruned + cache graphs, G = 16."""
+    """FP8 engines of the tiny checkpoint, ONNX Runtime and Inductor (one export): pruned + cache graphs, G = 16;
+    the inductor graphs' weights left out as for a full-size model (``compiled_weights="checkpoint"``)."""
     return export(tiny_ckpt, tmp_path_factory.mktemp("fp8") / "engines", cache=True, gen_length=16, weights="fp8",
-                  backends=("onnxruntime", "inductor"))
+                  backends=("onnxruntime", "inductor"), compiled_weights="checkpoint")
 
 
 def test_fp8_onnx_graphs_hold_the_tensorrt_qdq_pattern(fp8_engines):
@@ -220,6 +221,10 @@ def test_fp8_inductor_engines_load_and_follow_the_eager_fp8_model(fp8_engines, t
     from llada_export.sampler import GenerationConfig
 
     m = Manifest.read(fp8_engines)
+    # the e4m3 tensors are in no checkpoint: they went, once, into the directory's weights file
+    assert m.weights_file is not None
+    mapped = {k for g in m.constants_from_checkpoint["inductor"].values() for k in g.values()}
+    assert any(k.endswith("qkv_proj.weight_fp8") or k.endswith("q_proj.weight_fp8") for k in mapped)
     pipe = Pipeline.load(fp8_engines, backend="inductor", runner_options={"compile": False})
     image = random_image(384, 384, 2)
     res = pipe.generate(image, PROMPTS["short"], gen_length=16, block_length=16, steps=16, cache=True)

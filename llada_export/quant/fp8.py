@@ -152,6 +152,12 @@ class FP8Record:
     settings: FP8Settings
     quantized: list[str] = field(default_factory=list)  # module names now FP8Linear
     skipped: list[str] = field(default_factory=list)  # nn.Linear names a skip pattern kept
+    modules: dict[str, FP8Linear] = field(default_factory=dict, repr=False)  # name -> the FP8Linear
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The e4m3 weights and their scales by ``<linear name>.weight_fp8`` / ``.weight_scale``."""
+        return {f"{n}.{k}": t for n, m in self.modules.items() for k, t in
+                (("weight_fp8", m.weight_fp8), ("weight_scale", m.weight_scale))}
 
     def to_dict(self) -> dict:
         return {"weights": "fp8", "format": "float8_e4m3fn", "weight_scales": "per_output_channel",
@@ -190,6 +196,7 @@ def quantize_linears(root: nn.Module, record: FP8Record, name_of=lambda n: n, ex
         parent, _, attr = name.rpartition(".")
         setattr(root.get_submodule(parent) if parent else root, attr, memo[id(lin)])
         record.quantized.append(full)
+        record.modules[full] = memo[id(lin)]
     return record
 
 
