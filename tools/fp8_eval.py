@@ -4,6 +4,12 @@ made on the GPU: per graph kind, the top-1 agreement and KL of fp8 logits agains
 
     python tools/fp8_eval.py vqa --device cuda --per-type 25 [--activations row|tensor]
     python tools/fp8_eval.py logits --device cuda --preset full [--activations row|tensor]
+    python tools/fp8_eval.py time --preset full [--presets demo,chartqa]   # on a GPU
+
+``time``: the engines of tools/bench_gpu.py (pruned + cache, inductor, fused sampler, random weights
+made on the device) exported native (bf16 on CUDA) and with ``--weights fp8`` per-row and per-tensor,
+one after another; each graph alone from its CUDA graph (bench_gpu's ``graph_times``: stage A,
+prefill, cached step) and whole requests per preset (``time_requests``).
 """
 
 from __future__ import annotations
@@ -94,9 +100,49 @@ def run_logits(args) -> dict:
     return res
 
 
+def run_time(args) -> dict:
+    import dataclasses
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", Path(__file__).with_name("bench_gpu.py"))
+    bench = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(Path(__file__).parent))
+    spec.loader.exec_module(bench)
+    from llada_export.exporter.build import export_engines
+    from llada_export.runtime.pipeline import Pipeline
+    from llada_export.timing import matmul_peak
+
+    w, h = args.width, args.height
+    ns = argparse.Namespace(images=[(w, h)], layers=[args.prune_layer], keeps=[args.keep], gen_length=args.gen_length,
+                            max_prompt_tokens=64, backend="inductor", prompt=args.prompt,
+                            system="You are a helpful language and vision assistant.", refresh=32, factor=1.0,
+                            repeat=2, preset=args.preset, seed=args.seed)
+    model, cfg, tok = bench.build_model(args.preset, args.seed)
+    peak, image = matmul_peak(), bench.request_images(w, h, 1)
+    res = {"preset": args.preset, "device": bench.DEVICE, "variants": {}}
+    variants = {"native": {}, "fp8-row": {"weights": "fp8", "fp8": FP8Settings("row")},
+                "fp8-tensor": {"weights": "fp8", "fp8": FP8Settings("tensor")}}
+    for name, change in variants.items():
+        out = Path(args.workdir) / f"engines_{name}"
+        opts = dataclasses.replace(bench.export_opts(ns, out, True, True, compile_cache=False), **change)
+        export_engines(opts, loaded=(model, tok, cfg))
+        weights = None if change else dict(model.state_dict())  # fp8: the directory's weights file
+        pipe = Pipeline.load(out, backend="inductor", device=bench.DEVICE, weights=weights)
+        row = {"graphs": bench.graph_times(pipe, image[0], ns, peak), "requests": {}}
+        for preset in args.presets.split(","):
+            row["requests"][preset] = bench.time_requests(pipe, image, ns, preset, True, True)
+        res["variants"][name] = row
+        print(name, json.dumps(row), flush=True)
+        del pipe
+        shutil.rmtree(out, ignore_errors=True)
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return res
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=("vqa", "logits"))
+    p.add_argument("part", choices=("vqa", "logits", "time"))
     p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 on cuda, fp32 on cpu)")
     p.add_argument("--activations", choices=("row", "tensor"), default="row")
     p.add_argument("--model", default=None, help="vqa: checkpoint (default: the bundled demo model)")
@@ -109,13 +155,15 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", default="<image>\nDescribe the image in detail.")
     p.add_argument("--prune-layer", type=int, default=16)
     p.add_argument("--keep", type=float, default=0.35)
+    p.add_argument("--presets", default="demo,chartqa", help="time: sampler presets timed end to end")
+    p.add_argument("--workdir", default="/tmp/llada-fp8", help="time: where the engines are written (removed after)")
     p.add_argument("--json", default=None, help="write the result here")
     args = p.parse_args(argv)
-    res = run_vqa(args) if args.part == "vqa" else run_logits(args)
+    res = {"vqa": run_vqa, "logits": run_logits, "time": run_time}[args.part](args)
     text = json.dumps(res, indent=1)
     if args.json:
         Path(args.json).write_text(text)
-    print(text if args.part == "logits" else json.dumps({k: v for k, v in res.items() if "predictions" not in k}))
+    print(json.dumps({k: v for k, v in res.items() if "predictions" not in k}))
     return 0
 
 
