@@ -166,8 +166,10 @@ def test_fp8_refusals(tiny_ckpt, tmp_path):
     assert e.value.code == 2
     with pytest.raises(ExportError, match="fp8 builds"):
         export(tiny_ckpt, tmp_path / "y", weights="fp8", backends=("aoti",))
+    with pytest.raises(ExportError, match="must keep lm_head"):
+        export(tiny_ckpt, tmp_path / "h", weights="fp8", fp8=FP8Settings("row", ("model.vision_tower",)))
     with pytest.raises(ExportError, match="leaves no linear"):
-        export(tiny_ckpt, tmp_path / "z", weights="fp8", fp8=FP8Settings("row", ("*",)))
+        export(tiny_ckpt, tmp_path / "z", weights="fp8", fp8=FP8Settings("row", ("*", "lm_head")))
 
 
 @pytest.mark.skipif(not __import__("llada_export.quant.fp8", fromlist=["x"]).CPU_SCALED_MM,

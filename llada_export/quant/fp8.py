@@ -54,6 +54,8 @@ class FP8Settings:
         bad = [p for p in self.skip if not isinstance(p, str) or not p.strip()]
         if bad:
             raise FP8Error(f"--fp8-skip patterns must be non-empty module-name patterns, got {bad!r}")
+        if not _skipped("lm_head", self.skip):  # the model reads its dtype and device from the head's weight
+            raise FP8Error("--fp8-skip must keep lm_head (the head stays in --dtype); add lm_head to the patterns")
 
 
 # ---------------------------------------------------------------------- the op
