@@ -79,6 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "fails), tensorrt (needs the tensorrt package and a GPU) (default: onnxruntime)")
     b.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="internal precision; graph inputs/outputs stay fp32, norms and RoPE fp32 (default: float32)")
+    b.add_argument("--weights", choices=("native", "fp8"), default="native",
+                   help="native: the linears in --dtype; fp8: e4m3 weights with one scale per output channel and "
+                   "activations quantized to e4m3 at every call (onnxruntime, inductor, tensorrt backends) "
+                   "(default: native)")
+    b.add_argument("--fp8-activations", choices=("row", "tensor"), default=None,
+                   help="--weights fp8: one dynamic activation scale per row (token) or per tensor; per tensor "
+                   "couples the rows of a batch (default: row)")
+    b.add_argument("--fp8-skip", nargs="+", default=None, metavar="PATTERN",
+                   help="--weights fp8: linears that stay in --dtype, as module-name patterns of the checkpoint's "
+                   "naming (fnmatch; a pattern also covers the modules under it), e.g. 'model.layers.0.*' "
+                   "(default: model.vision_tower model.mm_projector lm_head; lm_head must stay)")
     b.add_argument("--device", default="cpu", help="device to trace and compile for: cpu, cuda or cuda:N (default: cpu)")
     cc = b.add_mutually_exclusive_group()
     cc.add_argument("--compile-cache", dest="compile_cache", action="store_true", default=None,
@@ -117,6 +128,8 @@ def check_flags(p: argparse.ArgumentParser, args: argparse.Namespace, backends: 
     for k, v in PRUNE_DEFAULTS.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.weights != "fp8" and (args.fp8_activations is not None or args.fp8_skip is not None):
+        p.error("--fp8-activations and --fp8-skip apply to --weights fp8 only")
     if args.compile_cache is not None and "inductor" not in backends:
         flag = "--compile-cache" if args.compile_cache else "--no-compile-cache"
         p.error(f"{flag} applies to inductor builds only (--backend inductor or all); this builds "
@@ -132,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         from ..contract.manifest import Manifest
         from ..contract.pruning import PruneSettings
         from ..exporter.build import ExportOptions, export_engines
+        from ..quant.fp8 import DEFAULT_SKIP, FP8Settings
 
         prune = None if args.no_prune else PruneSettings(args.prune_layer, args.keep, args.score_from)
         opts = ExportOptions(
@@ -141,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             max_prompt_tokens=args.max_prompt_tokens, image_size=args.image_size,
             max_visual_tokens=args.max_visual_tokens, batch_sizes=args.batch_sizes or (args.batch_size or 1,),
             overwrite=args.overwrite,
-            compile_cache=args.compile_cache, progress=not args.quiet)
+            compile_cache=args.compile_cache, progress=not args.quiet, weights=args.weights,
+            fp8=FP8Settings(args.fp8_activations or "row", tuple(args.fp8_skip or DEFAULT_SKIP)))
         out = export_engines(opts)
         m = Manifest.read(out, verify=False)
         built = ", ".join(f"{b} ({', '.join(m.keys_at(m.bucket.batch_size))})" for b in m.artifacts)

@@ -99,6 +99,9 @@ class Manifest:
     # a safetensors file of the directory holding the compiled backends' weights once, by checkpoint key
     # (constants_from_checkpoint maps every graph's constants to it); None: they come from the checkpoint
     weights_file: str | None = None
+    # None: the weights in ``dtype``; {"weights": "fp8", "activations": "row" | "tensor", "skipped": [linear
+    # names kept in dtype], "skip_patterns", ...}: e4m3 linears (llada_export.quant.fp8.FP8Record.to_dict)
+    quantization: dict[str, Any] | None = None
     tool_version: str = __version__
     format_version: int = FORMAT_VERSION
 
@@ -116,6 +119,11 @@ class Manifest:
 
     def has_graph(self, name: str, backend: str | None = None) -> bool:
         return any(name in g for b, g in self.artifacts.items() if backend in (None, b))
+
+    @property
+    def weights_format(self) -> str:
+        """``"fp8"`` for engines with e4m3 linears, else the dtype."""
+        return str(self.quantization.get("weights")) if self.quantization else self.dtype
 
     @property
     def sizes(self) -> list[int]:
@@ -148,7 +156,7 @@ class Manifest:
             "graphs": {n: g.to_dict() for n, g in self.graphs.items()}, "artifacts": self.artifacts,
             "weights": self.weights, "constants_from_checkpoint": self.constants_from_checkpoint,
             "compile_cache": self.compile_cache, "notes": self.notes, "export": self.export,
-            "batch_sizes": self.sizes, "weights_file": self.weights_file,
+            "batch_sizes": self.sizes, "weights_file": self.weights_file, "quantization": self.quantization,
             "files": {k: {"sha256": f.sha256, "bytes": f.bytes} for k, f in self.files.items()},
         }
 
@@ -181,7 +189,8 @@ class Manifest:
                 export=dict(d.get("export") or {}), tool_version=str(d.get("tool_version")),
                 format_version=int(d["format_version"]),
                 batch_sizes=[_size(b) for b in d.get("batch_sizes") or []],
-                weights_file=None if d.get("weights_file") is None else str(d["weights_file"]))
+                weights_file=None if d.get("weights_file") is None else str(d["weights_file"]),
+                quantization=None if d.get("quantization") is None else dict(d["quantization"]))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             what = f"field {e.args[0]!r} is missing" if isinstance(e, KeyError) else f"malformed field ({e})"
             raise ManifestError(f"{where}: {what}; the directory is damaged, re-run llada-export") from None

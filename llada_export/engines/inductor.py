@@ -128,6 +128,7 @@ def runner(path: Path, io, device: str = "cpu", constants=None, cuda_graph: bool
     ``compile=False``: the program's own (eager) kernels, captured in the CUDA graph; no compile time."""
     import torch
 
+    from ..quant import fp8  # noqa: F401  registers llada_fp8::linear, which FP8 programs hold
     from .torch_common import TorchRunner
 
     ep = torch.export.load(str(path))

@@ -32,12 +32,15 @@ from ..engines.registry import WriteContext, get_backend, write_artifact
 from ..engines.tensorrt import TOPK_LIMIT
 from ..graphs.anyres import grid_shape, max_visual_token_count, visual_token_count
 from ..outdir import atomic_output_dir, check_output_dir
+from ..quant.fp8 import FP8Error, FP8Record, FP8Settings, check_record, quantize_linears, structural_copy
 from ..sampler import GenerationConfig
 from ..tokenizer import encode_prompt, has_tokenizer_files, special_tokens
 from ..graphs.fused import fused_weights
 from .programs import INPLACE, BuildContext, check_program
 
 COMPILED_WEIGHTS = ("auto", "package", "checkpoint", "shared")
+WEIGHTS = ("native", "fp8")  # native: the weights in --dtype; fp8: e4m3 linears (quant/fp8.py)
+FP8_BACKENDS = ("onnxruntime", "inductor", "tensorrt")  # backends whose graphs can hold the FP8 op
 SHARED_WEIGHTS_FILE = "weights.safetensors"  # compiled_weights="shared": the compiled graphs' weights, once
 EXTERNAL_WEIGHTS_ABOVE = 2 * 1024**3  # compiled_weights="auto": weights bigger than this stay in the checkpoint
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "bool": 1}
@@ -63,6 +66,8 @@ class ExportOptions:
     external_weights_above: int = EXTERNAL_WEIGHTS_ABOVE  # bytes: "auto"'s threshold
     backends: tuple[str, ...] = ("onnxruntime",)
     dtype: str = "float32"
+    weights: str = "native"  # "fp8": e4m3 linears with per-output-channel scales (settings in fp8)
+    fp8: FP8Settings = field(default_factory=FP8Settings)  # activation scales, linears that stay unquantized
     device: str = "cpu"
     gen_length: int = 128
     block_length: int | None = None  # default: gen_length
@@ -118,6 +123,16 @@ class ExportOptions:
             raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not self.backends:
             raise ExportError("no backend to build")
+        if self.weights not in WEIGHTS:
+            raise ExportError(f"--weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
+        if self.weights == "fp8":
+            try:
+                self.fp8.validate()
+            except FP8Error as e:
+                raise ExportError(str(e)) from None
+            if bad := [b for b in self.backends if b not in FP8_BACKENDS]:
+                raise ExportError(f"--weights fp8 builds {', '.join(FP8_BACKENDS)} engines, not {', '.join(bad)}; "
+                                  "pick one of those backends")
         for b in self.backends:
             get_backend(b)  # unknown names raise with the list
         if self.compile_cache and "inductor" not in self.backends:
@@ -296,6 +311,10 @@ def _build(opts: ExportOptions, root: Path, loaded: tuple | None) -> Manifest:
     bucket = plan_bucket(opts, cfg)
     largest, specs = bucket.batch_size, graphs_for(opts.selection)
     programs, io, variants, ctx = {}, {}, {}, None
+    fp8 = None
+    if opts.weights == "fp8":  # quantized after any fusion of the projections (by module name)
+        ctx = size_context(None, model, replace(bucket, batch_size=largest), cfg, tokens, opts, device)
+        fp8 = apply_fp8(ctx, opts.fp8)
     # the largest size first (its plain-named graphs, vision among them), then each smaller size's batched graphs
     work = [(b, s) for b in sorted(opts.sizes, reverse=True) for s in specs if b == largest or batched(s)]
     for b, spec in tqdm(work, desc="torch.export", unit="graph", disable=not opts.progress):
@@ -310,9 +329,12 @@ def _build(opts: ExportOptions, root: Path, loaded: tuple | None) -> Manifest:
 
     state = model.state_dict()
     weight_bytes = sum(t.numel() * t.element_size() for t in state.values())
-    if ctx.fused_language is not None:  # the graphs' fused weights, by the checkpoint keys they concatenate
+    if ctx.fused_language is not None and fp8 is None:  # (fp8: no checkpoint mapping) the graphs' fused weights, by the checkpoint keys they concatenate
         state |= fused_weights(ctx.fused_language, "model.")
     mode = compiled_weights_mode(opts, weight_bytes)
+    if fp8 is not None:  # the e4m3 tensors are no checkpoint's: left out of the graphs, they go to the directory
+        state |= fp8.tensors()
+        mode = "shared" if mode != "package" else mode
     external = mode in ("checkpoint", "shared")
     compile_cache = opts.compile_cache if opts.compile_cache is not None else device.type == "cuda"
     wctx = WriteContext(root, opts.device, opts.dtype, programs=programs, io=io, notes=list(opts.notes),
@@ -350,7 +372,8 @@ def _build(opts: ExportOptions, root: Path, loaded: tuple | None) -> Manifest:
     files.append(emb)
     weights_file = None
     if mode == "shared" and wctx.constants:
-        files.append(write_shared_weights(root / SHARED_WEIGHTS_FILE, wctx.constants, model.state_dict()))
+        files.append(write_shared_weights(root / SHARED_WEIGHTS_FILE, wctx.constants,
+                                          model.state_dict() | (fp8.tensors() if fp8 is not None else {})))
         weights_file = SHARED_WEIGHTS_FILE
     where = f"{SHARED_WEIGHTS_FILE} in this directory" if weights_file else "the source checkpoint"
     weights = {b.name: (f"loaded at run time from {where} (constants_from_checkpoint maps each graph constant "
@@ -366,6 +389,7 @@ def _build(opts: ExportOptions, root: Path, loaded: tuple | None) -> Manifest:
         weights=weights | {"prompt_embeddings": "text_embeddings.safetensors"},
         constants_from_checkpoint=wctx.constants or None, compile_cache=wctx.compile_cache or None,
         notes=wctx.notes, batch_sizes=list(opts.sizes), weights_file=weights_file,
+        quantization=fp8.to_dict() if fp8 is not None else None,
         export={"seconds": round(time.perf_counter() - t0, 2),
                 "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
                 "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None})
@@ -404,3 +428,21 @@ def write_shared_weights(path: Path, constants: dict[str, dict[str, dict[str, st
     save_file({k: state[k].detach().cpu().contiguous() for k in sorted(parts)}, str(path))
     return path
 
+def apply_fp8(ctx: BuildContext, settings: FP8Settings) -> FP8Record:
+    """FP8 linears in every graph ``ctx`` builds, on a structural copy of its model (the caller's model is
+    untouched): the language model the graphs trace is taken first (fused, where the context fuses its
+    projections, from the unquantized linears), then its linears and the rest of the model's are
+    quantized by their names in the checkpoint's naming (``model.layers.N...``, ``lm_head``)."""
+    ctx.model = structural_copy(ctx.model)
+    record, memo = FP8Record(settings), {}
+    language = getattr(ctx, "language", None)  # the fused copy, where the context has one
+    if language is not None:
+        quantize_linears(language, record, name_of=lambda n: n if n == "lm_head" else f"model.{n}", memo=memo)
+    done = set(record.quantized) | set(record.skipped)
+    quantize_linears(ctx.model, record, memo=memo,  # the vision tower, the projector; the layers if not fused
+                     exclude=lambda n: n in done or (language is not None and n.startswith("model.layers.")))
+    record.skipped = list(dict.fromkeys(record.skipped))
+    try:
+        return check_record(record)
+    except FP8Error as e:
+        raise ExportError(str(e)) from None
