@@ -72,7 +72,7 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def activation_scale(x2: torch.Tensor, per_row: bool) -> torch.Tensor:
     """[M, K] -> fp32 [M, 1] scales (per row, or the tensor's one scale repeated)."""
     a = x2.float().abs()
-    amax = a.amax(dim=1, keepdim=True) if per_row else a.amax().reshape(1, 1).expand(x2.shape[0], 1)  # [M, 1]
+    amax = a.amax(dim=1, keepdim=True) if per_row else a.amax().reshape(1, 1).expand(x2.shape[0], 1).contiguous()  # [M, 1]: _scaled_mm's row-wise form
     return amax.clamp(min=MIN_AMAX) / E4M3_MAX
 
 
