@@ -123,7 +123,7 @@ def run_time(args) -> dict:
     res = {"preset": args.preset, "device": bench.DEVICE, "variants": {}}
     variants = {"native": {}, "fp8-row": {"weights": "fp8", "fp8": FP8Settings("row")},
                 "fp8-tensor": {"weights": "fp8", "fp8": FP8Settings("tensor")}}
-    for name, change in variants.items():
+    for name, change in ((n, variants[n]) for n in args.variants.split(",")):
         out = Path(args.workdir) / f"engines_{name}"
         opts = dataclasses.replace(bench.export_opts(ns, out, True, True, compile_cache=False), **change)
         export_engines(opts, loaded=(model, tok, cfg))
@@ -156,6 +156,8 @@ def main(argv=None) -> int:
     p.add_argument("--prune-layer", type=int, default=16)
     p.add_argument("--keep", type=float, default=0.35)
     p.add_argument("--presets", default="demo,chartqa", help="time: sampler presets timed end to end")
+    p.add_argument("--variants", default="native,fp8-row,fp8-tensor",
+                   help="time: which engine sets, one after another (native, fp8-row, fp8-tensor)")
     p.add_argument("--workdir", default="/tmp/llada-fp8", help="time: where the engines are written (removed after)")
     p.add_argument("--json", default=None, help="write the result here")
     args = p.parse_args(argv)
