@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..engines.registry import backend_names
+from .checkpoint import parse_bytes
 from .common import parse_size, parser, positive_int, unit_interval, user_errors
 
 DESCRIPTION = """\
@@ -22,6 +23,8 @@ examples:
   llada-export --model ckpt/ --no-prune -o engines-baseline/
   llada-export --model ckpt/ --cache --batch-sizes 1,2,4,8 -o engines/    (a server's engines: each
       batch runs on the smallest size that holds it, one copy of the weights for all sizes)
+  llada-export --model ckpt/ --cache --dtype bfloat16 --batch-sizes auto --device-memory 80GiB -o engines/
+      (the powers of two up to the largest batch an 80 GiB card holds beside the weights)
 
 The bucket (--max-prompt-tokens, --image-size / --max-visual-tokens, --gen-length,
 --batch-size or --batch-sizes) fixes every graph's shapes; smaller prompts and images are padded and masked
@@ -68,10 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     bs = s.add_mutually_exclusive_group()
     bs.add_argument("--batch-size", type=positive_int, default=None,
                     help="requests per graph call (static; default: 1); the same as --batch-sizes N")
-    bs.add_argument("--batch-sizes", type=size_list, default=None, metavar="N,N,...",
+    bs.add_argument("--batch-sizes", type=size_list, default=None, metavar="N,N,...|auto",
                     help="several static batch sizes in one directory, e.g. 1,2,4,8: the graphs of each size over "
                     "one copy of the weights; a batch runs on the smallest size that holds it, llada-serve batches "
-                    "up to the largest")
+                    "up to the largest. 'auto': the powers of two up to the largest batch of the decoding path "
+                    "(pruned or not, with --cache or not) that fits the serving GPU's memory beside the weights, "
+                    "less a 5%% headroom (the CUDA device's free memory at export, or --device-memory); the "
+                    "manifest's notes record the arithmetic and the KV cache bytes per request")
+    s.add_argument("--device-memory", type=parse_bytes, default=None, metavar="SIZE",
+                   help="--batch-sizes auto: plan for a card of this much memory (e.g. 80GiB, 141GB) instead of the "
+                   "export device's free memory; needed when exporting on cpu")
     b = p.add_argument_group("build")
     b.add_argument("--backend", choices=(*backends, "all"), default="onnxruntime",
                    help="engines to build: onnxruntime (ONNX), aoti (AOTInductor packages), inductor (torch.export "
@@ -103,8 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def size_list(text: str) -> tuple[int, ...]:
-    """``"1,2,4,8"`` -> (1, 2, 4, 8): positive integers, no repeats."""
+def size_list(text: str) -> tuple[int, ...] | str:
+    """``"1,2,4,8"`` -> (1, 2, 4, 8): positive integers, no repeats; ``"auto"`` stays ``"auto"``."""
+    if text.strip().lower() == AUTO:
+        return AUTO
     try:
         sizes = tuple(int(t) for t in text.split(","))
     except ValueError:
@@ -114,6 +125,7 @@ def size_list(text: str) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
+AUTO = "auto"  # --batch-sizes auto
 PRUNE_DEFAULTS = {"prune_layer": 16, "keep": 0.35, "score_from": "response"}
 
 
@@ -128,6 +140,8 @@ def check_flags(p: argparse.ArgumentParser, args: argparse.Namespace, backends: 
     for k, v in PRUNE_DEFAULTS.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.device_memory is not None and args.batch_sizes != AUTO:
+        p.error("--device-memory applies to --batch-sizes auto only")
     if args.weights != "fp8" and (args.fp8_activations is not None or args.fp8_skip is not None):
         p.error("--fp8-activations and --fp8-skip apply to --weights fp8 only")
     if args.compile_cache is not None and "inductor" not in backends:
@@ -153,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             backends=backends, fuse_sampler=args.fuse_sampler, dtype=args.dtype, device=args.device,
             gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
             max_prompt_tokens=args.max_prompt_tokens, image_size=args.image_size,
-            max_visual_tokens=args.max_visual_tokens, batch_sizes=args.batch_sizes or (args.batch_size or 1,),
+            max_visual_tokens=args.max_visual_tokens, batch_sizes=() if args.batch_sizes == AUTO else args.batch_sizes or (args.batch_size or 1,),
+            auto_batch=args.batch_sizes == AUTO, device_memory=args.device_memory,
             overwrite=args.overwrite,
             compile_cache=args.compile_cache, progress=not args.quiet, weights=args.weights,
             fp8=FP8Settings(args.fp8_activations or "row", tuple(args.fp8_skip or DEFAULT_SKIP)))

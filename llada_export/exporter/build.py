@@ -20,11 +20,10 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..checkpoint.io import expected_shapes
 from ..checkpoint.loader import checkpoint_tokenizer, load_checkpoint, read_config
 from ..config import LLaDAVConfig
 from ..contract.bucket import Bucket
-from ..contract.graphset import Dims, Selection, TensorIO, batched, graphs_for, resolve, sized_key
+from ..contract.graphset import Dims, Selection, batched, graphs_for, resolve, sized_key
 from ..contract.manifest import DTYPES, Manifest, file_table, is_engines_dir
 from ..contract.pruning import PruneSettings
 from ..device import parse_device
@@ -36,6 +35,8 @@ from ..quant.fp8 import FP8Error, FP8Record, FP8Settings, check_record, quantize
 from ..sampler import GenerationConfig
 from ..tokenizer import encode_prompt, has_tokenizer_files, special_tokens
 from ..graphs.fused import fused_weights
+from .capacity import HEADROOM, headroom_bytes, path_capacity, powers_of_two, weight_bytes
+from .capacity import largest_call as graphs_largest_call
 from .programs import INPLACE, BuildContext, check_program
 
 COMPILED_WEIGHTS = ("auto", "package", "checkpoint", "shared")
@@ -43,7 +44,8 @@ WEIGHTS = ("native", "fp8")  # native: the weights in --dtype; fp8: e4m3 linears
 FP8_BACKENDS = ("onnxruntime", "inductor", "tensorrt")  # backends whose graphs can hold the FP8 op
 SHARED_WEIGHTS_FILE = "weights.safetensors"  # compiled_weights="shared": the compiled graphs' weights, once
 EXTERNAL_WEIGHTS_ABOVE = 2 * 1024**3  # compiled_weights="auto": weights bigger than this stay in the checkpoint
-ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "bool": 1}
+AUTO_MAX_BATCH = 256  # --batch-sizes auto: the largest size it builds, however many requests fit
+AUTO_NOTE = "batch sizes planned by --batch-sizes auto"
 
 
 class ExportError(ValueError):
@@ -79,6 +81,10 @@ class ExportOptions:
     # several batch sizes in one directory (--batch-sizes 1,2,4,8), graphs of each over one copy of the weights;
     # empty: (batch_size,). validate() sets batch_size to the largest
     batch_sizes: tuple[int, ...] = ()
+    # --batch-sizes auto: preflight sets batch_sizes to the powers of two up to the largest batch that fits
+    # device_memory bytes (default: the CUDA device's free memory at export); see exporter/capacity.py
+    auto_batch: bool = False
+    device_memory: int | None = None
     compile_cache: bool | None = None  # inductor: compile at export and save the cache (default: on CUDA)
     overwrite: bool = False
     progress: bool = True
@@ -109,6 +115,10 @@ class ExportOptions:
         for v in self.batch_sizes:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ExportError(f"--batch-sizes must be positive integers, got {v!r}")
+        if self.device_memory is not None and (isinstance(self.device_memory, bool) or not self.auto_batch
+                                               or not isinstance(self.device_memory, int) or self.device_memory < 1):
+            raise ExportError(f"--device-memory {self.device_memory!r}: a positive byte count, used by "
+                              "--batch-sizes auto only")
         if self.batch_sizes and self.batch_size not in (1, max(self.batch_sizes)):
             raise ExportError(f"batch_size {self.batch_size} and batch_sizes {list(self.batch_sizes)}: give one "
                               "(--batch-size N is --batch-sizes N)")
@@ -164,24 +174,11 @@ def plan_bucket(opts: ExportOptions, cfg: LLaDAVConfig) -> Bucket:
                   gen_length=opts.gen_length, vision_batch=crops, batch_size=max(opts.sizes))
 
 
-def tensor_bytes(t: TensorIO) -> int:
-    return math.prod(t.shape) * ITEMSIZE[t.dtype]
-
-
 def largest_call(opts: ExportOptions, bucket: Bucket, cfg: LLaDAVConfig) -> tuple[str, int]:
     """The graph whose one call needs the most memory, and a lower bound of that memory: its inputs,
-    outputs and one layer's activations (hidden states and the MLP's two projections, fp32, for every
-    row it computes). The export allocates the inputs as tracing examples; running the graph needs it all."""
-    dims, worst = Dims.of(bucket, cfg, opts.dtype), ("", 0)
-    for spec in graphs_for(opts.selection):
-        io = spec.io(dims, opts.fuse_sampler)
-        if spec.denoiser:  # rows computed: [B, L] position ids (the G response rows for a cached step)
-            width, rows = cfg.text.hidden_size + cfg.text.intermediate_size, math.prod(io.inputs[2].shape)
-        else:  # vision: N crops of T tokens
-            width, rows = cfg.vision.hidden_size + cfg.vision.intermediate_size, bucket.vision_batch * cfg.vision.tokens_per_crop
-        need = sum(map(tensor_bytes, io.inputs + io.outputs)) + 2 * 4 * rows * width
-        worst = max(worst, (spec.name, need), key=lambda x: x[1])
-    return worst
+    outputs and one layer's activations (``exporter.capacity``). The export allocates the inputs as
+    tracing examples; running the graph needs it all."""
+    return graphs_largest_call(opts.selection, bucket, cfg, opts.dtype, opts.fuse_sampler, opts.prune)
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -207,7 +204,7 @@ def check_memory(opts: ExportOptions, bucket: Bucket, cfg: LLaDAVConfig, weights
     device = torch.device(opts.device)
     have = available_memory(device)
     graph, call = largest_call(opts, bucket, cfg)
-    weights = 0 if weights_loaded else sum(map(math.prod, expected_shapes(cfg).values())) * ITEMSIZE[opts.dtype]
+    weights = 0 if weights_loaded else weight_bytes(cfg, opts.dtype)
     if have is None or weights + call <= have:
         return
     fits = int((have - weights) // (call / bucket.batch_size)) if have > weights else 0
@@ -220,6 +217,41 @@ def check_memory(opts: ExportOptions, bucket: Bucket, cfg: LLaDAVConfig, weights
 
 def human_bytes(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def plan_batch_sizes(opts: ExportOptions, bucket: Bucket, cfg: LLaDAVConfig, weights_loaded: bool) -> Bucket:
+    """``--batch-sizes auto``: the powers of two up to the largest batch of the engines' decoding path
+    (pruned if pruning, with the cache if built) that fits ``opts.device_memory`` (else the CUDA device's
+    free memory, plus the weights if already there) beside the weights and a headroom; sets
+    ``opts.batch_sizes`` and a note with the arithmetic, returns the bucket at the largest size."""
+    device = torch.device(opts.device)
+    path = "pruned" if opts.prune is not None else "unpruned"
+    cap = path_capacity(path, bucket, cfg, opts.dtype, cache=opts.cache, fused=opts.fuse_sampler, prune=opts.prune)
+    if opts.device_memory is not None:
+        memory, where = opts.device_memory, "--device-memory"
+    elif device.type == "cuda":
+        memory, where = available_memory(device) + (cap.weights if weights_loaded else 0), f"free on {device}"
+    else:
+        raise ExportError(f"--batch-sizes auto sizes batches for a GPU's memory: give --device-memory (e.g. 80GiB, "
+                          f"the serving card's) to plan on {device}, or export with --device cuda")
+    headroom = headroom_bytes(memory)
+    what = f"{path}{' + cache' if opts.cache else ''}"
+    fits = cap.largest_batch(memory, headroom)
+    if fits < 1:
+        raise ExportError(f"not one {what} request fits {human_bytes(memory)} ({where}): it needs "
+                          f"{human_bytes(cap.need(1, headroom))} (weights {human_bytes(cap.weights)}, KV cache "
+                          f"{human_bytes(cap.kv)}, peak {cap.peak_graph} call, headroom {human_bytes(headroom)}); plan "
+                          f"for a card of at least {human_bytes(math.ceil(cap.need(1) / (1 - HEADROOM)))} or shrink "
+                          "--image-size / --max-visual-tokens, --max-prompt-tokens or --gen-length")
+    opts.batch_sizes = powers_of_two(min(fits, AUTO_MAX_BATCH))
+    opts.batch_size = max(opts.batch_sizes)
+    note = (f"{AUTO_NOTE}: {', '.join(map(str, opts.batch_sizes))}; the largest {what} batch that fits "
+            f"{human_bytes(memory)} ({where}) is {fits}{f' (built up to {AUTO_MAX_BATCH})' if fits > AUTO_MAX_BATCH else ''}: "
+            f"weights {cap.weights} B + per request {cap.per_request} B (KV cache {cap.kv} B over {cap.kv_positions} "
+            f"positions, prefix {cap.held} B, peak call {cap.peak_graph}) + headroom {headroom} B "
+            "(exporter/capacity.py's arithmetic on the shapes)")
+    opts.notes = [n for n in opts.notes if not n.startswith(AUTO_NOTE)] + [note]
+    return replace(bucket, batch_size=opts.batch_size)
 
 
 def template_tokens(tokenizer) -> int:
@@ -248,6 +280,8 @@ def preflight(opts: ExportOptions, cfg: LLaDAVConfig | None = None, tokenizer=No
     if opts.prune is not None:
         opts.prune.validate(cfg.text.num_hidden_layers)
     bucket = plan_bucket(opts, cfg)
+    if opts.auto_batch:
+        bucket = plan_batch_sizes(opts, bucket, cfg, weights_loaded=not protect)
     check_memory(opts, bucket, cfg, weights_loaded=not protect)
     if tokenizer is not None and (n := template_tokens(tokenizer)) >= opts.max_prompt_tokens:
         raise ExportError(f"--max-prompt-tokens {opts.max_prompt_tokens} does not hold the chat template itself "
@@ -373,7 +407,7 @@ def _build(opts: ExportOptions, root: Path, loaded: tuple | None) -> Manifest:
     weights_file = None
     if mode == "shared" and wctx.constants:
         files.append(write_shared_weights(root / SHARED_WEIGHTS_FILE, wctx.constants,
-                                          model.state_dict() | (fp8.tensors() if fp8 is not None else {})))
+                                          state | (fp8.tensors() if fp8 is not None else {})))
         weights_file = SHARED_WEIGHTS_FILE
     where = f"{SHARED_WEIGHTS_FILE} in this directory" if weights_file else "the source checkpoint"
     weights = {b.name: (f"loaded at run time from {where} (constants_from_checkpoint maps each graph constant "
@@ -419,7 +453,8 @@ def compiled_weights_mode(opts: ExportOptions, weight_bytes: int) -> str:
 def write_shared_weights(path: Path, constants: dict[str, dict[str, dict[str, str]]],
                          state: dict[str, torch.Tensor]) -> Path:
     """Every checkpoint tensor the compiled graphs map a constant to, once, by checkpoint key (a derived
-    key such as ``cat(a,b)`` is stored as its parts, which the runtime concatenates)."""
+    key such as ``cat(a,b)``: the tensor itself where ``state`` holds it, else its parts, which the runtime
+    concatenates)."""
     keys = {k for graphs in constants.values() for mapping in graphs.values() for k in mapping.values()}
     parts = {p for k in keys for p in (k[4:-1].split(",") if k not in state and k.startswith("cat(") else [k])}
     missing = sorted(parts - set(state))
