@@ -407,7 +407,7 @@ def _build(opts: ExportOptions, root: Path, loaded: tuple | None) -> Manifest:
     weights_file = None
     if mode == "shared" and wctx.constants:
         files.append(write_shared_weights(root / SHARED_WEIGHTS_FILE, wctx.constants,
-                                          state | (fp8.tensors() if fp8 is not None else {})))
+                                          model.state_dict() | (fp8.tensors() if fp8 is not None else {})))
         weights_file = SHARED_WEIGHTS_FILE
     where = f"{SHARED_WEIGHTS_FILE} in this directory" if weights_file else "the source checkpoint"
     weights = {b.name: (f"loaded at run time from {where} (constants_from_checkpoint maps each graph constant "
@@ -453,8 +453,7 @@ def compiled_weights_mode(opts: ExportOptions, weight_bytes: int) -> str:
 def write_shared_weights(path: Path, constants: dict[str, dict[str, dict[str, str]]],
                          state: dict[str, torch.Tensor]) -> Path:
     """Every checkpoint tensor the compiled graphs map a constant to, once, by checkpoint key (a derived
-    key such as ``cat(a,b)``: the tensor itself where ``state`` holds it, else its parts, which the runtime
-    concatenates)."""
+    key such as ``cat(a,b)`` is stored as its parts, which the runtime concatenates)."""
     keys = {k for graphs in constants.values() for mapping in graphs.values() for k in mapping.values()}
     parts = {p for k in keys for p in (k[4:-1].split(",") if k not in state and k.startswith("cat(") else [k])}
     missing = sorted(parts - set(state))
