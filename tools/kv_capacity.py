@@ -140,7 +140,9 @@ def _run_once(lm, cfg, cap, b: int, g: int, dev: str, dtype) -> dict:
     held = b * (cap.kv + cap.held)
     prefill = max(m.transient for m in cap.graphs.values() if m.kv_out)
     cached = next(m.transient for m in cap.graphs.values() if m.kv and not m.kv_out)
-    return run | {"predicted_prefill": held + b * prefill, "predicted_cached": held + b * cached, "ok": True}
+    # the eager prefill stacks each layer's K/V, then stacks those: one cache copy more than the model counts
+    return run | {"predicted_prefill": held + b * prefill, "predicted_prefill_eager": held + b * (prefill + cap.kv),
+                  "predicted_cached": held + b * cached, "ok": True}
 
 
 # ---------------------------------------------------------------------- report
@@ -198,14 +200,20 @@ def markdown(res: dict) -> str:
             lines.append(f"Weights allocated {_gib(m['weights_allocated'])} GiB (model: {_gib(pr['weights_bytes'])}); "
                          f"mem_get_info after loading: {_gib(m['mem_get_info'][0])} free of {_gib(m['mem_get_info'][1])} GiB.")
             lines.append("")
-        lines += ["| path | batch | cache buffer (GiB) | prefill peak / model (GiB) | cached peak / model (GiB) | ok |",
-                  "| --- | ---: | ---: | ---: | ---: | --- |"]
+        lines += ["| path | batch | cache buffer (GiB) | prefill peak / model / model + eager copy (GiB) | "
+                  "cached peak / model (GiB) | ok |", "| --- | ---: | ---: | ---: | ---: | --- |"]
         for r in m["runs"]:
-            pk = (f"{_gib(r['prefill_peak'])} / {_gib(r['predicted_prefill'])}" if "prefill_peak" in r else "-")
+            pk = (f"{_gib(r['prefill_peak'])} / {_gib(r['predicted_prefill'])} / {_gib(r['predicted_prefill_eager'])}"
+                  if "prefill_peak" in r else "-")
             ck = (f"{_gib(r['cached_peak'])} / {_gib(r['predicted_cached'])}" if "cached_peak" in r else "-")
             buf = _gib(r["kv_buffer_bytes"]) if "kv_buffer_bytes" in r else "-"
             lines.append(f"| {r['path']} | {r['batch']} | {buf} | {pk} | {ck} | {'yes' if r['ok'] else r['error']} |")
-        lines += ["", "Peaks are above the weights (allocated before each run); the model's prediction counts the "
+        lines += ["", "Peaks are above the weights (allocated before each run). The eager prefill stacks every layer's "
+                  "K/V and then the layers, one cache copy more than the model counts (Inductor may write the layers "
+                  "into the output buffer directly; unverified): its third figure adds that copy, so the largest batch "
+                  "the model predicts can run out of memory here and still fit the engines; `tools/bench_gpu.py "
+                  "batch` at that size is the check on the engines. "
+                  "The model's prediction counts the "
                   "held cache and prefix and the call's transients (no headroom). Predicted largest batch on this "
                   f"card (its free memory after loading plus the weights, less {s['headroom_fraction']:.0%}): "
                   f"{m.get('predicted_largest_batch')}."]
