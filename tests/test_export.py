@@ -331,7 +331,7 @@ def test_aoti_weights_from_checkpoint(tiny, tiny_ckpt, tmp_path, images):
     resp = torch.full((1, 8), pipe.tokens.mask)
     a = pipe.run("stage_a", **x.stage_a_feeds(resp, 0.35))
     b = pipe.run("stage_b", **reduce_inputs(x, a["kept_index"], a["kept_alive"]).denoiser_feeds(resp))
-    head = pipe._weights_model.lm_head.weight
+    head = pipe.weights["lm_head.weight"]
     with torch.no_grad():
         head.mul_(2.0)
         try:
@@ -374,7 +374,7 @@ def test_inductor_programs_from_checkpoint(tiny, tiny_ckpt, tmp_path, images):
         runner(out / "programs" / "stage_b.pt2", m.graphs["stage_b"])
     pipe = Pipeline.load(out)
     assert pipe.backend == "inductor"
-    head = pipe._weights_model.lm_head.weight
+    head = pipe.weights["lm_head.weight"]
     for name in ("stage_a", "stage_b"):
         params = dict(pipe.runners[name].module.named_parameters())
         assert any(p.data_ptr() == head.data_ptr() for p in params.values()), f"{name} has its own lm_head"
@@ -538,6 +538,7 @@ def test_auto_switch_to_checkpoint_weights(tiny, tiny_ckpt, unpruned_all, aoti_e
     the packages hold them. The aoti engines run correctly on the checkpoint's tensors."""
     from llada_export.reference import reference_generate
     from llada_export.runtime.pipeline import Pipeline, Request
+    from llada_export.runtime.weights import parts_of
     from llada_export.sampler import preset
 
     m = Manifest.read(unpruned_all)
@@ -548,7 +549,8 @@ def test_auto_switch_to_checkpoint_weights(tiny, tiny_ckpt, unpruned_all, aoti_e
     for b in ("aoti", "inductor"):
         assert "from the source checkpoint" in m.weights[b]
         assert m.constants_from_checkpoint[b]["unpruned"]["lm.lm_head.weight"] == "lm_head.weight"
-        assert decoder <= set(m.constants_from_checkpoint[b]["unpruned"].values())  # every decoder weight mapped
+        mapped = {p for k in m.constants_from_checkpoint[b]["unpruned"].values() for p in parts_of(k)}
+        assert decoder <= mapped  # every decoder weight mapped (q/k/v and gate/up through their fused cat(...) keys)
     ep = torch.export.load(str(unpruned_all / m.artifacts["inductor"]["unpruned"]))
     assert {t.device.type for t in ep.state_dict.values()} == {"meta"}  # the archive holds none of them
     assert m.files["onnx/weights.bin"].bytes > 0.9 * weight_bytes and m.weights["onnxruntime"].startswith("ONNX")
@@ -556,10 +558,10 @@ def test_auto_switch_to_checkpoint_weights(tiny, tiny_ckpt, unpruned_all, aoti_e
     assert packed.constants_from_checkpoint is None and "from the source checkpoint" not in packed.weights["aoti"]
 
     ind = Pipeline.load(unpruned_all, backend="inductor", warmup=False)  # no compile: its parameters are checked
-    head = ind._weights_model.lm_head.weight  # loaded once from the checkpoint, shared by the graphs
+    head = ind.weights["lm_head.weight"]  # loaded once from the checkpoint, shared by the graphs
     assert any(p.data_ptr() == head.data_ptr() for p in ind.runners["unpruned"].module.parameters())
     pipe = Pipeline.load(unpruned_all, backend="aoti")
-    head = pipe._weights_model.lm_head.weight
+    head = pipe.weights["lm_head.weight"]
     model, tok, _ = tiny
     ref = reference_generate(model, tok, images["384x384"], PROMPTS["short"], preset("mc", **GEN8), prune=None)
     assert pipe.generate(images["384x384"], PROMPTS["short"], fixed_schedule=True, preset="mc", **GEN8).ids == ref.ids  # aoti's

@@ -106,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "machine with the same torch, Triton and GPU takes seconds (default: on for CUDA; inductor "
                     "builds only)")
     cc.add_argument("--no-compile-cache", dest="compile_cache", action="store_false", help="do not (inductor only)")
+    pc = b.add_mutually_exclusive_group()
+    pc.add_argument("--precompile", dest="precompile", action="store_true", default=None,
+                    help="inductor: compile every graph at export with Inductor and save its kernels per graph "
+                    "(programs/*.compiled.bin, programs/precompiled.json); a load on a machine with the same torch, "
+                    "Triton and GPU runs them without Dynamo or torch.compile, elsewhere it compiles as without them "
+                    "(default: on for CUDA; inductor builds only)")
+    pc.add_argument("--no-precompile", dest="precompile", action="store_false", help="do not (inductor only)")
     b.add_argument("--overwrite", action="store_true",
                    help="replace an existing engines directory written by llada-export")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -144,6 +151,9 @@ def check_flags(p: argparse.ArgumentParser, args: argparse.Namespace, backends: 
         p.error("--device-memory applies to --batch-sizes auto only")
     if args.weights != "fp8" and (args.fp8_activations is not None or args.fp8_skip is not None):
         p.error("--fp8-activations and --fp8-skip apply to --weights fp8 only")
+    if args.precompile is not None and "inductor" not in backends:
+        flag = "--precompile" if args.precompile else "--no-precompile"
+        p.error(f"{flag} applies to inductor builds only (--backend inductor or all)")
     if args.compile_cache is not None and "inductor" not in backends:
         flag = "--compile-cache" if args.compile_cache else "--no-compile-cache"
         p.error(f"{flag} applies to inductor builds only (--backend inductor or all); this builds "
@@ -170,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             max_visual_tokens=args.max_visual_tokens, batch_sizes=() if args.batch_sizes == AUTO else args.batch_sizes or (args.batch_size or 1,),
             auto_batch=args.batch_sizes == AUTO, device_memory=args.device_memory,
             overwrite=args.overwrite,
-            compile_cache=args.compile_cache, progress=not args.quiet, weights=args.weights,
+            compile_cache=args.compile_cache, precompile=args.precompile, progress=not args.quiet, weights=args.weights,
             fp8=FP8Settings(args.fp8_activations or "row", tuple(args.fp8_skip or DEFAULT_SKIP)))
         out = export_engines(opts)
         m = Manifest.read(out, verify=False)

@@ -93,6 +93,8 @@ class Manifest:
     weights: dict[str, str] = field(default_factory=dict)  # where each backend's weights live, in words
     constants_from_checkpoint: dict[str, dict[str, dict[str, str]]] | None = None  # backend -> graph -> {fqn: key}
     compile_cache: dict[str, str] | None = None  # backend -> saved compiler artifacts (path), for a fast load
+    # backend -> index of its graphs' precompiled kernels (inductor: programs/precompiled.json), run without Dynamo
+    precompiled: dict[str, str] | None = None
     notes: list[str] = field(default_factory=list)
     export: dict[str, Any] = field(default_factory=dict)  # seconds, peak memory
     batch_sizes: list[int] = field(default_factory=list)  # every size built, ascending (empty: [bucket.batch_size])
@@ -155,7 +157,8 @@ class Manifest:
             "generation": self.generation, "tokens": self.tokens.to_dict(),
             "graphs": {n: g.to_dict() for n, g in self.graphs.items()}, "artifacts": self.artifacts,
             "weights": self.weights, "constants_from_checkpoint": self.constants_from_checkpoint,
-            "compile_cache": self.compile_cache, "notes": self.notes, "export": self.export,
+            "compile_cache": self.compile_cache, "precompiled": self.precompiled, "notes": self.notes,
+            "export": self.export,
             "batch_sizes": self.sizes, "weights_file": self.weights_file, "quantization": self.quantization,
             "files": {k: {"sha256": f.sha256, "bytes": f.bytes} for k, f in self.files.items()},
         }
@@ -185,7 +188,8 @@ class Manifest:
                 artifacts={b: {g: str(p) for g, p in gs.items()} for b, gs in d["artifacts"].items()},
                 files={k: FileEntry(str(f["sha256"]), int(f["bytes"])) for k, f in d["files"].items()},
                 weights=dict(d.get("weights") or {}), constants_from_checkpoint=d.get("constants_from_checkpoint"),
-                compile_cache=d.get("compile_cache"), notes=list(d.get("notes") or []),
+                compile_cache=d.get("compile_cache"), precompiled=d.get("precompiled"),
+                notes=list(d.get("notes") or []),
                 export=dict(d.get("export") or {}), tool_version=str(d.get("tool_version")),
                 format_version=int(d["format_version"]),
                 batch_sizes=[_size(b) for b in d.get("batch_sizes") or []],
@@ -279,6 +283,10 @@ class Manifest:
         for backend, rel in (self.compile_cache or {}).items():
             if rel not in self.files:
                 raise ManifestError(f"{where}: the {backend} compile cache {rel} is not in the file table")
+        for backend, rel in (self.precompiled or {}).items():
+            if backend not in self.artifacts or rel not in self.files:
+                raise ManifestError(f"{where}: the {backend} precompiled kernels' index {rel} is not in the file "
+                                    "table or names no built backend (damaged or edited manifest; re-run llada-export)")
 
     def write(self, root: Path) -> Path:
         path = Path(root) / MANIFEST

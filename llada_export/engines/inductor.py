@@ -14,6 +14,11 @@ Triton and GPU loads it first (``load_cache_artifacts``), so compiling the graph
 cache hits; on another machine it is ignored and the graphs compile as without it. Dynamo
 still traces each graph at load (it has no cache). On a CPU the blob holds no compiled C++
 kernels, so the gain there is small.
+
+Precompiled kernels: with ``--precompile`` (the default on CUDA) the export also compiles each
+program's own graph with ``torch._inductor.standalone_compile`` and saves the kernels per graph
+(``engines/precompiled.py``); the runner then loads them without Dynamo or ``torch.compile`` and
+falls back to the path above, with one log line, where they are absent or were built elsewhere.
 """
 
 from __future__ import annotations
@@ -70,27 +75,58 @@ def cache_key(device: str) -> dict:
     return key
 
 
+def example_feeds(ctx: WriteContext, graph: str) -> dict:
+    """Blank inputs of ``graph`` (a key: stage_b@b2 at another batch size) on the export device."""
+    from ..contract.graphset import GRAPHS, example_value, split_key
+
+    io, extra = ctx.io[graph], {"device": ctx.device, **ctx.options["example_fill"]}
+    return {t.name: example_value(t, spec, extra) for t, spec in zip(io.inputs, GRAPHS[split_key(graph)[0]].inputs)}
+
+
 def finalize(ctx: WriteContext) -> list[Path]:
-    """Compile every graph as ``Pipeline.load`` will (the saved archive, the weights swapped in),
-    one call each on blank inputs, and save the compiler's cache artifacts beside the programs."""
+    """``precompile``: Inductor's kernels of every graph, saved per graph (``engines/precompiled.py``).
+    ``compile_cache``: compile every graph as ``Pipeline.load`` will (the saved archive, the weights swapped
+    in), one call each on blank inputs, and save the compiler's cache artifacts beside the programs."""
+    files = precompile_all(ctx) if ctx.options.get("precompile") else []
+    return files + save_compile_cache(ctx) if ctx.options.get("compile_cache") else files
+
+
+def precompile_all(ctx: WriteContext) -> list[Path]:
+    """Each graph's program (the in-memory one, with its weights) compiled by Inductor and saved; a graph
+    that cannot be saved so is left to ``torch.compile`` at load, with a note."""
+    from . import precompiled
+
+    entries, files = {}, []
+    for graph, rel in ctx.artifacts.get(BACKEND.name, {}).items():
+        ep = ctx.options.get("inplace", {}).get(graph, ctx.programs[graph])  # what write() saved
+        out = (ctx.root / rel).with_name(f"{graph}{precompiled.SUFFIX}")
+        try:
+            entries[graph], written = precompiled.precompile(
+                ep, list(example_feeds(ctx, graph).values()), out, ctx.constants.get(BACKEND.name, {}).get(graph))
+        except (RuntimeError, ValueError, AssertionError) as e:
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            ctx.notes.append(f"{BACKEND.name}: {graph} not precompiled ({why}); it compiles with torch.compile at load")
+            continue
+        files += written
+    if entries:
+        files.append(precompiled.write_index(ctx.root / BACKEND.folder, ctx.device, entries))
+        ctx.precompiled[BACKEND.name] = f"{BACKEND.folder}/{precompiled.INDEX}"
+        ctx.notes.append(f"{BACKEND.name}: Inductor's kernels of {len(entries)} graphs saved at export "
+                         f"({ctx.precompiled[BACKEND.name]}): Pipeline.load runs them without Dynamo")
+    return files
+
+
+def save_compile_cache(ctx: WriteContext) -> list[Path]:
     import json
 
     import torch
 
-    from ..contract.graphset import GRAPHS, example_value, split_key
-
-    if not ctx.options.get("compile_cache"):
-        return []
     for graph, rel in ctx.artifacts.get(BACKEND.name, {}).items():
-        io = ctx.io[graph]
         mapping = ctx.constants.get(BACKEND.name, {}).get(graph)
         constants = {fqn: ctx.weights[key] for fqn, key in mapping.items()} if mapping else None
-        r = runner(ctx.root / rel, io, ctx.device, constants=constants, cuda_graph=False)
-        extra = {"device": ctx.device, **ctx.options["example_fill"]}
-        specs = GRAPHS[split_key(graph)[0]].inputs  # graph: a key, stage_b@b2 at another batch size
-        feeds = {t.name: example_value(t, spec, extra) for t, spec in zip(io.inputs, specs)}
+        r = runner(ctx.root / rel, ctx.io[graph], ctx.device, constants=constants, cuda_graph=False)
         with torch.no_grad():
-            r.run(feeds)
+            r.run(example_feeds(ctx, graph))
     saved = torch.compiler.save_cache_artifacts()
     if saved is None:
         ctx.notes.append("the compiler produced no cache artifacts: Pipeline.load will compile the graphs")
@@ -120,17 +156,32 @@ def load_cache(blob: Path, device: str) -> str:
 
 
 def runner(path: Path, io, device: str = "cpu", constants=None, cuda_graph: bool | None = None,
-           compile: bool = True):
+           compile: bool = True, precompiled: Path | None = None):
     """An ExportedProgram archive compiled with ``torch.compile`` (static shapes, whole graph); the
     compilation happens at the first call, which ``Pipeline.warmup`` makes at load time.
     ``constants``: {fqn: tensor} for archives saved with their checkpoint weights left out.
     ``cuda_graph`` (default: on for CUDA, measured on the H200): replay from a CUDA graph.
-    ``compile=False``: the program's own (eager) kernels, captured in the CUDA graph; no compile time."""
+    ``compile=False``: the program's own (eager) kernels, captured in the CUDA graph; no compile time.
+    ``precompiled``: the index of the kernels saved at export (``--precompile``): where it has this graph's,
+    built for this machine, they run as they are (no Dynamo, no compile); else the path above, logged."""
     import torch
 
     from ..quant import fp8  # noqa: F401  registers llada_fp8::linear, which FP8 programs hold
     from .torch_common import TorchRunner
 
+    status = None
+    if compile and precompiled is None and path.parent not in _SAID_NONE:
+        _SAID_NONE.add(path.parent)
+        from .precompiled import log
+
+        log.info("%s: no precompiled kernels (export with --precompile): the graphs compile with torch.compile",
+                 path.parent)
+    if compile and precompiled is not None:
+        fn, status = load_precompiled(precompiled, path, device, constants)
+        if fn is not None:
+            r = TorchRunner(fn, io, device, cuda_graph, graphs_by_default=True)
+            r.module, r.precompiled = None, status
+            return r
     ep = torch.export.load(str(path))
     for table in (ep.state_dict, ep.constants):
         for fqn, t in list(table.items()):
@@ -144,8 +195,25 @@ def runner(path: Path, io, device: str = "cpu", constants=None, cuda_graph: bool
     module = ep.module()
     fn = torch.compile(module, dynamic=False, fullgraph=True) if compile else module
     r = TorchRunner(fn, io, device, cuda_graph, graphs_by_default=True)
-    r.module = module
+    r.module, r.precompiled = module, status
     return r
+
+
+_SAID_NONE: set[Path] = set()  # folders whose "no precompiled kernels" was logged
+
+
+def load_precompiled(index: Path, path: Path, device: str, constants) -> tuple:
+    """(fn, "loaded") from the saved kernels of the archive ``path``'s graph, or (None, why not), logged."""
+    from . import precompiled
+
+    key = path.name.split(".", 1)[0]  # the graph key (stage_b@b2)
+    try:
+        fn, status = precompiled.load(index, key, path, device, constants)
+    except Exception as e:  # noqa: BLE001  a damaged or foreign artifact: the archive still compiles
+        fn, status = None, f"loading them failed ({type(e).__name__}: {str(e).strip()[:200]})"
+    if fn is None and not status.startswith("built for another machine"):  # that one is logged once per index
+        precompiled.log.warning("%s: precompiled kernels not used: %s; compiling with torch.compile", path, status)
+    return fn, status
 
 
 _SCALARS = {"FLOAT": "float32", "LONG": "int64", "BOOL": "bool", "HALF": "float16", "BFLOAT16": "bfloat16"}

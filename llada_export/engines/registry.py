@@ -56,6 +56,7 @@ class WriteContext:
     weights: dict[str, Any] = field(default_factory=dict)  # checkpoint key -> tensor (the model's state)
     options: dict[str, Any] = field(default_factory=dict)  # export options a backend reads (compile_cache)
     compile_cache: dict[str, str] = field(default_factory=dict)  # backend -> saved compiler artifacts
+    precompiled: dict[str, str] = field(default_factory=dict)  # backend -> index of its precompiled kernels
 
     def path(self, backend: "Backend", graph: str) -> Path:
         d = self.root / backend.folder
@@ -147,6 +148,7 @@ def check_artifacts(manifest, root: Path, backend: str) -> None:
     from ..contract.graphset import split_key
     from ..contract.manifest import ManifestError
 
+    check_precompiled(manifest, root, backend)
     check = get_backend(backend).check_artifact
     if check is None:
         return
@@ -155,3 +157,23 @@ def check_artifacts(manifest, root: Path, backend: str) -> None:
         if problem := check(Path(root) / rel, name, manifest.graphs[key], bucket):
             raise ManifestError(f"{Path(root) / rel}: {problem} (edited manifest or replaced graph; re-run "
                                 "llada-export)")
+
+
+def check_precompiled(manifest, root: Path, backend: str) -> None:
+    """The index of ``backend``'s precompiled kernels (``manifest.precompiled``; its SHA-256 is checked with
+    the file table) may name only graphs of the manifest and files of its file table; ManifestError otherwise."""
+    import json
+
+    from ..contract.manifest import ManifestError
+
+    rel = (manifest.precompiled or {}).get(backend)
+    if rel is None:
+        return
+    index = Path(root) / rel
+    folder = str(Path(rel).parent)
+    for key, entry in json.loads(index.read_text()).get("graphs", {}).items():
+        files = [entry.get("artifact"), entry.get("constants")]
+        if key not in manifest.artifacts.get(backend, {}) or any(
+                f is not None and f"{folder}/{f}" not in manifest.files for f in files):
+            raise ManifestError(f"{index}: its entry {key} names a graph or a file the manifest does not list "
+                                "(edited index or manifest; re-run llada-export)")

@@ -86,6 +86,7 @@ class ExportOptions:
     auto_batch: bool = False
     device_memory: int | None = None
     compile_cache: bool | None = None  # inductor: compile at export and save the cache (default: on CUDA)
+    precompile: bool | None = None  # inductor: save each graph's kernels, run without Dynamo (default: on CUDA)
     overwrite: bool = False
     progress: bool = True
     notes: list[str] = field(default_factory=list)
@@ -147,6 +148,8 @@ class ExportOptions:
             get_backend(b)  # unknown names raise with the list
         if self.compile_cache and "inductor" not in self.backends:
             raise ExportError("compile_cache applies to inductor builds only")
+        if self.precompile and "inductor" not in self.backends:
+            raise ExportError("precompile applies to inductor builds only")
         if self.image_size is not None and min(self.image_size) < 1:
             raise ExportError(f"--image-size must be positive, got {self.image_size}")
         self.device = str(parse_device(self.device))
@@ -371,10 +374,11 @@ def _build(opts: ExportOptions, root: Path, loaded: tuple | None) -> Manifest:
         mode = "shared" if mode != "package" else mode
     external = mode in ("checkpoint", "shared")
     compile_cache = opts.compile_cache if opts.compile_cache is not None else device.type == "cuda"
+    precompile = opts.precompile if opts.precompile is not None else device.type == "cuda"
     wctx = WriteContext(root, opts.device, opts.dtype, programs=programs, io=io, notes=list(opts.notes),
                         weight_keys={t.data_ptr(): k for k, t in state.items()} if external else None,
                         weights=state, options={"compile_cache": compile_cache, "example_fill": ctx.fill(),
-                                 "inplace": variants.get(INPLACE, {})})
+                                 "inplace": variants.get(INPLACE, {}), "precompile": precompile})
     backends = []
     for name in opts.backends:
         if (reason := skip_reason(name, opts.device)) is not None:
@@ -407,7 +411,7 @@ def _build(opts: ExportOptions, root: Path, loaded: tuple | None) -> Manifest:
     weights_file = None
     if mode == "shared" and wctx.constants:
         files.append(write_shared_weights(root / SHARED_WEIGHTS_FILE, wctx.constants,
-                                          model.state_dict() | (fp8.tensors() if fp8 is not None else {})))
+                                          state | (fp8.tensors() if fp8 is not None else {})))
         weights_file = SHARED_WEIGHTS_FILE
     where = f"{SHARED_WEIGHTS_FILE} in this directory" if weights_file else "the source checkpoint"
     weights = {b.name: (f"loaded at run time from {where} (constants_from_checkpoint maps each graph constant "
@@ -422,6 +426,7 @@ def _build(opts: ExportOptions, root: Path, loaded: tuple | None) -> Manifest:
         tokens=tokens, graphs=io, artifacts=wctx.artifacts, files=file_table(root, files),
         weights=weights | {"prompt_embeddings": "text_embeddings.safetensors"},
         constants_from_checkpoint=wctx.constants or None, compile_cache=wctx.compile_cache or None,
+        precompiled=wctx.precompiled or None,
         notes=wctx.notes, batch_sizes=list(opts.sizes), weights_file=weights_file,
         quantization=fp8.to_dict() if fp8 is not None else None,
         export={"seconds": round(time.perf_counter() - t0, 2),
@@ -453,7 +458,8 @@ def compiled_weights_mode(opts: ExportOptions, weight_bytes: int) -> str:
 def write_shared_weights(path: Path, constants: dict[str, dict[str, dict[str, str]]],
                          state: dict[str, torch.Tensor]) -> Path:
     """Every checkpoint tensor the compiled graphs map a constant to, once, by checkpoint key (a derived
-    key such as ``cat(a,b)`` is stored as its parts, which the runtime concatenates)."""
+    key such as ``cat(a,b)``: the tensor itself where ``state`` holds it, else its parts, which the runtime
+    concatenates)."""
     keys = {k for graphs in constants.values() for mapping in graphs.values() for k in mapping.values()}
     parts = {p for k in keys for p in (k[4:-1].split(",") if k not in state and k.startswith("cat(") else [k])}
     missing = sorted(parts - set(state))
@@ -461,6 +467,7 @@ def write_shared_weights(path: Path, constants: dict[str, dict[str, dict[str, st
         raise RuntimeError(f"graph constants map to {missing[:3]}, which are not checkpoint tensors")
     save_file({k: state[k].detach().cpu().contiguous() for k in sorted(parts)}, str(path))
     return path
+
 
 def apply_fp8(ctx: BuildContext, settings: FP8Settings) -> FP8Record:
     """FP8 linears in every graph ``ctx`` builds, on a structural copy of its model (the caller's model is

@@ -23,7 +23,7 @@ from ..contract.bucket import Bucket
 from ..contract.graphset import GRAPHS, Dims, GraphIO, example_value
 from ..contract.pruning import PruneSettings
 from ..contract.tokens import SpecialTokens
-from ..graphs.fused import fuse_projections
+from ..graphs.fused import fuse_projections, share_storage
 from ..graphs.llada import CachedGraph, DenoiserGraph, Head, LanguageModel, PrefillGraph
 from ..graphs.llava import LLaDAV
 from ..graphs.vision import VisionGraph
@@ -53,9 +53,12 @@ class BuildContext:
 
     @property
     def language(self) -> LanguageModel:
-        """The language model every denoiser graph traces: the model's, projections fused (made once)."""
+        """The language model every denoiser graph traces: the model's, projections fused (made once). The
+        model's own q/k/v and gate/up weights become views of the fused ones (``share_storage``): the build
+        holds one copy of the weights, not the checkpoint's plus the fused."""
         if self._language is None:
             self._language = fuse_projections(self.model.language)
+            share_storage(self.model.language, self._language)
         return self._language
 
     def head(self) -> Head:

@@ -80,6 +80,21 @@ def fuse_projections(lm: LanguageModel) -> LanguageModel:
     return fused.train(lm.training)
 
 
+def share_storage(lm: LanguageModel, fused: LanguageModel) -> None:
+    """Make ``lm``'s q/k/v and gate/up weights views of ``fused``'s (its :func:`fuse_projections`): the same
+    values, one copy in memory instead of two (the export holds the model and the fused graphs' weights
+    at once). ``lm`` computes exactly what it did; its state dict's tensors then share storage."""
+    for src, dst in zip(lm.layers, fused.layers):
+        for name, parts in FUSED_SOURCES.items():
+            rows = 0
+            for part in parts:
+                linear = src.get_submodule(part)
+                n = linear.weight.shape[0]
+                view = dst.get_submodule(name).weight.detach()[rows: rows + n]  # [n, in], contiguous
+                linear.weight = nn.Parameter(view, requires_grad=linear.weight.requires_grad)
+                rows += n
+
+
 def fused_weights(fused: LanguageModel, prefix: str) -> dict[str, torch.Tensor]:
     """{key: fused weight}, the key naming the checkpoint tensors it concatenates: ``cat(a,b,c)``
     with ``a`` = ``{prefix}layers.N.self_attn.q_proj.weight`` ... (``prefix``: where the layers sit in

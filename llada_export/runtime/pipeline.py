@@ -26,7 +26,6 @@ from ..contract.layout import RequestError, RequestParts, check_counts, check_fi
 from ..contract.manifest import Manifest, ManifestError
 from ..device import parse_device
 from ..engines.registry import Runner, check_artifacts, get_backend, load_builtin, pick_backend
-from ..graphs.fused import resolve_weight
 from ..graphs.anyres import ImageError, assemble, image_size, preprocess, visual_token_count
 from ..sampler import DEFAULT_REFRESH, GenerationConfig, GenerationError, SamplerTrace, StepEvent, StepInfo, generate
 from ..sampler import parallel_rule
@@ -34,6 +33,7 @@ from ..sampler import preset as get_preset
 from ..tokenizer import DEFAULT_SYSTEM_PROMPT, decode_answer, encode_prompt, load_tokenizer
 from .denoiser import EngineDenoiser
 from .inputs import check_prompt, check_refresh, check_seed, check_text
+from .weights import bind_constants
 
 
 @dataclass
@@ -104,18 +104,27 @@ class Pipeline:
         self.mask_embed = self.embed_table[self.tokens.mask].float()[None]  # [1, D]
         b = get_backend(backend)
         external = (manifest.constants_from_checkpoint or {}).get(backend)
-        if external and weights is None:
-            weights = self._checkpoint_weights(weights_from, device)
+        # the weights the graphs use, by checkpoint key (fused ones built once; the checkpoint's tensors that
+        # only fed them are freed: one copy of the weights)
+        self.weights: dict[str, torch.Tensor] = {}
+        if external:
+            owned = weights is None
+            if owned:
+                weights = self._checkpoint_weights(weights_from, device)
+            constants, self.weights = bind_constants(external, weights, owned)
+            del weights
         self.runners: dict[str, Runner] = {}  # the largest batch size's graphs (sized_runners: every size's)
         self.compile_cache = "none"
         if (rel := (manifest.compile_cache or {}).get(backend)) and b.load_cache is not None:
             self.compile_cache = b.load_cache(root / rel, device)
+        precompiled = (manifest.precompiled or {}).get(backend)  # Inductor's saved kernels, per graph
         graphs = manifest.artifacts[backend]
         # a progress bar only where loading takes long: the inductor graphs compile in warmup()
         for name, rel in tqdm(graphs.items(), desc=f"load {backend}", unit="graph", disable=not b.cuda_graphs):
-            kw = {"cuda_graph": cuda_graphs, **(runner_options or {})}
+            kw = {"cuda_graph": cuda_graphs, **({"precompiled": root / precompiled} if precompiled else {}),
+                  **(runner_options or {})}
             if external:
-                kw["constants"] = {fqn: resolve_weight(weights, key) for fqn, key in external[name].items()}
+                kw["constants"] = constants.pop(name)
                 side = (root / rel).with_suffix(".constants.safetensors")
                 if side.exists():
                     kw["constants"].update({k: v.to(device) for k, v in load_file(str(side)).items()})
@@ -124,6 +133,14 @@ class Pipeline:
         self.sized_runners = {n: {g: self.runners[k] for g, k in manifest.keys_at(n).items() if k in self.runners}
                               for n in self.batch_sizes}
         self.runners = self.sized_runners[self.bucket.batch_size]
+        said = {getattr(r, "precompiled", None) for r in self.sized_runners_all()} - {None}
+        # "loaded": every graph runs Inductor's saved kernels; else why not (the graphs compile at warm-up)
+        self.precompiled = "none" if not precompiled else "loaded" if said == {"loaded"} else \
+            "; ".join(sorted(said - {"loaded"}))
+
+    def sized_runners_all(self) -> list[Runner]:
+        """Every runner of every batch size, once."""
+        return list({id(r): r for rs in self.sized_runners.values() for r in rs.values()}.values())
 
     def _checkpoint_weights(self, weights_from: str | None, device: str) -> dict[str, torch.Tensor]:
         """Compiled graphs (aoti, inductor) built without weights: load them once from the engines' own
@@ -140,8 +157,7 @@ class Pipeline:
         model, _, cfg = load_checkpoint(src, dtype=self.manifest.dtype, device=device)
         if cfg.hash() != self.manifest.config_hash:
             raise ManifestError(f"{src}: its config differs from the one these engines were exported from")
-        self._weights_model = model  # keeps the tensors alive
-        return dict(model.state_dict())
+        return dict(model.state_dict())  # the model goes: the tensors live as long as a graph holds them
 
     @classmethod
     def load(cls, path: str | Path, backend: str | None = None, device: str | None = None,
@@ -157,7 +173,8 @@ class Pipeline:
         graph (default: what the backend does by default). ``warmup`` (default: on for backends
         that compile at load, e.g. inductor): run :meth:`warmup` before returning. ``runner_options``:
         passed to the backend's runner (inductor: ``{"compile": False}`` runs the programs' eager kernels
-        from CUDA graphs, without compile time). ``threads``: CPU threads for the engines (torch's
+        from CUDA graphs, without compile time; ``{"precompiled": None}`` compiles with torch.compile even
+        where the export saved the kernels). ``threads``: CPU threads for the engines (torch's
         intra-op threads, and the sessions' own pools for backends that have them); default: theirs."""
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be a positive integer (CPU threads for the engines), got {threads!r}")

@@ -1,0 +1,185 @@
+"""Load time of full-size Inductor engines (issue 22 item 3: a warm ``Pipeline.load`` in at most 20 s).
+
+Parts (each fits one device call; the machine must stay warm between them, the engines live in --engines):
+
+``export``   random full-size weights made on the GPU (``tools/bench_gpu.py``'s ``build_model``, same seed),
+             exported in-process for the Inductor backend with the pruned + prefix-cache graphs, the weights
+             in the directory (``weights.safetensors``: a fresh process reads them as a serving host would),
+             Inductor's kernels saved per graph (``--precompile``) and, unless ``--no-compile-cache``, the
+             compile cache of today's ``torch.compile`` path beside them.
+``measure``  ``Pipeline.load`` (with its warm-up: every graph run once, CUDA graphs captured) in fresh
+             processes, per mode: ``precompiled`` (the saved kernels, no Dynamo) and ``compile``
+             (``torch.compile`` from the saved compile cache, today's path); each ``cold`` (empty Inductor
+             and Triton caches, the page cache dropped where the machine lets us) then ``warm`` (a second
+             fresh process on the caches the cold one filled). Each load then answers one request, whose
+             token ids are compared between the modes. Writes ``<out>/bench_load.json`` and ``.md``.
+``load``     (used by ``measure``) one load in this process, its numbers as one JSON line.
+
+    python tools/bench_load.py export --engines /tmp/load_engines
+    python tools/bench_load.py measure --engines /tmp/load_engines --out benchmarks/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gpu import DEVICE, build_model, request_images  # noqa: E402  the same weights and images
+
+TARGET_S = 20.0  # issue 22: a warm load of the full-size engines
+MODES = {"precompiled": None, "compile": {"precompiled": None}}  # mode -> Pipeline.load's runner_options
+
+
+def run_export(args) -> dict:
+    from llada_export.contract.manifest import Manifest
+    from llada_export.contract.pruning import PruneSettings
+    from llada_export.exporter.build import ExportOptions, export_engines
+
+    t0 = time.perf_counter()
+    model, cfg, tok = build_model(args.preset, args.seed)
+    built = time.perf_counter() - t0
+    w, h = args.image
+    opts = ExportOptions(model=f"random {args.preset} (bench_load, seed {args.seed})", output=str(args.engines),
+                         prune=PruneSettings(args.prune_layer, args.keep), cache=True, fuse_sampler=True,
+                         backends=("inductor",), compiled_weights="shared",
+                         dtype="bfloat16" if DEVICE == "cuda" else "float32", device=DEVICE,
+                         gen_length=args.gen_length, max_prompt_tokens=args.max_prompt_tokens, image_size=(w, h),
+                         compile_cache=args.compile_cache, precompile=True, overwrite=True, progress=False)
+    t0 = time.perf_counter()
+    export_engines(opts, loaded=(model, tok, cfg))
+    m = Manifest.read(args.engines, verify=False)
+    out = {"model_build_s": built, "export_s": time.perf_counter() - t0, "precompiled": m.precompiled,
+           "compile_cache": m.compile_cache, "notes": m.notes,
+           "bytes": {k: f.bytes for k, f in m.files.items() if k.startswith("programs/") or k.endswith(".safetensors")}}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def run_load(args) -> None:
+    from torch._dynamo.utils import counters
+
+    from llada_export.runtime.pipeline import Pipeline
+
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    pipe = Pipeline.load(args.engines, backend="inductor", device=DEVICE, runner_options=MODES[args.mode])
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    res = pipe.generate(request_images(*args.image, 1)[0], "Describe the image.", preset="chartqa", cache=True,
+                        factor=1.0)
+    print(json.dumps({"seconds": seconds, "precompiled": pipe.precompiled, "compile_cache": pipe.compile_cache,
+                      "dynamo_frames": sum(counters["frames"].values()),
+                      "fxgraph_cache_hit": counters["inductor"]["fxgraph_cache_hit"],
+                      "fxgraph_cache_miss": counters["inductor"]["fxgraph_cache_miss"],
+                      "graphs": len(pipe.sized_runners_all()), "ids": res.ids,
+                      "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else None}),
+          flush=True)
+
+
+def drop_page_cache() -> bool:
+    """Drop the OS page cache (the weights file then comes from disk); False where not allowed."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def one_load(args, mode: str, caches: Path) -> dict:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"),
+           "TRITON_CACHE_DIR": str(caches / "triton")}
+    cmd = [sys.executable, __file__, "load", "--engines", str(args.engines), "--mode", mode,
+           "--image", "x".join(map(str, args.image))]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    wall = time.perf_counter() - t0
+    if r.returncode:
+        return {"error": r.stderr[-2000:], "process_s": wall}
+    return json.loads(r.stdout.strip().splitlines()[-1]) | {"process_s": wall}
+
+
+def run_measure(args) -> dict:
+    res = {"part": "load", "engines": str(args.engines), "device": torch.cuda.get_device_name() if DEVICE == "cuda"
+           else platform.processor() or "cpu", "torch": torch.__version__, "target_s": TARGET_S, "modes": {}}
+    for mode in args.modes:
+        with tempfile.TemporaryDirectory(prefix=f"bench_load_{mode}_") as tmp:
+            row = {"cold_page_cache_dropped": drop_page_cache()}
+            row["cold"] = one_load(args, mode, Path(tmp))
+            print(mode, "cold", json.dumps({k: v for k, v in row["cold"].items() if k != "ids"}), flush=True)
+            row["warm"] = one_load(args, mode, Path(tmp))
+            print(mode, "warm", json.dumps({k: v for k, v in row["warm"].items() if k != "ids"}), flush=True)
+        res["modes"][mode] = row
+    ids = {m: r["warm"].get("ids") for m, r in res["modes"].items()}
+    res["same_ids"] = len({json.dumps(v) for v in ids.values()}) == 1 if ids else None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_load.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out / "bench_load.md").write_text(markdown(res))
+    print(markdown(res))
+    return res
+
+
+def markdown(res: dict) -> str:
+    lines = [f"# Load of full-size Inductor engines ({res['device']}, torch {res['torch']})", "",
+             "`Pipeline.load` with its warm-up (every graph once, CUDA graphs captured), each in a fresh process; "
+             "cold: empty Inductor / Triton caches; warm: a second process on the caches the cold one filled. "
+             f"Target: warm <= {res['target_s']:.0f} s.", "",
+             "| mode | cold s | warm s | warm target | kernels | Dynamo frames (warm) | FX cache hit / miss (warm) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for mode, r in res["modes"].items():
+        c, w = r["cold"], r["warm"]
+        if "error" in c or "error" in w:
+            lines.append(f"| {mode} | {c.get('seconds', 'error')} | {w.get('seconds', 'error')} | - | - | - | - |")
+            continue
+        ok = "met" if w["seconds"] <= res["target_s"] else "missed"
+        lines.append(f"| {mode} | {c['seconds']:.1f} | {w['seconds']:.1f} | {ok} | {w['precompiled']} | "
+                     f"{w['dynamo_frames']} | {w['fxgraph_cache_hit']} / {w['fxgraph_cache_miss']} |")
+    lines += ["", f"Same answer (token ids) in every mode: {res.get('same_ids')}.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("part", choices=("export", "measure", "load"))
+    p.add_argument("--engines", type=Path, default=Path("/tmp/bench_load_engines"), help="the engines directory")
+    p.add_argument("--out", default="benchmarks",
+                   help="measure: where bench_load.json / .md go (default: benchmarks)")
+    p.add_argument("--preset", default="full" if DEVICE == "cuda" else "tiny",
+                   help="model size (default: full on CUDA, tiny on the CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image", type=lambda s: tuple(map(int, s.split("x"))), default=(1024, 768), help="WxH bucket")
+    p.add_argument("--prune-layer", type=int, default=16)
+    p.add_argument("--keep", type=float, default=0.35)
+    p.add_argument("--gen-length", type=int, default=128)
+    p.add_argument("--max-prompt-tokens", type=int, default=128)
+    p.add_argument("--no-compile-cache", dest="compile_cache", action="store_false",
+                   help="export: save no compile cache (the compile mode then compiles from scratch)")
+    p.add_argument("--modes", nargs="+", choices=tuple(MODES), default=list(MODES))
+    p.add_argument("--mode", choices=tuple(MODES), default="precompiled", help="load: which path")
+    p.add_argument("--timeout", type=int, default=540, help="seconds per load process")
+    args = p.parse_args(argv)
+    if args.part == "export":
+        run_export(args)
+    elif args.part == "load":
+        run_load(args)
+    else:
+        run_measure(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
