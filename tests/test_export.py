@@ -228,9 +228,11 @@ def test_cli_bad_input_is_one_line_exit_2_and_leaves_nothing(tiny_ckpt, tmp_path
     (["--no-prune", "--baseline"], "--baseline would be ignored"),
     (["--compile-cache"], "--compile-cache applies to inductor builds only"),
     (["--no-compile-cache", "--backend", "aoti"], "--no-compile-cache applies to inductor builds only"),
+    (["--precompile"], "--precompile applies to inductor builds only"),
+    (["--no-precompile", "--backend", "aoti"], "--no-precompile applies to inductor builds only"),
     (["--batch-size", str(10**8)], "these engines need at least"),
 ], ids=["keep-nan", "keep-inf", "image-size-vs-slots", "no-prune-keep", "no-prune-layer-score", "no-prune-baseline",
-        "compile-cache-onnx", "no-compile-cache-aoti", "batch-size-memory"])
+        "compile-cache-onnx", "no-compile-cache-aoti", "precompile-onnx", "no-precompile-aoti", "batch-size-memory"])
 def test_cli_refuses_conflicting_ignored_or_unbuildable_flags(tiny_ckpt, tmp_path, capsys, args, msg):
     """Flags the export would ignore, contradict or cannot hold (issue 20): one line, exit 2, before any
     weight is read, nothing written. In-process: the CLI's own argument handling and preflight."""

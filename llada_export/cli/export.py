@@ -102,9 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", help="device to trace and compile for: cpu, cuda or cuda:N (default: cpu)")
     cc = b.add_mutually_exclusive_group()
     cc.add_argument("--compile-cache", dest="compile_cache", action="store_true", default=None,
-                    help="inductor: compile every graph at export and save the compiler's cache, so a load on a "
-                    "machine with the same torch, Triton and GPU takes seconds (default: on for CUDA; inductor "
-                    "builds only)")
+                    help="inductor: compile every graph at export with torch.compile and save the compiler's cache, "
+                    "so that torch.compile at load on a machine with the same torch, Triton and GPU hits it (Dynamo "
+                    "still traces each graph); with --precompile it serves the fallback path only (default: on for "
+                    "CUDA with --no-precompile; inductor builds only)")
     cc.add_argument("--no-compile-cache", dest="compile_cache", action="store_false", help="do not (inductor only)")
     pc = b.add_mutually_exclusive_group()
     pc.add_argument("--precompile", dest="precompile", action="store_true", default=None,

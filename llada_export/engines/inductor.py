@@ -5,8 +5,8 @@ The same code generator as AOTInductor, for machines whose AOTInductor loader fa
 lent H200s). With the weights left in the checkpoint the archives hold meta tensors for
 them (shape and dtype only), mapped to checkpoint keys in the manifest.
 
-Compile cache: with ``--compile-cache`` (the default on CUDA) the export compiles every
-graph once, exactly as a load does, and saves what the compiler produced
+Compile cache: with ``--compile-cache`` (the default on CUDA with ``--no-precompile``) the export
+compiles every graph once, exactly as a load does, and saves what the compiler produced
 (``torch.compiler.save_cache_artifacts``: Inductor's graph entries with their Triton
 kernels, AOTAutograd's entries) as ``programs/compile_cache.bin``, with the versions it
 holds for in ``compile_cache.json``. ``Pipeline.load`` on a machine with the same torch,

@@ -85,7 +85,8 @@ class ExportOptions:
     # device_memory bytes (default: the CUDA device's free memory at export); see exporter/capacity.py
     auto_batch: bool = False
     device_memory: int | None = None
-    compile_cache: bool | None = None  # inductor: compile at export and save the cache (default: on CUDA)
+    # inductor: compile at export and save the cache (default: on CUDA when precompile is off)
+    compile_cache: bool | None = None
     precompile: bool | None = None  # inductor: save each graph's kernels, run without Dynamo (default: on CUDA)
     overwrite: bool = False
     progress: bool = True
@@ -373,8 +374,9 @@ def _build(opts: ExportOptions, root: Path, loaded: tuple | None) -> Manifest:
         state |= fp8.tensors()
         mode = "shared" if mode != "package" else mode
     external = mode in ("checkpoint", "shared")
-    compile_cache = opts.compile_cache if opts.compile_cache is not None else device.type == "cuda"
     precompile = opts.precompile if opts.precompile is not None else device.type == "cuda"
+    # the compile cache serves the torch.compile path: by default only where no kernels are precompiled
+    compile_cache = opts.compile_cache if opts.compile_cache is not None else device.type == "cuda" and not precompile
     wctx = WriteContext(root, opts.device, opts.dtype, programs=programs, io=io, notes=list(opts.notes),
                         weight_keys={t.data_ptr(): k for k, t in state.items()} if external else None,
                         weights=state, options={"compile_cache": compile_cache, "example_fill": ctx.fill(),

@@ -134,9 +134,10 @@ class Pipeline:
                               for n in self.batch_sizes}
         self.runners = self.sized_runners[self.bucket.batch_size]
         said = {getattr(r, "precompiled", None) for r in self.sized_runners_all()} - {None}
-        # "loaded": every graph runs Inductor's saved kernels; else why not (the graphs compile at warm-up)
-        self.precompiled = "none" if not precompiled else "loaded" if said == {"loaded"} else \
-            "; ".join(sorted(said - {"loaded"}))
+        # "loaded": every graph runs Inductor's saved kernels; "none": the export saved none; "not used": the
+        # runner options turned them off; else why not (the graphs compile at warm-up)
+        self.precompiled = "none" if not precompiled else "not used" if not said else "loaded" if said == {"loaded"} \
+            else "; ".join(sorted(said - {"loaded"}))
 
     def sized_runners_all(self) -> list[Runner]:
         """Every runner of every batch size, once."""
