@@ -171,9 +171,9 @@ def test_the_runtime_holds_one_copy_of_the_weights(pre, tiny, runner_options):
 
 
 def test_the_export_holds_one_copy_of_the_fused_weights(tiny_ckpt, images):
-    """The exporter's fused language model (``BuildContext.language``) leaves the model's own q/k/v and
-    gate/up weights as views of the fused ones: the model and the graphs' weights are one copy, and the
-    model computes what it computed."""
+    """The exporter's fused language model (``BuildContext.language``; ``share_storage``: what export_engines
+    sets for a model it loaded itself) leaves the model's own q/k/v and gate/up weights as views of the fused
+    ones: the model and the graphs' weights are one copy, and the model computes what it computed."""
     from llada_export.checkpoint.loader import load_checkpoint
     from llada_export.exporter.programs import BuildContext
     from llada_export.reference import embed_prompt
@@ -184,7 +184,7 @@ def test_the_export_holds_one_copy_of_the_fused_weights(tiny_ckpt, images):
     ids, pos = torch.full((1, 4), 5), torch.arange(inp.length + 4)[None]
     with torch.no_grad():
         want = model.language(inp.embeds, ids, pos)
-        ctx = BuildContext(model, None, None, None, None, False, torch.device("cpu"))
+        ctx = BuildContext(model, None, None, None, None, False, torch.device("cpu"), share_storage=True)
         fused = ctx.language
         torch.testing.assert_close(model.language(inp.embeds, ids, pos), want, rtol=0, atol=0)
         torch.testing.assert_close(fused(inp.embeds, ids, pos), want, rtol=1e-5, atol=1e-5)

@@ -351,13 +351,15 @@ def _build(opts: ExportOptions, root: Path, loaded: tuple | None) -> Manifest:
     programs, io, variants, ctx = {}, {}, {}, None
     fp8 = None
     if opts.weights == "fp8":  # quantized after any fusion of the projections (by module name)
-        ctx = size_context(None, model, replace(bucket, batch_size=largest), cfg, tokens, opts, device)
+        ctx = size_context(None, model, replace(bucket, batch_size=largest), cfg, tokens, opts, device,
+                           share_storage=loaded is None)
         fp8 = apply_fp8(ctx, opts.fp8)
     # the largest size first (its plain-named graphs, vision among them), then each smaller size's batched graphs
     work = [(b, s) for b in sorted(opts.sizes, reverse=True) for s in specs if b == largest or batched(s)]
     for b, spec in tqdm(work, desc="torch.export", unit="graph", disable=not opts.progress):
         if ctx is None or ctx.bucket.batch_size != b:
-            ctx = size_context(ctx, model, replace(bucket, batch_size=b), cfg, tokens, opts, device)
+            ctx = size_context(ctx, model, replace(bucket, batch_size=b), cfg, tokens, opts, device,
+                               share_storage=loaded is None)
         key = sized_key(spec.name, b, largest)
         io[key] = spec.io(ctx.dims, opts.fuse_sampler)
         programs[key] = resolve(spec.build)(ctx)
@@ -437,13 +439,16 @@ def _build(opts: ExportOptions, root: Path, loaded: tuple | None) -> Manifest:
 
 
 def size_context(prev: BuildContext | None, model, bucket: Bucket, cfg: LLaDAVConfig, tokens, opts: ExportOptions,
-                 device: torch.device) -> BuildContext:
+                 device: torch.device, share_storage: bool = False) -> BuildContext:
     """The build context at ``bucket``'s batch size. After the first size it is ``prev`` with the new bucket
     and fresh per-program memo tables (programs are traced per batch size) but everything else kept, so
-    that every size's graphs hold the same weight tensors (one copy in ONNX's weights file, one mapping)."""
+    that every size's graphs hold the same weight tensors (one copy in ONNX's weights file, one mapping).
+    ``share_storage``: the model is the build's own (not a caller's), its weights may become views of the
+    fused ones (``BuildContext.share_storage``)."""
     dims = Dims.of(bucket, cfg, opts.dtype)
     if prev is None:
-        return BuildContext(model, bucket, dims, tokens, opts.prune, opts.fuse_sampler, device)
+        return BuildContext(model, bucket, dims, tokens, opts.prune, opts.fuse_sampler, device,
+                            share_storage=share_storage)
     memo = {f.name: f.default_factory() for f in fields(prev) if f.default_factory is not MISSING}
     return replace(prev, bucket=bucket, dims=dims, **memo)
 

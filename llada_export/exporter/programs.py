@@ -41,6 +41,9 @@ class BuildContext:
     prune: PruneSettings | None
     fused: bool
     device: torch.device
+    # the model is the build's own: its q/k/v and gate/up weights become views of the fused ones (one copy in
+    # memory). Off for a caller's model (export_engines(loaded=...)), whose tensors the caller may hold apart
+    share_storage: bool = False
     _traced: dict[str, torch.export.ExportedProgram] = field(default_factory=dict)
     _language: LanguageModel | None = None
     # other programs of a graph, by variant (INPLACE: the cached step writing into its kv_cache input)
@@ -53,12 +56,13 @@ class BuildContext:
 
     @property
     def language(self) -> LanguageModel:
-        """The language model every denoiser graph traces: the model's, projections fused (made once). The
-        model's own q/k/v and gate/up weights become views of the fused ones (``share_storage``): the build
+        """The language model every denoiser graph traces: the model's, projections fused (made once). With
+        ``share_storage`` the model's own q/k/v and gate/up weights become views of the fused ones: the build
         holds one copy of the weights, not the checkpoint's plus the fused."""
         if self._language is None:
             self._language = fuse_projections(self.model.language)
-            share_storage(self.model.language, self._language)
+            if self.share_storage:
+                share_storage(self.model.language, self._language)
         return self._language
 
     def head(self) -> Head:
