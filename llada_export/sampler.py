@@ -51,13 +51,17 @@ import torch
 from .rules import GenerationError, check_number, check_refresh
 
 DEFAULT_REFRESH = 32  # forwards between cache refreshes within a block (the official demo's value)
-DEFAULT_FACTOR = 1.0  # the default parallel rule of Pipeline / llada-generate / llada-serve (README: "Defaults")
+# The product's defaults (Pipeline / llada-generate / llada-serve), from the task-v2 sweep on the GPU
+# (benchmarks/vqa2_cache_sweep.md, README "Defaults"): Fast-dLLM's threshold rule at 0.9, with the cache
+# refreshed every forward (a longer interval cost 2-3 points of long answers with every parallel rule).
+PRODUCT_THRESHOLD = 0.9
+PRODUCT_REFRESH = 1
 
 
 def parallel_rule(factor: float | None, threshold: float | None, fixed_schedule: bool,
                   remasking: str) -> tuple[float | None, float | None]:
-    """The product's default parallel decoding, from the task-v2 sweeps (README, "Defaults"): the factor
-    rule at ``DEFAULT_FACTOR`` unless a rule is named or ``fixed_schedule`` asks for the official fixed
+    """The product's default parallel decoding (README, "Defaults"): the threshold rule at
+    ``PRODUCT_THRESHOLD`` unless a rule is named or ``fixed_schedule`` asks for the official fixed
     schedule (steps / blocks tokens per forward). Random remasking has no confidence to rank by: it keeps
     the fixed schedule. Returns (factor, threshold) for :class:`GenerationConfig`."""
     if not isinstance(fixed_schedule, bool):
@@ -66,7 +70,7 @@ def parallel_rule(factor: float | None, threshold: float | None, fixed_schedule:
         raise GenerationError("fixed_schedule commits a fixed number of tokens per forward: leave factor and "
                               "threshold out, or drop fixed_schedule to decode in parallel")
     if factor is None and threshold is None and not fixed_schedule and remasking == "low_confidence":
-        return DEFAULT_FACTOR, None
+        return None, PRODUCT_THRESHOLD
     return factor, threshold
 
 
@@ -132,7 +136,7 @@ class GenerationConfig:
     def to_dict(self) -> dict:
         """The settings as ``Pipeline.generate`` takes them back (refresh only with the cache; None
         there is written "never", as llada-generate and the HTTP API spell it; ``fixed_schedule`` true
-        when no parallel rule ran, since Pipeline's default is the factor rule)."""
+        when no parallel rule ran, since Pipeline's default is the threshold rule)."""
         d = dict(gen_length=self.gen_length, block_length=self.block_length, steps=self.steps,
                  temperature=self.temperature, remasking=self.remasking, cfg_scale=self.cfg_scale,
                  factor=self.factor, threshold=self.threshold, fixed_schedule=self.parallel == "none",

@@ -76,7 +76,7 @@ def test_cached_engines_match_the_eager_cached_reference(pipe, tiny, images, set
         assert len(set(ref.ids)) > 2  # the random model's answer varies: the comparison could fail
         graphs = ("unpruned_prefill", "unpruned_cached") if unpruned else ("stage_a", "prefill", "cached")
         assert set(got.graph_calls) <= set(graphs)
-        if settings.get("refresh") != 1:
+        if gen.refresh != 1:  # the product's default refresh is 1 (every forward a prefill)
             assert got.graph_calls.get(graphs[-1], 0) > 0  # cached steps ran
 
 
@@ -147,6 +147,9 @@ def test_bad_combinations_are_clear(pipe, images, kw, err, msg):
 
 def test_cache_defaults_on_when_the_engines_have_it(pipe, images):
     r = pipe.generate(images["384x384"], PROMPTS["short"], fixed_schedule=True, preset="chartqa")
+    assert r.settings["cache"] is True and r.settings["refresh"] == 1  # on, refreshed every forward
+    assert "prefill" in r.graph_calls and "cached" not in r.graph_calls
+    r = pipe.generate(images["384x384"], PROMPTS["short"], fixed_schedule=True, preset="chartqa", refresh=4)
     assert "cached" in r.graph_calls
 
 

@@ -71,8 +71,8 @@ def test_generate_plain_text_output(engines, tiny):
     r = _gen(engines, "--image", str(DEMO_IMAGE), "--prompt", "What is here?", "--preset", "chartqa")
     assert r.returncode == 0, r.stderr
     model, tok, _ = tiny
-    # the CLI's default sampler: the factor rule at 1 (README, "Defaults")
-    ref = reference_generate(model, tok, DEMO_IMAGE, "What is here?", replace(preset("chartqa"), factor=1.0),
+    # the CLI's default sampler: the threshold rule at 0.9 (README, "Defaults")
+    ref = reference_generate(model, tok, DEMO_IMAGE, "What is here?", replace(preset("chartqa"), threshold=0.9),
                              PruneSettings(2, 0.5))
     assert r.stdout == ref.text.rstrip("\ufffd") + "\n"  # the answer alone (a partial last character cut)
     # and how long it took, one line on stderr

@@ -549,9 +549,11 @@ def test_bad_requests_get_4xx_and_nothing_else_is_affected(server, direct):
 
 # ---------------------------------------------------------------------- faults
 def test_client_that_hangs_up_does_not_break_its_batch(server, direct):
-    """A caller sends a request and closes its socket while its batch runs: the batch it shared (a batch
-    whose size counts one more row than the answers that name it) answers the others as the pipeline
-    does, the replica logs the caller's cancellation, and the next request answers normally."""
+    """A caller sends a request and closes its socket: whether its row was already in a running batch (a
+    batch whose size counts one more row than the answers that name it) or was left out of the next one
+    while queued (with parallel decoding a batch lasts a forward or two, so either can happen), the other
+    requests answer as the pipeline does, the replica logs the caller's cancellation, and the next
+    request answers normally."""
     from concurrent.futures import ThreadPoolExecutor
 
     img, q, _ = ITEMS[4]
@@ -571,7 +573,7 @@ def test_client_that_hangs_up_does_not_break_its_batch(server, direct):
         named[r["llada"]["batch"]["id"]] = named.get(r["llada"]["batch"]["id"], 0) + 1
     sizes = {r["llada"]["batch"]["id"]: r["llada"]["batch"]["size"] for r in replies}
     shared = [b for b in named if sizes[b] == named[b] + 1]  # one row answered no one: the dropped request's
-    assert len(shared) == 1 and all(sizes[b] == named[b] for b in named if b not in shared), (sizes, named)
+    assert len(shared) <= 1 and all(sizes[b] == named[b] for b in named if b not in shared), (sizes, named)
     deadline = time.perf_counter() + 20
     while replica_log_count(server, logged) == before:
         assert time.perf_counter() < deadline, "no replica logged the cancelled request"
@@ -667,12 +669,15 @@ def test_oversized_body_and_overlong_prompt_are_refused_at_once(server, direct):
 
 def test_sampling_with_a_seed_answers_as_the_pipeline(server, direct):
     """temperature > 0 with a seed, batched on the server: each answer is Pipeline.generate's with the same
-    seed (per-row generators); the seeds change the answers (they are honoured, not dropped)."""
+    seed (per-row generators); the seeds change the answers (they are honoured, not dropped). The fixed
+    schedule: with the default threshold rule this trained model commits its answer in one confident forward,
+    where the seeds rarely show."""
     from concurrent.futures import ThreadPoolExecutor
 
     asks = [(i, seed) for i in (0, 3) for seed in range(3)]
     with ThreadPoolExecutor(6) as ex:
-        replies = list(ex.map(lambda a: ask(server["url"], a[0], temperature=2.0, seed=a[1]), asks))
+        replies = list(ex.map(lambda a: ask(server["url"], a[0], temperature=2.0, seed=a[1],
+                                                fixed_schedule=True), asks))
     for (i, seed), r in zip(asks, replies):  # the reply records the settings that produced it
         settings = r["llada"]["settings"]
         assert (settings["seed"], settings["temperature"], settings["gen_length"]) == (seed, 2.0, 16)

@@ -77,18 +77,20 @@ def add_decoding_flags(p: argparse.ArgumentParser) -> None:
     c.add_argument("--no-cache", dest="cache", action="store_false", help="recompute the prefix every step")
     g.add_argument("--refresh", type=refresh_value, default=argparse.SUPPRESS, metavar="N|never",
                    help="with the cache: forwards between refreshes within a block; never = only at block "
-                   "starts (default: 32, the official demo's)")
+                   "starts (default: 1, every forward: longer intervals cost long answers in our sweep; the official "
+                   "demo's 32 is faster)")
     r = g.add_mutually_exclusive_group()
     r.add_argument("--factor", type=setting_number("factor", low=0.0, low_open=True), metavar="F",
                    help="parallel decoding, the official LLaDA-V Fast-dLLM hook's rule (its demo's threshold=1 "
                    "is --factor 1): commit the top k, k the first rank with confidence < 1 - F/(k+2) "
-                   "(default: --factor 1, unless --threshold or --fixed-schedule)")
+                   "(the official demo: --factor 1)")
     r.add_argument("--fixed-schedule", action="store_true",
                    help="no parallel decoding: the official fixed schedule, steps / blocks tokens per forward "
                    "(the exact reference; slower)")
     r.add_argument("--threshold", type=setting_number("threshold", low=0.0, high=1.0, low_open=True), metavar="T",
                    help="parallel decoding, Fast-dLLM's threshold rule: commit every masked token of the block "
-                   "with confidence >= T (at least one)")
+                   "with confidence >= T (at least one); default: --threshold 0.9 unless --factor or "
+                   "--fixed-schedule")
 
 
 def decoding_settings(args: argparse.Namespace) -> dict:

@@ -28,7 +28,7 @@ from ..device import parse_device
 from ..engines.registry import Runner, check_artifacts, get_backend, load_builtin, pick_backend
 from ..graphs.anyres import ImageError, assemble, image_size, preprocess, visual_token_count
 from ..sampler import DEFAULT_REFRESH, GenerationConfig, GenerationError, SamplerTrace, StepEvent, StepInfo, generate
-from ..sampler import parallel_rule
+from ..sampler import PRODUCT_REFRESH, parallel_rule
 from ..sampler import preset as get_preset
 from ..tokenizer import DEFAULT_SYSTEM_PROMPT, decode_answer, encode_prompt, load_tokenizer
 from .denoiser import EngineDenoiser
@@ -318,9 +318,10 @@ class Pipeline:
                           fixed_schedule: bool = False) -> GenerationConfig:
         """The sampler settings of a request, checked against what these engines can serve.
         ``cache`` None: the prefix cache when the engines have its graphs. ``refresh``: forwards
-        between cache refreshes within a block (None or "never": only at block starts). Parallel
-        decoding: ``factor`` or ``threshold`` names a rule; with neither, the factor rule at
-        ``sampler.DEFAULT_FACTOR`` (1, the official demo's) unless ``fixed_schedule`` asks for the
+        between cache refreshes within a block (None or "never": only at block starts; default
+        ``sampler.PRODUCT_REFRESH``, 1: every forward, exact; the official demo's 32 is faster). Parallel
+        decoding: ``factor`` or ``threshold`` names a rule; with neither, the threshold rule at
+        ``sampler.PRODUCT_THRESHOLD`` (0.9, Fast-dLLM's) unless ``fixed_schedule`` asks for the
         official fixed schedule (steps / blocks tokens per forward; random remasking always uses it).
         Every value is checked by the rule of :mod:`.inputs` (finite numbers in range; GenerationError
         naming the field)."""
@@ -338,7 +339,7 @@ class Pipeline:
         factor, threshold = parallel_rule(factor, threshold, fixed_schedule, remasking)
         kw = dict(temperature=temperature, remasking=remasking, cfg_scale=cfg_scale, factor=factor,
                   threshold=threshold, cache=use_cache,
-                  refresh=DEFAULT_REFRESH if refresh == "default" else check_refresh(refresh))
+                  refresh=PRODUCT_REFRESH if refresh == "default" else check_refresh(refresh))
         d = self.manifest.generation
         if preset is not None:
             gen = get_preset(preset, gen_length=gen_length, steps=steps, block_length=block_length)

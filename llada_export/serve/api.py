@@ -23,8 +23,9 @@ the response length (the sampler's gen length), at most the engines' (default: t
 preset's); ``stop``: up to 4 strings, the answer cut before the first (finish_reason "stop");
 ``stream``: server-sent chunks of the answer's committed prefix (see :mod:`.app`). The fields after
 ``stream`` are this server's sampler settings (see ``llada-generate --help``): with none of ``factor``,
-``threshold`` and ``fixed_schedule: true``, the factor rule at 1 decodes in parallel (the default of
-``Pipeline`` and ``llada-generate`` too); null for any of them is "left out".
+``threshold`` and ``fixed_schedule: true``, the threshold rule at 0.9 decodes in parallel, and the cache
+(when the engines have it) refreshes every forward (the defaults of ``Pipeline`` and ``llada-generate``
+too); null for any of them is "left out".
 
 Every other field of the official client is accepted at the value(s) this model honours
 (:data:`NEUTRAL`: ``n`` 1, ``top_p`` 1, ``presence_penalty`` / ``frequency_penalty`` 0, ``logprobs``
