@@ -35,6 +35,8 @@ CASES = [  # (tool, its JSON, the report it renders, the command line that re-re
     ("bench_gpu.py", "bench_gpu_batch.json", "bench_gpu_batch.md", ["batch", "--replot", "--out", "{out}"]),
     ("bench_cpu.py", "cpu_ort.json", "cpu_ort.md", ["--replot", "--out", "{out}"]),
     ("gpu_probe.py", "gpu_probe.json", "gpu_probe.md", ["--replot", "--out", "{out}"]),
+    ("fp8_eval.py", "fp8_vqa.json", "fp8_vqa.md", ["render", "--replot", "--out", "{out}/fp8_vqa"]),
+    ("kv_capacity.py", "kv_capacity.json", "kv_capacity.md", ["--replot", "--out", "{out}/kv_capacity"]),
 ]
 # issue 21's reports (tools/long_sweeps.py render), once a GPU run's summaries are committed
 CASES += [("long_sweeps.py", f"vqa2_{part}.json", f"vqa2_{part}.md", ["render", "--replot", "--out", "{out}"])

@@ -5,6 +5,7 @@ made on the GPU: per graph kind, the top-1 agreement and KL of fp8 logits agains
     python tools/fp8_eval.py vqa --device cuda --per-type 25 [--activations row|tensor]
     python tools/fp8_eval.py logits --device cuda --preset full [--activations row|tensor]
     python tools/fp8_eval.py time --preset full [--presets demo,chartqa]   # on a GPU
+    python tools/fp8_eval.py render --from A.json B.json --out benchmarks/fp8_vqa --machine ... --command ...
 
 ``time``: the engines of tools/bench_gpu.py (pruned + cache, inductor, fused sampler, random weights
 made on the device) exported native (bf16 on CUDA) and with ``--weights fp8`` per-row and per-tensor,
@@ -140,9 +141,64 @@ def run_time(args) -> dict:
     return res
 
 
+def vqa_markdown(res: dict) -> str:
+    """The vqa runs of ``render`` as a table: exact match per question type, native vs fp8."""
+    runs = res["runs"]
+    types = sorted(runs[0]["native"]["per_type"])
+    head = "| activations | weights | all | short | long | " + " | ".join(types) + " | answers that differ |"
+    rows = [head, "|" + "---|" * (len(types) + 6)]
+    for r in runs:
+        for w in ("native", "fp8"):
+            a = r[w]
+            cells = [f"{100 * a['per_type'][t]:.1f}" for t in types]
+            differ = str(len(r["differ"])) if w == "fp8" else ""
+            rows.append(f"| {r['activations']} | {w if w == 'fp8' else r['dtype']} | {100 * a['overall']:.1f} | "
+                        f"{100 * a['per_length']['short']:.1f} | {100 * a['per_length']['long']:.1f} | "
+                        + " | ".join(cells) + f" | {differ} |")
+    m = res["machine"]
+    return (f"# FP8 weights on the demo model: VQA accuracy against {runs[0]['dtype']}\n\n"
+            f"- machine: {m}; eager models (`reference_generate`), the bundled demo model v2, task v2 test split "
+            f"(`vqa_task.balanced_split`), {runs[0]['n']} questions, gen = block = steps = 32, fixed schedule\n"
+            f"- fp8: e4m3 weights with a scale per output channel, activations scaled per row or per tensor "
+            f"(`llada_export/quant/fp8.py`), {runs[0]['quantized_linears']} linears quantized (vision tower, "
+            f"projector and lm_head kept)\n\n" + "\n".join(rows) + "\n\n"
+            f"Reproduce: {res['command']}\n")
+
+
+def vqa_plot(res: dict, path: Path) -> None:
+    from llada_export.report import pyplot, save
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    labels, vals = [], []
+    for r in res["runs"]:
+        for w in ("native", "fp8"):
+            labels.append(f"{r['dtype'] if w == 'native' else 'fp8'}\n({r['activations']} scales)")
+            vals.append(100 * r[w]["overall"])
+    ax.bar(range(len(vals)), vals, color=["#777", "#c33"] * len(res["runs"]))
+    ax.set_xticks(range(len(vals)), labels)
+    ax.set_ylim(min(vals) - 5, 100)
+    ax.set_ylabel("exact match %")
+    ax.set_title("demo model v2, test split: native vs FP8 weights")
+    save(fig, path)
+
+
+def render(args) -> int:
+    """Combine ``vqa`` JSON results (--from) into <out>.json / .md / .png (--replot: from <out>.json)."""
+    from llada_export.report import write_report
+
+    res = None
+    if not args.replot:
+        runs = [json.loads(Path(f).read_text()) for f in args.src]
+        res = {"runs": [{k: v for k, v in r.items() if "predictions" not in k} for r in runs],
+               "machine": args.machine, "command": args.command}
+    write_report(args.out, res, vqa_markdown, vqa_plot)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=("vqa", "logits", "time"))
+    p.add_argument("part", choices=("vqa", "logits", "time", "render"))
     p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 on cuda, fp32 on cpu)")
     p.add_argument("--activations", choices=("row", "tensor"), default="row")
     p.add_argument("--model", default=None, help="vqa: checkpoint (default: the bundled demo model)")
@@ -160,7 +216,14 @@ def main(argv=None) -> int:
                    help="time: which engine sets, one after another (native, fp8-row, fp8-tensor)")
     p.add_argument("--workdir", default="/tmp/llada-fp8", help="time: where the engines are written (removed after)")
     p.add_argument("--json", default=None, help="write the result here")
+    p.add_argument("--from", dest="src", nargs="*", default=[], help="render: vqa JSON results to combine")
+    p.add_argument("--out", default="benchmarks/fp8_vqa", help="render: report path without suffix")
+    p.add_argument("--machine", default="", help="render: the machine the results came from, in words")
+    p.add_argument("--command", default="", help="render: the command that produced them")
+    p.add_argument("--replot", action="store_true", help="render: re-render <out>.md/.png from <out>.json")
     args = p.parse_args(argv)
+    if args.part == "render":
+        return render(args)
     res = {"vqa": run_vqa, "logits": run_logits, "time": run_time}[args.part](args)
     text = json.dumps(res, indent=1)
     if args.json:
