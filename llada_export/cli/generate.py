@@ -24,8 +24,10 @@ examples:
 
 The image goes first unless the prompt places it with <image> ("<image>\\n" + question, as
 the official demo writes it); a typed \\n in --prompt is a newline. With --cache (the default
-when the engines have the cache graphs) the prefix K/V are reused between refreshes;
---factor / --threshold commit several tokens per step (Fast-dLLM parallel decoding)."""
+when the engines have the cache graphs) the prefix K/V are reused between refreshes (every
+forward by default: --refresh 32 is the official demo's, faster); --factor / --threshold commit
+several tokens per step (Fast-dLLM parallel decoding; --threshold 0.9 unless a rule or
+--fixed-schedule is given)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,8 +84,7 @@ def add_decoding_flags(p: argparse.ArgumentParser) -> None:
     r = g.add_mutually_exclusive_group()
     r.add_argument("--factor", type=setting_number("factor", low=0.0, low_open=True), metavar="F",
                    help="parallel decoding, the official LLaDA-V Fast-dLLM hook's rule (its demo's threshold=1 "
-                   "is --factor 1): commit the top k, k the first rank with confidence < 1 - F/(k+2) "
-                   "(the official demo: --factor 1)")
+                   "is --factor 1): commit the top k, k the first rank with confidence < 1 - F/(k+2)")
     r.add_argument("--fixed-schedule", action="store_true",
                    help="no parallel decoding: the official fixed schedule, steps / blocks tokens per forward "
                    "(the exact reference; slower)")
