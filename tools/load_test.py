@@ -13,9 +13,18 @@ the level's wall time, p50/p95/p99 latency, the mean batch the server ran them i
 that differ from ``Pipeline.generate`` on the same engines in this process (one request per
 batch, no server). Loopback servers only.
 
+``--stream`` sends every request with ``stream: true`` (``--stream 0.5``: every other one) and reads
+its server-sent events with ``Client.chat_stream``: the concatenated text is checked against the
+pipeline like a plain answer, and the time to the first streamed chunk (the first piece of the
+answer's text, from the send or, open loop, the scheduled arrival) gets its p50 / p99 per level.
+Per level too: ``cancelled``, the server's /health counter of callers that hung up, after the
+level minus before (/health answers for one replica at a time: it is asked several times and the
+replicas are told apart by their start time, ``now - uptime_s``), 0 unless clients timed out.
+
     python tools/load_test.py --engines out/serve-engines --concurrency 1 2 4 --requests 25
     python tools/load_test.py --engines out/serve-engines --concurrency --rate 1 2 4 --requests 40
     python tools/load_test.py --engines E --url http://127.0.0.1:8000      # a server already running
+    python tools/load_test.py --engines out/serve-engines --concurrency 1 4 --rate 2 4 --stream --requests 8
 
 Without ``--url`` it starts ``llada-serve`` itself (a local Ray cluster; ``--replicas``,
 ``--max-batch``, ``--batch-wait-ms``) and stops it at the end. Writes ``<out>.json``, ``<out>.md``
@@ -27,6 +36,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
+import sys
 import threading
 import time
 from pathlib import Path
@@ -55,27 +66,85 @@ def expected_answers(engines: str, items, settings: dict, threads: int | None) -
     return [pipe.generate(img, q, **settings).text for img, q, _ in items]
 
 
-def ask(url: str, items, expected, i: int, settings: dict, timeout_s: float, rec: dict) -> None:
-    """One chat request for item ``i``; its outcome goes into ``rec`` (latency from ``rec["sent"]``)."""
-    from llada_export.serve.client import Client, ServerError
+def streams(k: int, share: float) -> bool:
+    """Whether request ``k`` of a level streams: ``share`` of the requests, evenly spread (0.5: every other)."""
+    return int((k + 1) * share) > int(k * share)
+
+
+def ask(url: str, items, expected, i: int, settings: dict, timeout_s: float, rec: dict, stream: bool = False) -> None:
+    """One chat request for item ``i`` (``stream``: with ``stream: true``); its outcome goes into ``rec``
+    (latency and, streamed, ``first_chunk``: the first text of the answer, both from ``rec["sent"]``)."""
+    from llada_export.serve.client import Client
 
     img, q, truth = items[i]
     cl = Client(url, timeout_s=timeout_s, retries=0)  # a load test counts failures, it does not hide them
+    fields = {"max_tokens": settings.get("gen_length"), "seed": 0}
+    rec["stream"] = stream
     try:
-        r = cl.chat(q, img, max_tokens=settings.get("gen_length"), seed=0)
-        msg = r["choices"][0]["message"]["content"]
-        rec.update(ok=True, latency=time.perf_counter() - rec["sent"], text=msg,
-                   tokens=r["usage"]["completion_tokens"], batch=r["llada"]["batch"]["size"],
+        if stream:
+            final: list = []
+            pieces = []
+            for piece in cl.chat_stream(q, img, final=final, stream_options={"include_usage": True}, **fields):
+                if not pieces:
+                    rec["first_chunk"] = time.perf_counter() - rec["sent"]
+                pieces.append(piece)
+            msg = "".join(pieces)
+            last = next(e for e in final if e["choices"])  # the finish_reason chunk, with the server's record
+            tokens = next(e for e in final if not e["choices"])["usage"]["completion_tokens"]
+            batch = last["llada"]["batch"]["size"]
+        else:
+            r = cl.chat(q, img, **fields)
+            msg, tokens, batch = r["choices"][0]["message"]["content"], r["usage"]["completion_tokens"], \
+                r["llada"]["batch"]["size"]
+        latency = time.perf_counter() - rec["sent"]
+        if stream:
+            rec.setdefault("first_chunk", latency)  # an empty answer: its first chunk is its end
+        rec.update(ok=True, latency=latency, text=msg, tokens=tokens, batch=batch,
                    same=msg == expected[i], right=msg.strip() == truth)
-    except ServerError as e:
-        rec.update(ok=False, latency=time.perf_counter() - rec["sent"], error=str(e), status=e.status)
+    except (OSError, ValueError, KeyError, StopIteration) as e:  # ServerError, a broken or malformed stream
+        rec.update(ok=False, latency=time.perf_counter() - rec["sent"], error=str(e) or type(e).__name__,
+                   status=getattr(e, "status", None))
+
+
+def health_counts(url: str, samples: int, tol_s: float = 0.3) -> list[tuple[float, int]] | None:
+    """(start time, ``cancelled``) per replica that answered one of ``samples`` GET /health (each answers
+    for the replica it reached; replicas are told apart by ``now - uptime_s``, within ``tol_s``); None for
+    a server whose /health has no ``cancelled`` counter."""
+    from llada_export.serve.client import Client
+
+    cl = Client(url, timeout_s=30, retries=2)
+    seen = []
+    for _ in range(samples):
+        t = time.time()
+        h = cl.health()
+        if "cancelled" not in h:
+            return None
+        seen.append((t - h["uptime_s"], int(h["cancelled"])))
+    groups: list[list] = []
+    for start, n in sorted(seen):
+        if groups and start - groups[-1][0] <= tol_s:
+            groups[-1][1] = max(groups[-1][1], n)
+        else:
+            groups.append([start, n])
+    return [(g[0], g[1]) for g in groups]
+
+
+def cancelled_between(before, after, tol_s: float = 1.0) -> dict:
+    """The server's ``cancelled`` counter after a level minus before, summed over the replicas seen both
+    times (a replica seen only after counts from 0)."""
+    if before is None or after is None:
+        return {"cancelled": None}
+    delta = sum(n - next((m for s, m in before if abs(s - start) <= tol_s), 0) for start, n in after)
+    return {"cancelled": delta, "replicas_seen": len(after)}
 
 
 def summary(recs: list[dict], wall: float, **level) -> dict:
-    """A level's counts, throughput over its wall time and latency percentiles."""
+    """A level's counts, throughput over its wall time, latency (and first-chunk) percentiles."""
     done = [r for r in recs if r.get("ok")]
     failed = [r for r in recs if r.get("ok") is False]
     lat = np.array([r["latency"] for r in done]) if done else np.zeros(1)
+    first = [r["first_chunk"] for r in done if r.get("stream")]
+    pct = lambda q: float(np.percentile(first, q)) if first else None  # noqa: E731
     return {**level, "sent": len(recs), "answered": len(done), "errors": len(failed),
             "lost": len(recs) - len(done) - len(failed), "wall_s": wall,
             "requests_per_s": len(done) / wall, "tokens_per_s": sum(r["tokens"] for r in done) / wall,
@@ -84,12 +153,15 @@ def summary(recs: list[dict], wall: float, **level) -> dict:
             "mean_batch": float(np.mean([r["batch"] for r in done])) if done else 0.0,
             "differ_from_pipeline": sum(not r["same"] for r in done),
             "accuracy": sum(r["right"] for r in done) / len(done) if done else 0.0,
-            "error_messages": sorted({r["error"] for r in failed})[:5]}
+            "error_messages": sorted({r["error"] for r in failed})[:5],
+            "streamed": sum(bool(r.get("stream")) for r in recs), "first_chunk_p50_s": pct(50),
+            "first_chunk_p99_s": pct(99)}
 
 
 def run_level(url: str, items, expected, concurrency: int, requests: int, duration_s: float, settings: dict,
-              timeout_s: float) -> dict:
-    """One closed-loop level: ``concurrency`` clients, ``requests`` each, one after another."""
+              timeout_s: float, stream: float = 0.0) -> dict:
+    """One closed-loop level: ``concurrency`` clients, ``requests`` each, one after another (``stream`` of
+    them streamed)."""
     records: list[dict] = []
     lock = threading.Lock()
     deadline = time.perf_counter() + duration_s
@@ -102,7 +174,7 @@ def run_level(url: str, items, expected, concurrency: int, requests: int, durati
             rec = {"client": c, "item": i, "sent": time.perf_counter()}
             with lock:
                 records.append(rec)
-            ask(url, items, expected, i, settings, timeout_s, rec)
+            ask(url, items, expected, i, settings, timeout_s, rec, streams(c * requests + j, stream))
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(concurrency)]
@@ -117,7 +189,7 @@ def run_level(url: str, items, expected, concurrency: int, requests: int, durati
 
 
 def run_open_level(url: str, items, expected, rate: float, requests: int, duration_s: float, settings: dict,
-                   timeout_s: float, max_in_flight: int, seed: int = 0) -> dict:
+                   timeout_s: float, max_in_flight: int, seed: int = 0, stream: float = 0.0) -> dict:
     """One open-loop level: ``requests`` arrivals of a Poisson process at ``rate`` per second, each sent
     at its time whatever the others are doing (at most ``max_in_flight`` open at once: an arrival past
     that waits for a slot and counts as ``late``). Latency runs from the scheduled arrival, so time
@@ -130,7 +202,7 @@ def run_open_level(url: str, items, expected, rate: float, requests: int, durati
 
     def one(rec: dict):
         try:
-            ask(url, items, expected, rec["item"], settings, timeout_s, rec)
+            ask(url, items, expected, rec["item"], settings, timeout_s, rec, rec["stream"])
         finally:
             slots.release()
 
@@ -144,7 +216,7 @@ def run_open_level(url: str, items, expected, rate: float, requests: int, durati
         late = not slots.acquire(blocking=False)
         if late:
             slots.acquire()
-        rec = {"item": j % len(items), "sent": t0 + at, "late": late}
+        rec = {"item": j % len(items), "sent": t0 + at, "late": late, "stream": streams(j, stream)}
         records.append(rec)
         th = threading.Thread(target=one, args=(rec,), daemon=True)
         th.start()
@@ -164,6 +236,7 @@ def check_loopback(url: str) -> None:
 
 
 def run(args) -> dict:
+    load_before = os.getloadavg()[0]  # the machine may be shared: the numbers say how busy it was
     items = questions(args.items)
     settings = {"gen_length": args.max_tokens} if args.max_tokens else {}
     expected = expected_answers(args.engines, items, settings, args.threads)
@@ -182,19 +255,29 @@ def run(args) -> dict:
         from llada_export.serve.client import Client
 
         models = Client(url).models()["data"][0]
-        levels = [run_level(url, items, expected, c, args.requests, args.duration, settings, args.timeout)
-                  for c in args.concurrency]
-        open_levels = [run_open_level(url, items, expected, r, args.requests, args.duration, settings, args.timeout,
-                                      args.max_in_flight, seed=k) for k, r in enumerate(args.rate)]
+        samples = 8 * (args.replicas if args.url is None else 4)
+
+        def counted(level):  # the level, with the server's cancellations during it
+            before = health_counts(url, samples)
+            res = level()
+            return res | cancelled_between(before, health_counts(url, samples))
+
+        levels = [counted(lambda c=c: run_level(url, items, expected, c, args.requests, args.duration, settings,
+                                                args.timeout, args.stream)) for c in args.concurrency]
+        open_levels = [counted(lambda k=k, r=r: run_open_level(
+            url, items, expected, r, args.requests, args.duration, settings, args.timeout, args.max_in_flight,
+            seed=k, stream=args.stream)) for k, r in enumerate(args.rate)]
     finally:
         if server is not None:
             server.stop()
     return {"engines": str(args.engines), "model": models["id"], "server": models["llada"],
             "replicas": args.replicas if args.url is None else None, "items": args.items,
             "requests_per_client": args.requests, "duration_s": args.duration, "levels": levels,
+            "stream": args.stream, "command": args.command,
             **({"open_levels": open_levels, "max_in_flight": args.max_in_flight} if open_levels else {}),
             "env": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-                    "device": models["llada"]["device"], "gpu": gpu_name()}}
+                    "device": models["llada"]["device"], "gpu": gpu_name(),
+                    "load_avg_1min": [load_before, os.getloadavg()[0]]}}
 
 
 def gpu_name() -> str | None:
@@ -212,24 +295,43 @@ def markdown(res: dict) -> str:
              + (f"{res['replicas']} replica(s); " if res["replicas"] else "")
              + f"{' and '.join(kinds)}, {res['requests_per_client']} requests each (VQA test questions, "
              f"{res['items']} different images); machine: {res['env']['machine']}, {res['env']['cpus']} CPUs"
-             + (f", {res['env']['gpu']}" if res["env"].get("gpu") else "") + "."]
-    cols = ("| sent | answered | errors | lost | requests/s | tokens/s | p50 s | p95 s | p99 s | mean batch "
-            "| differ from pipeline | accuracy |")
+             + (f", {res['env']['gpu']}" if res["env"].get("gpu") else "")
+             + (", load average (1 min) {:.1f} at the start and {:.1f} at the end".format(*res["env"]["load_avg_1min"])
+                if "load_avg_1min" in res["env"] else "") + "."]
+    new = "stream" in res  # reports written before streaming render as they were
+    if res.get("stream"):
+        share = "every request" if res["stream"] == 1 else f"{100 * res['stream']:g}% of the requests"
+        lines += ["", f"Streaming: {share} sent with `stream: true` (server-sent events), the concatenated text "
+                  "checked against the pipeline like a plain answer; first chunk: the first text of the answer, "
+                  "timed like the latency."]
+    if new:
+        lines += ["", "`cancelled`: the server's /health counter of callers that hung up, after the level minus "
+                  "before (summed over the replicas told apart)."]
+    cols = ("| sent | answered | errors | lost " + ("| streamed | cancelled " if new else "")
+            + "| requests/s | tokens/s | p50 s | p95 s | p99 s "
+            + ("| first chunk p50 s | first chunk p99 s " if new else "")
+            + "| mean batch | differ from pipeline | accuracy |")
+    opt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     row = lambda lv: (f"{lv['sent']} | {lv['answered']} | {lv['errors']} | {lv['lost']} | "  # noqa: E731
-                      f"{lv['requests_per_s']:.2f} | {lv['tokens_per_s']:.2f} | {lv['latency_p50_s']:.2f} | "
-                      f"{lv['latency_p95_s']:.2f} | {lv['latency_p99_s']:.2f} | {lv['mean_batch']:.2f} | "
-                      f"{lv['differ_from_pipeline']} | {100 * lv['accuracy']:.0f}% |")
+                      + (f"{lv['streamed']} | {'-' if lv['cancelled'] is None else lv['cancelled']} | " if new else "")
+                      + f"{lv['requests_per_s']:.2f} | {lv['tokens_per_s']:.2f} | {lv['latency_p50_s']:.2f} | "
+                      f"{lv['latency_p95_s']:.2f} | {lv['latency_p99_s']:.2f} | "
+                      + (f"{opt(lv['first_chunk_p50_s'])} | {opt(lv['first_chunk_p99_s'])} | " if new else "")
+                      + f"{lv['mean_batch']:.2f} | {lv['differ_from_pipeline']} | {100 * lv['accuracy']:.0f}% |")
+    ncols = cols.count("|") - 1
     if res["levels"]:
-        lines += ["", "| clients " + cols, "| --- " * 13 + "|"]
+        lines += ["", "| clients " + cols, "| --- " * (ncols + 1) + "|"]
         lines += [f"| {lv['concurrency']} | " + row(lv) for lv in res["levels"]]
     if res.get("open_levels"):
         lines += ["", f"Open loop (Poisson arrivals, at most {res['max_in_flight']} requests open at once; `late`: "
                   "arrivals that waited for a slot; latency from the scheduled arrival):", "",
-                  "| offered requests/s | late " + cols, "| --- " * 14 + "|"]
+                  "| offered requests/s | late " + cols, "| --- " * (ncols + 2) + "|"]
         lines += [f"| {lv['offered_rps']:g} | {lv['late']} | " + row(lv) for lv in res["open_levels"]]
     errs = sorted({m for lv in res["levels"] + res.get("open_levels", []) for m in lv["error_messages"]})
     if errs:
         lines += ["", "Errors seen:", *[f"- {m}" for m in errs]]
+    if res.get("command"):
+        lines += ["", f"Command: `{res['command']}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -245,6 +347,9 @@ def plot(res: dict, path: Path) -> None:
         x = [v[key] for v in lv]
         for k, name in (("latency_p50_s", "p50"), ("latency_p95_s", "p95"), ("latency_p99_s", "p99")):
             a.plot(x, [v[k] for v in lv], marker="o", label=name)
+        for k, name in (("first_chunk_p50_s", "first chunk p50"), ("first_chunk_p99_s", "first chunk p99")):
+            if any(v.get(k) is not None for v in lv):
+                a.plot(x, [np.nan if v.get(k) is None else v[k] for v in lv], marker="x", ls="--", label=name)
         a.set_xlabel(label)
         a.set_ylabel("latency per request (s)")
         a.legend()
@@ -260,6 +365,13 @@ def plot(res: dict, path: Path) -> None:
     save(fig, path)
 
 
+def share(text: str) -> float:
+    v = float(text)
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a share between 0 and 1 (1: every request streams)")
+    return v
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engines", required=True, help="the engines the server serves (the answers' oracle)")
@@ -270,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="open-loop levels: Poisson arrivals per second (default: none)")
     p.add_argument("--max-in-flight", type=positive_int, default=64,
                    help="open loop: requests open at once at most; later arrivals wait and count as late (default 64)")
+    p.add_argument("--stream", type=share, nargs="?", const=1.0, default=0.0, metavar="SHARE",
+                   help="send requests with stream: true and time their first streamed chunk: every one "
+                        "(--stream), or this share of them, evenly spread (--stream 0.5: every other; default 0)")
     p.add_argument("--requests", type=positive_int, default=25,
                    help="requests per client of a closed-loop level, per open-loop level (default 25)")
     p.add_argument("--duration", type=float, default=600, help="seconds per level at most (default 600)")
@@ -285,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/load_test", help="output path without extension")
     p.add_argument("--replot", action="store_true", help="only rewrite <out>.md and <out>.png from <out>.json")
     args = p.parse_args(argv)
+    args.command = "python tools/load_test.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     if not args.concurrency and not args.rate and not args.replot:
         p.error("nothing to run: give --concurrency levels, --rate levels or both")
     if args.url is not None and not args.replot:
