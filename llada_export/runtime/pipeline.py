@@ -237,18 +237,34 @@ class Pipeline:
 
     @torch.no_grad()
     def warmup(self) -> float:
-        """Run every graph once on a blank request (each path's first steps, cached and not), so that
-        compilation and CUDA-graph capture happen now, not in the first real request. Returns the
-        seconds it took."""
+        """Run every graph once (the vision graph, then each path's first steps, cached and not, at every
+        batch size), so that compilation and CUDA-graph capture happen now, not in the first real request.
+        The blank request fits the bucket: a grey image whose visual tokens fit the visual slots
+        (:func:`_warmup_image_size`; text only where none fits) and the empty chat template, cut to the
+        text slots. Returns the seconds it took."""
         t0 = time.perf_counter()
-        blank = np.full((64, 64, 3), 128, dtype=np.uint8)  # fits every bucket
-        g = self.bucket.gen_length
-        for size, unpruned in ((n, u) for n in self.batch_sizes for u in dict.fromkeys([not self.pruned, self.has_unpruned])):
+        g, dev = self.bucket.gen_length, torch.device(self.device)
+        size = _warmup_image_size(self.bucket.max_visual_tokens, self.config)
+        visual = torch.zeros(0, self.embed_table.shape[1], device=dev)  # [0, D]: text only
+        if "vision" in self.runners:  # runs even where no image fits the slots (then its rows go unused)
+            w, h = size or (64, 64)
+            rows, _ = self.encode_image(np.full((h, w, 3), 128, dtype=np.uint8))  # [n_visual, D]
+            if size is not None and rows.shape[0] <= self.bucket.max_visual_tokens:
+                visual = rows
+        if self.tokenizer is not None:
+            before, after = encode_prompt(self.tokenizer, "", has_image=visual.shape[0] > 0, system="")
+        else:
+            before, after = [self.tokens.mask], []
+        t = self.bucket.max_text_tokens
+        before, after = before[:t], after[: t - min(len(before), t)]
+        emb = [self.embed_table[torch.tensor(i, dtype=torch.long, device=dev)].float() for i in (before, after)]
+        parts = RequestParts(emb[0], visual, emb[1])  # [nb, D], [nv, D], [na, D]
+        for n, unpruned in ((n, u) for n in self.batch_sizes for u in dict.fromkeys([not self.pruned, self.has_unpruned])):
             for cache in dict.fromkeys([False, self.has_cache(unpruned)]):
-                x, _ = self._layout([Request(blank, "", system="")], g, size)
-                den = EngineDenoiser(self.at_size(size), x, unpruned=unpruned, cache=cache)
+                x = layout_bucket(self.manifest.bucket_at(n), [parts], g)
+                den = EngineDenoiser(self.at_size(n), x, unpruned=unpruned, cache=cache)
                 ids = torch.full((x.batch, g), self.tokens.mask, dtype=torch.long, device=self.device)
-                for i in range(3):
+                for i in range(3):  # stage A (pruned) or the full graph / prefill; then full, or prefill + cached
                     info = _blank_step(x.batch, i, self.device)
                     den.predict(ids, info) if self.manifest.fused_sampler else den(ids, info)
         return time.perf_counter() - t0
@@ -467,6 +483,18 @@ class _AtSize:
 
     def run(self, graph: str, **feeds: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.runners[graph].run(feeds)
+
+
+def _warmup_image_size(max_visual: int, cfg) -> tuple[int, int] | None:
+    """(width, height) of warm-up's blank image: 64x64 where its visual tokens fit ``max_visual`` slots,
+    else the size (on a 16-pixel grid up to twice the crop size) whose tokens fill the most slots that fit
+    (e.g. a ``--image-size 384x288`` bucket); None where no image fits (warm-up runs text only)."""
+    if max_visual > 0 and visual_token_count(64, 64, cfg) <= max_visual:
+        return 64, 64
+    top = 2 * cfg.vision.image_size
+    fits = [(n, -w * h, w, h) for w in range(16, top + 1, 16) for h in range(16, top + 1, 16)
+            if (n := visual_token_count(w, h, cfg)) <= max_visual]
+    return max(fits)[2:] if fits else None
 
 
 def _blank_step(b: int, index: int, device) -> StepInfo:
