@@ -11,6 +11,17 @@ Parts (each fits one device call):
            engines in a fresh process from the compile cache saved at export. With
            ``--official official_gpu.json`` (``tools/official_gpu.py``, run in the same
            device session) the report gives the ratios to the official code.
+           ``--weights native,fp8`` (fp8 = fp8-row; fp8-tensor): each weights variant per group,
+           one after another from the same random weights (``--weights fp8`` engines: e4m3
+           linears, ``llada_export/quant/fp8.py``), its engines deleted after measuring; the
+           weight-read floor per variant and each cached step's ratio to it; a column per variant.
+           ``--resume JSON`` keeps an earlier call's (group, variant) pairs (a second device call).
+           The cached step's pieces (``step``) at the end unless ``--no-step-profile``.
+``step``   the cached step piece by piece (``tools/step_profile.py``): one full-size decoder layer
+           at B x 128 queries over P' + 128 keys (``--prefixes``, default 1333 pruned, 3691
+           unpruned), each piece in a CUDA graph timed with CUDA events, every SDPA backend with
+           and without the key mask, x layers + the head + the fused sampler step, against the
+           whole step and the weight-read floor. No engines (a minute).
 ``batch``  throughput of the pruned + cache path at several batch sizes (one engine set each),
            requests of distinct images, latency per request beside it; row 0's answer against
            B = 1's. ``--resume`` continues a run that a device call's time limit cut short.
@@ -21,6 +32,7 @@ Parts (each fits one device call):
            preset, no engines (the H100 run of 2026-11-25).
 
 Writes ``<out>/bench_gpu_<part>.json`` and ``.md`` and ``.png``; ``--replot`` re-renders them.
+CPU smoke runs: ``--preset tiny`` (numbers meaningless; tests/test_bench_gpu.py).
 """
 
 from __future__ import annotations
@@ -45,7 +57,8 @@ from llada_export.timing import matmul_peak, median_seconds, sync, wall_seconds
 from llada_export.report import pyplot, save
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from weight_floor import linear_weights, weight_read_floor  # noqa: E402  (tools/ holds scripts, not a package)
+from step_profile import markdown_profile  # noqa: E402
+from weight_floor import fp8_weights, linear_weights, weight_read_floor  # noqa: E402  (tools/ holds scripts, not a package)
 
 # Official LLaDA-V on the H100, 1024x768, random bf16 weights (issue 7's anchor; format-1 reports only).
 ANCHOR_IMAGE = "1024x768"  # the only image size the anchor was measured at
@@ -53,6 +66,8 @@ TARGET = {"image": ANCHOR_IMAGE, "prune_layer": 16, "keep": 0.35}  # the setting
 OFFICIAL = {"forward_3815_ms": 196.0, "mc": 0.42, "chartqa": 3.25, "demo": 26.5, "vision_7_crops_ms": 40.0,
             "peak_gib": 28.7}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: smoke runs with the tiny preset
+WEIGHTS = {"native": {}, "fp8": {"activations": "row"}, "fp8-row": {"activations": "row"},
+           "fp8-tensor": {"activations": "tensor"}}  # --weights: name -> FP8Settings fields (native: none)
 PATHS = {"pruned": (True, False), "pruned+cache": (True, True), "unpruned": (False, False),
          "unpruned+cache": (False, True)}  # path -> (pruned, cache)
 
@@ -167,12 +182,16 @@ def run_grid(args) -> dict:
 
 
 # ---------------------------------------------------------------------- engines
-def export_opts(args, out: Path, pruned: bool, cache: bool, batch_size: int = 1, compile_cache: bool | None = None):
+def export_opts(args, out: Path, pruned: bool, cache: bool, batch_size: int = 1, compile_cache: bool | None = None,
+                weights: str = "native"):
+    """The options of one engine set; ``weights`` a ``WEIGHTS`` name (``fp8*``: ``--weights fp8`` engines)."""
     from llada_export.contract.pruning import PruneSettings
     from llada_export.exporter.build import ExportOptions
+    from llada_export.quant.fp8 import FP8Settings
 
     w, h = args.images[0]
-    return ExportOptions(model=f"random {args.preset} (bench_gpu, seed {args.seed})", output=str(out),
+    quant = {} if weights == "native" else {"weights": "fp8", "fp8": FP8Settings(**WEIGHTS[weights])}
+    return ExportOptions(**quant,model=f"random {args.preset} (bench_gpu, seed {args.seed})", output=str(out),
                          prune=PruneSettings(args.layers[0], args.keeps[0]) if pruned else None, cache=cache,
                          fuse_sampler=True, backends=(args.backend,), compiled_weights="checkpoint",
                          dtype="bfloat16" if DEVICE == "cuda" else "float32", device=DEVICE,
@@ -247,7 +266,7 @@ def graph_times(pipe, image, args, peak: float) -> dict:
             continue
         runner = pipe.runners[name]
         args_ = [f[k] for k in runner.inputs]
-        seconds = median_seconds(lambda: runner.call(*args_), repeat=20)
+        seconds = median_seconds(lambda: runner.call(*args_), repeat=getattr(args, "graph_repeat", 20))
         length = (pipe.bucket.reduced_seq_len if name in ("stage_b", "prefill", "cached") else pipe.bucket.seq_len)
         flops = (lm_flops(cfg, g, n_layers, g, keys=length) if name.endswith("cached")
                  else lm_flops(cfg, length, n_layers, g))
@@ -257,15 +276,19 @@ def graph_times(pipe, image, args, peak: float) -> dict:
     return out
 
 
-def add_floor(res: dict, model) -> None:
+def add_floor(res: dict, model, weights: str = "native") -> None:
     """The weight-read floor (``tools/weight_floor.py``: every linear weight of the layers and the LM
-    head read once), measured once in this run, and each cached step's ms / floor ms beside it."""
-    if "weight_floor" not in res:
-        res["weight_floor"] = weight_read_floor(linear_weights(model))
-        print("weight_floor", json.dumps(res["weight_floor"]), flush=True)
-    for name, g in res["graphs"].items():
+    head read once; ``fp8*``: the layers' as 1-byte tensors), measured once per weights variant in this
+    run, and each cached step's ms / floor ms beside it (``res["weights"]``: floors and graphs per variant)."""
+    per_variant = "weights" in res
+    floors = res.setdefault("weight_floor", {}) if per_variant else res
+    key = weights if per_variant else "weight_floor"
+    if key not in floors:
+        floors[key] = weight_read_floor((linear_weights if weights == "native" else fp8_weights)(model))
+        print("weight_floor", weights, json.dumps(floors[key]), flush=True)
+    for name, g in (res["graphs"].get(weights, {}) if per_variant else res["graphs"]).items():
         if name.endswith("cached"):
-            g["vs_floor"] = g["ms"] / res["weight_floor"]["ms"]
+            g["vs_floor"] = g["ms"] / floors[key]["ms"]
 
 
 def warm_load(engines: Path, args) -> dict:
@@ -300,68 +323,125 @@ def run_load(args) -> None:
 
 
 def run_engines(args, save) -> dict:
+    """Per group (pruned / unpruned engines) and per ``--weights`` variant: export with one set of random
+    weights, load, time the presets x paths and each graph alone, measure the variant's weight-read
+    floor, then delete the engines (disk). ``--resume``: an earlier call's JSON, its (group, variant)
+    pairs kept; ``--step-profile``: the cached step's pieces (``tools/step_profile.py``) at the end."""
+    import shutil
+
+    from llada_export.contract.manifest import Manifest
     from llada_export.exporter.build import export_engines
     from llada_export.runtime.pipeline import Pipeline
 
-    res: dict = {"part": "engines", "format": 2, "backend": args.backend, "rows": [], "groups": {}, "graphs": {},
+    res: dict = {"part": "engines", "format": 2, "backend": args.backend, "weights": args.weights,
+                 "graph_repeat": args.graph_repeat, "rows": [],
+                 "groups": {}, "graphs": {}, "weight_floor": {},
                  "setting": {"image": "x".join(map(str, args.images[0])), "prune_layer": args.layers[0],
                              "keep": args.keeps[0], "refresh": args.refresh, "factor": args.factor,
                              "gen_length": args.gen_length, "max_prompt_tokens": args.max_prompt_tokens}}
+    if args.resume:
+        old = json.loads(Path(args.resume).read_text())
+        if "weights" not in old or old["setting"] != res["setting"]:
+            raise SystemExit(f"--resume {args.resume}: another setting or a report without --weights; rerun whole")
+        done = [g for g, info in old["groups"].items() if info.get("complete")]  # a group cut short is redone
+        res["groups"] = {g: old["groups"][g] for g in done}
+        res["rows"] = [r for r in old["rows"] if f"{r['path'].split('+')[0]}/{r['weights']}" in done]
+        for k in ("graphs", "weight_floor", "official", "step_profile"):
+            if k in old:
+                res[k] = old[k]
+        res["weights"] = list(dict.fromkeys(old["weights"] + args.weights))
+        res["earlier"] = {"env": old["env"], "groups": done}
     if args.official:
         res["official"] = json.loads(Path(args.official).read_text())
     res["matmul_peak_tflops"] = peak = matmul_peak() / 1e12
     t0 = time.perf_counter()
     model, cfg, tok = build_model(args.preset, args.seed)
     res["model_build_s"] = time.perf_counter() - t0
-    weights = dict(model.state_dict())
+    state = dict(model.state_dict())
     image = request_images(*args.images[0], 1)
     for pruned in (True, False):
         paths = [p for p in args.paths if PATHS[p][0] == pruned]
         if not paths:
             continue
         cache = any(PATHS[p][1] for p in paths)
-        group = "pruned" if pruned else "unpruned"
-        out = Path(args.workdir) / f"engines_{group}"
-        reset_peak()
-        t0 = time.perf_counter()
-        export_engines(export_opts(args, out, pruned, cache, compile_cache=args.compile_cache), loaded=(model, tok, cfg))
-        info = {"export_s": time.perf_counter() - t0, "export_peak_gpu_gib": peak_gib()}
-        from llada_export.contract.manifest import Manifest
+        for variant in res["weights"]:  # --resume: the earlier call's variants and these
+            group = f"{'pruned' if pruned else 'unpruned'}/{variant}"
+            if group in res["groups"]:
+                continue  # measured by the --resume'd call
+            out = Path(args.workdir) / f"engines_{group.replace('/', '_')}"
+            reset_peak()
+            t0 = time.perf_counter()
+            export_engines(export_opts(args, out, pruned, cache, compile_cache=args.compile_cache, weights=variant),
+                           loaded=(model, tok, cfg))
+            info = {"export_s": time.perf_counter() - t0, "export_peak_gpu_gib": peak_gib(),
+                    "notes": Manifest.read(out, verify=False).notes}
+            t0 = time.perf_counter()
+            pipe = Pipeline.load(out, backend=args.backend, device=DEVICE,
+                                 weights=state if variant == "native" else None,  # fp8: the directory's file
+                                 runner_options=None if args.compile else {"compile": False})
+            info["load_in_process_s"] = time.perf_counter() - t0
+            info["compile_cache"] = pipe.compile_cache
+            print(group, json.dumps(info), flush=True)
+            res["groups"][group] = info
+            save(res)
+            for preset in args.presets:
+                for path in paths:
+                    row = time_requests(pipe, image, args, preset, pruned, PATHS[path][1])
+                    row["weights"] = variant
+                    res["rows"].append(row)
+                    print(json.dumps(row), flush=True)
+                    save(res)
+            if DEVICE == "cuda":  # the sampler step from its CUDA graph gives the eager sampler's tokens
+                kw = dict(preset=args.presets[-1], unpruned=not pruned, **settings_of(args, cache))
+                a = pipe.generate(image[0], args.prompt, system=args.system, **kw)
+                pipe.step_graph = False
+                b = pipe.generate(image[0], args.prompt, system=args.system, **kw)
+                pipe.step_graph = None
+                info["step_graph_check"] = {"preset": args.presets[-1], "same_ids": a.ids == b.ids,
+                                            "graph": a.timings["sampler_step_graph"],
+                                            "eager_total_s": b.timings["total"], "graph_total_s": a.timings["total"]}
+                print(group, "step graph check", json.dumps(info["step_graph_check"]), flush=True)
+            res["graphs"].setdefault(variant, {}).update(graph_times(pipe, image[0], args, peak * 1e12))
+            add_floor(res, model, variant)
+            del pipe
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if args.warm_load and args.compile_cache is not False and args.compile and variant == "native":
+                info["warm_load"] = warm_load(out, args)
+                print(group, "warm load", json.dumps(info["warm_load"]), flush=True)
+            shutil.rmtree(out, ignore_errors=True)  # one variant's engines on disk at a time
+            info["complete"] = True
+            save(res)
+    if args.step_profile and "step_profile" not in res:
+        res["step_profile"] = run_profile(args, model, cfg, tok)
+    return res
 
-        info["notes"] = Manifest.read(out, verify=False).notes
-        t0 = time.perf_counter()
-        pipe = Pipeline.load(out, backend=args.backend, device=DEVICE, weights=weights,
-                             runner_options=None if args.compile else {"compile": False})
-        info["load_in_process_s"] = time.perf_counter() - t0
-        info["compile_cache"] = pipe.compile_cache
-        print(group, json.dumps(info), flush=True)
-        res["groups"][group] = info
-        save(res)
-        for preset in args.presets:
-            for path in paths:
-                row = time_requests(pipe, image, args, preset, pruned, PATHS[path][1])
-                res["rows"].append(row)
-                print(json.dumps(row), flush=True)
-                save(res)
-        if DEVICE == "cuda":  # the sampler step from its CUDA graph gives the eager sampler's tokens
-            kw = dict(preset=args.presets[-1], unpruned=not pruned, **settings_of(args, cache))
-            a = pipe.generate(image[0], args.prompt, system=args.system, **kw)
-            pipe.step_graph = False
-            b = pipe.generate(image[0], args.prompt, system=args.system, **kw)
-            pipe.step_graph = None
-            info["step_graph_check"] = {"preset": args.presets[-1], "same_ids": a.ids == b.ids,
-                                        "graph": a.timings["sampler_step_graph"], "eager_total_s": b.timings["total"],
-                                        "graph_total_s": a.timings["total"]}
-            print(group, "step graph check", json.dumps(info["step_graph_check"]), flush=True)
-        res["graphs"].update(graph_times(pipe, image[0], args, peak * 1e12))
-        add_floor(res, model)
-        del pipe
+
+def run_profile(args, model, cfg, tok) -> dict:
+    """``tools/step_profile.py`` at each ``--prefixes`` length, the bf16 floor measured here too."""
+    from llada_export.graphs.fused import fuse_projections
+    from step_profile import profile_step
+
+    lm = fuse_projections(model.language)  # fused copies of q/k/v and gate/up, as the engines hold them
+    floor = weight_read_floor(linear_weights(model))
+    prof = {"floor": floor, "shapes": [], "note": (
+        f"Layer 0 of the model (fused q|k|v and gate|up, {'bf16' if DEVICE == 'cuda' else 'fp32'}), eager kernels "
+        f"each in its own CUDA graph; 'at floor bandwidth' = the piece's weight bytes at the floor's "
+        f"{floor['tb_per_s']:.2f} TB/s; the rest of a piece's time is above the floor.")}
+    for prefix in args.prefixes:
+        s = profile_step(model, lm, cfg, tok, prefix, rows=args.step_rows, gen=args.gen_length, floor=floor)
+        prof["shapes"].append(s)
+        print("step_profile", prefix, json.dumps({k: v for k, v in s.items() if k not in ("pieces",)}), flush=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        if args.warm_load and args.compile_cache is not False and args.compile:
-            info["warm_load"] = warm_load(out, args)
-            print(group, "warm load", json.dumps(info["warm_load"]), flush=True)
-        save(res)
+    return prof
+
+
+def run_step(args, save) -> dict:
+    """The ``step`` part: the cached step's pieces alone (no engines)."""
+    res: dict = {"part": "step", "matmul_peak_tflops": matmul_peak() / 1e12}
+    model, cfg, tok = build_model(args.preset, args.seed)
+    res["step_profile"] = run_profile(args, model, cfg, tok)
     return res
 
 
@@ -441,6 +521,10 @@ def markdown(res: dict, env: dict) -> str:
                 f"{r['peak_gib']:.1f} | {'yes' if r['measured'] else 'composed'} |")
     elif res["part"] == "batch":
         lines += markdown_batch(res)
+    elif res["part"] == "step":
+        lines += markdown_profile(res["step_profile"])
+    elif "weights" in res:  # engines per --weights variant
+        lines += markdown_variants(res)
     elif res.get("format") == 2:
         lines += markdown_engines(res)
     else:
@@ -555,6 +639,10 @@ def markdown_engines_v1(res: dict) -> list[str]:
 
 
 def plot(res: dict, path: Path) -> None:
+    if res["part"] == "step":
+        return plot_profile(res["step_profile"], path)
+    if res["part"] == "engines" and "weights" in res:
+        return plot_engines(res, path)
     if res["part"] == "engines":
         return plot_engines(res, path) if res.get("format") == 2 else plot_engines_v1(res, path)
     if res["part"] == "batch":
@@ -722,8 +810,9 @@ def plot_engines(res: dict, path: Path) -> None:
     if "official" in res:
         for mode, label in (("vanilla", "official vanilla"), ("fast_dllm", "official + Fast-dLLM")):
             series.append((label, [_official(res, mode, p) or float("nan") for p in presets]))
-    for name in dict.fromkeys(r["path"] for r in res["rows"]):
-        vals = {r["preset"]: r["seconds"] for r in res["rows"] if r["path"] == name}
+    key = (lambda r: f"{r['path']} {r['weights']}") if "weights" in res else (lambda r: r["path"])  # a bar per variant
+    for name in dict.fromkeys(map(key, res["rows"])):
+        vals = {r["preset"]: r["seconds"] for r in res["rows"] if key(r) == name}
         series.append((f"ours: {name}", [vals.get(p, float("nan")) for p in presets]))
     fig, ax = plt.subplots(figsize=(8, 4.5))
     width = 0.8 / len(series)
@@ -735,6 +824,114 @@ def plot_engines(res: dict, path: Path) -> None:
     st = res["setting"]
     ax.set_title(f"LLaDA-V full size, {res['env']['gpu']}: K {st['prune_layer']}, keep {st['keep']}, {st['image']}")
     ax.legend(fontsize=7)
+    save(fig, path)
+
+
+# ---------------------------------------------------------------------- reports (engines per --weights variant)
+def markdown_variants(res: dict) -> list[str]:
+    """A column per weights variant: end to end per preset and path, each graph alone, the floors and each
+    cached step's ratio to its floor; the targets on the native rows; the step profile if measured."""
+    st, nan, ws = res["setting"], float("nan"), res["weights"]
+    rows = {(r["preset"], r["path"], r["weights"]): r for r in res["rows"]}
+    presets = list(dict.fromkeys(r["preset"] for r in res["rows"]))
+    paths = list(dict.fromkeys(r["path"] for r in res["rows"]))
+    lines = [f"Engines: {res['backend']}, fused sampler, random weights; image {st['image']}, pruning at layer "
+             f"{st['prune_layer']}, keep {st['keep']}; +cache = refresh {st['refresh']}, factor {st['factor']}. "
+             "Weights variants (one set of random weights, exported once per variant, measured back to back): "
+             + ", ".join(f"{w} ({'e4m3 linears, ' + WEIGHTS[w]['activations'] + ' activation scales' if w in WEIGHTS and WEIGHTS[w] else 'bf16'})"
+                         for w in ws) + ".", ""]
+    if "earlier" in res:
+        e = res["earlier"]["env"]
+        lines += [f"Groups {', '.join(res['earlier']['groups'])} were measured in an earlier device call "
+                  f"({e['gpu']}, host {e['host']}, {e['date']}); the others on host {res['env']['host']}.", ""]
+    has_official = "official" in res
+    head = (["official vanilla", "official + Fast-dLLM"] if has_official else []) + [
+        f"{path} {w}" for path in paths for w in ws]
+    lines += ["## End to end (seconds per request)", "", "| preset | " + " | ".join(head) + " |",
+              "| --- | " + " | ".join("---" for _ in head) + " |"]
+    for p in presets:
+        cells = ([f"{_official(res, 'vanilla', p) or nan:.3f}", f"{_official(res, 'fast_dllm', p) or nan:.3f}"]
+                 if has_official else [])
+        cells += [f"{rows[(p, path, w)]['seconds']:.3f}" if (p, path, w) in rows else "-" for path in paths for w in ws]
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    lines += ["", "## Per path, preset and weights", "",
+              "| preset | path | weights | forwards | per call ms | sampler overhead ms | tok/s | peak GiB |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (p, path, w), r in rows.items():
+        t = r["timings"]
+        per = ", ".join(f"{k[:-9]} {t[k] * 1e3:.2f}" for k in t if k.endswith("_per_call"))
+        lines.append(f"| {p} | {path} | {w} | {r['forwards']} | {per} | {t['sampler_overhead'] * 1e3:.1f} | "
+                     f"{r['tokens_per_s']:.1f} | {r['peak_gib']:.1f} |")
+    names = list(dict.fromkeys(n for w in ws for n in res["graphs"].get(w, {})))
+    lines += ["", f"## Each LM graph alone (CUDA graph, CUDA events, median of {res.get('graph_repeat', 20)}): ms "
+              "(x the weight-read floor)", "",
+              "| graph | sequence | " + " | ".join(ws) + " |", "| --- | --- | " + " | ".join("---" for _ in ws) + " |"]
+    for n in names:
+        gs = [res["graphs"].get(w, {}).get(n) for w in ws]
+        seq = next(g["sequence"] for g in gs if g)
+        lines.append(f"| {n} | {seq} | " + " | ".join(
+            "-" if g is None else f"{g['ms']:.2f}" + (f" ({g['vs_floor']:.2f}x)" if "vs_floor" in g else "")
+            for g in gs) + " |")
+    lines += ["", "Weight-read floor per variant, measured in this run (the layers' linear weights, 1 byte each for "
+              "fp8, and the bf16 LM head, each read once by a reduction, one CUDA graph):", ""]
+    lines += [f"- {w}: {fl['gb']:.2f} GB in {fl['ms']:.2f} ms ({fl['tb_per_s']:.2f} TB/s)"
+              for w, fl in res["weight_floor"].items()]
+    lines += ["", "## Export and load", ""]
+    for group, info in res["groups"].items():
+        wl = info.get("warm_load", {})
+        lines.append(f"- {group}: export {info['export_s']:.1f} s (peak GPU {info['export_peak_gpu_gib']:.1f} GiB); "
+                     f"load in the exporting process {info['load_in_process_s']:.1f} s" +
+                     (f"; warm load in a fresh process {wl['seconds']:.1f} s" if "seconds" in wl else ""))
+    lines += markdown_variant_targets(res, rows)
+    if "step_profile" in res:
+        seq = {g["sequence"] - st["gen_length"]: g["ms"] for g in (res["graphs"].get("native", {}).get(n)
+                                                                   for n in ("cached", "unpruned_cached")) if g}
+        lines += markdown_profile(res["step_profile"], seq)
+    return lines
+
+
+def markdown_variant_targets(res: dict, rows: dict) -> list[str]:
+    """Issue 22's targets where this run measured them (bf16 = native, FP8 = the best fp8 variant)."""
+    checks = []
+    for w in res["weights"]:
+        fp8 = w != "native"
+        g = res["graphs"].get(w, {}).get("cached")
+        if g and not fp8:
+            checks.append(("cached step, pruned, bf16 <= 1.25x the floor", g.get("vs_floor", float("nan")), 1.25, w, "<="))
+        if g and fp8:
+            checks.append(("cached step, pruned, FP8 <= 4.0 ms", g["ms"], 4.0, w, "<="))
+        for preset, bf16, f8 in (("demo", 1.0, 0.8), ("chartqa", 0.22, 0.18)):
+            r = rows.get((preset, "pruned+cache", w))
+            if r:
+                checks.append((f"{preset} pruned + cache <= {f8 if fp8 else bf16} s", r["seconds"], f8 if fp8 else bf16, w, "<="))
+        d, u = rows.get(("demo", "pruned+cache", w)), rows.get(("demo", "unpruned+cache", w))
+        if d and u:
+            checks.append(("demo pruned + cache >= 1.5x unpruned + cache", u["seconds"] / d["seconds"], 1.5, w, ">="))
+    if not checks:
+        return []
+    lines = ["", "## Targets (issue 22)", "", "| target | weights | measured | met |", "| --- | --- | --- | --- |"]
+    for name, v, t, w, op in checks:
+        lines.append(f"| {name} | {w} | {v:.3f} | {'yes' if (v <= t if op == '<=' else v >= t) else 'NO'} |")
+    return lines
+
+
+def plot_profile(prof: dict, path: Path) -> None:
+    """Stacked bars per shape: each piece's ms (x layers), beside the whole step and the floor."""
+    plt = pyplot()
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, s in enumerate(prof["shapes"]):
+        bottom = 0.0
+        for j, p in enumerate(s["pieces"]):
+            ax.bar(i, p["ms"], 0.5, bottom=bottom, color=plt.cm.tab20(j % 20), label=p["piece"] if i == 0 else None)
+            bottom += p["ms"]
+        ax.plot([i - 0.3, i + 0.3], [s["step_ms"]] * 2, "k-", lw=2, label="whole step" if i == 0 else None)
+        if "floor_ms" in s:
+            ax.plot([i - 0.3, i + 0.3], [s["floor_ms"]] * 2, "r--", lw=2, label="weight-read floor" if i == 0 else None)
+    ax.set_xticks(range(len(prof["shapes"])), [f"P' {s['prefix']}, {s['rows']} x {s['queries']}" for s in prof["shapes"]])
+    ax.set_ylabel("ms per cached step")
+    ax.set_title("Cached step: pieces x layers vs the whole step and the floor", fontsize=9)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1, 1))
     save(fig, path)
 
 
@@ -813,7 +1010,7 @@ def plot_batch(res: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=("grid", "engines", "batch", "load"))
+    p.add_argument("part", choices=("grid", "engines", "batch", "load", "step"))
     p.add_argument("--out", default="benchmarks", help="output directory (default: benchmarks)")
     p.add_argument("--images", default="1024x768", help="image sizes; engines and batch use the first")
     p.add_argument("--presets", default="mc,chartqa,demo", help="sampler presets (default: mc,chartqa,demo)")
@@ -844,7 +1041,17 @@ def main(argv=None) -> int:
     p.add_argument("--multi", default=None, metavar="N,N,...",
                    help="batch: also a lone request on one directory of these batch sizes (llada-export --batch-sizes), "
                         "against the batch-1 row's latency")
-    p.add_argument("--resume", help="batch: an earlier run's bench_gpu_batch.json; its batch sizes are kept, not rerun")
+    p.add_argument("--resume", help="batch: an earlier run's bench_gpu_batch.json; its batch sizes are kept, not rerun; "
+                                    "engines: an earlier --weights run's JSON; its (group, weights) pairs are kept")
+    p.add_argument("--weights", default="native",
+                   help=f"engines: weights variants measured one after another ({', '.join(WEIGHTS)}; fp8 = fp8-row; "
+                        "default: native)")
+    p.add_argument("--step-profile", action=argparse.BooleanOptionalAction, default=True,
+                   help="engines: also profile the cached step's pieces at --prefixes (default: on)")
+    p.add_argument("--prefixes", default="1333,3691",
+                   help="step, engines: cached prefix lengths P' profiled (default: 1333 pruned, 3691 unpruned)")
+    p.add_argument("--graph-repeat", type=int, default=20, help="engines: timed calls of each graph alone (default: 20)")
+    p.add_argument("--step-rows", type=int, default=1, help="step: batch rows B of the profiled step (default: 1)")
     p.add_argument("--repeat", type=int, default=2, help="timed requests per preset and path (after one untimed)")
     p.add_argument("--no-eager", action="store_true", help="(unused; kept for old command lines)")
     p.add_argument("--replot", action="store_true",
@@ -857,6 +1064,10 @@ def main(argv=None) -> int:
     args.paths = [q for q in (args.paths or ("pruned+cache" if args.part == "batch" else ",".join(PATHS))).split(",") if q]
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     args.multi = [int(b) for b in args.multi.split(",")] if args.multi else None
+    args.weights = [w for w in args.weights.split(",") if w]
+    args.prefixes = [int(n) for n in args.prefixes.split(",") if n]
+    if bad := [w for w in args.weights if w not in WEIGHTS]:
+        p.error(f"unknown --weights {bad}; choose from {', '.join(WEIGHTS)}")
     bad = [q for q in args.paths if q not in PATHS]
     if bad:
         p.error(f"unknown path(s) {bad}; choose from {', '.join(PATHS)}")
@@ -882,7 +1093,7 @@ def main(argv=None) -> int:
         env = res["env"]
     else:
         with torch.no_grad():
-            runs = {"grid": run_grid, "engines": run_engines, "batch": run_batch}
+            runs = {"grid": run_grid, "engines": run_engines, "batch": run_batch, "step": run_step}
             res = runs[args.part](args) if args.part == "grid" else runs[args.part](args, save)
         save(res)
     (out / f"bench_gpu_{args.part}.md").write_text(markdown(res, env))

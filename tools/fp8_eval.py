@@ -4,13 +4,13 @@ made on the GPU: per graph kind, the top-1 agreement and KL of fp8 logits agains
 
     python tools/fp8_eval.py vqa --device cuda --per-type 25 [--activations row|tensor]
     python tools/fp8_eval.py logits --device cuda --preset full [--activations row|tensor]
-    python tools/fp8_eval.py time --preset full [--presets demo,chartqa]   # on a GPU
+    python tools/fp8_eval.py time --preset full [--presets demo,chartqa]   # on a GPU: bench_gpu engines
     python tools/fp8_eval.py render --from A.json B.json --out benchmarks/fp8_vqa --machine ... --command ...
 
-``time``: the engines of tools/bench_gpu.py (pruned + cache, inductor, fused sampler, random weights
-made on the device) exported native (bf16 on CUDA) and with ``--weights fp8`` per-row and per-tensor,
-one after another; each graph alone from its CUDA graph (bench_gpu's ``graph_times``: stage A,
-prefill, cached step) and whole requests per preset (``time_requests``).
+``time``: a shorthand for ``tools/bench_gpu.py engines --paths pruned+cache --weights VARIANTS``
+(the one implementation of the loop: engines exported native (bf16 on CUDA) and with ``--weights
+fp8`` per-row and per-tensor, one after another, each graph alone, whole requests per preset, the
+weight-read floor per variant); the report lands in ``--workdir`` as ``bench_gpu_engines.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -102,43 +102,22 @@ def run_logits(args) -> dict:
 
 
 def run_time(args) -> dict:
-    import dataclasses
+    """``tools/bench_gpu.py engines`` on the pruned + cache path with ``--weights`` = ``--variants`` (one
+    implementation of the loop): its JSON (``<workdir>/bench_gpu_engines.json``) returned."""
     import importlib.util
-    import shutil
 
     spec = importlib.util.spec_from_file_location("bench_gpu", Path(__file__).with_name("bench_gpu.py"))
     bench = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(Path(__file__).parent))
     spec.loader.exec_module(bench)
-    from llada_export.exporter.build import export_engines
-    from llada_export.runtime.pipeline import Pipeline
-    from llada_export.timing import matmul_peak
-
-    w, h = args.width, args.height
-    ns = argparse.Namespace(images=[(w, h)], layers=[args.prune_layer], keeps=[args.keep], gen_length=args.gen_length,
-                            max_prompt_tokens=64, backend="inductor", prompt=args.prompt,
-                            system="You are a helpful language and vision assistant.", refresh=32, factor=1.0,
-                            repeat=2, preset=args.preset, seed=args.seed)
-    model, cfg, tok = bench.build_model(args.preset, args.seed)
-    peak, image = matmul_peak(), bench.request_images(w, h, 1)
-    res = {"preset": args.preset, "device": bench.DEVICE, "variants": {}}
-    variants = {"native": {}, "fp8-row": {"weights": "fp8", "fp8": FP8Settings("row")},
-                "fp8-tensor": {"weights": "fp8", "fp8": FP8Settings("tensor")}}
-    for name, change in ((n, variants[n]) for n in args.variants.split(",")):
-        out = Path(args.workdir) / f"engines_{name}"
-        opts = dataclasses.replace(bench.export_opts(ns, out, True, True, compile_cache=False), **change)
-        export_engines(opts, loaded=(model, tok, cfg))
-        weights = None if change else dict(model.state_dict())  # fp8: the directory's weights file
-        pipe = Pipeline.load(out, backend="inductor", device=bench.DEVICE, weights=weights)
-        row = {"graphs": bench.graph_times(pipe, image[0], ns, peak), "requests": {}}
-        for preset in args.presets.split(","):
-            row["requests"][preset] = bench.time_requests(pipe, image, ns, preset, True, True)
-        res["variants"][name] = row
-        print(name, json.dumps(row), flush=True)
-        del pipe
-        shutil.rmtree(out, ignore_errors=True)
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return res
+    out = Path(args.workdir)
+    argv = ["engines", "--preset", args.preset, "--seed", str(args.seed), "--images", f"{args.width}x{args.height}",
+            "--layers", str(args.prune_layer), "--keeps", str(args.keep),  # bench_gpu's bucket: 128 response slots
+            "--prompt", args.prompt, "--presets", args.presets, "--paths", "pruned+cache",
+            "--weights", args.variants, "--out", str(out), "--workdir", str(out / "engines"),
+            "--no-warm-load", "--no-step-profile"]
+    if bench.main(argv):
+        raise SystemExit("bench_gpu.py engines failed")
+    return json.loads((out / "bench_gpu_engines.json").read_text())
 
 
 def vqa_markdown(res: dict) -> str:
@@ -214,7 +193,8 @@ def main(argv=None) -> int:
     p.add_argument("--presets", default="demo,chartqa", help="time: sampler presets timed end to end")
     p.add_argument("--variants", default="native,fp8-row,fp8-tensor",
                    help="time: which engine sets, one after another (native, fp8-row, fp8-tensor)")
-    p.add_argument("--workdir", default="/tmp/llada-fp8", help="time: where the engines are written (removed after)")
+    p.add_argument("--workdir", default="/tmp/llada-fp8",
+                   help="time: where the engines (removed after each variant) and bench_gpu_engines.* are written")
     p.add_argument("--json", default=None, help="write the result here")
     p.add_argument("--from", dest="src", nargs="*", default=[], help="render: vqa JSON results to combine")
     p.add_argument("--out", default="benchmarks/fp8_vqa", help="render: report path without suffix")

@@ -1,0 +1,88 @@
+"""Smoke runs of ``tools/bench_gpu.py`` on the CPU with the tiny preset (numbers meaningless; what the
+GPU run computes and writes): ``step`` (the cached step's pieces) and ``engines --weights native,fp8``
+(a column per weights variant, the floor per variant, engines deleted after measuring)."""
+
+from __future__ import annotations
+
+import filecmp
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "tools" / "bench_gpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def replots_identically(bench, out: Path, part: str) -> bool:
+    shutil.copy(out / f"bench_gpu_{part}.md", out / "first.md")
+    assert bench.main([part, "--replot", "--out", str(out)]) == 0
+    return filecmp.cmp(out / f"bench_gpu_{part}.md", out / "first.md", shallow=False)
+
+
+def test_step_profile_smoke(bench, tmp_path):
+    assert bench.main(["step", "--preset", "tiny", "--prefixes", "24", "--gen-length", "16", "--out",
+                       str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "bench_gpu_step.json").read_text())
+    prof = res["step_profile"]
+    (s,) = prof["shapes"]
+    assert (s["prefix"], s["queries"], s["keys"], s["rows"]) == (24, 16, 40, 1)
+    names = [p["piece"] for p in s["pieces"]]
+    for want in ("fused q|k|v GEMM", "RoPE", "cache write", "attention", "o_proj GEMM", "fused gate|up GEMM",
+                 "SiLU", "down GEMM", "lm_head", "fused sampler step"):
+        assert any(want in n for n in names), want
+    # the pieces read every weight the floor reads: the layers' linears (x layers) and the LM head, once
+    assert sum(p["weight_gb"] for p in s["pieces"]) == pytest.approx(prof["floor"]["gb"], rel=1e-9)
+    ok = [r for r in s["attention_kernels"] if "ms" in r]
+    assert {"math"} <= {r["kernel"] for r in ok}  # math runs everywhere; the others where the device has them
+    assert s["best_attention"]["ms"] == min(r["ms"] for r in ok)
+    assert s["step_vs_floor"] == pytest.approx(s["step_ms"] / prof["floor"]["ms"])
+    md = (tmp_path / "bench_gpu_step.md").read_text()
+    assert "Best attention kernel:" in md and (tmp_path / "bench_gpu_step.png").exists()
+    assert replots_identically(bench, tmp_path, "step")
+
+
+def test_engines_per_weights_variant_smoke(bench, tmp_path):
+    work = tmp_path / "engines"
+    assert bench.main(["engines", "--preset", "tiny", "--images", "64x64", "--layers", "2", "--presets", "mc",
+                       "--paths", "unpruned+cache", "--weights", "native,fp8", "--no-compile", "--no-compile-cache",
+                       "--no-warm-load", "--no-step-profile", "--repeat", "1", "--graph-repeat", "2",
+                       "--gen-length", "32", "--out", str(tmp_path), "--workdir", str(work)]) == 0
+    res = json.loads((tmp_path / "bench_gpu_engines.json").read_text())
+    assert res["weights"] == ["native", "fp8"]
+    assert [(r["path"], r["weights"]) for r in res["rows"]] == [("unpruned+cache", "native"), ("unpruned+cache", "fp8")]
+    assert list(res["groups"]) == ["unpruned/native", "unpruned/fp8"]
+    for w in ("native", "fp8"):
+        g = res["graphs"][w]["unpruned_cached"]
+        assert g["vs_floor"] == pytest.approx(g["ms"] / res["weight_floor"][w]["ms"])
+    # the fp8 floor reads the layers' linears at 1 byte an element (4 here: fp32 on the CPU), the head unchanged
+    assert res["weight_floor"]["fp8"]["gb"] < res["weight_floor"]["native"]["gb"]
+    assert res["weight_floor"]["fp8"]["tensors"] == res["weight_floor"]["native"]["tensors"]
+    assert not any(work.iterdir()) if work.exists() else True  # each variant's engines deleted after measuring
+    md = (tmp_path / "bench_gpu_engines.md").read_text()
+    assert "| graph | sequence | native | fp8 |" in md and "unpruned+cache native | unpruned+cache fp8" in md
+    assert replots_identically(bench, tmp_path, "engines")
+
+    # --resume (a second device call): complete groups are kept, a group cut short is measured again
+    del res["groups"]["unpruned/fp8"]["complete"]
+    (tmp_path / "earlier.json").write_text(json.dumps(res))
+    assert bench.main(["engines", "--preset", "tiny", "--images", "64x64", "--layers", "2", "--presets", "mc",
+                       "--paths", "unpruned+cache", "--weights", "native", "--no-compile", "--no-compile-cache",
+                       "--no-warm-load", "--no-step-profile", "--repeat", "1", "--graph-repeat", "2",
+                       "--gen-length", "32", "--out", str(tmp_path), "--workdir", str(work),
+                       "--resume", str(tmp_path / "earlier.json")]) == 0
+    again = json.loads((tmp_path / "bench_gpu_engines.json").read_text())
+    assert again["groups"]["unpruned/native"] == res["groups"]["unpruned/native"]
+    assert again["groups"]["unpruned/fp8"]["export_s"] != res["groups"]["unpruned/fp8"]["export_s"]
+    assert again["groups"]["unpruned/fp8"]["complete"]
+    assert [(r["path"], r["weights"]) for r in again["rows"]] == [("unpruned+cache", "native"), ("unpruned+cache", "fp8")]
+    assert again["earlier"]["groups"] == ["unpruned/native"]

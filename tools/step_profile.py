@@ -1,0 +1,189 @@
+"""Where the cached step's time goes: one decoder layer of the model at the cached step's shapes,
+piece by piece, against the whole step and the weight-read floor (``tools/bench_gpu.py step``, and
+inside ``engines``).
+
+The pieces run the project's modules (``graphs/fused.py``'s fused layer of layer 0, ``graphs/llada.py``'s
+RoPE, cache writer, norms, head and ``Head``'s fused sampler step) on B rows x G queries over P' + G
+keys; on a GPU each piece is captured in its own CUDA graph and timed with CUDA events (median). The
+attention is timed with every SDPA backend (``torch.nn.attention.sdpa_kernel``: flash, efficient,
+cudnn, math), with the engines' boolean key mask and without it; the best one is named. The whole
+step is ``LanguageModel.cached`` (fused projections, the cache written in place) + the fused sampler
+head, eager kernels in one CUDA graph (the exported engine's number comes from ``engines``). On a CPU
+(``--preset tiny``) everything runs eagerly: a smoke run, numbers meaningless.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from llada_export.timing import median_seconds
+
+BACKENDS = ("flash", "efficient", "cudnn", "math")
+
+
+def timed(fn, repeat: int = 20) -> float:
+    """Median seconds of ``fn`` replayed from a CUDA graph (CUDA events) on a GPU, eager elsewhere."""
+    if not torch.cuda.is_available():
+        return median_seconds(fn, repeat=repeat, warmup=1)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm up (lazy init, autotuning) outside the capture
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return median_seconds(graph.replay, repeat=repeat)
+
+
+def _backend(name: str):
+    from torch.nn.attention import SDPBackend
+
+    return {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]
+
+
+def attention_kernels(q, k, v, mask, repeat: int) -> list[dict]:
+    """SDPA of q [B, H, G, hd] over k, v [B, H, P'+G, hd] per backend, with mask [B, 1, 1, P'+G] and without."""
+    from torch.nn.attention import sdpa_kernel
+
+    rows = []
+    for name in BACKENDS:
+        for masked in (True, False):
+            m = mask if masked else None
+            try:
+                with sdpa_kernel([_backend(name)]):
+                    ms = timed(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=m), repeat) * 1e3
+                rows.append({"kernel": name, "key_mask": masked, "ms": ms})
+            except Exception as e:  # noqa: BLE001 - a backend that does not take these inputs on this device
+                rows.append({"kernel": name, "key_mask": masked, "error": f"{type(e).__name__}: {str(e)[:160]}"})
+    return rows
+
+
+@torch.no_grad()
+def profile_step(model, lm, cfg, tok, prefix: int, rows: int = 1, gen: int = 128, repeat: int = 20,
+                 floor: dict | None = None) -> dict:
+    """One shape (``rows`` x ``gen`` queries over ``prefix`` + ``gen`` keys): every piece of layer 0 of
+    ``lm`` (``graphs.fused.fuse_projections(model.language)``: the engines' fused projections) and the
+    whole cached step; ``floor`` (``weight_floor.weight_read_floor``) gives each GEMM's weight-read time
+    at the floor's bandwidth."""
+    from llada_export.graphs.llada import Head, apply_rope, attention_mask, cache_writer
+    from llada_export.tokenizer import special_tokens
+
+    layer, dev, dtype = lm.layers[0], model.lm_head.weight.device, model.lm_head.weight.dtype
+    attn, mlp = layer.self_attn, layer.mlp
+    b, g, length = rows, gen, prefix + gen
+    h_, kv_, hd = attn.n_heads, attn.n_kv, attn.head_dim
+    n_layers = len(lm.layers)
+    sp = special_tokens(tok)
+    head = Head((sp.suppressed(), sp.mask), cfg.text.vocab_size, dev)
+    gen_rng = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(b, g, cfg.text.hidden_size, device=dev, dtype=dtype, generator=gen_rng)  # [B, G, D]
+    kv = torch.randn(n_layers, 2, b, kv_, length, hd, device=dev, dtype=dtype, generator=gen_rng)  # the cache
+    key_mask = torch.ones(b, length, dtype=torch.bool, device=dev)
+    key_mask[:, prefix - 3: prefix] = False  # a few padded prompt slots, as in a bucket
+    mask = attention_mask(key_mask)  # [B, 1, 1, P'+G]
+    pos = torch.arange(prefix, length, device=dev)[None].expand(b, g)  # [B, G]
+    ids = torch.full((b, g), sp.mask, dtype=torch.long, device=dev)
+    block_start = torch.zeros(b, dtype=torch.long, device=dev)
+    fresh = torch.ones(b, g, dtype=torch.bool, device=dev)
+    cos, sin = lm.rotary(pos)  # [B, G, hd]
+    hn = layer.input_layernorm(x)
+    q, k, v = attn._project(hn)  # [B, G, H*hd], [B, G, n_kv*hd] x2
+    qh, kh, vh = attn._heads(q, h_), attn._heads(k, kv_), attn._heads(v, kv_)  # [B, n, G, hd]
+    write = cache_writer(kv, 0, g)
+    keys, values = write(kh, vh)  # [B, n_kv, P'+G, hd] views of the cache
+    kr, vr = attn._repeat(keys), attn._repeat(values)  # [B, H, P'+G, hd]
+    o = F.scaled_dot_product_attention(apply_rope(qh, cos, sin), kr, vr, attn_mask=mask)  # [B, H, G, hd]
+    o2 = o.transpose(1, 2).reshape(b, g, h_ * hd)  # [B, G, H*hd]
+    gate, up = mlp._gate_up(hn)  # [B, G, I] x2
+    act = F.silu(gate) * up
+    logits = lm.head(x)  # [B, G, V] fp32
+
+    att = attention_kernels(apply_rope(qh, cos, sin), kr, vr, mask, repeat)
+    ok = [r for r in att if "ms" in r]
+    best = min(ok, key=lambda r: r["ms"]) if ok else None
+    best_masked = min((r for r in ok if r["key_mask"]), key=lambda r: r["ms"], default=None)
+
+    def wbytes(*linears) -> int:
+        return sum(m.weight.numel() * m.weight.element_size() for m in linears)
+
+    pieces = [  # (name, fn, weight bytes read, per layer?)
+        ("input + post-attention RMSNorm (+ residual adds)",
+         lambda: (layer.input_layernorm(x), layer.post_attention_layernorm(x + x)), 0),
+        ("fused q|k|v GEMM", lambda: attn.qkv_proj(hn), wbytes(attn.qkv_proj)),
+        ("RoPE (q and k)", lambda: (apply_rope(qh, cos, sin), apply_rope(kh, cos, sin)), 0),
+        ("cache write (where(fresh) + in-place index_put_)",
+         lambda: write(torch.where(fresh[:, None, :, None], kh, kv[0, 0, :, :, prefix:]), vh), 0),
+        (f"attention ({best_masked['kernel']}, key mask)" if best_masked else "attention (default SDPA, key mask)",
+         None, 0),
+        ("o_proj GEMM", lambda: attn.o_proj(o2), wbytes(attn.o_proj)),
+        ("fused gate|up GEMM", lambda: mlp.gate_up_proj(hn), wbytes(mlp.gate_up_proj)),
+        ("SiLU(gate) * up", lambda: F.silu(gate) * up, 0),
+        ("down GEMM", lambda: mlp.down_proj(act), wbytes(mlp.down_proj)),
+    ]
+    out_pieces = []
+    for name, fn, nbytes in pieces:
+        if fn is None:
+            ms = best_masked["ms"] if best_masked else timed(
+                lambda: F.scaled_dot_product_attention(apply_rope(qh, cos, sin), kr, vr, attn_mask=mask), repeat) * 1e3
+        else:
+            ms = timed(fn, repeat) * 1e3
+        out_pieces.append({"piece": name, "per_layer_ms": ms, "layers": n_layers, "ms": ms * n_layers,
+                           "weight_gb": nbytes * n_layers / 1e9})
+    once = [("embed the response ids", lambda: lm.embed_tokens(ids), 0),
+            ("final norm + lm_head (fp32 logits)", lambda: lm.head(x), wbytes(lm.lm_head)),
+            ("fused sampler step (suppress, max, logsumexp)", lambda: head(logits, ids), 0)]
+    for name, fn, nbytes in once:
+        ms = timed(fn, repeat) * 1e3
+        out_pieces.append({"piece": name, "per_layer_ms": None, "layers": 1, "ms": ms, "weight_gb": nbytes / 1e9})
+    layer_ms = timed(lambda: layer.forward_cached(x, cos, sin, mask, kv[0, 0], kv[0, 1], fresh, write), repeat) * 1e3
+    step_ms = timed(lambda: head(lm.cached(ids, pos, key_mask, kv, block_start, inplace=True), ids), repeat) * 1e3
+    res = {"prefix": prefix, "rows": b, "queries": g, "keys": length, "layers": n_layers, "pieces": out_pieces,
+           "attention_kernels": att, "best_attention": best, "best_attention_with_key_mask": best_masked,
+           "layer_ms": layer_ms, "sum_of_pieces_ms": sum(p["ms"] for p in out_pieces),
+           "step_ms": step_ms, "step_method": "LanguageModel.cached (fused, in place) + fused sampler head, eager "
+                                              "kernels" + (" in one CUDA graph" if dev.type == "cuda" else "")}
+    if floor:
+        bw = floor["gb"] / floor["ms"]  # GB per ms
+        for p in out_pieces:
+            p["floor_ms"] = p["weight_gb"] / bw
+            p["above_floor_ms"] = p["ms"] - p["floor_ms"]
+        res["floor_ms"] = floor["ms"]
+        res["step_vs_floor"] = step_ms / floor["ms"]
+    return res
+
+
+def markdown_profile(prof: dict, engines_cached_ms: dict | None = None) -> list[str]:
+    """Tables for ``bench_gpu``'s reports: per shape, the pieces x layers against the step and the floor."""
+    lines = ["", "## Where the cached step's time goes (one layer's pieces x layers, CUDA graphs, CUDA events)", "",
+             prof.get("note", ""), ""]
+    for s in prof["shapes"]:
+        fl = s.get("floor_ms")
+        lines += [f"### {s['rows']} x {s['queries']} queries over {s['prefix']} + {s['queries']} keys", "",
+                  "| piece | ms per layer | x layers ms | weights GB | at floor bandwidth ms | above floor ms | share of step |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for p in s["pieces"]:
+            per = "-" if p["per_layer_ms"] is None else f"{p['per_layer_ms']:.4f}"
+            lines.append(f"| {p['piece']} | {per} | {p['ms']:.3f} | {p['weight_gb']:.2f} | "
+                         f"{p.get('floor_ms', float('nan')):.3f} | {p.get('above_floor_ms', float('nan')):.3f} | "
+                         f"{100 * p['ms'] / s['step_ms']:.0f}% |")
+        lines += ["", f"Sum of the pieces {s['sum_of_pieces_ms']:.2f} ms; one whole layer (forward_cached) "
+                  f"{s['layer_ms']:.3f} ms x {s['layers']} = {s['layer_ms'] * s['layers']:.2f} ms; the whole step "
+                  f"({s['step_method']}) {s['step_ms']:.2f} ms" + (f" = {s['step_vs_floor']:.2f}x the weight-read "
+                                                                    f"floor {fl:.2f} ms" if fl else "") +
+                  (f"; the exported engine's cached graph {engines_cached_ms[s['prefix']]:.2f} ms"
+                   if engines_cached_ms and s["prefix"] in engines_cached_ms else "") + ".", "",
+                  f"Attention kernels (SDPA backends, {s['queries']} queries over the cached prefix):", "",
+                  "| backend | key mask | ms per layer |", "| --- | --- | --- |"]
+        for r in s["attention_kernels"]:
+            lines.append(f"| {r['kernel']} | {'yes' if r['key_mask'] else 'no'} | "
+                         + (f"{r['ms']:.4f} |" if "ms" in r else f"unavailable: {r['error'][:80]} |"))
+        if s["best_attention"]:
+            bst, bm = s["best_attention"], s["best_attention_with_key_mask"]
+            lines += ["", f"Best attention kernel: {bst['kernel']} ({'with' if bst['key_mask'] else 'without'} the key "
+                      f"mask, {bst['ms']:.4f} ms per layer)" + (f"; with the key mask: {bm['kernel']} "
+                                                                 f"({bm['ms']:.4f} ms)." if bm else "."), ""]
+    return lines
