@@ -3,9 +3,11 @@ layers and the LM head once, measured on this device.
 
 A cached step at batch 1 computes ~128 rows against every weight, so it cannot be faster than
 reading them: this is the floor the cached step is compared with (``tools/bench_gpu.py engines``
-reports cached / floor). The read is one ``sum`` per weight into an fp32 scalar (a reduction
-kernel streams its input once at close to the memory bandwidth), all of them replayed from one
-CUDA graph and timed with CUDA events (median); on a CPU the kernels run eagerly (a smoke run).
+reports cached / floor). The read is timed two ways, the faster taken: one ``sum`` per weight into
+an fp32 scalar, and one GEMV per weight (its bytes as a bf16 matrix: cuBLAS streams a matrix at close
+to the memory bandwidth; the sum alone read 2.30 TB/s on an H100 where a probe reached 3.04), each
+way all weights replayed from one CUDA graph and timed with CUDA events (median); on a CPU the
+kernels run eagerly (a smoke run).
 
     python tools/weight_floor.py --preset full        # random full-size bf16 weights on the GPU
 """
@@ -32,31 +34,62 @@ def fp8_weights(model) -> list[torch.Tensor]:
     """What a ``--weights fp8`` step reads instead of :func:`linear_weights`: the layers' linears as
     1-byte tensors of the same shapes (e4m3 stand-ins: the read time does not depend on the values;
     their per-channel fp32 scales add < 0.1% and are left out) and the LM head, which stays unquantized."""
-    layers = [torch.empty(m.weight.shape, dtype=torch.uint8, device=m.weight.device)
+    layers = [torch.zeros(m.weight.shape, dtype=torch.uint8, device=m.weight.device)
               for m in model.model.layers.modules() if isinstance(m, nn.Linear)]
     return layers + [model.lm_head.weight]
 
 
-def weight_read_floor(tensors: list[torch.Tensor], repeat: int = 20) -> dict:
-    """Read ``tensors`` once (one reduction each): {"gb", "ms", "tb_per_s", "tensors", "method"}."""
-    out = torch.empty(len(tensors), dtype=torch.float32, device=tensors[0].device)
+def _rows(t: torch.Tensor) -> torch.Tensor | None:
+    """``t``'s bytes as a 2-D matrix of the dtype a GEMV reads (bf16 on a GPU, fp32 on a CPU), or None."""
+    dt = torch.bfloat16 if t.is_cuda else torch.float32
+    nbytes = t.shape[-1] * t.element_size()
+    if t.dim() != 2 or not t.is_contiguous() or nbytes % dt.itemsize:
+        return None
+    return t.view(dt) if t.dtype != dt else t  # [N, K * size / dt size]: the same bytes
 
-    def read() -> None:
-        for i, t in enumerate(tensors):
-            torch.sum(t, dim=tuple(range(t.dim())), dtype=torch.float32, out=out[i])  # reads t once
 
-    fn, method = read, "sum per tensor, eager"
-    if tensors[0].is_cuda:
-        read()  # lazy init outside the capture
+def _timed(read, cuda: bool, repeat: int) -> float:
+    if cuda:  # lazy init outside the capture, then all the reads replayed from one CUDA graph
+        read()
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             read()
-        fn, method = graph.replay, "sum per tensor, one CUDA graph, CUDA events"
-    seconds = median_seconds(fn, repeat=repeat)
+        read = graph.replay
+    return median_seconds(read, repeat=repeat)
+
+
+def weight_read_floor(tensors: list[torch.Tensor], repeat: int = 20) -> dict:
+    """Read ``tensors`` once, two ways, each all tensors in one CUDA graph (CUDA events, median): one
+    ``sum`` per tensor into an fp32 scalar, and one GEMV per tensor (its bytes as a bf16 matrix times a
+    vector: cuBLAS streams a matrix at close to the memory bandwidth). The faster is the floor:
+    {"gb", "ms", "tb_per_s", "tensors", "method", "methods_ms"}."""
+    cuda = tensors[0].is_cuda
+    out = torch.empty(len(tensors), dtype=torch.float32, device=tensors[0].device)
+
+    def read_sum() -> None:
+        for i, t in enumerate(tensors):
+            torch.sum(t, dim=tuple(range(t.dim())), dtype=torch.float32, out=out[i])  # reads t once
+
+    methods = {"sum per tensor": read_sum}
+    mats = [_rows(t) for t in tensors]
+    if all(m is not None for m in mats):
+        vecs = {m.shape[1]: torch.ones(m.shape[1], dtype=m.dtype, device=m.device) for m in mats}
+        outs = [torch.empty(m.shape[0], dtype=m.dtype, device=m.device) for m in mats]  # [N] each
+
+        def read_gemv() -> None:
+            for m, o in zip(mats, outs):
+                torch.mv(m, vecs[m.shape[1]], out=o)  # reads m once
+
+        methods["GEMV per tensor"] = read_gemv
+    times = {name: _timed(fn, cuda, repeat) for name, fn in methods.items()}
+    best = min(times, key=times.get)
+    seconds = times[best]
     nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    where = "one CUDA graph, CUDA events" if cuda else "eager"
     return {"gb": nbytes / 1e9, "ms": seconds * 1e3, "tb_per_s": nbytes / seconds / 1e12, "tensors": len(tensors),
-            "method": method}
+            "method": f"{best}, {where} (fastest of {', '.join(times)})",
+            "methods_ms": {k: v * 1e3 for k, v in times.items()}}
 
 
 def main(argv=None) -> int:
