@@ -57,7 +57,7 @@ from llada_export.timing import matmul_peak, median_seconds, sync, wall_seconds
 from llada_export.report import pyplot, save
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_profile import markdown_profile  # noqa: E402
+from step_profile import markdown_profile, plot_profile  # noqa: E402
 from weight_floor import fp8_weights, linear_weights, weight_read_floor  # noqa: E402  (tools/ holds scripts, not a package)
 
 # Official LLaDA-V on the H100, 1024x768, random bf16 weights (issue 7's anchor; format-1 reports only).
@@ -913,26 +913,6 @@ def markdown_variant_targets(res: dict, rows: dict) -> list[str]:
     for name, v, t, w, op in checks:
         lines.append(f"| {name} | {w} | {v:.3f} | {'yes' if (v <= t if op == '<=' else v >= t) else 'NO'} |")
     return lines
-
-
-def plot_profile(prof: dict, path: Path) -> None:
-    """Stacked bars per shape: each piece's ms (x layers), beside the whole step and the floor."""
-    plt = pyplot()
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for i, s in enumerate(prof["shapes"]):
-        bottom = 0.0
-        for j, p in enumerate(s["pieces"]):
-            ax.bar(i, p["ms"], 0.5, bottom=bottom, color=plt.cm.tab20(j % 20), label=p["piece"] if i == 0 else None)
-            bottom += p["ms"]
-        ax.plot([i - 0.3, i + 0.3], [s["step_ms"]] * 2, "k-", lw=2, label="whole step" if i == 0 else None)
-        if "floor_ms" in s:
-            ax.plot([i - 0.3, i + 0.3], [s["floor_ms"]] * 2, "r--", lw=2, label="weight-read floor" if i == 0 else None)
-    ax.set_xticks(range(len(prof["shapes"])), [f"P' {s['prefix']}, {s['rows']} x {s['queries']}" for s in prof["shapes"]])
-    ax.set_ylabel("ms per cached step")
-    ax.set_title("Cached step: pieces x layers vs the whole step and the floor", fontsize=9)
-    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1, 1))
-    save(fig, path)
 
 
 def time_multi(args, model, tok, cfg, weights, pruned: bool, cache: bool, base: dict | None) -> dict:

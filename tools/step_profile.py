@@ -175,7 +175,15 @@ def markdown_profile(prof: dict, engines_cached_ms: dict | None = None) -> list[
                   f"({s['step_method']}) {s['step_ms']:.2f} ms" + (f" = {s['step_vs_floor']:.2f}x the weight-read "
                                                                     f"floor {fl:.2f} ms" if fl else "") +
                   (f"; the exported engine's cached graph {engines_cached_ms[s['prefix']]:.2f} ms"
-                   if engines_cached_ms and s["prefix"] in engines_cached_ms else "") + ".", "",
+                   if engines_cached_ms and s["prefix"] in engines_cached_ms else "") + ".", ""]
+        if fl:
+            gemm = sum(p["above_floor_ms"] for p in s["pieces"] if p["weight_gb"] > 0)
+            rest = sum(p["ms"] for p in s["pieces"] if p["weight_gb"] == 0)
+            lines += [f"Between the floor and the step ({s['step_ms'] - fl:.2f} ms): the GEMMs and the head above "
+                      f"their weight reads {gemm:.2f} ms, the pieces that read no weights {rest:.2f} ms, outside every "
+                      f"piece (the whole step minus the sum of the pieces) {s['step_ms'] - s['sum_of_pieces_ms']:.2f} ms.",
+                      ""]
+        lines += [
                   f"Attention kernels (SDPA backends, {s['queries']} queries over the cached prefix):", "",
                   "| backend | key mask | ms per layer |", "| --- | --- | --- |"]
         for r in s["attention_kernels"]:
@@ -187,3 +195,25 @@ def markdown_profile(prof: dict, engines_cached_ms: dict | None = None) -> list[
                       f"mask, {bst['ms']:.4f} ms per layer)" + (f"; with the key mask: {bm['kernel']} "
                                                                  f"({bm['ms']:.4f} ms)." if bm else "."), ""]
     return lines
+
+
+def plot_profile(prof: dict, path) -> None:
+    """Stacked bars per shape: each piece's ms (x layers), beside the whole step and the floor."""
+    from llada_export.report import pyplot, save
+
+    plt = pyplot()
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, s in enumerate(prof["shapes"]):
+        bottom = 0.0
+        for j, p in enumerate(s["pieces"]):
+            ax.bar(i, p["ms"], 0.5, bottom=bottom, color=plt.cm.tab20(j % 20), label=p["piece"] if i == 0 else None)
+            bottom += p["ms"]
+        ax.plot([i - 0.3, i + 0.3], [s["step_ms"]] * 2, "k-", lw=2, label="whole step" if i == 0 else None)
+        if "floor_ms" in s:
+            ax.plot([i - 0.3, i + 0.3], [s["floor_ms"]] * 2, "r--", lw=2, label="weight-read floor" if i == 0 else None)
+    ax.set_xticks(range(len(prof["shapes"])), [f"P' {s['prefix']}, {s['rows']} x {s['queries']}" for s in prof["shapes"]])
+    ax.set_ylabel("ms per cached step")
+    ax.set_title("Cached step: pieces x layers vs the whole step and the floor", fontsize=9)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1, 1))
+    save(fig, path)
