@@ -178,7 +178,7 @@ class ServeCancellation:
         assert full.forwards == 14
         before, logged = metric(server, "llada_cancelled"), len(batch_logs(server))
         send_then_hang_up(server, json.dumps(chat_body(q, img, **SLOW)).encode())
-        wait_for("a batch that stopped early", lambda: stopped_early(server, logged, full.forwards), 20)
+        wait_for("a batch that stopped early", lambda: stopped_early(server, logged, full.forwards), 60)
         assert text_of(ask(server["url"], 4)) == direct(4)
         wait_for("the cancelled counter", lambda: metric(server, "llada_cancelled") >= before + 1)
         health = Client(server["url"]).health()  # the replica's own counts
@@ -197,7 +197,7 @@ class ServeCancellation:
         first = next(iter(stream))
         stream.close()
         assert first.choices[0].delta.role == "assistant"
-        wait_for("a batch that stopped early", lambda: stopped_early(server, logged, 16), 20)
+        wait_for("a batch that stopped early", lambda: stopped_early(server, logged, 16), 60)
         pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
             model="demo", messages=messages, max_tokens=16, stream=True) if c.choices]
         assert "".join(pieces) == direct(6)
@@ -219,7 +219,7 @@ class ServeCancellation:
         assert plain.choices[0].message.content == full[: full.index(":")]
         assert plain.choices[0].finish_reason == plain.model_extra["llada"]["finish_reason"] == "stop"
         assert plain.model_extra["llada"]["forwards"] < 16
-        wait_for("a batch that stopped early", lambda: stopped_early(server, logged, 16), 20)
+        wait_for("a batch that stopped early", lambda: stopped_early(server, logged, 16), 60)
         logged = len(batch_logs(server))
         pieces, finish = [], []
         for c in client.chat.completions.create(stream=True, **ask):
@@ -227,5 +227,5 @@ class ServeCancellation:
                 pieces.append(c.choices[0].delta.content or "")
                 finish.append(c.choices[0].finish_reason)
         assert "".join(pieces) == full[: full.index(":")] and finish[-1] == "stop"
-        wait_for("a batch that stopped early", lambda: stopped_early(server, logged, 16), 20)
+        wait_for("a batch that stopped early", lambda: stopped_early(server, logged, 16), 60)
         wait_for("the stopped counter", lambda: metric(server, "llada_stopped") >= before + 2)

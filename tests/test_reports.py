@@ -32,6 +32,8 @@ CASES = [  # (tool, its JSON, the report it renders, the command line that re-re
      ["--engines", "-", "--replot", "--out", "{out}/load_test_before_fix"]),
     ("load_test.py", "load_test_gpu.json", "load_test_gpu.md",
      ["--engines", "-", "--replot", "--out", "{out}/load_test_gpu"]),
+    ("load_test.py", "load_test_stream.json", "load_test_stream.md",
+     ["--engines", "-", "--replot", "--out", "{out}/load_test_stream"]),
     ("bench_gpu.py", "bench_gpu_batch.json", "bench_gpu_batch.md", ["batch", "--replot", "--out", "{out}"]),
     ("bench_cpu.py", "cpu_ort.json", "cpu_ort.md", ["--replot", "--out", "{out}"]),
     ("gpu_probe.py", "gpu_probe.json", "gpu_probe.md", ["--replot", "--out", "{out}"]),

@@ -217,13 +217,13 @@ def test_settings_are_honoured_and_batched_apart(server, direct):
     those settings; requests of different settings never share a batch."""
     from concurrent.futures import ThreadPoolExecutor
 
-    settings = [{"cache": False}, {"threshold": 0.9}, {}, {"cache": False}]
+    settings = [{"cache": False}, {"threshold": 0.8}, {}, {"cache": False}]  # the default rule: threshold 0.9
     with ThreadPoolExecutor(4) as ex:
         replies = list(ex.map(lambda a: ask(server["url"], a[0], **a[1]), enumerate(settings)))
     for (i, s), r in zip(enumerate(settings), replies):
         assert text_of(r) == direct(i, **s)
         assert ("cache" in r["llada"]["setting"]) == (s.get("cache", True))
-    assert "threshold 0.9" in replies[1]["llada"]["setting"] and replies[1]["llada"]["batch"]["size"] == 1
+    assert "threshold 0.8" in replies[1]["llada"]["setting"] and replies[1]["llada"]["batch"]["size"] == 1
     assert replies[2]["llada"]["batch"]["size"] == 1
 
 
@@ -711,7 +711,7 @@ def test_load_test_small_run(server, serve_engines, tmp_path):
     tool = load_tool("load_test")
     out = tmp_path / "load"
     tool.main(["--engines", str(serve_engines), "--url", server["url"], "--concurrency", "1", "3",
-               "--rate", "50", "--requests", "2", "--items", "6", "--out", str(out)])
+               "--rate", "50", "--requests", "2", "--items", "6", "--stream", "0.5", "--out", str(out)])
     res = json.loads(out.with_suffix(".json").read_text())
     assert [lv["concurrency"] for lv in res["levels"]] == [1, 3]
     for lv in res["levels"]:
@@ -721,6 +721,8 @@ def test_load_test_small_run(server, serve_engines, tmp_path):
     for lv in res["levels"] + res["open_levels"]:
         assert lv["errors"] == lv["lost"] == lv["differ_from_pipeline"] == 0
         assert lv["latency_p50_s"] <= lv["latency_p99_s"] and lv["requests_per_s"] > 0
+        assert lv["cancelled"] == 0  # the server's /health counter, read before and after the level
+    assert sum(lv["streamed"] for lv in res["levels"] + res["open_levels"]) >= 3  # --stream 0.5: every other one
     md = out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").stat().st_size > 0 and "| 3 | 6 | 6 | 0 | 0 |" in md and "| 50 | 0 | 2 | 2 | 0 | 0 |" in md
 
