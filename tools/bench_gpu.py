@@ -833,13 +833,17 @@ def markdown_variants(res: dict) -> list[str]:
     cached step's ratio to its floor; the targets on the native rows; the step profile if measured."""
     st, nan, ws = res["setting"], float("nan"), res["weights"]
     rows = {(r["preset"], r["path"], r["weights"]): r for r in res["rows"]}
+
+    def kind(w: str) -> str:
+        fp8 = WEIGHTS.get(w)
+        return f"e4m3 linears, {fp8['activations']} activation scales" if fp8 else res.get("model", {}).get("dtype", "?")
+
     presets = list(dict.fromkeys(r["preset"] for r in res["rows"]))
     paths = list(dict.fromkeys(r["path"] for r in res["rows"]))
     lines = [f"Engines: {res['backend']}, fused sampler, random weights; image {st['image']}, pruning at layer "
              f"{st['prune_layer']}, keep {st['keep']}; +cache = refresh {st['refresh']}, factor {st['factor']}. "
              "Weights variants (one set of random weights, exported once per variant, measured back to back): "
-             + ", ".join(f"{w} ({'e4m3 linears, ' + WEIGHTS[w]['activations'] + ' activation scales' if w in WEIGHTS and WEIGHTS[w] else 'bf16'})"
-                         for w in ws) + ".", ""]
+             + ", ".join(f"{w} ({kind(w)})" for w in ws) + ".", ""]
     if "earlier" in res:
         e = res["earlier"]["env"]
         lines += [f"Groups {', '.join(res['earlier']['groups'])} were measured in an earlier device call "
@@ -872,9 +876,9 @@ def markdown_variants(res: dict) -> list[str]:
         lines.append(f"| {n} | {seq} | " + " | ".join(
             "-" if g is None else f"{g['ms']:.2f}" + (f" ({g['vs_floor']:.2f}x)" if "vs_floor" in g else "")
             for g in gs) + " |")
-    lines += ["", "Weight-read floor per variant, measured in this run (the layers' linear weights, 1 byte each for "
-              "fp8, and the bf16 LM head, each read once by a reduction, one CUDA graph):", ""]
-    lines += [f"- {w}: {fl['gb']:.2f} GB in {fl['ms']:.2f} ms ({fl['tb_per_s']:.2f} TB/s)"
+    lines += ["", "Weight-read floor per variant, measured in this run (`tools/weight_floor.py`: the layers' linear "
+              "weights, 1 byte each for fp8, and the unquantized LM head, each read once):", ""]
+    lines += [f"- {w}: {fl['gb']:.2f} GB in {fl['ms']:.2f} ms ({fl['tb_per_s']:.2f} TB/s; {fl['method']})"
               for w, fl in res["weight_floor"].items()]
     lines += ["", "## Export and load", ""]
     for group, info in res["groups"].items():
