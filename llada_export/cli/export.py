@@ -100,20 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "naming (fnmatch; a pattern also covers the modules under it), e.g. 'model.layers.0.*' "
                    "(default: model.vision_tower model.mm_projector lm_head; lm_head must stay)")
     b.add_argument("--device", default="cpu", help="device to trace and compile for: cpu, cuda or cuda:N (default: cpu)")
-    cc = b.add_mutually_exclusive_group()
-    cc.add_argument("--compile-cache", dest="compile_cache", action="store_true", default=None,
-                    help="inductor: compile every graph at export with torch.compile and save the compiler's cache, "
-                    "so that torch.compile at load on a machine with the same torch, Triton and GPU hits it (Dynamo "
-                    "still traces each graph); with --precompile it serves the fallback path only (default: on for "
-                    "CUDA with --no-precompile; inductor builds only)")
-    cc.add_argument("--no-compile-cache", dest="compile_cache", action="store_false", help="do not (inductor only)")
-    pc = b.add_mutually_exclusive_group()
-    pc.add_argument("--precompile", dest="precompile", action="store_true", default=None,
-                    help="inductor: compile every graph at export with Inductor and save its kernels per graph "
-                    "(programs/*.compiled.bin, programs/precompiled.json); a load on a machine with the same torch, "
-                    "Triton and GPU runs them without Dynamo or torch.compile, elsewhere it compiles as without them "
-                    "(default: on for CUDA; inductor builds only)")
-    pc.add_argument("--no-precompile", dest="precompile", action="store_false", help="do not (inductor only)")
+    b.add_argument("--compile-cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="inductor: compile every graph at export with torch.compile and save the compiler's cache, "
+                   "so that torch.compile at load on a machine with the same torch, Triton and GPU hits it (Dynamo "
+                   "still traces each graph); with --precompile it serves the fallback path only (default: on for "
+                   "CUDA with --no-precompile; inductor builds only)")
+    b.add_argument("--precompile", action=argparse.BooleanOptionalAction, default=None,
+                   help="inductor: compile every graph at export with Inductor and save its kernels per graph "
+                   "(programs/*.compiled.bin, programs/precompiled.json); a load on a machine with the same torch, "
+                   "Triton and GPU runs them without Dynamo or torch.compile, elsewhere it compiles as without them "
+                   "(default: on for CUDA; inductor builds only)")
     b.add_argument("--overwrite", action="store_true",
                    help="replace an existing engines directory written by llada-export")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -152,13 +148,11 @@ def check_flags(p: argparse.ArgumentParser, args: argparse.Namespace, backends: 
         p.error("--device-memory applies to --batch-sizes auto only")
     if args.weights != "fp8" and (args.fp8_activations is not None or args.fp8_skip is not None):
         p.error("--fp8-activations and --fp8-skip apply to --weights fp8 only")
-    if args.precompile is not None and "inductor" not in backends:
-        flag = "--precompile" if args.precompile else "--no-precompile"
-        p.error(f"{flag} applies to inductor builds only (--backend inductor or all)")
-    if args.compile_cache is not None and "inductor" not in backends:
-        flag = "--compile-cache" if args.compile_cache else "--no-compile-cache"
-        p.error(f"{flag} applies to inductor builds only (--backend inductor or all); this builds "
-                f"{', '.join(backends)}")
+    for name in ("precompile", "compile-cache"):  # inductor-only switches
+        value = getattr(args, name.replace("-", "_"))
+        if value is not None and "inductor" not in backends:
+            p.error(f"--{'' if value else 'no-'}{name} applies to inductor builds only (--backend inductor or all); "
+                    f"this builds {', '.join(backends)}")
 
 
 def main(argv: list[str] | None = None) -> int:
