@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +178,30 @@ def _cli(*args, cwd=None):
                           text=True, cwd=cwd, timeout=600)
 
 
+def _cli_here(capsys, *args) -> subprocess.CompletedProcess:
+    """``llada-export ARGS`` run in this process: what ``python -m llada_export.cli.export`` runs
+    (``sys.exit(main())``) without a fresh interpreter's 4 s of imports, for the refusals. Its exit
+    status, stdout and stderr, with the Python warnings a fresh process would print (the interpreter's
+    default filters) added to stderr; an exception that escapes main fails the test. (The refusal in
+    test_cli_exports_tiny_checkpoint and the SIGTERM test keep a real process.)"""
+    from llada_export.cli.export import main
+
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.resetwarnings()  # pytest's filters out; a fresh interpreter's in
+        warnings.simplefilter("default")
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", category)
+        try:
+            code = main(list(args))
+        except SystemExit as e:
+            code = e.code
+    out = capsys.readouterr()
+    err = out.err + "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in shown)
+    status = code if isinstance(code, int) else 0 if code is None else 1  # as sys.exit(code) ends a process
+    return subprocess.CompletedProcess(["llada-export", *args], status, out.out, err)
+
+
 def test_cli_exports_tiny_checkpoint(tiny_ckpt, tmp_path):
     out = tmp_path / "engines"
     t0 = time.perf_counter()
@@ -208,9 +233,9 @@ def test_cli_exports_tiny_checkpoint(tiny_ckpt, tmp_path):
     (["--gen-length", "16", "--steps", "3", "--block-length", "8"], "not divisible"),
     (["--backend", "tensorrt", "--max-visual-tokens", "12000", "--keep", "0.5", "--prune-layer", "1"], "TopK"),
 ])
-def test_cli_bad_input_is_one_line_exit_2_and_leaves_nothing(tiny_ckpt, tmp_path, args, msg):
+def test_cli_bad_input_is_one_line_exit_2_and_leaves_nothing(tiny_ckpt, tmp_path, capsys, args, msg):
     out = tmp_path / "engines"
-    r = _cli("--model", str(tiny_ckpt), "-o", str(out), "-q", *args)
+    r = _cli_here(capsys, "--model", str(tiny_ckpt), "-o", str(out), "-q", *args)
     assert r.returncode == 2, r.stderr
     assert msg in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
@@ -298,13 +323,13 @@ def test_out_of_memory_while_building_is_one_line_and_leaves_nothing(tiny_ckpt, 
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_missing_and_foreign_checkpoint(tmp_path):
-    r = _cli("--model", str(tmp_path / "nope"), "-o", str(tmp_path / "e"), "-q")
+def test_cli_missing_and_foreign_checkpoint(tmp_path, capsys):
+    r = _cli_here(capsys, "--model", str(tmp_path / "nope"), "-o", str(tmp_path / "e"), "-q")
     assert r.returncode == 2 and "nope: no such checkpoint directory" in r.stderr
     foreign = tmp_path / "llama"
     foreign.mkdir()
     (foreign / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    r = _cli("--model", str(foreign), "-o", str(tmp_path / "e"), "-q")
+    r = _cli_here(capsys, "--model", str(foreign), "-o", str(tmp_path / "e"), "-q")
     assert r.returncode == 2 and "llava_llada" in r.stderr and str(foreign / "config.json") in r.stderr
     assert not (tmp_path / "e").exists()
 
@@ -436,7 +461,7 @@ def test_inductor_compile_cache_is_saved_and_loaded(tiny_ckpt, tmp_path):
     assert "cpu_threads" in load_cache(out / "programs" / "compile_cache.bin", "cpu")
 
 
-def test_cli_never_touches_the_checkpoint_or_a_bystander(tiny_ckpt, tmp_path):
+def test_cli_never_touches_the_checkpoint_or_a_bystander(tiny_ckpt, tmp_path, capsys):
     """`-o` that is the checkpoint, contains it (its parent, beside a bystander file) or is a file:
     refused with one line and exit 2 even with --overwrite; nothing is touched, no .old copy is left.
     (Lying inside it and the other refusals are tests/test_outdir.py's, on the module every CLI
@@ -451,7 +476,7 @@ def test_cli_never_touches_the_checkpoint_or_a_bystander(tiny_ckpt, tmp_path):
     ck = str(par / "ck")
     for out, msg in [(par, f"contains {ck}, which must not be modified"), (par / "ck", f"is {ck}"),
                      (tmp_path / "o_file", "exists and is not a directory")]:
-        r = _cli("--model", str(par / "ck"), "-o", str(out), "--overwrite", "-q")
+        r = _cli_here(capsys, "--model", str(par / "ck"), "-o", str(out), "--overwrite", "-q")
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, (out, r.stderr)
         assert msg in r.stderr and "Traceback" not in r.stderr, (msg, r.stderr)
     assert {p: p.read_bytes() for p in par.rglob("*") if p.is_file()} == before
@@ -459,7 +484,7 @@ def test_cli_never_touches_the_checkpoint_or_a_bystander(tiny_ckpt, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o_file", "par"]  # no .old / .partial / .lock left
 
 
-def test_cli_second_export_to_one_dir_is_refused_and_sigterm_cleans_up(tiny_ckpt, tmp_path):
+def test_cli_second_export_to_one_dir_is_refused_and_sigterm_cleans_up(tiny_ckpt, tmp_path, capsys):
     """Two llada-export runs into one -o: the second fails at once naming the first; SIGTERM to the
     first (mid-export) exits 143 and leaves nothing: no -o, no hidden partial, no lock."""
     import signal
@@ -472,7 +497,7 @@ def test_cli_second_export_to_one_dir_is_refused_and_sigterm_cleans_up(tiny_ckpt
     while not list(tmp_path.glob(".eng.partial-*")):  # the first holds the lock and is writing
         assert first.poll() is None and time.perf_counter() - t0 < 120, first.communicate()
         time.sleep(0.2)
-    second = _cli(*args)
+    second = _cli_here(capsys, *args)
     assert second.returncode == 2 and f"pid {first.pid}" in second.stderr, second.stderr
     first.send_signal(signal.SIGTERM)
     _, err = first.communicate(timeout=120)
