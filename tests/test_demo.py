@@ -75,7 +75,7 @@ def test_bundled_model_answers_test_questions():
     assert sum(h for h, s in zip(hits, samples) if s.qtype in vqa_task.LONG_TYPES) >= 8  # of 9 long answers
 
 
-def test_make_demo_answers_every_question_type_and_reuses_matching_engines(tmp_path):
+def test_make_demo_answers_every_question_type_and_reuses_matching_engines(tmp_path, capsys):
     """`llada-demo` (what `make demo` runs): short and long answers right the exact way and the fast way
     (pruned + cache + parallel decoding, in fewer forwards), exit 0,
     nothing half-written beside the engines, and no warning on its screen. A second run reuses the
@@ -113,8 +113,10 @@ def test_make_demo_answers_every_question_type_and_reuses_matching_engines(tmp_p
 
     # untrained, and of the tiny preset (the same structure, smaller: its export takes 2/3 of the demo's)
     ck = random_checkpoint("tiny", tmp_path / "random-tiny", seed=3)
-    r = subprocess.run([str(BIN / "llada-demo"), "--workdir", str(tmp_path), "--model", str(ck), "--gen-length", "8"],
-                       capture_output=True, text=True, timeout=900)
+    # in this process (llada-demo's main, as its entry point calls it: the run above is the fresh process)
+    capsys.readouterr()
+    code = demo.main(["--workdir", str(tmp_path), "--model", str(ck), "--gen-length", "8"])
+    r = subprocess.CompletedProcess(["llada-demo"], code, *capsys.readouterr())
     why = next((line for line in r.stdout.splitlines() if line.startswith("exporting ")), "")
     assert "(the ones there were built with a different " in why, r.stdout + r.stderr
     assert all(w in why for w in ("checkpoint (its files changed)", "checkpoint path", "gen_length")), why
