@@ -182,8 +182,9 @@ def _cli_here(capsys, *args) -> subprocess.CompletedProcess:
     """``llada-export ARGS`` run in this process: what ``python -m llada_export.cli.export`` runs
     (``sys.exit(main())``) without a fresh interpreter's 4 s of imports, for the refusals. Its exit
     status, stdout and stderr, with the Python warnings a fresh process would print (the interpreter's
-    default filters) added to stderr; an exception that escapes main fails the test. (The refusal in
-    test_cli_exports_tiny_checkpoint and the SIGTERM test keep a real process.)"""
+    default filters) added to stderr; an exception that escapes main fails the test. (The export in
+    test_cli_exports_tiny_checkpoint and the interrupted one of the SIGTERM test, which ends through
+    the same one-line error handling, run in a real process, as test_cli's --help and --version do.)"""
     from llada_export.cli.export import main
 
     capsys.readouterr()
@@ -202,7 +203,7 @@ def _cli_here(capsys, *args) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["llada-export", *args], status, out.out, err)
 
 
-def test_cli_exports_tiny_checkpoint(tiny_ckpt, tmp_path):
+def test_cli_exports_tiny_checkpoint(tiny_ckpt, tmp_path, capsys):
     out = tmp_path / "engines"
     t0 = time.perf_counter()
     r = _cli("--model", str(tiny_ckpt), "--prune-layer", "2", "--keep", "0.35", "--image-size", "384x384",
@@ -212,7 +213,8 @@ def test_cli_exports_tiny_checkpoint(tiny_ckpt, tmp_path):
     assert f"wrote {out}" in r.stdout and "onnxruntime (vision, stage_a, stage_b)" in r.stdout
     assert Manifest.read(out).pruning == PruneSettings(2, 0.35)
     print(f"llada-export (ONNX Runtime, tiny checkpoint): {took:.1f} s")
-    r = _cli("--model", str(tiny_ckpt), "--prune-layer", "2", "--image-size", "384x384", "-o", str(out), "-q")
+    r = _cli_here(capsys, "--model", str(tiny_ckpt), "--prune-layer", "2", "--image-size", "384x384", "-o", str(out),
+                  "-q")
     assert r.returncode == 2 and "--overwrite" in r.stderr and "Traceback" not in r.stderr
 
 
