@@ -107,8 +107,8 @@ def _memory_for(cap, batch: int) -> int:
 def test_batch_sizes_auto_plans_the_powers_of_two_and_records_them(tiny_ckpt, tiny, tmp_path, capsys):
     """`llada-export --batch-sizes auto --device-memory M` with M that holds 3 pruned + cache requests by
     the arithmetic builds sizes 1 and 2; the manifest's notes carry the KV bytes per request. (Inductor
-    programs: the plan and the manifest are the backend's neither, and they are written in a third of
-    the ONNX graphs' time.)"""
+    programs: neither the plan nor the manifest depends on the backend, and they are written in a third
+    of the ONNX graphs' time.)"""
     from llada_export.cli.export import main
 
     _, _, cfg = tiny
