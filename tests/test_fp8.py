@@ -211,6 +211,14 @@ def test_fp8_linear_through_onnx_runtime_and_inductor(per_row, tmp_path):
     assert abs(got - want.detach().numpy()).max() <= 1e-5 * want.abs().max().item()
     compiled = torch.compile(ep.module(), fullgraph=True)
     assert torch.allclose(compiled(x), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    # a dynamic row count (as a dynamic-prefix program has) exports a graph ONNX Runtime loads and runs
+    dyn = torch.export.export(mod, (x,), dynamic_shapes=({1: torch.export.Dim("rows", min=2, max=64)},))
+    torch.onnx.export(dyn, (), str(path), dynamo=True, custom_translation_table=ONNX_TRANSLATIONS, verbose=False)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x7 = torch.randn(2, 7, 64) * torch.logspace(-1, 1, 7)[None, :, None]
+    want7 = mod(x7).detach().numpy()
+    got7 = sess.run(None, {sess.get_inputs()[0].name: x7.numpy()})[0]
+    assert abs(got7 - want7).max() <= 1e-5 * abs(want7).max()
 
 
 def test_fp8_inductor_engines_load_and_follow_the_eager_fp8_model(fp8_engines, tiny):

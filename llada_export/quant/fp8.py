@@ -15,6 +15,19 @@ One custom op, ``llada_fp8::linear``, carries the whole quantized product throug
   TensorRT's explicit-quantization FP8 path (whose FP8 GEMMs want per-tensor activation scales
   known at build time: a dynamic scale stays a Q/DQ pair TensorRT may not fuse).
 
+Why not torchao or NVIDIA ModelOpt (tried on the CPU: ``tools/fp8_libraries.py``,
+``benchmarks/fp8_libraries.md``): torchao 0.18's float8 inference (``quantize_`` with dynamic
+per-row activations) refuses to quantize without an sm89+ GPU, so CPU-only CI could not test it;
+with its check bypassed it exports and compiles, but its program holds ``aten._scaled_mm`` over
+``Float8Tensor`` subclass weights, which ``torch.onnx.export`` cannot lower, the ``.pt2`` needs
+torchao to load, and its weights do not go to safetensors. ModelOpt 0.47's ``FP8_DEFAULT_CFG``
+runs on the CPU but simulates FP8 (full-precision weights, static calibrated per-tensor
+activation scales, a ``tensorrt::quantize_op`` per call that neither ``torch.onnx.export`` nor a
+fresh process without ModelOpt can resolve), and its own ONNX exporter works on an ``nn.Module``
+with the TorchScript exporter (bypassing the FX pruning pass) and writes ``trt``-domain Q/DQ that
+ONNX Runtime does not load. One custom op covers every backend: real e4m3 weights, standard
+FLOAT8E4M3FN Q/DQ in ONNX, ``_scaled_mm`` on sm89+, exact CPU emulation that CI tests.
+
 ``quantize_linears`` swaps every ``nn.Linear`` of a module tree whose name matches no
 ``settings.skip`` pattern for an :class:`FP8Linear`, in place; the exporter applies it to a
 structural copy of the model (``structural_copy``: the tensors of the other modules shared,
@@ -228,9 +241,10 @@ def _onnx_linear(x, w8, w_scale, bias, per_row: bool):
     a = op.Abs(op.Cast(x2, to=onnx.TensorProto.FLOAT))
     amax = op.ReduceMax(a, op.Constant(value_ints=[1]), keepdims=0) if per_row else op.ReduceMax(a, keepdims=0)
     s = op.CastLike(op.Div(op.Max(amax, op.Constant(value_float=MIN_AMAX)), op.Constant(value_float=E4M3_MAX)), x)
-    zp = op.Cast(op.Constant(value_float=0.0), to=onnx.TensorProto.FLOAT8E4M3FN)
-    if per_row:
-        zp = op.Expand(zp, op.Shape(s))  # [M]: per-axis zero points match the scales
+    zero = op.Constant(value_float=0.0)
+    if per_row:  # [M]: per-axis zero points match the scales; expanded before the cast (Expand takes no float8)
+        zero = op.Expand(zero, op.Shape(s))
+    zp = op.Cast(zero, to=onnx.TensorProto.FLOAT8E4M3FN)
     xd = op.DequantizeLinear(op.QuantizeLinear(x2, s, zp, axis=0), s, zp, axis=0)  # [M, K]
     y = op.MatMul(xd, op.Transpose(wd, perm=[1, 0]))  # [M, N]
     if bias is not None:
