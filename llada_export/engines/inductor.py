@@ -117,17 +117,23 @@ def precompile_all(ctx: WriteContext) -> list[Path]:
 
 
 def save_compile_cache(ctx: WriteContext) -> list[Path]:
+    """Compile every graph and save exactly the artifacts of these graphs. The recording is fresh: torch's
+    record is per process and incremental (an artifact recorded before, e.g. by an earlier export's vision
+    graph, is left out of later saves, and ``load_cache_artifacts`` keeps only the last save's artifacts of
+    each kind), so a second export in one process would save a cache lacking the graphs it shares with the
+    first (unpruned engines after pruned ones: the vision graph recompiled at every load)."""
     import json
 
     import torch
 
-    for graph, rel in ctx.artifacts.get(BACKEND.name, {}).items():
-        mapping = ctx.constants.get(BACKEND.name, {}).get(graph)
-        constants = {fqn: ctx.weights[key] for fqn, key in mapping.items()} if mapping else None
-        r = runner(ctx.root / rel, ctx.io[graph], ctx.device, constants=constants, cuda_graph=False)
-        with torch.no_grad():
-            r.run(example_feeds(ctx, graph))
-    saved = torch.compiler.save_cache_artifacts()
+    with fresh_cache_record():
+        for graph, rel in ctx.artifacts.get(BACKEND.name, {}).items():
+            mapping = ctx.constants.get(BACKEND.name, {}).get(graph)
+            constants = {fqn: ctx.weights[key] for fqn, key in mapping.items()} if mapping else None
+            r = runner(ctx.root / rel, ctx.io[graph], ctx.device, constants=constants, cuda_graph=False)
+            with torch.no_grad():
+                r.run(example_feeds(ctx, graph))
+        saved = torch.compiler.save_cache_artifacts()
     if saved is None:
         ctx.notes.append("the compiler produced no cache artifacts: Pipeline.load will compile the graphs")
         return []
@@ -137,6 +143,21 @@ def save_compile_cache(ctx: WriteContext) -> list[Path]:
     (folder / CACHE_INFO).write_text(json.dumps(cache_key(ctx.device), indent=2) + "\n")
     ctx.compile_cache[BACKEND.name] = f"{BACKEND.folder}/{CACHE_BLOB}"
     return [folder / CACHE_BLOB, folder / CACHE_INFO]
+
+
+def fresh_cache_record():
+    """A context in which torch records compiler cache artifacts afresh (none seen before in this process);
+    the process's own record comes back after it. Where torch has no such context (it is private API), the
+    process's record is cleared instead."""
+    import contextlib
+
+    from torch.compiler._cache import CacheArtifactManager
+
+    fresh = getattr(CacheArtifactManager, "with_fresh_cache", None)
+    if fresh is not None:
+        return fresh()
+    CacheArtifactManager.clear()
+    return contextlib.nullcontext()
 
 
 def load_cache(blob: Path, device: str) -> str:
