@@ -39,6 +39,12 @@ CASES = [  # (tool, its JSON, the report it renders, the command line that re-re
     ("gpu_probe.py", "gpu_probe.json", "gpu_probe.md", ["--replot", "--out", "{out}"]),
     ("fp8_eval.py", "fp8_vqa.json", "fp8_vqa.md", ["render", "--replot", "--out", "{out}/fp8_vqa"]),
     ("kv_capacity.py", "kv_capacity.json", "kv_capacity.md", ["--replot", "--out", "{out}/kv_capacity"]),
+    # issue 22's H100 run of 2026-12-06: fused projections + in-place cache write, the step's pieces, FP8 logits
+    ("bench_gpu.py", "bench_gpu_engines_fused.json", "bench_gpu_engines_fused.md",
+     ["engines", "--replot", "--out", "{out}"]),
+    ("bench_gpu.py", "bench_gpu_step.json", "bench_gpu_step.md", ["step", "--replot", "--out", "{out}"]),
+    ("bench_gpu.py", "bench_gpu_step_b8.json", "bench_gpu_step_b8.md", ["step", "--replot", "--out", "{out}"]),
+    ("fp8_eval.py", "fp8_logits.json", "fp8_logits.md", ["render", "--replot", "--out", "{out}/fp8_logits"]),
 ]
 # issue 21's reports (tools/long_sweeps.py render), once a GPU run's summaries are committed
 CASES += [("long_sweeps.py", f"vqa2_{part}.json", f"vqa2_{part}.md", ["render", "--replot", "--out", "{out}"])

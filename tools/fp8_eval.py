@@ -6,6 +6,7 @@ made on the GPU: per graph kind, the top-1 agreement and KL of fp8 logits agains
     python tools/fp8_eval.py logits --device cuda --preset full [--activations row|tensor]
     python tools/fp8_eval.py time --preset full [--presets demo,chartqa]   # on a GPU: bench_gpu engines
     python tools/fp8_eval.py render --from A.json B.json --out benchmarks/fp8_vqa --machine ... --command ...
+    python tools/fp8_eval.py render --logits --from ROW.json TENSOR.json --out benchmarks/fp8_logits ...
 
 ``time``: a shorthand for ``tools/bench_gpu.py engines --paths pruned+cache --weights VARIANTS``
 (the one implementation of the loop: engines exported native (bf16 on CUDA) and with ``--weights
@@ -162,8 +163,27 @@ def vqa_plot(res: dict, path: Path) -> None:
     save(fig, path)
 
 
+def logits_markdown(res: dict) -> str:
+    """The logits runs of ``render`` as a table: per graph kind and activation granularity, fp8 vs native."""
+    runs = res["runs"]
+    rows = ["| activations | graph | top-1 agreement | KL mean | KL max | cosine mean |", "|---|---|---|---|---|---|"]
+    for r in runs:
+        for kind, g in r["graphs"].items():
+            rows.append(f"| {r['activations']} | {kind} | {100 * g['top1']:.1f}% | {g['kl_mean']:.4f} | "
+                        f"{g['kl_max']:.4f} | {g['cosine_mean']:.4f} |")
+    return (f"# FP8 weights on full-size random weights: logits against {'bf16' if runs[0]['device'] == 'cuda' else 'fp32'}\n\n"
+            f"- machine: {res['machine']}; random {runs[0]['preset']} LLaDA-V weights made on the device (seed 0), "
+            f"one random 1024x768 image, a fully masked response; eager models (`ReferenceDenoiser`), "
+            f"{runs[0]['quantized_linears']} linears quantized (vision tower, projector and lm_head kept); "
+            "per response position: top-1 agreement, KL(native || fp8), cosine of the logit vectors\n"
+            "- random weights give near-uniform, near-tied logits (a top-1 flips on tiny differences), so KL and "
+            "cosine say more here than top-1; the trained demo model's answers are the accuracy measure "
+            "(`fp8_vqa.md`)\n\n" + "\n".join(rows) + f"\n\nReproduce: {res['command']}\n")
+
+
 def render(args) -> int:
-    """Combine ``vqa`` JSON results (--from) into <out>.json / .md / .png (--replot: from <out>.json)."""
+    """Combine ``vqa`` (or, with ``--logits``, ``logits``) JSON results (--from) into <out>.json / .md / .png
+    (--replot: from <out>.json)."""
     from llada_export.report import write_report
 
     res = None
@@ -171,7 +191,10 @@ def render(args) -> int:
         runs = [json.loads(Path(f).read_text()) for f in args.src]
         res = {"runs": [{k: v for k, v in r.items() if "predictions" not in k} for r in runs],
                "machine": args.machine, "command": args.command}
-    write_report(args.out, res, vqa_markdown, vqa_plot)
+    if args.logits or (res is None and "graphs" in json.loads(Path(args.out).with_suffix(".json").read_text())["runs"][0]):
+        write_report(args.out, res, logits_markdown, None)
+    else:
+        write_report(args.out, res, vqa_markdown, vqa_plot)
     return 0
 
 
@@ -201,6 +224,7 @@ def main(argv=None) -> int:
     p.add_argument("--machine", default="", help="render: the machine the results came from, in words")
     p.add_argument("--command", default="", help="render: the command that produced them")
     p.add_argument("--replot", action="store_true", help="render: re-render <out>.md/.png from <out>.json")
+    p.add_argument("--logits", action="store_true", help="render: the --from files are logits results (a table, no plot)")
     args = p.parse_args(argv)
     if args.part == "render":
         return render(args)
