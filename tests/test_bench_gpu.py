@@ -86,3 +86,17 @@ def test_engines_per_weights_variant_smoke(bench, tmp_path):
     assert again["groups"]["unpruned/fp8"]["complete"]
     assert [(r["path"], r["weights"]) for r in again["rows"]] == [("unpruned+cache", "native"), ("unpruned+cache", "fp8")]
     assert again["earlier"]["groups"] == ["unpruned/native"]
+
+    # --groups: only the groups asked for are measured (here none: native is kept, fp8 not asked for), and
+    # the report names the weights variant it lacks
+    del again["groups"]["unpruned/fp8"]["complete"]
+    (tmp_path / "earlier.json").write_text(json.dumps(again))
+    assert bench.main(["engines", "--preset", "tiny", "--images", "64x64", "--layers", "2", "--presets", "mc",
+                       "--paths", "unpruned+cache", "--weights", "native", "--groups", "unpruned/native",
+                       "--no-compile", "--no-warm-load", "--no-step-profile", "--gen-length", "32",
+                       "--out", str(tmp_path), "--workdir", str(work), "--resume", str(tmp_path / "earlier.json")]) == 0
+    third = json.loads((tmp_path / "bench_gpu_engines.json").read_text())
+    assert list(third["groups"]) == ["unpruned/native"] and {r["weights"] for r in third["rows"]} == {"native"}
+    assert "Not measured: weights fp8" in (tmp_path / "bench_gpu_engines.md").read_text()
+    with pytest.raises(SystemExit):
+        bench.main(["engines", "--groups", "pruned/int4", "--out", str(tmp_path)])

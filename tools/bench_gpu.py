@@ -372,8 +372,8 @@ def run_engines(args, save) -> dict:
         cache = any(PATHS[p][1] for p in paths)
         for variant in res["weights"]:  # --resume: the earlier call's variants and these
             group = f"{'pruned' if pruned else 'unpruned'}/{variant}"
-            if group in res["groups"]:
-                continue  # measured by the --resume'd call
+            if group in res["groups"] or (args.groups and group not in args.groups):
+                continue  # measured by the --resume'd call, or not asked for (--groups)
             out = Path(args.workdir) / f"engines_{group.replace('/', '_')}"
             reset_peak()
             t0 = time.perf_counter()
@@ -1050,6 +1050,9 @@ def main(argv=None) -> int:
     p.add_argument("--weights", default="native",
                    help=f"engines: weights variants measured one after another ({', '.join(WEIGHTS)}; fp8 = fp8-row; "
                         "default: native)")
+    p.add_argument("--groups", default=None, metavar="GROUP,...",
+                   help="engines: measure only these groups (pruned/native, pruned/fp8, unpruned/native, ...), "
+                        "e.g. the ones a --resume'd report lacks (default: every path group x --weights)")
     p.add_argument("--step-profile", action=argparse.BooleanOptionalAction, default=True,
                    help="engines: also profile the cached step's pieces at --prefixes (default: on)")
     p.add_argument("--prefixes", default="1333,3691",
@@ -1069,6 +1072,10 @@ def main(argv=None) -> int:
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     args.multi = [int(b) for b in args.multi.split(",")] if args.multi else None
     args.weights = [w for w in args.weights.split(",") if w]
+    args.groups = [g for g in args.groups.split(",") if g] if args.groups else None
+    if args.groups and (bad := [g for g in args.groups if g.split("/")[0] not in ("pruned", "unpruned")
+                                or g.partition("/")[2] not in WEIGHTS]):
+        p.error(f"unknown --groups {bad}; a group is pruned/WEIGHTS or unpruned/WEIGHTS, WEIGHTS one of {', '.join(WEIGHTS)}")
     args.prefixes = [int(n) for n in args.prefixes.split(",") if n]
     if bad := [w for w in args.weights if w not in WEIGHTS]:
         p.error(f"unknown --weights {bad}; choose from {', '.join(WEIGHTS)}")
