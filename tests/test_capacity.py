@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 
-from helpers import export, load_tool
+from helpers import load_tool
 from llada_export.config import full_config
 from llada_export.contract.bucket import Bucket
 from llada_export.contract.manifest import Manifest
