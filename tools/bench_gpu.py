@@ -200,6 +200,15 @@ def export_opts(args, out: Path, pruned: bool, cache: bool, batch_size: int = 1,
                          precompile=None if args.compile else False)  # --no-compile: nothing compiled at export
 
 
+def load_engines(args, out: Path, weights: dict | None, warmup: bool = True):
+    """``Pipeline.load`` of the engines at ``out`` on the random ``weights`` (None: the directory's own);
+    ``--no-compile``: the programs' eager kernels from CUDA graphs."""
+    from llada_export.runtime.pipeline import Pipeline
+
+    return Pipeline.load(out, backend=args.backend, device=DEVICE, weights=weights, warmup=warmup,
+                         runner_options=None if args.compile else {"compile": False})
+
+
 def settings_of(args, cache: bool) -> dict:
     if not cache:  # the exact path: no cache, the official fixed schedule
         return dict(cache=False, fixed_schedule=True)
@@ -337,7 +346,6 @@ def run_engines(args, save) -> dict:
 
     from llada_export.contract.manifest import Manifest
     from llada_export.exporter.build import export_engines
-    from llada_export.runtime.pipeline import Pipeline
 
     res: dict = {"part": "engines", "format": 2, "backend": args.backend, "weights": args.weights,
                  "graph_repeat": args.graph_repeat, "rows": [],
@@ -382,9 +390,7 @@ def run_engines(args, save) -> dict:
             info = {"export_s": time.perf_counter() - t0, "export_peak_gpu_gib": peak_gib(),
                     "notes": Manifest.read(out, verify=False).notes}
             t0 = time.perf_counter()
-            pipe = Pipeline.load(out, backend=args.backend, device=DEVICE,
-                                 weights=state if variant == "native" else None,  # fp8: the directory's file
-                                 runner_options=None if args.compile else {"compile": False})
+            pipe = load_engines(args, out, state if variant == "native" else None)  # fp8: the directory's file
             info["load_in_process_s"] = time.perf_counter() - t0
             info["compile_cache"] = pipe.compile_cache
             print(group, json.dumps(info), flush=True)
@@ -458,7 +464,6 @@ def run_batch(args, save) -> dict:
     the graphs the path runs (``first_batch_s``), not the others. ``--resume`` keeps the rows of an
     earlier run's JSON (an earlier device call) and measures the missing sizes."""
     from llada_export.exporter.build import export_engines
-    from llada_export.runtime.pipeline import Pipeline
 
     path = args.paths[0]
     pruned, cache = PATHS[path]
@@ -484,8 +489,7 @@ def run_batch(args, save) -> dict:
                        loaded=(model, tok, cfg))
         export_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        pipe = Pipeline.load(out, backend=args.backend, device=DEVICE, weights=weights, warmup=False,
-                             runner_options=None if args.compile else {"compile": False})
+        pipe = load_engines(args, out, weights, warmup=False)
         load_s = time.perf_counter() - t0
         row = time_requests(pipe, request_images(*args.images[0], b), args, args.presets[0], pruned, cache)
         row.update(export_s=export_s, load_s=load_s, latency_s=row["seconds"])
@@ -944,13 +948,11 @@ def time_multi(args, model, tok, cfg, weights, pruned: bool, cache: bool, base: 
     from dataclasses import replace
 
     from llada_export.exporter.build import export_engines
-    from llada_export.runtime.pipeline import Pipeline
 
     out = Path(args.workdir) / "engines_multi"
     opts = export_opts(args, out, pruned, cache, batch_size=max(args.multi), compile_cache=False)
     export_engines(replace(opts, batch_sizes=tuple(args.multi)), loaded=(model, tok, cfg))
-    pipe = Pipeline.load(out, backend=args.backend, device=DEVICE, weights=weights, warmup=False,
-                         runner_options=None if args.compile else {"compile": False})
+    pipe = load_engines(args, out, weights, warmup=False)
     row = time_requests(pipe, request_images(*args.images[0], 1), args, args.presets[0], pruned, cache)
     row.update(batch_sizes=pipe.batch_sizes, engine_batch_size=row["timings"]["engine_batch_size"],
                vs_b1_engines=row["seconds"] / base["seconds"] if base else None,

@@ -6,7 +6,7 @@ made on the GPU: per graph kind, the top-1 agreement and KL of fp8 logits agains
     python tools/fp8_eval.py logits --device cuda --preset full [--activations row|tensor]
     python tools/fp8_eval.py time --preset full [--presets demo,chartqa]   # on a GPU: bench_gpu engines
     python tools/fp8_eval.py render --from A.json B.json --out benchmarks/fp8_vqa --machine ... --command ...
-    python tools/fp8_eval.py render --logits --from ROW.json TENSOR.json --out benchmarks/fp8_logits ...
+    python tools/fp8_eval.py render --from ROW.json TENSOR.json --out benchmarks/fp8_logits ...
 
 ``time``: a shorthand for ``tools/bench_gpu.py engines --paths pruned+cache --weights VARIANTS``
 (the one implementation of the loop: engines exported native (bf16 on CUDA) and with ``--weights
@@ -182,19 +182,18 @@ def logits_markdown(res: dict) -> str:
 
 
 def render(args) -> int:
-    """Combine ``vqa`` (or, with ``--logits``, ``logits``) JSON results (--from) into <out>.json / .md / .png
-    (--replot: from <out>.json)."""
+    """Combine ``vqa`` or ``logits`` JSON results (--from) into <out>.json / .md (/ .png for vqa)
+    (--replot: from <out>.json); which kind, the results say."""
     from llada_export.report import write_report
 
-    res = None
-    if not args.replot:
+    if args.replot:
+        res = json.loads(Path(args.out).with_suffix(".json").read_text())
+    else:
         runs = [json.loads(Path(f).read_text()) for f in args.src]
         res = {"runs": [{k: v for k, v in r.items() if "predictions" not in k} for r in runs],
                "machine": args.machine, "command": args.command}
-    if args.logits or (res is None and "graphs" in json.loads(Path(args.out).with_suffix(".json").read_text())["runs"][0]):
-        write_report(args.out, res, logits_markdown, None)
-    else:
-        write_report(args.out, res, vqa_markdown, vqa_plot)
+    logits = "graphs" in res["runs"][0]  # run_logits' results; run_vqa's have per-type scores
+    write_report(args.out, res, logits_markdown if logits else vqa_markdown, None if logits else vqa_plot)
     return 0
 
 
@@ -224,7 +223,6 @@ def main(argv=None) -> int:
     p.add_argument("--machine", default="", help="render: the machine the results came from, in words")
     p.add_argument("--command", default="", help="render: the command that produced them")
     p.add_argument("--replot", action="store_true", help="render: re-render <out>.md/.png from <out>.json")
-    p.add_argument("--logits", action="store_true", help="render: the --from files are logits results (a table, no plot)")
     args = p.parse_args(argv)
     if args.part == "render":
         return render(args)

@@ -27,7 +27,7 @@ from ..contract.manifest import Manifest, ManifestError
 from ..device import parse_device
 from ..engines.registry import Runner, check_artifacts, get_backend, load_builtin, pick_backend
 from ..graphs.anyres import ImageError, assemble, image_size, preprocess, visual_token_count
-from ..sampler import DEFAULT_REFRESH, GenerationConfig, GenerationError, SamplerTrace, StepEvent, StepInfo, generate
+from ..sampler import GenerationConfig, GenerationError, SamplerTrace, StepEvent, StepInfo, generate
 from ..sampler import PRODUCT_REFRESH, parallel_rule
 from ..sampler import preset as get_preset
 from ..tokenizer import DEFAULT_SYSTEM_PROMPT, decode_answer, encode_prompt, load_tokenizer
