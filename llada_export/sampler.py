@@ -31,10 +31,13 @@ Rows are independent: a row's answer does not depend on the other rows. Each row
 its own block, step and stop state; a row that is done stops committing (its forwards
 are computed and ignored: a dead row). ``cancel`` (polled before each forward) ends rows
 early: a cancelled row is done from then on (it never again asks the cached denoiser for a
-refresh), gives its committed prefix, and a batch whose rows are all done ends. A candidate
-with confidence -inf is never committed (the official code can pick one in a tie of -inf
-values when a stop position leaves fewer candidates than the schedule asks for; which one
-is not defined there).
+refresh), gives its committed prefix, and a batch whose rows are all done ends. A denoiser with
+``narrow(rows) -> size | None`` (engines of several batch sizes) is offered the running rows whenever
+fewer run: where it moves them to a smaller batch size, the sampler's state follows them (between two
+forwards) and the done rows are no longer computed; answers, the trace and ``on_step``'s events keep
+every row, in the starting order. A candidate with confidence -inf is never committed (the official
+code can pick one in a tie of -inf values when a stop position leaves fewer candidates than the
+schedule asks for; which one is not defined there).
 
 The model is reached through a :class:`Denoiser`: response ids [B, G] -> logits
 [B, G, V]; the prompt (and which visual tokens survive, and the cache) is the denoiser's
@@ -187,7 +190,9 @@ class StepInfo:
 class Denoiser(Protocol):
     """``__call__``: response ids [B, G] int64 -> logits [B, G, V] (fp32); ``uncond``: the prompt
     fully masked (CFG). A denoiser with ``fused = True`` (engines built with the sampler's greedy
-    step inside) offers ``predict(ids, step) -> (x0 [B, G], confidence [B, G])`` instead."""
+    step inside) offers ``predict(ids, step) -> (x0 [B, G], confidence [B, G])`` instead. Optional:
+    ``narrow(rows) -> int | None``: keep only ``rows`` (current indices, ascending) on a smaller batch
+    size padded with dead rows, and return it (None: it stays as it is)."""
 
     fused: bool
 
@@ -258,7 +263,8 @@ def generate(
     tensor. ``cancel``: called before each forward, one flag per row (a shorter list leaves the
     rest alone); a row flagged True stops there (no more commits, no more forwards counted) and
     gives its committed prefix (up to its first mask, cut at ``<|eot_id|>``); once every row is
-    done or cancelled the generation ends."""
+    done or cancelled the generation ends. A denoiser's ``narrow`` (see :class:`Denoiser`) is offered
+    the running rows each time fewer run; rows are always reported in the starting order."""
     gen.validate()
     fused = getattr(denoiser, "fused", False)
     greedy = gen.temperature == 0 and gen.remasking == "low_confidence" and gen.cfg_scale == 0
@@ -269,17 +275,32 @@ def generate(
     b, dev = batch_size, torch.device(device)
     generators = generators or [None] * b
     use_graph = dev.type == "cuda" if step_graph is None else step_graph
-    loop = _loop(gen, b, mask_id, eot_id, dev, use_graph)
-    with loop.lock:
+    narrow = getattr(denoiser, "narrow", None)
+    rows = _Rows(b, gen.gen_length, mask_id, dev)
+    loop = _claim(gen, b, mask_id, eot_id, dev, use_graph)
+    try:
         done, refresh = loop.reset(active)
         suppress = torch.tensor(suppress_ids, dtype=torch.long, device=dev)
-        forwards = 0
-        cancelled = [False] * b
+        forwards, running = 0, b
+        cancelled = [False] * b  # rows of the current loop
         while not all(done):
-            if cancel is not None and loop.cancel(cancel(), done, cancelled):
+            if cancel is not None and loop.cancel(rows.current(cancel()), done, cancelled):
                 done = [d or c for d, c in zip(done, cancelled)]
                 if all(done):
                     break
+            if narrow is not None and done.count(False) < running:  # fewer rows run: a smaller batch size?
+                running = done.count(False)
+                keep = [i for i, d in enumerate(done) if not d]
+                if (size := narrow(keep)) is not None:
+                    rows.save(loop, cancelled)
+                    old, loop = loop, _claim(gen, size, mask_id, eot_id, dev, use_graph, wait=False)
+                    try:
+                        done, refresh = loop.take(old, keep)
+                    finally:
+                        old.lock.release()
+                    cancelled = [False] * size
+                    generators = [generators[i] for i in keep] + [None] * (size - len(keep))
+                    rows.narrow(keep, size)
             info = StepInfo(forwards, loop.refresh, loop.block_start, ~loop.done, refresh, [not d for d in done])
             if fused:
                 x0, x0_p = denoiser.predict(loop.x.clone(), info)  # argmax + its probability computed in the graph
@@ -288,21 +309,89 @@ def generate(
             forwards += 1 + (gen.cfg_scale > 0 and not fused)
             done, refresh = loop.step(x0, x0_p)
             if trace is not None and trace.record:
-                trace.committed.append([sorted(loop.chosen[i].nonzero().flatten().tolist()) for i in range(b)])
+                chosen = [sorted(loop.chosen[i].nonzero().flatten().tolist()) for i in range(len(rows.of))]
+                trace.committed.append(rows.starting(chosen, []))
             if on_step is not None:
-                on_step(StepEvent(forwards, loop.x.clone(), loop.chosen.clone(), loop.done.clone()))
+                on_step(rows.event(forwards, loop))
+        rows.save(loop, cancelled)
         if trace is not None:
             trace.forwards += forwards
-            trace.row_forwards = loop.row_forwards.tolist()
+            trace.row_forwards = rows.row_forwards
             trace.step_graph = loop.graph is not None and loop.use_graph
-            trace.cancelled = cancelled
-        x = loop.x.to("cpu", copy=True)  # the loop's buffer is reused by the next generation
-    rows = [True] * b if active is None else active.cpu().tolist()
-    return [cut_at_eot(_before_mask(x[i], mask_id) if cancelled[i] else x[i], eot_id) if rows[i] else x[i, :0]
+            trace.cancelled = rows.cancelled
+        x = rows.x.to("cpu", copy=True)
+    finally:
+        loop.lock.release()
+    cancelled, real = rows.cancelled, [True] * b if active is None else active.cpu().tolist()
+    return [cut_at_eot(_before_mask(x[i], mask_id) if cancelled[i] else x[i], eot_id) if real[i] else x[i, :0]
             for i in range(b)]
 
 
+class _Rows:
+    """The batch's rows in their starting order, while the loop may run on fewer (a narrowed batch):
+    ``of`` gives each current row's starting row (None: padding); the last state saved of every row."""
+
+    def __init__(self, b: int, g: int, mask_id: int, dev: torch.device):
+        self.of: list[int | None] = list(range(b))
+        self.narrowed = False
+        self.x = torch.full((b, g), mask_id, dtype=torch.long, device=dev)  # [B, G] each row's ids when saved
+        self.row_forwards, self.cancelled = [0] * b, [False] * b
+        self.cur = self.start = None  # [n] int64: current rows and their starting rows (once narrowed)
+
+    def current(self, flags: Sequence[bool]) -> list[bool]:
+        """The caller's flags (one per starting row; a shorter list leaves the rest alone) for the current rows."""
+        return [o is not None and o < len(flags) and bool(flags[o]) for o in self.of]
+
+    def starting(self, values: list, fill) -> list:
+        """One value per current row -> one per starting row (``fill`` for rows no longer in the batch)."""
+        if not self.narrowed:
+            return values
+        out = [fill] * len(self.row_forwards)
+        for v, o in zip(values, self.of):
+            if o is not None:
+                out[o] = v
+        return out
+
+    def save(self, loop: "_Loop", cancelled: list[bool]) -> None:
+        """Keep every current row's ids, forwards and cancel flag under its starting row."""
+        cur = [i for i, o in enumerate(self.of) if o is not None]
+        self.x[[self.of[i] for i in cur]] = loop.x[cur]  # [n, G]
+        for i, f in enumerate(loop.row_forwards.tolist()):
+            if self.of[i] is not None:
+                self.row_forwards[self.of[i]], self.cancelled[self.of[i]] = f, cancelled[i]
+
+    def narrow(self, keep: list[int], size: int) -> None:
+        self.of = [self.of[i] for i in keep] + [None] * (size - len(keep))
+        self.narrowed = True
+        self.cur = torch.arange(len(keep), device=self.x.device)
+        self.start = torch.tensor(self.of[: len(keep)], device=self.x.device)
+
+    def event(self, forwards: int, loop: "_Loop") -> StepEvent:
+        """``on_step``'s event, [B, G] in the starting order (rows gone: their last ids, done)."""
+        if not self.narrowed:
+            return StepEvent(forwards, loop.x.clone(), loop.chosen.clone(), loop.done.clone())
+
+        def spread(full: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # [n, ...] rows into [B, ...]
+            return full.index_copy(0, self.start, t.index_select(0, self.cur))
+
+        ids = spread(self.x, loop.x)  # [B, G]
+        done = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)  # [B]
+        return StepEvent(forwards, ids, spread(torch.zeros_like(ids, dtype=torch.bool), loop.chosen),
+                         spread(done, loop.done))
+
+
 _LOOPS: dict[tuple, "_Loop"] = {}
+
+
+def _claim(gen: GenerationConfig, b: int, mask_id: int, eot_id: int, dev: torch.device, use_graph: bool,
+           wait: bool = True) -> "_Loop":
+    """The kept loop of this setting, locked (once another generation is done with it); with ``wait`` off
+    (a narrowed batch, which holds its first loop meanwhile), a loop of its own where another holds it."""
+    loop = _loop(gen, b, mask_id, eot_id, dev, use_graph)
+    if not loop.lock.acquire(blocking=wait):
+        loop = _Loop(gen, b, mask_id, eot_id, dev, use_graph)
+        loop.lock.acquire()
+    return loop
 
 
 def _loop(gen: GenerationConfig, b: int, mask_id: int, eot_id: int, dev: torch.device, use_graph: bool) -> "_Loop":
@@ -360,6 +449,17 @@ class _Loop:
         self.chosen.zero_()
         self._advance()
         self._advance()
+        self._flags()
+        return self._read()
+
+    def take(self, src: "_Loop", rows: list[int]) -> tuple[list[bool], list[bool]]:
+        """Go on with ``src``'s rows ``rows`` here (a smaller batch): their state copied into this loop's own
+        buffers (a captured update reads those), the rows past them padding, done from the start."""
+        n = self.x.shape[0]
+        idx = torch.tensor(rows + [rows[0]] * (n - len(rows)), device=self.dev)  # [b']
+        for name in ("x", "block", "step_in", "masked_at_start", "stop", "done", "row_forwards", "chosen"):
+            getattr(self, name).copy_(getattr(src, name).index_select(0, idx))
+        self.done[len(rows):] = True
         self._flags()
         return self._read()
 

@@ -231,10 +231,11 @@ def time_requests(pipe, images, args, preset: str, pruned: bool, cache: bool) ->
         else:
             first_s = time.perf_counter() - t0  # with a lazy load: compiles and captures the graphs it runs
     first = runs[0][0]
-    med = {k: statistics.median(r[0].timings[k] for r in runs) for k in first.timings}
+    med = {k: v if isinstance(v, list) else statistics.median(r[0].timings[k] for r in runs)
+           for k, v in first.timings.items()}  # engine_batch_sizes: a list
     gen = pipe.generation_config(**kw)
     b, n_vis = pipe.bucket, first.n_visual
-    cached = sum(v for k, v in first.graph_calls.items() if k.endswith("cached"))
+    cached = sum(v for k, v in first.graph_calls.items() if k.partition("@")[0].endswith("cached"))  # @bN: narrowed
     fl = request_flops(pipe.config, b.max_text_tokens + n_vis, n_vis, gen, args.layers[0] if pruned else None,
                        args.keeps[0], b.vision_batch, forwards=first.forwards, cached_forwards=cached)
     seconds = med["total"]

@@ -117,8 +117,8 @@ class _Counting:
                 else:
                     kinds = ["prefill" if (not v or r) else "cached" for v, r in zip(self.valid, step.refresh_rows)]
                 for row, (a, kind) in enumerate(zip(active, kinds)):
-                    if a:
-                        self.row_counts[row][kind] += 1
+                    if a:  # self.rows: the starting row of each row (a narrowed batch runs fewer)
+                        self.row_counts[self.rows[row]][kind] += 1
                 return super()._forward(response_ids, step, uncond)
 
         pipeline_mod.EngineDenoiser = CountingDenoiser

@@ -148,6 +148,20 @@ def reduce_inputs(x: BucketInputs, kept_index: torch.Tensor, kept_alive: torch.T
                    visual_mask=x.visual_mask.gather(1, idx) & alive)
 
 
+def take_rows(x: BucketInputs, rows: list[int], size: int) -> BucketInputs:
+    """Rows ``rows`` of ``x`` (its indices, in that order) as a batch of ``size`` >= len(rows) rows: the
+    rest are dead copies of the first kept row (finite inputs, inactive), as :func:`layout_bucket` pads.
+    Works on the stage A layout and on the reduced one alike (a batch narrowed to a smaller size)."""
+    if not 1 <= len(rows) <= size:
+        raise ValueError(f"{len(rows)} rows do not fill a batch of {size} (1 to {size} rows)")
+    pad = rows + [rows[0]] * (size - len(rows))
+    idx = torch.tensor(pad, device=x.key_mask.device)  # [size]
+    alive = torch.arange(size, device=x.key_mask.device) < len(rows)  # [size]
+    rows_of = {k: getattr(x, k).index_select(0, idx) for k in ("prefix_embeds", "position_ids", "key_mask",
+                                                               "visual_mask")}  # [size, ...] each
+    return replace(x, **rows_of, n_visual=[x.n_visual[i] for i in pad], active=x.active[idx] & alive)
+
+
 def kept_visual_positions(reduced: BucketInputs, row: int) -> list[int]:
     """Kept visual tokens of one row as positions in its unpadded prompt (= their position ids)."""
     keep = reduced.visual_mask[row]

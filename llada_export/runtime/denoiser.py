@@ -14,6 +14,11 @@ buffer in place (``graphs.llada.cache_writer``). That reads what the concatenati
 the eager reference) reads because a row's cache is refreshed at the first forward of each of
 its blocks (the sampler's ``refresh`` hint), so the slots before ``block_start`` that a cached
 step reads are always the last refresh's, never an earlier cached step's.
+
+A batch whose running rows fit a smaller built batch size (``--batch-sizes``) moves to that size's
+graphs between two forwards (:meth:`EngineDenoiser.narrow`, called by the sampler): every per-row
+state (inputs, reduced layout, cache) keeps only those rows. Graph calls made after that are named
+``graph@bN`` in :attr:`EngineDenoiser.calls`.
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..contract.graphset import PRUNED_PATH, UNPRUNED_PATH
-from ..contract.layout import BucketInputs, kept_visual_positions, reduce_inputs
+from ..contract.graphset import PRUNED_PATH, SIZE_MARK, UNPRUNED_PATH
+from ..contract.layout import BucketInputs, kept_visual_positions, reduce_inputs, take_rows
 from ..sampler import StepInfo
 
 if TYPE_CHECKING:
@@ -32,8 +37,15 @@ if TYPE_CHECKING:
 
 
 class EngineDenoiser:
-    def __init__(self, pipe: "Pipeline", x: BucketInputs, unpruned: bool, cache: bool):
-        self.pipe, self.x, self.cache = pipe, x, cache
+    """``pipe``: the pipeline at the batch's size (``Pipeline.at_size``); ``narrow``: let the sampler move
+    the batch to a smaller built size once its running rows fit one (:meth:`narrow`)."""
+
+    def __init__(self, pipe: "Pipeline", x: BucketInputs, unpruned: bool, cache: bool, narrow: bool = True):
+        self.pipe, self.x, self.cache, self.narrowing = pipe, x, cache, narrow
+        self.sizes = [x.batch]  # the batch sizes this generation ran on, in order
+        self.rows: list[int | None] = list(range(x.batch))  # the starting row of each row now (None: padding)
+        self._kept: dict[int, list[int]] = {}  # kept visual positions of rows narrowed away, by starting row
+        self._mark = ""  # appended to graph names once narrowed (``@bN``)
         self.path = UNPRUNED_PATH if unpruned else PRUNED_PATH
         self.reduced: BucketInputs | None = None  # after stage A
         self.kv: torch.Tensor | None = None  # [layers, 2, B, n_kv, L', hd], the prefill graph's output
@@ -70,7 +82,7 @@ class EngineDenoiser:
             start = time.perf_counter()
             out = self.pipe.run(graph, **feeds)
             end = time.perf_counter()
-        self._calls.append((graph, start, end))
+        self._calls.append((graph + self._mark, start, end))
         return out
 
     @property
@@ -115,6 +127,34 @@ class EngineDenoiser:
         rows = torch.tensor(need, device=dev)
         return {k: torch.where(rows.view(-1, *([1] * (v.dim() - 1))), out[k], v) for k, v in cached.items()}
 
+    def narrow(self, rows: list[int]) -> int | None:
+        """Keep only ``rows`` (indices of the current batch, ascending) on the smallest built batch size
+        below the current one that holds them, padded with inactive copies of the first; the graphs of that
+        size run from the next forward on. Returns that size, or None (narrowing off, or no smaller size
+        holds them): nothing changed then."""
+        fits = [n for n in self.pipe.batch_sizes if len(rows) <= n < self.x.batch] if self.narrowing else []
+        if not rows or not fits:
+            return None
+        size = fits[0]
+        pad = rows + [rows[0]] * (size - len(rows))
+        if self.reduced is not None:
+            self._kept.update({self.rows[i]: kept_visual_positions(self.reduced, i)
+                               for i in range(self.x.batch) if self.rows[i] is not None})
+            self.reduced = take_rows(self.reduced, rows, size)
+        self.x = take_rows(self.x, rows, size)
+        if self.kv is not None:  # [layers, 2, b', n_kv, L', hd]: a new tensor, which a CUDA-graph runner copies
+            # into its captured cache buffer at each cached step until the next prefill gives back that buffer
+            self.kv = self.kv.index_select(2, torch.tensor(pad, device=self.kv.device))
+        self.valid = [self.valid[i] for i in pad]
+        self.rows = [self.rows[i] for i in rows] + [None] * (size - len(rows))
+        self.pipe, self._resp, self._mark = self.pipe.at_size(size), None, f"{SIZE_MARK}{size}"
+        self.sizes.append(size)
+        return size
+
     def kept_visual(self, row: int) -> list[int] | None:
-        """Kept visual tokens of ``row`` as positions in its unpadded prompt (= their position ids)."""
-        return None if self.reduced is None else kept_visual_positions(self.reduced, row)
+        """Kept visual tokens of starting row ``row`` as positions in its unpadded prompt (= their position ids);
+        None before stage A ran, or for a row that left the batch before it ran."""
+        if row in self._kept:
+            return self._kept[row]
+        return None if self.reduced is None or row not in self.rows else kept_visual_positions(
+            self.reduced, self.rows.index(row))

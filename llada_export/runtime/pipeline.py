@@ -63,12 +63,13 @@ class Request:
 class GenerationResult:
     text: str
     ids: list[int]
-    kept_visual: list[int] | None  # kept visual positions in the unpadded prompt (None: unpruned)
+    kept_visual: list[int] | None  # kept visual positions in the unpadded prompt (None: unpruned, or cancelled
+    # before the first forward in a batch that moved to a smaller size without its row: stage A never saw it)
     n_visual: int
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     step_times: list[float] = field(default_factory=list)  # seconds per denoising forward (the batch's)
     forwards: int = 0  # forwards this request's row needed
-    graph_calls: dict[str, int] = field(default_factory=dict)  # graph -> calls (the batch's)
+    graph_calls: dict[str, int] = field(default_factory=dict)  # graph -> calls (the batch's; graph@bN: narrowed)
     # what produced the answer: Pipeline.generate(image, prompt, **settings) gives it again
     # (gen/block/steps, temperature, remasking, cfg_scale, factor/threshold, cache, refresh, seed, system, unpruned)
     settings: dict = field(default_factory=dict)
@@ -96,6 +97,8 @@ class Pipeline:
         self.keep = manifest.pruning.keep if manifest.pruning else 1.0
         self.pruned = manifest.pruned
         self.step_graph: bool | None = None  # the sampler's per-step update from a CUDA graph (None: on CUDA)
+        # a batch whose running rows fit a smaller built batch size goes on at that size (generate_batch)
+        self.narrow = True
         tok_dir = root / "tokenizer"
         self.tokenizer = load_tokenizer(tok_dir) if tok_dir.is_dir() else None
         emb = load_file(str(root / "text_embeddings.safetensors"), device=device)
@@ -395,7 +398,14 @@ class Pipeline:
         ``requests``: :class:`Request` objects, ``(image, prompt)`` pairs or dicts of Request's fields.
         ``cancel``: called before each forward, one flag per request; a request flagged True stops
         there (its row no longer commits; the batch ends once no row is left running) and its result
-        has ``finish_reason`` "cancelled". The other rows' answers do not change."""
+        has ``finish_reason`` "cancelled". The other rows' answers do not change.
+
+        Rows that are done or cancelled free their slots: once the running rows fit a smaller built size
+        (a ``--batch-sizes`` directory), the batch goes on with those rows on that size's graphs between two
+        forwards (``timings["engine_batch_sizes"]``: the sizes it ran on, in order; calls after a move are
+        counted in ``graph_calls`` as ``graph@bN``). Answers do not change beyond what another batch size's
+        graphs may give (README, batch invariance). ``pipe.narrow = False`` keeps every batch at the size it
+        started on."""
         t0 = time.perf_counter()
         if config is not None and settings:
             raise TypeError("pass the settings or a GenerationConfig, not both")
@@ -404,7 +414,7 @@ class Pipeline:
         use_full = unpruned or not self.pruned
         size = self.batch_size_for(len(requests))
         x, t_vis = self._layout(requests, gen.gen_length, size)
-        den = EngineDenoiser(self.at_size(size), x, unpruned=use_full, cache=gen.cache)
+        den = EngineDenoiser(self.at_size(size), x, unpruned=use_full, cache=gen.cache, narrow=self.narrow)
         t1 = time.perf_counter()
         gens = [torch.Generator(device=self.device).manual_seed(r.seed) for r in requests]
         gens += [None] * (x.batch - len(requests))
@@ -420,7 +430,7 @@ class Pipeline:
             calls[name] = calls.get(name, 0) + 1
         timings = {"prepare": t1 - t0 - sum(t_vis), "total": t2 - t0, "denoise": t2 - t1,
                    "sampler_overhead": (t2 - t1) - sum(st), "batch_size": len(requests), "engine_batch_size": size,
-                   "sampler_step_graph": float(trace.step_graph)}
+                   "engine_batch_sizes": list(den.sizes), "sampler_step_graph": float(trace.step_graph)}
         for name in calls:
             timings[f"{name}_per_call"] = sum(s for n, s in done_calls if n == name) / calls[name]
         out = []

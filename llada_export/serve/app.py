@@ -31,8 +31,10 @@ before each forward. A cancelled row stops committing (and no longer asks the ca
 refresh); the batch goes on for the others, and ends at the next step once none is left. A row
 cancelled before its batch starts is left out of it. A request with a ``stop`` string (streamed or
 plain: its committed prefix is then read each step) stops its row the same way once the stop string
-has come. A batch keeps the graph batch size it started at, so a cancelled row's slot is computed
-(and ignored) until its batch ends; the engine then takes the next batch. Each replica counts them:
+has come. Rows cancelled or finished free their slots: once the rows still running fit a smaller
+built batch size (a ``--batch-sizes`` directory), the batch goes on with only them on the smallest
+size that holds them; in a single-size directory their slots are computed (and ignored) until the
+batch ends. The engine then takes the next batch. Each replica counts them:
 ``cancelled`` (callers that hung up) and ``stopped`` (answers ended by a stop string), in GET
 /health and as the Prometheus counters ``llada_cancelled`` / ``llada_stopped`` next to Ray Serve's
 metrics (batch sizes, queue lengths, latencies) at the node's metrics port.
