@@ -45,6 +45,9 @@ CASES = [  # (tool, its JSON, the report it renders, the command line that re-re
     ("bench_gpu.py", "bench_gpu_step.json", "bench_gpu_step.md", ["step", "--replot", "--out", "{out}"]),
     ("bench_gpu.py", "bench_gpu_step_b8.json", "bench_gpu_step_b8.md", ["step", "--replot", "--out", "{out}"]),
     ("fp8_eval.py", "fp8_logits.json", "fp8_logits.md", ["render", "--replot", "--out", "{out}/fp8_logits"]),
+    # issues 22 / 23, H100 lease of 2026-12-06 evening: FP8 engines next to the official code, batch 1 vs 8
+    ("bench_gpu.py", "bench_gpu_engines_fp8.json", "bench_gpu_engines_fp8.md", ["engines", "--replot", "--out", "{out}"]),
+    ("bench_gpu.py", "bench_gpu_batch_fused.json", "bench_gpu_batch_fused.md", ["batch", "--replot", "--out", "{out}"]),
 ]
 # issue 21's reports (tools/long_sweeps.py render), once a GPU run's summaries are committed
 CASES += [("long_sweeps.py", f"vqa2_{part}.json", f"vqa2_{part}.md", ["render", "--replot", "--out", "{out}"])

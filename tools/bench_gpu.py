@@ -505,6 +505,13 @@ def run_batch(args, save) -> dict:
     if args.multi:
         res["multi"] = time_multi(args, model, tok, cfg, weights, pruned, cache, base)
         save(res)
+    return derive_batch(res)
+
+
+def derive_batch(res: dict) -> dict:
+    """Each row's tokens/s against B = 1's and whether its row 0 answered as B = 1 did (from the measured
+    rows; also for a JSON that a device call's limit cut before the run's end)."""
+    base = next((r for r in res["rows"] if r["batch_size"] == 1), None)
     for row in res["rows"]:
         row["speedup_vs_b1"] = row["tokens_per_s"] / base["tokens_per_s"] if base else None
         row["row0_same_as_b1"] = row["ids"][0] == base["ids"][0] if base else None
@@ -964,6 +971,7 @@ def time_multi(args, model, tok, cfg, weights, pruned: bool, cache: bool, base: 
 
 
 def markdown_batch(res: dict) -> list[str]:
+    res = derive_batch(res)
     st = res["setting"]
     lines = [f"Path {res['path']} ({'compiled' if res['compiled'] else 'eager kernels'} in CUDA graphs, "
              f"{res['backend']} backend), preset {st['preset']}, image {st['image']}, K {st['prune_layer']}, keep "
@@ -988,8 +996,8 @@ def markdown_batch(res: dict) -> list[str]:
                      f"{r['peak_gib']:.1f} | {same} |")
     b8 = next((r for r in res["rows"] if r["batch_size"] == 8 and r.get("speedup_vs_b1")), None)
     if b8:
-        lines += ["", f"Target (issue 14): B = 8 at >= 1.6x the tokens/s of B = 1: measured "
-                  f"{b8['speedup_vs_b1']:.2f}x ({'met' if b8['speedup_vs_b1'] >= 1.6 else 'NOT met'})."]
+        lines += ["", f"Target (issue 23; issue 14 asked 1.6x): B = 8 at >= 2.2x the tokens/s of B = 1: measured "
+                  f"{b8['speedup_vs_b1']:.2f}x ({'met' if b8['speedup_vs_b1'] >= 2.2 else 'NOT met'})."]
     if (m := res.get("multi")) and m.get("vs_b1_engines"):
         lines += ["", f"A lone request on one directory of batch sizes {m['batch_sizes']} (it ran on batch size "
                   f"{m['engine_batch_size']}): {m['seconds']:.3f} s, {m['vs_b1_engines']:.3f}x the batch-1 engines' "
