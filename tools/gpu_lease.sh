@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The GPU measurements issues 22 and 23 still lack, in priority order, run in the background on a lent
+# GPU machine so that they outlast one device call (10 minutes at most a call; the machine stays held
+# while calls follow each other). Each step writes under /tmp/res/<step>/; a step that fails or is cut
+# leaves what it saved (bench_gpu saves after each group / batch size) and the next step runs.
+#
+# On the device machine, from the repository root (the device tool's working directory):
+#   bash tools/gpu_lease.sh start [STEP,...]   # starts the steps in a new process session, returns at once
+#   bash tools/gpu_lease.sh poll SECONDS       # waits (or until all steps are done), packs /tmp/res into
+#                                              # $OUT/res.tgz and $OUT/log.txt, prints the progress
+#   bash tools/gpu_lease.sh ray                # unpacks .raybundle/ray_serve_cp312.tar.xz for the loadtest step
+# Steps (default: all, in this order):
+#   official   the official code, chartqa + demo, vanilla + its Fast-dLLM hook, once each (tools/official_gpu.py;
+#              needs .official = your checkout holding train/llava, and .whl = the wheels of transformers
+#              4.39.1, tokenizers 0.15.2 and huggingface_hub 0.36.2 for CPython 3.12, both ignored by git and
+#              named in the device tool's carry: see tools/official_gpu.py's docstring)
+#   engines    bench_gpu engines: pruned/native and unpruned/native (bf16, pruned + cache vs unpruned + cache)
+#   batch      bench_gpu batch: B = 1, 8, 16, 2, 4 and a lone request on a --batch-sizes 1,2,4,8 directory
+#   loadtest   llada-serve on Ray Serve, demo model, engines of batch sizes 1,2,4,8 on the GPU, streaming,
+#              closed-loop clients and open-loop rates (tools/load_test.py; waits up to 5 minutes for `ray`)
+#   kvcap      tools/kv_capacity.py --measure at B = 1, 8, 16 (and the predicted largest batch)
+#   load       tools/bench_load.py export + measure (precompiled kernels, weights read from disk)
+#   fp8        bench_gpu engines pruned/fp8 (measured on 2026-12-06: benchmarks/bench_gpu_engines_fp8.md)
+# Device time: official 1 min, engines 8, batch about 4 per size, loadtest 5, kvcap 2, load 5, fp8 6.
+set -u
+RES=/tmp/res
+STEPS_ALL="official,engines,batch,loadtest,kvcap,load"
+
+run_steps() {
+  export PYTHONUNBUFFERED=1
+  mkdir -p $RES
+  rm -rf /tmp/lease && mkdir -p /tmp/lease && cp -r llada_export tools /tmp/lease/
+  [ -d .official ] && rm -rf /tmp/official && cp -r .official /tmp/official
+  ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+      --target /tmp/site .whl/*.whl
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  cd /tmp/lease
+  export PYTHONPATH=/tmp/lease
+  local eng="tools/bench_gpu.py engines --weights native,fp8 --paths pruned+cache,unpruned+cache --presets chartqa,demo
+             --no-step-profile --no-warm-load"
+  local batch="tools/bench_gpu.py batch --paths pruned+cache --presets demo --images 1024x768 --layers 16 --keeps 0.35"
+  for s in ${1//,/ }; do
+    echo "=== $(date +%T) $s"; echo "$s" > $RES/STEP; mkdir -p $RES/$s
+    case $s in
+      official) (cd /tmp && PYTHONPATH=/tmp/site timeout 300 python3 /tmp/lease/tools/official_gpu.py \
+                   --official /tmp/official --presets chartqa,demo --repeat 1 --out $RES/official/official_gpu.json) ;;
+      engines|fp8)
+        local off=""; [ -f $RES/official/official_gpu.json ] && off="--official $RES/official/official_gpu.json"
+        local groups=pruned/native,unpruned/native; [ $s = fp8 ] && groups=pruned/fp8
+        timeout 1200 python3 $eng $off --groups $groups --out $RES/$s ;;
+      batch)
+        timeout 900 python3 $batch --batch-sizes 1,8 --multi 1,2,4,8 --out $RES/batch
+        timeout 1500 python3 $batch --batch-sizes 1,2,4,8,16 --resume $RES/batch/bench_gpu_batch.json --out $RES/batch ;;
+      loadtest)
+        for _ in $(seq 60); do [ -f /tmp/raysite.ready ] && break; sleep 5; done
+        [ -f /tmp/raysite.ready ] || { echo "no ray: run 'bash tools/gpu_lease.sh ray' with .raybundle carried"; continue; }
+        timeout 600 python3 -m llada_export.cli.export --model llada_export/assets/demo-model --prune-layer 3 \
+            --keep 0.5 --cache --image-size 384x288 --gen-length 32 --block-length 8 --max-prompt-tokens 72 \
+            --batch-sizes 1,2,4,8 --backend inductor --device cuda --dtype bfloat16 -q -o /tmp/serve-engines &&
+        PYTHONPATH=/tmp/raysite:/tmp/lease timeout 900 python3 tools/load_test.py --engines /tmp/serve-engines \
+            --replicas 1 --max-batch 8 --batch-wait-ms 20 --concurrency 1 4 8 16 --rate 5 10 20 40 --requests 16 \
+            --stream --out $RES/loadtest/load_test_gpu_stream ;;
+      kvcap) timeout 600 python3 tools/kv_capacity.py --measure --batches 1,8,16 --out $RES/kvcap/kv_capacity_h100 ;;
+      load) timeout 600 python3 tools/bench_load.py export --engines /tmp/bench_load_engines &&
+            timeout 900 python3 tools/bench_load.py measure --engines /tmp/bench_load_engines --modes precompiled \
+                --out $RES/load ;;
+      *) echo "unknown step $s" ;;
+    esac
+  done
+  echo done > $RES/STEP
+}
+
+case ${1:-} in
+  start) mkdir -p $RES && setsid nohup bash "$0" run "${2:-$STEPS_ALL}" > $RES/log 2>&1 < /dev/null & ;;
+  run) run_steps "$2" ;;
+  ray) mkdir -p /tmp/raysite && tar -xJf .raybundle/ray_serve_cp312.tar.xz -C /tmp/raysite && touch /tmp/raysite.ready ;;
+  poll)
+    end=$(( $(date +%s) + ${2:?seconds} ))
+    while [ "$(date +%s)" -lt $end ] && ! grep -qx done $RES/STEP 2>/dev/null; do sleep 5; done
+    (cd $RES && tar czf "$OUT/res.tgz" --exclude='*.partial*' .) && cp $RES/log "$OUT/log.txt"
+    echo "STEP: $(cat $RES/STEP)"; grep -E '^===|Error|Traceback|^multi|"batch_size"' $RES/log | cut -c1-300 | tail -30 ;;
+  *) sed -n 2,25p "$0"; exit 2 ;;
+esac
