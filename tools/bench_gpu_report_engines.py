@@ -294,8 +294,9 @@ def markdown_variants(res: dict) -> list[str]:
         lines += [f"Groups {', '.join(res['earlier']['groups'])} were measured in an earlier device call "
                   f"({e['gpu']}, host {e['host']}, {e['date']}); the others on host {res['env']['host']}.", ""]
     if missing := [w for w in ws if not any(g.endswith(f"/{w}") for g in res["groups"])]:
-        lines += [f"Not measured: weights {', '.join(missing)} (no complete group: the run ended before it, e.g. at "
-                  "a device call's time limit; `--resume` with this JSON measures the rest).", ""]
+        lines += [f"Not measured in this run: weights {', '.join(missing)} (no complete group: left out with `--groups`, "
+                  "or the run ended before it, e.g. at a device call's time limit; `--resume` with this JSON and "
+                  "`--groups` measure the rest).", ""]
     has_official = "official" in res
     head = (["official vanilla", "official + Fast-dLLM"] if has_official else []) + [
         f"{path} {w}" for path in paths for w in ws]
