@@ -97,6 +97,6 @@ def test_engines_per_weights_variant_smoke(bench, tmp_path):
                        "--out", str(tmp_path), "--workdir", str(work), "--resume", str(tmp_path / "earlier.json")]) == 0
     third = json.loads((tmp_path / "bench_gpu_engines.json").read_text())
     assert list(third["groups"]) == ["unpruned/native"] and {r["weights"] for r in third["rows"]} == {"native"}
-    assert "Not measured: weights fp8" in (tmp_path / "bench_gpu_engines.md").read_text()
+    assert "Not measured in this run: weights fp8" in (tmp_path / "bench_gpu_engines.md").read_text()
     with pytest.raises(SystemExit):
         bench.main(["engines", "--groups", "pruned/int4", "--out", str(tmp_path)])
