@@ -88,3 +88,17 @@ def aoti_engines(tiny_ckpt, tmp_path_factory):
     """AOTInductor packages (CPU): pruned stages at layer 1, keep 0.35, G = 128 (serves every preset)."""
     return shared(tmp_path_factory, "aoti_engines", lambda out: export(
         tiny_ckpt, out, prune=PruneSettings(1, 0.35), backends=("aoti",), gen_length=128, max_prompt_tokens=160))
+
+
+@pytest.fixture(scope="session")
+def demo_cache_engines(tmp_path_factory):
+    """The demo model's engines with make demo's pruning (K 3, keep 0.75) and the prefix cache, G = 16,
+    batch size 4, the task's bucket (test_serve's server; test_cache's trained-model checks at G = 8)."""
+    from llada_export import vqa_task
+    from llada_export.demo import DEMO_IMAGE_SIZE, DEMO_KEEP, DEMO_MODEL, DEMO_PRUNE_LAYER
+    from llada_export.tokenizer import load_tokenizer
+
+    return shared(tmp_path_factory, "demo_cache_engines", lambda out: export(
+        DEMO_MODEL, out, prune=PruneSettings(DEMO_PRUNE_LAYER, DEMO_KEEP), cache=True, gen_length=16,
+        block_length=16, steps=16, max_prompt_tokens=vqa_task.prompt_tokens(load_tokenizer(DEMO_MODEL)),
+        image_size=DEMO_IMAGE_SIZE, batch_size=4))

@@ -103,16 +103,14 @@ def test_cache_changes_answers_somewhere_and_saves_forwards(pipe, images):
     assert diff > 0
 
 
-def test_trained_model_answers_stop_early(tmp_path):
+def test_trained_model_answers_stop_early(demo_cache_engines):
     """The trained demo model answers in a token and stops at <|eot_id|>: its cached engines (parallel
-    decoding too) stop with the eager cached reference, right, in fewer forwards."""
+    decoding too; conftest's G = 16 engines asked for 8 tokens) stop with the eager cached reference,
+    right, in fewer forwards."""
     from llada_export import demo, vqa_task
     from llada_export.checkpoint.loader import load_checkpoint
 
-    prompt_tokens = vqa_task.prompt_tokens(load_checkpoint(demo.DEMO_MODEL)[1])
-    out = export(demo.DEMO_MODEL, tmp_path / "e", prune=PruneSettings(demo.DEMO_PRUNE_LAYER, demo.DEMO_KEEP), cache=True, gen_length=8,
-                 max_prompt_tokens=prompt_tokens, image_size=demo.DEMO_IMAGE_SIZE)
-    p = Pipeline.load(out)
+    p = Pipeline.load(demo_cache_engines)
     model, tok, _ = load_checkpoint(demo.DEMO_MODEL)
     for s in [vqa_task.sample("test", 40 + i, qtype=t) for i, t in enumerate(("colour", "count", "digit"))]:
         for kw in (dict(refresh=4), dict(factor=1.0), dict(threshold=0.9)):

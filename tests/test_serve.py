@@ -83,18 +83,10 @@ def free_port() -> int:
 
 # ---------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def serve_engines(tmp_path_factory):
-    """The demo model's engines with make demo's pruning (K 3, keep 0.75) and the prefix cache, batch size 4."""
-    from llada_export.contract.pruning import PruneSettings
-    from llada_export.demo import DEMO_IMAGE_SIZE, DEMO_KEEP, DEMO_MODEL, DEMO_PRUNE_LAYER
-    from llada_export.exporter.build import ExportOptions, export_engines
-    from llada_export.tokenizer import load_tokenizer
-
-    return export_engines(ExportOptions(
-        model=str(DEMO_MODEL), output=str(tmp_path_factory.mktemp("serve") / "engines"),
-        prune=PruneSettings(DEMO_PRUNE_LAYER, DEMO_KEEP), cache=True, gen_length=16, block_length=16, steps=16,
-        max_prompt_tokens=vqa_task.prompt_tokens(load_tokenizer(DEMO_MODEL)), image_size=DEMO_IMAGE_SIZE,
-        batch_size=4, progress=False))
+def serve_engines(demo_cache_engines):
+    """The demo model's engines with make demo's pruning (K 3, keep 0.75) and the prefix cache, batch size 4
+    (conftest's, shared with test_cache)."""
+    return demo_cache_engines
 
 
 @pytest.fixture(scope="module")
