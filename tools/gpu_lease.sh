@@ -50,7 +50,9 @@ run_steps() {
         timeout 1200 python3 $eng $off --groups $groups --out $RES/$s ;;
       batch)
         timeout 900 python3 $batch --batch-sizes 1,8 --multi 1,2,4,8 --out $RES/batch
-        timeout 1500 python3 $batch --batch-sizes 1,2,4,8,16 --resume $RES/batch/bench_gpu_batch.json --out $RES/batch ;;
+        mkdir -p $RES/batch/more  # its own report: a --resume'd run keeps the rows, not the --multi result
+        timeout 1500 python3 $batch --batch-sizes 1,2,4,8,16 --resume $RES/batch/bench_gpu_batch.json \
+            --out $RES/batch/more ;;
       loadtest)
         for _ in $(seq 60); do [ -f /tmp/raysite.ready ] && break; sleep 5; done
         [ -f /tmp/raysite.ready ] || { echo "no ray: run 'bash tools/gpu_lease.sh ray' with .raybundle carried"; continue; }
