@@ -333,10 +333,9 @@ class _Rows:
 
     def __init__(self, b: int, g: int, mask_id: int, dev: torch.device):
         self.of: list[int | None] = list(range(b))
-        self.narrowed = False
         self.x = torch.full((b, g), mask_id, dtype=torch.long, device=dev)  # [B, G] each row's ids when saved
         self.row_forwards, self.cancelled = [0] * b, [False] * b
-        self.cur = self.start = None  # [n] int64: current rows and their starting rows (once narrowed)
+        self.start: torch.Tensor | None = None  # [n] int64: the current real rows' starting rows (once narrowed)
 
     def current(self, flags: Sequence[bool]) -> list[bool]:
         """The caller's flags (one per starting row; a shorter list leaves the rest alone) for the current rows."""
@@ -344,7 +343,7 @@ class _Rows:
 
     def starting(self, values: list, fill) -> list:
         """One value per current row -> one per starting row (``fill`` for rows no longer in the batch)."""
-        if not self.narrowed:
+        if self.start is None:
             return values
         out = [fill] * len(self.row_forwards)
         for v, o in zip(values, self.of):
@@ -362,17 +361,15 @@ class _Rows:
 
     def narrow(self, keep: list[int], size: int) -> None:
         self.of = [self.of[i] for i in keep] + [None] * (size - len(keep))
-        self.narrowed = True
-        self.cur = torch.arange(len(keep), device=self.x.device)
         self.start = torch.tensor(self.of[: len(keep)], device=self.x.device)
 
     def event(self, forwards: int, loop: "_Loop") -> StepEvent:
         """``on_step``'s event, [B, G] in the starting order (rows gone: their last ids, done)."""
-        if not self.narrowed:
+        if self.start is None:
             return StepEvent(forwards, loop.x.clone(), loop.chosen.clone(), loop.done.clone())
 
         def spread(full: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # [n, ...] rows into [B, ...]
-            return full.index_copy(0, self.start, t.index_select(0, self.cur))
+            return full.index_copy(0, self.start, t[: len(self.start)])  # the real rows come first
 
         ids = spread(self.x, loop.x)  # [B, G]
         done = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)  # [B]

@@ -102,3 +102,13 @@ def demo_cache_engines(tmp_path_factory):
         DEMO_MODEL, out, prune=PruneSettings(DEMO_PRUNE_LAYER, DEMO_KEEP), cache=True, gen_length=16,
         block_length=16, steps=16, max_prompt_tokens=vqa_task.prompt_tokens(load_tokenizer(DEMO_MODEL)),
         image_size=DEMO_IMAGE_SIZE, batch_size=4))
+
+
+@pytest.fixture(scope="session")
+def multi_size_engines(tiny_ckpt, tmp_path_factory):
+    """Pruned + cache graphs at batch sizes 1, 2 and 4, for ONNX Runtime and Inductor, in a small bucket
+    (136 visual tokens, what warmup's blank image gives; 112 prompt tokens; 16 response tokens): test_batch_sizes'
+    directory and test_narrow's."""
+    return shared(tmp_path_factory, "batch_sizes_124", lambda out: export(
+        tiny_ckpt, out, cache=True, batch_sizes=(1, 2, 4), backends=("onnxruntime", "inductor"),
+        image_size=(384, 384), gen_length=16, max_prompt_tokens=112))

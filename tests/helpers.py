@@ -18,6 +18,16 @@ def random_image(w: int, h: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
+def four_requests() -> list:
+    """Four different requests (two image sizes, a text-only one) that fit conftest's multi_size_engines."""
+    from llada_export.runtime.pipeline import Request
+
+    return [Request(random_image(380, 250, 1), "<image>\nWhat colour is it?"),
+            Request(random_image(384, 288, 9), "<image>\nWhat is here?"),
+            Request(None, "Name three colours."),
+            Request(random_image(300, 200, 3), "<image>\nWhat is here?", seed=5)]
+
+
 def export(ckpt, out, **kw):
     """``export_engines`` of ``ckpt`` into ``out`` with the test defaults: prune at layer 2, keep 0.5,
     192 prompt tokens, a 384x384 bucket, no progress bars."""

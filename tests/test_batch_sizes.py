@@ -10,42 +10,23 @@ import zipfile
 
 import pytest
 
-from conftest import shared
-from helpers import export, random_image
+from helpers import four_requests
 from llada_export.contract.manifest import MANIFEST, ManifestError, file_table
 from llada_export.contract.pruning import PruneSettings
 from llada_export.reference import reference_generate
 from llada_export.runtime.pipeline import Pipeline, Request, RequestError
 
-# a small bucket: 136 visual tokens (what warmup's blank image gives), 112 prompt tokens, 16 response tokens
-BUCKET = dict(image_size=(384, 384), gen_length=16, max_prompt_tokens=112)
-SIZES = (1, 2, 4)
-
 
 @pytest.fixture(scope="module")
-def multi(tiny_ckpt, tmp_path_factory):
-    """Pruned + cache graphs at batch sizes 1, 2 and 4, for ONNX Runtime and Inductor."""
-    return shared(tmp_path_factory, "batch_sizes_124", lambda out: export(
-        tiny_ckpt, out, cache=True, batch_sizes=SIZES, backends=("onnxruntime", "inductor"), **BUCKET))
+def pipe(multi_size_engines):
+    return Pipeline.load(multi_size_engines, backend="onnxruntime")
 
 
-@pytest.fixture(scope="module")
-def pipe(multi):
-    return Pipeline.load(multi, backend="onnxruntime")
-
-
-def requests() -> list[Request]:
-    """Four different requests (two image sizes, a text-only one) that fit the bucket."""
-    return [Request(random_image(380, 250, 1), "<image>\nWhat colour is it?"),
-            Request(random_image(384, 288, 9), "<image>\nWhat is here?"),
-            Request(None, "Name three colours."),
-            Request(random_image(300, 200, 3), "<image>\nWhat is here?", seed=5)]
-
-
-def test_one_copy_of_the_weights(multi, cache_engines):
+def test_one_copy_of_the_weights(multi_size_engines, cache_engines):
     """ONNX: one shared weights file, the size of a single-size directory's (the session's batch-size-3
     engines of the same checkpoint); the graph files hold no weights. Inductor: one weights.safetensors, and
     the programs hold none (meta tensors mapped to it)."""
+    multi = multi_size_engines
     m = json.loads((multi / MANIFEST).read_text())
     assert m["batch_sizes"] == [1, 2, 4] and m["bucket"]["batch_size"] == 4
     weights = (multi / "onnx" / "weights.bin").stat().st_size
@@ -74,8 +55,8 @@ def test_each_batch_runs_on_the_smallest_size_that_holds_it(pipe):
     with pytest.raises(RequestError, match="at most 4 at once: re-export with a larger --batch-size"):
         pipe.batch_size_for(5)
     with pytest.raises(RequestError, match="at most 4 at once"):
-        pipe.generate_batch(requests() + [Request(None, "hi")], preset="chartqa")
-    (r,) = pipe.generate_batch(requests()[:1], preset="chartqa")
+        pipe.generate_batch(four_requests() + [Request(None, "hi")], preset="chartqa")
+    (r,) = pipe.generate_batch(four_requests()[:1], preset="chartqa")
     assert r.timings["engine_batch_size"] == 1 and r.timings["batch_size"] == 1
     assert r.graph_calls and set(r.graph_calls) <= {"stage_a", "stage_b", "prefill", "cached"}
 
@@ -86,7 +67,7 @@ def test_rows_equal_the_eager_oracles(pipe, tiny, n):
     pruned oracle, the cached path (prefill + cached step at this size) against the eager cached oracle.
     (The oracles, not single-size engines of that size: what those would be compared with.)"""
     model, tok, _ = tiny
-    reqs = requests()[:n]
+    reqs = four_requests()[:n]
     size = pipe.batch_size_for(n)
     got = pipe.generate_batch(reqs, preset="chartqa", cache=False)
     assert {r.timings["engine_batch_size"] for r in got} == {size}
@@ -99,19 +80,19 @@ def test_rows_equal_the_eager_oracles(pipe, tiny, n):
     assert len({tuple(r.ids) for r in cached}) == n  # the rows did not mix
 
 
-def test_inductor_sizes_share_one_set_of_tensors(multi, pipe):
+def test_inductor_sizes_share_one_set_of_tensors(multi_size_engines, pipe):
     """The Inductor graphs (their own eager kernels: no compile time) load their weights once from the
     directory's weights file, and answer as the ONNX graphs at each size."""
-    ind = Pipeline.load(multi, backend="inductor", runner_options={"compile": False}, warmup=False)
+    ind = Pipeline.load(multi_size_engines, backend="inductor", runner_options={"compile": False}, warmup=False)
     assert ind.batch_sizes == [1, 2, 4]
     for n in (1, 3):
-        got = ind.generate_batch(requests()[:n], preset="chartqa")
-        want = pipe.generate_batch(requests()[:n], preset="chartqa")
+        got = ind.generate_batch(four_requests()[:n], preset="chartqa")
+        want = pipe.generate_batch(four_requests()[:n], preset="chartqa")
         assert [r.ids for r in got] == [r.ids for r in want] and got[0].timings["engine_batch_size"] == (1, 4)[n > 1]
 
 
-def test_warmup_runs_every_size(multi):
-    p = Pipeline.load(multi, backend="onnxruntime")
+def test_warmup_runs_every_size(multi_size_engines):
+    p = Pipeline.load(multi_size_engines, backend="onnxruntime")
     calls = []
     for size, runners in p.sized_runners.items():
         for name, r in runners.items():
@@ -123,9 +104,9 @@ def test_warmup_runs_every_size(multi):
 
 # ---------------------------------------------------------------------- tamper evidence across sizes
 @pytest.fixture
-def copy(multi, tmp_path):
+def copy(multi_size_engines, tmp_path):
     dst = tmp_path / "engines"
-    shutil.copytree(multi, dst)
+    shutil.copytree(multi_size_engines, dst)
     return dst
 
 
@@ -200,10 +181,10 @@ def test_a_version_4_directory_of_one_size_still_loads(cache_engines, tmp_path):
     edit(dst, lambda m: [m.pop("batch_sizes"), m.pop("weights_file"), m.__setitem__("format_version", 4)])
     old, new = Pipeline.load(dst), Pipeline.load(cache_engines)
     assert old.batch_sizes == [3] and old.manifest.format_version == 4
-    assert [r.ids for r in old.generate_batch(requests()[:2], preset="chartqa")] == \
-        [r.ids for r in new.generate_batch(requests()[:2], preset="chartqa")]
+    assert [r.ids for r in old.generate_batch(four_requests()[:2], preset="chartqa")] == \
+        [r.ids for r in new.generate_batch(four_requests()[:2], preset="chartqa")]
     with pytest.raises(RequestError, match="at most 3 at once"):
-        old.generate_batch(requests(), preset="chartqa")
+        old.generate_batch(four_requests(), preset="chartqa")
 
 
 def test_cli_batch_size_and_batch_sizes(tiny_ckpt, tmp_path, capsys):
@@ -217,10 +198,10 @@ def test_cli_batch_size_and_batch_sizes(tiny_ckpt, tmp_path, capsys):
         assert e.value.code == 2 and match in capsys.readouterr().err
 
 
-def test_llada_compare_compares_one_size_and_says_which(multi, tiny_ckpt, tmp_path):
+def test_llada_compare_compares_one_size_and_says_which(multi_size_engines, tiny_ckpt, tmp_path):
     from llada_export.compare import run_compare
 
-    rep = run_compare(multi, tiny_ckpt, backends=["onnxruntime"], presets=("chartqa",), save_dir=tmp_path / "pg")
+    rep = run_compare(multi_size_engines, tiny_ckpt, backends=["onnxruntime"], presets=("chartqa",), save_dir=tmp_path / "pg")
     assert rep.passed, rep.to_dict()
     (note,) = [n for n in rep.notes if "batch sizes 1, 2, 4" in n]
     assert "compared at batch size 4 (the largest)" in note and "on batch size 1" in note

@@ -1,6 +1,6 @@
 """A batch whose rows finish or are cancelled moves to a smaller built batch size (issue 23, item 4).
 
-On test_batch_sizes.py's engines (pruned + cache graphs at batch sizes 1, 2 and 4, ONNX Runtime, CPU): once
+On conftest's multi_size_engines (test_batch_sizes.py's) (pruned + cache graphs at batch sizes 1, 2 and 4, ONNX Runtime, CPU): once
 the rows still running fit a smaller size, the batch goes on with them on that size's graphs; every answer,
 forward count, kept-token list and ``on_step`` event is what the batch gives with narrowing off, and each
 answer is what its request gives alone (on the CPU the graphs of every size give the same numbers). A
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from test_batch_sizes import multi, requests  # noqa: F401 (the module's fixture: the engines are built once)
+from helpers import four_requests
 from llada_export.runtime.pipeline import Pipeline
 
 # the four requests' rows finish at different forwards under threshold 0.1 (the random tiny model is rarely that
@@ -22,8 +22,8 @@ CASES = {"no cache": EARLY, "cache, refresh at block starts": dict(EARLY, cache=
 
 
 @pytest.fixture(scope="module")
-def pipe(multi):  # noqa: F811
-    return Pipeline.load(multi, backend="onnxruntime")
+def pipe(multi_size_engines):
+    return Pipeline.load(multi_size_engines, backend="onnxruntime")
 
 
 class Recorder:
@@ -40,10 +40,10 @@ class Recorder:
 
 
 def run(pipe, narrow: bool, rows: list[bool] | None = None, at: int = 0, reqs=None, **settings):
-    """The batch (``requests()`` by default) with narrowing on or off: (results, recorder)."""
+    """The batch (``four_requests()`` by default) with narrowing on or off: (results, recorder)."""
     rec, pipe.narrow = Recorder(rows, at), narrow
     try:
-        got = pipe.generate_batch(reqs or requests(), on_step=rec.on_step, cancel=rec.cancel, **settings)
+        got = pipe.generate_batch(reqs or four_requests(), on_step=rec.on_step, cancel=rec.cancel, **settings)
     finally:
         pipe.narrow = True
     return got, rec
@@ -78,7 +78,7 @@ def test_rows_that_finish_early_free_their_slots(pipe, settings):
     size 4 and of each request alone."""
     got, rec = run(pipe, True, **settings)
     off, rec_off = run(pipe, False, **settings)
-    alone = [pipe.generate_batch([r], **settings)[0] for r in requests()]
+    alone = [pipe.generate_batch([r], **settings)[0] for r in four_requests()]
     assert fields(got) == fields(off) == fields(alone)
     at = sizes_run([r.forwards for r in got])
     assert len(at) > 1, "the rows finished together: nothing to narrow"
@@ -105,7 +105,7 @@ def test_cancelled_rows_free_their_slots(pipe, cache):
     flags = [True, False, True, False]
     got, rec = run(pipe, True, flags, 4, **settings)
     off, rec_off = run(pipe, False, flags, 4, **settings)
-    full = pipe.generate_batch(requests(), **settings)
+    full = pipe.generate_batch(four_requests(), **settings)
     assert fields(got) == fields(off)
     assert [got[1].ids, got[3].ids] == [full[1].ids, full[3].ids]
     assert [r.finish_reason for r in got][::2] == ["cancelled"] * 2 and [r.forwards for r in got] == [4, 16, 4, 16]
@@ -120,7 +120,7 @@ def test_rows_cancelled_before_the_first_forward(pipe):
     and kept tokens are its own alone; the others give nothing."""
     settings = dict(preset="chartqa", cache=True, refresh=4)
     got, _ = run(pipe, True, [True, False, True, True], 0, **settings)
-    alone = pipe.generate_batch([requests()[1]], **settings)[0]
+    alone = pipe.generate_batch([four_requests()[1]], **settings)[0]
     assert (got[1].ids, got[1].kept_visual, got[1].forwards) == (alone.ids, alone.kept_visual, alone.forwards)
     assert [(got[i].ids, got[i].forwards, got[i].kept_visual) for i in (0, 2, 3)] == [([], 0, None)] * 3
     assert got[0].timings["engine_batch_sizes"] == [4, 1] and set(got[0].graph_calls) == {"stage_a@b1", "prefill@b1",
@@ -130,15 +130,15 @@ def test_rows_cancelled_before_the_first_forward(pipe):
 def test_three_rows_stay_on_four_until_one_more_is_done(pipe):
     """Three requests run on size 4 (its dead fourth row computed); with narrowing they go to 2 and 1 as their
     rows finish, with the answers each gives alone."""
-    got, _ = run(pipe, True, reqs=requests()[1:], **EARLY)
-    off, _ = run(pipe, False, reqs=requests()[1:], **EARLY)
+    got, _ = run(pipe, True, reqs=four_requests()[1:], **EARLY)
+    off, _ = run(pipe, False, reqs=four_requests()[1:], **EARLY)
     assert fields(got) == fields(off) and got[0].timings["engine_batch_sizes"] == [4, 2, 1]
 
 
 def test_a_single_size_directory_keeps_its_size(cache_engines):
     """Engines of one batch size (3): nothing smaller to move to; the same answers with narrowing on or off."""
     p = Pipeline.load(cache_engines)
-    reqs = requests()[:3]
+    reqs = four_requests()[:3]
     on = p.generate_batch(reqs, cancel=lambda: [False, True, False], **EARLY)
     p.narrow = False
     off = p.generate_batch(reqs, cancel=lambda: [False, True, False], **EARLY)
@@ -146,12 +146,12 @@ def test_a_single_size_directory_keeps_its_size(cache_engines):
     assert on[0].timings["engine_batch_sizes"] == [3]
 
 
-def test_inductor_narrows_its_cache_in_place_graphs(multi, pipe):  # noqa: F811
+def test_inductor_narrows_its_cache_in_place_graphs(multi_size_engines, pipe):
     """The Inductor graphs (their own eager kernels), whose cached step writes the cache in place: narrowed
     mid-block with cached steps after the move, the answers of the ONNX batch kept at size 4."""
-    ind = Pipeline.load(multi, backend="inductor", runner_options={"compile": False}, warmup=False)
+    ind = Pipeline.load(multi_size_engines, backend="inductor", runner_options={"compile": False}, warmup=False)
     settings = CASES["cache, refresh at block starts"]
-    got = ind.generate_batch(requests(), **settings)
+    got = ind.generate_batch(four_requests(), **settings)
     off, _ = run(pipe, False, **settings)
     assert fields(got) == fields(off) and len(got[0].timings["engine_batch_sizes"]) > 1
     assert got[0].graph_calls.get("cached@b1", 0) > 0
