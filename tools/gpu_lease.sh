@@ -14,17 +14,20 @@
 #              needs .official = your checkout holding train/llava, and .whl = the wheels of transformers
 #              4.39.1, tokenizers 0.15.2 and huggingface_hub 0.36.2 for CPython 3.12, both ignored by git and
 #              named in the device tool's carry: see tools/official_gpu.py's docstring)
-#   engines    bench_gpu engines: pruned/native and unpruned/native (bf16, pruned + cache vs unpruned + cache)
-#   batch      bench_gpu batch: B = 1, 8, 16, 2, 4 and a lone request on a --batch-sizes 1,2,4,8 directory
+#   batch      bench_gpu batch: B = 1 and a lone request on a --batch-sizes 1,2,4,8 directory (--multi)
+#   kvcap      tools/kv_capacity.py --measure at B = 1, 8, 16 (and the predicted largest batch)
+#   unpruned   bench_gpu engines unpruned/native (bf16 unpruned + cache; pruned + cache at B = 1 is the batch step's)
 #   loadtest   llada-serve on Ray Serve, demo model, engines of batch sizes 1,2,4,8 on the GPU, streaming,
 #              closed-loop clients and open-loop rates (tools/load_test.py; waits up to 5 minutes for `ray`)
-#   kvcap      tools/kv_capacity.py --measure at B = 1, 8, 16 (and the predicted largest batch)
 #   load       tools/bench_load.py export + measure (precompiled kernels, weights read from disk)
+#   engines    bench_gpu engines pruned/native (bf16 pruned + cache, chartqa and demo)
+#   batchmore  bench_gpu batch: B = 2, 4, 8, 16 added to the batch step's rows (--resume)
 #   fp8        bench_gpu engines pruned/fp8 (measured on 2026-12-06: benchmarks/bench_gpu_engines_fp8.md)
-# Device time: official 1 min, engines 8, batch about 4 per size, loadtest 5, kvcap 2, load 5, fp8 6.
+# Device time: official 1 min, batch 9, kvcap 2, unpruned 4, loadtest 5, load 5, engines 4, batchmore 4 per size,
+# fp8 6.
 set -u
 RES=/tmp/res
-STEPS_ALL="official,engines,batch,loadtest,kvcap,load"
+STEPS_ALL="official,batch,kvcap,unpruned,loadtest,load,engines,batchmore"
 
 run_steps() {
   export PYTHONUNBUFFERED=1
@@ -44,15 +47,14 @@ run_steps() {
     case $s in
       official) (cd /tmp && PYTHONPATH=/tmp/site timeout 300 python3 /tmp/lease/tools/official_gpu.py \
                    --official /tmp/official --presets chartqa,demo --repeat 1 --out $RES/official/official_gpu.json) ;;
-      engines|fp8)
+      engines|unpruned|fp8)
         local off=""; [ -f $RES/official/official_gpu.json ] && off="--official $RES/official/official_gpu.json"
-        local groups=pruned/native,unpruned/native; [ $s = fp8 ] && groups=pruned/fp8
+        local groups=pruned/native; [ $s = fp8 ] && groups=pruned/fp8; [ $s = unpruned ] && groups=unpruned/native
         timeout 1200 python3 $eng $off --groups $groups --out $RES/$s ;;
-      batch)
-        timeout 900 python3 $batch --batch-sizes 1,8 --multi 1,2,4,8 --out $RES/batch
-        mkdir -p $RES/batch/more  # its own report: a --resume'd run keeps the rows, not the --multi result
+      batch) timeout 900 python3 $batch --batch-sizes 1 --multi 1,2,4,8 --out $RES/batch ;;
+      batchmore)  # its own report: a --resume'd run keeps the rows, not the --multi result
         timeout 1500 python3 $batch --batch-sizes 1,2,4,8,16 --resume $RES/batch/bench_gpu_batch.json \
-            --out $RES/batch/more ;;
+            --out $RES/batchmore ;;
       loadtest)
         for _ in $(seq 60); do [ -f /tmp/raysite.ready ] && break; sleep 5; done
         [ -f /tmp/raysite.ready ] || { echo "no ray: run 'bash tools/gpu_lease.sh ray' with .raybundle carried"; continue; }
