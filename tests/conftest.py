@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TINY_STD, export, random_image
+from helpers import TINY_STD, compile_cache_exports, export, random_image
 from llada_export.checkpoint.loader import load_checkpoint
 from llada_export.contract.pruning import PruneSettings
 from llada_export.synthetic.weights import random_checkpoint
@@ -112,3 +112,11 @@ def multi_size_engines(tiny_ckpt, tmp_path_factory):
     return shared(tmp_path_factory, "batch_sizes_124", lambda out: export(
         tiny_ckpt, out, cache=True, batch_sizes=(1, 2, 4), backends=("onnxruntime", "inductor"),
         image_size=(384, 384), gen_length=16, max_prompt_tokens=112))
+
+
+@pytest.fixture(scope="session")
+def compile_cache_engines(tiny_ckpt, tmp_path_factory):
+    """``helpers.compile_cache_exports``: two unpruned Inductor exports with the compile cache made in one
+    process (``g8/``, ``g16/``) and what a fresh process loading ``g16/`` found (``load.json``): the compile-cache
+    checks of test_export and test_compile_cache_unpruned."""
+    return shared(tmp_path_factory, "compile_cache", lambda out: compile_cache_exports(tiny_ckpt, out))

@@ -40,6 +40,45 @@ def export(ckpt, out, **kw):
     return export_engines(ExportOptions(model=str(ckpt), output=str(out), progress=False, **kw))
 
 
+COMPILE_CACHE_LOAD = """
+import json, sys, time
+import torch
+torch.set_num_threads(int(sys.argv[2]))
+from torch._dynamo.utils import counters
+from llada_export.runtime.pipeline import Pipeline
+t0 = time.perf_counter()
+pipe = Pipeline.load(sys.argv[1])
+print(json.dumps({"cache": pipe.compile_cache, "seconds": time.perf_counter() - t0,
+                  "hits": counters["inductor"]["fxgraph_cache_hit"],
+                  "misses": counters["inductor"]["fxgraph_cache_miss"]}))
+"""
+
+
+def compile_cache_exports(ckpt, out):
+    """Two unpruned Inductor exports of ``ckpt`` with ``--compile-cache`` in this process (gen lengths 8 and
+    16: the second shares its vision graph with the first), then ``Pipeline.load`` of the second in a fresh
+    process with an empty Inductor cache; what that load reported (or its exit status and stderr) is
+    ``out/load.json``. Returns ``out``."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    out = Path(out)
+    for g in (8, 16):
+        export(ckpt, out / f"g{g}", prune=None, backends=("inductor",), gen_length=g, max_prompt_tokens=64,
+               compile_cache=True, precompile=False)
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(out / "inductor-cache")}
+    r = subprocess.run([sys.executable, "-c", COMPILE_CACHE_LOAD, str(out / "g16"), str(torch.get_num_threads())],
+                       capture_output=True, text=True, timeout=600, env=env)
+    got = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {}
+    (out / "load.json").write_text(json.dumps({"returncode": r.returncode, "stderr": r.stderr[-3000:], **got}))
+    return out
+
+
 def load_tool(name: str):
     """A script of tools/ as a module (tools/ holds scripts, not a package)."""
     import importlib.util

@@ -415,52 +415,36 @@ def test_inductor_programs_from_checkpoint(tiny, tiny_ckpt, tmp_path, images):
         assert got.ids == ref.ids and got.kept_visual == ref.kept_visual
 
 
-LOAD_SCRIPT = """
-import json, sys, time
-import torch
-torch.set_num_threads(1)
-from torch._dynamo.utils import counters
-from llada_export.runtime.pipeline import Pipeline
-t0 = time.perf_counter()
-pipe = Pipeline.load(sys.argv[1])
-print(json.dumps({"cache": pipe.compile_cache, "seconds": time.perf_counter() - t0,
-                  "fx_hits": counters["inductor"]["fxgraph_cache_hit"],
-                  "fx_misses": counters["inductor"]["fxgraph_cache_miss"]}))
-"""
-
-
-def test_inductor_compile_cache_is_saved_and_loaded(tiny_ckpt, tmp_path):
+def test_inductor_compile_cache_is_saved_and_loaded(compile_cache_engines, tmp_path):
     """--compile-cache: the export compiles each graph and saves the compiler's cache; a fresh process
     with an empty Inductor cache loads it and compiles every graph from it (cache hits, no misses); a
-    cache made for another torch is ignored (and says so)."""
-    import os
+    cache made for another torch is ignored (and says so). (conftest's compile_cache_engines: unpruned
+    Inductor engines and the fresh process's load, shared with test_compile_cache_unpruned.)"""
+    import shutil
 
-    out = export(tiny_ckpt, tmp_path / "e", prune=PruneSettings(1, 0.35), backends=("inductor",), gen_length=8,
-                 max_prompt_tokens=160, compile_cache=True)
+    out = compile_cache_engines / "g16"
     m = Manifest.read(out)
     assert m.compile_cache == {"inductor": "programs/compile_cache.bin"}
     assert {"programs/compile_cache.bin", "programs/compile_cache.json"} <= set(m.files)
 
-    def load(cache_dir):
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir)}
-        r = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(out)], capture_output=True, text=True,
-                           timeout=900, env=env)
-        assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout.strip().splitlines()[-1])
-
-    warm = load(tmp_path / "inductor-cache-1")
+    warm = json.loads((compile_cache_engines / "load.json").read_text())
+    assert warm["returncode"] == 0, warm["stderr"]
     assert warm["cache"] == "loaded"
-    assert warm["fx_hits"] >= len(m.artifacts["inductor"]) and warm["fx_misses"] == 0
+    assert warm["hits"] >= len(m.artifacts["inductor"]) and warm["misses"] == 0
     print(f"tiny inductor load on this CPU from the compile cache: {warm['seconds']:.1f} s")
     from llada_export.engines.inductor import load_cache
 
-    info = out / "programs" / "compile_cache.json"
+    programs = tmp_path / "programs"  # a copy: the shared engines stay as exported
+    programs.mkdir()
+    for name in ("compile_cache.bin", "compile_cache.json"):
+        shutil.copy(out / "programs" / name, programs / name)
+    info = programs / "compile_cache.json"
     saved = json.loads(info.read_text())
     info.write_text(json.dumps(saved | {"torch": "0.0.0"}))
-    said = load_cache(out / "programs" / "compile_cache.bin", "cpu")
+    said = load_cache(programs / "compile_cache.bin", "cpu")
     assert said.startswith(f"ignored: made for another machine (torch 0.0.0 (here {torch.__version__})"), said
     info.write_text(json.dumps(saved | {"cpu_threads": saved["cpu_threads"] + 1}))  # CPU kernels are per count
-    assert "cpu_threads" in load_cache(out / "programs" / "compile_cache.bin", "cpu")
+    assert "cpu_threads" in load_cache(programs / "compile_cache.bin", "cpu")
 
 
 def test_cli_never_touches_the_checkpoint_or_a_bystander(tiny_ckpt, tmp_path, capsys):
