@@ -79,6 +79,42 @@ def compile_cache_exports(ckpt, out):
     return out
 
 
+def cli_here(main, prog: str, capture, *args):
+    """``PROG ARGS`` run in this process through the CLI's ``main`` (what its console script runs as
+    ``sys.exit(main())``) without a fresh interpreter's seconds of imports: for refusals. Returns a
+    CompletedProcess with the exit status and the output a fresh process would show: ``capture``'s (capsys,
+    or capfd to include what native code writes to the file descriptors), plus the Python warnings of a
+    fresh interpreter's default filters, log records of WARNING and above with no handler of their own
+    (logging's last resort, which pytest's handlers stand in for here), and a string exit code. An exception
+    that escapes main fails the test."""
+    import logging
+    import subprocess
+    import sys
+    import warnings
+
+    capture.readouterr()
+    last_resort = logging.StreamHandler(sys.stderr)  # the captured stream
+    last_resort.setLevel(logging.WARNING)
+    logging.getLogger().addHandler(last_resort)
+    try:
+        with warnings.catch_warnings(record=True) as shown:
+            warnings.resetwarnings()  # pytest's filters out; a fresh interpreter's in
+            warnings.simplefilter("default")
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category)
+            try:
+                code = main(list(args))
+            except SystemExit as e:
+                code = e.code
+    finally:
+        logging.getLogger().removeHandler(last_resort)
+    out = capture.readouterr()
+    err = out.err + "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in shown)
+    err += f"{code}\n" if code is not None and not isinstance(code, int) else ""
+    status = code if isinstance(code, int) else 0 if code is None else 1  # as sys.exit(code) ends a process
+    return subprocess.CompletedProcess([prog, *args], status, out.out, err)
+
+
 def load_tool(name: str):
     """A script of tools/ as a module (tools/ holds scripts, not a package)."""
     import importlib.util

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import cli_here
 from llada_export import __version__
 from llada_export.demo import DEMO_IMAGE
 
@@ -123,12 +124,16 @@ def test_literal_backslash_n_prompt_as_typed_in_bash(engines):
     (["--image", str(DEMO_IMAGE), "--prompt", " \\n "], "prompt is empty"),
     (["--image", "{dir}", "--prompt", "x"], "is a directory, not an image file"),
 ])
-def test_generate_user_errors_are_one_line(engines, tmp_path, args, msg):
+def test_generate_user_errors_are_one_line(engines, tmp_path, capfd, args, msg):
+    """Run in this process (helpers.cli_here, with what native code writes to stderr); the refusal of
+    test_generate_on_a_directory_without_manifest runs the installed script."""
+    from llada_export.cli.generate import main
+
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image at all")
     args = [a.replace("{bad}", str(bad)).replace("{missing}", str(tmp_path / "nope.jpg")).replace("{dir}", str(tmp_path))
             for a in args]
-    r = _gen(engines, *args)
+    r = cli_here(main, "llada-generate", capfd, "--engines", str(engines), *args)
     assert r.returncode == 2, r.stdout + r.stderr
     assert msg in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("llada-generate: error: ")

@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from helpers import KEEP, PROMPTS, PRUNE_LAYER, export
+from helpers import KEEP, PROMPTS, PRUNE_LAYER, cli_here, export
 from llada_export.contract.layout import layout_bucket, reduce_inputs
 from llada_export.contract.manifest import Manifest
 from llada_export.contract.pruning import PruneSettings, num_kept
@@ -179,28 +178,12 @@ def _cli(*args, cwd=None):
 
 
 def _cli_here(capsys, *args) -> subprocess.CompletedProcess:
-    """``llada-export ARGS`` run in this process: what ``python -m llada_export.cli.export`` runs
-    (``sys.exit(main())``) without a fresh interpreter's 4 s of imports, for the refusals. Its exit
-    status, stdout and stderr, with the Python warnings a fresh process would print (the interpreter's
-    default filters) added to stderr; an exception that escapes main fails the test. (The export in
+    """``llada-export ARGS`` run in this process (helpers.cli_here): for the refusals. (The export in
     test_cli_exports_tiny_checkpoint and the interrupted one of the SIGTERM test, which ends through
     the same one-line error handling, run in a real process, as test_cli's --help and --version do.)"""
     from llada_export.cli.export import main
 
-    capsys.readouterr()
-    with warnings.catch_warnings(record=True) as shown:
-        warnings.resetwarnings()  # pytest's filters out; a fresh interpreter's in
-        warnings.simplefilter("default")
-        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
-            warnings.simplefilter("ignore", category)
-        try:
-            code = main(list(args))
-        except SystemExit as e:
-            code = e.code
-    out = capsys.readouterr()
-    err = out.err + "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in shown)
-    status = code if isinstance(code, int) else 0 if code is None else 1  # as sys.exit(code) ends a process
-    return subprocess.CompletedProcess(["llada-export", *args], status, out.out, err)
+    return cli_here(main, "llada-export", capsys, *args)
 
 
 def test_cli_exports_tiny_checkpoint(tiny_ckpt, tmp_path, capsys):
