@@ -13,16 +13,21 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from helpers import cli_here
 from onnx import numpy_helper
 from polygraphy.comparator import RunResults
 
 from llada_export.contract.manifest import MANIFEST, file_table
 
 
-def _compare(engines, ckpt, report, *extra):
-    return subprocess.run([sys.executable, "-m", "llada_export.cli.compare", "--engines", str(engines), "--model",
-                           str(ckpt), "--report", str(report), "--presets", "mc,chartqa", *extra],
-                          capture_output=True, text=True, timeout=900)
+def _compare(capfd, engines, ckpt, report, *extra) -> subprocess.CompletedProcess:
+    """``llada-compare`` in this process (helpers.cli_here: its exit status, stdout and stderr, native code's
+    output and the warnings a fresh interpreter would print included); test_compare_engines' interrupted run
+    is a real process."""
+    from llada_export.cli.compare import main
+
+    return cli_here(main, "llada-compare", capfd, "--engines", str(engines), "--model", str(ckpt), "--report",
+                    str(report), "--presets", "mc,chartqa", *extra)
 
 
 def _rehash(root):
@@ -32,8 +37,8 @@ def _rehash(root):
     (root / MANIFEST).write_text(json.dumps(m))
 
 
-def test_compare_passes_for_onnxruntime_and_polygraphy_command_reproduces(engines, tiny_ckpt, tmp_path):
-    r = _compare(engines, tiny_ckpt, tmp_path / "report.json", "--save-dir", str(tmp_path / "pg"))
+def test_compare_passes_for_onnxruntime_and_polygraphy_command_reproduces(engines, tiny_ckpt, tmp_path, capfd):
+    r = _compare(capfd, engines, tiny_ckpt, tmp_path / "report.json", "--save-dir", str(tmp_path / "pg"))
     assert r.returncode == 0, r.stdout + r.stderr
     rep = json.loads((tmp_path / "report.json").read_text())
     assert rep["passed"] and (tmp_path / "report.md").is_file()
@@ -77,15 +82,15 @@ def test_compare_passes_for_onnxruntime_and_polygraphy_command_reproduces(engine
     assert not check["compare_outputs"](same, moved)["kept_index"]
 
 
-def test_compare_passes_for_aoti(aoti_engines, tiny_ckpt, tmp_path):
-    r = _compare(aoti_engines, tiny_ckpt, tmp_path / "report.json", "--presets", "mc")
+def test_compare_passes_for_aoti(aoti_engines, tiny_ckpt, tmp_path, capfd):
+    r = _compare(capfd, aoti_engines, tiny_ckpt, tmp_path / "report.json", "--presets", "mc")
     assert r.returncode == 0, r.stdout + r.stderr
     rep = json.loads((tmp_path / "report.json").read_text())
     assert {g["backend"] for g in rep["graphs"]} == {"aoti"}
     assert {g["graph"] for g in rep["graphs"]} == {"vision", "stage_a", "stage_b"}
 
 
-def test_compare_fails_on_a_perturbed_engine(engines, tiny_ckpt, tmp_path):
+def test_compare_fails_on_a_perturbed_engine(engines, tiny_ckpt, tmp_path, capfd):
     bad = tmp_path / "engines"
     shutil.copytree(engines, bad)
     path = bad / "onnx" / "stage_b.onnx"
@@ -97,7 +102,7 @@ def test_compare_fails_on_a_perturbed_engine(engines, tiny_ckpt, tmp_path):
     onnx.save(model, str(path))
     # A consistent directory (hashes updated): only the comparison can catch the wrong weights.
     _rehash(bad)
-    r = _compare(bad, tiny_ckpt, tmp_path / "report.json")
+    r = _compare(capfd, bad, tiny_ckpt, tmp_path / "report.json")
     assert r.returncode == 1, r.stdout + r.stderr
     assert "stage_b output 'logits'" in r.stderr
     rep = json.loads((tmp_path / "report.json").read_text())
@@ -105,20 +110,20 @@ def test_compare_fails_on_a_perturbed_engine(engines, tiny_ckpt, tmp_path):
     assert failed == {"stage_b"}
 
 
-def test_compare_refuses_a_checkpoint_of_another_model(engines, tmp_path):
+def test_compare_refuses_a_checkpoint_of_another_model(engines, tmp_path, capfd):
     """Exit 2 (a usage error), not 1 (a failed comparison), naming what differs."""
     from llada_export.synthetic.weights import random_checkpoint
 
     other = random_checkpoint("demo", tmp_path / "other")
-    r = _compare(engines, other, tmp_path / "report.json")
+    r = _compare(capfd, engines, other, tmp_path / "report.json")
     assert r.returncode == 2, r.stdout + r.stderr
     assert "is not the checkpoint" in r.stderr and "hidden_size" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-def test_compare_cache_graphs_and_cached_generation(cache_engines, tiny_ckpt, tmp_path):
+def test_compare_cache_graphs_and_cached_generation(cache_engines, tiny_ckpt, tmp_path, capfd):
     """Every cache graph against its oracle, and cached generation (refresh 4, factor 1) token-exact."""
-    r = _compare(cache_engines, tiny_ckpt, tmp_path / "report.json", "--presets", "chartqa", "--refresh", "4",
+    r = _compare(capfd, cache_engines, tiny_ckpt, tmp_path / "report.json", "--presets", "chartqa", "--refresh", "4",
                  "--factor", "1")
     assert r.returncode == 0, r.stdout + r.stderr
     rep = json.loads((tmp_path / "report.json").read_text())
