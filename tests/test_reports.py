@@ -6,13 +6,11 @@ from __future__ import annotations
 import filecmp
 import re
 import shutil
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
 import pytest
-
-from helpers import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -57,29 +55,22 @@ CASES += [("long_sweeps.py", f"vqa2_{part}.json", f"vqa2_{part}.md", ["render", 
           if (BENCH / f"vqa2_{part}.json").exists()]
 
 
-SCRIPT_RUN = {tool: md for tool, _, md, _ in reversed(CASES)}  # each tool's first report: run as a script
-
-
 @pytest.mark.parametrize("tool, js, md, argv", CASES, ids=[c[2] for c in CASES])
 def test_committed_report_rerenders_identically(tmp_path, monkeypatch, capsys, tool, js, md, argv):
-    """Each tool's first report re-renders as a user runs the script (a fresh interpreter); its other reports
-    through the same ``main(argv)`` in this process (what the script's ``SystemExit(main())`` runs, without
-    a fresh interpreter's seconds of imports for each)."""
+    """The tool run as a script (``python tools/TOOL ARGV`` from the repository root: its top level and its
+    ``__main__`` block) in this process, without a fresh interpreter's seconds of imports for each report;
+    what the script changes of the process (argv, sys.path, the environment) is put back after it."""
     part = argv[0] if tool == "bench_gpu.py" else None
     name = f"bench_gpu_{part}" if part else Path(js).stem  # the file name the tool reads back
     shutil.copy(BENCH / js, tmp_path / f"{name}.json")
-    args = [a.format(out=tmp_path) for a in argv]
-    if SCRIPT_RUN[tool] == md:
-        r = subprocess.run([sys.executable, str(ROOT / "tools" / tool), *args],
-                           capture_output=True, text=True, timeout=300, cwd=ROOT)
-        assert r.returncode == 0, r.stderr
-    else:
-        monkeypatch.chdir(ROOT)
-        try:
-            code = load_tool(Path(tool).stem).main(args)
-        except SystemExit as e:  # argparse's exits
-            code = e.code
-        assert code in (0, None), capsys.readouterr().err  # SystemExit(None) exits 0
+    script = str(ROOT / "tools" / tool)
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", [script, *[a.format(out=tmp_path) for a in argv]])
+    monkeypatch.setattr(sys, "path", [str(ROOT / "tools"), *sys.path])  # as python puts the script's folder first
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)  # long_sweeps sets it
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(script, run_name="__main__")
+    assert done.value.code in (0, None), capsys.readouterr().err  # SystemExit(None) exits 0
     assert filecmp.cmp(tmp_path / f"{name}.md", BENCH / md, shallow=False)
 
 
