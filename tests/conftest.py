@@ -18,19 +18,19 @@ from llada_export.contract.pruning import PruneSettings
 from llada_export.synthetic.weights import random_checkpoint
 
 
-# Approximate seconds of the test files that take more than ~10 s (make test's --durations=0 on 2 busy
-# cores, 2026-12-06; export builds of the shared fixtures counted where they are first needed). Under
+# Approximate seconds of the test files that take more than ~10 s (make test on 2 busy cores, 2026-12-06,
+# in this order; the shared fixtures' exports counted where they are first needed). Under
 # `--dist loadfile` pytest-xdist hands out whole files, by default those with the most tests first, which
 # left heavy files of few tests (test_demo, test_warmup, test_bench_gpu) to the end of the run: one worker
 # ran them while the other idled. LongestFirst hands out these files longest first, the others after them
 # in xdist's order; only the order changes (a file still runs whole, on one worker, its module fixtures made
 # once: the serving tests' Ray cluster).
 FILE_SECONDS = {
-    "test_serve": 168, "test_export": 142, "test_cache": 101, "test_pipeline": 100, "test_demo": 89,
-    "test_batch_sizes": 68, "test_compare_engines": 61, "test_compare": 59, "test_fused_cache": 47,
-    "test_reports": 38, "test_fp8": 37, "test_compare_seeds": 35, "test_cli": 34, "test_warmup": 34,
-    "test_analysis_tools": 31, "test_bench_gpu": 28, "test_fused": 27, "test_serve_cli": 21,
-    "test_architecture": 19, "test_capacity": 16, "test_narrow": 14, "test_batch": 13, "test_precompiled": 13,
+    "test_export": 193, "test_serve": 185, "test_demo": 90, "test_cache": 83, "test_batch_sizes": 69,
+    "test_compare_engines": 62, "test_pipeline": 55, "test_fused_cache": 48, "test_fp8": 36,
+    "test_analysis_tools": 33, "test_warmup": 32, "test_compare_seeds": 31, "test_reports": 31, "test_cli": 30,
+    "test_fused": 30, "test_bench_gpu": 28, "test_architecture": 24, "test_serve_cli": 21, "test_capacity": 17,
+    "test_compare": 15, "test_precompiled": 15, "test_batch": 14, "test_narrow": 13,
 }
 
 
