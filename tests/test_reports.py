@@ -48,6 +48,11 @@ CASES = [  # (tool, its JSON, the report it renders, the command line that re-re
     # issues 22 / 23, H100 lease of 2026-12-06 evening: FP8 engines next to the official code, batch 1 vs 8
     ("bench_gpu.py", "bench_gpu_engines_fp8.json", "bench_gpu_engines_fp8.md", ["engines", "--replot", "--out", "{out}"]),
     ("bench_gpu.py", "bench_gpu_batch_fused.json", "bench_gpu_batch_fused.md", ["batch", "--replot", "--out", "{out}"]),
+    # issue 23, H100 lease of 2026-12-06 night: a lone request on a 1,2,4,8 directory, KV bytes measured, the load test
+    ("bench_gpu.py", "bench_gpu_batch_multi.json", "bench_gpu_batch_multi.md", ["batch", "--replot", "--out", "{out}"]),
+    ("kv_capacity.py", "kv_capacity_h100.json", "kv_capacity_h100.md", ["--replot", "--out", "{out}/kv_capacity_h100"]),
+    ("load_test.py", "load_test_gpu_stream.json", "load_test_gpu_stream.md",
+     ["--engines", "-", "--replot", "--out", "{out}/load_test_gpu_stream"]),
 ]
 # issue 21's reports (tools/long_sweeps.py render), once a GPU run's summaries are committed
 CASES += [("long_sweeps.py", f"vqa2_{part}.json", f"vqa2_{part}.md", ["render", "--replot", "--out", "{out}"])

@@ -109,9 +109,23 @@ def markdown_batch(res: dict) -> list[str]:
                   f"{b8['speedup_vs_b1']:.2f}x ({'met' if b8['speedup_vs_b1'] >= 2.2 else 'NOT met'})."]
     if (m := res.get("multi")) and m.get("vs_b1_engines"):
         lines += ["", f"A lone request on one directory of batch sizes {m['batch_sizes']} (it ran on batch size "
-                  f"{m['engine_batch_size']}): {m['seconds']:.3f} s, {m['vs_b1_engines']:.3f}x the batch-1 engines' "
+                  f"{m['engine_batch_size']:g}): {m['seconds']:.3f} s, {m['vs_b1_engines']:.3f}x the batch-1 engines' "
                   f"latency (target within 10%: {'met' if m['vs_b1_engines'] <= 1.1 else 'NOT met'}); same answer as "
-                  f"B = 1: {'yes' if m['same_answer_as_b1'] else 'no'}."]
+                  f"B = 1: {same_answer(m, res['rows'])}."]
+    return lines
+
+
+def same_answer(multi: dict, rows: list[dict]) -> str:
+    """'yes', or how many of the answer's tokens differ from the batch-1 engines' (both ids are in the JSON)."""
+    if multi["same_answer_as_b1"]:
+        return "yes"
+    b1 = next((r for r in rows if r["batch_size"] == 1 and "ids" in r), None)
+    if b1 is None or "ids" not in multi:
+        return "no"
+    a, b = b1["ids"][0], multi["ids"][0]
+    diff = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+    return (f"no, {len(diff)} of {len(a)} tokens differ, the first at position {diff[0]} (two engine sets compiled "
+            "separately, random weights: see the README's note on bitwise reproducibility)")
     return lines
 
 
