@@ -25,7 +25,7 @@ import time
 from llada_export.config import PRESETS
 from llada_export.contract.bucket import Bucket
 from llada_export.contract.pruning import PruneSettings
-from llada_export.exporter.capacity import HEADROOM, headroom_bytes, kv_bytes, path_capacity
+from llada_export.exporter.capacity import HEADROOM, KV_OUT_COPIES, headroom_bytes, kv_bytes, path_capacity
 from llada_export.graphs.anyres import grid_shape, visual_token_count
 from llada_export.report import pyplot, save, write_report
 
@@ -61,7 +61,7 @@ def model_table(args) -> dict:
         "setting": {"preset": args.preset, "image": f"{args.image[0]}x{args.image[1]}", "prompt_tokens": args.prompt_tokens,
                     "visual_tokens": bucket.max_visual_tokens, "k_static": bucket.k_static, "gen_length": args.gen_length,
                     "prune_layer": args.layer, "keep": args.keep, "dtype": args.dtype, "fused_sampler": args.fused,
-                    "headroom_fraction": HEADROOM},
+                    "headroom_fraction": HEADROOM, "prefill_cache_copies": KV_OUT_COPIES},
         "kv_bytes_per_position": kv_bytes(cfg, 1, args.dtype),
         "paths": {p: c.to_dict() for p, c in caps.items()},
         "devices": devices,
@@ -140,9 +140,7 @@ def _run_once(lm, cfg, cap, b: int, g: int, dev: str, dtype) -> dict:
     held = b * (cap.kv + cap.held)
     prefill = max(m.transient for m in cap.graphs.values() if m.kv_out)
     cached = next(m.transient for m in cap.graphs.values() if m.kv and not m.kv_out)
-    # the eager prefill stacks each layer's K/V, then stacks those: one cache copy more than the model counts
-    return run | {"predicted_prefill": held + b * prefill, "predicted_prefill_eager": held + b * (prefill + cap.kv),
-                  "predicted_cached": held + b * cached, "ok": True}
+    return run | {"predicted_prefill": held + b * prefill, "predicted_cached": held + b * cached, "ok": True}
 
 
 # ---------------------------------------------------------------------- report
@@ -177,8 +175,11 @@ def markdown(res: dict) -> str:
         lb = d["largest_batch"]
         lines.append(f"| {name} | {_gib(d['bytes'])} | {_gib(d['headroom_bytes'])} | **{lb['pruned']}** | "
                      f"{lb['unpruned']} | **{d['ratio']}x** |")
+    copies = s.get("prefill_cache_copies", 1)  # reports written before the model counted the stacked layers: 1
     lines += ["", "Bytes per request of one call of each graph (the KV cache and prefix the request holds excluded; "
-              "a prefill's transients include the new cache it returns beside the held one):", "",
+              "a prefill's transients include the new cache it returns beside the held one" +
+              (", and the layers' K/V it stacks into that cache, alive beside it while it stacks):" if copies == 2
+               else "):"), "",
               "| graph | rows computed | inputs + outputs (MiB) | activations (MiB) | transient (MiB) |",
               "| --- | ---: | ---: | ---: | ---: |"]
     for p in (pr, un):
@@ -200,19 +201,23 @@ def markdown(res: dict) -> str:
             lines.append(f"Weights allocated {_gib(m['weights_allocated'])} GiB (model: {_gib(pr['weights_bytes'])}); "
                          f"mem_get_info after loading: {_gib(m['mem_get_info'][0])} free of {_gib(m['mem_get_info'][1])} GiB.")
             lines.append("")
-        lines += ["| path | batch | cache buffer (GiB) | prefill peak / model / model + eager copy (GiB) | "
-                  "cached peak / model (GiB) | ok |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+        eager = any("predicted_prefill_eager" in r for r in m["runs"])  # a run of the one-copy model
+        lines += [f"| path | batch | cache buffer (GiB) | prefill peak / model{' / model + eager copy' if eager else ''} "
+                  "(GiB) | cached peak / model (GiB) | ok |", "| --- | ---: | ---: | ---: | ---: | --- |"]
         for r in m["runs"]:
-            pk = (f"{_gib(r['prefill_peak'])} / {_gib(r['predicted_prefill'])} / {_gib(r['predicted_prefill_eager'])}"
-                  if "prefill_peak" in r else "-")
+            pk = (" / ".join(_gib(r[k]) for k in ("prefill_peak", "predicted_prefill", "predicted_prefill_eager")
+                             if k in r) if "prefill_peak" in r else "-")
             ck = (f"{_gib(r['cached_peak'])} / {_gib(r['predicted_cached'])}" if "cached_peak" in r else "-")
             buf = _gib(r["kv_buffer_bytes"]) if "kv_buffer_bytes" in r else "-"
             lines.append(f"| {r['path']} | {r['batch']} | {buf} | {pk} | {ck} | {'yes' if r['ok'] else r['error']} |")
-        lines += ["", "Peaks are above the weights (allocated before each run). The eager prefill stacks every layer's "
+        lines += ["", "Peaks are above the weights (allocated before each run). " + (
+                  "The eager prefill stacks every layer's "
                   "K/V and then the layers, one cache copy more than the model counts (Inductor may write the layers "
                   "into the output buffer directly; unverified): its third figure adds that copy, so the largest batch "
                   "the model predicts can run out of memory here and still fit the engines; `tools/bench_gpu.py "
-                  "batch` at that size is the check on the engines. "
+                  "batch` at that size is the check on the engines. " if eager else
+                  "The model counts a prefill's new cache twice beside the held one (the layers' K/V and the cache "
+                  "they are stacked into), as the eager prefill holds them. ") +
                   "The model's prediction counts the "
                   "held cache and prefix and the call's transients (no headroom). Predicted largest batch on this "
                   f"card (its free memory after loading plus the weights, less {s['headroom_fraction']:.0%}): "

@@ -10,7 +10,8 @@ tensor shapes (``contract.graphset``) at batch size 1, the model config and the 
 - **held inputs**: the ``prefix_embeds`` a request keeps for its whole generation (fp32, full
   length; the pruned path also the reduced ones).
 - **one call** of each graph, per request: its other inputs and outputs (logits, ids, masks; a
-  prefill's new cache, which replaces the held one only when the call returns), plus one layer's
+  prefill's new cache, which replaces the held one only when the call returns, and the layers' K/V
+  it stacks into that cache, alive beside it while it stacks), plus one layer's
   activations (hidden states and the MLP's two projections, ``2 x 4 x rows x (D + I)`` bytes,
   rows = positions the graph computes) and, for stage A, the layer-K attention scores it
   materialises to rank the visual tokens (logits and probabilities, fp32, ``2 x H x Lq x L x 4``;
@@ -37,6 +38,11 @@ from ..contract.pruning import PruneSettings
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "bool": 1}
 HEADROOM = 0.05  # of the device's memory, kept free when sizing serving batches
 HELD = "prefix_embeds"  # inputs a request keeps between calls (with the kv_cache state)
+# A graph that returns a cache holds it twice at its peak: the layers' K/V and the cache they are stacked into.
+# The eager prefill on an H100 peaked 6-8% below this count and 29-35% above the count of one copy
+# (benchmarks/kv_capacity_h100.md); ONNX Runtime's Concat keeps its inputs alike; Inductor may write some
+# layers into the output directly, so for it this errs on the safe side.
+KV_OUT_COPIES = 2
 
 
 def tensor_bytes(t: TensorIO) -> int:
@@ -69,7 +75,7 @@ class GraphMemory:
     @property
     def transient(self) -> int:
         """What the call needs beyond what the request holds anyway (its cache, its prefix)."""
-        return self.io + self.activations + (self.kv if self.kv_out else 0)
+        return self.io + self.activations + (KV_OUT_COPIES * self.kv if self.kv_out else 0)
 
 
 def graph_memory(spec: GraphSpec, bucket: Bucket, cfg: LLaDAVConfig, dtype: str, fused: bool = False,
