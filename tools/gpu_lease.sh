@@ -9,7 +9,7 @@
 #   bash tools/gpu_lease.sh poll SECONDS       # waits (or until all steps are done), packs /tmp/res into
 #                                              # $OUT/res.tgz and $OUT/log.txt, prints the progress
 #   bash tools/gpu_lease.sh ray                # unpacks .raybundle/ray_serve_cp312.tar.xz for the loadtest step
-# Steps (default: all, in this order):
+# Steps (the default runs those of STEPS_ALL below, in its order; name others to run them):
 #   official   the official code, chartqa + demo, vanilla + its Fast-dLLM hook, once each (tools/official_gpu.py;
 #              needs .official = your checkout holding train/llava, and .whl = the wheels of transformers
 #              4.39.1, tokenizers 0.15.2 and huggingface_hub 0.36.2 for CPython 3.12, both ignored by git and
@@ -21,13 +21,15 @@
 #              closed-loop clients and open-loop rates (tools/load_test.py; waits up to 5 minutes for `ray`)
 #   load       tools/bench_load.py export + measure (precompiled kernels, weights read from disk)
 #   engines    bench_gpu engines pruned/native (bf16 pruned + cache, chartqa and demo)
-#   batchmore  bench_gpu batch: B = 2, 4, 8, 16 added to the batch step's rows (--resume)
+#   batchmore  bench_gpu batch: pruned + cache at B = 1, 2, 4, 8, 16 (each size's engines, back to back)
+#   batchunpruned  bench_gpu batch: unpruned + cache at B = 1, 8
 #   fp8        bench_gpu engines pruned/fp8 (measured on 2026-12-06: benchmarks/bench_gpu_engines_fp8.md)
-# Device time: official 1 min, batch 9, kvcap 2, unpruned 4, loadtest 5, load 5, engines 4, batchmore 4 per size,
-# fp8 6.
+# Device time: official 1 min, batch 9, kvcap 2, unpruned 4, loadtest 5, load 5, engines 4, batchmore 4 per size
+# (about 18), batchunpruned 8, fp8 6. Measured on 2026-12-06 (benchmarks/bench_gpu_batch_multi.md,
+# kv_capacity_h100.md, load_test_gpu_stream.md): batch, kvcap, loadtest; the default runs the rest, batch sizes first.
 set -u
 RES=/tmp/res
-STEPS_ALL="official,batch,kvcap,unpruned,loadtest,load,engines,batchmore"
+STEPS_ALL="batchmore,batchunpruned,official,unpruned,engines,load"
 
 run_steps() {
   export PYTHONUNBUFFERED=1
@@ -52,9 +54,10 @@ run_steps() {
         local groups=pruned/native; [ $s = fp8 ] && groups=pruned/fp8; [ $s = unpruned ] && groups=unpruned/native
         timeout 1200 python3 $eng $off --groups $groups --out $RES/$s ;;
       batch) timeout 900 python3 $batch --batch-sizes 1 --multi 1,2,4,8 --out $RES/batch ;;
-      batchmore)  # its own report: a --resume'd run keeps the rows, not the --multi result
-        timeout 1500 python3 $batch --batch-sizes 1,2,4,8,16 --resume $RES/batch/bench_gpu_batch.json \
-            --out $RES/batchmore ;;
+      batchmore)  # a run cut by the lease: --resume OUT/bench_gpu_batch.json in the next lease measures the rest
+        timeout 1500 python3 $batch --batch-sizes 1,2,4,8,16 --out $RES/batchmore ;;
+      batchunpruned)
+        timeout 900 python3 ${batch/pruned+cache/unpruned+cache} --batch-sizes 1,8 --out $RES/batchunpruned ;;
       loadtest)
         for _ in $(seq 60); do [ -f /tmp/raysite.ready ] && break; sleep 5; done
         [ -f /tmp/raysite.ready ] || { echo "no ray: run 'bash tools/gpu_lease.sh ray' with .raybundle carried"; continue; }
