@@ -25,10 +25,18 @@ def _gen(engines, *args, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_generate_json_and_compare_unpruned(engines, tiny, images, tmp_path):
+def _gen_here(capfd, engines, *args):
+    """``llada-generate --engines ENGINES ARGS`` in this process (helpers.cli_here)."""
+    from llada_export.cli.generate import main
+
+    return cli_here(main, "llada-generate", capfd, "--engines", str(engines), *args)
+
+
+def test_generate_json_and_compare_unpruned(engines, tiny, images, tmp_path, capfd):
     """Both answers of a sampled request (temperature, seed, random remasking) against their eager oracles:
     the pruned one (and its kept tokens) against the pruned reference, the unpruned one against the plain
-    model. The JSON alone reproduces the answer: its settings, given back to llada-generate as flags."""
+    model. The JSON alone reproduces the answer: its settings, given back to llada-generate as flags (that
+    second run in this process: helpers.cli_here)."""
     from llada_export.contract.pruning import PruneSettings, num_kept
     from llada_export.reference import reference_generate
     from llada_export.sampler import GenerationConfig
@@ -59,7 +67,8 @@ def test_generate_json_and_compare_unpruned(engines, tiny, images, tmp_path):
     flags = ["--gen-length", s["gen_length"], "--block-length", s["block_length"], "--steps", s["steps"],
              "--temperature", s["temperature"], "--remasking", s["remasking"], "--cfg-scale", s["cfg_scale"],
              "--seed", s["seed"], "--no-cache", "--backend", out["backend"]]
-    again = _gen(out["engines"], "--image", out["image"], "--prompt", out["prompt"], *map(str, flags), "--json")
+    again = _gen_here(capfd, out["engines"], "--image", out["image"], "--prompt", out["prompt"], *map(str, flags),
+                      "--json")
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["result"]["ids"] == res["ids"]
 
@@ -81,13 +90,15 @@ def test_generate_plain_text_output(engines, tiny):
                         r"\d+ forwards [0-9.]+ s \(onnxruntime on cpu\)\n", r.stderr), r.stderr
 
 
-def test_literal_backslash_n_prompt_as_typed_in_bash(engines):
-    """`--prompt "<image>\\nWhat is here?"` in bash passes a backslash and an n: read as the newline."""
-    typed = _gen(engines, "--image", str(DEMO_IMAGE), "--prompt", "<image>\\nWhat is here?", "--preset", "chartqa",
-                 "--json")
-    meant = _gen(engines, "--image", str(DEMO_IMAGE), "--prompt", "<image>\nWhat is here?", "--preset", "chartqa",
-                 "--json")
-    plain = _gen(engines, "--image", str(DEMO_IMAGE), "--prompt", "What is here?", "--preset", "chartqa", "--json")
+def test_literal_backslash_n_prompt_as_typed_in_bash(engines, capfd):
+    """`--prompt "<image>\\nWhat is here?"` in bash passes a backslash and an n: read as the newline. (The
+    argv strings bash would pass, to llada-generate's main in this process: helpers.cli_here.)"""
+    typed = _gen_here(capfd, engines, "--image", str(DEMO_IMAGE), "--prompt", "<image>\\nWhat is here?", "--preset",
+                      "chartqa", "--json")
+    meant = _gen_here(capfd, engines, "--image", str(DEMO_IMAGE), "--prompt", "<image>\nWhat is here?", "--preset",
+                      "chartqa", "--json")
+    plain = _gen_here(capfd, engines, "--image", str(DEMO_IMAGE), "--prompt", "What is here?", "--preset", "chartqa",
+                      "--json")
     assert typed.returncode == meant.returncode == plain.returncode == 0, typed.stderr + meant.stderr
     ids = [json.loads(r.stdout)["result"]["ids"] for r in (typed, meant, plain)]
     assert ids[0] == ids[1] == ids[2]
@@ -127,13 +138,11 @@ def test_literal_backslash_n_prompt_as_typed_in_bash(engines):
 def test_generate_user_errors_are_one_line(engines, tmp_path, capfd, args, msg):
     """Run in this process (helpers.cli_here, with what native code writes to stderr); the refusal of
     test_generate_on_a_directory_without_manifest runs the installed script."""
-    from llada_export.cli.generate import main
-
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image at all")
     args = [a.replace("{bad}", str(bad)).replace("{missing}", str(tmp_path / "nope.jpg")).replace("{dir}", str(tmp_path))
             for a in args]
-    r = cli_here(main, "llada-generate", capfd, "--engines", str(engines), *args)
+    r = _gen_here(capfd, engines, *args)
     assert r.returncode == 2, r.stdout + r.stderr
     assert msg in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("llada-generate: error: ")

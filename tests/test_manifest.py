@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from helpers import PROMPTS
+from helpers import PROMPTS, cli_here
 from llada_export.contract.manifest import MANIFEST, ManifestError, file_table
 from llada_export.engines.registry import BACKENDS, load_builtin
 from llada_export.runtime.pipeline import Pipeline
@@ -254,12 +254,11 @@ def test_stage_a_with_another_static_top_k_is_refused(copy):
         Pipeline.load(copy, backend="onnxruntime")
 
 
-def test_cli_refuses_an_edited_manifest_in_one_line(copy):
-    import subprocess
-    import sys
+def test_cli_refuses_an_edited_manifest_in_one_line(copy, capfd):
+    """llada-generate's main in this process (helpers.cli_here: what a fresh process would show)."""
+    from llada_export.cli.generate import main
 
     edit_manifest(copy, _keep)
-    r = subprocess.run([sys.executable, "-m", "llada_export.cli.generate", "--engines", str(copy), "--prompt",
-                        "What is here?"], capture_output=True, text=True, timeout=300)
+    r = cli_here(main, "llada-generate", capfd, "--engines", str(copy), "--prompt", "What is here?")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "pruning.keep 0.9" in r.stderr
