@@ -81,12 +81,13 @@ def compile_cache_exports(ckpt, out):
 
 def cli_here(main, prog: str, capture, *args):
     """``PROG ARGS`` run in this process through the CLI's ``main`` (what its console script runs as
-    ``sys.exit(main())``) without a fresh interpreter's seconds of imports: for refusals. Returns a
-    CompletedProcess with the exit status and the output a fresh process would show: ``capture``'s (capsys,
-    or capfd to include what native code writes to the file descriptors), plus the Python warnings of a
-    fresh interpreter's default filters, log records of WARNING and above with no handler of their own
-    (logging's last resort, which pytest's handlers stand in for here), and a string exit code. An exception
-    that escapes main fails the test."""
+    ``sys.exit(main())``) without a fresh interpreter's seconds of imports: for runs where the process itself
+    is not what a test checks (refusals, a second run). Returns a CompletedProcess with the exit status and
+    the output a fresh process would show: ``capture``'s (capsys, or capfd to include what native code writes
+    to the file descriptors), plus the Python warnings of a fresh interpreter's default filters, log records
+    of WARNING and above that reach the root logger (a fresh process prints those no handler takes: logging's
+    last resort, which pytest's handlers stand in for here), and a string exit code. An exception that escapes
+    main fails the test."""
     import logging
     import subprocess
     import sys
