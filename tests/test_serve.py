@@ -719,6 +719,20 @@ def test_load_test_small_run(server, serve_engines, tmp_path):
     assert out.with_suffix(".png").stat().st_size > 0 and "| 3 | 6 | 6 | 0 | 0 |" in md and "| 50 | 0 | 2 | 2 | 0 | 0 |" in md
 
 
+def test_more_streaming_clients_than_a_batch_fill_every_batch(server, serve_engines, tmp_path):
+    """16 closed-loop streaming clients on 2 replicas of max batch 4 (about 8 a replica: a batch running, a
+    batch waiting): every batch full. Measured before the admission limit (tools/load_test.py, 8 streaming
+    clients, 1 replica): batches of 4, 2, 2, 4, 2, 2, ..., mean 3.0: the requests let in beyond a full batch
+    closed a partial batch of their own while the others waited for the engine."""
+    tool = load_tool("load_test")
+    out = tmp_path / "full"
+    tool.main(["--engines", str(serve_engines), "--url", server["url"], "--concurrency", "16", "--requests", "2",
+               "--items", "12", "--stream", "--out", str(out)])
+    [lv] = json.loads(out.with_suffix(".json").read_text())["levels"]
+    assert lv["answered"] == lv["streamed"] == 32 and lv["differ_from_pipeline"] == 0
+    assert lv["mean_batch"] >= 3.5, lv  # routing may leave a replica a partial batch at the end
+
+
 def test_load_test_refuses_a_remote_server(serve_engines):
     tool = load_tool("load_test")
     with pytest.raises(SystemExit, match="not a loopback address"):

@@ -12,8 +12,12 @@ While a batch runs, new requests wait before the queues and join them together w
 is free. Serve's batcher closes its next batch ``batch_wait_ms`` after the first request that
 comes after the last batch started, whether or not the engine is free (it then waits for it):
 under steady load every batch would hold the one or two requests of that window (measured: mean
-batch 1.0 with requests queued for seconds) instead of all that queued meanwhile. Requests
-waiting for the engine are not in Serve's batch queue length metric (they count as ongoing).
+batch 1.0 with requests queued for seconds) instead of all that queued meanwhile. For the same
+reason at most ``max_batch`` requests of one setting are let into its queue until their batch
+starts; the rest wait for the next batch: a surplus let in closed a partial batch of its own
+while the others waited (measured: 8 streaming clients at max batch 4 ran batches of 4, 2, 2,
+...). Requests waiting for the engine are not in Serve's batch queue length metric (they count
+as ongoing).
 
 A body is read up to 16 MiB (413 beyond, from its Content-Length before a byte is read), then
 parsed, decoded and checked on an admission thread, never on the replica's event loop; a prompt
@@ -108,7 +112,8 @@ class LLaDAServer:
         self.max_token_bytes = max(len(t.encode("utf-8", "surrogatepass")) for t in self.pipe.tokenizer.get_vocab())
         self.batchers: dict = {}
         self.running = 0  # batches started and not finished (on the engine thread or waiting for it)
-        self.idle: asyncio.Event | None = None  # set while running == 0 (made in the replica's event loop)
+        self.queued: dict = {}  # batch queue key -> {id(row): row} let into that queue, batch not started
+        self.changed: asyncio.Event | None = None  # set when running or queued shrink (made in the event loop)
         self.started = time.time()
         self.counts = {"cancelled": 0, "stopped": 0}  # rows stopped early: callers that hung up, stop strings
         self.counters = _counters()
@@ -176,15 +181,18 @@ class LLaDAServer:
         row = Row(request)
         if chat.stop:  # the row stops once a stop string is in its committed prefix (the answer up to it is final)
             row.push = _stop_watch(TextStream(self._decode, chat.stop), row.cancelled)
+        key = (gen, chat.unpruned)
         try:
-            await self._engine_idle()
-            result, batch = await self._batcher(gen, chat.unpruned)(row)
+            await self._enter(key, row)
+            result, batch = await self._batcher(*key)(row)
         except asyncio.CancelledError:
             self._stop_row(row, "cancelled", "a request was cancelled (its caller hung up); its row stops, its "
                            "batch goes on for the others")
             raise
         except Exception as e:  # the engines failed on a batch: every caller in it hears why
             raise APIError(f"generation failed: {type(e).__name__}: {e}", status=500, type="server_error") from e
+        finally:  # a handler cancelled while its row was queued: Serve may drop the row, so its place is freed
+            self._leave(key, [row])
         if result.finish_reason == "cancelled":  # by its stop string, which the committed prefix holds
             self._count("stopped")
             result.finish_reason = "stop"
@@ -223,8 +231,8 @@ class LLaDAServer:
             task, ended = None, False
             try:
                 yield chunk(cid, name, created, {"role": "assistant", "content": ""}, **extra)
-                await self._engine_idle()
-                task = asyncio.ensure_future(self._batcher(gen, chat.unpruned)(row))
+                await self._enter((gen, chat.unpruned), row)  # the task below is never cancelled: its batch
+                task = asyncio.ensure_future(self._batcher(gen, chat.unpruned)(row))  # frees the place
                 task.add_done_callback(_consume)
                 while not text.stopped:
                     ids = asyncio.ensure_future(prefixes.get())
@@ -353,14 +361,29 @@ class LLaDAServer:
                            f"at most {limit}: shorten it, or re-export with a larger --max-prompt-tokens",
                            param="messages", code="context_length_exceeded")
 
-    async def _engine_idle(self) -> None:
-        """Return once no batch is running (at once when none is): what arrives during a batch joins
-        the next one together (see the module's docstring)."""
-        if self.idle is None:
-            self.idle = asyncio.Event()
-            self.idle.set()
-        while self.running:
-            await self.idle.wait()
+    async def _enter(self, key, row: "Row") -> None:
+        """Return once ``row`` may join the batch queue ``key``: no batch is running and fewer than
+        ``max_batch`` rows let into that queue wait for their batch to start. What arrives during a batch
+        joins the next one together; beyond a full batch rows wait here, not in Serve's queue (see the
+        module's docstring)."""
+        queued = self.queued.setdefault(key, {})
+        while self.running or len(queued) >= self.max_batch:
+            if self.changed is None:
+                self.changed = asyncio.Event()
+            await self.changed.wait()
+        queued[id(row)] = row
+
+    def _leave(self, key, rows: list) -> None:
+        """``rows`` no longer wait in the queue ``key`` (their batch started, or a caller gave up)."""
+        queued = self.queued.get(key, {})
+        if [queued.pop(id(r)) for r in rows if id(r) in queued]:
+            self._wake()
+
+    def _wake(self) -> None:
+        """Requests waiting in ``_enter`` look again (all on the replica's event loop: no lock)."""
+        if self.changed is not None:
+            self.changed.set()
+            self.changed = None
 
     def _batcher(self, gen, unpruned: bool):
         """The batch queue of one generation setting (made at its first request)."""
@@ -370,6 +393,7 @@ class LLaDAServer:
         if key not in self.batchers:
             async def run(rows: list) -> list:
                 started = time.perf_counter()
+                self._leave(key, rows)
                 live = [r for r in rows if not r.cancelled.is_set()]  # cancelled while queued: left out
                 results = await self._generate(live, gen, unpruned) if live else []
                 info = {"id": uuid.uuid4().hex[:12], "size": len(live), "started": started,
@@ -385,7 +409,6 @@ class LLaDAServer:
     async def _generate(self, rows: list, gen, unpruned: bool) -> list:
         """One batch on the engine thread; the sampler reads the rows' cancel flags before each forward."""
         self.running += 1
-        self.idle.clear()
         requests = [r.request for r in rows]
         tokens = self.pipe.tokens
         on_step = (RowStreams([r.push for r in rows], tokens.mask, tokens.eot)
@@ -400,7 +423,7 @@ class LLaDAServer:
         finally:
             self.running -= 1
             if not self.running:
-                self.idle.set()
+                self._wake()
 
     def check_health(self) -> None:
         """Serve calls this periodically; an exception marks the replica unhealthy and restarts it."""
