@@ -714,6 +714,7 @@ def test_load_test_small_run(server, serve_engines, tmp_path):
         assert lv["errors"] == lv["lost"] == lv["differ_from_pipeline"] == 0
         assert lv["latency_p50_s"] <= lv["latency_p99_s"] and lv["requests_per_s"] > 0
         assert lv["cancelled"] == 0  # the server's /health counter, read before and after the level
+        assert lv["narrowed"] == 0  # one built batch size: a batch has no smaller size to go on at
     assert sum(lv["streamed"] for lv in res["levels"] + res["open_levels"]) >= 3  # --stream 0.5: every other one
     md = out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").stat().st_size > 0 and "| 3 | 6 | 6 | 0 | 0 |" in md and "| 50 | 0 | 2 | 2 | 0 | 0 |" in md

@@ -91,11 +91,12 @@ def ask(url: str, items, expected, i: int, settings: dict, timeout_s: float, rec
             msg = "".join(pieces)
             last = next(e for e in final if e["choices"])  # the finish_reason chunk, with the server's record
             tokens = next(e for e in final if not e["choices"])["usage"]["completion_tokens"]
-            batch = last["llada"]["batch"]["size"]
+            llada = last["llada"]
         else:
             r = cl.chat(q, img, **fields)
-            msg, tokens, batch = r["choices"][0]["message"]["content"], r["usage"]["completion_tokens"], \
-                r["llada"]["batch"]["size"]
+            msg, tokens, llada = r["choices"][0]["message"]["content"], r["usage"]["completion_tokens"], r["llada"]
+        batch = llada["batch"]["size"]
+        rec["narrowed"] = len(llada["timings"].get("engine_batch_sizes") or ()) > 1  # ran on a smaller size too
         latency = time.perf_counter() - rec["sent"]
         if stream:
             rec.setdefault("first_chunk", latency)  # an empty answer: its first chunk is its end
@@ -151,6 +152,7 @@ def summary(recs: list[dict], wall: float, **level) -> dict:
             "latency_p50_s": float(np.percentile(lat, 50)), "latency_p95_s": float(np.percentile(lat, 95)),
             "latency_p99_s": float(np.percentile(lat, 99)),
             "mean_batch": float(np.mean([r["batch"] for r in done])) if done else 0.0,
+            "narrowed": sum(bool(r.get("narrowed")) for r in done),
             "differ_from_pipeline": sum(not r["same"] for r in done),
             "accuracy": sum(r["right"] for r in done) / len(done) if done else 0.0,
             "error_messages": sorted({r["error"] for r in failed})[:5],
@@ -307,17 +309,22 @@ def markdown(res: dict) -> str:
     if new:
         lines += ["", "`cancelled`: the server's /health counter of callers that hung up, after the level minus "
                   "before (summed over the replicas told apart)."]
+    narrow = any("narrowed" in lv for lv in res["levels"] + res.get("open_levels", []))  # not in older reports
+    if narrow:
+        lines += ["", "`narrowed`: answers whose batch went on at a smaller built batch size once rows finished "
+                  "(the server's `timings.engine_batch_sizes` of each answer)."]
     cols = ("| sent | answered | errors | lost " + ("| streamed | cancelled " if new else "")
             + "| requests/s | tokens/s | p50 s | p95 s | p99 s "
             + ("| first chunk p50 s | first chunk p99 s " if new else "")
-            + "| mean batch | differ from pipeline | accuracy |")
+            + "| mean batch " + ("| narrowed " if narrow else "") + "| differ from pipeline | accuracy |")
     opt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     row = lambda lv: (f"{lv['sent']} | {lv['answered']} | {lv['errors']} | {lv['lost']} | "  # noqa: E731
                       + (f"{lv['streamed']} | {'-' if lv['cancelled'] is None else lv['cancelled']} | " if new else "")
                       + f"{lv['requests_per_s']:.2f} | {lv['tokens_per_s']:.2f} | {lv['latency_p50_s']:.2f} | "
                       f"{lv['latency_p95_s']:.2f} | {lv['latency_p99_s']:.2f} | "
                       + (f"{opt(lv['first_chunk_p50_s'])} | {opt(lv['first_chunk_p99_s'])} | " if new else "")
-                      + f"{lv['mean_batch']:.2f} | {lv['differ_from_pipeline']} | {100 * lv['accuracy']:.0f}% |")
+                      + f"{lv['mean_batch']:.2f} | " + (f"{lv['narrowed']} | " if narrow else "")
+                      + f"{lv['differ_from_pipeline']} | {100 * lv['accuracy']:.0f}% |")
     ncols = cols.count("|") - 1
     if res["levels"]:
         lines += ["", "| clients " + cols, "| --- " * (ncols + 1) + "|"]
