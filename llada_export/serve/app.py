@@ -231,9 +231,11 @@ class LLaDAServer:
             task, ended = None, False
             try:
                 yield chunk(cid, name, created, {"role": "assistant", "content": ""}, **extra)
-                await self._enter((gen, chat.unpruned), row)  # the task below is never cancelled: its batch
-                task = asyncio.ensure_future(self._batcher(gen, chat.unpruned)(row))  # frees the place
+                key = (gen, chat.unpruned)
+                await self._enter(key, row)
+                task = asyncio.ensure_future(self._batcher(*key)(row))  # never cancelled: its batch frees the place
                 task.add_done_callback(_consume)
+                task.add_done_callback(lambda _: self._leave(key, [row]))  # a batch queue that failed, too
                 while not text.stopped:
                     ids = asyncio.ensure_future(prefixes.get())
                     done, _ = await asyncio.wait({ids, task}, return_when=asyncio.FIRST_COMPLETED)
