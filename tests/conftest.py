@@ -41,11 +41,14 @@ def pytest_xdist_make_scheduler(config, log):
         return None
     from xdist.scheduler import LoadFileScheduling
 
+    if not hasattr(LoadFileScheduling, "_assign_work_unit"):  # xdist's internals (3.8) changed: its own order
+        return None
+
     class LongestFirst(LoadFileScheduling):
         ordered = False
 
         def _assign_work_unit(self, node):
-            if not self.ordered:  # the queue is complete at the first assignment
+            if not self.ordered and hasattr(self.workqueue, "move_to_end"):  # complete at the first assignment
                 self.ordered = True
                 for scope in sorted(self.workqueue, key=lambda s: -FILE_SECONDS.get(Path(s.split("::")[0]).stem, 0)):
                     self.workqueue.move_to_end(scope)  # sorted() is stable: xdist's order among equals
