@@ -125,8 +125,7 @@ def same_answer(multi: dict, rows: list[dict]) -> str:
     a, b = b1["ids"][0], multi["ids"][0]
     diff = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
     return (f"no, {len(diff)} of {len(a)} tokens differ, the first at position {diff[0]} (two engine sets compiled "
-            "separately, random weights: see the README's note on bitwise reproducibility)")
-    return lines
+            "separately, random weights: see the README's note on bitwise reproducibility)") if diff else "no"
 
 
 def plot_batch(res: dict, path: Path) -> None:
