@@ -32,6 +32,7 @@ def test_fused_model_computes_the_eager_logits_and_shares_the_other_weights(tiny
         want, got = lm(embeds, ids, pos), fused(embeds, ids, pos)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         (lw, lkv), (fw, fkv) = lm.prefill(embeds, ids, pos), fused.prefill(embeds, ids, pos)
+    torch.testing.assert_close(fw, lw, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fkv, lkv, rtol=1e-5, atol=1e-5)
     a, b = lm.layers[0], fused.layers[0]
     assert b.self_attn.o_proj is a.self_attn.o_proj and b.mlp.down_proj is a.mlp.down_proj

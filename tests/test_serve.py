@@ -330,8 +330,6 @@ def test_openai_client_plain_and_streamed_answers_are_the_pipelines(server, dire
 def test_openai_client_text_only_system_and_conversation(server, direct):
     """No image (the visual slots stay padded), a system message, and a conversation whose first user turn
     holds the image: each answer is Pipeline.generate's for the same turns, rendered by the chat template."""
-    from llada_export.runtime.pipeline import Request
-
     client = openai_client(server)
     pipe = direct.pipe
     img, q1, _ = ITEMS[1]  # "What digit is shown?": a short first turn (the engines take 71 text tokens)

@@ -388,7 +388,6 @@ def completion(model: str, result, prompt_tokens: int, gen_length: int, extra: d
     timings, the settings that produced the answer and the pipeline's finish reason (as
     ``GenerationResult.to_dict`` records them), the batch the request ran in."""
     text, used, cut = answer or (result.text, len(result.ids), False)
-    recorded = result.to_dict()
     return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,

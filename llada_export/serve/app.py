@@ -288,14 +288,14 @@ class LLaDAServer:
         if declared is not None and declared > DRAIN_FACTOR * limit:
             check_body_size(declared, limit)  # not worth reading at all
         chunks, n = [], 0
-        async for chunk in http.stream():
-            n += len(chunk)
+        async for part in http.stream():
+            n += len(part)
             if n > limit or (declared or 0) > limit:
                 chunks.clear()  # over the limit: only counted from here on
                 if n > DRAIN_FACTOR * limit:
                     break
             else:
-                chunks.append(chunk)
+                chunks.append(part)
         check_body_size(max(n, declared or 0), limit)
         return b"".join(chunks)
 
