@@ -1,6 +1,6 @@
 """A batch whose rows finish or are cancelled moves to a smaller built batch size (issue 23, item 4).
 
-On conftest's multi_size_engines (test_batch_sizes.py's) (pruned + cache graphs at batch sizes 1, 2 and 4, ONNX Runtime, CPU): once
+On conftest's multi_size_engines, shared with test_batch_sizes.py (pruned + cache graphs at batch sizes 1, 2 and 4, ONNX Runtime, CPU): once
 the rows still running fit a smaller size, the batch goes on with them on that size's graphs; every answer,
 forward count, kept-token list and ``on_step`` event is what the batch gives with narrowing off, and each
 answer is what its request gives alone (on the CPU the graphs of every size give the same numbers). A
