@@ -23,13 +23,15 @@
 #   engines    bench_gpu engines pruned/native (bf16 pruned + cache, chartqa and demo)
 #   batchmore  bench_gpu batch: pruned + cache at B = 1, 2, 4, 8, 16 (each size's engines, back to back)
 #   batchunpruned  bench_gpu batch: unpruned + cache at B = 1, 8
+#   scale1/2/3 the batch scale in one lease: pruned + cache at B = 1, 8, 16, then unpruned + cache at 1, 8, 16,
+#              then pruned at 2, 4 and 24 added to the first report (--resume); under scale/pruned, scale/unpruned
 #   fp8        bench_gpu engines pruned/fp8 (measured on 2026-12-06: benchmarks/bench_gpu_engines_fp8.md)
 # Device time: official 1 min, batch 9, kvcap 2, unpruned 4, loadtest 5, load 5, engines 4, batchmore 4 per size
 # (about 18), batchunpruned 8, fp8 6. Measured on 2026-12-06 (benchmarks/bench_gpu_batch_multi.md,
 # kv_capacity_h100.md, load_test_gpu_stream.md): batch, kvcap, loadtest; the default runs the rest, batch sizes first.
 set -u
 RES=/tmp/res
-STEPS_ALL="batchmore,batchunpruned,official,unpruned,engines,load"
+STEPS_ALL="scale1,scale2,scale3,official,unpruned,engines,load"
 
 run_steps() {
   export PYTHONUNBUFFERED=1
@@ -58,6 +60,13 @@ run_steps() {
         timeout 1500 python3 $batch --batch-sizes 1,2,4,8,16 --out $RES/batchmore ;;
       batchunpruned)
         timeout 900 python3 ${batch/pruned+cache/unpruned+cache} --batch-sizes 1,8 --out $RES/batchunpruned ;;
+      scale1)  # the ends of the scale first: pruned + cache at B = 1, 8, 16
+        timeout 1200 python3 $batch --batch-sizes 1,8,16 --out $RES/scale/pruned ;;
+      scale2)  # unpruned + cache at B = 1, 8, 16 (16 is above an 80 GB card by tools/kv_capacity.py)
+        timeout 1200 python3 ${batch/pruned+cache/unpruned+cache} --batch-sizes 1,8,16 --out $RES/scale/unpruned ;;
+      scale3)  # the sizes between and the largest pruned batch by the capacity model, added to scale1's report
+        r=""; [ -f $RES/scale/pruned/bench_gpu_batch.json ] && r="--resume $RES/scale/pruned/bench_gpu_batch.json"
+        timeout 1200 python3 $batch --batch-sizes 1,2,4,8,16,24 $r --out $RES/scale/pruned ;;
       loadtest)
         for _ in $(seq 60); do [ -f /tmp/raysite.ready ] && break; sleep 5; done
         [ -f /tmp/raysite.ready ] || { echo "no ray: run 'bash tools/gpu_lease.sh ray' with .raybundle carried"; continue; }
