@@ -53,6 +53,10 @@ CASES = [  # (tool, its JSON, the report it renders, the command line that re-re
     ("kv_capacity.py", "kv_capacity_h100.json", "kv_capacity_h100.md", ["--replot", "--out", "{out}/kv_capacity_h100"]),
     ("load_test.py", "load_test_gpu_stream.json", "load_test_gpu_stream.md",
      ["--engines", "-", "--replot", "--out", "{out}/load_test_gpu_stream"]),
+    # issue 23, H100 lease of 2026-12-06 23:18: pruned + cache at B = 1, 8, 16, unpruned + cache at B = 1
+    ("bench_gpu.py", "bench_gpu_batch_scale.json", "bench_gpu_batch_scale.md", ["batch", "--replot", "--out", "{out}"]),
+    ("bench_gpu.py", "bench_gpu_batch_scale_unpruned.json", "bench_gpu_batch_scale_unpruned.md",
+     ["batch", "--replot", "--out", "{out}"]),
 ]
 # issue 21's reports (tools/long_sweeps.py render), once a GPU run's summaries are committed
 CASES += [("long_sweeps.py", f"vqa2_{part}.json", f"vqa2_{part}.md", ["render", "--replot", "--out", "{out}"])

@@ -27,7 +27,8 @@
 #              then pruned at 2, 4 and 24 added to the first report (--resume); under scale/pruned, scale/unpruned
 #   fp8        bench_gpu engines pruned/fp8 (measured on 2026-12-06: benchmarks/bench_gpu_engines_fp8.md)
 # Device time: official 1 min, batch 9, kvcap 2, unpruned 4, loadtest 5, load 5, engines 4, batchmore 4 per size
-# (about 18), batchunpruned 8, fp8 6. Measured on 2026-12-06 (benchmarks/bench_gpu_batch_multi.md,
+# (about 18), batchunpruned 8, fp8 6, scale1 15 (5 per size, B = 16 included), scale2 15, scale3 15.
+# scale1 and scale2's B = 1 ran on 2026-12-06 at 23:18 (benchmarks/bench_gpu_batch_scale*.md). Measured on 2026-12-06 (benchmarks/bench_gpu_batch_multi.md,
 # kv_capacity_h100.md, load_test_gpu_stream.md): batch, kvcap, loadtest; the default runs the rest, batch sizes first.
 set -u
 RES=/tmp/res
