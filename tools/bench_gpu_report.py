@@ -104,6 +104,9 @@ def markdown_batch(res: dict) -> list[str]:
                      f"{fmt(r.get('speedup_vs_b1'), '.2f')} | {r['forwards']} | {per} | "
                      f"{t.get('sampler_overhead', float('nan')) * 1e3:.1f} | {fmt(r.get('first_batch_s'), '.1f')} | "
                      f"{r['peak_gib']:.1f} | {same} |")
+    if notes := [(r["batch_size"], n) for r in res["rows"] for n in r.get("export_notes", [])]:
+        lines += ["", "The export's notes of what it did otherwise than asked:", ""]
+        lines += [f"- B = {b}: {n}" for b, n in notes]
     b8 = next((r for r in res["rows"] if r["batch_size"] == 8 and r.get("speedup_vs_b1")), None)
     if b8:
         lines += ["", f"Target (issue 23; issue 14 asked 1.6x): B = 8 at >= 2.2x the tokens/s of B = 1: measured "
