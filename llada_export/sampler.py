@@ -252,6 +252,7 @@ def generate(
     on_step: Callable[[StepEvent], None] | None = None,
     step_graph: bool | None = None,
     cancel: Callable[[], Sequence[bool]] | None = None,
+    on_done: Callable[[int, torch.Tensor, int, bool], None] | None = None,
 ) -> list[torch.Tensor]:
     """Generate ``batch_size`` responses on ``device`` (where the denoiser's outputs live).
 
@@ -264,7 +265,10 @@ def generate(
     rest alone); a row flagged True stops there (no more commits, no more forwards counted) and
     gives its committed prefix (up to its first mask, cut at ``<|eot_id|>``); once every row is
     done or cancelled the generation ends. A denoiser's ``narrow`` (see :class:`Denoiser`) is offered
-    the running rows each time fewer run; rows are always reported in the starting order."""
+    the running rows each time fewer run; rows are always reported in the starting order.
+    ``on_done(row, ids, forwards, cancelled)``: called once per real row as soon as its answer is final
+    (the row is done or cancelled), while the others may still run, with the ids this function returns
+    for it and the forwards the row needed (a server answers that row's caller at once)."""
     gen.validate()
     fused = getattr(denoiser, "fused", False)
     greedy = gen.temperature == 0 and gen.remasking == "low_confidence" and gen.cfg_scale == 0
@@ -277,6 +281,19 @@ def generate(
     use_graph = dev.type == "cuda" if step_graph is None else step_graph
     narrow = getattr(denoiser, "narrow", None)
     rows = _Rows(b, gen.gen_length, mask_id, dev)
+    real = [True] * b if active is None else active.cpu().tolist()
+    reported = [not r for r in real]  # rows whose on_done was called (padding: never)
+
+    def report(loop: "_Loop", done: list[bool], cancelled: list[bool]) -> None:
+        for i, o in enumerate(rows.of):
+            if o is not None and done[i] and not reported[o]:
+                reported[o] = True
+                if trace is not None:
+                    trace.step_graph = loop.graph is not None and loop.use_graph
+                x = loop.x[i].to("cpu", copy=True)  # [G]
+                on_done(o, cut_at_eot(_before_mask(x, mask_id) if cancelled[i] else x, eot_id),
+                        int(loop.row_forwards[i]), cancelled[i])
+
     loop = _claim(gen, b, mask_id, eot_id, dev, use_graph)
     try:
         done, refresh = loop.reset(active)
@@ -286,6 +303,8 @@ def generate(
         while not all(done):
             if cancel is not None and loop.cancel(rows.current(cancel()), done, cancelled):
                 done = [d or c for d, c in zip(done, cancelled)]
+                if on_done is not None:  # before a narrowing leaves the cancelled rows behind
+                    report(loop, done, cancelled)
                 if all(done):
                     break
             if narrow is not None and done.count(False) < running:  # fewer rows run: a smaller batch size?
@@ -313,6 +332,8 @@ def generate(
                 trace.committed.append(rows.starting(chosen, []))
             if on_step is not None:
                 on_step(rows.event(forwards, loop))
+            if on_done is not None and not all(reported):
+                report(loop, done, cancelled)
         rows.save(loop, cancelled)
         if trace is not None:
             trace.forwards += forwards
@@ -322,9 +343,13 @@ def generate(
         x = rows.x.to("cpu", copy=True)
     finally:
         loop.lock.release()
-    cancelled, real = rows.cancelled, [True] * b if active is None else active.cpu().tolist()
-    return [cut_at_eot(_before_mask(x[i], mask_id) if cancelled[i] else x[i], eot_id) if real[i] else x[i, :0]
-            for i in range(b)]
+    cancelled = rows.cancelled
+    answers = [cut_at_eot(_before_mask(x[i], mask_id) if cancelled[i] else x[i], eot_id) if real[i] else x[i, :0]
+               for i in range(b)]
+    for i in range(b):  # rows the loop ended without reporting (a generation that ends at its start)
+        if on_done is not None and not reported[i]:
+            on_done(i, answers[i], rows.row_forwards[i], cancelled[i])
+    return answers
 
 
 class _Rows:

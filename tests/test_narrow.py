@@ -127,6 +127,35 @@ def test_rows_cancelled_before_the_first_forward(pipe):
                                                                                             "cached@b1"}
 
 
+@pytest.mark.parametrize("narrow", [True, False], ids=["narrowed", "single size"])
+@pytest.mark.parametrize("case", ["no cache", "cache, refresh at block starts", "cancelled"])
+def test_each_answer_is_handed_out_when_its_row_is_done(pipe, narrow, case):
+    """``on_finish`` gets each request's answer right after the forward that finished its row (a row done
+    at its k-th forward: after the k-th event), while the longer rows still run: the answer, forwards, kept
+    tokens and finish reason the returned list holds, its ``total`` time only up to then. Cancelled rows
+    (row 2 before its 2nd forward) are handed out at the cancel, before a narrowing leaves them behind."""
+    settings = CASES.get(case, dict(preset="chartqa", cache=True, refresh=4))
+    rows, at = ([False, False, True, False], 1) if case == "cancelled" else (None, 0)
+    got_at: dict[int, tuple] = {}
+    rec, pipe.narrow = Recorder(rows, at), narrow
+    try:
+        got = pipe.generate_batch(four_requests(), on_step=rec.on_step, cancel=rec.cancel,
+                                  on_finish=lambda i, r: got_at.setdefault(i, (r, len(rec.events))), **settings)
+    finally:
+        pipe.narrow = True
+    assert sorted(got_at) == [0, 1, 2, 3]
+    last = len(rec.events)
+    for i, (early, n_events) in got_at.items():
+        assert fields([early]) == fields([got[i]]) and early.text == got[i].text
+        assert n_events == got[i].forwards, (i, n_events)  # right after its last forward
+        assert early.timings["total"] <= got[i].timings["total"]
+        if n_events < last:  # handed out before the batch's last forward
+            assert len(early.step_times) < len(got[i].step_times)  # graph calls up to then
+    assert min(n for _, n in got_at.values()) < last, "every row finished at the last forward: nothing early"
+    if case == "cancelled":
+        assert got_at[2][0].finish_reason == "cancelled" and got_at[2][1] == 1
+
+
 def test_three_rows_stay_on_four_until_one_more_is_done(pipe):
     """Three requests run on size 4 (its dead fourth row computed); with narrowing they go to 2 and 1 as their
     rows finish, with the answers each gives alone."""

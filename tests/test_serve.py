@@ -204,6 +204,35 @@ def test_requests_that_arrive_during_a_batch_join_the_next_one(server, direct):
     assert sum(size > 1 for size in sizes[4:]) >= 3, sizes
 
 
+def test_a_short_answer_is_sent_when_its_row_is_done(server, direct):
+    """Short and long answers in one batch (block length 4: a one-word answer is done after its first block,
+    one forward; a list needs four): each reply leaves when its own row is done, not when its batch ends. In
+    a batch, a row that needed fewer forwards than another was answered after fewer of the batch's graph
+    calls (``llada.graph_calls`` counts them up to the answer) and sooner (``llada.batch.seconds``). Every
+    answer is the pipeline's. Two replicas share the requests: rounds repeat until a batch held both kinds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    order = [4, 1, 6, 5, 8, 7, 9, 11]  # 4, 6, 8: lists (4 forwards); the others one word or number (1)
+    mixed = 0
+    for _ in range(4):
+        with ThreadPoolExecutor(len(order)) as ex:
+            replies = dict(zip(order, ex.map(lambda i: ask(server["url"], i, block_length=4), order)))
+        assert {i: text_of(r) for i, r in replies.items()} == {i: direct(i, block_length=4) for i in order}
+        batches: dict[str, list[dict]] = {}
+        for r in replies.values():
+            batches.setdefault(r["llada"]["batch"]["id"], []).append(r["llada"])
+        for rows in batches.values():
+            longest = max(rows, key=lambda x: x["forwards"])
+            for x in rows:
+                if x["forwards"] < longest["forwards"]:
+                    mixed += 1
+                    assert sum(x["graph_calls"].values()) < sum(longest["graph_calls"].values()), rows
+                    assert x["batch"]["seconds"] < longest["batch"]["seconds"], rows
+        if mixed:
+            break
+    assert mixed, "no batch held a short and a long answer in four rounds"
+
+
 def test_settings_are_honoured_and_batched_apart(server, direct):
     """A request without the cache and one with a parallel rule answer as the pipeline does with
     those settings; requests of different settings never share a batch."""

@@ -391,7 +391,9 @@ class Pipeline:
     @torch.no_grad()
     def generate_batch(self, requests: list[Request], *, unpruned: bool = False,
                        on_step: Callable[[StepEvent], None] | None = None, config: GenerationConfig | None = None,
-                       cancel: Callable[[], list[bool]] | None = None, **settings) -> list[GenerationResult]:
+                       cancel: Callable[[], list[bool]] | None = None,
+                       on_finish: Callable[[int, GenerationResult], None] | None = None,
+                       **settings) -> list[GenerationResult]:
         """Answer up to ``bucket.batch_size`` requests together, on the smallest built batch size that holds
         them (``batch_size_for``; ``timings["engine_batch_size"]``), with one generation setting:
         ``settings`` as :meth:`generation_config` takes them, or the ``config`` it returned.
@@ -405,7 +407,12 @@ class Pipeline:
         forwards (``timings["engine_batch_sizes"]``: the sizes it ran on, in order; calls after a move are
         counted in ``graph_calls`` as ``graph@bN``). Answers do not change beyond what another batch size's
         graphs may give (README, batch invariance). ``pipe.narrow = False`` keeps every batch at the size it
-        started on."""
+        started on.
+
+        ``on_finish(i, result)``: called (on this thread, between two forwards) as soon as request ``i``'s
+        answer is final, while longer rows may still run: the same answer as the returned list's, with the
+        timings, step times and graph calls of the batch up to that moment (``timings["total"]``: the
+        request's time until its answer)."""
         t0 = time.perf_counter()
         if config is not None and settings:
             raise TypeError("pass the settings or a GenerationConfig, not both")
@@ -419,32 +426,40 @@ class Pipeline:
         gens = [torch.Generator(device=self.device).manual_seed(r.seed) for r in requests]
         gens += [None] * (x.batch - len(requests))
         trace = SamplerTrace(record=False)
-        ids = generate(den, gen, mask_id=self.tokens.mask, eot_id=self.tokens.eot, suppress_ids=self.tokens.suppressed(),
-                       batch_size=x.batch, active=x.active, generators=gens, trace=trace, device=self.device,
-                       on_step=on_step, step_graph=self.step_graph, cancel=cancel)
-        t2 = time.perf_counter()
-        done_calls = den.calls
-        st = [s for _, s in done_calls]
-        calls: dict[str, int] = {}
-        for name, _ in done_calls:
-            calls[name] = calls.get(name, 0) + 1
-        timings = {"prepare": t1 - t0 - sum(t_vis), "total": t2 - t0, "denoise": t2 - t1,
-                   "sampler_overhead": (t2 - t1) - sum(st), "batch_size": len(requests), "engine_batch_size": size,
-                   "engine_batch_sizes": list(den.sizes), "sampler_step_graph": float(trace.step_graph)}
-        for name in calls:
-            timings[f"{name}_per_call"] = sum(s for n, s in done_calls if n == name) / calls[name]
-        out = []
-        for i, r in enumerate(requests):
-            row = ids[i].tolist()
+
+        def result(i: int, row: list[int], forwards: int, cancelled: bool, t2: float) -> GenerationResult:
+            """Request i's answer, with the batch's timings up to ``t2``."""
+            done_calls = list(den.calls)
+            st = [s for _, s in done_calls]
+            calls: dict[str, int] = {}
+            for name, _ in done_calls:
+                calls[name] = calls.get(name, 0) + 1
+            timings = {"vision": t_vis[i], "prepare": t1 - t0 - sum(t_vis), "total": t2 - t0, "denoise": t2 - t1,
+                       "sampler_overhead": (t2 - t1) - sum(st), "batch_size": len(requests),
+                       "engine_batch_size": size, "engine_batch_sizes": list(den.sizes),
+                       "sampler_step_graph": float(trace.step_graph)}
+            for name in calls:
+                timings[f"{name}_per_call"] = sum(s for n, s in done_calls if n == name) / calls[name]
+            r = requests[i]
             settings = {**gen.to_dict(), "seed": r.seed, "system": r.system, "unpruned": bool(unpruned),
                         **({"history": [list(t) for t in r.history]} if r.history else {})}
-            out.append(GenerationResult(
+            return GenerationResult(
                 decode_answer(self.tokenizer, row), row, None if use_full else den.kept_visual(i), x.n_visual[i],
-                {"vision": t_vis[i], **timings}, st, trace.row_forwards[i], dict(calls), settings,
+                timings, st, forwards, calls, settings,
                 None if use_full or self.manifest.pruning is None else self.manifest.pruning.to_dict(),
                 # the sampler cuts each answer at its first <|eot_id|>: a full-length answer found none
-                "cancelled" if trace.cancelled[i] else "stop" if len(row) < gen.gen_length else "length"))
-        return out
+                "cancelled" if cancelled else "stop" if len(row) < gen.gen_length else "length")
+
+        def done(i: int, ids: torch.Tensor, forwards: int, cancelled: bool) -> None:
+            if i < len(requests):
+                on_finish(i, result(i, ids.tolist(), forwards, cancelled, time.perf_counter()))
+
+        ids = generate(den, gen, mask_id=self.tokens.mask, eot_id=self.tokens.eot, suppress_ids=self.tokens.suppressed(),
+                       batch_size=x.batch, active=x.active, generators=gens, trace=trace, device=self.device,
+                       on_step=on_step, step_graph=self.step_graph, cancel=cancel,
+                       on_done=None if on_finish is None else done)
+        t2 = time.perf_counter()
+        return [result(i, ids[i].tolist(), trace.row_forwards[i], trace.cancelled[i], t2) for i in range(len(requests))]
 
 
 def as_requests(requests) -> list[Request]:

@@ -38,7 +38,11 @@ plain: its committed prefix is then read each step) stops its row the same way o
 has come. Rows cancelled or finished free their slots: once the rows still running fit a smaller
 built batch size (a ``--batch-sizes`` directory), the batch goes on with only them on the smallest
 size that holds them; in a single-size directory their slots are computed (and ignored) until the
-batch ends. The engine then takes the next batch. Each replica counts them:
+batch ends. The engine then takes the next batch.
+
+Each request is answered as soon as its own row is done (the sampler hands the row's final answer out
+between two forwards), not when its batch ends: a one-word answer batched with a long one leaves after
+its own forwards. Its ``llada.batch.seconds`` and timings count the batch's time up to that answer. Each replica counts them:
 ``cancelled`` (callers that hung up) and ``stopped`` (answers ended by a stop string), in GET
 /health and as the Prometheus counters ``llada_cancelled`` / ``llada_stopped`` next to Ray Serve's
 metrics (batch sizes, queue lengths, latencies) at the node's metrics port.
@@ -184,7 +188,7 @@ class LLaDAServer:
         key = (gen, chat.unpruned)
         try:
             await self._enter(key, row)
-            result, batch = await self._batcher(*key)(row)
+            result, batch = await self._answer(key, row)
         except asyncio.CancelledError:
             self._stop_row(row, "cancelled", "a request was cancelled (its caller hung up); its row stops, its "
                            "batch goes on for the others")
@@ -233,9 +237,7 @@ class LLaDAServer:
                 yield chunk(cid, name, created, {"role": "assistant", "content": ""}, **extra)
                 key = (gen, chat.unpruned)
                 await self._enter(key, row)
-                task = asyncio.ensure_future(self._batcher(*key)(row))  # never cancelled: its batch frees the place
-                task.add_done_callback(_consume)
-                task.add_done_callback(lambda _: self._leave(key, [row]))  # a batch queue that failed, too
+                task = asyncio.ensure_future(self._answer(key, row))
                 while not text.stopped:
                     ids = asyncio.ensure_future(prefixes.get())
                     done, _ = await asyncio.wait({ids, task}, return_when=asyncio.FIRST_COMPLETED)
@@ -397,9 +399,9 @@ class LLaDAServer:
                 started = time.perf_counter()
                 self._leave(key, rows)
                 live = [r for r in rows if not r.cancelled.is_set()]  # cancelled while queued: left out
-                results = await self._generate(live, gen, unpruned) if live else []
-                info = {"id": uuid.uuid4().hex[:12], "size": len(live), "started": started,
-                        "seconds": time.perf_counter() - started}
+                info = {"id": uuid.uuid4().hex[:12], "size": len(live), "started": started}
+                results = await self._generate(live, gen, unpruned, info) if live else []
+                info["seconds"] = time.perf_counter() - started
                 _log_cancelled(info["id"], len(rows) - len(live), results)
                 answers = dict(zip(map(id, live), results))
                 return [(answers.get(id(r)), info) for r in rows]  # None: a row left out (nobody waits for it)
@@ -408,19 +410,38 @@ class LLaDAServer:
                                              batch_wait_timeout_s=self.options.batch_wait_ms / 1e3)(run)
         return self.batchers[key]
 
-    async def _generate(self, rows: list, gen, unpruned: bool) -> list:
-        """One batch on the engine thread; the sampler reads the rows' cancel flags before each forward."""
+    async def _answer(self, key, row: "Row") -> tuple:
+        """(result, batch info) of ``row``'s request, as soon as its row is done (the engine thread hands it
+        out between two forwards while longer rows go on), else when its batch ends. The batch's task is
+        never cancelled: a caller that hangs up sets its row's cancel flag, and the batch frees its place."""
+        loop = asyncio.get_running_loop()
+        early = loop.create_future()
+        row.finished = lambda value: loop.call_soon_threadsafe(_settle, early, value)
+        task = asyncio.ensure_future(self._batcher(*key)(row))
+        task.add_done_callback(_consume)
+        task.add_done_callback(lambda _: self._leave(key, [row]))  # a batch queue that failed, too
+        done, _ = await asyncio.wait({early, task}, return_when=asyncio.FIRST_COMPLETED)
+        return early.result() if early in done else task.result()
+
+    async def _generate(self, rows: list, gen, unpruned: bool, info: dict) -> list:
+        """One batch on the engine thread; the sampler reads the rows' cancel flags before each forward, and
+        each row's answer goes to its caller once the row is done (``info``: the batch's id, size, start)."""
         self.running += 1
         requests = [r.request for r in rows]
         tokens = self.pipe.tokens
         on_step = (RowStreams([r.push for r in rows], tokens.mask, tokens.eot)
                    if any(r.push for r in rows) else None)  # a read-back per step only for streams
         flags = [r.cancelled for r in rows]
+
+        def on_finish(i: int, result) -> None:  # on the engine thread
+            if rows[i].finished is not None:
+                rows[i].finished((result, {**info, "seconds": time.perf_counter() - info["started"]}))
+
         try:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(
                 self.engine, lambda: self.pipe.generate_batch(requests, unpruned=unpruned, config=gen,
-                                                              on_step=on_step,
+                                                              on_step=on_step, on_finish=on_finish,
                                                               cancel=lambda: [f.is_set() for f in flags]))
         finally:
             self.running -= 1
@@ -441,6 +462,12 @@ class Row:
     request: object  # runtime Request
     push: object = None  # Callable[[list[int]], None] | None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    finished: object = None  # Callable[[tuple], None]: (result, batch info) once the row is done (engine thread)
+
+
+def _settle(future: asyncio.Future, value) -> None:
+    if not future.done():
+        future.set_result(value)
 
 
 def _stop_watch(text: TextStream, flag: threading.Event):
