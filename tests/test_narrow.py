@@ -127,9 +127,9 @@ def test_rows_cancelled_before_the_first_forward(pipe):
                                                                                             "cached@b1"}
 
 
-@pytest.mark.parametrize("narrow", [True, False], ids=["narrowed", "single size"])
-@pytest.mark.parametrize("case", ["no cache", "cache, refresh at block starts", "cancelled"])
-def test_each_answer_is_handed_out_when_its_row_is_done(pipe, narrow, case):
+@pytest.mark.parametrize("case,narrow", [("no cache", True), ("cache, refresh at block starts", False),
+                                         ("cancelled", True)], ids=["no cache", "cache, kept at size 4", "cancelled"])
+def test_each_answer_is_handed_out_when_its_row_is_done(pipe, case, narrow):
     """``on_finish`` gets each request's answer right after the forward that finished its row (a row done
     at its k-th forward: after the k-th event), while the longer rows still run: the answer, forwards, kept
     tokens and finish reason the returned list holds, its ``total`` time only up to then. Cancelled rows

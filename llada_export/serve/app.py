@@ -237,7 +237,8 @@ class LLaDAServer:
                 yield chunk(cid, name, created, {"role": "assistant", "content": ""}, **extra)
                 key = (gen, chat.unpruned)
                 await self._enter(key, row)
-                task = asyncio.ensure_future(self._answer(key, row))
+                task = asyncio.ensure_future(self._answer(key, row))  # its batch's task is never cancelled
+                task.add_done_callback(_consume)  # nobody may await it any more (the caller hung up)
                 while not text.stopped:
                     ids = asyncio.ensure_future(prefixes.get())
                     done, _ = await asyncio.wait({ids, task}, return_when=asyncio.FIRST_COMPLETED)
@@ -504,8 +505,8 @@ def _log_cancelled(batch: str, left_out: int, results: list) -> None:
 
 
 def _consume(task: asyncio.Future) -> None:
-    """A streamed request's batch future, when nobody awaits it any more (its caller hung up): its outcome
-    is dropped without a "never retrieved" warning."""
+    """A request's batch future (or a stream's answer), when nobody awaits it any more (its caller hung up):
+    its outcome is dropped without a "never retrieved" warning."""
     if not task.cancelled():
         task.exception()
 
