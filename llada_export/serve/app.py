@@ -38,14 +38,16 @@ plain: its committed prefix is then read each step) stops its row the same way o
 has come. Rows cancelled or finished free their slots: once the rows still running fit a smaller
 built batch size (a ``--batch-sizes`` directory), the batch goes on with only them on the smallest
 size that holds them; in a single-size directory their slots are computed (and ignored) until the
-batch ends. The engine then takes the next batch.
-
-Each request is answered as soon as its own row is done (the sampler hands the row's final answer out
-between two forwards), not when its batch ends: a one-word answer batched with a long one leaves after
-its own forwards. Its ``llada.batch.seconds`` and timings count the batch's time up to that answer. Each replica counts them:
+batch ends. The engine then takes the next batch. Each replica counts them:
 ``cancelled`` (callers that hung up) and ``stopped`` (answers ended by a stop string), in GET
 /health and as the Prometheus counters ``llada_cancelled`` / ``llada_stopped`` next to Ray Serve's
 metrics (batch sizes, queue lengths, latencies) at the node's metrics port.
+
+Each request is answered as soon as its own row is done (the sampler hands the row's final answer out
+between two forwards), not when its batch ends: a one-word answer batched with a long one leaves after
+its own forwards. Its ``llada.batch.seconds`` and timings count the batch's time up to that answer. The
+batch itself still runs until its longest row is done, so the next batch (and a request that arrives
+meanwhile) waits for it: a freed slot is not refilled mid-batch.
 """
 
 from __future__ import annotations
