@@ -23,8 +23,9 @@
 #   engines    bench_gpu engines pruned/native (bf16 pruned + cache, chartqa and demo)
 #   batchmore  bench_gpu batch: pruned + cache at B = 1, 2, 4, 8, 16 (each size's engines, back to back)
 #   batchunpruned  bench_gpu batch: unpruned + cache at B = 1, 8
-#   scale1/2/3 the batch scale in one lease: pruned + cache at B = 1, 8, 16, then unpruned + cache at 1, 8, 16,
-#              then pruned at 2, 4 and 24 added to the first report (--resume); under scale/pruned, scale/unpruned
+#   scale1/2/3 the batch scale: pruned + cache at B = 1, 8, 16; unpruned + cache at 1, 8, 16; pruned at 2, 4 and
+#              24 (added to scale1's report in the same lease, else beside a fresh 1); under scale/pruned, scale/unpruned.
+#              The default takes scale3 then scale2 (scale1 ran on 2026-12-06 at 23:18)
 #   fp8        bench_gpu engines pruned/fp8 (measured on 2026-12-06: benchmarks/bench_gpu_engines_fp8.md)
 # Device time: official 1 min, batch 9, kvcap 2, unpruned 4, loadtest 5, load 5, engines 4, batchmore 4 per size
 # (about 18), batchunpruned 8, fp8 6, scale1 15 (5 per size, B = 16 included), scale2 15, scale3 15.
@@ -32,7 +33,7 @@
 # kv_capacity_h100.md, load_test_gpu_stream.md): batch, kvcap, loadtest; the default runs the rest, batch sizes first.
 set -u
 RES=/tmp/res
-STEPS_ALL="scale1,scale2,scale3,official,unpruned,engines,load"
+STEPS_ALL="scale3,scale2,load,official,engines"
 
 run_steps() {
   export PYTHONUNBUFFERED=1
@@ -65,9 +66,12 @@ run_steps() {
         timeout 1200 python3 $batch --batch-sizes 1,8,16 --out $RES/scale/pruned ;;
       scale2)  # unpruned + cache at B = 1, 8, 16 (16 is above an 80 GB card by tools/kv_capacity.py)
         timeout 1200 python3 ${batch/pruned+cache/unpruned+cache} --batch-sizes 1,8,16 --out $RES/scale/unpruned ;;
-      scale3)  # the sizes between and the largest pruned batch by the capacity model, added to scale1's report
-        r=""; [ -f $RES/scale/pruned/bench_gpu_batch.json ] && r="--resume $RES/scale/pruned/bench_gpu_batch.json"
-        timeout 1200 python3 $batch --batch-sizes 1,2,4,8,16,24 $r --out $RES/scale/pruned ;;
+      scale3)  # the sizes between and the largest pruned batch by the capacity model: added to scale1's report
+        # in the same lease, else beside a fresh B = 1 (1, 8, 16 ran on 2026-12-06: bench_gpu_batch_scale.md)
+        if [ -f $RES/scale/pruned/bench_gpu_batch.json ]; then
+          timeout 1500 python3 $batch --batch-sizes 1,2,4,8,16,24 --resume $RES/scale/pruned/bench_gpu_batch.json \
+              --out $RES/scale/pruned
+        else timeout 1500 python3 $batch --batch-sizes 1,2,4,24 --out $RES/scale/pruned; fi ;;
       loadtest)
         for _ in $(seq 60); do [ -f /tmp/raysite.ready ] && break; sleep 5; done
         [ -f /tmp/raysite.ready ] || { echo "no ray: run 'bash tools/gpu_lease.sh ray' with .raybundle carried"; continue; }
