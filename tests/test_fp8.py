@@ -57,6 +57,22 @@ def test_transform_skips_vision_projector_head_and_leaves_the_model(tiny):
     assert type(q2.model.layers[0].mlp.up_proj) is nn.Linear and not q2.model.layers[1].mlp.up_proj.per_row
 
 
+def test_the_vision_tower_and_projector_may_be_quantized_too(tiny):
+    """``--fp8-skip lm_head`` quantizes the vision tower's and the projector's linears as well: the vision graph
+    still runs (it read its input dtype from the projector's weight, which an FP8Linear does not have: an
+    AttributeError in torch.export) and stays close to the unquantized features."""
+    model, _, cfg = tiny
+    q, rec = quantized_copy(model, FP8Settings("row", ("lm_head",)))
+    assert isinstance(q.model.mm_projector[0], FP8Linear) and any(n.startswith("model.vision_tower") for n in rec.quantized)
+    s = cfg.vision.image_size
+    pixels = torch.randn(2, 3, s, s, generator=torch.Generator().manual_seed(0))  # [N, 3, S, S]
+    with torch.no_grad():
+        got, exact = q.encode_images(pixels), model.encode_images(pixels)  # [N, T, D]
+    assert got.shape == exact.shape and got.dtype == exact.dtype
+    cos = torch.nn.functional.cosine_similarity(got.flatten(1).double(), exact.flatten(1).double(), dim=-1)
+    assert cos.min() > 0.95, cos
+
+
 def _logits(model, tok, image, prompt, ids):
     from llada_export.reference import ReferenceDenoiser, embed_prompt
     from llada_export.tokenizer import special_tokens

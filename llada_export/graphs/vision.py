@@ -64,7 +64,8 @@ class VisionGraph(nn.Module):
         self.tower, self.projector, self.out_dtype = tower, projector, out_dtype
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        dtype = self.projector[0].weight.dtype
+        # the patch embedding's dtype: a convolution, never quantized (--weights fp8 may quantize the projector)
+        dtype = self.tower.vision_tower.vision_model.embeddings.patch_embedding.weight.dtype
         feats = self.projector(self.tower(pixel_values.to(dtype)))  # [N, T, D]
         return feats if self.out_dtype is None else feats.to(self.out_dtype)
 
