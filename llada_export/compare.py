@@ -24,6 +24,7 @@ effect), and the kept-index overlap.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import time
@@ -402,15 +403,53 @@ def plan_compare(first: Pipeline, prompts: list[tuple] | None, backends: list[st
     return plan
 
 
+POLYGRAPHY_FILES = ("_inputs.json", "_reference_outputs.json", "_check.py")
+
+
+def _files(save_dir: Path, backends) -> list[Path]:
+    """The Polygraphy files of ``backends`` in ``save_dir``."""
+    return [f for backend in backends for f in save_dir.glob(f"{backend}_*") if f.name.endswith(POLYGRAPHY_FILES)]
+
+
 def _discard(save_dir: Path, created: bool, backends) -> None:
     """Remove the Polygraphy files of this run: the whole directory where this run created it."""
     if created:
         shutil.rmtree(save_dir, ignore_errors=True)
         return
-    for backend in backends:
-        for f in save_dir.glob(f"{backend}_*"):
-            if f.name.endswith(("_inputs.json", "_reference_outputs.json", "_check.py")):
-                f.unlink(missing_ok=True)
+    for f in _files(save_dir, backends):
+        f.unlink(missing_ok=True)
+
+
+def _set_aside(save_dir: Path, backends) -> Path | None:
+    """An earlier run's files of ``backends`` moved into a hidden folder of ``save_dir`` (put back if this run
+    fails or is interrupted, dropped once it has written its own); None where there are none."""
+    files = _files(save_dir, backends) if save_dir.is_dir() else []
+    if not files:
+        return None
+    backup = save_dir / f".previous-{os.getpid()}"
+    backup.mkdir(exist_ok=True)
+    for f in files:
+        f.rename(backup / f.name)
+    return backup
+
+
+def _put_back(backup: Path | None, save_dir: Path) -> None:
+    if backup is not None:
+        for f in backup.iterdir():
+            f.rename(save_dir / f.name)
+        backup.rmdir()
+
+
+def check_save_dir(save_dir: Path, engines: Path, checkpoint: Path) -> None:
+    """Refuse a --save-dir that is a file, or the engines or checkpoint directory or inside one."""
+    if save_dir.exists() and not save_dir.is_dir():
+        raise CompareError(f"--save-dir {save_dir} is a file: give a folder for the Polygraphy files")
+    where = save_dir.resolve()
+    for name, d in (("engines", engines), ("checkpoint", checkpoint)):
+        d = Path(d).resolve()
+        if where == d or d in where.parents:
+            raise CompareError(f"--save-dir {save_dir} is inside the {name} directory {d}, which llada-compare does "
+                               "not write to: give another folder")
 
 
 def run_compare(engines: str | Path, checkpoint: str | Path, prompts: list[tuple] | None = None,
@@ -425,6 +464,8 @@ def run_compare(engines: str | Path, checkpoint: str | Path, prompts: list[tuple
     was done when it raises."""
     G_LOGGER.module_severity = G_LOGGER.INFO if verbose else G_LOGGER.ERROR
     engines = Path(engines)
+    if save_dir is not None:
+        check_save_dir(Path(save_dir), engines, Path(checkpoint))
     report = report if report is not None else CompareReport(str(engines), str(checkpoint), "")
     first = Pipeline.load(engines)
     m = first.manifest
@@ -443,13 +484,17 @@ def run_compare(engines: str | Path, checkpoint: str | Path, prompts: list[tuple
     keep_files = save_dir is not None
     save_dir = Path(save_dir) if save_dir else engines.parent / f"{engines.name}-compare"
     created = not save_dir.exists()
+    earlier = None if created else _set_aside(save_dir, plan.pipes)  # an interrupted run leaves them as they were
     try:
         for pipe in plan.pipes.values():
             compare_graphs(report, pipe, model, plan.prompts[0], ctx, save_dir)
             agreement(report, pipe, model, tok, plan)
     except BaseException:
         _discard(save_dir, created, plan.pipes)
+        _put_back(earlier, save_dir)
         raise
+    if earlier is not None:
+        shutil.rmtree(earlier, ignore_errors=True)
     if not report.passed and not keep_files:
         _discard(save_dir, created, plan.pipes)
         for g in report.graphs:

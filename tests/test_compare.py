@@ -121,6 +121,29 @@ def test_compare_refuses_a_checkpoint_of_another_model(engines, tmp_path, capfd)
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_compare_refuses_output_paths_before_it_runs(engines, tiny_ckpt, tmp_path, capfd):
+    """Exit 2 with one line, before anything is compared: a report in a folder that does not exist (the run's
+    results would be lost at its end), a report named .md (its summary would overwrite it), a --save-dir that is
+    a file, the engines or the checkpoint directory (nothing is written into them)."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    before = sorted(p.name for p in engines.rglob("*")), sorted(p.name for p in tiny_ckpt.rglob("*"))
+    cases = [(tmp_path / "nodir" / "r.json", [], "does not exist"), (tmp_path / "r.md", [], "give"),
+             (tmp_path / "r.json", ["--save-dir", str(a_file)], "is a file"),
+             (tmp_path / "r.json", ["--save-dir", str(engines)], "inside the engines directory"),
+             (tmp_path / "r.json", ["--save-dir", str(tiny_ckpt / "pg")], "inside the checkpoint directory")]
+    for report, extra, message in cases:
+        r = _compare(capfd, engines, tiny_ckpt, report, *extra)
+        assert r.returncode == 2 and message in r.stderr, (report, extra, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+        if extra:  # the report asked for says why (a bad --report path: nothing written)
+            assert message in json.loads(report.read_text())["error"]
+            report.unlink()
+        assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".json", ".md")) == ["r.md"] * bool(extra)
+        (tmp_path / "r.md").unlink(missing_ok=True)
+    assert (sorted(p.name for p in engines.rglob("*")), sorted(p.name for p in tiny_ckpt.rglob("*"))) == before
+
+
 def test_compare_cache_graphs_and_cached_generation(cache_engines, tiny_ckpt, tmp_path, capfd):
     """Every cache graph against its oracle, and cached generation (refresh 4, factor 1) token-exact."""
     r = _compare(capfd, cache_engines, tiny_ckpt, tmp_path / "report.json", "--presets", "chartqa", "--refresh", "4",

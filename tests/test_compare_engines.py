@@ -135,6 +135,30 @@ def test_a_built_in_prompt_that_does_not_fit_is_skipped_and_said(tiny_ckpt, tmp_
     assert {a["prompt"] for a in rep["agreement"]} == {BUNDLED[0][1]}
 
 
+def test_an_interrupted_run_keeps_an_earlier_runs_files(engines, tiny_ckpt, tmp_path):
+    """Ctrl-C after this run set an earlier run's Polygraphy files aside and wrote its first own: exit 130 and
+    `<engines>-compare/` holds the earlier files as they were (an earlier report's commands still work)."""
+    eng = _copy(engines, tmp_path)
+    save = tmp_path / "eng-compare"
+    save.mkdir()
+    earlier = {f"onnxruntime_vision{s}": f"earlier {s}" for s in ("_inputs.json", "_reference_outputs.json", "_check.py")}
+    for name, text in earlier.items():
+        (save / name).write_text(text)
+    proc = subprocess.Popen([sys.executable, "-m", "llada_export.cli.compare", "--engines", str(eng), "--model",
+                             str(tiny_ckpt), "--presets", "mc,chartqa"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    written = save / "onnxruntime_vision_reference_outputs.json"
+    deadline = time.monotonic() + 120
+    while not (list(save.glob(".previous-*")) and written.exists()) and proc.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert written.read_text() != earlier[written.name]  # this run's own
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out + err
+    assert {p.name: p.read_text() for p in save.iterdir()} == earlier
+
+
 def test_an_interrupted_run_leaves_no_polygraphy_files(engines, tiny_ckpt, tmp_path):
     """Ctrl-C after the first graph's Polygraphy files were written: exit 130 and `<engines>-compare/`
     is gone (the end-to-end check with chartqa's 16 steps still had seconds to run)."""

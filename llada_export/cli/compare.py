@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from pathlib import Path
 
 from ..engines.registry import backend_names
 from .common import cli_prompt, parser, user_errors
@@ -55,6 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_report_path(path: Path) -> None:
+    """Refuse, before the comparison runs, a report path that could not be written at its end."""
+    if path.suffix == ".md":
+        raise ValueError(f"--report {path}: the JSON report's path (its .md summary goes beside it); "
+                         f"give {path.with_suffix('.json')}")
+    if path.is_dir():
+        raise ValueError(f"--report {path} is a directory: give a file path such as {path / DEFAULT_REPORT}")
+    if not path.parent.is_dir():
+        raise ValueError(f"--report {path}: the folder {path.parent} does not exist; create it first")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with user_errors("llada-compare"):
@@ -62,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if len(args.image) != len(args.prompt):
             raise ValueError("give one --image for each --prompt")
+        check_report_path(Path(args.report or DEFAULT_REPORT))
         report = CompareReport(args.engines, args.model, "")
         try:
             run_compare(args.engines, args.model, list(zip(args.image, args.prompt)) or None, args.backend,
