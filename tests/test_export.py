@@ -227,6 +227,27 @@ def test_cli_bad_input_is_one_line_exit_2_and_leaves_nothing(tiny_ckpt, tmp_path
     assert not out.exists() and not list(tmp_path.glob(".engines*"))
 
 
+def test_a_prompt_bucket_without_room_for_the_default_system_prompt_is_noted(tmp_path):
+    """The demo tokenizer's template takes 17 tokens with an empty system prompt and 52 with the default one
+    (counted with the tokenizer, not by this code): 40 slots export, but the manifest notes that llada-generate
+    and llada-compare (which send the default system prompt) will refuse every prompt; 72 slots get no note."""
+    from llada_export.demo import DEMO_MODEL
+    from llada_export.exporter.build import ExportOptions, preflight
+    from llada_export.tokenizer import DEFAULT_SYSTEM_PROMPT, encode_prompt, load_tokenizer
+
+    tok = load_tokenizer(DEMO_MODEL)
+    default = sum(map(len, encode_prompt(tok, "", has_image=True, system=DEFAULT_SYSTEM_PROMPT)))
+    assert sum(map(len, encode_prompt(tok, "", has_image=True, system=""))) < 40 <= default < 72
+    notes = {}
+    for slots in (40, 72):
+        opts = ExportOptions(str(DEMO_MODEL), str(tmp_path / f"e{slots}"), PruneSettings(3, 0.5), max_prompt_tokens=slots)
+        preflight(opts)
+        preflight(opts)  # a second check does not repeat it
+        notes[slots] = [n for n in opts.notes if n.startswith("--max-prompt-tokens")]
+    assert len(notes[40]) == 1 and f"at least {default + 16}" in notes[40][0] and "llada-generate" in notes[40][0]
+    assert notes[72] == [] and not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("args, msg", [
     (["--keep", "nan"], "argument --keep:"),
     (["--keep", "inf"], "argument --keep:"),

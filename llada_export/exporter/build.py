@@ -33,7 +33,7 @@ from ..graphs.anyres import grid_shape, max_visual_token_count, visual_token_cou
 from ..outdir import atomic_output_dir, check_output_dir
 from ..quant.fp8 import FP8Error, FP8Record, FP8Settings, check_record, quantize_linears, structural_copy
 from ..sampler import GenerationConfig
-from ..tokenizer import encode_prompt, has_tokenizer_files, special_tokens
+from ..tokenizer import DEFAULT_SYSTEM_PROMPT, encode_prompt, has_tokenizer_files, special_tokens
 from ..graphs.fused import fused_weights
 from .capacity import HEADROOM, headroom_bytes, path_capacity, powers_of_two, weight_bytes
 from .capacity import largest_call as graphs_largest_call
@@ -258,11 +258,14 @@ def plan_batch_sizes(opts: ExportOptions, bucket: Bucket, cfg: LLaDAVConfig, wei
     return replace(bucket, batch_size=opts.batch_size)
 
 
-def template_tokens(tokenizer) -> int:
-    """Text tokens of the chat template around an empty question with an image and an empty system
-    prompt: the smallest prompt there is."""
-    before, after = encode_prompt(tokenizer, "", has_image=True, system="")
+def template_tokens(tokenizer, system: str = "") -> int:
+    """Text tokens of the chat template around an empty question with an image and ``system`` (default: an
+    empty system prompt: the smallest prompt there is)."""
+    before, after = encode_prompt(tokenizer, "", has_image=True, system=system)
     return len(before) + len(after)
+
+
+PROMPT_NOTE = "--max-prompt-tokens"  # the note's start, so that a second preflight does not repeat it
 
 
 def preflight(opts: ExportOptions, cfg: LLaDAVConfig | None = None, tokenizer=None) -> Bucket:
@@ -289,7 +292,15 @@ def preflight(opts: ExportOptions, cfg: LLaDAVConfig | None = None, tokenizer=No
     check_memory(opts, bucket, cfg, weights_loaded=not protect)
     if tokenizer is not None and (n := template_tokens(tokenizer)) >= opts.max_prompt_tokens:
         raise ExportError(f"--max-prompt-tokens {opts.max_prompt_tokens} does not hold the chat template itself "
-                          f"({n} tokens with an empty system prompt and question); use at least {n + 16}")
+                          f"({n} tokens with an empty system prompt and question); use at least {n + 16}, or "
+                          f"{template_tokens(tokenizer, DEFAULT_SYSTEM_PROMPT) + 16} for llada-generate and "
+                          "llada-compare, which send the default system prompt")
+    if tokenizer is not None and (m := template_tokens(tokenizer, DEFAULT_SYSTEM_PROMPT)) >= opts.max_prompt_tokens:
+        opts.notes = [x for x in opts.notes if not x.startswith(PROMPT_NOTE)] + [
+            f"{PROMPT_NOTE} {opts.max_prompt_tokens} holds no question with the default system prompt ({m} tokens "
+            f"of template with it): llada-generate, llada-compare and llada-serve (without a system message) refuse "
+            f"every prompt; Pipeline requests need a shorter system prompt (Request(system=...)); re-export with "
+            f"at least {m + 16} to use them"]
     if "tensorrt" in opts.backends and opts.prune is not None and bucket.k_static >= TOPK_LIMIT:
         raise ExportError(f"the bucket keeps {bucket.k_static} visual tokens, over TensorRT's TopK limit "
                           f"({TOPK_LIMIT - 1}); lower --keep, --image-size or --max-visual-tokens")
