@@ -289,3 +289,17 @@ def test_image_size_reads_no_pixels_and_refuses_what_load_image_refuses(tmp_path
     for bad in (tmp_path / "bad.png", tmp_path / "missing.png", np.zeros((21, 37), np.uint8), 3):
         with pytest.raises(ImageError):
             image_size(bad)
+
+
+@pytest.mark.parametrize("shape", [(0, 0), (0, 5), (5, 0)])
+def test_an_image_without_pixels_is_an_image_error(shape):
+    """A 0-pixel array or PIL image: an ImageError from both entry points (it divided by zero in the grid choice)."""
+    from PIL import Image
+
+    from llada_export.graphs.anyres import ImageError, image_size
+
+    h, w = shape
+    for image in (np.zeros((h, w, 3), np.uint8), Image.new("RGB", (w, h))):
+        for read in (image_size, load_image):
+            with pytest.raises(ImageError, match="has none to encode"):
+                read(image)

@@ -40,7 +40,13 @@ class ImageError(ValueError):
 
 # ---------------------------------------------------------------------- loading
 def load_image(image: ImageLike) -> Image.Image:
-    """Path, PIL image or HxWx3 uint8 array -> RGB PIL image."""
+    """Path, PIL image or HxWx3 uint8 array -> RGB PIL image (one with pixels)."""
+    img = _load(image)
+    _has_pixels(img.size)
+    return img
+
+
+def _load(image: ImageLike) -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, np.ndarray):
@@ -61,7 +67,11 @@ def load_image(image: ImageLike) -> Image.Image:
 
 def image_size(image: ImageLike) -> SizeWH:
     """(width, height) of an image without decoding or copying it (a file's header only); the same
-    checks as :func:`load_image`."""
+    checks as :func:`load_image`, and an image without pixels is refused."""
+    return _has_pixels(_image_size(image))
+
+
+def _image_size(image: ImageLike) -> SizeWH:
     if isinstance(image, Image.Image):
         return image.size
     if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
@@ -73,6 +83,12 @@ def image_size(image: ImageLike) -> SizeWH:
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError):
             pass  # load_image says why
     return load_image(image).size
+
+
+def _has_pixels(size: SizeWH) -> SizeWH:
+    if min(size) < 1:
+        raise ImageError(f"the image is {size[0]}x{size[1]} pixels: it has none to encode")
+    return size
 
 
 # ---------------------------------------------------------------------- grid choice
