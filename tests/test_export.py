@@ -511,6 +511,21 @@ def unpruned_all(tiny_ckpt, tmp_path_factory):
                   external_weights_above=2**20, **TINY_EXPORT)
 
 
+def test_unpruned_engines_refuse_compare_unpruned_and_unknown_backends(unpruned_all, capfd):
+    """--compare-unpruned on --no-prune engines would time the unpruned graph against itself: exit 2, one line.
+    A backend name that does not exist is not 're-export with --backend bogus': the message lists the real ones."""
+    from llada_export.cli.generate import main
+    from llada_export.contract.manifest import ManifestError
+    from llada_export.runtime.pipeline import Pipeline
+
+    r = cli_here(main, "llada-generate", capfd, "--engines", str(unpruned_all), "--image", "llada_export/assets/demo.png",
+                 "--prompt", "What is shown?", "--backend", "onnxruntime", "--compare-unpruned")
+    assert r.returncode == 2 and "holds unpruned engines only" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    with pytest.raises(ManifestError, match="backends: .*onnxruntime") as e:
+        Pipeline.load(unpruned_all, backend="bogus")
+    assert "re-export" not in str(e.value)
+
+
 def test_backend_all_writes_every_installed_backend_and_each_loads(unpruned_all):
     """--backend all: onnxruntime, aoti and inductor (always installed with torch) written and loadable;
     TensorRT, where its package or a GPU is missing, skipped with the reason in the manifest's notes."""

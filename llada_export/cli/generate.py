@@ -161,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         from ..runtime.pipeline import Pipeline
 
         pipe = Pipeline.load(args.engines, backend=args.backend, device=args.device, weights_from=args.weights)
+        if args.compare_unpruned and not pipe.pruned:
+            raise ValueError(f"--compare-unpruned: {args.engines} holds unpruned engines only (exported with "
+                             "--no-prune): there is no pruned answer to compare")
         kw = dict(gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
                   temperature=args.temperature, remasking=args.remasking, cfg_scale=args.cfg_scale,
                   preset=args.preset, seed=args.seed, **decoding_settings(args))

@@ -193,8 +193,11 @@ class Pipeline:
             if backend is None:
                 raise ManifestError(f"{root}: none of the built backends ({', '.join(built)}) runs on this machine")
         elif backend not in built:
-            raise ManifestError(f"{root}: backend {backend!r} was not built (built: {', '.join(built)}); "
-                                f"re-export with --backend {backend}")
+            from ..engines.registry import backend_names
+
+            fix = f"re-export with --backend {backend}" if backend in backend_names() else \
+                f"backends: {', '.join(backend_names())}"
+            raise ManifestError(f"{root}: backend {backend!r} was not built (built: {', '.join(built)}); {fix}")
         b = get_backend(backend)
         if (reason := b.available()) is not None:
             raise ManifestError(f"{root}: the {backend} engines cannot run here: {reason}")
