@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from helpers import KEEP, PROMPTS, PRUNE_LAYER, export, random_image
+from llada_export.contract.manifest import ManifestError
 from llada_export.contract.pruning import PruneSettings
 from llada_export.reference import reference_generate
 from llada_export.graphs.anyres import ImageError
@@ -412,6 +413,12 @@ def test_generate_batch_takes_pairs_and_dicts(pipe, images):
 def test_load_refuses_bad_thread_counts(engines, threads):
     with pytest.raises(ValueError, match="threads must be a positive integer"):
         Pipeline.load(engines, threads=threads)
+
+
+def test_load_refuses_weights_from_for_engines_that_hold_their_weights(engines, tiny_ckpt):
+    """ONNX engines carry their weights: a --weights checkpoint would be silently ignored, so it is refused."""
+    with pytest.raises(ManifestError, match="hold their own weights"):
+        Pipeline.load(engines, weights_from=str(tiny_ckpt))
 
 
 def test_cfg_with_the_cache_says_how_to_turn_it_off(cache_pipe, images):

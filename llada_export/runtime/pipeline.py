@@ -110,6 +110,10 @@ class Pipeline:
         # the weights the graphs use, by checkpoint key (fused ones built once; the checkpoint's tensors that
         # only fed them are freed: one copy of the weights)
         self.weights: dict[str, torch.Tensor] = {}
+        if weights_from is not None and not external:
+            raise ManifestError(f"{root}: the {backend} engines hold their own weights, so weights_from "
+                                f"(llada-generate --weights) {weights_from} would be ignored; it applies to aoti / "
+                                "inductor engines that read their weights from the checkpoint (over 2 GiB of weights)")
         if external:
             owned = weights is None
             if owned:
