@@ -3,7 +3,7 @@
 The bundled default is the trained demo model (``assets/demo-model``: the official
 LLaDA-V structure at 3.8 M parameters, fp32, trained by ``tools/train_demo.py`` on the
 procedural shapes-and-digits VQA task of :mod:`llada_export.vqa_task`, whose answers are
-one token (short types) or whole phrases of 4 to 22 tokens (long types)). The demo exports
+one token (short types) or whole phrases of 3 to 22 tokens (long types)). The demo exports
 it once (ONNX Runtime, CPU): LLaDA-FastV pruning with the prefix-cache graphs, plus the
 unpruned baseline, in a bucket that takes every question of the task. It asks short and
 long questions about the bundled image (``assets/demo.png``, a test image never seen in

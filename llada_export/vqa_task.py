@@ -18,7 +18,7 @@ number      Read the number.                      4719 (4-5 digits, one token ea
 ==========  ====================================  =======================
 
 The first five are the short types (one token with the demo tokenizer); ``list``,
-``describe`` and ``number`` are the long types (task v2): 4 to 20 tokens, where every object
+``describe`` and ``number`` are the long types (task v2): 3 to 22 tokens, where every object
 (or glyph) of the scene has to be read, in order. ``list`` orders the shapes by their
 centres from left to right (at least ``GAP`` px apart); ``describe`` counts the shapes and
 names them in a canonical order (by shape: circle, square, triangle; then by colour name),
