@@ -303,3 +303,12 @@ def test_an_image_without_pixels_is_an_image_error(shape):
         for read in (image_size, load_image):
             with pytest.raises(ImageError, match="has none to encode"):
                 read(image)
+
+
+def test_a_url_is_named_as_a_url():
+    """llada-generate --image https://... said 'https:/example.com/x.png: image file not found'."""
+    from llada_export.graphs.anyres import ImageError, image_size
+
+    for read in (image_size, load_image):
+        with pytest.raises(ImageError, match=r"^https://example.com/x.png: a URL; images are read from local files"):
+            read("https://example.com/x.png")

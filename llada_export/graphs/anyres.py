@@ -16,6 +16,7 @@ ratios, ``math.ceil``/``int`` truncation, as written there):
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -53,6 +54,8 @@ def _load(image: ImageLike) -> Image.Image:
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ImageError(f"image array must be HxWx3 uint8, got shape {image.shape} dtype {image.dtype}")
         return Image.fromarray(np.ascontiguousarray(image))  # [H, W, 3] uint8 -> RGB
+    if isinstance(image, str) and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", image) and not Path(image).is_file():
+        raise ImageError(f"{image[:200]}: a URL; images are read from local files (download it first)")
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
