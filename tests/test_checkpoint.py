@@ -281,6 +281,15 @@ def test_full_preset_streams_without_materialising():
 
 
 # ---------------------------------------------------------------------- CLI
+@pytest.mark.parametrize("seed", ["-1", str(2**63), "1e3"])
+def test_cli_seed_is_in_the_range_every_tool_takes(tmp_path, capsys, seed):
+    """-1 wrote the weights of 2**64 - 1; the other tools take 0 .. 2**63 - 1. Nothing is written."""
+    with pytest.raises(SystemExit) as e:
+        cli_main(["--preset", "tiny", "-o", str(tmp_path / "c"), "--seed", seed])
+    assert e.value.code == 2 and "argument --seed:" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
 def test_cli_writes_and_refuses_overwrite(tmp_path, capsys):
     d = tmp_path / "cli"
     assert cli_main(["--preset", "tiny", "-o", str(d), "--max-shard-size", "500kB"]) == 0

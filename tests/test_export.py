@@ -332,6 +332,10 @@ def test_out_of_memory_while_building_is_one_line_and_leaves_nothing(tiny_ckpt, 
 def test_cli_missing_and_foreign_checkpoint(tmp_path, capsys):
     r = _cli_here(capsys, "--model", str(tmp_path / "nope"), "-o", str(tmp_path / "e"), "-q")
     assert r.returncode == 2 and "nope: no such checkpoint directory" in r.stderr
+    (tmp_path / "a_file").write_text("x")
+    r = _cli_here(capsys, "--model", str(tmp_path / "a_file"), "-o", str(tmp_path / "e"), "-q")
+    assert r.returncode == 2 and "a_file: a file, not a checkpoint directory" in r.stderr
+    (tmp_path / "a_file").unlink()
     foreign = tmp_path / "llama"
     foreign.mkdir()
     (foreign / "config.json").write_text(json.dumps({"model_type": "llama"}))

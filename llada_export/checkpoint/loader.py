@@ -134,7 +134,8 @@ def load_checkpoint(
     :class:`~llada_export.config.ConfigError` (config.json missing or foreign)."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
-        raise CheckpointError(f"{ckpt_dir}: no such checkpoint directory")
+        raise CheckpointError(f"{ckpt_dir}: " + ("a file, not a checkpoint directory" if ckpt_dir.exists()
+                                                 else "no such checkpoint directory"))
     cfg = read_config(ckpt_dir)
     dt = parse_dtype(dtype if dtype is not None else cfg.torch_dtype)
     device = torch.device(device)

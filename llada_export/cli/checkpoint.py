@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..checkpoint.constants import DEFAULT_MAX_SHARD_BYTES, INIT_STD
 from ..config import PRESETS
-from .common import parser, user_errors
+from .common import parser, seed_value, user_errors
 
 DESCRIPTION = """\
 Write a random-weight LLaDA-V checkpoint in the official Hugging Face layout (config.json,
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "random weights) or 'full' (real LLaDA-V dimensions, 8B parameters); required")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="DIR",
                    help="checkpoint directory to create; required")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default: 0)")
+    p.add_argument("--seed", type=seed_value, default=0, help="random seed of the weights, 0 to 2**63 - 1 (default: 0)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weight dtype (default: bfloat16 for full, float32 for tiny)")
     p.add_argument("--init-std", type=init_std, default=INIT_STD,

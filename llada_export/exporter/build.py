@@ -275,7 +275,8 @@ def preflight(opts: ExportOptions, cfg: LLaDAVConfig | None = None, tokenizer=No
     protect = []
     if cfg is None:
         if not Path(opts.model).is_dir():
-            raise ExportError(f"{opts.model}: no such checkpoint directory")
+            raise ExportError(f"{opts.model}: " + ("a file, not a checkpoint directory" if Path(opts.model).exists()
+                                                   else "no such checkpoint directory"))
         cfg = read_config(opts.model)
         protect = [opts.model]
         if not has_tokenizer_files(opts.model):
