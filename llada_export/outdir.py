@@ -282,6 +282,9 @@ class _Writer:
                 rel = "contains"
             elif dest.is_relative_to(real) or (p_id is not None and p_id in dest_ids):
                 rel = "lies inside"
+            if rel == "is" and str(self.shown) == str(shown_p):
+                raise OutputDirError(f"{self.shown} is an input of this run (it must not be modified); "
+                                     f"choose another path for the {self.what}")
             if rel is not None:
                 raise OutputDirError(f"{self.shown} {rel} {shown_p}, which must not be modified; "
                                      f"choose another path for the {self.what}")

@@ -468,7 +468,7 @@ def test_cli_never_touches_the_checkpoint_or_a_bystander(tiny_ckpt, tmp_path, ca
     (tmp_path / "o_file").write_text("a file")
     before = {p: p.read_bytes() for p in par.rglob("*") if p.is_file()}
     ck = str(par / "ck")
-    for out, msg in [(par, f"contains {ck}, which must not be modified"), (par / "ck", f"is {ck}"),
+    for out, msg in [(par, f"contains {ck}, which must not be modified"), (par / "ck", f"{ck} is an input of this run (it must not be modified)"),
                      (tmp_path / "o_file", "exists and is not a directory")]:
         r = _cli_here(capsys, "--model", str(par / "ck"), "-o", str(out), "--overwrite", "-q")
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, (out, r.stderr)
