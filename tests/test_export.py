@@ -528,6 +528,12 @@ def test_unpruned_engines_refuse_compare_unpruned_and_unknown_backends(unpruned_
     with pytest.raises(ManifestError, match="backends: .*onnxruntime") as e:
         Pipeline.load(unpruned_all, backend="bogus")
     assert "re-export" not in str(e.value)
+    # plain llada-generate on inductor engines: the answer and one timing line, no load bar where stderr is no terminal
+    r = cli_here(main, "llada-generate", capfd, "--engines", str(unpruned_all), "--image", "llada_export/assets/demo.png",
+                 "--prompt", "What is shown?", "--backend", "inductor", "--gen-length", "8", "--steps", "8",
+                 "--block-length", "8")
+    assert r.returncode == 0 and r.stderr.strip().splitlines()[-1].startswith("llada-generate: "), r.stderr
+    assert "load inductor" not in r.stderr, r.stderr
 
 
 def test_backend_all_writes_every_installed_backend_and_each_loads(unpruned_all):

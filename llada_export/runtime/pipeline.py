@@ -127,7 +127,7 @@ class Pipeline:
         precompiled = (manifest.precompiled or {}).get(backend)  # Inductor's saved kernels, per graph
         graphs = manifest.artifacts[backend]
         # a progress bar only where loading takes long: the inductor graphs compile in warmup()
-        for name, rel in tqdm(graphs.items(), desc=f"load {backend}", unit="graph", disable=not b.cuda_graphs):
+        for name, rel in tqdm(graphs.items(), desc=f"load {backend}", unit="graph", disable=None if b.cuda_graphs else True):  # None: only on a terminal
             kw = {"cuda_graph": cuda_graphs, **({"precompiled": root / precompiled} if precompiled else {}),
                   **(runner_options or {})}
             if external:
