@@ -291,12 +291,12 @@ def preflight(opts: ExportOptions, cfg: LLaDAVConfig | None = None, tokenizer=No
     if opts.auto_batch:
         bucket = plan_batch_sizes(opts, bucket, cfg, weights_loaded=not protect)
     check_memory(opts, bucket, cfg, weights_loaded=not protect)
-    if tokenizer is not None and (n := template_tokens(tokenizer)) >= opts.max_prompt_tokens:
+    n, m = (template_tokens(tokenizer), template_tokens(tokenizer, DEFAULT_SYSTEM_PROMPT)) if tokenizer is not None else (0, 0)
+    if n >= opts.max_prompt_tokens:
         raise ExportError(f"--max-prompt-tokens {opts.max_prompt_tokens} does not hold the chat template itself "
                           f"({n} tokens with an empty system prompt and question); use at least {n + 16}, or "
-                          f"{template_tokens(tokenizer, DEFAULT_SYSTEM_PROMPT) + 16} for llada-generate and "
-                          "llada-compare, which send the default system prompt")
-    if tokenizer is not None and (m := template_tokens(tokenizer, DEFAULT_SYSTEM_PROMPT)) >= opts.max_prompt_tokens:
+                          f"{m + 16} for llada-generate and llada-compare, which send the default system prompt")
+    if m >= opts.max_prompt_tokens:
         opts.notes = [x for x in opts.notes if not x.startswith(PROMPT_NOTE)] + [
             f"{PROMPT_NOTE} {opts.max_prompt_tokens} holds no question with the default system prompt ({m} tokens "
             f"of template with it): llada-generate, llada-compare and llada-serve (without a system message) refuse "

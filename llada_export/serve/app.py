@@ -197,8 +197,6 @@ class LLaDAServer:
             raise
         except Exception as e:  # the engines failed on a batch: every caller in it hears why
             raise APIError(f"generation failed: {type(e).__name__}: {e}", status=500, type="server_error") from e
-        finally:  # a handler cancelled while its row was queued: Serve may drop the row, so its place is freed
-            self._leave(key, [row])
         if result.finish_reason == "cancelled":  # by its stop string, which the committed prefix holds
             self._count("stopped")
             result.finish_reason = "stop"
