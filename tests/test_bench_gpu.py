@@ -100,3 +100,25 @@ def test_engines_per_weights_variant_smoke(bench, tmp_path):
     assert "Not measured in this run: weights fp8" in (tmp_path / "bench_gpu_engines.md").read_text()
     with pytest.raises(SystemExit):
         bench.main(["engines", "--groups", "pruned/int4", "--out", str(tmp_path)])
+
+
+def test_batch_sizes_exported_side_by_side_then_timed(bench, tmp_path):
+    """``batch --export-only`` writes the engine sets and times nothing; ``--prebuilt`` times those sets without
+    exporting (their files untouched) and reports a size whose set is missing instead of exporting it."""
+    common = ["batch", "--preset", "tiny", "--images", "64x64", "--layers", "2", "--presets", "mc", "--gen-length",
+              "32", "--no-compile", "--repeat", "1", "--workdir", str(tmp_path / "work"), "--out", str(tmp_path)]
+    assert bench.main([*common, "--batch-sizes", "1,2", "--export-only"]) == 0
+    sets = sorted(p.name for p in (tmp_path / "work").iterdir())
+    assert sets == ["engines_pruned_cache_b1", "engines_pruned_cache_b2"]
+    assert not (tmp_path / "bench_gpu_batch.json").exists()
+    manifests = {s: (tmp_path / "work" / s / "manifest.json").stat().st_mtime_ns for s in sets}
+    exported = {s: json.loads((tmp_path / "work" / s / "bench_export.json").read_text())["export_s"] for s in sets}
+    assert bench.main([*common, "--batch-sizes", "1,2,4", "--prebuilt"]) == 0
+    assert {s: (tmp_path / "work" / s / "manifest.json").stat().st_mtime_ns for s in sets} == manifests
+    res = json.loads((tmp_path / "bench_gpu_batch.json").read_text())
+    assert [r["batch_size"] for r in res["rows"]] == [1, 2] and res["not_exported"] == [4]
+    assert [r["export_s"] for r in res["rows"]] == [exported[s] for s in sets]
+    assert res["rows"][1]["row0_same_as_b1"] is not None and res["rows"][1]["timings"]["engine_batch_size"] == 2
+    assert not (tmp_path / "work" / "engines_pruned_cache_b4").exists()
+    assert "Not measured (their engine sets were not exported in time): B = 4." in \
+        (tmp_path / "bench_gpu_batch.md").read_text()

@@ -25,6 +25,8 @@ Parts (each fits one device call):
 ``batch``  throughput of the pruned + cache path at several batch sizes (one engine set each),
            requests of distinct images, latency per request beside it; row 0's answer against
            B = 1's. ``--resume`` continues a run that a device call's time limit cut short.
+           ``--export-only`` (several processes side by side, each some sizes) then one ``--prebuilt``
+           run: the compiles overlap, the timings stay one at a time (``tools/gpu_lease.sh`` scaleall).
            ``--multi 1,2,4,8``: also one directory of those sizes (``llada-export --batch-sizes``)
            and a lone request on it, against the batch-1 row's latency (``--batch-sizes`` holds 1).
 ``load``   (used by ``engines``) one load of an engines directory, its seconds as JSON.
@@ -49,7 +51,7 @@ import torch
 # The parts' runs: bench_gpu_grid.py (grid), bench_gpu_runs.py (engines, step, load), bench_gpu_batch.py
 # (batch); shared: bench_gpu_common.py; the reports: bench_gpu_report.py and bench_gpu_report_engines.py.
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/ holds scripts, not a package
-from bench_gpu_batch import run_batch  # noqa: E402
+from bench_gpu_batch import export_only, run_batch  # noqa: E402
 from bench_gpu_common import DEVICE, PATHS, WEIGHTS, build_model, request_images  # noqa: E402, F401  (bench_load.py)
 from bench_gpu_grid import run_grid  # noqa: E402
 from bench_gpu_report import markdown, plot  # noqa: E402
@@ -89,6 +91,12 @@ def main(argv=None) -> int:
     p.add_argument("--multi", default=None, metavar="N,N,...",
                    help="batch: also a lone request on one directory of these batch sizes (llada-export --batch-sizes), "
                         "against the batch-1 row's latency")
+    p.add_argument("--export-only", action="store_true",
+                   help="batch: only export the engine sets of --batch-sizes into --workdir (kept where done), time "
+                        "nothing; several such processes may run side by side, a --prebuilt run times their sets")
+    p.add_argument("--prebuilt", action="store_true",
+                   help="batch: time the engine sets --export-only runs wrote into --workdir, export none (a size "
+                        "without its set is reported as not exported)")
     p.add_argument("--resume", help="batch: an earlier run's bench_gpu_batch.json; its batch sizes are kept, not rerun; "
                                     "engines: an earlier --weights run's JSON; its (group, weights) pairs are kept")
     p.add_argument("--weights", default="native",
@@ -130,6 +138,13 @@ def main(argv=None) -> int:
         with torch.no_grad():
             run_load(args)
         return 0
+    if (args.export_only or args.prebuilt) and args.part != "batch":
+        p.error("--export-only and --prebuilt are options of the batch part")
+    if args.export_only and args.prebuilt:
+        p.error("--export-only exports the sets a --prebuilt run times: give one of them")
+    if args.export_only:
+        with torch.no_grad():
+            return export_only(args)
     env = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
            "torch": torch.__version__, "cuda": torch.version.cuda, "host": platform.node(),
            "date": time.strftime("%Y-%m-%d")}

@@ -4,6 +4,7 @@ lone request on one directory of several sizes (``--multi``), each row against B
 from __future__ import annotations
 
 import json
+import platform
 import time
 from pathlib import Path
 
@@ -21,15 +22,14 @@ def run_batch(args, save) -> dict:
     per size, ``B`` requests of distinct images per batch (row 0's image is the same at every size, so
     its answer is compared with B = 1's). The engines load lazily: the first, untimed batch compiles
     the graphs the path runs (``first_batch_s``), not the others. ``--resume`` keeps the rows of an
-    earlier run's JSON (an earlier device call) and measures the missing sizes."""
-    from llada_export.exporter.build import export_engines
-
+    earlier run's JSON (an earlier device call) and measures the missing sizes. ``--prebuilt``: the engine
+    sets come from ``--export-only`` runs (``export_only``), a size without one is listed in ``not_exported``."""
     path = args.paths[0]
     pruned, cache = PATHS[path]
     setting = {"image": "x".join(map(str, args.images[0])), "prune_layer": args.layers[0], "keep": args.keeps[0],
                "refresh": args.refresh, "factor": args.factor, "preset": args.presets[0]}
     res: dict = {"part": "batch", "backend": args.backend, "compiled": args.compile, "path": path, "rows": [],
-                 "setting": setting}
+                 "setting": setting, "prebuilt": args.prebuilt}
     if args.resume:
         old = json.loads(Path(args.resume).read_text())
         if (old["path"], old["setting"], old["compiled"]) != (path, setting, args.compile):
@@ -42,11 +42,17 @@ def run_batch(args, save) -> dict:
     for b in args.batch_sizes:
         if any(r["batch_size"] == b for r in res["rows"]):
             continue
-        out = Path(args.workdir) / f"engines_b{b}"
-        t0 = time.perf_counter()
-        export_engines(export_opts(args, out, pruned, cache, batch_size=b, compile_cache=False),
-                       loaded=(model, tok, cfg))
-        export_s = time.perf_counter() - t0
+        out = engines_dir(args, path, b)
+        if args.prebuilt:  # engines of a --export-only run (another process): not exported here
+            if not (out / EXPORTED).is_file():
+                print(f"batch size {b}: no engines at {out} (its --export-only run did not finish): not measured",
+                      flush=True)
+                res.setdefault("not_exported", []).append(b)
+                save(res)
+                continue
+            export_s = json.loads((out / EXPORTED).read_text())["export_s"]
+        else:
+            export_s = export_size(args, model, tok, cfg, pruned, cache, b)
         t0 = time.perf_counter()
         pipe = load_engines(args, out, weights, warmup=False)
         load_s = time.perf_counter() - t0
@@ -64,6 +70,41 @@ def run_batch(args, save) -> dict:
         res["multi"] = time_multi(args, model, tok, cfg, weights, pruned, cache, base)
         save(res)
     return derive_batch(res)
+
+
+EXPORTED = "bench_export.json"  # written into an engine set when its export finished: {"export_s": ...}
+
+
+def engines_dir(args, path: str, b: int) -> Path:
+    return Path(args.workdir) / f"engines_{path.replace('+', '_')}_b{b}"
+
+
+def export_size(args, model, tok, cfg, pruned: bool, cache: bool, b: int) -> float:
+    """Export the engine set of batch size ``b`` (precompiled kernels, no compile cache); its seconds, also
+    written into the set (``EXPORTED``) for a ``--prebuilt`` run."""
+    from llada_export.exporter.build import export_engines
+
+    out = engines_dir(args, args.paths[0], b)
+    t0 = time.perf_counter()
+    export_engines(export_opts(args, out, pruned, cache, batch_size=b, compile_cache=False), loaded=(model, tok, cfg))
+    export_s = time.perf_counter() - t0
+    (out / EXPORTED).write_text(json.dumps({"export_s": export_s, "host": platform.node()}) + "\n")
+    return export_s
+
+
+def export_only(args) -> int:
+    """``--export-only``: the engine sets of ``--batch-sizes`` for ``--paths``' first path, nothing timed; a set
+    already exported (``EXPORTED`` present) is kept. Several such processes, each with its own sizes, export
+    side by side (the compiler works on the CPU); one ``--prebuilt`` run then times them one after another."""
+    pruned, cache = PATHS[args.paths[0]]
+    model, cfg, tok = build_model(args.preset, args.seed)
+    for b in args.batch_sizes:
+        if (engines_dir(args, args.paths[0], b) / EXPORTED).is_file():
+            print(f"batch size {b}: already exported", flush=True)
+            continue
+        export_s = export_size(args, model, tok, cfg, pruned, cache, b)
+        print(json.dumps({"path": args.paths[0], "batch_size": b, "export_s": export_s}), flush=True)
+    return 0
 
 
 def export_notes(out: Path) -> list[str]:

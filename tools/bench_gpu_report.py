@@ -104,6 +104,12 @@ def markdown_batch(res: dict) -> list[str]:
                      f"{fmt(r.get('speedup_vs_b1'), '.2f')} | {r['forwards']} | {per} | "
                      f"{t.get('sampler_overhead', float('nan')) * 1e3:.1f} | {fmt(r.get('first_batch_s'), '.1f')} | "
                      f"{r['peak_gib']:.1f} | {same} |")
+    if res.get("not_exported"):
+        lines += ["", f"Not measured (their engine sets were not exported in time): B = "
+                  f"{', '.join(map(str, res['not_exported']))}."]
+    if res.get("prebuilt"):
+        lines += ["", "The engine sets were exported by `--export-only` processes side by side before the timings "
+                  "(`export s` per set in the JSON), then timed one at a time by one process."]
     if notes := [(r["batch_size"], n) for r in res["rows"] for n in r.get("export_notes", [])]:
         lines += ["", "The export's notes of what it did otherwise than asked:", ""]
         lines += [f"- B = {b}: {n}" for b, n in notes]

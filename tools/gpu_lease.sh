@@ -23,17 +23,21 @@
 #   engines    bench_gpu engines pruned/native (bf16 pruned + cache, chartqa and demo)
 #   batchmore  bench_gpu batch: pruned + cache at B = 1, 2, 4, 8, 16 (each size's engines, back to back)
 #   batchunpruned  bench_gpu batch: unpruned + cache at B = 1, 8
+#   scaleall   issue 23 item 5 in one lease: pruned + cache at B = 1, 2, 4, 8, 16 and unpruned + cache at 1, 2, 4, 8
+#              (16 and pruned 24 on a card of > 100 GB), exports side by side, then timed back to back
+#              (scale_all below); under scaleall/pruned and scaleall/unpruned. About 20 minutes
 #   scale1/2/3 the batch scale: pruned + cache at B = 1, 8, 16; unpruned + cache at 1, 8, 16; pruned at 2, 4 and
 #              24 (added to scale1's report in the same lease, else beside a fresh 1); under scale/pruned, scale/unpruned.
-#              The default takes scale3 then scale2 (scale1 ran on 2026-12-06 at 23:18)
+#              (scale1 ran on 2026-12-06 at 23:18; scaleall replaces the three: one size per lease is too slow)
 #   fp8        bench_gpu engines pruned/fp8 (measured on 2026-12-06: benchmarks/bench_gpu_engines_fp8.md)
 # Device time: official 1 min, batch 9, kvcap 2, unpruned 4, loadtest 5, load 5, engines 4, batchmore 4 per size
 # (about 18), batchunpruned 8, fp8 6, scale1 15 (5 per size, B = 16 included), scale2 15, scale3 15.
 # scale1 and scale2's B = 1 ran on 2026-12-06 at 23:18 (benchmarks/bench_gpu_batch_scale*.md). Measured on 2026-12-06 (benchmarks/bench_gpu_batch_multi.md,
 # kv_capacity_h100.md, load_test_gpu_stream.md): batch, kvcap, loadtest; the default runs the rest, batch sizes first.
+# scaleall 20 (its exports stop starting after 10 minutes).
 set -u
 RES=/tmp/res
-STEPS_ALL="scale3,scale2,load,official,engines"
+STEPS_ALL="scaleall,load,official,engines"
 
 run_steps() {
   export PYTHONUNBUFFERED=1
@@ -72,6 +76,8 @@ run_steps() {
           timeout 1500 python3 $batch --batch-sizes 1,2,4,8,16,24 --resume $RES/scale/pruned/bench_gpu_batch.json \
               --out $RES/scale/pruned
         else timeout 1500 python3 $batch --batch-sizes 1,2,4,24 --out $RES/scale/pruned; fi ;;
+      scaleall)  # every batch size of both paths in one lease: exports side by side, then timed one at a time
+        scale_all ;;
       loadtest)
         for _ in $(seq 60); do [ -f /tmp/raysite.ready ] && break; sleep 5; done
         [ -f /tmp/raysite.ready ] || { echo "no ray: run 'bash tools/gpu_lease.sh ray' with .raybundle carried"; continue; }
@@ -89,6 +95,54 @@ run_steps() {
     esac
   done
   echo done > $RES/STEP
+}
+
+# scaleall: pruned + cache at B = 1, 2, 4, 8, 16 and unpruned + cache at 1, 2, 4, 8, demo preset (on a card of more
+# than 100 GB then unpruned 16 and pruned 24, if time allows). The exports (2-6 minutes each, mostly the
+# compiler on the CPU) run side by side, at most SCALE_JOBS at once (default 3), the largest first, while the GPU
+# memory they need adds up to the card's less 4 GiB (each: 30 GiB of weights and fused copies + its example KV
+# cache, B x 0.75 GiB pruned, B x 1.9 unpruned); none starts after SCALE_DEADLINE seconds (default 600) or a
+# `touch /tmp/res/scale_stop`. An export that failed beside others runs once more alone. Then one process per
+# path times its sets back to back (bench_gpu.py batch --prebuilt): no timing overlaps an export. About 20 min.
+scale_all() {
+  local W=/tmp/scale-work start=$(date +%s) total P U item b path n
+  local -a q pids needs
+  total=$(( $(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1) / 1024 - 4 ))
+  P="1,2,4,8,16"; U="1,2,4,8"
+  for b in ${P//,/ }; do q+=("$b pruned+cache"); done
+  for b in ${U//,/ }; do q+=("$b unpruned+cache"); done
+  mapfile -t q < <(printf '%s\n' "${q[@]}" | sort -k1,1nr -s)  # largest first, the two paths interleaved
+  if [ $total -gt 100 ]; then P="$P,24"; U="$U,16"; q+=("16 unpruned+cache" "24 pruned+cache"); fi  # if time allows
+  need() { [ $2 = pruned+cache ] && echo $(( 30 + ($1 * 3 + 3) / 4 )) || echo $(( 30 + ($1 * 19 + 9) / 10 )); }
+  export_one() {  # size path -> the exit status of its export (its log under $RES/scaleall/)
+    timeout 900 python3 $batch --paths $2 --batch-sizes $1 --export-only --workdir $W \
+      > $RES/scaleall/export_${2/+/_}_b$1.log 2>&1
+  }
+  late() { [ $(( $(date +%s) - start )) -gt ${SCALE_DEADLINE:-600} ] || [ -f $RES/scale_stop ]; }
+  for item in "${q[@]}"; do
+    set -- $item
+    while :; do  # wait for a slot and the memory
+      local running=0 used=0 i
+      for i in "${!pids[@]}"; do kill -0 ${pids[$i]} 2>/dev/null && { running=$((running + 1)); used=$((used + needs[$i])); }; done
+      late && break 2
+      [ $running -lt ${SCALE_JOBS:-3} ] && [ $(( used + $(need $1 $2) )) -le $total ] && break
+      [ $running -eq 0 ] && break  # alone it may still fit: the estimate is an estimate
+      sleep 5
+    done
+    echo "$(date +%T) export $2 B=$1 ($(need $1 $2) of $total GiB; ${running} running)"
+    export_one $1 $2 & pids+=($!); needs+=($(need $1 $2))
+  done
+  wait
+  for item in "${q[@]}"; do  # exports that failed beside others (out of memory): once more, alone
+    set -- $item
+    [ -f $W/engines_${2/+/_}_b$1/bench_export.json ] && continue
+    late && break
+    echo "$(date +%T) export $2 B=$1 again, alone"; export_one $1 $2
+  done
+  echo "$(date +%T) exports done: $(ls $W | tr '\n' ' ')"
+  timeout 900 python3 $batch --batch-sizes $P --prebuilt --workdir $W --out $RES/scaleall/pruned
+  timeout 900 python3 ${batch/pruned+cache/unpruned+cache} --batch-sizes $U --prebuilt --workdir $W \
+    --out $RES/scaleall/unpruned
 }
 
 case ${1:-} in
