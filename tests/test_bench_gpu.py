@@ -122,3 +122,40 @@ def test_batch_sizes_exported_side_by_side_then_timed(bench, tmp_path):
     assert not (tmp_path / "work" / "engines_pruned_cache_b4").exists()
     assert "Not measured (their engine sets were not exported in time): B = 4." in \
         (tmp_path / "bench_gpu_batch.md").read_text()
+
+
+def test_scale_report_fits_the_peaks_and_pairs_the_paths(bench, tmp_path):
+    """``tools/bench_gpu_scale.py``: both paths' rows side by side by batch size, and the largest batch from a
+    line through the measured peaks (here on a line by construction: 26 GiB + 0.9 GiB per request; an 80 GiB
+    card less 5% holds (76 - 26) / 0.9 = 55.6, so 55)."""
+    spec = importlib.util.spec_from_file_location("bench_gpu_scale", ROOT / "tools" / "bench_gpu_scale.py")
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+    env = {"gpu": "card", "torch": "t", "cuda": "c", "host": "h", "date": "d"}
+    setting = {"preset": "demo", "image": "1024x768", "prune_layer": 16, "keep": 0.35, "refresh": 32, "factor": 1.0}
+
+    def run(path, rows):
+        return {"part": "batch", "path": path, "env": env, "setting": setting,
+                "rows": [{"batch_size": b, "seconds": s, "tokens_per_s": 128 * b / s, "peak_gib": g,
+                          "timings": {"cached_per_call": 0.008}} for b, s, g in rows]}
+
+    files = {}
+    for name, path, rows in (("p", "pruned+cache", [(1, 1.0, 26.9), (8, 4.0, 33.2), (16, 8.0, 40.4)]),
+                             ("u", "unpruned+cache", [(1, 2.0, 28.0), (8, 10.0, 50.0)])):
+        files[name] = tmp_path / f"{name}.json"
+        files[name].write_text(json.dumps(run(path, rows)))
+    assert scale.main(["--pruned", str(files["p"]), "--unpruned", str(files["u"]), "--card-gib", "80",
+                       "--out", str(tmp_path / "scale")]) == 0
+    res = json.loads((tmp_path / "scale.json").read_text())
+    p, u = res["paths"]["pruned+cache"], res["paths"]["unpruned+cache"]
+    assert p["gib_at_0"] == pytest.approx(26.0) and p["gib_per_request"] == pytest.approx(0.9)
+    assert p["largest_batch"] == 55 and u["largest_batch"] == int((76 - (28 - 22 / 7)) // (22 / 7))  # two points: their line
+    assert res["fit_ratio"] == pytest.approx(55 / u["largest_batch"])
+    assert [r["x_b1"] for r in p["rows"]] == pytest.approx([1.0, 2.0, 2.0])
+    md = (tmp_path / "scale.md").read_text()
+    assert "| 8 | 4.000 | 256.0 | 2.00 | 33.2 | 10.000 | 102.4 | 1.60 | 50.0 | 2.50 |" in md
+    assert "| 16 | 8.000 | 256.0 | 2.00 | 40.4 | - | - | - | - | - |" in md
+    assert "2.2x B = 1: 2.00x (NOT met)" in md and (tmp_path / "scale.png").exists()
+    with pytest.raises(SystemExit):  # the files swapped: refused by their path, nothing written over
+        scale.main(["--pruned", str(files["u"]), "--unpruned", str(files["p"]), "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x.json").exists()

@@ -147,7 +147,8 @@ def main(argv=None) -> int:
             return export_only(args)
     env = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
            "torch": torch.__version__, "cuda": torch.version.cuda, "host": platform.node(),
-           "date": time.strftime("%Y-%m-%d")}
+           "date": time.strftime("%Y-%m-%d"),
+           "gpu_memory_gib": torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
