@@ -10,6 +10,8 @@ the exporter: the manifest, the bucket, the graph set and the layout are the con
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
@@ -392,6 +394,7 @@ class Pipeline:
         ``settings``: see :meth:`generation_config` (preset, gen_length, steps, block_length,
         temperature, remasking, cfg_scale, factor, threshold, cache, refresh). The result's ``settings``
         are these, resolved: ``generate(image, prompt, **result.settings)`` answers the same."""
+        check_options(settings, "generate", ("system", "seed", "history", "unpruned", "on_step", *BATCH_OPTIONS))
         request = Request(image, prompt, system, seed, tuple(map(tuple, history)))
         return self.generate_batch([request], unpruned=unpruned, on_step=on_step, **settings)[0]
 
@@ -421,6 +424,7 @@ class Pipeline:
         timings, step times and graph calls of the batch up to that moment (``timings["total"]``: the
         request's time until its answer)."""
         t0 = time.perf_counter()
+        check_options(settings, "generate_batch", ("unpruned", "on_step", *BATCH_OPTIONS))
         if config is not None and settings:
             raise TypeError("pass the settings or a GenerationConfig, not both")
         requests = as_requests(requests)
@@ -467,6 +471,23 @@ class Pipeline:
                        on_done=None if on_finish is None else done)
         t2 = time.perf_counter()
         return [result(i, ids[i].tolist(), trace.row_forwards[i], trace.cancelled[i], t2) for i in range(len(requests))]
+
+
+# generate_batch's own keyword arguments beyond unpruned and on_step (generate passes them through)
+BATCH_OPTIONS = ("config", "cancel", "on_finish")
+
+
+def check_options(settings: dict, call: str, own: tuple[str, ...]) -> None:
+    """TypeError naming the keyword arguments of ``settings`` that neither ``call`` (its ``own``) nor
+    :meth:`Pipeline.generation_config` takes, with the accepted ones (a raw TypeError named only one)."""
+    sampler = [p for p in inspect.signature(Pipeline.generation_config).parameters if p not in ("self", *own)]
+    unknown = [k for k in settings if k not in sampler]
+    if unknown:
+        close = {k: m[0] for k in unknown if (m := difflib.get_close_matches(k, [*own, *sampler], 1))}
+        hint = "".join(f" (did you mean {m!r} for {k!r}?)" for k, m in close.items())
+        raise TypeError(f"{call}() got unknown option{'s' if len(unknown) > 1 else ''} "
+                        f"{', '.join(map(repr, unknown))}{hint}; it takes {', '.join(own)} and the sampler "
+                        f"settings {', '.join(sampler)} (see Pipeline.generation_config)")
 
 
 def as_requests(requests) -> list[Request]:
