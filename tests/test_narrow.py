@@ -29,21 +29,22 @@ def pipe(multi_size_engines):
 class Recorder:
     """``on_step``: every event; ``cancel``: ``rows`` flagged from the forward ``at`` on (0: before any)."""
 
-    def __init__(self, rows: list[bool] | None = None, at: int = 0):
-        self.rows, self.at, self.events = rows, at, []
+    def __init__(self, rows: list[bool] | None = None, at: int = 0, n: int = 4):
+        self.rows, self.at, self.events, self.n = rows, at, [], n  # n: the batch's requests
 
     def on_step(self, event) -> None:
         self.events.append(event)
 
     def cancel(self) -> list[bool]:
-        return self.rows if self.rows and len(self.events) >= self.at else [False] * 4
+        return self.rows if self.rows and len(self.events) >= self.at else [False] * self.n
 
 
 def run(pipe, narrow: bool, rows: list[bool] | None = None, at: int = 0, reqs=None, **settings):
     """The batch (``four_requests()`` by default) with narrowing on or off: (results, recorder)."""
-    rec, pipe.narrow = Recorder(rows, at), narrow
+    reqs = reqs or four_requests()
+    rec, pipe.narrow = Recorder(rows, at, len(reqs)), narrow
     try:
-        got = pipe.generate_batch(reqs or four_requests(), on_step=rec.on_step, cancel=rec.cancel, **settings)
+        got = pipe.generate_batch(reqs, on_step=rec.on_step, cancel=rec.cancel, **settings)
     finally:
         pipe.narrow = True
     return got, rec

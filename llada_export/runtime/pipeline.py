@@ -408,7 +408,7 @@ class Pipeline:
         them (``batch_size_for``; ``timings["engine_batch_size"]``), with one generation setting:
         ``settings`` as :meth:`generation_config` takes them, or the ``config`` it returned.
         ``requests``: :class:`Request` objects, ``(image, prompt)`` pairs or dicts of Request's fields.
-        ``cancel``: called before each forward, one flag per request; a request flagged True stops
+        ``cancel``: called before each forward, a list of exactly one flag per request (ValueError otherwise); a request flagged True stops
         there (its row no longer commits; the batch ends once no row is left running) and its result
         has ``finish_reason`` "cancelled". The other rows' answers do not change.
 
@@ -428,6 +428,7 @@ class Pipeline:
         if config is not None and settings:
             raise TypeError("pass the settings or a GenerationConfig, not both")
         requests = as_requests(requests)
+        cancel = checked_cancel(cancel, len(requests))
         gen = config if config is not None else self.generation_config(unpruned=unpruned, **settings)
         use_full = unpruned or not self.pruned
         size = self.batch_size_for(len(requests))
@@ -481,13 +482,33 @@ def check_options(settings: dict, call: str, own: tuple[str, ...]) -> None:
     """TypeError naming the keyword arguments of ``settings`` that neither ``call`` (its ``own``) nor
     :meth:`Pipeline.generation_config` takes, with the accepted ones (a raw TypeError named only one)."""
     sampler = [p for p in inspect.signature(Pipeline.generation_config).parameters if p not in ("self", *own)]
-    unknown = [k for k in settings if k not in sampler]
+    unknown = [k for k in settings if k not in sampler and k not in own]
     if unknown:
         close = {k: m[0] for k in unknown if (m := difflib.get_close_matches(k, [*own, *sampler], 1))}
         hint = "".join(f" (did you mean {m!r} for {k!r}?)" for k, m in close.items())
         raise TypeError(f"{call}() got unknown option{'s' if len(unknown) > 1 else ''} "
                         f"{', '.join(map(repr, unknown))}{hint}; it takes {', '.join(own)} and the sampler "
                         f"settings {', '.join(sampler)} (see Pipeline.generation_config)")
+
+
+def checked_cancel(cancel, n: int) -> Callable[[], list[bool]] | None:
+    """``generate_batch``'s ``cancel``, checked: a callable (TypeError up front), whose every call returns one
+    flag per request (ValueError at the first call that does not: a shorter list left rows running)."""
+    if cancel is None:
+        return None
+    if not callable(cancel):
+        raise TypeError(f"cancel must be one callable that returns a list of {n} flag(s), one per request, "
+                        f"got a {type(cancel).__name__}; e.g. cancel=lambda: [False] * {n}")
+
+    def flags() -> list[bool]:
+        got = cancel()
+        if isinstance(got, (str, bytes)) or not hasattr(got, "__len__") or len(got) != n:
+            what = f"{len(got)} flag(s)" if hasattr(got, "__len__") and not isinstance(got, (str, bytes)) \
+                else f"a {type(got).__name__}"
+            raise ValueError(f"cancel() returned {what} for {n} request(s): return a list of {n} booleans, "
+                             "one per request in order (True stops that request)")
+        return list(got)
+    return flags
 
 
 def as_requests(requests) -> list[Request]:
