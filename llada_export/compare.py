@@ -46,6 +46,7 @@ from .contract.layout import layout_bucket, reduce_inputs
 from .engines.registry import get_backend
 from .graphs.anyres import preprocess
 from .reference import OracleContext, reference_generate
+from .rules import shorten
 from .runtime.pipeline import Pipeline, Request
 from .sampler import GenerationConfig
 from .sampler import preset as get_preset
@@ -383,7 +384,7 @@ def plan_compare(first: Pipeline, prompts: list[tuple] | None, backends: list[st
             first.check(Request(image, prompt), first.bucket.gen_length)
         except ValueError as e:
             if prompts:
-                raise CompareError(f"prompt {prompt!r} with image {str(image)!r}: {e}") from None
+                raise CompareError(f"prompt {shorten(repr(prompt))} with image {shorten(repr(str(image)))}: {e}") from None
             plan.notes.append(f"built-in prompt {prompt!r} skipped: {e}")
             continue
         plan.prompts.append((image, prompt))

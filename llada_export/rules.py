@@ -17,6 +17,13 @@ import math
 import numbers
 
 SEED_LIMIT = 2**63  # seeds are 0 .. 2**63 - 1
+ECHO_LIMIT = 80  # characters of a caller's value an error message repeats
+
+
+def shorten(text: str, limit: int = ECHO_LIMIT) -> str:
+    """``text`` as an error message repeats it: whole up to ``limit`` characters, else its first ``limit``
+    and its length (a prompt, a ``data:`` URL or a bad value can be kilobytes; the message stays one line)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class GenerationError(ValueError):
@@ -27,7 +34,7 @@ def check_number(value: object, name: str, *, low: float | None = None, high: fl
                  low_open: bool = False) -> float:
     """A finite real number in [low, high] (``low_open``: (low, high]); ``name`` goes in the message."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise GenerationError(f"{name} must be a number, got {value!r}")
+        raise GenerationError(f"{name} must be a number, got {shorten(repr(value))}")
     try:
         v = float(value)
     except OverflowError:  # an integer beyond float's range, e.g. 10**400
@@ -46,10 +53,10 @@ def check_number(value: object, name: str, *, low: float | None = None, high: fl
 def check_seed(value: object, name: str = "seed") -> int:
     """An integer seed, 0 <= seed < 2**63."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise GenerationError(f"{name} must be an integer from 0 to 2**63 - 1, got {value!r}")
+        raise GenerationError(f"{name} must be an integer from 0 to 2**63 - 1, got {shorten(repr(value))}")
     v = int(value)
     if not 0 <= v < SEED_LIMIT:
-        raise GenerationError(f"{name} must be from 0 to 2**63 - 1 ({SEED_LIMIT - 1}), got {v}")
+        raise GenerationError(f"{name} must be from 0 to 2**63 - 1 ({SEED_LIMIT - 1}), got {shorten(str(v))}")
     return v
 
 
@@ -59,5 +66,5 @@ def check_refresh(value: object) -> int | None:
     if value is None or (isinstance(value, str) and value.strip().lower() == "never"):
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise GenerationError(f"refresh must be a positive integer or 'never' (None), got {value!r}")
+        raise GenerationError(f"refresh must be a positive integer or 'never' (None), got {shorten(repr(value))}")
     return int(value)

@@ -51,7 +51,7 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-from .rules import GenerationError, check_number, check_refresh
+from .rules import GenerationError, check_number, check_refresh, shorten
 
 DEFAULT_REFRESH = 32  # forwards between cache refreshes within a block (the official demo's value)
 # The product's defaults (Pipeline / llada-generate / llada-serve), from the task-v2 sweep on the GPU
@@ -68,7 +68,7 @@ def parallel_rule(factor: float | None, threshold: float | None, fixed_schedule:
     schedule (steps / blocks tokens per forward). Random remasking has no confidence to rank by: it keeps
     the fixed schedule. Returns (factor, threshold) for :class:`GenerationConfig`."""
     if not isinstance(fixed_schedule, bool):
-        raise GenerationError(f"fixed_schedule must be true or false, got {fixed_schedule!r}")
+        raise GenerationError(f"fixed_schedule must be true or false, got {shorten(repr(fixed_schedule))}")
     if fixed_schedule and (factor is not None or threshold is not None):
         raise GenerationError("fixed_schedule commits a fixed number of tokens per forward: leave factor and "
                               "threshold out, or drop fixed_schedule to decode in parallel")
@@ -103,7 +103,7 @@ class GenerationConfig:
         for name in ("gen_length", "block_length", "steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise GenerationError(f"{name} must be a positive integer, got {v!r}")
+                raise GenerationError(f"{name} must be a positive integer, got {shorten(repr(v))}")
         if self.gen_length % self.block_length:
             raise GenerationError(
                 f"gen_length {self.gen_length} is not a multiple of block_length {self.block_length}")
@@ -115,7 +115,7 @@ class GenerationConfig:
         if self.steps // n_blocks > self.block_length:
             raise GenerationError(f"{self.steps // n_blocks} steps per block exceed block_length {self.block_length}")
         if self.remasking not in ("low_confidence", "random"):
-            raise GenerationError(f"remasking must be 'low_confidence' or 'random', got {self.remasking!r}")
+            raise GenerationError(f"remasking must be 'low_confidence' or 'random', got {shorten(repr(self.remasking))}")
         # the one rule for numbers (rules.py): finite, in range; inf / nan are refused
         check_number(self.temperature, "temperature", low=0.0)
         check_number(self.cfg_scale, "cfg_scale", low=0.0)
@@ -171,7 +171,7 @@ PRESETS: dict[str, GenerationConfig] = {
 def preset(name: str, **overrides) -> GenerationConfig:
     """An official preset with ``overrides`` (None values ignored), validated."""
     if name not in PRESETS:
-        raise GenerationError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise GenerationError(f"unknown preset {shorten(repr(name))}; choose one of {', '.join(PRESETS)}")
     return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}).validate()
 
 

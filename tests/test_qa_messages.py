@@ -46,3 +46,53 @@ def test_cancel_is_checked(pipe):
         pipe.generate(None, "hi", cancel=[False])
     got = pipe.generate_batch(reqs, gen_length=8, cancel=lambda: [True, False])
     assert [r.finish_reason for r in got] == ["cancelled", got[1].finish_reason] and got[1].finish_reason != "cancelled"
+
+
+LONG = "why is the sky blue? " * 200  # 4,200 characters
+
+
+def short(message: str, length: int) -> bool:
+    """An error message that repeats a caller's value of ``length`` characters: a line, with its start and
+    length, not the value itself."""
+    return f"... ({length} characters)" in message and len(message) < 400 and "\n" not in message
+
+
+def test_long_values_are_not_echoed_in_full(pipe, capsys):
+    """A data: URL, a long path, a long prompt or a long bad value was repeated whole in the error (thousands of
+    characters; a path too long for the file system gave Python's raw OSError "File name too long")."""
+    from helpers import cli_here
+    from llada_export.cli import generate as generate_cli
+    from llada_export.compare import CompareError, plan_compare
+    from llada_export.graphs.anyres import ImageError
+    from llada_export.runtime.inputs import GenerationError, check_number
+    from llada_export.serve.api import APIError, parse_chat
+
+    data_url = "data:image/png;base64," + "iVBORw0KGgo" * 400
+    with pytest.raises(ImageError, match=r"^data:image/png;base64,iVBOR.*: a URL; images are read from local files "
+                                         r"\(decode it to a file first, or pass a PIL image\)$") as e:
+        pipe.generate(data_url, "What is here?")
+    assert short(str(e.value), len(data_url))
+    for image in ("x" * 5000 + ".png", "https://example.com/" + "x" * 3000):
+        with pytest.raises(ImageError) as e:
+            pipe.generate(image, "What is here?")
+        assert short(str(e.value), len(image))
+    for settings in (dict(preset=LONG), dict(remasking=LONG), dict(temperature=LONG), dict(seed=LONG)):
+        with pytest.raises(GenerationError) as e:
+            pipe.generate(None, "hi", **settings)
+        assert short(str(e.value), len(LONG) + 2)  # repr's quotes
+    with pytest.raises(CompareError, match=r"^prompt 'why is") as e:  # llada-compare --prompt
+        plan_compare(pipe, [(None, LONG)], None, (), {})
+    assert str(e.value).count("why is the sky blue?") < 10 and short(str(e.value), len(LONG) + 2)
+    user = {"role": "user", "content": "hi"}
+    for body in ({"messages": [{"role": LONG, "content": "hi"}]}, {"messages": [user], "stream": LONG},
+                 {"messages": [user], LONG: 1}, {"messages": [user], "stream": True, "stream_options": {LONG: 1}},
+                 {"messages": [{"role": "user", "content": [{"type": LONG}]}]}):
+        with pytest.raises(APIError) as e:  # the server's 400s
+            parse_chat(body)
+        assert "characters)" in str(e.value) and str(e.value).count("why is") < 10
+    with pytest.raises(GenerationError) as e:
+        check_number(LONG, "temperature")
+    assert short(str(e.value), len(LONG) + 2)
+    r = cli_here(generate_cli.main, "llada-generate", capsys, "--engines", str(pipe.root), "--prompt", "hi",
+                 "--temperature", LONG)
+    assert r.returncode == 2 and short(r.stderr.strip(), len(LONG) + 2), r.stderr[:300]

@@ -14,6 +14,7 @@ import sys
 
 from .. import __version__
 from ..outdir import Terminated
+from ..rules import shorten
 from ..runtime.inputs import check_number, check_prompt, check_refresh, check_seed
 
 
@@ -24,7 +25,7 @@ def parse_size(text: str) -> tuple[int, int]:
         if w <= 0 or h <= 0:
             raise ValueError
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT like 1024x768, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT like 1024x768, got {shorten(repr(text))}") from None
     return w, h
 
 
@@ -33,7 +34,7 @@ def positive_int(text: str) -> int:
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {shorten(repr(text))}") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer (1 or more), got {v}")
     return v
@@ -43,9 +44,9 @@ def _number(text: str, ok, what: str) -> float:
     try:
         v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number {what}, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number {what}, got {shorten(repr(text))}") from None
     if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a finite number {what}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a finite number {what}, got {shorten(repr(text))}")
     if not ok(v):
         raise argparse.ArgumentTypeError(f"must be {what}, got {v}")
     return v
@@ -81,14 +82,14 @@ def _to_float(text: str) -> float:
     try:
         return float(text)
     except ValueError:
-        raise ValueError(f"expected a number, got {text!r}") from None
+        raise ValueError(f"expected a number, got {shorten(repr(text))}") from None
 
 
 def _to_int(text: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"expected an integer, got {text!r}") from None
+        raise ValueError(f"expected an integer, got {shorten(repr(text))}") from None
 
 
 def setting_number(name: str, **bounds):
@@ -118,7 +119,7 @@ def image_file(text: str) -> str:
     """``--image``: a path (whether it is there and an image is checked where it is read); a directory is
     refused at once, by name."""
     if os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{text}: is a directory, not an image file")
+        raise argparse.ArgumentTypeError(f"{shorten(text)}: is a directory, not an image file")
     return text
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..engines.registry import backend_names
+from ..rules import shorten
 from .common import cli_prompt, parser, user_errors
 from .generate import add_decoding_flags, decoding_settings
 
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"atol {g.tolerances[out]['atol']:.3g}", file=sys.stderr)
         for a in report.agreement:
             if a["strict"] and not a["engine_vs_reference_exact"]:
-                print(f"FAILED: {a['backend']} tokens differ from the eager reference for {a['prompt']!r} "
+                print(f"FAILED: {a['backend']} tokens differ from the eager reference for {shorten(repr(a['prompt']))} "
                       f"({a['settings']})", file=sys.stderr)
         print(f"report: {js} and {md}")
         return 0 if report.passed else 1

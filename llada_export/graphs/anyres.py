@@ -16,6 +16,7 @@ ratios, ``math.ceil``/``int`` truncation, as written there):
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 from typing import Sequence, Union
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from ..config import LLaDAVConfig
+from ..rules import shorten
 
 ImageLike = Union[str, Path, Image.Image, np.ndarray]
 SizeWH = tuple[int, int]
@@ -54,17 +56,19 @@ def _load(image: ImageLike) -> Image.Image:
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ImageError(f"image array must be HxWx3 uint8, got shape {image.shape} dtype {image.dtype}")
         return Image.fromarray(np.ascontiguousarray(image))  # [H, W, 3] uint8 -> RGB
-    if isinstance(image, str) and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", image) and not Path(image).is_file():
-        raise ImageError(f"{image[:200]}: a URL; images are read from local files (download it first)")
+    # os.path.isfile: False for a name too long to be a file (Path.is_file raises there before Python 3.12)
+    if isinstance(image, str) and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://|data:", image) and not os.path.isfile(image):
+        fix = "decode it to a file first, or pass a PIL image" if image.startswith("data:") else "download it first"
+        raise ImageError(f"{shorten(image)}: a URL; images are read from local files ({fix})")
     if isinstance(image, (str, Path)):
         path = Path(image)
-        if not path.is_file():
-            raise ImageError(f"{path}: image file not found")
+        if not os.path.isfile(path):
+            raise ImageError(f"{shorten(str(path))}: image file not found")
         try:
             with Image.open(path) as im:
                 return im.convert("RGB")  # convert() decodes fully, so the file can be closed
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as e:
-            raise ImageError(f"{path}: cannot decode image ({e})") from e
+            raise ImageError(f"{shorten(str(path))}: cannot decode image ({e})") from e
     raise ImageError(f"unsupported image type {type(image).__name__} (expected a path, PIL image or uint8 array)")
 
 
@@ -79,7 +83,7 @@ def _image_size(image: ImageLike) -> SizeWH:
         return image.size
     if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
         return image.shape[1], image.shape[0]  # [H, W, 3]
-    if isinstance(image, (str, Path)) and Path(image).is_file():
+    if isinstance(image, (str, Path)) and os.path.isfile(image):
         try:
             with Image.open(image) as im:
                 return im.size

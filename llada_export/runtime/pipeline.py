@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
@@ -27,6 +28,7 @@ from ..contract.graphset import PRUNED_PATH, UNPRUNED, UNPRUNED_PATH
 from ..contract.layout import RequestError, RequestParts, check_counts, check_fits, layout_bucket
 from ..contract.manifest import Manifest, ManifestError
 from ..device import parse_device
+from ..rules import shorten
 from ..engines.registry import Runner, check_artifacts, get_backend, load_builtin, pick_backend
 from ..graphs.anyres import ImageError, assemble, image_size, preprocess, visual_token_count
 from ..sampler import GenerationConfig, GenerationError, SamplerTrace, StepEvent, StepInfo, generate
@@ -54,10 +56,10 @@ class Request:
         check_prompt(self.prompt)
         check_text(self.system, "system")
         for i, (role, text) in enumerate(self.history):
-            check_text(text, f"history[{i}] ({role})")
+            check_text(text, f"history[{i}] ({shorten(str(role))})")
         check_seed(self.seed)
-        if isinstance(self.image, (str, Path)) and Path(self.image).is_dir():
-            raise ImageError(f"{self.image}: is a directory, not an image file")
+        if isinstance(self.image, (str, Path)) and os.path.isdir(self.image):  # False for a too-long name
+            raise ImageError(f"{shorten(str(self.image))}: is a directory, not an image file")
         return self
 
 
@@ -408,9 +410,9 @@ class Pipeline:
         them (``batch_size_for``; ``timings["engine_batch_size"]``), with one generation setting:
         ``settings`` as :meth:`generation_config` takes them, or the ``config`` it returned.
         ``requests``: :class:`Request` objects, ``(image, prompt)`` pairs or dicts of Request's fields.
-        ``cancel``: called before each forward, a list of exactly one flag per request (ValueError otherwise); a request flagged True stops
-        there (its row no longer commits; the batch ends once no row is left running) and its result
-        has ``finish_reason`` "cancelled". The other rows' answers do not change.
+        ``cancel``: called before each forward, a list of exactly one flag per request (ValueError otherwise);
+        a request flagged True stops there (its row no longer commits; the batch ends once no row is left
+        running) and its result has ``finish_reason`` "cancelled". The other rows' answers do not change.
 
         Rows that are done or cancelled free their slots: once the running rows fit a smaller built size
         (a ``--batch-sizes`` directory), the batch goes on with those rows on that size's graphs between two

@@ -50,6 +50,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from ..rules import shorten
 from ..tokenizer import IMAGE_TOKEN
 
 # sampler settings a request may carry, beyond the OpenAI fields; value checks are the pipeline's
@@ -151,7 +152,8 @@ def parse_chat(body: object, max_image_bytes: int = MAX_IMAGE_BYTES) -> ChatRequ
         raise APIError("the request body must be a JSON object")
     unknown = sorted(set(body) - set(FIELDS))
     if unknown:
-        raise APIError(f"unknown field(s) {', '.join(unknown)}; accepted: {', '.join(FIELDS)}", param=unknown[0],
+        raise APIError(f"unknown field(s) {shorten(', '.join(unknown))}; accepted: {', '.join(FIELDS)}",
+                       param=shorten(unknown[0]),
                        code="unknown_field")
     body = {k: v for k, v in body.items() if v is not None or k in SAMPLER_FIELDS}
     for name, (ok, does) in NEUTRAL.items():
@@ -221,7 +223,7 @@ def _short_json(v: object) -> str:
         text = json.dumps(v)
     except (TypeError, ValueError):
         text = repr(v)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return shorten(text)
 
 
 def _stream_options(options: object, stream: bool) -> bool:
@@ -233,7 +235,7 @@ def _stream_options(options: object, stream: bool) -> bool:
         raise APIError("stream_options must be an object", param="stream_options")
     unknown = sorted(set(options) - {"include_usage", "include_obfuscation"})
     if unknown:
-        raise APIError(f"stream_options.{unknown[0]} is not supported; accepted: include_usage",
+        raise APIError(f"stream_options.{shorten(unknown[0])} is not supported; accepted: include_usage",
                        param="stream_options")
     if options.get("include_obfuscation"):
         raise APIError("stream_options.include_obfuscation true is not supported: chunks carry no padding; send "
@@ -265,7 +267,7 @@ def _split_messages(messages: object) -> tuple[str | None, list[tuple[str, objec
             raise APIError(f"messages[{i}] is a tool call or result: this server calls no tools", param="messages",
                            code="unsupported_value")
         if role not in ROLES:
-            raise APIError(f"messages[{i}].role {role!r} is not one of {', '.join(ROLES)}", param="messages")
+            raise APIError(f"messages[{i}].role {_short(role)} is not one of {', '.join(ROLES)}", param="messages")
         if role != "user":
             text = _text_only(m["content"], f"messages[{i}].content")
             turns.append(("system" if role == "developer" else role, text))
@@ -319,7 +321,7 @@ def _user_content(content: object, max_image_bytes: int) -> tuple[str, object]:
         elif kind == "image_url":
             images.append((len(texts), part.get("image_url")))
         else:
-            raise APIError(f"content[{i}] has type {kind!r}; accepted: text, image_url", param="messages")
+            raise APIError(f"content[{i}] has type {_short(kind)}; accepted: text, image_url", param="messages")
     if len(images) > 1:
         raise APIError(f"{len(images)} images; these engines take one image per request", param="messages",
                        code="too_many_images")
@@ -451,11 +453,10 @@ def _number(v: object, name: str) -> float:
 
 
 def _short(v: object) -> str:
-    text = repr(v)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return shorten(repr(v))
 
 
 def _bool(v: object, name: str) -> bool:
     if not isinstance(v, bool):
-        raise APIError(f"{name} must be true or false, got {v!r}", param=name)
+        raise APIError(f"{name} must be true or false, got {_short(v)}", param=name)
     return v

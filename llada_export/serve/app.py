@@ -61,6 +61,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..rules import shorten
 from .api import (MAX_BODY_BYTES, APIError, check_body_size, chunk, completion, decode_json, finish_reason, llada_info,
                   parse_chat, sse, usage)
 from .stream import RowStreams, TextStream, answer_with_stop
@@ -307,7 +308,8 @@ class LLaDAServer:
         checked against these engines by the runtime's own rules (a 4xx naming the field if not)."""
         chat = parse_chat(decode_json(raw), int(self.options.max_body_mb * 2**20))  # 4xx naming the field
         if chat.model is not None and chat.model != self.options.name:
-            raise APIError(f"model {chat.model!r} is not served here; this server serves {self.options.name!r}",
+            raise APIError(f"model {shorten(repr(chat.model))} is not served here; this server serves "
+                           f"{self.options.name!r}",
                            status=404, param="model", code="model_not_found")
         from ..contract.layout import RequestError
         from ..runtime.pipeline import Request
