@@ -3,6 +3,8 @@ echoed kilobytes of input): the Python API's options and callbacks, on the tiny 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from helpers import random_image
@@ -96,3 +98,24 @@ def test_long_values_are_not_echoed_in_full(pipe, capsys):
     r = cli_here(generate_cli.main, "llada-generate", capsys, "--engines", str(pipe.root), "--prompt", "hi",
                  "--temperature", LONG)
     assert r.returncode == 2 and short(r.stderr.strip(), len(LONG) + 2), r.stderr[:300]
+
+
+def test_a_checkpoint_without_its_chat_template_is_named(tmp_path, capsys):
+    """The demo checkpoint without chat_template.jinja: llada-export said transformers' "Cannot use chat template
+    functions because tokenizer.chat_template is not set ..." (a pointer to its templating docs); it names the
+    missing file, before any graph is built."""
+    import shutil
+
+    from helpers import cli_here
+    from llada_export.cli import export as export_cli
+    from llada_export.demo import DEMO_MODEL
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(DEMO_MODEL, ckpt, ignore=shutil.ignore_patterns("chat_template.jinja"))
+    r = cli_here(export_cli.main, "llada-export", capsys, "--model", str(ckpt), "-o", str(tmp_path / "out"), "--no-prune")
+    assert r.returncode == 2 and r.stderr == (
+        f"llada-export: error: {ckpt}: no chat template: chat_template.jinja is missing (the official LLaDA-V "
+        "checkpoint ships it beside tokenizer_config.json); copy it there from the model's release\n")
+    shutil.copy(Path(DEMO_MODEL) / "chat_template.jinja", ckpt)  # the fix the message gives: the template renders
+    from llada_export.tokenizer import encode_prompt, load_tokenizer
+    assert encode_prompt(load_tokenizer(ckpt), "hi", has_image=False)[0]
