@@ -97,47 +97,55 @@ run_steps() {
   echo done > $RES/STEP
 }
 
-# scaleall: pruned + cache at B = 1, 2, 4, 8, 16 and unpruned + cache at 1, 2, 4, 8, demo preset (on a card of more
-# than 100 GB then unpruned 16 and pruned 24, if time allows). The exports (2-6 minutes each, mostly the
-# compiler on the CPU) run side by side, at most SCALE_JOBS at once (default 3), the largest first, while the GPU
-# memory they need adds up to the card's less 4 GiB (each: 30 GiB of weights and fused copies + its example KV
-# cache, B x 0.75 GiB pruned, B x 1.9 unpruned); none starts after SCALE_DEADLINE seconds (default 600) or a
-# `touch /tmp/res/scale_stop`. An export that failed beside others runs once more alone. Then one process per
-# path times its sets back to back (bench_gpu.py batch --prebuilt): no timing overlaps an export. About 20 min.
+# scaleall: pruned + cache at B = 1, 2, 4, 8, 16 and unpruned + cache at 1, 8, then unpruned 4, 2 if time allows
+# (and on a card of more than 100 GB unpruned 16 and pruned 24), demo preset. The exports (2-6 minutes each,
+# mostly the compiler on the CPU) run side by side, at most SCALE_JOBS at once (default 3): the first queued one
+# (largest first) whose GPU memory fits beside the running ones' in the card's less 4 GiB (each: 30 GiB of
+# weights and fused copies + its example KV cache, B x 0.75 GiB pruned, B x 1.9 unpruned); none starts after
+# SCALE_DEADLINE seconds (default 540) or a `touch /tmp/res/scale_stop`. An export that failed beside others runs
+# once more alone. Then one process per path times its sets back to back (bench_gpu.py batch --prebuilt): no
+# timing overlaps an export. About 18 minutes.
 scale_all() {
-  local W=/tmp/scale-work start=$(date +%s) total P U item b path n
+  local W=/tmp/scale-work start=$(date +%s) total P U b i
   local -a q pids needs
   total=$(( $(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1) / 1024 - 4 ))
-  P="1,2,4,8,16"; U="1,2,4,8"
+  P="1,2,4,8,16"; U="1,8"
   for b in ${P//,/ }; do q+=("$b pruned+cache"); done
   for b in ${U//,/ }; do q+=("$b unpruned+cache"); done
   mapfile -t q < <(printf '%s\n' "${q[@]}" | sort -k1,1nr -s)  # largest first, the two paths interleaved
-  if [ $total -gt 100 ]; then P="$P,24"; U="$U,16"; q+=("16 unpruned+cache" "24 pruned+cache"); fi  # if time allows
+  q+=("4 unpruned+cache" "2 unpruned+cache"); U="1,2,4,8"  # then, if time allows, the rest of the scale
+  if [ $total -gt 100 ]; then P="$P,24"; U="$U,16"; q+=("16 unpruned+cache" "24 pruned+cache"); fi
   need() { [ $2 = pruned+cache ] && echo $(( 30 + ($1 * 3 + 3) / 4 )) || echo $(( 30 + ($1 * 19 + 9) / 10 )); }
   export_one() {  # size path -> the exit status of its export (its log under $RES/scaleall/)
     timeout 900 python3 $batch --paths $2 --batch-sizes $1 --export-only --workdir $W \
       > $RES/scaleall/export_${2/+/_}_b$1.log 2>&1
   }
-  late() { [ $(( $(date +%s) - start )) -gt ${SCALE_DEADLINE:-600} ] || [ -f $RES/scale_stop ]; }
-  for item in "${q[@]}"; do
-    set -- $item
-    while :; do  # wait for a slot and the memory
-      local running=0 used=0 i
-      for i in "${!pids[@]}"; do kill -0 ${pids[$i]} 2>/dev/null && { running=$((running + 1)); used=$((used + needs[$i])); }; done
-      late && break 2
-      [ $running -lt ${SCALE_JOBS:-3} ] && [ $(( used + $(need $1 $2) )) -le $total ] && break
-      [ $running -eq 0 ] && break  # alone it may still fit: the estimate is an estimate
-      sleep 5
-    done
-    echo "$(date +%T) export $2 B=$1 ($(need $1 $2) of $total GiB; ${running} running)"
+  late() { [ $(( $(date +%s) - start )) -gt ${SCALE_DEADLINE:-540} ] || [ -f $RES/scale_stop ]; }
+  while [ ${#q[@]} -gt 0 ] && ! late; do  # start the first queued export that fits beside the running ones
+    local running=0 used=0 pick=-1
+    for i in "${!pids[@]}"; do kill -0 ${pids[$i]} 2>/dev/null && { running=$((running + 1)); used=$((used + needs[$i])); }; done
+    if [ $running -lt ${SCALE_JOBS:-3} ]; then
+      for i in "${!q[@]}"; do
+        set -- ${q[$i]}
+        if [ $running -eq 0 ] || [ $(( used + $(need $1 $2) )) -le $total ]; then pick=$i; break; fi
+      done
+    fi
+    if [ $pick -lt 0 ]; then sleep 5; continue; fi
+    set -- ${q[$pick]}
+    echo "$(date +%T) export $2 B=$1 ($(need $1 $2) GiB beside $used of $total; $running running)"
     export_one $1 $2 & pids+=($!); needs+=($(need $1 $2))
+    unset "q[$pick]"; q=("${q[@]}")
+    sleep 1
   done
+  [ ${#q[@]} -gt 0 ] && echo "$(date +%T) not exported (deadline): ${q[*]}"
   wait
-  for item in "${q[@]}"; do  # exports that failed beside others (out of memory): once more, alone
-    set -- $item
-    [ -f $W/engines_${2/+/_}_b$1/bench_export.json ] && continue
-    late && break
-    echo "$(date +%T) export $2 B=$1 again, alone"; export_one $1 $2
+  for b in ${P//,/ }; do  # an export that failed beside others (out of memory): once more, alone
+    [ -f $W/engines_pruned_cache_b$b/bench_export.json ] || [ ! -f $RES/scaleall/export_pruned_cache_b$b.log ] \
+      || late || { echo "$(date +%T) export pruned+cache B=$b again, alone"; export_one $b pruned+cache; }
+  done
+  for b in ${U//,/ }; do
+    [ -f $W/engines_unpruned_cache_b$b/bench_export.json ] || [ ! -f $RES/scaleall/export_unpruned_cache_b$b.log ] \
+      || late || { echo "$(date +%T) export unpruned+cache B=$b again, alone"; export_one $b unpruned+cache; }
   done
   echo "$(date +%T) exports done: $(ls $W | tr '\n' ' ')"
   timeout 900 python3 $batch --batch-sizes $P --prebuilt --workdir $W --out $RES/scaleall/pruned
