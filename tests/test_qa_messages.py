@@ -119,3 +119,21 @@ def test_a_checkpoint_without_its_chat_template_is_named(tmp_path, capsys):
     shutil.copy(Path(DEMO_MODEL) / "chat_template.jinja", ckpt)  # the fix the message gives: the template renders
     from llada_export.tokenizer import encode_prompt, load_tokenizer
     assert encode_prompt(load_tokenizer(ckpt), "hi", has_image=False)[0]
+
+
+def test_refresh_on_engines_without_cache_graphs_names_the_export_flag(engines, cache_engines, capsys):
+    """``llada-generate --refresh 2`` on engines exported without --cache said "use it with cache=True
+    (--cache)", and --cache was then refused by the same engines: the fix is in the export."""
+    from helpers import cli_here
+    from llada_export.cli import generate as generate_cli
+
+    for refresh in ("2", "never"):
+        r = cli_here(generate_cli.main, "llada-generate", capsys, "--engines", str(engines), "--prompt", "hi",
+                     "--refresh", refresh)
+        assert r.returncode == 2 and r.stderr == (
+            f"llada-generate: error: refresh applies to the prefix cache only, and {engines} was exported without "
+            "--cache (no prefix-cache graphs for the pruned path): re-export with llada-export ... --cache to use "
+            "refresh, or leave refresh out\n")
+    # engines with the cache graphs, the cache turned off: --cache is the fix there
+    with pytest.raises(ValueError, match=r"use it with cache=True \(--cache\)$"):
+        Pipeline.load(cache_engines).generate(None, "hi", cache=False, refresh=2)

@@ -358,12 +358,16 @@ class Pipeline:
         if unpruned and self.pruned and not self.has_unpruned:
             raise RequestError(f"{self.root} has no unpruned graph; export with --baseline or --no-prune")
         has_cache = self.has_cache(unpruned)
+        path = "unpruned" if unpruned or not self.pruned else "pruned"
         if cache is not None and not isinstance(cache, bool):
             raise GenerationError(f"cache must be True, False or None (when the engines have it), got {cache!r}")
         if cache and not has_cache:
-            raise RequestError(f"{self.root} has no prefix-cache graphs for the {'unpruned' if unpruned or not self.pruned else 'pruned'} "
-                               "path; re-export with --cache")
+            raise RequestError(f"{self.root} has no prefix-cache graphs for the {path} path; re-export with --cache")
         use_cache = has_cache if cache is None else cache
+        if refresh != "default" and not has_cache:  # --cache would be refused too: name the export flag
+            raise RequestError(f"refresh applies to the prefix cache only, and {self.root} was exported without "
+                               f"--cache (no prefix-cache graphs for the {path} path): re-export with llada-export "
+                               "... --cache to use refresh, or leave refresh out")
         if refresh != "default" and not use_cache:
             raise RequestError("refresh applies to the prefix cache only; use it with cache=True (--cache)")
         factor, threshold = parallel_rule(factor, threshold, fixed_schedule, remasking)
