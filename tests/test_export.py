@@ -214,8 +214,12 @@ def test_cli_exports_tiny_checkpoint(tiny_ckpt, tmp_path, capsys):
     (["--device", "tpu"], "unknown device 'tpu'"),
     pytest.param(["--device", "cuda"], "no CUDA GPU is visible", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="a CUDA GPU is visible here: --device cuda is valid")),
-    (["--gen-length", "10", "--block-length", "4"], "not a multiple of block_length"),
-    (["--gen-length", "16", "--steps", "3", "--block-length", "8"], "not divisible"),
+    # the schedule's errors name the flags and the valid values (QA pass: "100 steps per block exceed block_length 16")
+    (["--gen-length", "10", "--block-length", "4"], "--block-length 4 must divide --gen-length 10 (e.g. --block-length 2"),
+    (["--gen-length", "16", "--steps", "3", "--block-length", "8"],
+     "--steps 3 must be a multiple of the 2 block(s) (--gen-length 16 / --block-length 8) from 2 to 16"),
+    (["--gen-length", "16", "--steps", "100"], "--steps 100 must be a multiple of the 1 block(s) (--gen-length 16 / "
+                                               "--block-length 16) from 1 to 16"),
     (["--backend", "tensorrt", "--max-visual-tokens", "12000", "--keep", "0.5", "--prune-layer", "1"], "TopK"),
 ])
 def test_cli_bad_input_is_one_line_exit_2_and_leaves_nothing(tiny_ckpt, tmp_path, capsys, args, msg):

@@ -105,6 +105,19 @@ class ExportOptions:
         g = self.gen_length
         return GenerationConfig(g, self.block_length or g, self.steps or g)
 
+    def _check_schedule(self) -> None:
+        """The default schedule's flags with their valid values (the sampler's rule names no flag)."""
+        gen = self.generation()
+        g, b, s = gen.gen_length, gen.block_length, gen.steps
+        if g % b:
+            fits = max(d for d in range(1, min(b, g) + 1) if g % d == 0)
+            raise ExportError(f"--block-length {b} must divide --gen-length {g} (e.g. --block-length {fits}, or leave "
+                              "it out: default --gen-length)")
+        n = g // b  # blocks
+        if s % n or s > g:
+            raise ExportError(f"--steps {s} must be a multiple of the {n} block(s) (--gen-length {g} / --block-length "
+                              f"{b}) from {n} to {g}: at most one step per token (default: --steps {g})")
+
     def validate(self) -> None:
         for name in ("gen_length", "max_prompt_tokens", "batch_size"):
             v = getattr(self, name)
@@ -125,6 +138,7 @@ class ExportOptions:
             raise ExportError(f"batch_size {self.batch_size} and batch_sizes {list(self.batch_sizes)}: give one "
                               "(--batch-size N is --batch-sizes N)")
         self.batch_size = max(self.sizes)
+        self._check_schedule()
         self.generation().validate()
         if self.prune is not None:
             self.prune.validate()
