@@ -137,3 +137,18 @@ def test_refresh_on_engines_without_cache_graphs_names_the_export_flag(engines, 
     # engines with the cache graphs, the cache turned off: --cache is the fix there
     with pytest.raises(ValueError, match=r"use it with cache=True \(--cache\)$"):
         Pipeline.load(cache_engines).generate(None, "hi", cache=False, refresh=2)
+
+
+def test_a_batch_names_the_request_whose_image_or_prompt_is_too_large(pipe):
+    """An image too large for the bucket (and a prompt too long for it) in generate_batch lacked the
+    ``requests[i]:`` prefix that the other per-request errors carry; alone, a request has none."""
+    from llada_export.contract.layout import RequestError
+
+    big, fits = random_image(900, 900), random_image(64, 64)
+    with pytest.raises(RequestError, match=r"^requests\[1\]: the image gives \d+ visual tokens; these engines take "
+                                           r"at most \d+: re-export with --max-visual-tokens"):
+        pipe.generate_batch([(fits, "What is here?"), (big, "What is here?")], gen_length=8)
+    with pytest.raises(RequestError, match=r"^requests\[0\]: the prompt has \d+ text tokens"):
+        pipe.generate_batch([(None, "why? " * 400), (fits, "What is here?")], gen_length=8)
+    with pytest.raises(RequestError, match=r"^the image gives \d+ visual tokens"):
+        pipe.generate(big, "What is here?", gen_length=8)

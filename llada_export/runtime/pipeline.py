@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..contract.graphset import PRUNED_PATH, UNPRUNED, UNPRUNED_PATH
-from ..contract.layout import RequestError, RequestParts, check_counts, check_fits, layout_bucket
+from ..contract.layout import RequestError, RequestParts, check_counts, layout_bucket
 from ..contract.manifest import Manifest, ManifestError
 from ..device import parse_device
 from ..rules import shorten
@@ -319,8 +319,9 @@ class Pipeline:
         return len(before) + len(after), n_visual
 
     def prepare(self, request: Request, gen_length: int, pixels=None) -> tuple[RequestParts, float]:
-        """A request's embedded prefix pieces, checked against the bucket (the text is encoded first,
-        so a prompt that is too long fails before any vision work). Returns the seconds of vision."""
+        """A request's embedded prefix pieces, checked against the bucket (the text is encoded first and the
+        image's token count read from its size, so a request that does not fit fails before any vision work).
+        Returns the seconds of vision."""
         if self.tokenizer is None:
             raise RequestError(f"{self.root} has no tokenizer/ folder: text prompts cannot be encoded")
         before, after = encode_prompt(self.tokenizer, request.prompt, has_image=request.image is not None,
@@ -329,14 +330,22 @@ class Pipeline:
         ids = torch.tensor(before + after, dtype=torch.long, device=dev)
         text = self.embed_table[ids].float()  # [nb + na, D]
         empty = torch.zeros(0, text.shape[1], device=dev)
-        check_fits(self.bucket, RequestParts(text[: len(before)], empty, text[len(before):]), gen_length)
+        size = None if request.image is None else pixels[1] if pixels is not None else image_size(request.image)
+        check_counts(self.bucket, len(before) + len(after), 0 if size is None else visual_token_count(*size, self.config),
+                     gen_length)
         visual, t_vis = self.encode_image(request.image, pixels) if request.image is not None else (empty, 0.0)
         return RequestParts(text[: len(before)], visual, text[len(before):]), t_vis
 
     def _layout(self, requests: list[Request], gen_length: int, size: int | None = None):
         """The requests in the bucket at batch size ``size`` (default: the smallest that holds them)."""
         size = self.batch_size_for(len(requests)) if size is None else size
-        parts, t_vis = zip(*(self.prepare(r, gen_length) for r in requests))
+        prepared = []
+        for i, r in enumerate(requests):
+            try:
+                prepared.append(self.prepare(r, gen_length))
+            except ValueError as e:  # e.g. an image too large for the bucket: which request
+                raise in_batch(e, i, len(requests)) from None
+        parts, t_vis = zip(*prepared)
         return layout_bucket(self.manifest.bucket_at(size), list(parts), gen_length), list(t_vis)
 
     # ------------------------------------------------------------------ generate
@@ -532,9 +541,14 @@ def as_requests(requests) -> list[Request]:
     for i, r in enumerate(out):
         try:
             r.validate()
-        except ValueError as e:  # in a batch, say which request
-            raise e if len(out) == 1 else type(e)(f"requests[{i}]: {e}") from None
+        except ValueError as e:
+            raise in_batch(e, i, len(out)) from None
     return out
+
+
+def in_batch(e: ValueError, i: int, n: int) -> ValueError:
+    """Request ``i``'s refusal ``e``, with ``requests[i]: `` in front in a batch of ``n`` > 1 (which request)."""
+    return e if n == 1 else type(e)(f"requests[{i}]: {e}")
 
 
 def _as_request(r, i: int) -> Request:
