@@ -97,10 +97,10 @@ run_steps() {
   echo done > $RES/STEP
 }
 
-# scaleall: pruned + cache at B = 1, 2, 4, 8, 16 and unpruned + cache at 1, 8, then unpruned 4, 2 if time allows
-# (and on a card of more than 100 GB unpruned 16 and pruned 24), demo preset. The exports (2-6 minutes each,
+# scaleall: pruned + cache at B = 1, 2, 4, 8, 16 and unpruned + cache at 1, 2, 4, 8 (and on a card of more than
+# 100 GB unpruned 16 and pruned 24), demo preset, queued in order of need (B = 8 and 1 of both paths first). The exports (2-6 minutes each,
 # mostly the compiler on the CPU) run side by side, at most SCALE_JOBS at once (default 3): the first queued one
-# (largest first) whose GPU memory fits beside the running ones' in the card's less 4 GiB (each: 30 GiB of
+# whose GPU memory fits beside the running ones' in the card's less 4 GiB (each: 30 GiB of
 # weights and fused copies + its example KV cache, B x 0.75 GiB pruned, B x 1.9 unpruned); none starts after
 # SCALE_DEADLINE seconds (default 540) or a `touch /tmp/res/scale_stop`. An export that failed beside others runs
 # once more alone. Then one process per path times its sets back to back (bench_gpu.py batch --prebuilt): no
@@ -109,11 +109,10 @@ scale_all() {
   local W=/tmp/scale-work start=$(date +%s) total P U b i
   local -a q pids needs
   total=$(( $(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1) / 1024 - 4 ))
-  P="1,2,4,8,16"; U="1,8"
-  for b in ${P//,/ }; do q+=("$b pruned+cache"); done
-  for b in ${U//,/ }; do q+=("$b unpruned+cache"); done
-  mapfile -t q < <(printf '%s\n' "${q[@]}" | sort -k1,1nr -s)  # largest first, the two paths interleaved
-  q+=("4 unpruned+cache" "2 unpruned+cache"); U="1,2,4,8"  # then, if time allows, the rest of the scale
+  P="1,2,4,8,16"; U="1,2,4,8"
+  # in order of need: the B = 8 / B = 1 ratio and pruned against unpruned first, then the rest of the scale
+  q=("8 pruned+cache" "8 unpruned+cache" "1 pruned+cache" "1 unpruned+cache" "16 pruned+cache" "4 pruned+cache"
+     "2 pruned+cache" "4 unpruned+cache" "2 unpruned+cache")
   if [ $total -gt 100 ]; then P="$P,24"; U="$U,16"; q+=("16 unpruned+cache" "24 pruned+cache"); fi
   need() { [ $2 = pruned+cache ] && echo $(( 30 + ($1 * 3 + 3) / 4 )) || echo $(( 30 + ($1 * 19 + 9) / 10 )); }
   export_one() {  # size path -> the exit status of its export (its log under $RES/scaleall/)
