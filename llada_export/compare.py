@@ -229,11 +229,21 @@ def check_same_model(pipe: Pipeline, cfg, checkpoint) -> None:
     """Refuse a checkpoint of another model, naming the first config fields that differ."""
     if cfg.hash() == pipe.manifest.config_hash:
         return
-    mine, theirs = cfg.to_dict(), pipe.manifest.config
+    mine, theirs = _flat(cfg.to_dict()), _flat(pipe.manifest.config)
     diff = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
-    shown = ", ".join(f"{k} {mine.get(k)!r} vs {theirs.get(k)!r}" for k in diff[:3]) or "hash only"
-    raise CompareError(f"{checkpoint} is not the checkpoint {pipe.root} was exported from ({shown}); "
-                       "pass the checkpoint the engines came from")
+    # each field once, its two values cut (image_grid_pinpoints alone is hundreds of characters)
+    shown = "; ".join(f"{k} {shorten(repr(mine.get(k)), 40)} vs {shorten(repr(theirs.get(k)), 40)}" for k in diff[:3])
+    more = f"; and {', '.join(diff[3:])}" if len(diff) > 3 else ""
+    raise CompareError(f"{checkpoint} is not the checkpoint {pipe.root} was exported from (config, checkpoint vs "
+                       f"engines: {shown or 'hash only'}{more}); pass the checkpoint the engines came from")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """A config dict with its nested dicts' fields as ``outer.inner`` keys."""
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def feed_pool(pipe: Pipeline, model, image, prompt: str, ctx: OracleContext) -> list[dict[str, torch.Tensor]]:

@@ -152,3 +152,21 @@ def test_a_batch_names_the_request_whose_image_or_prompt_is_too_large(pipe):
         pipe.generate_batch([(None, "why? " * 400), (fits, "What is here?")], gen_length=8)
     with pytest.raises(RequestError, match=r"^the image gives \d+ visual tokens"):
         pipe.generate(big, "What is here?", gen_length=8)
+
+
+def test_a_checkpoint_of_another_model_is_named_briefly(pipe):
+    """llada-compare --model of another checkpoint (the demo model against the tiny engines) printed whole values:
+    image_grid_pinpoints' two lists took 1,500 characters. Each differing field once, long values cut."""
+    from llada_export.checkpoint.loader import read_config
+    from llada_export.compare import CompareError, check_same_model
+    from llada_export.demo import DEMO_MODEL
+
+    cfg = read_config(DEMO_MODEL)
+    with pytest.raises(CompareError) as e:
+        check_same_model(pipe, cfg, DEMO_MODEL)
+    msg = str(e.value)
+    mine, theirs = cfg.to_dict(), pipe.manifest.config
+    differ = sorted(k for k in mine if mine[k] != theirs[k] and not isinstance(mine[k], dict))
+    assert "image_grid_pinpoints" in differ and "vision_config.patch_size" in msg
+    assert all(msg.count(f" {k} ") + msg.count(f" {k},") + msg.count(f" {k})") == 1 for k in differ), msg
+    assert len(msg) < 900 and "characters) vs" in msg and "\n" not in msg
