@@ -170,3 +170,27 @@ def test_a_checkpoint_of_another_model_is_named_briefly(pipe):
     assert "image_grid_pinpoints" in differ and "vision_config.patch_size" in msg
     assert all(msg.count(f" {k} ") + msg.count(f" {k},") + msg.count(f" {k})") == 1 for k in differ), msg
     assert len(msg) < 900 and "characters) vs" in msg and "\n" not in msg
+
+
+def test_batch_sizes_auto_prints_its_plan_before_the_build(tiny_ckpt, tmp_path, capsys):
+    """``--batch-sizes auto`` named the sizes it chose only in the notes printed at the end, after the long
+    build: the plan (sizes, and the arithmetic that chose them) is on stderr before the weights are read. Here
+    the checkpoint's weights file is gone, so the build's first step (loading the weights) fails right after."""
+    import shutil
+
+    from helpers import cli_here
+    from llada_export.cli import export as export_cli
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt, ignore=shutil.ignore_patterns("*.safetensors"))
+    r = cli_here(export_cli.main, "llada-export", capsys, "--model", str(ckpt), "-o", str(tmp_path / "e"),
+                 "--prune-layer", "2", "--cache", "--image-size", "384x384", "--gen-length", "16",
+                 "--max-prompt-tokens", "112", "--batch-sizes", "auto", "--device-memory", "64GiB")
+    plan, error = r.stderr.strip().splitlines()
+    assert plan.startswith("batch sizes planned by --batch-sizes auto: 1, 2, 4, 8, 16, 32, 64, 128, 256; the largest "
+                           "pruned + cache batch that fits 64.0 GiB (--device-memory) is ") and "building them now" in plan
+    assert r.returncode == 2 and error.startswith("llada-export: error: ") and "safetensors" in error
+    r = cli_here(export_cli.main, "llada-export", capsys, "--model", str(ckpt), "-o", str(tmp_path / "e"), "-q",
+                 "--prune-layer", "2", "--cache", "--image-size", "384x384", "--gen-length", "16",
+                 "--max-prompt-tokens", "112", "--batch-sizes", "auto", "--device-memory", "64GiB")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1  # -q: the error only

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import resource
+import sys
 import time
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
@@ -344,6 +345,8 @@ def export_engines(opts: ExportOptions, loaded: tuple | None = None) -> Path:
     full-size weights on the GPU); ``opts.model`` is then only recorded. Graphs whose weights
     stay in the checkpoint then need ``Pipeline.load(..., weights=model.state_dict())``."""
     preflight(opts, *(loaded[2], loaded[1]) if loaded else ())
+    if opts.auto_batch and opts.progress:  # the plan before the long build (the manifest's note keeps it)
+        tqdm.write(f"{next(n for n in opts.notes if n.startswith(AUTO_NOTE))}; building them now", file=sys.stderr)
     protect = [] if loaded else [opts.model]
     try:
         with atomic_output_dir(opts.output, overwrite=opts.overwrite, owned=is_engines_dir, protect=protect,
