@@ -194,3 +194,18 @@ def test_batch_sizes_auto_prints_its_plan_before_the_build(tiny_ckpt, tmp_path, 
                  "--prune-layer", "2", "--cache", "--image-size", "384x384", "--gen-length", "16",
                  "--max-prompt-tokens", "112", "--batch-sizes", "auto", "--device-memory", "64GiB")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1  # -q: the error only
+
+
+def test_the_client_refuses_an_image_it_cannot_read_briefly(tmp_path):
+    """``llada-generate --server URL --image data:...`` (or a missing file) gave Python's raw OSError with the
+    whole name (File name too long: 'data:image/png;base64,...'); it says what llada-generate --engines says."""
+    from llada_export.serve.client import image_data_url
+
+    data_url = "data:image/png;base64," + "iVBORw0KGgo" * 400
+    with pytest.raises(ValueError, match=r"^data:image/png;base64,iVBOR.*\.\.\. \(4422 characters\): a URL; images "
+                                         r"are read from local files$"):
+        image_data_url(data_url)
+    with pytest.raises(ValueError, match=r"nope\.jpg: image file not found$"):
+        image_data_url(tmp_path / "nope.jpg")
+    random_image(8, 8).save(tmp_path / "ok.png")
+    assert image_data_url(str(tmp_path / "ok.png")).startswith("data:image/png;base64,iVBOR")

@@ -18,11 +18,14 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+
+from ..rules import shorten
 
 RETRY_STATUS = (500, 502, 503, 504)
 
@@ -40,6 +43,10 @@ def image_data_url(image) -> str:
     if isinstance(image, (bytes, bytearray)):
         raw, fmt = bytes(image), "png"
     elif isinstance(image, (str, Path)):
+        if not os.path.isfile(image):  # as llada-generate --engines says it, the name shortened
+            what = "a URL; images are read from local files" if str(image).startswith(("data:", "http:", "https:")) \
+                else "image file not found"
+            raise ValueError(f"{shorten(str(image))}: {what}")
         raw, fmt = Path(image).read_bytes(), Path(image).suffix.lstrip(".").lower() or "png"
         fmt = "jpeg" if fmt == "jpg" else fmt
     else:
