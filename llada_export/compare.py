@@ -394,7 +394,8 @@ def plan_compare(first: Pipeline, prompts: list[tuple] | None, backends: list[st
             first.check(Request(image, prompt), first.bucket.gen_length)
         except ValueError as e:
             if prompts:
-                raise CompareError(f"prompt {shorten(repr(prompt))} with image {shorten(repr(str(image)))}: {e}") from None
+                raise CompareError(f"prompt {shorten(repr(prompt))} with image {shorten(repr(str(image)))}: "
+                                   f"{e}") from None
             plan.notes.append(f"built-in prompt {prompt!r} skipped: {e}")
             continue
         plan.prompts.append((image, prompt))

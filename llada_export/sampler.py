@@ -115,7 +115,8 @@ class GenerationConfig:
         if self.steps // n_blocks > self.block_length:
             raise GenerationError(f"{self.steps // n_blocks} steps per block exceed block_length {self.block_length}")
         if self.remasking not in ("low_confidence", "random"):
-            raise GenerationError(f"remasking must be 'low_confidence' or 'random', got {shorten(repr(self.remasking))}")
+            raise GenerationError("remasking must be 'low_confidence' or 'random', got "
+                                  f"{shorten(repr(self.remasking))}")
         # the one rule for numbers (rules.py): finite, in range; inf / nan are refused
         check_number(self.temperature, "temperature", low=0.0)
         check_number(self.cfg_scale, "cfg_scale", low=0.0)

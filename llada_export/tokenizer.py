@@ -121,9 +121,9 @@ def format_prompt(tokenizer: PreTrainedTokenizerBase, user_text: str, system: st
     messages = [{"role": "system", "content": system}, *({"role": r, "content": t} for r, t in history),
                 {"role": "user", "content": user_text}]
     if not tokenizer.chat_template:  # transformers' own message points at its templating docs
-        raise TokenizerError(f"{tokenizer.name_or_path}: no chat template: chat_template.jinja is missing (the official "
-                             "LLaDA-V checkpoint ships it beside tokenizer_config.json); copy it there from the "
-                             "model's release")
+        raise TokenizerError(f"{tokenizer.name_or_path}: no chat template: chat_template.jinja is missing (the "
+                             "official LLaDA-V checkpoint ships it beside tokenizer_config.json); copy it there from "
+                             "the model's release")
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 

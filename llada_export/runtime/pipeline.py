@@ -28,9 +28,9 @@ from ..contract.graphset import PRUNED_PATH, UNPRUNED, UNPRUNED_PATH
 from ..contract.layout import RequestError, RequestParts, check_counts, layout_bucket
 from ..contract.manifest import Manifest, ManifestError
 from ..device import parse_device
-from ..rules import shorten
 from ..engines.registry import Runner, check_artifacts, get_backend, load_builtin, pick_backend
 from ..graphs.anyres import ImageError, assemble, image_size, preprocess, visual_token_count
+from ..rules import shorten
 from ..sampler import GenerationConfig, GenerationError, SamplerTrace, StepEvent, StepInfo, generate
 from ..sampler import PRODUCT_REFRESH, parallel_rule
 from ..sampler import preset as get_preset
@@ -331,8 +331,8 @@ class Pipeline:
         text = self.embed_table[ids].float()  # [nb + na, D]
         empty = torch.zeros(0, text.shape[1], device=dev)
         size = None if request.image is None else pixels[1] if pixels is not None else image_size(request.image)
-        check_counts(self.bucket, len(before) + len(after), 0 if size is None else visual_token_count(*size, self.config),
-                     gen_length)
+        n_visual = 0 if size is None else visual_token_count(*size, self.config)
+        check_counts(self.bucket, len(before) + len(after), n_visual, gen_length)
         visual, t_vis = self.encode_image(request.image, pixels) if request.image is not None else (empty, 0.0)
         return RequestParts(text[: len(before)], visual, text[len(before):]), t_vis
 
