@@ -104,7 +104,7 @@ run_steps() {
 # weights and fused copies + its example KV cache, B x 0.75 GiB pruned, B x 1.9 unpruned); none starts after
 # SCALE_DEADLINE seconds (default 540) or a `touch /tmp/res/scale_stop`. An export that failed beside others runs
 # once more alone. Then one process per path times its sets back to back (bench_gpu.py batch --prebuilt): no
-# timing overlaps an export. About 18 minutes.
+# timing overlaps an export. About 18 minutes. SCALE_QUEUE="B path,..." replaces the queue (a short lease).
 scale_all() {
   local W=/tmp/scale-work start=$(date +%s) total P U b i
   local -a q pids needs
@@ -114,6 +114,11 @@ scale_all() {
   q=("8 pruned+cache" "8 unpruned+cache" "1 pruned+cache" "1 unpruned+cache" "16 pruned+cache" "4 pruned+cache"
      "2 pruned+cache" "4 unpruned+cache" "2 unpruned+cache")
   if [ $total -gt 100 ]; then P="$P,24"; U="$U,16"; q+=("16 unpruned+cache" "24 pruned+cache"); fi
+  if [ -n "${SCALE_QUEUE:-}" ]; then  # e.g. SCALE_QUEUE="8 unpruned+cache,8 pruned+cache" for a short lease
+    IFS=, read -ra q <<< "$SCALE_QUEUE"
+    P=$(printf '%s\n' "${q[@]}" | awk '$2 == "pruned+cache" {print $1}' | sort -n | paste -sd,)
+    U=$(printf '%s\n' "${q[@]}" | awk '$2 == "unpruned+cache" {print $1}' | sort -n | paste -sd,)
+  fi
   need() { [ $2 = pruned+cache ] && echo $(( 30 + ($1 * 3 + 3) / 4 )) || echo $(( 30 + ($1 * 19 + 9) / 10 )); }
   export_one() {  # size path -> the exit status of its export (its log under $RES/scaleall/)
     timeout 900 python3 $batch --paths $2 --batch-sizes $1 --export-only --workdir $W \
@@ -147,8 +152,8 @@ scale_all() {
       || late || { echo "$(date +%T) export unpruned+cache B=$b again, alone"; export_one $b unpruned+cache; }
   done
   echo "$(date +%T) exports done: $(ls $W | tr '\n' ' ')"
-  timeout 900 python3 $batch --batch-sizes $P --prebuilt --workdir $W --out $RES/scaleall/pruned
-  timeout 900 python3 ${batch/pruned+cache/unpruned+cache} --batch-sizes $U --prebuilt --workdir $W \
+  [ -n "$P" ] && timeout 900 python3 $batch --batch-sizes $P --prebuilt --workdir $W --out $RES/scaleall/pruned
+  [ -n "$U" ] && timeout 900 python3 ${batch/pruned+cache/unpruned+cache} --batch-sizes $U --prebuilt --workdir $W \
     --out $RES/scaleall/unpruned
 }
 
