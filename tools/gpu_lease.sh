@@ -88,7 +88,7 @@ run_steps() {
             --replicas 1 --max-batch 8 --batch-wait-ms 20 --concurrency 1 4 8 16 --rate 5 10 20 40 --requests 16 \
             --stream --out $RES/loadtest/load_test_gpu_stream ;;
       kvcap) timeout 600 python3 tools/kv_capacity.py --measure --batches 1,8,16 --out $RES/kvcap/kv_capacity_h100 ;;
-      load) timeout 600 python3 tools/bench_load.py export --engines /tmp/bench_load_engines &&
+      load) timeout 600 python3 tools/bench_load.py export --engines /tmp/bench_load_engines --no-compile-cache &&
             timeout 900 python3 tools/bench_load.py measure --engines /tmp/bench_load_engines --modes precompiled \
                 --out $RES/load ;;
       *) echo "unknown step $s" ;;
