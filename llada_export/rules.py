@@ -26,6 +26,16 @@ def shorten(text: str, limit: int = ECHO_LIMIT) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
+PATH_ECHO_LIMIT = 240  # a path is repeated whole up to this; a longer one keeps its end (the file's name)
+
+
+def shorten_path(path: object, limit: int = PATH_ECHO_LIMIT) -> str:
+    """A file path as an error message repeats it: whole up to ``limit`` characters (real paths), else its
+    last ``limit`` characters with its length: the end names the file, the part the reader needs."""
+    text = str(path)
+    return text if len(text) <= limit else f"...{text[-limit:]} ({len(text)} characters)"
+
+
 class GenerationError(ValueError):
     """Generation settings that cannot be used (or not together)."""
 

@@ -14,7 +14,7 @@ import sys
 
 from .. import __version__
 from ..outdir import Terminated
-from ..rules import shorten
+from ..rules import shorten, shorten_path
 from ..runtime.inputs import check_number, check_prompt, check_refresh, check_seed
 
 
@@ -119,7 +119,7 @@ def image_file(text: str) -> str:
     """``--image``: a path (whether it is there and an image is checked where it is read); a directory is
     refused at once, by name."""
     if os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{shorten(text)}: is a directory, not an image file")
+        raise argparse.ArgumentTypeError(f"{shorten_path(text)}: is a directory, not an image file")
     return text
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from ..config import LLaDAVConfig
-from ..rules import shorten
+from ..rules import shorten, shorten_path
 
 ImageLike = Union[str, Path, Image.Image, np.ndarray]
 SizeWH = tuple[int, int]
@@ -63,12 +63,12 @@ def _load(image: ImageLike) -> Image.Image:
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not os.path.isfile(path):
-            raise ImageError(f"{shorten(str(path))}: image file not found")
+            raise ImageError(f"{shorten_path(path)}: image file not found")
         try:
             with Image.open(path) as im:
                 return im.convert("RGB")  # convert() decodes fully, so the file can be closed
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as e:
-            raise ImageError(f"{shorten(str(path))}: cannot decode image ({e})") from e
+            raise ImageError(f"{shorten_path(path)}: cannot decode image ({e})") from e
     raise ImageError(f"unsupported image type {type(image).__name__} (expected a path, PIL image or uint8 array)")
 
 
