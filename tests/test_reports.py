@@ -57,6 +57,9 @@ CASES = [  # (tool, its JSON, the report it renders, the command line that re-re
     ("bench_gpu.py", "bench_gpu_batch_scale.json", "bench_gpu_batch_scale.md", ["batch", "--replot", "--out", "{out}"]),
     ("bench_gpu.py", "bench_gpu_batch_scale_unpruned.json", "bench_gpu_batch_scale_unpruned.md",
      ["batch", "--replot", "--out", "{out}"]),
+    # the same two runs side by side, with the largest batch from the compiled engines' peaks (bench_gpu_scale.py)
+    ("bench_gpu_scale.py", "bench_gpu_batch_scale_paths.json", "bench_gpu_batch_scale_paths.md",
+     ["--replot", "--out", "{out}/bench_gpu_batch_scale_paths"]),
 ]
 # issue 21's reports (tools/long_sweeps.py render), once a GPU run's summaries are committed
 CASES += [("long_sweeps.py", f"vqa2_{part}.json", f"vqa2_{part}.md", ["render", "--replot", "--out", "{out}"])

@@ -116,7 +116,7 @@ def markdown(res: dict) -> str:
         lines += ["", f"**Largest batch on this card** ({res['card_gib']:.1f} GiB, less the export's "
                   f"{100 * res['headroom']:.0f}% headroom), from a least-squares line through the measured peaks "
                   "(weights included; an extrapolation past the largest batch run). The benchmark process also "
-                  "holds its random model's unfused q/k/v and gate/up weights (about 10 GiB) beside the engines' "
+                  "holds its random model's unfused q/k/v and gate/up weights (9.0 GiB) beside the engines' "
                   "fused copies; a server loading a checkpoint frees them (`runtime/weights.py`), so its line starts "
                   "lower and these largest batches are conservative:", "",
                   "| path | GiB at B = 0 | GiB per request | largest batch run | largest batch by the line |",
@@ -127,6 +127,8 @@ def markdown(res: dict) -> str:
         if "fit_ratio" in res:
             lines += ["", f"**Target: pruned fits >= {TARGET_FIT:.0f}x the concurrent requests of unpruned: "
                       f"{res['fit_ratio']:.2f}x ({'met' if res['fit_ratio'] >= TARGET_FIT else 'NOT met'}).**"]
+    if res.get("note"):
+        lines += ["", res["note"]]
     lines += ["", "Reproduce: `bash tools/gpu_lease.sh start scaleall` on the GPU machine, then "
               "`python tools/bench_gpu_scale.py --pruned OUT/scaleall/pruned/bench_gpu_batch.json --unpruned "
               "OUT/scaleall/unpruned/bench_gpu_batch.json --out benchmarks/bench_gpu_batch_scale_paths`."]
@@ -161,6 +163,7 @@ def main(argv=None) -> int:
     p.add_argument("--pruned", help="bench_gpu.py batch JSON of --paths pruned+cache")
     p.add_argument("--unpruned", help="bench_gpu.py batch JSON of --paths unpruned+cache (same lease)")
     p.add_argument("--card-gib", type=float, help="the card's memory (default: from the JSON's env)")
+    p.add_argument("--note", help="a paragraph on how the two runs were made (kept in the JSON)")
     p.add_argument("--out", required=True, help="output path without suffix")
     p.add_argument("--replot", action="store_true", help="re-render <out>.md and .png from <out>.json")
     a = p.parse_args(argv)
@@ -177,6 +180,7 @@ def main(argv=None) -> int:
                 p.error(f"{f}: not a bench_gpu.py batch run of {path} (it is {run.get('part')} {run.get('path')})")
             runs[path] = run
         res = combine(runs, a.card_gib)
+        res["note"] = a.note
         out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(res))
     plot(res, out.with_suffix(".png"))
