@@ -10,12 +10,17 @@ re-exported here), :class:`PromptError` (from :mod:`llada_export.tokenizer`) for
 
 - prompt: text (``str``) that encodes as UTF-8 (no undecodable byte, no lone surrogate) and holds
   something besides whitespace and the ``<image>`` marker; a system prompt may be empty.
+- ``cancel`` (``generate_batch``): one callable returning one flag per request (:func:`checked_cancel`).
+- in a batch, a request's refusal names it: ``requests[i]: ...`` (:func:`in_batch`).
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 from ..rules import SEED_LIMIT, GenerationError, check_number, check_refresh, check_seed  # noqa: F401 (the rule's home)
 from ..tokenizer import IMAGE_TOKEN, PromptError
+
 
 def check_text(value: object, name: str = "prompt") -> str:
     """Text that encodes as UTF-8: a ``str`` without lone surrogates (what an undecodable byte of a
@@ -41,3 +46,28 @@ def check_prompt(value: object, name: str = "prompt") -> str:
 
 __all__ = ["SEED_LIMIT", "GenerationError", "PromptError", "check_number", "check_prompt", "check_refresh",
            "check_seed", "check_text"]
+
+
+def checked_cancel(cancel, n: int) -> Callable[[], list[bool]] | None:
+    """``generate_batch``'s ``cancel``, checked: a callable (TypeError up front), whose every call returns one
+    flag per request (ValueError at the first call that does not: a shorter list left rows running)."""
+    if cancel is None:
+        return None
+    if not callable(cancel):
+        raise TypeError(f"cancel must be one callable that returns a list of {n} flag(s), one per request, "
+                        f"got a {type(cancel).__name__}; e.g. cancel=lambda: [False] * {n}")
+
+    def flags() -> list[bool]:
+        got = cancel()
+        if isinstance(got, (str, bytes)) or not hasattr(got, "__len__") or len(got) != n:
+            what = f"{len(got)} flag(s)" if hasattr(got, "__len__") and not isinstance(got, (str, bytes)) \
+                else f"a {type(got).__name__}"
+            raise ValueError(f"cancel() returned {what} for {n} request(s): return a list of {n} booleans, "
+                             "one per request in order (True stops that request)")
+        return list(got)
+    return flags
+
+
+def in_batch(e: ValueError, i: int, n: int) -> ValueError:
+    """Request ``i``'s refusal ``e``, with ``requests[i]: `` in front in a batch of ``n`` > 1 (which request)."""
+    return e if n == 1 else type(e)(f"requests[{i}]: {e}")

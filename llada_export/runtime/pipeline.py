@@ -36,7 +36,7 @@ from ..sampler import PRODUCT_REFRESH, parallel_rule
 from ..sampler import preset as get_preset
 from ..tokenizer import DEFAULT_SYSTEM_PROMPT, decode_answer, encode_prompt, load_tokenizer
 from .denoiser import EngineDenoiser
-from .inputs import check_prompt, check_refresh, check_seed, check_text
+from .inputs import check_prompt, check_refresh, check_seed, check_text, checked_cancel, in_batch
 from .weights import bind_constants
 
 
@@ -506,26 +506,6 @@ def check_options(settings: dict, call: str, own: tuple[str, ...]) -> None:
                         f"settings {', '.join(sampler)} (see Pipeline.generation_config)")
 
 
-def checked_cancel(cancel, n: int) -> Callable[[], list[bool]] | None:
-    """``generate_batch``'s ``cancel``, checked: a callable (TypeError up front), whose every call returns one
-    flag per request (ValueError at the first call that does not: a shorter list left rows running)."""
-    if cancel is None:
-        return None
-    if not callable(cancel):
-        raise TypeError(f"cancel must be one callable that returns a list of {n} flag(s), one per request, "
-                        f"got a {type(cancel).__name__}; e.g. cancel=lambda: [False] * {n}")
-
-    def flags() -> list[bool]:
-        got = cancel()
-        if isinstance(got, (str, bytes)) or not hasattr(got, "__len__") or len(got) != n:
-            what = f"{len(got)} flag(s)" if hasattr(got, "__len__") and not isinstance(got, (str, bytes)) \
-                else f"a {type(got).__name__}"
-            raise ValueError(f"cancel() returned {what} for {n} request(s): return a list of {n} booleans, "
-                             "one per request in order (True stops that request)")
-        return list(got)
-    return flags
-
-
 def as_requests(requests) -> list[Request]:
     """``generate_batch``'s requests as validated :class:`Request` objects: Requests, ``(image, prompt)``
     pairs, or dicts of Request's fields (image, prompt, system, seed, history)."""
@@ -544,11 +524,6 @@ def as_requests(requests) -> list[Request]:
         except ValueError as e:
             raise in_batch(e, i, len(out)) from None
     return out
-
-
-def in_batch(e: ValueError, i: int, n: int) -> ValueError:
-    """Request ``i``'s refusal ``e``, with ``requests[i]: `` in front in a batch of ``n`` > 1 (which request)."""
-    return e if n == 1 else type(e)(f"requests[{i}]: {e}")
 
 
 def _as_request(r, i: int) -> Request:
