@@ -17,7 +17,8 @@ reason at most ``max_batch`` requests of one setting are let into its queue unti
 starts; the rest wait for the next batch: a surplus let in closed a partial batch of its own
 while the others waited (measured: 8 streaming clients at max batch 4 ran batches of 4, 2, 2,
 ...). Requests waiting for the engine are not in Serve's batch queue length metric (they count
-as ongoing).
+as ongoing). Those of one setting are let in first come, first served (``serve/gate.py``): one that
+arrives as a batch ends waits behind the ones that waited for it.
 
 A body is read up to 16 MiB (413 beyond, from its Content-Length before a byte is read), then
 parsed, decoded and checked on an admission thread, never on the replica's event loop; a prompt
@@ -64,6 +65,7 @@ from pathlib import Path
 from ..rules import shorten
 from .api import (MAX_BODY_BYTES, APIError, check_body_size, chunk, completion, decode_json, finish_reason, llada_info,
                   parse_chat, sse, usage)
+from .gate import Gate
 from .stream import RowStreams, TextStream, answer_with_stop
 
 APP_NAME, DEPLOYMENT = "llada", "LLaDAServer"
@@ -118,9 +120,7 @@ class LLaDAServer:
         # bytes per byte they stand for): a prompt of n bytes has at least n / this many tokens
         self.max_token_bytes = max(len(t.encode("utf-8", "surrogatepass")) for t in self.pipe.tokenizer.get_vocab())
         self.batchers: dict = {}
-        self.running = 0  # batches started and not finished (on the engine thread or waiting for it)
-        self.queued: dict = {}  # batch queue key -> {id(row): row} let into that queue, batch not started
-        self.changed: asyncio.Event | None = None  # set when running or queued shrink (made in the event loop)
+        self.gate = Gate(self.max_batch)  # who may join a batch queue now (serve/gate.py)
         self.started = time.time()
         self.counts = {"cancelled": 0, "stopped": 0}  # rows stopped early: callers that hung up, stop strings
         self.counters = _counters()
@@ -190,7 +190,7 @@ class LLaDAServer:
             row.push = _stop_watch(TextStream(self._decode, chat.stop), row.cancelled)
         key = (gen, chat.unpruned)
         try:
-            await self._enter(key, row)
+            await self.gate.enter(key, row)
             result, batch = await self._answer(key, row)
         except asyncio.CancelledError:
             self._stop_row(row, "cancelled", "a request was cancelled (its caller hung up); its row stops, its "
@@ -237,7 +237,7 @@ class LLaDAServer:
             try:
                 yield chunk(cid, name, created, {"role": "assistant", "content": ""}, **extra)
                 key = (gen, chat.unpruned)
-                await self._enter(key, row)
+                await self.gate.enter(key, row)
                 task = asyncio.ensure_future(self._answer(key, row))  # its batch's task is never cancelled
                 task.add_done_callback(_consume)  # nobody may await it any more (the caller hung up)
                 while not text.stopped:
@@ -368,30 +368,6 @@ class LLaDAServer:
                            f"at most {limit}: shorten it, or re-export with a larger --max-prompt-tokens",
                            param="messages", code="context_length_exceeded")
 
-    async def _enter(self, key, row: "Row") -> None:
-        """Return once ``row`` may join the batch queue ``key``: no batch is running and fewer than
-        ``max_batch`` rows let into that queue wait for their batch to start. What arrives during a batch
-        joins the next one together; beyond a full batch rows wait here, not in Serve's queue (see the
-        module's docstring)."""
-        queued = self.queued.setdefault(key, {})
-        while self.running or len(queued) >= self.max_batch:
-            if self.changed is None:
-                self.changed = asyncio.Event()
-            await self.changed.wait()
-        queued[id(row)] = row
-
-    def _leave(self, key, rows: list) -> None:
-        """``rows`` no longer wait in the queue ``key`` (their batch started, or a caller gave up)."""
-        queued = self.queued.get(key, {})
-        if [queued.pop(id(r)) for r in rows if id(r) in queued]:
-            self._wake()
-
-    def _wake(self) -> None:
-        """Requests waiting in ``_enter`` look again (all on the replica's event loop: no lock)."""
-        if self.changed is not None:
-            self.changed.set()
-            self.changed = None
-
     def _batcher(self, gen, unpruned: bool):
         """The batch queue of one generation setting (made at its first request)."""
         from ray import serve
@@ -400,7 +376,7 @@ class LLaDAServer:
         if key not in self.batchers:
             async def run(rows: list) -> list:
                 started = time.perf_counter()
-                self._leave(key, rows)
+                self.gate.leave(key, rows)
                 live = [r for r in rows if not r.cancelled.is_set()]  # cancelled while queued: left out
                 info = {"id": uuid.uuid4().hex[:12], "size": len(live), "started": started}
                 results = await self._generate(live, gen, unpruned, info) if live else []
@@ -422,14 +398,14 @@ class LLaDAServer:
         row.finished = lambda value: loop.call_soon_threadsafe(_settle, early, value)
         task = asyncio.ensure_future(self._batcher(*key)(row))
         task.add_done_callback(_consume)
-        task.add_done_callback(lambda _: self._leave(key, [row]))  # a batch queue that failed, too
+        task.add_done_callback(lambda _: self.gate.leave(key, [row]))  # a batch queue that failed, too
         done, _ = await asyncio.wait({early, task}, return_when=asyncio.FIRST_COMPLETED)
         return early.result() if early in done else task.result()
 
     async def _generate(self, rows: list, gen, unpruned: bool, info: dict) -> list:
         """One batch on the engine thread; the sampler reads the rows' cancel flags before each forward, and
         each row's answer goes to its caller once the row is done (``info``: the batch's id, size, start)."""
-        self.running += 1
+        self.gate.batch_started()
         requests = [r.request for r in rows]
         tokens = self.pipe.tokens
         on_step = (RowStreams([r.push for r in rows], tokens.mask, tokens.eot)
@@ -447,9 +423,7 @@ class LLaDAServer:
                                                               on_step=on_step, on_finish=on_finish,
                                                               cancel=lambda: [f.is_set() for f in flags]))
         finally:
-            self.running -= 1
-            if not self.running:
-                self._wake()
+            self.gate.batch_ended()
 
     def check_health(self) -> None:
         """Serve calls this periodically; an exception marks the replica unhealthy and restarts it."""

@@ -1,0 +1,87 @@
+"""The replica's admission gate (``serve/gate.py``): rows of one setting are let into its batch queue first
+come, first served, at most ``max_batch`` before their batch starts, none while a batch runs. Real asyncio
+tasks on a real event loop; no server (the Ray tests in test_serve.py run it inside the server)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from llada_export.serve.gate import Gate
+
+
+class Row:  # the gate knows rows by identity, as the server's
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+async def settle() -> None:
+    for _ in range(20):  # let every ready task run until nothing moves
+        await asyncio.sleep(0)
+
+
+def test_waiters_are_let_in_first_come_first_served_even_against_a_newcomer_at_the_wake():
+    """Five rows wait while a batch runs. A sixth arrives just as the batch ends (its first step is
+    already scheduled when the five are woken): it must not pass them (before the gate kept a line, it
+    found the gate open before they woke and went in first)."""
+    async def main():
+        gate, key, let_in = Gate(max_batch=2), "setting", []
+        rows = {n: Row(n) for n in ("r1", "r2", "r3", "r4", "r5", "newcomer")}
+
+        async def arrive(name):
+            await gate.enter(key, rows[name])
+            let_in.append(name)
+
+        gate.batch_started()
+        waiters = [asyncio.ensure_future(arrive(f"r{i}")) for i in range(1, 6)]
+        await settle()
+        assert let_in == []  # a batch runs: nobody in
+        newcomer = asyncio.ensure_future(arrive("newcomer"))  # scheduled before the wake below
+        gate.batch_ended()
+        await settle()
+        assert let_in == ["r1", "r2"]  # max_batch, in arrival order
+        for done in (["r1", "r2"], ["r3", "r4"], ["r5", "newcomer"]):
+            gate.leave(key, [rows[n] for n in done])  # their batch started: the next two go in
+            await settle()
+        assert let_in == ["r1", "r2", "r3", "r4", "r5", "newcomer"]
+        assert all(t.done() for t in (*waiters, newcomer)) and not gate.waiting[key]
+
+    asyncio.run(main())
+
+
+def test_a_waiter_that_gives_up_leaves_the_line_and_the_next_goes_in():
+    async def main():
+        gate, key = Gate(max_batch=1), "setting"
+        a, b, c = Row("a"), Row("b"), Row("c")
+        await gate.enter(key, a)  # a waits for its batch: the queue is full
+        first = asyncio.ensure_future(gate.enter(key, b))
+        second = asyncio.ensure_future(gate.enter(key, c))
+        await settle()
+        first.cancel()  # b's caller hung up, at the head of the line
+        await settle()
+        assert first.cancelled() and not second.done()
+        gate.leave(key, [a])
+        await settle()
+        assert second.done() and gate.queued[key] == {id(c): c} and not gate.waiting[key]
+
+    asyncio.run(main())
+
+
+def test_settings_wait_in_lines_of_their_own():
+    """A full queue of one setting does not hold back another setting's rows; a running batch holds all."""
+    async def main():
+        gate = Gate(max_batch=1)
+        a1, a2, b1 = Row("a1"), Row("a2"), Row("b1")
+        await gate.enter("A", a1)
+        wait_a2 = asyncio.ensure_future(gate.enter("A", a2))
+        wait_b1 = asyncio.ensure_future(gate.enter("B", b1))
+        await settle()
+        assert wait_b1.done() and not wait_a2.done()
+        gate.leave("A", [a1])
+        gate.batch_started()  # a1's batch runs: a2 waits for its end, not only for a1's place
+        await settle()
+        assert not wait_a2.done()
+        gate.batch_ended()
+        await settle()
+        assert wait_a2.done()
+
+    asyncio.run(main())
