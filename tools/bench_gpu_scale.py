@@ -53,7 +53,7 @@ def combine(runs: dict[str, dict], card_gib: float | None) -> dict:
         base = next((r for r in rows if r["batch_size"] == 1), None)
         line = fit_line(rows)
         largest = None
-        if line and card:
+        if line and card and line[1] > 0:  # a flat or falling line (noise, or one size twice) says nothing
             largest = int((card * (1 - HEADROOM) - line[0]) // line[1])
         res["paths"][path] = {
             "rows": [{"batch_size": r["batch_size"], "seconds": r["seconds"], "tokens_per_s": r["tokens_per_s"],

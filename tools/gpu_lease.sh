@@ -25,7 +25,7 @@
 #   batchunpruned  bench_gpu batch: unpruned + cache at B = 1, 8
 #   scaleall   issue 23 item 5 in one lease: pruned + cache at B = 1, 2, 4, 8, 16 and unpruned + cache at 1, 2, 4, 8
 #              (16 and pruned 24 on a card of > 100 GB), exports side by side, then timed back to back
-#              (scale_all below); under scaleall/pruned and scaleall/unpruned. About 20 minutes
+#              (scale_all below); under scaleall/pruned and scaleall/unpruned. About 18 minutes
 #   scale1/2/3 the batch scale: pruned + cache at B = 1, 8, 16; unpruned + cache at 1, 8, 16; pruned at 2, 4 and
 #              24 (added to scale1's report in the same lease, else beside a fresh 1); under scale/pruned, scale/unpruned.
 #              (scale1 ran on 2026-12-06 at 23:18; scaleall replaces the three: one size per lease is too slow)
@@ -34,7 +34,7 @@
 # (about 18), batchunpruned 8, fp8 6, scale1 15 (5 per size, B = 16 included), scale2 15, scale3 15.
 # scale1 and scale2's B = 1 ran on 2026-12-06 at 23:18 (benchmarks/bench_gpu_batch_scale*.md). Measured on 2026-12-06 (benchmarks/bench_gpu_batch_multi.md,
 # kv_capacity_h100.md, load_test_gpu_stream.md): batch, kvcap, loadtest; the default runs the rest, batch sizes first.
-# scaleall 20 (its exports stop starting after 10 minutes).
+# scaleall 18 (its exports stop starting after 9 minutes).
 set -u
 RES=/tmp/res
 STEPS_ALL="scaleall,load,official,engines"
