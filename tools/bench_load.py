@@ -36,6 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu import DEVICE, build_model, request_images  # noqa: E402  the same weights and images
 
+EXPORTED = "bench_load_export.json"  # written into the engines by ``export``: the image size and its figures
+DEFAULT_IMAGE = (1024, 768)
 TARGET_S = 20.0  # issue 22: a warm load of the full-size engines
 MODES = {"precompiled": None, "compile": {"precompiled": None}}  # mode -> Pipeline.load's runner_options
 
@@ -48,7 +50,7 @@ def run_export(args) -> dict:
     t0 = time.perf_counter()
     model, cfg, tok = build_model(args.preset, args.seed)
     built = time.perf_counter() - t0
-    w, h = args.image
+    w, h = args.image or DEFAULT_IMAGE
     opts = ExportOptions(model=f"random {args.preset} (bench_load, seed {args.seed})", output=str(args.engines),
                          prune=PruneSettings(args.prune_layer, args.keep), cache=True, fuse_sampler=True,
                          backends=("inductor",), compiled_weights="shared",
@@ -61,8 +63,19 @@ def run_export(args) -> dict:
     out = {"model_build_s": built, "export_s": time.perf_counter() - t0, "precompiled": m.precompiled,
            "compile_cache": m.compile_cache, "notes": m.notes,
            "bytes": {k: f.bytes for k, f in m.files.items() if k.startswith("programs/") or k.endswith(".safetensors")}}
+    (Path(args.engines) / EXPORTED).write_text(json.dumps({"image": [w, h], **out}) + "\n")  # measure reads its image
     print(json.dumps(out), flush=True)
     return out
+
+
+def request_size(args) -> tuple[int, int]:
+    """The request image of a load: ``--image``, else the size the engines were exported for (``EXPORTED``)."""
+    if args.image is not None:
+        return args.image
+    info = Path(args.engines) / EXPORTED
+    if not info.is_file():
+        raise SystemExit(f"{args.engines}: no {EXPORTED} (not exported by this tool): give --image WxH")
+    return tuple(json.loads(info.read_text())["image"])
 
 
 def run_load(args) -> None:
@@ -77,7 +90,7 @@ def run_load(args) -> None:
     if DEVICE == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    res = pipe.generate(request_images(*args.image, 1)[0], "Describe the image.", preset="chartqa", cache=True,
+    res = pipe.generate(request_images(*request_size(args), 1)[0], "Describe the image.", preset="chartqa", cache=True,
                         factor=1.0)
     print(json.dumps({"seconds": seconds, "precompiled": pipe.precompiled, "compile_cache": pipe.compile_cache,
                       "dynamo_graphs": counters["stats"]["unique_graphs"],
@@ -103,7 +116,7 @@ def one_load(args, mode: str, caches: Path) -> dict:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"),
            "TRITON_CACHE_DIR": str(caches / "triton")}
     cmd = [sys.executable, __file__, "load", "--engines", str(args.engines), "--mode", mode,
-           "--image", "x".join(map(str, args.image))]
+           "--image", "x".join(map(str, request_size(args)))]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     wall = time.perf_counter() - t0
@@ -124,8 +137,8 @@ def run_measure(args) -> dict:
             row["warm"] = one_load(args, mode, Path(tmp))
             print(mode, "warm", json.dumps({k: v for k, v in row["warm"].items() if k != "ids"}), flush=True)
         res["modes"][mode] = row
-    ids = {m: r["warm"].get("ids") for m, r in res["modes"].items()}
-    res["same_ids"] = len({json.dumps(v) for v in ids.values()}) == 1 if ids else None
+    ids = {m: r["warm"]["ids"] for m, r in res["modes"].items() if "ids" in r["warm"]}  # an error has none
+    res["same_ids"] = len({json.dumps(v) for v in ids.values()}) == 1 if len(ids) > 1 else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_load.json").write_text(json.dumps(res, indent=2) + "\n")
@@ -151,7 +164,8 @@ def markdown(res: dict) -> str:
         lines.append(f"| {mode} | {c['seconds']:.1f} | {w['seconds']:.1f} | {ok} | {w['precompiled']} | "
                      f"{w['dynamo_graphs']} / {w['aot_autograd_runs']} | "
                      f"{w['fxgraph_cache_hit']} / {w['fxgraph_cache_miss']} |")
-    lines += ["", f"Same answer (token ids) in every mode: {res.get('same_ids')}.", ""]
+    same = {True: "yes", False: "NO", None: "- (fewer than two modes answered)"}[res.get("same_ids")]
+    lines += ["", f"Same answer (token ids) in every mode: {same}.", ""]
     return "\n".join(lines)
 
 
@@ -165,7 +179,9 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="full" if DEVICE == "cuda" else "tiny",
                    help="model size (default: full on CUDA, tiny on the CPU)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image", type=lambda s: tuple(map(int, s.split("x"))), default=(1024, 768), help="WxH bucket")
+    p.add_argument("--image", type=lambda s: tuple(map(int, s.split("x"))), default=None,
+                   help="WxH: export: the bucket's image size (default 1024x768); measure / load: the request's "
+                        "(default: the size the engines were exported for)")
     p.add_argument("--prune-layer", type=int, default=16)
     p.add_argument("--keep", type=float, default=0.35)
     p.add_argument("--gen-length", type=int, default=128)
