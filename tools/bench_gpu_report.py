@@ -105,7 +105,7 @@ def markdown_batch(res: dict) -> list[str]:
                      f"{t.get('sampler_overhead', float('nan')) * 1e3:.1f} | {fmt(r.get('first_batch_s'), '.1f')} | "
                      f"{r['peak_gib']:.1f} | {same} |")
     if res.get("not_exported"):
-        lines += ["", f"Not measured (their engine sets were not exported in time): B = "
+        lines += ["", f"Not measured (no engine set: the export was cut by the deadline or failed): B = "
                   f"{', '.join(map(str, res['not_exported']))}."]
     if res.get("prebuilt"):
         lines += ["", "The engine sets were exported by `--export-only` processes side by side before the timings "

@@ -99,7 +99,8 @@ def markdown(res: dict) -> str:
         lines.append(f"| {b} | " + " | ".join(cells) + f" | {ratio} |")
     for path, d in res["paths"].items():
         if d["not_exported"]:
-            lines += ["", f"{path}: B = {', '.join(map(str, d['not_exported']))} not measured (not exported in time)."]
+            lines += ["", f"{path}: B = {', '.join(map(str, d['not_exported']))} not measured (no engine set: its "
+                      "export was cut by the deadline or failed)."]
     lines += ["", "Per call (ms), each path at each B:", ""]
     for path, d in res["paths"].items():
         lines += [f"- {path}: " + "; ".join(f"B {r['batch_size']}: " + ", ".join(f"{k} {v:.2f}" for k, v in

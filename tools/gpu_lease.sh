@@ -143,13 +143,11 @@ scale_all() {
   done
   [ ${#q[@]} -gt 0 ] && echo "$(date +%T) not exported (deadline): ${q[*]}"
   wait
-  for b in ${P//,/ }; do  # an export that failed beside others (out of memory): once more, alone
-    [ -f $W/engines_pruned_cache_b$b/bench_export.json ] || [ ! -f $RES/scaleall/export_pruned_cache_b$b.log ] \
-      || late || { echo "$(date +%T) export pruned+cache B=$b again, alone"; export_one $b pruned+cache; }
-  done
-  for b in ${U//,/ }; do
-    [ -f $W/engines_unpruned_cache_b$b/bench_export.json ] || [ ! -f $RES/scaleall/export_unpruned_cache_b$b.log ] \
-      || late || { echo "$(date +%T) export unpruned+cache B=$b again, alone"; export_one $b unpruned+cache; }
+  local item
+  for item in $(printf '%s\n' ${P//,/ } | sed 's/$/:pruned+cache/') $(printf '%s\n' ${U//,/ } | sed 's/$/:unpruned+cache/'); do
+    set -- ${item%%:*} ${item#*:}  # an export that was started and failed beside others: once more, alone
+    [ -f $W/engines_${2/+/_}_b$1/bench_export.json ] || [ ! -f $RES/scaleall/export_${2/+/_}_b$1.log ] \
+      || late || { echo "$(date +%T) export $2 B=$1 again, alone"; export_one $1 $2; }
   done
   echo "$(date +%T) exports done: $(ls $W | tr '\n' ' ')"
   [ -n "$P" ] && timeout 900 python3 $batch --batch-sizes $P --prebuilt --workdir $W --out $RES/scaleall/pruned
