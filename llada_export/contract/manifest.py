@@ -172,9 +172,13 @@ class Manifest:
     def from_dict(cls, d: dict[str, Any], where: str = MANIFEST) -> "Manifest":
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise ManifestError(f"{where}: not a llada-export engines manifest")
-        if d.get("format_version") not in READABLE_VERSIONS:
+        version = d.get("format_version")
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ManifestError(f"{where}: format_version {version!r} is not an integer (damaged or edited manifest; "
+                                "re-run llada-export)")
+        if version not in READABLE_VERSIONS:
             raise ManifestError(
-                f"{where}: engines format version {d.get('format_version')} (tool {d.get('tool_version')}) is not "
+                f"{where}: engines format version {version} (tool {d.get('tool_version')}) is not "
                 f"supported by llada-export {__version__} (format {FORMAT_VERSION}); re-export with this version")
         try:
             m = cls(
@@ -199,7 +203,7 @@ class Manifest:
             what = f"field {e.args[0]!r} is missing" if isinstance(e, KeyError) else f"malformed field ({e})"
             raise ManifestError(f"{where}: {what}; the directory is damaged, re-run llada-export") from None
         if m.dtype not in DTYPES:
-            raise ManifestError(f"{where}: unknown dtype {m.dtype!r}")
+            raise ManifestError(f"{where}: unknown dtype {m.dtype!r} (damaged or edited manifest; re-run llada-export)")
         m._check_sizes(where)
         m._check_artifacts(where)
         m._check_consistent(where)
@@ -282,7 +286,8 @@ class Manifest:
                                         "graph (damaged or edited manifest; re-run llada-export)")
         for backend, rel in (self.compile_cache or {}).items():
             if rel not in self.files:
-                raise ManifestError(f"{where}: the {backend} compile cache {rel} is not in the file table")
+                raise ManifestError(f"{where}: the {backend} compile cache {rel} is not in the file table (damaged or edited "
+                                    "manifest; re-run llada-export)")
         for backend, rel in (self.precompiled or {}).items():
             if backend not in self.artifacts or rel not in self.files:
                 raise ManifestError(f"{where}: the {backend} precompiled kernels' index {rel} is not in the file "
@@ -306,7 +311,7 @@ class Manifest:
             raise ManifestError(f"{root}: no {MANIFEST} (not an engines directory written by llada-export)")
         try:
             d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # a binary or non-UTF-8 file, too
             raise ManifestError(f"{path}: not valid JSON ({e}); the directory is damaged, re-run llada-export") from e
         m = cls.from_dict(d, str(path))
         if verify:
@@ -314,15 +319,17 @@ class Manifest:
         return m
 
     def verify(self, root: Path) -> None:
+        fix = "the directory is damaged: re-run llada-export (or restore it from a copy)"
         for rel, info in self.files.items():
             f = root / rel
             if not f.is_file():
-                raise ManifestError(f"{root}: artifact {rel} listed in the manifest is missing")
+                raise ManifestError(f"{root}: artifact {rel} listed in the manifest is missing; {fix}")
             if f.stat().st_size != info.bytes:
                 raise ManifestError(f"{root}: artifact {rel} has {f.stat().st_size} bytes, the manifest says "
-                                    f"{info.bytes} (truncated or replaced?)")
+                                    f"{info.bytes} (truncated or replaced?); {fix}")
             if sha256(f) != info.sha256:
-                raise ManifestError(f"{root}: artifact {rel} does not match its SHA-256 in the manifest (altered?)")
+                raise ManifestError(f"{root}: artifact {rel} does not match its SHA-256 in the manifest (altered?); "
+                                    f"{fix}")
 
 
 def _size(b) -> int:

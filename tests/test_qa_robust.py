@@ -1,0 +1,56 @@
+"""A new user's robustness pass: damaged engines directories and refused HTTP requests say what is wrong
+and how to fix it (one line, the right status), never a raw traceback or a 500."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from llada_export.contract.manifest import MANIFEST, ManifestError, Manifest
+from llada_export.runtime.pipeline import Pipeline
+
+
+# ---------------------------------------------------------------------- damaged engines directories
+@pytest.fixture
+def copy(engines, tmp_path):
+    dst = tmp_path / "engines"
+    shutil.copytree(engines, dst)
+    return dst
+
+
+@pytest.mark.parametrize("raw", [b"\xff\xfe{}", bytes(range(200, 256)) * 4])
+def test_a_manifest_that_is_not_utf8_is_a_damaged_directory(tmp_path, raw):
+    """A binary or non-UTF-8 manifest.json was a bare UnicodeDecodeError ('utf-8' codec can't decode byte
+    0xff in position 0), naming neither the file nor the fix."""
+    (tmp_path / MANIFEST).write_bytes(raw)
+    with pytest.raises(ManifestError) as e:
+        Manifest.read(tmp_path)
+    assert str(tmp_path / MANIFEST) in str(e.value) and "re-run llada-export" in str(e.value)
+
+
+@pytest.mark.parametrize("damage, what", [
+    (lambda root: (root / "onnx/weights.bin").unlink(), "missing"),
+    (lambda root: (root / "onnx/weights.bin").write_bytes(b"\0" * 1000), "truncated"),
+    (lambda root: (root / "onnx/stage_b.onnx").write_bytes(bytes(b ^ 1 for b in (root / "onnx/stage_b.onnx")
+                                                                 .read_bytes())), "SHA-256")])
+def test_a_damaged_artifact_names_the_file_and_the_fix(copy, damage, what):
+    """Missing, truncated or altered files said what was wrong but not what to do about it."""
+    damage(copy)
+    with pytest.raises(ManifestError, match=what) as e:
+        Pipeline.load(copy)
+    assert "re-run llada-export" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("version, expect", [("5", "format_version '5' is not an integer"),
+                                             (None, "format_version None is not an integer")])
+def test_a_format_version_of_the_wrong_type_is_named(copy, version, expect):
+    """A string "5" read 'engines format version 5 ... is not supported by ... (format 5)': a contradiction."""
+    path = copy / MANIFEST
+    m = json.loads(path.read_text())
+    m["format_version"] = version
+    path.write_text(json.dumps(m))
+    with pytest.raises(ManifestError) as e:
+        Pipeline.load(copy)
+    assert expect in str(e.value) and "re-run llada-export" in str(e.value)
