@@ -54,3 +54,16 @@ def test_a_format_version_of_the_wrong_type_is_named(copy, version, expect):
     with pytest.raises(ManifestError) as e:
         Pipeline.load(copy)
     assert expect in str(e.value) and "re-run llada-export" in str(e.value)
+
+
+# ---------------------------------------------------------------------- the HTTP API without Ray
+def test_an_integer_too_long_to_parse_is_a_400_not_a_500():
+    """json.loads raises a plain ValueError (Python's 4300-digit limit) for a long integer literal: the server
+    answered it with a 500 internal error."""
+    from llada_export.serve.api import APIError, decode_json
+
+    body = b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + b"9" * 5000 + b"}"
+    with pytest.raises(APIError) as e:
+        decode_json(body)
+    assert (e.value.status, e.value.code) == (400, "invalid_json") and "too many digits" in e.value.message
+    assert decode_json(b'{"max_tokens": ' + b"9" * 4000 + b"}")["max_tokens"] == int("9" * 4000)

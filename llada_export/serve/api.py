@@ -136,11 +136,14 @@ def check_body_size(n_bytes: int, max_bytes: int = MAX_BODY_BYTES) -> None:
 
 
 def decode_json(raw: bytes) -> object:
-    """The body's JSON; 400 for anything that is not JSON, or that nests deeper than Python can parse."""
+    """The body's JSON; 400 for anything that is not JSON, that nests deeper than Python can parse, or whose
+    integers are too long for it."""
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(f"the request body is not valid JSON ({e})", code="invalid_json") from e
+    except ValueError:  # an integer literal over Python's int_max_str_digits (4300): was a 500
+        raise APIError("the request body holds a number with too many digits to parse", code="invalid_json") from None
     except RecursionError:
         raise APIError("the request body nests arrays or objects too deeply to parse", code="invalid_json") from None
 
