@@ -67,3 +67,61 @@ def test_an_integer_too_long_to_parse_is_a_400_not_a_500():
         decode_json(body)
     assert (e.value.status, e.value.code) == (400, "invalid_json") and "too many digits" in e.value.message
     assert decode_json(b'{"max_tokens": ' + b"9" * 4000 + b"}")["max_tokens"] == int("9" * 4000)
+
+
+def _asgi(server, method: str, path: str, body: bytes = b"", headers: dict | None = None) -> tuple[int, dict]:
+    """One request through ``LLaDAServer.__call__`` as Serve's proxy hands it over (a Starlette request), without
+    Ray: only what is answered before a request joins a batch (the batches are Ray Serve's)."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    hdrs = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    hdrs.append((b"content-length", str(len(body)).encode()))
+    scope = {"type": "http", "method": method, "path": path, "raw_path": path.encode(), "query_string": b"",
+             "headers": hdrs, "http_version": "1.1", "scheme": "http", "server": ("127.0.0.1", 8000),
+             "client": ("127.0.0.1", 1), "root_path": ""}
+    inbox, sent = [{"type": "http.request", "body": body, "more_body": False}], []
+
+    async def receive():
+        return inbox.pop(0) if inbox else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    async def run():
+        response = await server(Request(scope, receive))
+        await response(scope, receive, send)
+
+    asyncio.run(run())
+    return sent[0]["status"], json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+
+
+@pytest.fixture(scope="module")
+def server(engines):
+    from dataclasses import asdict
+
+    from llada_export.serve.app import LLaDAServer, ServeOptions
+
+    return LLaDAServer(asdict(ServeOptions(engines=str(engines), model_name="tiny")))
+
+
+CHAT = json.dumps({"messages": [{"role": "user", "content": "hi"}], "model": "nope"}).encode()
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "text/plain;charset=UTF-8",
+                                          "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"])
+def test_a_body_that_is_not_declared_json_is_refused(server, content_type):
+    """A JSON body sent as text/plain or as a form was parsed and run: what any web page can make a browser send
+    to a server on loopback without a CORS preflight (the FastAPI CSRF advisory GHSA-8h2j-cgx8-6xv7)."""
+    status, body = _asgi(server, "POST", "/v1/chat/completions", CHAT, {"content-type": content_type})
+    assert status == 415 and body["error"]["code"] == "unsupported_media_type", body
+    assert "application/json" in body["error"]["message"] and body["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("headers", [{"content-type": "application/json"}, {"Content-Type": "Application/JSON; charset=utf-8"},
+                                     {"content-type": "application/vnd.api+json"}, {}])
+def test_json_or_no_content_type_is_read(server, headers):
+    """Read as JSON, the body gets as far as its model check (another model: 404), where the old code got too."""
+    status, body = _asgi(server, "POST", "/v1/chat/completions", CHAT, headers)
+    assert status == 404 and body["error"]["code"] == "model_not_found", body

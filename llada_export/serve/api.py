@@ -35,7 +35,7 @@ any other value; an unknown field is refused, so a setting the server would sile
 passes as honoured.
 
 A body is at most ``MAX_BODY_BYTES`` (16 MiB, the base64 image included: 413 above it, before it is
-parsed). Every error is ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status for what
+parsed), sent as ``application/json`` (or with no Content-Type: 415 for any other). Every error is ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status for what
 the caller can fix; nothing in this module touches the engines.
 """
 
@@ -133,6 +133,17 @@ def check_body_size(n_bytes: int, max_bytes: int = MAX_BODY_BYTES) -> None:
     if n_bytes > max_bytes:
         raise APIError(f"the request body is over {max_bytes / 2**20:g} MiB ({n_bytes / 2**20:.1f} MiB): send a "
                        "smaller image (its base64 takes 4/3 of its size)", status=413, code="request_too_large")
+
+
+def check_content_type(value: str | None) -> None:
+    """415 for a body declared as anything but JSON (``application/json`` or ``application/*+json``, any
+    parameters); no Content-Type at all is read as JSON. A browser page on any site may POST a text/plain or
+    form body to a loopback server without asking first (no CORS preflight): refusing those keeps such
+    pages from running requests on it."""
+    kind = (value or "").split(";", 1)[0].strip().lower()
+    if kind and kind != "application/json" and not (kind.startswith("application/") and kind.endswith("+json")):
+        raise APIError(f"Content-Type {shorten(repr(value))} is not JSON: send the body as application/json "
+                       "(curl: -H 'Content-Type: application/json')", status=415, code="unsupported_media_type")
 
 
 def decode_json(raw: bytes) -> object:

@@ -63,8 +63,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..rules import shorten
-from .api import (MAX_BODY_BYTES, APIError, check_body_size, chunk, completion, decode_json, finish_reason, llada_info,
-                  parse_chat, sse, usage)
+from .api import (MAX_BODY_BYTES, APIError, check_body_size, check_content_type, chunk, completion, decode_json,
+                  finish_reason, llada_info, parse_chat, sse, usage)
 from .gate import Gate
 from .stream import RowStreams, TextStream, answer_with_stop
 
@@ -180,7 +180,8 @@ class LLaDAServer:
 
     async def chat(self, http):
         t0 = time.perf_counter()
-        raw = await self._read_body(http)
+        raw = await self._read_body(http)  # read (or drained) first, so that the client hears the refusal
+        check_content_type(http.headers.get("content-type"))
         loop = asyncio.get_running_loop()
         chat, request, gen, prompt_tokens = await loop.run_in_executor(self.admission, self._admit, raw)
         if chat.stream:
