@@ -125,3 +125,16 @@ def test_json_or_no_content_type_is_read(server, headers):
     """Read as JSON, the body gets as far as its model check (another model: 404), where the old code got too."""
     status, body = _asgi(server, "POST", "/v1/chat/completions", CHAT, headers)
     assert status == 404 and body["error"]["code"] == "model_not_found", body
+
+
+def test_a_model_is_retrieved_by_its_name(server):
+    """The official client's models.retrieve(name) is GET /v1/models/{name}: it was a 404 no route."""
+    status, listing = _asgi(server, "GET", "/v1/models")
+    assert status == 200 and [m["id"] for m in listing["data"]] == ["tiny"]
+    status, entry = _asgi(server, "GET", "/v1/models/tiny")
+    assert status == 200 and entry == listing["data"][0] and entry["object"] == "model"
+    status, body = _asgi(server, "GET", "/v1/models/gpt-4o")
+    assert status == 404 and (body["error"]["code"], body["error"]["param"]) == ("model_not_found", "model")
+    assert "'gpt-4o' is not served here; this server serves 'tiny'" in body["error"]["message"]
+    status, body = _asgi(server, "DELETE", "/v1/models/tiny")
+    assert status == 405 and body["error"]["code"] == "method_not_allowed"

@@ -147,13 +147,15 @@ class LLaDAServer:
         route = (http.method, http.url.path.rstrip("/") or "/")
         handlers = {("POST", "/v1/chat/completions"): self.chat, ("GET", "/v1/models"): self.models,
                     ("GET", "/health"): self.health}
+        if route[1].startswith("/v1/models/"):  # OpenAI's "retrieve model": GET /v1/models/{model}
+            handlers[("GET", route[1])] = self.model
         try:
             if route not in handlers:
                 known = {p for _, p in handlers}
                 if route[1] in known:
                     raise APIError(f"{route[0]} is not allowed on {route[1]}", status=405, code="method_not_allowed")
-                raise APIError(f"no route {route[1]}; routes: POST /v1/chat/completions, GET /v1/models, GET /health",
-                               status=404, code="not_found")
+                raise APIError(f"no route {route[1]}; routes: POST /v1/chat/completions, GET /v1/models, GET "
+                               "/v1/models/{model}, GET /health", status=404, code="not_found")
             answer = await handlers[route](http)
             return answer if not isinstance(answer, dict) else JSONResponse(answer)
         except APIError as e:
@@ -177,6 +179,19 @@ class LLaDAServer:
                 "max_visual_tokens": bucket.max_visual_tokens, "generation_defaults": p.manifest.generation}
         return {"object": "list", "data": [{"id": self.options.name, "object": "model", "created": int(self.started),
                                             "owned_by": "llada-export", "llada": info}]}
+
+    async def model(self, http) -> dict:
+        """``GET /v1/models/{model}`` (the official client's ``models.retrieve``): the entry of ``/v1/models``
+        for this server's model, 404 ``model_not_found`` for any other name."""
+        name = http.url.path.rstrip("/").removeprefix("/v1/models/")  # the server decoded the %-escapes
+        entry = (await self.models(http))["data"][0]
+        if name != entry["id"]:
+            raise self._not_served(name)
+        return entry
+
+    def _not_served(self, name: str) -> APIError:
+        return APIError(f"model {shorten(repr(name))} is not served here; this server serves {self.options.name!r}",
+                        status=404, param="model", code="model_not_found")
 
     async def chat(self, http):
         t0 = time.perf_counter()
@@ -309,9 +324,7 @@ class LLaDAServer:
         checked against these engines by the runtime's own rules (a 4xx naming the field if not)."""
         chat = parse_chat(decode_json(raw), int(self.options.max_body_mb * 2**20))  # 4xx naming the field
         if chat.model is not None and chat.model != self.options.name:
-            raise APIError(f"model {shorten(repr(chat.model))} is not served here; this server serves "
-                           f"{self.options.name!r}",
-                           status=404, param="model", code="model_not_found")
+            raise self._not_served(chat.model)
         from ..contract.layout import RequestError
         from ..runtime.pipeline import Request
         from ..tokenizer import DEFAULT_SYSTEM_PROMPT
