@@ -138,3 +138,15 @@ def test_a_model_is_retrieved_by_its_name(server):
     assert "'gpt-4o' is not served here; this server serves 'tiny'" in body["error"]["message"]
     status, body = _asgi(server, "DELETE", "/v1/models/tiny")
     assert status == 405 and body["error"]["code"] == "method_not_allowed"
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_a_response_length_over_the_engines_names_the_field_sent(server, field):
+    """The official client sends max_completion_tokens (max_tokens is deprecated there): a length over the
+    engines' was refused as "max_tokens 9999 ...", param max_tokens, naming a field the caller never sent."""
+    body = {"messages": [{"role": "user", "content": "hi"}], field: 9999}
+    status, answer = _asgi(server, "POST", "/v1/chat/completions", json.dumps(body).encode(),
+                           {"content-type": "application/json"})
+    err = answer["error"]
+    assert status == 400 and (err["param"], err["code"]) == (field, "invalid_settings")
+    assert err["message"].startswith(f"{field} 9999 is over these engines' maximum 128 ")

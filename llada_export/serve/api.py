@@ -125,6 +125,7 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
     stop: tuple[str, ...] = ()
+    length_field: str = "max_tokens"  # the field that set the response length (max_completion_tokens too)
 
 
 def check_body_size(n_bytes: int, max_bytes: int = MAX_BODY_BYTES) -> None:
@@ -184,10 +185,10 @@ def parse_chat(body: object, max_image_bytes: int = MAX_IMAGE_BYTES) -> ChatRequ
     if "max_tokens" in body and "max_completion_tokens" in body:
         raise APIError("give max_tokens or max_completion_tokens, not both", param="max_completion_tokens")
     max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+    length_field = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     settings: dict = {}
     if max_tokens is not None:
-        settings["gen_length"] = _int(max_tokens, "max_tokens" if "max_tokens" in body else "max_completion_tokens",
-                                      low=1)
+        settings["gen_length"] = _int(max_tokens, length_field, low=1)
     if "temperature" in body:
         settings["temperature"] = _number(body["temperature"], "temperature")
     for k in ("steps", "block_length"):
@@ -216,7 +217,7 @@ def parse_chat(body: object, max_image_bytes: int = MAX_IMAGE_BYTES) -> ChatRequ
     stream = _bool(body.get("stream", False), "stream")
     include_usage = _stream_options(body.get("stream_options"), stream)
     return ChatRequest(prompt, image, system, seed, settings, unpruned, model, history, stream, include_usage,
-                       _stop(body.get("stop")))
+                       _stop(body.get("stop")), length_field)
 
 
 def _neutral(name: str, value: object, ok: tuple, does: str) -> None:

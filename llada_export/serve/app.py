@@ -332,8 +332,8 @@ class LLaDAServer:
         bucket = self.pipe.bucket
         max_tokens = chat.settings.get("gen_length")
         if max_tokens is not None and max_tokens > bucket.gen_length:
-            raise APIError(f"max_tokens {max_tokens} is over these engines' maximum {bucket.gen_length} (their "
-                           f"--gen-length): ask for at most {bucket.gen_length}", param="max_tokens",
+            raise APIError(f"{chat.length_field} {max_tokens} is over these engines' maximum {bucket.gen_length} "
+                           f"(their --gen-length): ask for at most {bucket.gen_length}", param=chat.length_field,
                            code="invalid_settings")
         try:
             request = Request(chat.image, chat.prompt, DEFAULT_SYSTEM_PROMPT if chat.system is None else chat.system,
