@@ -246,7 +246,9 @@ class _Writer:
 
     def map_body_error(self, e: OSError) -> OutputDirError | None:
         """An OSError of the with-block about a path inside the temp dir, reworded to name
-        the same path under ``out``; None for any other OSError (left as it is)."""
+        the same path under ``out``, or a full disk or quota that a write() reports without a
+        path (``[Errno 28] No space left on device`` alone), named as ``out``; None for any
+        other OSError (left as it is)."""
         def under_tmp(fn) -> str | None:
             try:
                 p = os.path.abspath(os.fsdecode(fn))
@@ -262,6 +264,8 @@ class _Writer:
             return self._fs_error(e, where)
         if e.filename2 is not None and (where := under_tmp(e.filename2)) is not None:
             return self._fs_error(e, where, f" ({e.filename})")
+        if e.filename is None and e.errno in (errno.ENOSPC, errno.EDQUOT):  # a write() names no file
+            return self._fs_error(e, extra=" while it was being written")
         return None
 
     # -- checks ---------------------------------------------------------------------------

@@ -4,11 +4,13 @@ and how to fix it (one line, the right status), never a raw traceback or a 500."
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
 
-from llada_export.contract.manifest import MANIFEST, ManifestError, Manifest
+from llada_export.contract.manifest import MANIFEST, Manifest, ManifestError
+from llada_export.outdir import OutputDirError, atomic_output_dir
 from llada_export.runtime.pipeline import Pipeline
 
 
@@ -54,6 +56,28 @@ def test_a_format_version_of_the_wrong_type_is_named(copy, version, expect):
     with pytest.raises(ManifestError) as e:
         Pipeline.load(copy)
     assert expect in str(e.value) and "re-run llada-export" in str(e.value)
+
+
+# ---------------------------------------------------------------------- a full disk while writing an output
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a real ENOSPC on every write)")
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_full_disk_names_the_output_and_keeps_the_old_one(tmp_path, existing):
+    """A write() that fills the disk raises OSError(ENOSPC) with no file name: llada-export said only
+    "error: [Errno 28] No space left on device". Now it names the output and the fix; an earlier directory
+    there is kept as it was, and no partial folder is left."""
+    out = tmp_path / "engines"
+    if existing:
+        out.mkdir()
+        (out / "manifest.json").write_text("old")
+    with pytest.raises(OutputDirError) as e:
+        with atomic_output_dir(out, overwrite=True, owned=lambda p: True) as tmp:
+            (tmp / "manifest.json").write_text("new")
+            with open("/dev/full", "wb") as f:  # what a full file system answers a write
+                f.write(b"weights")
+    assert str(e.value) == (f"cannot write {out}: No space left on device while it was being written; free some "
+                            "space or choose another path")
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["engines"] if existing else [])
+    assert not existing or (out / "manifest.json").read_text() == "old"
 
 
 # ---------------------------------------------------------------------- the HTTP API without Ray
