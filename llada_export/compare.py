@@ -351,10 +351,14 @@ def compare_graph(name: str, backend: str, engine_runner: BaseRunner, ref_fn, fe
     cmd = None
     cli = get_backend(backend).polygraphy_cli
     if cli:
-        save_dir.mkdir(parents=True, exist_ok=True)
         inp, outp = save_dir / f"{backend}_{name}_inputs.json", save_dir / f"{backend}_{name}_reference_outputs.json"
-        save_json([feeds], str(inp))
-        RunResults([results[0]]).save(str(outp))
+        try:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            save_json([feeds], str(inp))
+            RunResults([results[0]]).save(str(outp))
+        except OSError as e:  # a full disk's write() names no file: say which folder, and what to do
+            raise CompareError(f"cannot write the Polygraphy files to {save_dir}: {e.strerror or e}; free some space "
+                               "or pass another --save-dir") from e
         cmd = (f"polygraphy run {shlex.quote(str(engine_path))} {cli} --load-inputs {shlex.quote(str(inp))} "
                f"--load-outputs {shlex.quote(str(outp))} ")
         if "kept_index" in tol:  # the same post-process and compare function as here

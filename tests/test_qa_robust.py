@@ -80,6 +80,19 @@ def test_a_full_disk_names_the_output_and_keeps_the_old_one(tmp_path, existing):
     assert not existing or (out / "manifest.json").read_text() == "old"
 
 
+def test_compare_that_cannot_write_its_files_says_where_and_what_to_do(engines, tiny_ckpt, tmp_path):
+    """llada-compare's Polygraphy files: an OSError writing them was printed bare ("[Errno 28] No space left on
+    device" on a full disk, checked on an 8 MB tmpfs); now it names the folder and --save-dir. Here the real
+    OSError is a folder below a file."""
+    from llada_export.compare import CompareError, run_compare
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CompareError) as e:
+        run_compare(engines, tiny_ckpt, save_dir=tmp_path / "file" / "sub", backends=["onnxruntime"])
+    assert str(e.value) == (f"cannot write the Polygraphy files to {tmp_path / 'file' / 'sub'}: Not a directory; "
+                            "free some space or pass another --save-dir")
+
+
 # ---------------------------------------------------------------------- the HTTP API without Ray
 def test_an_integer_too_long_to_parse_is_a_400_not_a_500():
     """json.loads raises a plain ValueError (Python's 4300-digit limit) for a long integer literal: the server
