@@ -460,12 +460,18 @@ def check_save_dir(save_dir: Path, engines: Path, checkpoint: Path) -> None:
     """Refuse a --save-dir that is a file, or the engines or checkpoint directory or inside one."""
     if save_dir.exists() and not save_dir.is_dir():
         raise CompareError(f"--save-dir {save_dir} is a file: give a folder for the Polygraphy files")
-    where = save_dir.resolve()
+    check_outside("--save-dir", save_dir, engines, checkpoint, "folder")
+
+
+def check_outside(flag: str, path: Path, engines: Path, checkpoint: Path, what: str) -> None:
+    """Refuse an output ``path`` (``flag``'s) that is the engines or checkpoint directory or inside one: a
+    report named manifest.json or config.json there would replace the file the directory is read by."""
+    where = Path(path).resolve()
     for name, d in (("engines", engines), ("checkpoint", checkpoint)):
         d = Path(d).resolve()
         if where == d or d in where.parents:
-            raise CompareError(f"--save-dir {save_dir} is inside the {name} directory {d}, which llada-compare does "
-                               "not write to: give another folder")
+            raise CompareError(f"{flag} {path} is inside the {name} directory {d}, which llada-compare does "
+                               f"not write to: give another {what}")
 
 
 def run_compare(engines: str | Path, checkpoint: str | Path, prompts: list[tuple] | None = None,

@@ -93,6 +93,26 @@ def test_compare_that_cannot_write_its_files_says_where_and_what_to_do(engines, 
                             "free some space or pass another --save-dir")
 
 
+@pytest.mark.parametrize("target", ["engines", "checkpoint"])
+def test_compare_refuses_a_report_inside_the_engines_or_the_checkpoint(copy, tiny_ckpt, tmp_path, capsys, target):
+    """``llada-compare --report ENGINES/manifest.json`` ran the comparison and then wrote its report over the
+    manifest: the engines no longer loaded ("not a llada-export engines manifest"); CKPT/config.json the same.
+    Refused before anything runs, as --save-dir there is; both directories are left as they were."""
+    from helpers import cli_here
+    from llada_export.cli.compare import main
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt)
+    victim = copy / MANIFEST if target == "engines" else ckpt / "config.json"
+    before = victim.read_bytes()
+    r = cli_here(main, "llada-compare", capsys, "--engines", str(copy), "--model", str(ckpt), "--presets", "mc",
+                 "--report", str(victim))
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"llada-compare: error: --report {victim} is inside the {target} directory {victim.parent.resolve()}, which "
+        "llada-compare does not write to: give another path"), r.stderr
+    assert victim.read_bytes() == before and not victim.with_suffix(".md").exists()
+
+
 # ---------------------------------------------------------------------- the HTTP API without Ray
 def test_an_integer_too_long_to_parse_is_a_400_not_a_500():
     """json.loads raises a plain ValueError (Python's 4300-digit limit) for a long integer literal: the server

@@ -57,8 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_report_path(path: Path) -> None:
-    """Refuse, before the comparison runs, a report path that could not be written at its end."""
+def check_report_path(path: Path, engines: str, model: str) -> None:
+    """Refuse, before the comparison runs, a report path that could not be written at its end, or that lies in
+    the engines or checkpoint directory (``--report ENGINES/manifest.json`` replaced the manifest)."""
+    from ..compare import check_outside
+
+    check_outside("--report", path, Path(engines), Path(model), "path")
     if path.suffix == ".md":
         raise ValueError(f"--report {path}: the JSON report's path (its .md summary goes beside it); "
                          f"give {path.with_suffix('.json')}")
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if len(args.image) != len(args.prompt):
             raise ValueError("give one --image for each --prompt")
-        check_report_path(Path(args.report or DEFAULT_REPORT))
+        check_report_path(Path(args.report or DEFAULT_REPORT), args.engines, args.model)
         report = CompareReport(args.engines, args.model, "")
         try:
             run_compare(args.engines, args.model, list(zip(args.image, args.prompt)) or None, args.backend,
