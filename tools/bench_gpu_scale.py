@@ -139,13 +139,14 @@ def markdown(res: dict) -> str:
 def plot(res: dict, path: Path) -> None:
     plt = pyplot()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, d in res["paths"].items():
+    for color, (name, d) in zip(("tab:blue", "tab:orange"), res["paths"].items()):  # one colour per path
         b = [r["batch_size"] for r in d["rows"]]
-        ax.plot(b, [r["tokens_per_s"] for r in d["rows"]], "o-", label=name)
-        ax2.plot(b, [r["peak_gib"] for r in d["rows"]], "o", label=f"{name} measured")
+        ax.plot(b, [r["tokens_per_s"] for r in d["rows"]], "o-", color=color, label=name)
+        ax2.plot(b, [r["peak_gib"] for r in d["rows"]], "o", color=color, label=f"{name} measured")
         if d["gib_per_request"] and d["largest_batch"]:
             xs = [0, d["largest_batch"]]
-            ax2.plot(xs, [d["gib_at_0"] + d["gib_per_request"] * x for x in xs], "--", lw=1, label=f"{name} line")
+            ax2.plot(xs, [d["gib_at_0"] + d["gib_per_request"] * x for x in xs], "--", color=color, lw=1,
+                     label=f"{name} line")
     ax.set_xlabel("batch size")
     ax.set_ylabel("tokens/s")
     ax.set_title(f"tokens/s, {res['env']['gpu']}", fontsize=9)

@@ -25,7 +25,8 @@
 #   batchunpruned  bench_gpu batch: unpruned + cache at B = 1, 8
 #   scaleall   issue 23 item 5 in one lease: pruned + cache at B = 1, 2, 4, 8, 16 and unpruned + cache at 1, 2, 4, 8
 #              (16 and pruned 24 on a card of > 100 GB), exports side by side, then timed back to back
-#              (scale_all below); under scaleall/pruned and scaleall/unpruned. About 18 minutes
+#              (scale_all below); under scaleall/pruned and scaleall/unpruned. Ran 2026-12-07 (below); what it
+#              lacked: SCALE_QUEUE="8 unpruned+cache,1 unpruned+cache,1 pruned+cache" bash tools/gpu_lease.sh start load,scaleall
 #   scale1/2/3 the batch scale: pruned + cache at B = 1, 8, 16; unpruned + cache at 1, 8, 16; pruned at 2, 4 and
 #              24 (added to scale1's report in the same lease, else beside a fresh 1); under scale/pruned, scale/unpruned.
 #              (scale1 ran on 2026-12-06 at 23:18; scaleall replaces the three: one size per lease is too slow)
@@ -33,11 +34,11 @@
 # Device time: official 1 min, batch 9, kvcap 2, unpruned 4, loadtest 5, load 5, engines 4, batchmore 4 per size
 # (about 18), batchunpruned 8, fp8 6, scale1 15 (5 per size, B = 16 included), scale2 15, scale3 15.
 # scale1 and scale2's B = 1 ran on 2026-12-06 at 23:18 (benchmarks/bench_gpu_batch_scale*.md). Measured on 2026-12-06 (benchmarks/bench_gpu_batch_multi.md,
-# kv_capacity_h100.md, load_test_gpu_stream.md): batch, kvcap, loadtest; the default runs the rest, batch sizes first.
-# scaleall 18 (its exports stop starting after 9 minutes).
+# kv_capacity_h100.md, load_test_gpu_stream.md): batch, kvcap, loadtest; the default runs the rest, the short load first.
+# scaleall 21 on an H100 (its exports stop starting after 9 minutes; 2026-12-07: benchmarks/bench_gpu_batch_scale_paths.md).
 set -u
 RES=/tmp/res
-STEPS_ALL="scaleall,load,official,engines"
+STEPS_ALL="load,scaleall,official,engines"
 
 run_steps() {
   export PYTHONUNBUFFERED=1
@@ -100,11 +101,14 @@ run_steps() {
 # scaleall: pruned + cache at B = 1, 2, 4, 8, 16 and unpruned + cache at 1, 2, 4, 8 (and on a card of more than
 # 100 GB unpruned 16 and pruned 24), demo preset, queued in order of need (B = 8 and 1 of both paths first). The exports (2-6 minutes each,
 # mostly the compiler on the CPU) run side by side, at most SCALE_JOBS at once (default 3): the first queued one
-# whose GPU memory fits beside the running ones' in the card's less 4 GiB (each: 30 GiB of
-# weights and fused copies + its example KV cache, B x 0.75 GiB pruned, B x 1.9 unpruned); none starts after
+# whose GPU memory fits beside the running ones' in the card's less 4 GiB (each: 32 GiB of weights and fused
+# copies + B x 2.5 GiB pruned, B x 4.5 unpruned, for the example cache and autotuning); none starts after
 # SCALE_DEADLINE seconds (default 540) or a `touch /tmp/res/scale_stop`. An export that failed beside others runs
 # once more alone. Then one process per path times its sets back to back (bench_gpu.py batch --prebuilt): no
-# timing overlaps an export. About 18 minutes. SCALE_QUEUE="B path,..." replaces the queue (a short lease).
+# timing overlaps an export. Ran on an H100 on 2026-12-07 (21 minutes with the first memory guess; pruned 16
+# ran out of memory and unpruned 8 was cut by the deadline): on an 80 GB card the exports mostly run one or
+# two at once, so the whole queue takes more than one lease there; SCALE_QUEUE="B path,..." replaces the queue
+# (what is missing, with B = 1 of each path for the same-lease ratios).
 scale_all() {
   local W=/tmp/scale-work start=$(date +%s) total P U b i
   local -a q pids needs
@@ -119,7 +123,10 @@ scale_all() {
     P=$(printf '%s\n' "${q[@]}" | awk '$2 == "pruned+cache" {print $1}' | sort -n | paste -sd,)
     U=$(printf '%s\n' "${q[@]}" | awk '$2 == "unpruned+cache" {print $1}' | sort -n | paste -sd,)
   fi
-  need() { [ $2 = pruned+cache ] && echo $(( 30 + ($1 * 3 + 3) / 4 )) || echo $(( 30 + ($1 * 19 + 9) / 10 )); }
+  # GiB an export process takes at its peak (the precompile's autotuning included), from the H100 lease of
+  # 2026-12-07: pruned B = 8 held 49.7 GiB, unpruned B = 4 needed more than 48.6; the first guess (30 GiB +
+  # the example KV cache) let three exports run out of memory in their autotuning (compiled at load instead)
+  need() { [ $2 = pruned+cache ] && echo $(( 32 + ($1 * 5 + 1) / 2 )) || echo $(( 32 + ($1 * 9 + 1) / 2 )); }
   export_one() {  # size path -> the exit status of its export (its log under $RES/scaleall/)
     timeout 900 python3 $batch --paths $2 --batch-sizes $1 --export-only --workdir $W \
       > $RES/scaleall/export_${2/+/_}_b$1.log 2>&1
