@@ -176,7 +176,8 @@ def test_a_body_that_is_not_declared_json_is_refused(server, content_type):
     assert "application/json" in body["error"]["message"] and body["error"]["type"] == "invalid_request_error"
 
 
-@pytest.mark.parametrize("headers", [{"content-type": "application/json"}, {"Content-Type": "Application/JSON; charset=utf-8"},
+@pytest.mark.parametrize("headers", [{"content-type": "application/json"},
+                                     {"Content-Type": "Application/JSON; charset=utf-8"},
                                      {"content-type": "application/vnd.api+json"}, {}])
 def test_json_or_no_content_type_is_read(server, headers):
     """Read as JSON, the body gets as far as its model check (another model: 404), where the old code got too."""

@@ -286,8 +286,8 @@ class Manifest:
                                         "graph (damaged or edited manifest; re-run llada-export)")
         for backend, rel in (self.compile_cache or {}).items():
             if rel not in self.files:
-                raise ManifestError(f"{where}: the {backend} compile cache {rel} is not in the file table (damaged or edited "
-                                    "manifest; re-run llada-export)")
+                raise ManifestError(f"{where}: the {backend} compile cache {rel} is not in the file table (damaged or "
+                                    "edited manifest; re-run llada-export)")
         for backend, rel in (self.precompiled or {}).items():
             if backend not in self.artifacts or rel not in self.files:
                 raise ManifestError(f"{where}: the {backend} precompiled kernels' index {rel} is not in the file "

@@ -35,8 +35,9 @@ any other value; an unknown field is refused, so a setting the server would sile
 passes as honoured.
 
 A body is at most ``MAX_BODY_BYTES`` (16 MiB, the base64 image included: 413 above it, before it is
-parsed), sent as ``application/json`` (or with no Content-Type: 415 for any other). Every error is ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status for what
-the caller can fix; nothing in this module touches the engines.
+parsed), sent as ``application/json`` (or with no Content-Type: 415 for any other). Every error is
+``{"error": {"message", "type", "param", "code"}}`` with a 4xx status for what the caller can fix;
+nothing in this module touches the engines.
 """
 
 from __future__ import annotations
