@@ -208,3 +208,13 @@ def test_a_response_length_over_the_engines_names_the_field_sent(server, field):
     err = answer["error"]
     assert status == 400 and (err["param"], err["code"]) == (field, "invalid_settings")
     assert err["message"].startswith(f"{field} 9999 is over these engines' maximum 128 ")
+
+
+def test_a_body_just_over_the_limit_says_by_how_much():
+    """The size was printed in MiB to one decimal: a body one byte over 16 MiB was "over 16 MiB (16.0 MiB)"."""
+    from llada_export.serve.api import MAX_BODY_BYTES, APIError, check_body_size
+
+    with pytest.raises(APIError) as e:
+        check_body_size(MAX_BODY_BYTES + 1)
+    assert e.value.status == 413 and e.value.message.startswith(
+        "the request body is over 16 MiB (16,777,217 bytes): send a smaller image")

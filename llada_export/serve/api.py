@@ -133,8 +133,8 @@ def check_body_size(n_bytes: int, max_bytes: int = MAX_BODY_BYTES) -> None:
     """413 for a body of ``n_bytes`` over ``max_bytes`` (called with the Content-Length before the body is
     read, and on the bytes read so far while it is)."""
     if n_bytes > max_bytes:
-        raise APIError(f"the request body is over {max_bytes / 2**20:g} MiB ({n_bytes / 2**20:.1f} MiB): send a "
-                       "smaller image (its base64 takes 4/3 of its size)", status=413, code="request_too_large")
+        raise APIError(f"the request body is over {max_bytes / 2**20:g} MiB ({n_bytes:,} bytes): send a smaller "
+                       "image (its base64 takes 4/3 of its size)", status=413, code="request_too_large")
 
 
 def check_content_type(value: str | None) -> None:
