@@ -35,7 +35,7 @@ def write(ctx: WriteContext, graph: str, path: Path) -> list[Path]:
 
     ep = ctx.options.get("inplace", {}).get(graph, ctx.programs[graph])  # the cached step writing its cache in place
     if ctx.weight_keys is None:
-        torch.export.save(ep, str(path))
+        save_program(ep, path)
         return [path]
     mapping, _ = checkpoint_constants(ep, ctx.weight_keys)
     ctx.constants.setdefault(BACKEND.name, {})[graph] = mapping
@@ -47,11 +47,25 @@ def write(ctx: WriteContext, graph: str, path: Path) -> list[Path]:
                 if fqn in mapping and isinstance(t, torch.Tensor):
                     m = torch.empty_like(t, device="meta")
                     table[fqn] = torch.nn.Parameter(m, requires_grad=False) if isinstance(t, torch.nn.Parameter) else m
-        torch.export.save(ep, str(path))
+        save_program(ep, path)
     finally:
         for table, orig in zip(tables, saved):
             table.update(orig)
     return [path]
+
+
+def save_program(ep, path: Path) -> None:
+    """``torch.export.save`` without the program's example inputs: torch keeps the ones it was traced
+    with and saves them in the archive, and ``torch.export.load`` reads them back onto their device.
+    For the cached step they hold the example KV cache (full size, pruned: 0.77 GB per request, on the
+    GPU at load); nothing here uses them once the program is saved."""
+    import torch
+
+    example, ep.example_inputs = ep.example_inputs, None
+    try:
+        torch.export.save(ep, str(path))
+    finally:
+        ep.example_inputs = example
 
 
 CACHE_BLOB, CACHE_INFO = "compile_cache.bin", "compile_cache.json"
