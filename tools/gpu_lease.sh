@@ -26,7 +26,8 @@
 #   scaleall   issue 23 item 5 in one lease: pruned + cache at B = 1, 2, 4, 8, 16 and unpruned + cache at 1, 2, 4, 8
 #              (16 and pruned 24 on a card of > 100 GB), exports side by side, then timed back to back
 #              (scale_all below); under scaleall/pruned and scaleall/unpruned. Ran 2026-12-07 (below); what it
-#              lacked: SCALE_QUEUE="8 unpruned+cache,1 unpruned+cache,1 pruned+cache" bash tools/gpu_lease.sh start load,scaleall
+#              lacked: SCALE_QUEUE="8 unpruned+cache,8 pruned+cache,1 unpruned+cache,1 pruned+cache" \
+#              bash tools/gpu_lease.sh start load,scaleall (about 20 minutes on an H100)
 #   scale1/2/3 the batch scale: pruned + cache at B = 1, 8, 16; unpruned + cache at 1, 8, 16; pruned at 2, 4 and
 #              24 (added to scale1's report in the same lease, else beside a fresh 1); under scale/pruned, scale/unpruned.
 #              (scale1 ran on 2026-12-06 at 23:18; scaleall replaces the three: one size per lease is too slow)
