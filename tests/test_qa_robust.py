@@ -218,3 +218,23 @@ def test_a_body_just_over_the_limit_says_by_how_much():
         check_body_size(MAX_BODY_BYTES + 1)
     assert e.value.status == 413 and e.value.message.startswith(
         "the request body is over 16 MiB (16,777,217 bytes): send a smaller image")
+
+
+def test_unpruned_on_engines_without_it_names_the_field_not_the_servers_path(multi_size_engines):
+    """``unpruned: true`` on engines exported without --baseline: the runtime's refusal starts with the engines'
+    directory, which the server sent to its caller with param null."""
+    from dataclasses import asdict
+
+    from llada_export.serve.app import LLaDAServer, ServeOptions
+
+    server = LLaDAServer(asdict(ServeOptions(engines=str(multi_size_engines), model_name="tiny")))
+    body = {"messages": [{"role": "user", "content": "hi"}], "unpruned": True}
+    status, answer = _asgi(server, "POST", "/v1/chat/completions", json.dumps(body).encode(),
+                           {"content-type": "application/json"})
+    err = answer["error"]
+    assert status == 400 and (err["param"], err["code"]) == ("unpruned", "invalid_settings"), err
+    assert "no unpruned graph" in err["message"] and str(multi_size_engines) not in err["message"], err
+    body["unpruned"] = False  # without it the request passes every check, to the batch queue (Ray's: 500 here)
+    status, answer = _asgi(server, "POST", "/v1/chat/completions", json.dumps(body).encode(),
+                           {"content-type": "application/json"})
+    assert status == 500 and "Ray Serve deployment" in answer["error"]["message"], answer

@@ -335,6 +335,9 @@ class LLaDAServer:
             raise APIError(f"{chat.length_field} {max_tokens} is over these engines' maximum {bucket.gen_length} "
                            f"(their --gen-length): ask for at most {bucket.gen_length}", param=chat.length_field,
                            code="invalid_settings")
+        if chat.unpruned and self.pipe.pruned and not self.pipe.has_unpruned:  # the runtime's message names the path
+            raise APIError("unpruned: these engines have no unpruned graph (exported without --baseline): leave "
+                           "unpruned out", param="unpruned", code="invalid_settings")
         try:
             request = Request(chat.image, chat.prompt, DEFAULT_SYSTEM_PROMPT if chat.system is None else chat.system,
                               chat.seed, chat.history).validate()
