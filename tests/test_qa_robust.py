@@ -238,3 +238,16 @@ def test_unpruned_on_engines_without_it_names_the_field_not_the_servers_path(mul
     status, answer = _asgi(server, "POST", "/v1/chat/completions", json.dumps(body).encode(),
                            {"content-type": "application/json"})
     assert status == 500 and "Ray Serve deployment" in answer["error"]["message"], answer
+
+
+@pytest.mark.parametrize("setting, said", [({"cache": True}, "the engines directory has no prefix-cache graphs"),
+                                           ({"refresh": 3}, "and the engines directory was exported without --cache")])
+def test_a_settings_refusal_does_not_show_the_servers_path(server, engines, setting, said):
+    """The runtime's refusals of cache settings on engines exported without --cache name the engines' directory;
+    over HTTP they went to the caller with the server's filesystem path in them."""
+    body = {"messages": [{"role": "user", "content": "hi"}], **setting}
+    status, answer = _asgi(server, "POST", "/v1/chat/completions", json.dumps(body).encode(),
+                           {"content-type": "application/json"})
+    err = answer["error"]
+    assert status == 400 and err["code"] == "invalid_settings" and said in err["message"], err
+    assert str(engines) not in err["message"] and str(engines.resolve()) not in err["message"], err

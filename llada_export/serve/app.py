@@ -343,15 +343,20 @@ class LLaDAServer:
                               chat.seed, chat.history).validate()
             gen = self._generation_config(chat)
         except ValueError as e:
-            raise APIError(str(e), param=_param(e), code=_code(e)) from e
+            raise APIError(self._public(e), param=_param(e), code=_code(e)) from e
         self._check_prompt_bytes(request)
         try:
             n_text, n_visual = self.pipe.check(request, gen.gen_length)
         except RequestError as e:  # larger than the bucket
-            raise APIError(str(e), param="messages", code="context_length_exceeded") from e
+            raise APIError(self._public(e), param="messages", code="context_length_exceeded") from e
         except ValueError as e:
-            raise APIError(str(e), param=_param(e) or "messages", code=_code(e)) from e
+            raise APIError(self._public(e), param=_param(e) or "messages", code=_code(e)) from e
         return chat, request, gen, n_text + n_visual
+
+    def _public(self, e: Exception) -> str:
+        """A runtime refusal's message for the caller: the server's engines path (some messages start with it)
+        said as "the engines directory"."""
+        return str(e).replace(str(self.pipe.root), "the engines directory")
 
     def _generation_config(self, chat):
         """``Pipeline.generation_config`` for the request; a preset that does not fit these engines is named."""
