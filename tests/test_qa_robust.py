@@ -251,3 +251,16 @@ def test_a_settings_refusal_does_not_show_the_servers_path(server, engines, sett
     err = answer["error"]
     assert status == 400 and err["code"] == "invalid_settings" and said in err["message"], err
     assert str(engines) not in err["message"] and str(engines.resolve()) not in err["message"], err
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_a_settings_refusal_names_the_length_by_the_field_sent(server, field):
+    """The sampler's rule "gen_length 8 is not a multiple of block_length 3" reached the caller in the runtime's
+    words: gen_length is no field of the API."""
+    body = {"messages": [{"role": "user", "content": "hi"}], field: 8, "block_length": 3}
+    status, answer = _asgi(server, "POST", "/v1/chat/completions", json.dumps(body).encode(),
+                           {"content-type": "application/json"})
+    err = answer["error"]
+    assert status == 400 and err["code"] == "invalid_settings", err
+    assert err["message"].startswith(f"{field} 8 is not a multiple of block_length 3"), err
+    assert "gen_length" not in err["message"], err

@@ -557,7 +557,7 @@ def test_bad_requests_get_4xx_and_nothing_else_is_affected(server, direct):
         assert e["message"] == runtime_refusal(value, check)  # the Python API's rule and words
     assert "maximum 16" in errors[5]["message"] and "divisible" not in errors[5]["message"]
     assert "preset 'demo' sets block_length 128, steps 128" in errors[6]["message"]
-    assert "preset 'demo' sets gen_length 128, block_length 128" in errors[9]["message"]
+    assert "preset 'demo' sets max_tokens 128, block_length 128" in errors[9]["message"]  # the API's name
     assert "give max_tokens, block_length, steps too" in errors[9]["message"]
     assert "end with the user message to answer (there is none)" in errors[7]["message"]
     assert [text_of(a) for a in answers] == [direct(i) for i in range(3)]

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 import time
 import uuid
@@ -343,20 +344,21 @@ class LLaDAServer:
                               chat.seed, chat.history).validate()
             gen = self._generation_config(chat)
         except ValueError as e:
-            raise APIError(self._public(e), param=_param(e), code=_code(e)) from e
+            raise APIError(self._public(e, chat), param=_param(e), code=_code(e)) from e
         self._check_prompt_bytes(request)
         try:
             n_text, n_visual = self.pipe.check(request, gen.gen_length)
         except RequestError as e:  # larger than the bucket
-            raise APIError(self._public(e), param="messages", code="context_length_exceeded") from e
+            raise APIError(self._public(e, chat), param="messages", code="context_length_exceeded") from e
         except ValueError as e:
-            raise APIError(self._public(e), param=_param(e) or "messages", code=_code(e)) from e
+            raise APIError(self._public(e, chat), param=_param(e) or "messages", code=_code(e)) from e
         return chat, request, gen, n_text + n_visual
 
-    def _public(self, e: Exception) -> str:
+    def _public(self, e: Exception, chat) -> str:
         """A runtime refusal's message for the caller: the server's engines path (some messages start with it)
-        said as "the engines directory"."""
-        return str(e).replace(str(self.pipe.root), "the engines directory")
+        said as "the engines directory", and the runtime's gen_length by the API's field (max_tokens, or
+        max_completion_tokens where the caller sent that)."""
+        return re.sub(r"\bgen_length\b", chat.length_field, str(e).replace(str(self.pipe.root), "the engines directory"))
 
     def _generation_config(self, chat):
         """``Pipeline.generation_config`` for the request; a preset that does not fit these engines is named."""
