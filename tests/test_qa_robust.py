@@ -264,3 +264,23 @@ def test_a_settings_refusal_names_the_length_by_the_field_sent(server, field):
     assert status == 400 and err["code"] == "invalid_settings", err
     assert err["message"].startswith(f"{field} 8 is not a multiple of block_length 3"), err
     assert "gen_length" not in err["message"], err
+
+
+def test_a_relative_engines_path_leaves_the_word_engines_alone(engines, monkeypatch):
+    """Served as ``--engines engines`` (a relative path that is also a word of the messages), only the places
+    where the runtime puts the path are replaced, not every "engines"."""
+    from dataclasses import asdict
+
+    from llada_export.contract.layout import RequestError
+    from llada_export.serve.api import ChatRequest
+    from llada_export.serve.app import LLaDAServer, ServeOptions
+
+    monkeypatch.chdir(engines.parent)
+    server = LLaDAServer(asdict(ServeOptions(engines=engines.name, model_name="tiny")))
+    root = str(server.pipe.root)
+    assert root == engines.name
+    refusal = RequestError(f"{root} has no prefix-cache graphs; which does not fit these {root} "
+                           f"(responses of at most 128 tokens), the {root}' maximum")
+    msg = server._public(refusal, ChatRequest("hi", None))
+    assert msg == (f"the engines directory has no prefix-cache graphs; which does not fit these {root} "
+                   f"(responses of at most 128 tokens), the {root}' maximum"), msg

@@ -358,7 +358,10 @@ class LLaDAServer:
         """A runtime refusal's message for the caller: the server's engines path (some messages start with it)
         said as "the engines directory", and the runtime's gen_length by the API's field (max_tokens, or
         max_completion_tokens where the caller sent that)."""
-        return re.sub(r"\bgen_length\b", chat.length_field, str(e).replace(str(self.pipe.root), "the engines directory"))
+        # only where the runtime puts the path ("ROOT: ...", "ROOT has no ...", "... and ROOT was exported ..."):
+        # engines served as `--engines engines` must not turn every word "engines" into the phrase
+        where = r"(?<![^\s])" + re.escape(str(self.pipe.root)) + r"(?=:| has | was )"
+        return re.sub(r"\bgen_length\b", chat.length_field, re.sub(where, "the engines directory", str(e)))
 
     def _generation_config(self, chat):
         """``Pipeline.generation_config`` for the request; a preset that does not fit these engines is named."""
