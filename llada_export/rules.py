@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 
 SEED_LIMIT = 2**63  # seeds are 0 .. 2**63 - 1
 ECHO_LIMIT = 80  # characters of a caller's value an error message repeats
@@ -24,6 +25,12 @@ def shorten(text: str, limit: int = ECHO_LIMIT) -> str:
     """``text`` as an error message repeats it: whole up to ``limit`` characters, else its first ``limit``
     and its length (a prompt, a ``data:`` URL or a bad value can be kilobytes; the message stays one line)."""
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def is_url(text: object) -> bool:
+    """``text`` looks like a URL (``scheme://...`` or a ``data:`` URL) rather than a file name: images are read
+    from local files, so such a name that is no file is refused as a URL (the runtime and the HTTP client)."""
+    return isinstance(text, str) and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://|data:", text) is not None
 
 
 PATH_ECHO_LIMIT = 240  # a path is repeated whole up to this; a longer one keeps its end (the file's name)

@@ -261,7 +261,7 @@ def test_a_settings_refusal_names_the_length_by_the_field_sent(server, field):
     status, answer = _asgi(server, "POST", "/v1/chat/completions", json.dumps(body).encode(),
                            {"content-type": "application/json"})
     err = answer["error"]
-    assert status == 400 and err["code"] == "invalid_settings", err
+    assert status == 400 and (err["code"], err["param"]) == ("invalid_settings", field), err
     assert err["message"].startswith(f"{field} 8 is not a multiple of block_length 3"), err
     assert "gen_length" not in err["message"], err
 
@@ -281,6 +281,6 @@ def test_a_relative_engines_path_leaves_the_word_engines_alone(engines, monkeypa
     assert root == engines.name
     refusal = RequestError(f"{root} has no prefix-cache graphs; which does not fit these {root} "
                            f"(responses of at most 128 tokens), the {root}' maximum")
-    msg = server._public(refusal, ChatRequest("hi", None))
+    msg = server._refused(refusal, ChatRequest("hi", None)).message
     assert msg == (f"the engines directory has no prefix-cache graphs; which does not fit these {root} "
                    f"(responses of at most 128 tokens), the {root}' maximum"), msg

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from ..config import LLaDAVConfig
-from ..rules import shorten, shorten_path
+from ..rules import is_url, shorten, shorten_path
 
 ImageLike = Union[str, Path, Image.Image, np.ndarray]
 SizeWH = tuple[int, int]
@@ -57,7 +56,7 @@ def _load(image: ImageLike) -> Image.Image:
             raise ImageError(f"image array must be HxWx3 uint8, got shape {image.shape} dtype {image.dtype}")
         return Image.fromarray(np.ascontiguousarray(image))  # [H, W, 3] uint8 -> RGB
     # os.path.isfile: False for a name too long to be a file (Path.is_file raises there before Python 3.12)
-    if isinstance(image, str) and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://|data:", image) and not os.path.isfile(image):
+    if is_url(image) and not os.path.isfile(image):
         fix = "decode it to a file first, or pass a PIL image" if image.startswith("data:") else "download it first"
         raise ImageError(f"{shorten(image)}: a URL; images are read from local files ({fix})")
     if isinstance(image, (str, Path)):

@@ -336,7 +336,7 @@ class LLaDAServer:
             raise APIError(f"{chat.length_field} {max_tokens} is over these engines' maximum {bucket.gen_length} "
                            f"(their --gen-length): ask for at most {bucket.gen_length}", param=chat.length_field,
                            code="invalid_settings")
-        if chat.unpruned and self.pipe.pruned and not self.pipe.has_unpruned:  # the runtime's message names the path
+        if chat.unpruned and self.pipe.pruned and not self.pipe.has_unpruned:  # the runtime's message names no field
             raise APIError("unpruned: these engines have no unpruned graph (exported without --baseline): leave "
                            "unpruned out", param="unpruned", code="invalid_settings")
         try:
@@ -344,24 +344,30 @@ class LLaDAServer:
                               chat.seed, chat.history).validate()
             gen = self._generation_config(chat)
         except ValueError as e:
-            raise APIError(self._public(e, chat), param=_param(e), code=_code(e)) from e
+            raise self._refused(e, chat) from e
         self._check_prompt_bytes(request)
         try:
             n_text, n_visual = self.pipe.check(request, gen.gen_length)
         except RequestError as e:  # larger than the bucket
-            raise APIError(self._public(e, chat), param="messages", code="context_length_exceeded") from e
+            raise self._refused(e, chat, param="messages", code="context_length_exceeded") from e
         except ValueError as e:
-            raise APIError(self._public(e, chat), param=_param(e) or "messages", code=_code(e)) from e
+            raise self._refused(e, chat, fallback="messages") from e
         return chat, request, gen, n_text + n_visual
 
-    def _public(self, e: Exception, chat) -> str:
-        """A runtime refusal's message for the caller: the server's engines path (some messages start with it)
-        said as "the engines directory", and the runtime's gen_length by the API's field (max_tokens, or
-        max_completion_tokens where the caller sent that)."""
+    def _refused(self, e: ValueError, chat, *, param: str | None = None, fallback: str | None = None,
+                 code: str | None = None) -> APIError:
+        """A runtime refusal as the caller's 400, in the API's words: the server's engines path (some messages
+        start with it) said as "the engines directory", and the runtime's gen_length, in the message and as
+        ``param``, by the field the caller sent (max_tokens or max_completion_tokens). ``param``: the field
+        whatever the refusal names; else the one it names (:func:`_param`), else ``fallback``."""
         # only where the runtime puts the path ("ROOT: ...", "ROOT has no ...", "... and ROOT was exported ..."):
         # engines served as `--engines engines` must not turn every word "engines" into the phrase
         where = r"(?<![^\s])" + re.escape(str(self.pipe.root)) + r"(?=:| has | was )"
-        return re.sub(r"\bgen_length\b", chat.length_field, re.sub(where, "the engines directory", str(e)))
+        message = re.sub(r"\bgen_length\b", chat.length_field, re.sub(where, "the engines directory", str(e)))
+        if param is None:
+            param = _param(e) or fallback
+            param = chat.length_field if param == "max_tokens" else param
+        return APIError(message, param=param, code=code or _code(e))
 
     def _generation_config(self, chat):
         """``Pipeline.generation_config`` for the request; a preset that does not fit these engines is named."""

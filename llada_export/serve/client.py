@@ -25,7 +25,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from ..rules import shorten, shorten_path
+from ..rules import is_url, shorten, shorten_path
 
 RETRY_STATUS = (500, 502, 503, 504)
 
@@ -44,7 +44,7 @@ def image_data_url(image) -> str:
         raw, fmt = bytes(image), "png"
     elif isinstance(image, (str, Path)):
         if not os.path.isfile(image):  # as llada-generate --engines says it, the name shortened
-            if str(image).startswith(("data:", "http:", "https:")):
+            if is_url(str(image)):
                 raise ValueError(f"{shorten(str(image))}: a URL; images are read from local files")
             raise ValueError(f"{shorten_path(image)}: image file not found")
         raw, fmt = Path(image).read_bytes(), Path(image).suffix.lstrip(".").lower() or "png"
