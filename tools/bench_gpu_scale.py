@@ -26,6 +26,7 @@ from llada_export.report import pyplot, save  # noqa: E402
 
 PATHS = ("pruned+cache", "unpruned+cache")
 TARGET_B8 = 2.2  # issue 23: tokens/s at B = 8 over B = 1, pruned + cache
+DEFAULT_OUT = "bench_gpu_batch_scale_paths"  # the report's name in its reproduce line (JSON written before out_name)
 TARGET_FIT = 2.0  # issue 23: pruned fits >= 2x the concurrent requests of unpruned
 
 
@@ -132,7 +133,7 @@ def markdown(res: dict) -> str:
         lines += ["", res["note"]]
     lines += ["", "Reproduce: `bash tools/gpu_lease.sh start scaleall` on the GPU machine, then "
               "`python tools/bench_gpu_scale.py --pruned OUT/scaleall/pruned/bench_gpu_batch.json --unpruned "
-              "OUT/scaleall/unpruned/bench_gpu_batch.json --out benchmarks/bench_gpu_batch_scale_paths`."]
+              f"OUT/scaleall/unpruned/bench_gpu_batch.json --out benchmarks/{res.get('out_name', DEFAULT_OUT)}`."]
     return "\n".join(lines) + "\n"
 
 
@@ -183,6 +184,7 @@ def main(argv=None) -> int:
             runs[path] = run
         res = combine(runs, a.card_gib)
         res["note"] = a.note
+        res["out_name"] = out.name
         out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(res))
     plot(res, out.with_suffix(".png"))
