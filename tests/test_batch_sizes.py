@@ -11,7 +11,7 @@ import zipfile
 import pytest
 
 from helpers import four_requests
-from llada_export.contract.manifest import MANIFEST, ManifestError, file_table
+from llada_export.contract.manifest import MANIFEST, Manifest, ManifestError, file_table
 from llada_export.contract.pruning import PruneSettings
 from llada_export.reference import reference_generate
 from llada_export.runtime.pipeline import Pipeline, Request, RequestError
@@ -207,3 +207,31 @@ def test_llada_compare_compares_one_size_and_says_which(multi_size_engines, tiny
     assert "compared at batch size 4 (the largest)" in note and "on batch size 1" in note
     assert {g.graph for g in rep.graphs} == {"vision", "stage_a", "stage_b", "prefill", "cached"}
     assert rep.agreement and all(a["engine_vs_reference_exact"] for a in rep.agreement)
+
+
+def _flip(path, at: int) -> None:
+    """One byte of ``path`` changed in place, the size kept (what a bit flip on disk or a careless edit does)."""
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_the_weights_file_is_hashed_while_the_load_goes_on(multi_size_engines, copy):
+    """The compiled graphs' weights.safetensors (16 GB at full size: about 10 s of SHA-256) is hashed beside
+    the load, not before it (issue 22's load time), and still refused when altered: in its tensor bytes (the
+    load itself succeeds, then the hash says no) or in its header (the load fails, and the hash is what is said).
+    Program archives are checked before anything is read: a .pt2 can hold pickles."""
+    good = Pipeline.load(multi_size_engines, backend="inductor", warmup=False)
+    assert set(good.load_times) == {"verify", "weights", "graphs", "verify_wait"}
+    assert all(s >= 0 for s in good.load_times.values())
+    weights = copy / "weights.safetensors"
+    _flip(weights, weights.stat().st_size - 3)  # the last tensor's bytes
+    with pytest.raises(ManifestError, match="weights.safetensors does not match its SHA-256 .*re-run llada-export"):
+        Pipeline.load(copy, backend="inductor", warmup=False)
+    _flip(weights, weights.stat().st_size - 3)  # put back
+    _flip(weights, 12)  # inside the JSON header: safetensors cannot read it
+    with pytest.raises(ManifestError, match="weights.safetensors does not match its SHA-256") as e:
+        Pipeline.load(copy, backend="inductor", warmup=False)
+    assert e.value.__cause__ is not None  # the reader's own error, kept as the cause
+    with pytest.raises(ValueError, match="only data files"):
+        Manifest.read(copy, verify=False).verify(copy, defer=["programs/cached.pt2"])

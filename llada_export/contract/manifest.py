@@ -24,6 +24,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -41,16 +45,22 @@ FORMAT_VERSION = 5  # 3: typed manifest, batch size, graph I/O with dtypes, "unp
 READABLE_VERSIONS = (4, 5)  # a version-4 directory reads as one batch size, its weights where it says
 MANIFEST = "manifest.json"
 DTYPES = ("float32", "float16", "bfloat16")
+# files that hold only tensors and a JSON header: reading a damaged one cannot run code, so a load may read them
+# while their SHA-256 is still being computed (Manifest.verify's defer)
+DATA_ONLY = (".safetensors",)
 
 
 class ManifestError(ValueError):
     """An engines directory is missing, altered, truncated or from an incompatible tool version."""
 
 
-def sha256(path: Path, chunk: int = 1 << 22) -> str:
+def sha256(path: Path, chunk: int = 1 << 22, stop: threading.Event | None = None) -> str | None:
+    """The file's SHA-256 (hex); None once ``stop`` is set (checked between blocks)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
+            if stop is not None and stop.is_set():
+                return None
             h.update(block)
     return h.hexdigest()
 
@@ -318,7 +328,16 @@ class Manifest:
             m.verify(root)
         return m
 
-    def verify(self, root: Path) -> None:
+    def verify(self, root: Path, defer: Iterable[str] = ()) -> "Verification":
+        """Check every listed file's size, then its SHA-256 (the files hashed in parallel threads; hashlib
+        lets go of the GIL). The files of ``defer`` (paths in the file table) are hashed in the background:
+        the returned :class:`Verification`'s ``wait()`` waits for them and raises ManifestError on a mismatch
+        (at once when nothing was deferred). Only :data:`DATA_ONLY` files may be deferred (safetensors holds
+        tensors and a JSON header: reading a damaged one cannot run code); program archives and compiled
+        kernels are checked before this returns."""
+        later = [r for r in self.files if r in set(defer)]
+        if bad := [r for r in later if not r.endswith(DATA_ONLY)]:
+            raise ValueError(f"only data files ({', '.join(DATA_ONLY)}) may be hashed while they are read: {bad}")
         fix = "the directory is damaged: re-run llada-export (or restore it from a copy)"
         for rel, info in self.files.items():
             f = root / rel
@@ -327,9 +346,44 @@ class Manifest:
             if f.stat().st_size != info.bytes:
                 raise ManifestError(f"{root}: artifact {rel} has {f.stat().st_size} bytes, the manifest says "
                                     f"{info.bytes} (truncated or replaced?); {fix}")
-            if sha256(f) != info.sha256:
-                raise ManifestError(f"{root}: artifact {rel} does not match its SHA-256 in the manifest (altered?); "
-                                    f"{fix}")
+
+        now = [r for r in self.files if r not in later]
+        stop = threading.Event()  # a failed check stops the other hashes at their next block
+        pools = [ThreadPoolExecutor(max_workers=max(1, min(len(rels), n)), thread_name_prefix="llada-verify")
+                 for rels, n in ((now, min(os.cpu_count() or 1, 8)), (later, len(later))) if rels]  # deferred: own threads
+        hashes = {r: pools[-1 if r in later else 0].submit(sha256, root / r, stop=stop) for r in later + now}
+
+        def check(rels: list[str]) -> None:  # the first mismatch in the manifest's order is said
+            try:
+                for rel in rels:
+                    if hashes[rel].result() != self.files[rel].sha256:
+                        raise ManifestError(f"{root}: artifact {rel} does not match its SHA-256 in the manifest "
+                                            f"(altered?); {fix}")
+            except BaseException:
+                stop.set()
+                raise
+            finally:
+                if all(h.done() for h in hashes.values()):
+                    for pool in pools:
+                        pool.shutdown(wait=False)
+
+        check(now)
+        return Verification(lambda: check(later), stop)
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The SHA-256 checks :meth:`Manifest.verify` left running in the background (the deferred files')."""
+    check: Callable[[], None]
+    stop: threading.Event
+
+    def wait(self) -> None:
+        """Wait for them; ManifestError naming the first file that does not match."""
+        self.check()
+
+    def cancel(self) -> None:
+        """Stop them at their next block (an interrupted load does not wait for a hash it will not use)."""
+        self.stop.set()
 
 
 def _size(b) -> int:

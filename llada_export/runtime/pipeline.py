@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..contract.graphset import PRUNED_PATH, UNPRUNED, UNPRUNED_PATH
 from ..contract.layout import RequestError, RequestParts, check_counts, layout_bucket
-from ..contract.manifest import Manifest, ManifestError
+from ..contract.manifest import DATA_ONLY, Manifest, ManifestError
 from ..device import parse_device
 from ..engines.registry import Runner, check_artifacts, get_backend, load_builtin, pick_backend
 from ..graphs.anyres import ImageError, assemble, image_size, preprocess, visual_token_count
@@ -96,6 +96,8 @@ class Pipeline:
                  cuda_graphs: bool | None = None, weights: dict[str, torch.Tensor] | None = None,
                  runner_options: dict | None = None):
         self.root, self.manifest, self.backend, self.device = root, manifest, backend, device
+        t0 = time.perf_counter()
+        self.load_times: dict[str, float] = {}  # seconds per stage of the load (Pipeline.load adds verify, warmup)
         self.config = manifest.model_config()
         self.bucket, self.tokens = manifest.bucket, manifest.tokens
         self.keep = manifest.pruning.keep if manifest.pruning else 1.0
@@ -124,6 +126,8 @@ class Pipeline:
                 weights = self._checkpoint_weights(weights_from, device)
             constants, self.weights = bind_constants(external, weights, owned)
             del weights
+        self.load_times["weights"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         self.runners: dict[str, Runner] = {}  # the largest batch size's graphs (sized_runners: every size's)
         self.compile_cache = "none"
         if (rel := (manifest.compile_cache or {}).get(backend)) and b.load_cache is not None:
@@ -140,6 +144,7 @@ class Pipeline:
                 if side.exists():
                     kw["constants"].update({k: v.to(device) for k, v in load_file(str(side)).items()})
             self.runners[name] = b.runner(root / rel, manifest.graphs[name], device, **kw)
+        self.load_times["graphs"] = time.perf_counter() - t0
         self.batch_sizes = manifest.sizes  # ascending; several for a --batch-sizes directory
         self.sized_runners = {n: {g: self.runners[k] for g, k in manifest.keys_at(n).items() if k in self.runners}
                               for n in self.batch_sizes}
@@ -177,6 +182,10 @@ class Pipeline:
              warmup: bool | None = None, weights: dict[str, torch.Tensor] | None = None,
              runner_options: dict | None = None, threads: int | None = None) -> "Pipeline":
         """Validate the manifest (versions, artifacts, SHA-256 of every file) and open the sessions.
+        The SHA-256 of the compiled graphs' weights file (``manifest.weights_file``; safetensors, which
+        cannot run code when read) is computed while the load goes on: the load returns, or raises
+        ManifestError for a damaged file, once it is checked. Seconds per stage
+        (verify, weights, graphs, warmup, verify_wait) are in the pipeline's ``load_times``.
 
         ``backend``: default the best-ranked built backend that runs here. ``weights_from``:
         checkpoint directory for aoti / inductor graphs exported without their weights (default:
@@ -191,7 +200,37 @@ class Pipeline:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be a positive integer (CPU threads for the engines), got {threads!r}")
         root = Path(path)
-        m = Manifest.read(root, verify=verify)
+        t0 = time.perf_counter()
+        m = Manifest.read(root, verify=False)
+        # every file's SHA-256; the compiled graphs' weights file's (safetensors: data only; up to 16 GB) in the
+        # background while the load goes on
+        big = [m.weights_file] if m.weights_file is not None and m.weights_file.endswith(DATA_ONLY) else []
+        verified = m.verify(root, defer=big) if verify else None
+        times = {"verify": time.perf_counter() - t0}  # seconds per stage: Pipeline.load_times
+        try:
+            pipe = cls._load(root, m, backend, device, weights_from, cuda_graphs, warmup, weights, runner_options,
+                             threads, times)
+        except Exception as e:  # a damaged weights file is said as such, not as the failure it caused
+            if verified is not None:
+                try:
+                    verified.wait()
+                except ManifestError as bad:
+                    raise bad from e
+            raise
+        except BaseException:  # Ctrl-C: no waiting for a hash nobody will read
+            if verified is not None:
+                verified.cancel()
+            raise
+        t0 = time.perf_counter()
+        if verified is not None:
+            verified.wait()
+        times["verify_wait"] = time.perf_counter() - t0
+        pipe.load_times = times
+        return pipe
+
+    @classmethod
+    def _load(cls, root: Path, m: Manifest, backend, device, weights_from, cuda_graphs, warmup, weights,
+              runner_options, threads, times: dict[str, float]) -> "Pipeline":
         load_builtin()
         built = m.backends
         dev = parse_device(device) if device is not None else None
@@ -219,8 +258,9 @@ class Pipeline:
                 runner_options = {"threads": threads, **(runner_options or {})}
         check_artifacts(m, root, backend)  # the graphs are what the manifest says (shapes, static top-k)
         pipe = cls(root, m, backend, str(dev), weights_from, cuda_graphs, weights, runner_options)
+        times.update(pipe.load_times)
         if warmup if warmup is not None else b.cuda_graphs:
-            pipe.warmup()
+            times["warmup"] = pipe.warmup()
         return pipe
 
     # ------------------------------------------------------------------ properties
