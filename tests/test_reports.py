@@ -60,6 +60,14 @@ CASES = [  # (tool, its JSON, the report it renders, the command line that re-re
     # the same two runs side by side, with the largest batch from the compiled engines' peaks (bench_gpu_scale.py)
     ("bench_gpu_scale.py", "bench_gpu_batch_scale_paths.json", "bench_gpu_batch_scale_paths.md",
      ["--replot", "--out", "{out}/bench_gpu_batch_scale_paths"]),
+    # H100 lease of 2026-12-07 07:05: the load that reads the weights from disk; both paths at B = 1 and 8
+    ("bench_load.py", "bench_load.json", "bench_load.md", ["render", "--out", "{out}"]),
+    ("bench_gpu.py", "bench_gpu_batch_scale8_pruned.json", "bench_gpu_batch_scale8_pruned.md",
+     ["batch", "--replot", "--out", "{out}"]),
+    ("bench_gpu.py", "bench_gpu_batch_scale8_unpruned.json", "bench_gpu_batch_scale8_unpruned.md",
+     ["batch", "--replot", "--out", "{out}"]),
+    ("bench_gpu_scale.py", "bench_gpu_batch_scale8_paths.json", "bench_gpu_batch_scale8_paths.md",
+     ["--replot", "--out", "{out}/bench_gpu_batch_scale8_paths"]),
 ]
 # issue 21's reports (tools/long_sweeps.py render), once a GPU run's summaries are committed
 CASES += [("long_sweeps.py", f"vqa2_{part}.json", f"vqa2_{part}.md", ["render", "--replot", "--out", "{out}"])

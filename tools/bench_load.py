@@ -13,7 +13,9 @@ Parts (each fits one device call; the machine must stay warm between them, the e
              and Triton caches, the page cache dropped where the machine lets us) then ``warm`` (a second
              fresh process on the caches the cold one filled). Each load then answers one request, whose
              token ids are compared between the modes. Writes ``<out>/bench_load.json`` and ``.md``.
-``load``     (used by ``measure``) one load in this process, its numbers as one JSON line.
+``load``     (used by ``measure``) one load in this process, its numbers as one JSON line (with the seconds
+             per stage of the load, ``Pipeline.load_times``).
+``render``   re-renders ``<out>/bench_load.md`` from ``<out>/bench_load.json``.
 
     python tools/bench_load.py export --engines /tmp/load_engines
     python tools/bench_load.py measure --engines /tmp/load_engines --out benchmarks/
@@ -40,6 +42,7 @@ EXPORTED = "bench_load_export.json"  # written into the engines by ``export``: t
 DEFAULT_IMAGE = (1024, 768)
 TARGET_S = 20.0  # issue 22: a warm load of the full-size engines
 MODES = {"precompiled": None, "compile": {"precompiled": None}}  # mode -> Pipeline.load's runner_options
+STAGES = ("verify", "weights", "graphs", "warmup", "verify_wait")  # Pipeline.load_times, in the load's order
 
 
 def run_export(args) -> dict:
@@ -97,7 +100,7 @@ def run_load(args) -> None:
                       "aot_autograd_runs": counters["aot_autograd"]["total"],
                       "fxgraph_cache_hit": counters["inductor"]["fxgraph_cache_hit"],
                       "fxgraph_cache_miss": counters["inductor"]["fxgraph_cache_miss"],
-                      "graphs": len(pipe.sized_runners_all()), "ids": res.ids,
+                      "graphs": len(pipe.sized_runners_all()), "ids": res.ids, "stages": pipe.load_times,
                       "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else None}),
           flush=True)
 
@@ -128,7 +131,7 @@ def one_load(args, mode: str, caches: Path) -> dict:
 def run_measure(args) -> dict:
     device = torch.cuda.get_device_name() if DEVICE == "cuda" else platform.processor() or "cpu"
     res = {"part": "load", "engines": str(args.engines), "preset": args.preset, "device": device,
-           "torch": torch.__version__, "target_s": TARGET_S, "modes": {}}
+           "torch": torch.__version__, "target_s": TARGET_S, "modes": {}, "note": args.note}
     for mode in args.modes:
         with tempfile.TemporaryDirectory(prefix=f"bench_load_{mode}_") as tmp:
             row = {"cold_page_cache_dropped": drop_page_cache()}
@@ -166,16 +169,37 @@ def markdown(res: dict) -> str:
                      f"{w['fxgraph_cache_hit']} / {w['fxgraph_cache_miss']} |")
     same = {True: "yes", False: "NO", None: "- (fewer than two modes answered)"}[res.get("same_ids")]
     lines += ["", f"Same answer (token ids) in every mode: {same}.", ""]
-    return "\n".join(lines)
+    dropped = {m: r.get("cold_page_cache_dropped") for m, r in res["modes"].items()}
+    lines += ["The OS page cache was dropped before each cold load: " +
+              ", ".join(f"{m} {'yes' if d else 'no (not allowed here)'}" for m, d in dropped.items()) +
+              ". Process s: the fresh process's wall time (imports, the load, one chartqa request).", "",
+              "| mode | cold process s | warm process s |", "| --- | --- | --- |"]
+    lines += [f"| {m} | {r['cold'].get('process_s', float('nan')):.1f} | {r['warm'].get('process_s', float('nan')):.1f} |"
+              for m, r in res["modes"].items()]
+    staged = {(m, k): r[k]["stages"] for m, r in res["modes"].items() for k in ("cold", "warm") if "stages" in r[k]}
+    if staged:  # Pipeline.load_times: where the seconds went
+        lines += ["", "Seconds per stage of `Pipeline.load` (`load_times`): verify = the SHA-256 of every file but "
+                  "the weights file, whose hash runs beside the rest (verify_wait = what was left of it at the "
+                  "end); weights = reading the weights onto the device and building the fused copies; graphs = "
+                  "opening the programs and their saved kernels; warmup = every graph once, CUDA graphs captured.",
+                  "", "| mode | load | " + " | ".join(STAGES) + " |", "| --- | --- | " + " | ".join("---" for _ in STAGES) + " |"]
+        lines += [f"| {m} | {k} | " + " | ".join(f"{t[s]:.2f}" if s in t else "-" for s in STAGES) + " |"
+                  for (m, k), t in staged.items()]
+    else:
+        lines += ["", "No seconds per stage (this run predates `Pipeline.load_times`)."]
+    if res.get("note"):
+        lines += ["", res["note"]]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=("export", "measure", "load"))
+    p.add_argument("part", choices=("export", "measure", "load", "render"))
     p.add_argument("--engines", type=Path, default=Path("/tmp/bench_load_engines"), help="the engines directory")
     p.add_argument("--out", default="benchmarks",
-                   help="measure: where bench_load.json / .md go (default: benchmarks)")
+                   help="measure: where bench_load.json / .md go (default: benchmarks); render: re-renders "
+                        "OUT/bench_load.md from OUT/bench_load.json")
     p.add_argument("--preset", default="full" if DEVICE == "cuda" else "tiny",
                    help="model size (default: full on CUDA, tiny on the CPU)")
     p.add_argument("--seed", type=int, default=0)
@@ -191,11 +215,19 @@ def main(argv=None) -> int:
     p.add_argument("--modes", nargs="+", choices=tuple(MODES), default=list(MODES))
     p.add_argument("--mode", choices=tuple(MODES), default="precompiled", help="load: which path")
     p.add_argument("--timeout", type=int, default=540, help="seconds per load process")
+    p.add_argument("--note", help="measure / render: a paragraph on how the run was made (kept in the JSON)")
     args = p.parse_args(argv)
     if args.part == "export":
         run_export(args)
     elif args.part == "load":
         run_load(args)
+    elif args.part == "render":
+        out = Path(args.out)
+        res = json.loads((out / "bench_load.json").read_text())
+        if args.note is not None:
+            res["note"] = args.note
+            (out / "bench_load.json").write_text(json.dumps(res, indent=2) + "\n")
+        (out / "bench_load.md").write_text(markdown(res))
     else:
         run_measure(args)
     return 0
