@@ -19,15 +19,19 @@
 #   unpruned   bench_gpu engines unpruned/native (bf16 unpruned + cache; pruned + cache at B = 1 is the batch step's)
 #   loadtest   llada-serve on Ray Serve, demo model, engines of batch sizes 1,2,4,8 on the GPU, streaming,
 #              closed-loop clients and open-loop rates (tools/load_test.py; waits up to 5 minutes for `ray`)
-#   load       tools/bench_load.py export + measure (precompiled kernels, weights read from disk)
+#   load       tools/bench_load.py export + measure (precompiled kernels, weights read from disk; ran 2026-12-07:
+#              40.3 s warm, benchmarks/bench_load.md, before the weights' hash ran beside the load: run it again
+#              for the seconds per stage, about 7 minutes with the export)
 #   engines    bench_gpu engines pruned/native (bf16 pruned + cache, chartqa and demo)
 #   batchmore  bench_gpu batch: pruned + cache at B = 1, 2, 4, 8, 16 (each size's engines, back to back)
 #   batchunpruned  bench_gpu batch: unpruned + cache at B = 1, 8
 #   scaleall   issue 23 item 5 in one lease: pruned + cache at B = 1, 2, 4, 8, 16 and unpruned + cache at 1, 2, 4, 8
 #              (16 and pruned 24 on a card of > 100 GB), exports side by side, then timed back to back
-#              (scale_all below); under scaleall/pruned and scaleall/unpruned. Ran 2026-12-07 (below); what it
-#              lacked: SCALE_QUEUE="8 unpruned+cache,8 pruned+cache,1 unpruned+cache,1 pruned+cache" \
-#              bash tools/gpu_lease.sh start load,scaleall (about 20 minutes on an H100)
+#              (scale_all below); under scaleall/pruned and scaleall/unpruned. Ran twice on 2026-12-07 (the
+#              second with SCALE_QUEUE="8 unpruned+cache,8 pruned+cache,1 unpruned+cache,1 pruned+cache": 17
+#              minutes, benchmarks/bench_gpu_batch_scale8_paths.md); what the scale still lacks is unpruned 16 and
+#              pruned 24, on a card of more than 100 GB only: SCALE_QUEUE="16 unpruned+cache,16 pruned+cache,24
+#              pruned+cache,1 unpruned+cache,1 pruned+cache" (nvidia-h200)
 #   scale1/2/3 the batch scale: pruned + cache at B = 1, 8, 16; unpruned + cache at 1, 8, 16; pruned at 2, 4 and
 #              24 (added to scale1's report in the same lease, else beside a fresh 1); under scale/pruned, scale/unpruned.
 #              (scale1 ran on 2026-12-06 at 23:18; scaleall replaces the three: one size per lease is too slow)
@@ -35,11 +39,11 @@
 # Device time: official 1 min, batch 9, kvcap 2, unpruned 4, loadtest 5, load 5, engines 4, batchmore 4 per size
 # (about 18), batchunpruned 8, fp8 6, scale1 15 (5 per size, B = 16 included), scale2 15, scale3 15.
 # scale1 and scale2's B = 1 ran on 2026-12-06 at 23:18 (benchmarks/bench_gpu_batch_scale*.md). Measured on 2026-12-06 (benchmarks/bench_gpu_batch_multi.md,
-# kv_capacity_h100.md, load_test_gpu_stream.md): batch, kvcap, loadtest; the default runs the rest, the short load first.
+# kv_capacity_h100.md, load_test_gpu_stream.md): batch, kvcap, loadtest; the default runs the rest, the load first.
 # scaleall 21 on an H100 (its exports stop starting after 9 minutes; 2026-12-07: benchmarks/bench_gpu_batch_scale_paths.md).
 set -u
 RES=/tmp/res
-STEPS_ALL="load,scaleall,official,engines"
+STEPS_ALL="load,official,engines,scaleall"
 
 run_steps() {
   export PYTHONUNBUFFERED=1
