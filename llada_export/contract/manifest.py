@@ -1,5 +1,9 @@
 """``engines/manifest.json``: what was built, from what, for which shapes; with SHA-256s.
 
+The file table gives each file's size and SHA-256, and a file of two blocks or more (:data:`BLOCK_BYTES`)
+also a SHA-256 per block, which :meth:`Manifest.verify` checks in parallel threads (the full-size weights
+file is 16.9 GB); a table without block digests (an older export) is checked file by file.
+
 :class:`Manifest` is the one typed reader and writer. :meth:`Manifest.read` validates the
 format and version, every field, that every artifact is a file listed (size and SHA-256)
 in the file table, and that every artifact's graph has its I/O recorded.
@@ -54,25 +58,68 @@ class ManifestError(ValueError):
     """An engines directory is missing, altered, truncated or from an incompatible tool version."""
 
 
-def sha256(path: Path, chunk: int = 1 << 22, stop: threading.Event | None = None) -> str | None:
-    """The file's SHA-256 (hex); None once ``stop`` is set (checked between blocks)."""
+def sha256(path: Path, chunk: int = 1 << 22, stop: threading.Event | None = None, start: int = 0,
+           length: int | None = None) -> str | None:
+    """SHA-256 (hex) of the file, or of its ``length`` bytes from ``start``; None once ``stop`` is set
+    (checked between reads)."""
     h = hashlib.sha256()
+    left = float("inf") if length is None else length
     with open(path, "rb") as f:
-        while block := f.read(chunk):
+        f.seek(start)
+        while left > 0 and (block := f.read(int(min(chunk, left)))):
             if stop is not None and stop.is_set():
                 return None
             h.update(block)
+            left -= len(block)
     return h.hexdigest()
+
+
+# a file of at least two blocks also gets a SHA-256 per block in the file table: the load checks those in
+# parallel threads (a 16.9 GB weights file is about 10 s of SHA-256 in one stream, about 1.5 s on 8 cores)
+BLOCK_BYTES = 1 << 28
 
 
 @dataclass(frozen=True)
 class FileEntry:
-    sha256: str
+    sha256: str  # of the whole file (what ``sha256sum`` prints)
     bytes: int
+    blocks: tuple[str, ...] = ()  # SHA-256 of each block_bytes-long block (the last one shorter), or none
+    block_bytes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"sha256": self.sha256, "bytes": self.bytes}
+        return d | ({"block_bytes": self.block_bytes, "block_sha256": list(self.blocks)} if self.blocks else {})
+
+    @classmethod
+    def from_dict(cls, f: dict[str, Any]) -> "FileEntry":
+        e = cls(str(f["sha256"]), int(f["bytes"]), tuple(str(b) for b in f.get("block_sha256") or ()),
+                int(f.get("block_bytes") or 0))
+        if e.blocks and (e.block_bytes < 1 or len(e.blocks) != -(-e.bytes // e.block_bytes)):
+            raise ValueError(f"{len(e.blocks)} block digests of {e.block_bytes} bytes for a file of {e.bytes} bytes")
+        return e
+
+    def ranges(self) -> list[tuple[int, int | None]]:
+        """(start, length) of each part the load hashes: the blocks, else the whole file (length None)."""
+        if not self.blocks:
+            return [(0, None)]
+        return [(i * self.block_bytes, self.block_bytes) for i in range(len(self.blocks))]
+
+    def digests(self) -> tuple[str, ...]:
+        """What :meth:`ranges` must hash to."""
+        return self.blocks or (self.sha256,)
 
 
-def file_table(root: Path, files: list[Path]) -> dict[str, FileEntry]:
-    return {str(p.relative_to(root)): FileEntry(sha256(p), p.stat().st_size) for p in sorted(set(files))}
+def file_table(root: Path, files: list[Path], block_bytes: int = BLOCK_BYTES) -> dict[str, FileEntry]:
+    """Size and SHA-256 of each file, and of each block for files of two blocks or more (threads)."""
+    files = sorted(set(files))
+    with ThreadPoolExecutor(max_workers=min(os.cpu_count() or 1, 8), thread_name_prefix="llada-hash") as pool:
+        whole = {p: pool.submit(sha256, p) for p in files}
+        sizes = {p: p.stat().st_size for p in files}
+        parts = {p: [pool.submit(sha256, p, start=i, length=block_bytes) for i in range(0, sizes[p], block_bytes)]
+                 for p in files if sizes[p] >= 2 * block_bytes}
+        return {str(p.relative_to(root)): FileEntry(whole[p].result(), sizes[p],
+                                                    tuple(b.result() for b in parts.get(p, ())),
+                                                    block_bytes if p in parts else 0) for p in files}
 
 
 DIGEST = "content_sha256"
@@ -170,7 +217,7 @@ class Manifest:
             "compile_cache": self.compile_cache, "precompiled": self.precompiled, "notes": self.notes,
             "export": self.export,
             "batch_sizes": self.sizes, "weights_file": self.weights_file, "quantization": self.quantization,
-            "files": {k: {"sha256": f.sha256, "bytes": f.bytes} for k, f in self.files.items()},
+            "files": {k: f.to_dict() for k, f in self.files.items()},
         }
 
     def sealed_dict(self) -> dict[str, Any]:
@@ -200,7 +247,7 @@ class Manifest:
                 tokens=SpecialTokens.from_dict(d["tokens"]),
                 graphs={n: GraphIO.from_dict(g) for n, g in d["graphs"].items()},
                 artifacts={b: {g: str(p) for g, p in gs.items()} for b, gs in d["artifacts"].items()},
-                files={k: FileEntry(str(f["sha256"]), int(f["bytes"])) for k, f in d["files"].items()},
+                files={k: FileEntry.from_dict(f) for k, f in d["files"].items()},
                 weights=dict(d.get("weights") or {}), constants_from_checkpoint=d.get("constants_from_checkpoint"),
                 compile_cache=d.get("compile_cache"), precompiled=d.get("precompiled"),
                 notes=list(d.get("notes") or []),
@@ -329,10 +376,11 @@ class Manifest:
         return m
 
     def verify(self, root: Path, defer: Iterable[str] = ()) -> "Verification":
-        """Check every listed file's size, then its SHA-256 (the files hashed in parallel threads; hashlib
-        lets go of the GIL). The files of ``defer`` (paths in the file table) are hashed in the background:
-        the returned :class:`Verification`'s ``wait()`` waits for them and raises ManifestError on a mismatch
-        (at once when nothing was deferred). Only :data:`DATA_ONLY` files may be deferred (safetensors holds
+        """Check every listed file's size, then its SHA-256: the files, and the blocks of a file that has
+        block digests (then the whole-file SHA-256 is for people: ``sha256sum``), hashed in parallel
+        threads (hashlib lets go of the GIL). The files of ``defer`` (paths in the file table) are hashed
+        in the background: the returned :class:`Verification`'s ``wait()`` waits for them and raises
+        ManifestError on a mismatch (at once when nothing was deferred). Only :data:`DATA_ONLY` files may be deferred (safetensors holds
         tensors and a JSON header: reading a damaged one cannot run code); program archives and compiled
         kernels are checked before this returns."""
         later = [r for r in self.files if r in set(defer)]
@@ -348,22 +396,28 @@ class Manifest:
                                     f"{info.bytes} (truncated or replaced?); {fix}")
 
         now = [r for r in self.files if r not in later]
-        stop = threading.Event()  # a failed check stops the other hashes at their next block
-        pools = [ThreadPoolExecutor(max_workers=max(1, min(len(rels), n)), thread_name_prefix="llada-verify")
-                 for rels, n in ((now, min(os.cpu_count() or 1, 8)), (later, len(later))) if rels]  # deferred: own threads
-        hashes = {r: pools[-1 if r in later else 0].submit(sha256, root / r, stop=stop) for r in later + now}
+        stop = threading.Event()  # a failed check stops the other hashes at their next read
+        threads = min(os.cpu_count() or 1, 8)
+        pools = [ThreadPoolExecutor(max_workers=max(1, min(sum(len(self.files[r].ranges()) for r in rels), threads)),
+                                    thread_name_prefix="llada-verify")
+                 for rels in (now, later) if rels]  # the deferred files: their own threads
+        hashes = {r: [pools[-1 if r in later else 0].submit(sha256, root / r, stop=stop, start=a, length=n)
+                      for a, n in self.files[r].ranges()] for r in later + now}
 
         def check(rels: list[str]) -> None:  # the first mismatch in the manifest's order is said
             try:
                 for rel in rels:
-                    if hashes[rel].result() != self.files[rel].sha256:
-                        raise ManifestError(f"{root}: artifact {rel} does not match its SHA-256 in the manifest "
-                                            f"(altered?); {fix}")
+                    entry = self.files[rel]
+                    for i, (h, want) in enumerate(zip(hashes[rel], entry.digests())):
+                        if h.result() != want:
+                            where = f" (block {i + 1} of {len(entry.blocks)})" if entry.blocks else ""
+                            raise ManifestError(f"{root}: artifact {rel} does not match its SHA-256 in the manifest"
+                                                f"{where} (altered?); {fix}")
             except BaseException:
                 stop.set()
                 raise
             finally:
-                if all(h.done() for h in hashes.values()):
+                if all(h.done() for hs in hashes.values() for h in hs):
                     for pool in pools:
                         pool.shutdown(wait=False)
 
