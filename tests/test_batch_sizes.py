@@ -235,3 +235,27 @@ def test_the_weights_file_is_hashed_while_the_load_goes_on(multi_size_engines, c
     assert e.value.__cause__ is not None  # the reader's own error, kept as the cause
     with pytest.raises(ValueError, match="only data files"):
         Manifest.read(copy, verify=False).verify(copy, defer=["programs/cached.pt2"])
+
+
+def test_a_refusal_does_not_wait_for_the_weights_hash(copy, monkeypatch):
+    """A load refused for what it was asked (a backend not built) says so at once and stops the weights' hash
+    it started (a slow hash stands in for 16.9 GB): no waiting for a check nobody will read."""
+    import time
+
+    from llada_export.contract import manifest as mf
+
+    real = mf.sha256
+
+    def slow(path, *a, stop=None, **kw):
+        if str(path).endswith("weights.safetensors"):
+            for _ in range(200):  # up to 10 s, unless stopped
+                if stop is not None and stop.is_set():
+                    return None
+                time.sleep(0.05)
+        return real(path, *a, stop=stop, **kw)
+
+    monkeypatch.setattr(mf, "sha256", slow)
+    t0 = time.perf_counter()
+    with pytest.raises(ManifestError, match="backend 'aoti' was not built"):
+        Pipeline.load(copy, backend="aoti", warmup=False)
+    assert time.perf_counter() - t0 < 5

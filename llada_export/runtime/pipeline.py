@@ -210,16 +210,14 @@ class Pipeline:
         try:
             pipe = cls._load(root, m, backend, device, weights_from, cuda_graphs, warmup, weights, runner_options,
                              threads, times)
-        except Exception as e:  # a damaged weights file is said as such, not as the failure it caused
+        except BaseException as e:
             if verified is not None:
-                try:
-                    verified.wait()
-                except ManifestError as bad:
-                    raise bad from e
-            raise
-        except BaseException:  # Ctrl-C: no waiting for a hash nobody will read
-            if verified is not None:
-                verified.cancel()
+                if isinstance(e, Exception) and not isinstance(e, ManifestError):
+                    try:  # a reader's error: a damaged weights file is said as such, not as the failure it caused
+                        verified.wait()
+                    except ManifestError as bad:
+                        raise bad from e
+                verified.cancel()  # our own refusal, or Ctrl-C: no waiting for a hash nobody will read
             raise
         t0 = time.perf_counter()
         if verified is not None:
