@@ -28,9 +28,10 @@ directory (if ``out`` is missing) or removes it, reporting each through ``warn``
 Replacing an owned directory: ``out`` -> ``.NAME.old-*``, partial -> ``out`` (on failure
 the old one is renamed back), then the old one is deleted. The destination is checked
 again right before the renames, so a directory that appeared meanwhile is replaced only
-where ``overwrite`` and ``owned`` allow it. The renames, setup and cleanup run with SIGINT
-and SIGTERM deferred (re-raised right after); while the with-block runs, SIGTERM raises
-:class:`Terminated` (a ``KeyboardInterrupt``) so it cleans up exactly like Ctrl-C.
+where ``overwrite`` and ``owned`` allow it. The renames, setup and cleanup run with SIGINT,
+SIGTERM and SIGHUP deferred (re-raised right after); while the with-block runs, SIGTERM and
+SIGHUP (the terminal or SSH session closed) raise :class:`Terminated` (a ``KeyboardInterrupt``)
+so they clean up exactly like Ctrl-C. A signal the process ignores (``nohup``) stays ignored.
 
 Standard library only: this module is imported by the CLIs before anything heavy.
 """
@@ -61,11 +62,19 @@ class OutputDirError(ValueError):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM arrived while an output directory was being written (handled like Ctrl-C)."""
+    """SIGTERM or SIGHUP arrived while an output directory was being written (handled like Ctrl-C);
+    ``signum`` says which (a CLI exits with 128 + it)."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(f"terminated by {signal.Signals(signum).name}")
+        self.signum = int(signum)
+
+
+TERMINATING = (signal.SIGTERM, signal.SIGHUP)  # raise Terminated inside the with-block
 
 
 def _raise_terminated(signum, frame):  # noqa: ARG001 - signal handler signature
-    raise Terminated("terminated by SIGTERM")
+    raise Terminated(signum)
 
 
 def _in_main_thread() -> bool:
@@ -74,32 +83,31 @@ def _in_main_thread() -> bool:
 
 @contextlib.contextmanager
 def _sigterm_raises() -> Iterator[None]:
-    """SIGTERM raises :class:`Terminated` inside the block (main thread only; a SIGTERM that
-    the process ignores, or whose handler Python did not install, is left alone)."""
+    """SIGTERM and SIGHUP raise :class:`Terminated` inside the block (main thread only; a signal
+    that the process ignores, or whose handler Python did not install, is left alone)."""
     if not _in_main_thread():
         yield
         return
-    prev = signal.getsignal(signal.SIGTERM)
-    if prev is None or prev == signal.SIG_IGN:
-        yield
-        return
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    saved = {sig: h for sig in TERMINATING if (h := signal.getsignal(sig)) is not None and h != signal.SIG_IGN}
+    for sig in saved:
+        signal.signal(sig, _raise_terminated)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, prev)
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """SIGINT and SIGTERM that arrive inside the block are delivered right after it (to the
-    handlers in force before it), so a rename pair or a cleanup is never cut in half."""
+    """SIGINT, SIGTERM and SIGHUP that arrive inside the block are delivered right after it (to
+    the handlers in force before it), so a rename pair or a cleanup is never cut in half."""
     if not _in_main_thread():
         yield
         return
     pending: list[int] = []
     saved = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, *TERMINATING):
         handler = signal.getsignal(sig)
         if handler is None or handler == signal.SIG_IGN:
             continue

@@ -496,7 +496,8 @@ def test_writers_hammering_one_out_never_overlap(tmp_path, spawn):
 
 # -- signals --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sig, exc", [(signal.SIGTERM, "Terminated"), (signal.SIGINT, "KeyboardInterrupt")])
+@pytest.mark.parametrize("sig, exc", [(signal.SIGTERM, "Terminated"), (signal.SIGINT, "KeyboardInterrupt"),
+                                      (signal.SIGHUP, "Terminated")])  # SIGHUP: the terminal or SSH session closed
 def test_signal_in_the_with_block_cleans_up(tmp_path, spawn, sig, exc):
     out = tmp_path / "deep" / "a" / "b" / "eng"  # parents created by the run, removed again
     c = spawn(WRITER, out, "A", 1_000_000)
@@ -796,3 +797,34 @@ def test_module_is_import_light():
     code = PRELUDE + "print(sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'numpy', 'llada_export'}))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
+
+
+CLI_WAIT = """
+import signal, sys, time
+if sys.argv[1] == "nohup":
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+from llada_export.cli.common import user_errors
+with user_errors("llada-x"):
+    print("ready", flush=True)
+    time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("mode", ["plain", "nohup"])
+def test_cli_sighup_is_an_interrupt_unless_ignored(mode):
+    """A closed terminal (SIGHUP) ends a CLI like Ctrl-C: the cleanup runs, "interrupted", exit 129 (it used
+    to kill the process outright, leaving a half-written export to the next run). Under nohup it is ignored."""
+    p = subprocess.Popen([sys.executable, "-c", CLI_WAIT, mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        p.send_signal(signal.SIGHUP)
+        if mode == "nohup":
+            with pytest.raises(subprocess.TimeoutExpired):
+                p.wait(timeout=1)  # still running
+            p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=10)
+        assert (p.returncode, err.strip()) == (143 if mode == "nohup" else 129, "llada-x: interrupted")
+    finally:
+        p.kill()
+        p.wait()

@@ -89,7 +89,7 @@ def test_serve_refuses_what_it_cannot_serve_before_starting_ray(engines, ray_tmp
 
 def test_an_address_that_does_not_answer_fails_in_time_and_hears_signals(engines, ray_tmp):
     """--address of a port that listens but is no Ray cluster (Ray retries it for ever, deaf to Ctrl-C for
-    40 s): one line within --connect-timeout; Ctrl-C and SIGTERM meanwhile act at once."""
+    40 s): one line within --connect-timeout; Ctrl-C, SIGTERM and SIGHUP meanwhile act at once."""
     _, env = ray_tmp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -99,7 +99,7 @@ def test_an_address_that_does_not_answer_fails_in_time_and_hears_signals(engines
         t0 = time.perf_counter()
         timed = subprocess.Popen([*cmd, "--connect-timeout", "3"], stderr=subprocess.PIPE, text=True, env=env)
         signalled = {sig: subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
-                     for sig in (signal.SIGINT, signal.SIGTERM)}
+                     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         time.sleep(4)  # importing, then waiting for the cluster's answer
         for sig, p in signalled.items():
             p.send_signal(sig)

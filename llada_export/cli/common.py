@@ -13,7 +13,7 @@ import signal
 import sys
 
 from .. import __version__
-from ..outdir import Terminated
+from ..outdir import TERMINATING, Terminated
 from ..rules import shorten, shorten_path
 from ..runtime.inputs import check_number, check_prompt, check_refresh, check_seed
 
@@ -140,14 +140,16 @@ def parser(prog: str, description: str, epilog: str = "") -> argparse.ArgumentPa
 @contextlib.contextmanager
 def user_errors(prog: str):
     """ValueError / OSError (all our user-facing errors derive from them) -> one line, exit 2;
-    Ctrl-C and SIGTERM -> "interrupted" (exit 130 / 143) after the cleanup ran; a closed stdout
+    Ctrl-C, SIGTERM and SIGHUP (the terminal or SSH session closed) -> "interrupted" (exit 130 / 143 /
+    129) after the cleanup ran; a signal the process ignores (``nohup``) stays ignored; a closed stdout
     (``| head``) ends quietly."""
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = {sig: h for sig in TERMINATING if (h := signal.getsignal(sig)) is not None and h != signal.SIG_IGN}
 
-    def terminate(signum, frame):  # SIGTERM cleans up like Ctrl-C
-        raise Terminated()
+    def terminate(signum, frame):  # cleans up like Ctrl-C
+        raise Terminated(signum)
 
-    signal.signal(signal.SIGTERM, terminate)
+    for sig in previous:
+        signal.signal(sig, terminate)
     try:
         yield
     except BrokenPipeError:
@@ -161,9 +163,10 @@ def user_errors(prog: str):
         if sys.stderr.isatty():
             sys.stderr.write("\n")  # off the progress bar's line
         print(f"{prog}: interrupted", file=sys.stderr)
-        raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
+        raise SystemExit(128 + e.signum if isinstance(e, Terminated) else 130) from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _quiet_stdout() -> None:

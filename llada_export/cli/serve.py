@@ -7,6 +7,7 @@ import signal
 import sys
 import time
 
+from ..outdir import TERMINATING
 from .common import non_negative_float, parser, positive_float, positive_int, user_errors
 
 DESCRIPTION = """\
@@ -28,10 +29,10 @@ then, from another shell:
   llada-generate --server http://127.0.0.1:8000 --image photo.png --prompt "What is shown?" --stream
   curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' -d @body.json
 
-Ctrl-C or SIGTERM stops the server: the local cluster and every process it started, or on an
-attached cluster only this application. Ray's logs (and Serve's access log with --verbose)
-are in the cluster's session folder under --temp-dir, which is kept; without --temp-dir the
-local cluster's session folder under /tmp/ray is removed when it stops. Request bodies are
+Ctrl-C, SIGTERM or SIGHUP (the terminal closed) stops the server: the local cluster and every
+process it started, or on an attached cluster only this application. Ray's logs (and Serve's
+access log with --verbose) are in the cluster's session folder under --temp-dir, which is kept;
+without --temp-dir the local cluster's session folder under /tmp/ray is removed when it stops. Request bodies are
 limited to 16 MiB (413 above it).
 
 needs Ray Serve: pip install 'llada-export[serve]'"""
@@ -94,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
                        temp_dir=args.temp_dir, cpus_per_replica=args.cpus_per_replica,
                        metrics_port=args.metrics_port, verbose=args.verbose,
                        startup_timeout_s=args.startup_timeout, connect_timeout_s=args.connect_timeout)
-        signal.signal(signal.SIGTERM, _stop)  # ray.init installed its own handler, which exits at once
+        for sig in TERMINATING:  # ray.init installed its own SIGTERM handler, which exits at once
+            if signal.getsignal(sig) not in (None, signal.SIG_IGN):  # under nohup SIGHUP stays ignored
+                signal.signal(sig, _stop)
         where = f"{server.replicas} replica(s)" + (", one GPU each" if server.gpus_per_replica else ", CPU")
         print(f"llada-serve: serving {options.name!r} at {server.url} ({where}, max batch {server.max_batch}, "
               f"batch wait {args.batch_wait_ms:g} ms; ready in {time.perf_counter() - t0:.0f} s). "
