@@ -32,8 +32,8 @@ then, from another shell:
 Ctrl-C, SIGTERM or SIGHUP (the terminal closed) stops the server: the local cluster and every
 process it started, or on an attached cluster only this application. Ray's logs (and Serve's
 access log with --verbose) are in the cluster's session folder under --temp-dir, which is kept;
-without --temp-dir the local cluster's session folder under /tmp/ray is removed when it stops. Request bodies are
-limited to 16 MiB (413 above it).
+without --temp-dir the local cluster's session folder under /tmp/ray is removed when it stops.
+Request bodies are limited to 16 MiB (413 above it).
 
 needs Ray Serve: pip install 'llada-export[serve]'"""
 

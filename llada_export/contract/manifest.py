@@ -380,9 +380,9 @@ class Manifest:
         block digests (then the whole-file SHA-256 is for people: ``sha256sum``), hashed in parallel
         threads (hashlib lets go of the GIL). The files of ``defer`` (paths in the file table) are hashed
         in the background: the returned :class:`Verification`'s ``wait()`` waits for them and raises
-        ManifestError on a mismatch (at once when nothing was deferred). Only :data:`DATA_ONLY` files may be deferred (safetensors holds
-        tensors and a JSON header: reading a damaged one cannot run code); program archives and compiled
-        kernels are checked before this returns."""
+        ManifestError on a mismatch (at once when nothing was deferred). Only :data:`DATA_ONLY` files may
+        be deferred (safetensors holds tensors and a JSON header: reading a damaged one cannot run code);
+        program archives and compiled kernels are checked before this returns."""
         later = [r for r in self.files if r in set(defer)]
         if bad := [r for r in later if not r.endswith(DATA_ONLY)]:
             raise ValueError(f"only data files ({', '.join(DATA_ONLY)}) may be hashed while they are read: {bad}")
