@@ -60,7 +60,8 @@ def test_blocks_that_do_not_cover_the_file_are_refused(engines, tmp_path):
     dst.mkdir()
     d = json.loads((engines / MANIFEST).read_text())
     rel = next(iter(d["files"]))
-    d["files"][rel] |= {"block_bytes": 1 << 20, "block_sha256": ["0" * 64] * 7}  # 7 MiB of blocks for a small file (the table is not sealed)
+    # 7 MiB of blocks for a small file (the file table is not sealed: no digest to redo)
+    d["files"][rel] |= {"block_bytes": 1 << 20, "block_sha256": ["0" * 64] * 7}
     (dst / MANIFEST).write_text(json.dumps(d))
     with pytest.raises(ManifestError, match="7 block digests of 1048576 bytes for a file of"):
         Manifest.read(dst, verify=False)

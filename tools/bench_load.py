@@ -174,7 +174,8 @@ def markdown(res: dict) -> str:
               ", ".join(f"{m} {'yes' if d else 'no (not allowed here)'}" for m, d in dropped.items()) +
               ". Process s: the fresh process's wall time (imports, the load, one chartqa request).", "",
               "| mode | cold process s | warm process s |", "| --- | --- | --- |"]
-    lines += [f"| {m} | {r['cold'].get('process_s', float('nan')):.1f} | {r['warm'].get('process_s', float('nan')):.1f} |"
+    nan = float("nan")
+    lines += [f"| {m} | {r['cold'].get('process_s', nan):.1f} | {r['warm'].get('process_s', nan):.1f} |"
               for m, r in res["modes"].items()]
     staged = {(m, k): r[k]["stages"] for m, r in res["modes"].items() for k in ("cold", "warm") if "stages" in r[k]}
     if staged:  # Pipeline.load_times: where the seconds went
@@ -182,7 +183,8 @@ def markdown(res: dict) -> str:
                   "the weights file, whose hash runs beside the rest (verify_wait = what was left of it at the "
                   "end); weights = reading the weights onto the device and building the fused copies; graphs = "
                   "opening the programs and their saved kernels; warmup = every graph once, CUDA graphs captured.",
-                  "", "| mode | load | " + " | ".join(STAGES) + " |", "| --- | --- | " + " | ".join("---" for _ in STAGES) + " |"]
+                  "", "| mode | load | " + " | ".join(STAGES) + " |",
+                  "| --- | --- | " + " | ".join("---" for _ in STAGES) + " |"]
         lines += [f"| {m} | {k} | " + " | ".join(f"{t[s]:.2f}" if s in t else "-" for s in STAGES) + " |"
                   for (m, k), t in staged.items()]
     else:
