@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from ..config import LLaDAVConfig
+from ..pixels import to_rgb, upright_size
 from ..rules import is_url, shorten, shorten_path
 
 ImageLike = Union[str, Path, Image.Image, np.ndarray]
@@ -50,7 +51,7 @@ def load_image(image: ImageLike) -> Image.Image:
 
 def _load(image: ImageLike) -> Image.Image:
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ImageError(f"image array must be HxWx3 uint8, got shape {image.shape} dtype {image.dtype}")
@@ -65,7 +66,7 @@ def _load(image: ImageLike) -> Image.Image:
             raise ImageError(f"{shorten_path(path)}: image file not found")
         try:
             with Image.open(path) as im:
-                return im.convert("RGB")  # convert() decodes fully, so the file can be closed
+                return to_rgb(im)  # convert() decodes fully, so the file can be closed
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as e:
             raise ImageError(f"{shorten_path(path)}: cannot decode image ({e})") from e
     raise ImageError(f"unsupported image type {type(image).__name__} (expected a path, PIL image or uint8 array)")
@@ -79,13 +80,13 @@ def image_size(image: ImageLike) -> SizeWH:
 
 def _image_size(image: ImageLike) -> SizeWH:
     if isinstance(image, Image.Image):
-        return image.size
+        return upright_size(image)
     if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
         return image.shape[1], image.shape[0]  # [H, W, 3]
     if isinstance(image, (str, Path)) and os.path.isfile(image):
         try:
             with Image.open(image) as im:
-                return im.size
+                return upright_size(im)
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError):
             pass  # load_image says why
     return load_image(image).size

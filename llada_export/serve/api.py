@@ -383,7 +383,9 @@ def decode_data_url(url: object, max_bytes: int = MAX_IMAGE_BYTES):
             if im.width * im.height > MAX_IMAGE_PIXELS:
                 raise APIError(f"the image is {im.width}x{im.height}: over {MAX_IMAGE_PIXELS // 10**6} Mpixels",
                                status=413, param="messages", code="image_too_large")
-            return im.convert("RGB")
+            from ..pixels import to_rgb
+
+            return to_rgb(im)  # upright, 16-bit grey scaled: as llada-generate reads a file
     except UnidentifiedImageError:
         raise APIError("the image bytes are not an image Pillow can read (PNG, JPEG, WebP, ...)", param="messages",
                        code="invalid_image") from None

@@ -52,9 +52,11 @@ def image_data_url(image) -> str:
     else:
         from PIL import Image
 
+        from ..pixels import to_rgb
+
         im = Image.fromarray(image) if not isinstance(image, Image.Image) else image
         buf = io.BytesIO()
-        im.convert("RGB").save(buf, format="PNG")
+        to_rgb(im).save(buf, format="PNG")  # as the engines read it (upright, 16-bit grey scaled)
         raw, fmt = buf.getvalue(), "png"
     return f"data:image/{fmt};base64,{base64.b64encode(raw).decode('ascii')}"
 
