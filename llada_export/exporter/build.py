@@ -175,6 +175,11 @@ def plan_bucket(opts: ExportOptions, cfg: LLaDAVConfig) -> Bucket:
     """The bucket: ``--max-visual-tokens``, else the tokens of ``--image-size``, else the most any
     image can give (anyres bounds it); the vision batch fits the largest crop grid it allows."""
     s = cfg.vision.image_size
+    least = cfg.vision.patches_per_side ** 2  # the base crop's tokens: every image gives at least these
+    if opts.max_visual_tokens is not None and opts.max_visual_tokens < least:
+        raise ExportError(f"--max-visual-tokens {opts.max_visual_tokens} is fewer than the {least} visual tokens every "
+                          f"image gives (the whole-image crop's, at any size): the engines would refuse every image; "
+                          f"give --max-visual-tokens {least} or more, or --image-size instead")
     if opts.image_size is not None:
         w, h = opts.image_size
         n = visual_token_count(w, h, cfg)
