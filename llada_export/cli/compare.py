@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "replaces the built-in prompts")
     p.add_argument("--backend", action="append", choices=backend_names(),
                    help="backends to check (default: every backend built)")
-    p.add_argument("--presets", default="mc,chartqa", help="sampler presets for the agreement check; one longer than "
+    p.add_argument("--presets", default="mc,chartqa", type=preset_list, help="sampler presets for the agreement check; one longer than "
                    "the engines' gen length is skipped (default: mc,chartqa)")
     add_decoding_flags(p)
     p.add_argument("--report", help="JSON report path; a .md summary is written beside it (default: "
@@ -55,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-dir", help="where Polygraphy inputs/outputs go, kept when a comparison fails (default: "
                    "<engines>-compare/, removed when a comparison fails)")
     return p
+
+
+def preset_list(text: str) -> str:
+    """``--presets``: at least one name (an empty list ran no end-to-end check and still passed)."""
+    if not any(t.strip() for t in text.split(",")):
+        raise argparse.ArgumentTypeError(f"no preset named in {text!r}: give one or more, e.g. mc,chartqa (a "
+                                         "preset longer than the engines' gen length is skipped)")
+    return text
 
 
 def check_report_path(path: Path, engines: str, model: str) -> None:
@@ -83,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         report = CompareReport(args.engines, args.model, "")
         try:
             run_compare(args.engines, args.model, list(zip(args.image, args.prompt)) or None, args.backend,
-                        args.save_dir, tuple(p for p in args.presets.split(",") if p), args.verbose,
+                        args.save_dir, tuple(p.strip() for p in args.presets.split(",") if p.strip()), args.verbose,
                         settings=decoding_settings(args), report=report)
         except Exception as e:
             if args.report:  # the user sees why in the report they asked for
