@@ -118,6 +118,8 @@ def cli_prompt(text: str) -> str:
 def image_file(text: str) -> str:
     """``--image``: a path (whether it is there and an image is checked where it is read); a directory is
     refused at once, by name."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path: give an image file, or leave --image out for a text-only prompt")
     if os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{shorten_path(text)}: is a directory, not an image file")
     return text
