@@ -1,0 +1,125 @@
+"""A new user's inputs pass: images as cameras and editors write them (EXIF-rotated, 16-bit), and flag values
+that built engines or ran checks that could not do what was asked (engines that refuse every image, a
+comparison that compared no tokens) are read as the user meant them or refused in one line."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import random_image
+from llada_export.graphs.anyres import image_size, load_image
+
+ORIENTATION = 0x0112
+
+
+def sideways(upright: Image.Image, path) -> None:
+    """``upright`` stored as a phone stores a photo taken in portrait: the pixels turned 90 degrees clockwise
+    and EXIF orientation 6 (rotate 90 degrees clockwise to view); PNG, so the pixels are exact."""
+    exif = Image.Exif()
+    exif[ORIENTATION] = 6
+    upright.transpose(Image.Transpose.ROTATE_90).save(path, exif=exif)
+
+
+def grey16_png(grey8: np.ndarray, path) -> None:
+    """A 16-bit greyscale PNG of an 8-bit grey array (value v stored as v * 257, as image editors scale)."""
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(path)
+
+
+# ---------------------------------------------------------------------- images
+def test_an_exif_rotated_photo_is_read_upright(tmp_path):
+    """A photo stored sideways with an EXIF orientation was read as stored: the model saw it turned by 90
+    degrees, and its visual token count (so whether it fits the engines) was that of the turned image."""
+    upright = random_image(380, 250, 1)
+    sideways(upright, tmp_path / "photo.png")
+    assert image_size(tmp_path / "photo.png") == (380, 250)
+    assert np.array_equal(np.asarray(load_image(tmp_path / "photo.png")), np.asarray(upright))
+    with Image.open(tmp_path / "photo.png") as im:  # a PIL image the caller opened
+        assert image_size(im) == (380, 250)
+        assert np.array_equal(np.asarray(load_image(im)), np.asarray(upright))
+
+
+def test_an_exif_rotated_photo_gets_the_upright_answer(engines, images, tmp_path):
+    from llada_export.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(engines)
+    sideways(images["380x250"], tmp_path / "photo.png")
+    want = pipe.generate(images["380x250"], "What is shown?", gen_length=16)
+    got = pipe.generate(str(tmp_path / "photo.png"), "What is shown?", gen_length=16)
+    assert (got.n_visual, got.ids) == (want.n_visual, want.ids)
+
+
+def test_a_16_bit_greyscale_png_keeps_its_pixels(tmp_path):
+    """Pillow's convert("RGB") clips a 16-bit value above 255: every such PNG was read as a white image."""
+    grey = np.asarray(random_image(64, 48, 3).convert("L"))
+    grey16_png(grey, tmp_path / "grey16.png")
+    with Image.open(tmp_path / "grey16.png") as im:
+        assert im.mode.startswith("I")  # what Pillow reads (I;16)
+    rgb = np.asarray(load_image(tmp_path / "grey16.png"))
+    assert np.array_equal(rgb, np.repeat(grey[:, :, None], 3, axis=2))
+
+
+def test_the_server_reads_a_16_bit_png_and_an_exif_rotation_as_a_file_is_read(tmp_path):
+    from llada_export.serve.api import decode_data_url
+
+    grey = np.asarray(random_image(64, 48, 4).convert("L"))
+    grey16_png(grey, tmp_path / "grey16.png")
+    upright = random_image(40, 30, 5)
+    sideways(upright, tmp_path / "photo.png")
+    for name, want in (("grey16.png", np.repeat(grey[:, :, None], 3, axis=2)), ("photo.png", np.asarray(upright))):
+        url = "data:image/png;base64," + base64.b64encode((tmp_path / name).read_bytes()).decode()
+        assert np.array_equal(np.asarray(decode_data_url(url)), want)
+
+
+def test_the_client_sends_a_pil_image_as_the_engines_read_it(tmp_path):
+    """llada-generate --server / Client with a PIL image: the client re-encodes it as PNG; a 16-bit one went
+    out white."""
+    from llada_export.serve.client import image_data_url
+
+    grey = np.asarray(random_image(64, 48, 6).convert("L"))
+    grey16_png(grey, tmp_path / "grey16.png")
+    with Image.open(tmp_path / "grey16.png") as im:
+        url = image_data_url(im)
+    sent = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    assert np.array_equal(np.asarray(sent.convert("RGB")), np.repeat(grey[:, :, None], 3, axis=2))
+
+
+# ---------------------------------------------------------------------- flags
+def test_export_refuses_max_visual_tokens_that_no_image_fits(tiny_ckpt, tmp_path):
+    """--max-visual-tokens below the whole-image crop's tokens (which every image gives) wrote engines that
+    refused every image at run time."""
+    from helpers import export
+    from llada_export.checkpoint.loader import read_config
+    from llada_export.exporter.build import ExportError
+
+    least = read_config(tiny_ckpt).vision.patches_per_side ** 2
+    with pytest.raises(ExportError, match=rf"--max-visual-tokens {least - 1} is fewer than the {least} visual "
+                                          rf"tokens every image gives.*--max-visual-tokens {least} or more"):
+        export(tiny_ckpt, tmp_path / "out", image_size=None, max_visual_tokens=least - 1, gen_length=8)
+    assert not (tmp_path / "out").exists()
+
+
+def test_compare_refuses_an_empty_preset_list(tiny_ckpt, tmp_path, capsys):
+    """--presets '' ran no end-to-end check (an empty agreement table) and still exited 0."""
+    from llada_export.cli.compare import main
+
+    for value in ("", " , "):
+        with pytest.raises(SystemExit) as e:
+            main(["--engines", str(tmp_path), "--model", str(tiny_ckpt), "--presets", value])
+        assert e.value.code == 2
+        assert "argument --presets: no preset named" in capsys.readouterr().err
+
+
+def test_generate_refuses_an_empty_image_path(engines, capsys):
+    """--image '' said '.: image file not found' (the current directory's name)."""
+    from llada_export.cli.generate import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--engines", str(engines), "--image", "", "--prompt", "What is shown?"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --image: empty path" in err and ".: image file" not in err
