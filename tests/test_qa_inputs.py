@@ -123,3 +123,12 @@ def test_generate_refuses_an_empty_image_path(engines, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "argument --image: empty path" in err and ".: image file" not in err
+
+
+def test_the_size_of_a_png_is_read_from_its_header_only(tmp_path):
+    """The orientation check must not decode a PNG (Pillow's getexif does, to look for a late eXIf chunk):
+    the size of a PNG whose pixel data is cut off is still read from its header, as before."""
+    random_image(300, 200, 7).save(tmp_path / "full.png")
+    raw = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(raw[: len(raw) // 2])
+    assert image_size(tmp_path / "cut.png") == (300, 200)
