@@ -132,3 +132,28 @@ def test_the_size_of_a_png_is_read_from_its_header_only(tmp_path):
     raw = (tmp_path / "full.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(raw[: len(raw) // 2])
     assert image_size(tmp_path / "cut.png") == (300, 200)
+
+
+def test_a_very_large_image_is_refused_in_one_line_and_a_large_one_without_a_python_warning(tmp_path, monkeypatch,
+                                                                                         engines, capsys):
+    """Between Pillow's pixel limit and twice it, llada-generate printed Pillow's DecompressionBombWarning
+    with its source line; above it, 'cannot decode image' without the fix. (The limit is lowered here so that
+    the images stay small; Pillow applies it the same way at its default, 89 Mpixels.)"""
+    from llada_export.cli.generate import main
+    from llada_export.graphs.anyres import ImageError
+
+    random_image(60, 40, 8).save(tmp_path / "large.png")  # 2400 pixels: over 2000, under twice it
+    random_image(100, 50, 9).save(tmp_path / "huge.png")  # 5000 pixels: over twice the limit
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert image_size(tmp_path / "large.png") == (60, 40)
+        assert load_image(tmp_path / "large.png").size == (60, 40)
+    with pytest.raises(ImageError, match="huge.png: refused, too many pixels to decode safely .*downscale it first"):
+        load_image(tmp_path / "huge.png")
+    with pytest.raises(SystemExit):
+        main(["--engines", str(engines), "--image", str(tmp_path / "huge.png"), "--prompt", "What is shown?"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "downscale it first" in err

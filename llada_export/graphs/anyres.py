@@ -15,8 +15,10 @@ ratios, ``math.ceil``/``int`` truncation, as written there):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -65,9 +67,12 @@ def _load(image: ImageLike) -> Image.Image:
         if not os.path.isfile(path):
             raise ImageError(f"{shorten_path(path)}: image file not found")
         try:
-            with Image.open(path) as im:
+            with _no_bomb_warning(), Image.open(path) as im:
                 return to_rgb(im)  # convert() decodes fully, so the file can be closed
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as e:
+        except Image.DecompressionBombError as e:
+            raise ImageError(f"{shorten_path(path)}: refused, too many pixels to decode safely ({e}); downscale it "
+                             "first (anyres resizes it to a few crops anyway)") from None
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
             raise ImageError(f"{shorten_path(path)}: cannot decode image ({e})") from e
     raise ImageError(f"unsupported image type {type(image).__name__} (expected a path, PIL image or uint8 array)")
 
@@ -85,11 +90,21 @@ def _image_size(image: ImageLike) -> SizeWH:
         return image.shape[1], image.shape[0]  # [H, W, 3]
     if isinstance(image, (str, Path)) and os.path.isfile(image):
         try:
-            with Image.open(image) as im:
+            with _no_bomb_warning(), Image.open(image) as im:
                 return upright_size(im)
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError):
             pass  # load_image says why
     return load_image(image).size
+
+
+@contextlib.contextmanager
+def _no_bomb_warning():
+    """Pillow warns (a Python warning with its source line) about an image between its pixel limit and twice
+    it, then decodes it: the visual token check and anyres's resize handle any size. Above twice the limit
+    Pillow refuses the image (said as such in :func:`_load`)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
 
 
 def _has_pixels(size: SizeWH) -> SizeWH:
