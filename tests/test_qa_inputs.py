@@ -157,3 +157,27 @@ def test_a_very_large_image_is_refused_in_one_line_and_a_large_one_without_a_pyt
         main(["--engines", str(engines), "--image", str(tmp_path / "huge.png"), "--prompt", "What is shown?"])
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "downscale it first" in err
+
+
+@pytest.mark.parametrize("prog, argv", [
+    ("generate", ["--engines", "", "--prompt", "What is shown?"]),
+    ("generate", ["--engines", "{engines}", "--weights", " ", "--prompt", "What is shown?"]),
+    ("compare", ["--engines", "{engines}", "--model", ""]),
+    ("compare", ["--engines", "", "--model", "{ckpt}"]),
+    ("export", ["--model", "", "-o", "{tmp}/out"]),
+    ("serve", ["--engines", ""]),
+])
+def test_an_empty_directory_path_is_refused_not_read_as_the_current_directory(prog, argv, engines, tiny_ckpt,
+                                                                              tmp_path, capsys, monkeypatch):
+    """An empty --engines / --model / --weights was the current directory: '.: no manifest.json', 'config.json:
+    no config.json', or llada-compare's '--report llada-compare.json is inside the checkpoint directory <cwd>'."""
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    main = importlib.import_module(f"llada_export.cli.{prog}").main
+    argv = [a.format(engines=engines, ckpt=tiny_ckpt, tmp=tmp_path) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert "empty path: give a directory" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -115,6 +115,14 @@ def cli_prompt(text: str) -> str:
     return _rule(check_prompt, lambda t: t.replace("\\n", "\n"))(text)
 
 
+def directory(text: str) -> str:
+    """A directory flag (--engines, --model, --weights): an empty path is refused, not read as the current
+    directory (whose name the later messages gave, as if the user had typed '.')."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path: give a directory")
+    return text
+
+
 def image_file(text: str) -> str:
     """``--image``: a path (whether it is there and an image is checked where it is read); a directory is
     refused at once, by name."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..engines.registry import backend_names
 from ..rules import shorten
-from .common import cli_prompt, parser, user_errors
+from .common import cli_prompt, directory, parser, user_errors
 from .generate import add_decoding_flags, decoding_settings
 
 DEFAULT_REPORT = "llada-compare.json"
@@ -38,8 +38,8 @@ given); the report (with --report, the reason a run could not compare) is still 
 
 def build_parser() -> argparse.ArgumentParser:
     p = parser("llada-compare", DESCRIPTION, EPILOG)
-    p.add_argument("--engines", required=True, help="engines directory written by llada-export")
-    p.add_argument("--model", required=True, help="the checkpoint the engines were exported from")
+    p.add_argument("--engines", required=True, type=directory, help="engines directory written by llada-export")
+    p.add_argument("--model", required=True, type=directory, help="the checkpoint the engines were exported from")
     p.add_argument("--image", action="append", default=[], help="image for a prompt (repeatable, pairs with --prompt)")
     p.add_argument("--prompt", action="append", default=[], type=cli_prompt,
                    help="prompt about the image (repeatable; the image goes first unless <image> places it); "

@@ -7,7 +7,7 @@ import sys
 
 from ..engines.registry import backend_names
 from .checkpoint import parse_bytes
-from .common import parse_size, parser, positive_int, unit_interval, user_errors
+from .common import directory, parse_size, parser, positive_int, unit_interval, user_errors
 
 DESCRIPTION = """\
 Compile an LLaDA-V checkpoint (Hugging Face layout) into engines with LLaDA-FastV
@@ -36,7 +36,7 @@ engines directory llada-export wrote (or an empty one), never the checkpoint."""
 def build_parser() -> argparse.ArgumentParser:
     backends = backend_names()
     p = parser("llada-export", DESCRIPTION, EPILOG)
-    p.add_argument("--model", required=True, help="checkpoint directory (config.json, *.safetensors, tokenizer)")
+    p.add_argument("--model", required=True, type=directory, help="checkpoint directory (config.json, *.safetensors, tokenizer)")
     p.add_argument("-o", "--output", required=True, help="engines directory to write (written atomically)")
     g = p.add_argument_group("pruning")
     g.add_argument("--prune-layer", type=int, default=None,

@@ -7,7 +7,7 @@ import json
 import sys
 
 from ..engines.registry import backend_names
-from .common import cli_prompt, image_file, parser, positive_int, refresh_value, seed_value, setting_number, user_errors
+from .common import cli_prompt, directory, image_file, parser, positive_int, refresh_value, seed_value, setting_number, user_errors
 
 DESCRIPTION = """\
 Generate an answer with LLaDA-V engines built by llada-export: vision -> stage A (prune)
@@ -33,7 +33,7 @@ several tokens per step (Fast-dLLM parallel decoding; --threshold 0.9 unless a r
 def build_parser() -> argparse.ArgumentParser:
     p = parser("llada-generate", DESCRIPTION, EPILOG)
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--engines", help="engines directory written by llada-export")
+    where.add_argument("--engines", type=directory, help="engines directory written by llada-export")
     where.add_argument("--server", metavar="URL",
                        help="ask a running llada-serve instead (e.g. http://127.0.0.1:8000)")
     p.add_argument("--image", type=image_file, help="image file (any format Pillow reads); omit for a text-only prompt")
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=backend_names(),
                    help="backend to run (default: the fastest one built that runs here)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: what the engines were built for)")
-    p.add_argument("--weights", metavar="DIR",
+    p.add_argument("--weights", metavar="DIR", type=directory,
                    help="checkpoint to load the weights from, for aoti / inductor engines exported without them "
                    "(default: the checkpoint recorded in the manifest)")
     p.add_argument("--compare-unpruned", action="store_true",

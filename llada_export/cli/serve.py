@@ -8,7 +8,7 @@ import sys
 import time
 
 from ..outdir import TERMINATING
-from .common import non_negative_float, parser, positive_float, positive_int, user_errors
+from .common import directory, non_negative_float, parser, positive_float, positive_int, user_errors
 
 DESCRIPTION = """\
 Serve LLaDA-V engines built by llada-export on Ray Serve: one Pipeline per replica (one GPU
@@ -48,7 +48,7 @@ def port(text: str) -> int:
 
 def build_parser():
     p = parser("llada-serve", DESCRIPTION, EPILOG)
-    p.add_argument("--engines", required=True, help="engines directory written by llada-export")
+    p.add_argument("--engines", required=True, type=directory, help="engines directory written by llada-export")
     p.add_argument("--model-name", help="the model id in the API (default: the engines directory's name)")
     p.add_argument("--replicas", type=positive_int, default=1, help="copies of the pipeline (default: 1)")
     p.add_argument("--max-batch", type=positive_int,
