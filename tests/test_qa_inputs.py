@@ -181,3 +181,28 @@ def test_an_empty_directory_path_is_refused_not_read_as_the_current_directory(pr
     assert e.value.code == 2
     assert "empty path: give a directory" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_aoti_export_prints_no_torch_deprecation_warning(tmp_path):
+    """llada-export --backend aoti (and all) printed torch's own FutureWarning about LeafSpec, with copyreg's source
+    line, once per graph: noise a user cannot act on. A real AOTInductor compile of a small exported program."""
+    import warnings
+
+    import torch
+
+    from llada_export.engines.aoti import _compile
+
+    class Small(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return (self.linear(x),)
+
+    ep = torch.export.export(Small(), (torch.randn(2, 4),))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _compile(ep, tmp_path / "small.pt2", {})
+    assert (tmp_path / "small.pt2").is_file()
+    assert not [w for w in caught if "LeafSpec" in str(w.message)]

@@ -10,6 +10,7 @@ machines (torch 2.11+cu130), so the CUDA path (and its CUDA-graph replay) is unt
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from .registry import Backend, WriteContext, register_backend
@@ -46,7 +47,9 @@ def _compile(ep, path: Path, configs: dict) -> None:
 
     metadata = copy.deepcopy(inductor_config.aot_inductor.metadata)
     try:
-        aoti_compile_and_package(ep, package_path=str(path), inductor_configs=configs or None)
+        with warnings.catch_warnings():  # torch's own deprecation inside its pickling of the tree specs: noise
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            aoti_compile_and_package(ep, package_path=str(path), inductor_configs=configs or None)
     finally:
         inductor_config.aot_inductor.metadata = metadata
 
