@@ -286,6 +286,7 @@ def template_tokens(tokenizer, system: str = "") -> int:
 
 
 PROMPT_NOTE = "--max-prompt-tokens"  # the note's start, so that a second preflight does not repeat it
+BF16_ORT_NOTE = "the bfloat16 onnxruntime engines"  # the start of the note for --dtype bfloat16 on the CPU
 
 
 def preflight(opts: ExportOptions, cfg: LLaDAVConfig | None = None, tokenizer=None) -> Bucket:
@@ -322,6 +323,11 @@ def preflight(opts: ExportOptions, cfg: LLaDAVConfig | None = None, tokenizer=No
             f"of template with it): llada-generate, llada-compare and llada-serve (without a system message) refuse "
             f"every prompt; Pipeline requests need a shorter system prompt (Request(system=...)); re-export with "
             f"at least {m + 16} to use them"]
+    if "onnxruntime" in opts.backends and opts.dtype == "bfloat16" and torch.device(opts.device).type == "cpu":
+        opts.notes = [x for x in opts.notes if not x.startswith(BF16_ORT_NOTE)] + [
+            f"{BF16_ORT_NOTE} do not run on this CPU: ONNX Runtime's CPU provider has no bfloat16 kernels; run them "
+            "with onnxruntime-gpu (llada-generate --device cuda), or re-export with --dtype float32 or float16 for "
+            "the CPU"]
     if "tensorrt" in opts.backends and opts.prune is not None and bucket.k_static >= TOPK_LIMIT:
         raise ExportError(f"the bucket keeps {bucket.k_static} visual tokens, over TensorRT's TopK limit "
                           f"({TOPK_LIMIT - 1}); lower --keep, --image-size or --max-visual-tokens")
