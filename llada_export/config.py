@@ -141,6 +141,9 @@ class LLaDAVConfig:
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
+            if (path.parent / "manifest.json").is_file():  # the other kind of directory
+                raise ConfigError(f"{path.parent} is an engines directory (it holds manifest.json), not a checkpoint: "
+                                  "pass the checkpoint directory (config.json, *.safetensors) the engines came from")
             raise ConfigError(f"{path}: no config.json (is this a Hugging Face checkpoint directory?)")
         try:
             d = json.loads(path.read_text())

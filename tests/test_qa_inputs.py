@@ -220,3 +220,21 @@ def test_bfloat16_onnx_engines_exported_on_the_cpu_say_they_cannot_run_there(tin
     assert any(n.startswith("the bfloat16 onnxruntime engines do not run on this CPU") for n in notes), notes
     with pytest.raises(ValueError, match="no bfloat16 kernel"):  # what the note warns of
         Pipeline.load(out).generate(random_image(64, 64), "What is shown?")
+
+
+def test_a_checkpoint_given_for_engines_and_engines_given_for_a_checkpoint_are_named(engines, tiny_ckpt, tmp_path,
+                                                                                  capsys):
+    """The two directories mixed up said only '<ckpt>: no manifest.json (not an engines directory ...)' and
+    '<engines>/config.json: no config.json (is this a Hugging Face checkpoint directory?)'."""
+    from llada_export.cli.export import main as export_main
+    from llada_export.cli.generate import main as generate_main
+
+    with pytest.raises(SystemExit):
+        generate_main(["--engines", str(tiny_ckpt), "--prompt", "What is shown?"])
+    err = capsys.readouterr().err
+    assert f"{tiny_ckpt} is a checkpoint directory (it holds config.json), not engines: export it first" in err
+    with pytest.raises(SystemExit):
+        export_main(["--model", str(engines), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert f"{engines} is an engines directory (it holds manifest.json), not a checkpoint" in err
+    assert not (tmp_path / "out").exists()

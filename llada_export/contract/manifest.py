@@ -365,6 +365,9 @@ class Manifest:
             raise ManifestError(f"{root}: not a directory (an engines directory written by llada-export is expected)")
         path = root / MANIFEST
         if not path.is_file():
+            if (root / "config.json").is_file():  # the other kind of directory
+                raise ManifestError(f"{root} is a checkpoint directory (it holds config.json), not engines: export it "
+                                    f"first (llada-export --model {root} -o ENGINES_DIR) and pass that directory")
             raise ManifestError(f"{root}: no {MANIFEST} (not an engines directory written by llada-export)")
         try:
             d = json.loads(path.read_text())
