@@ -1,0 +1,116 @@
+"""Where a load's seconds go on the weights file (issue 22 item 3), without a full export: a safetensors
+file of random bf16 tensors shaped like LLaDA-8B's layers is written, then read back the ways a
+``Pipeline.load`` could read it, each timed from the page cache (the file was just written):
+
+- ``sha256``: one SHA-256 stream over the whole file (what the load did before block digests);
+- ``sha256_blocks``: the file's 256 MiB blocks hashed in parallel threads (``Manifest.verify`` now);
+- ``load_file``: ``safetensors.torch.load_file(path, device=DEVICE)`` (the load's weights stage);
+- ``read``: the file read into memory in large chunks (the page cache's read rate, the floor of any reader).
+
+Writes ``<out>.json`` and ``<out>.md`` with GB/s and the seconds the full-size 16.9 GB weights file would
+take at each rate.
+
+    python tools/weight_read_probe.py --gb 4 --out OUT/weight_read_probe
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from llada_export.contract.manifest import BLOCK_BYTES, sha256  # noqa: E402
+
+FULL_BYTES = 16_869_760_192  # the full-size engines' weights.safetensors (bench_load.md)
+SHAPES = [(4096, 4096), (4096, 4096), (12288, 4096), (4096, 12288)]  # one layer's q/o and gate/up/down-like
+
+
+def write(path: Path, gb: float) -> int:
+    """A safetensors file of about ``gb`` GB of random bf16 tensors of the layers' shapes."""
+    tensors, total, i = {}, 0, 0
+    while total < gb * 1e9:
+        shape = SHAPES[i % len(SHAPES)]
+        tensors[f"w{i}"] = torch.randn(shape, dtype=torch.bfloat16)
+        total += tensors[f"w{i}"].numel() * 2
+        i += 1
+    save_file(tensors, str(path))
+    return path.stat().st_size
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def probe(path: Path, device: str, threads: int) -> dict[str, float]:
+    size = path.stat().st_size
+
+    def blocks():
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda a: sha256(path, start=a, length=BLOCK_BYTES), range(0, size, BLOCK_BYTES)))
+
+    def read():
+        with open(path, "rb", buffering=0) as f:
+            while f.read(1 << 26):
+                pass
+
+    def load():
+        w = load_file(str(path), device=device)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        del w
+
+    read()  # into the page cache, if writing left it out
+    return {"read": timed(read), "sha256": timed(lambda: sha256(path)), "sha256_blocks": timed(blocks),
+            "load_file": timed(load)}
+
+
+def markdown(res: dict) -> str:
+    lines = [f"# Reading a weights file ({res['host']}, {res['device_name']})", "",
+             f"A {res['bytes'] / 1e9:.2f} GB safetensors file of random bf16 tensors, read from the page cache; "
+             f"{res['threads']} threads for the block hashes ({res['cpus']} CPUs). The last column scales the "
+             f"rate to the full-size engines' {FULL_BYTES / 1e9:.1f} GB weights file.", "",
+             "| way | seconds | GB/s | full-size file s |", "| --- | --- | --- | --- |"]
+    for way, s in res["seconds"].items():
+        rate = res["bytes"] / s / 1e9
+        lines.append(f"| {way} | {s:.2f} | {rate:.2f} | {FULL_BYTES / 1e9 / rate:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--gb", type=float, default=4.0, help="size of the probe file (default 4 GB)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 8), help="block-hash threads")
+    p.add_argument("--dir", default="/tmp", help="where the probe file is written (removed after)")
+    p.add_argument("--out", required=True, help="output path without suffix")
+    a = p.parse_args(argv)
+    path = Path(a.dir) / f"weight_read_probe_{os.getpid()}.safetensors"
+    try:
+        size = write(path, a.gb)
+        seconds = probe(path, a.device, a.threads)
+    finally:
+        path.unlink(missing_ok=True)
+    res = {"host": platform.node(), "device": a.device, "cpus": os.cpu_count(), "threads": a.threads,
+           "device_name": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu",
+           "torch": torch.__version__, "bytes": size, "seconds": seconds}
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(res))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
