@@ -68,6 +68,9 @@ CASES = [  # (tool, its JSON, the report it renders, the command line that re-re
      ["batch", "--replot", "--out", "{out}"]),
     ("bench_gpu_scale.py", "bench_gpu_batch_scale8_paths.json", "bench_gpu_batch_scale8_paths.md",
      ["--replot", "--out", "{out}/bench_gpu_batch_scale8_paths"]),
+    # the same day, 08:51: the weights file's read and hash rates on the H100 host (tools/weight_read_probe.py)
+    ("weight_read_probe.py", "weight_read_probe.json", "weight_read_probe.md",
+     ["--replot", "--out", "{out}/weight_read_probe"]),
 ]
 # issue 21's reports (tools/long_sweeps.py render), once a GPU run's summaries are committed
 CASES += [("long_sweeps.py", f"vqa2_{part}.json", f"vqa2_{part}.md", ["render", "--replot", "--out", "{out}"])

@@ -7,10 +7,10 @@ file of random bf16 tensors shaped like LLaDA-8B's layers is written, then read 
 - ``load_file``: ``safetensors.torch.load_file(path, device=DEVICE)`` (the load's weights stage);
 - ``read``: the file read into memory in large chunks (the page cache's read rate, the floor of any reader).
 
-Writes ``<out>.json`` and ``<out>.md`` with GB/s and the seconds the full-size 16.9 GB weights file would
-take at each rate.
+Writes ``<out>.json``, ``<out>.md`` and ``<out>.png`` with GB/s and the seconds the full-size 16.9 GB
+weights file would take at each rate; ``--replot`` re-renders the last two from ``<out>.json``.
 
-    python tools/weight_read_probe.py --gb 4 --out OUT/weight_read_probe
+    python tools/weight_read_probe.py --gb 4 --out OUT/weight_read_probe [--note "how it was run"]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llada_export.contract.manifest import BLOCK_BYTES, sha256  # noqa: E402
+from llada_export.report import pyplot, save  # noqa: E402
 
 FULL_BYTES = 16_869_760_192  # the full-size engines' weights.safetensors (bench_load.md)
 SHAPES = [(4096, 4096), (4096, 4096), (12288, 4096), (4096, 12288)]  # one layer's q/o and gate/up/down-like
@@ -84,7 +85,22 @@ def markdown(res: dict) -> str:
     for way, s in res["seconds"].items():
         rate = res["bytes"] / s / 1e9
         lines.append(f"| {way} | {s:.2f} | {rate:.2f} | {FULL_BYTES / 1e9 / rate:.1f} |")
+    if res.get("note"):
+        lines += ["", res["note"]]
     return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ways = list(res["seconds"])
+    full = [FULL_BYTES / (res["bytes"] / res["seconds"][w]) for w in ways]  # seconds for the full-size file
+    ax.barh(ways, full, color="tab:blue")
+    for y, v in enumerate(full):
+        ax.text(v, y, f" {v:.1f} s", va="center", fontsize=8)
+    ax.set_xlabel(f"seconds for the {FULL_BYTES / 1e9:.1f} GB weights file (at the measured rate)")
+    ax.set_title(f"reading the weights file, {res['device_name']}", fontsize=9)
+    save(fig, path)
 
 
 def main(argv=None) -> int:
@@ -94,20 +110,30 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 8), help="block-hash threads")
     p.add_argument("--dir", default="/tmp", help="where the probe file is written (removed after)")
     p.add_argument("--out", required=True, help="output path without suffix")
+    p.add_argument("--note", help="a paragraph on how the run was made (kept in the JSON)")
+    p.add_argument("--replot", action="store_true", help="re-render <out>.md and .png from <out>.json (with --note: "
+                   "its note replaced)")
     a = p.parse_args(argv)
-    path = Path(a.dir) / f"weight_read_probe_{os.getpid()}.safetensors"
-    try:
-        size = write(path, a.gb)
-        seconds = probe(path, a.device, a.threads)
-    finally:
-        path.unlink(missing_ok=True)
-    res = {"host": platform.node(), "device": a.device, "cpus": os.cpu_count(), "threads": a.threads,
-           "device_name": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu",
-           "torch": torch.__version__, "bytes": size, "seconds": seconds}
     out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+    if a.replot:
+        res = json.loads(out.with_suffix(".json").read_text())
+        if a.note is not None:
+            res["note"] = a.note
+            out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+    else:
+        path = Path(a.dir) / f"weight_read_probe_{os.getpid()}.safetensors"
+        try:
+            size = write(path, a.gb)
+            seconds = probe(path, a.device, a.threads)
+        finally:
+            path.unlink(missing_ok=True)
+        res = {"host": platform.node(), "device": a.device, "cpus": os.cpu_count(), "threads": a.threads,
+               "device_name": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu",
+               "torch": torch.__version__, "bytes": size, "seconds": seconds, "note": a.note}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(res))
+    plot(res, out.with_suffix(".png"))
     print(markdown(res))
     return 0
 
