@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llada_export.exporter.capacity import HEADROOM  # noqa: E402
-from llada_export.report import pyplot, save  # noqa: E402
+from llada_export.report import pyplot, save, write_report  # noqa: E402
 
 PATHS = ("pruned+cache", "unpruned+cache")
 TARGET_B8 = 2.2  # issue 23: tokens/s at B = 8 over B = 1, pruned + cache
@@ -170,10 +170,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output path without suffix")
     p.add_argument("--replot", action="store_true", help="re-render <out>.md and .png from <out>.json")
     a = p.parse_args(argv)
-    out = Path(a.out)
-    if a.replot:
-        res = json.loads(out.with_suffix(".json").read_text())
-    else:
+    out, res = Path(a.out), None  # None (--replot): write_report reads <out>.json back
+    if not a.replot:
         if not (a.pruned and a.unpruned):
             p.error("give --pruned and --unpruned (or --replot)")
         runs = {}
@@ -185,10 +183,7 @@ def main(argv=None) -> int:
         res = combine(runs, a.card_gib)
         res["note"] = a.note
         res["out_name"] = out.name
-        out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(res))
-    plot(res, out.with_suffix(".png"))
-    print(markdown(res))
+    write_report(out, res, markdown, plot)
     return 0
 
 

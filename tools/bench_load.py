@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu import DEVICE, build_model, request_images  # noqa: E402  the same weights and images
+from llada_export.report import write_report  # noqa: E402
 
 EXPORTED = "bench_load_export.json"  # written into the engines by ``export``: the image size and its figures
 DEFAULT_IMAGE = (1024, 768)
@@ -142,12 +143,7 @@ def run_measure(args) -> dict:
         res["modes"][mode] = row
     ids = {m: r["warm"]["ids"] for m, r in res["modes"].items() if "ids" in r["warm"]}  # an error has none
     res["same_ids"] = len({json.dumps(v) for v in ids.values()}) == 1 if len(ids) > 1 else None
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_load.json").write_text(json.dumps(res, indent=2) + "\n")
-    (out / "bench_load.md").write_text(markdown(res))
-    print(markdown(res))
-    return res
+    return write_report(Path(args.out) / "bench_load", res, markdown, None)
 
 
 def markdown(res: dict) -> str:
@@ -224,12 +220,11 @@ def main(argv=None) -> int:
     elif args.part == "load":
         run_load(args)
     elif args.part == "render":
-        out = Path(args.out)
-        res = json.loads((out / "bench_load.json").read_text())
+        report = Path(args.out) / "bench_load"
+        res = None  # write_report reads the JSON back, unless the note is replaced (then written again)
         if args.note is not None:
-            res["note"] = args.note
-            (out / "bench_load.json").write_text(json.dumps(res, indent=2) + "\n")
-        (out / "bench_load.md").write_text(markdown(res))
+            res = json.loads(report.with_suffix(".json").read_text()) | {"note": args.note}
+        write_report(report, res, markdown, None)
     else:
         run_measure(args)
     return 0

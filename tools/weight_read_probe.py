@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llada_export.contract.manifest import BLOCK_BYTES, sha256  # noqa: E402
-from llada_export.report import pyplot, save  # noqa: E402
+from llada_export.report import pyplot, save, write_report  # noqa: E402
 
 FULL_BYTES = 16_869_760_192  # the full-size engines' weights.safetensors (bench_load.md)
 SHAPES = [(4096, 4096), (4096, 4096), (12288, 4096), (4096, 12288)]  # one layer's q/o and gate/up/down-like
@@ -114,12 +114,10 @@ def main(argv=None) -> int:
     p.add_argument("--replot", action="store_true", help="re-render <out>.md and .png from <out>.json (with --note: "
                    "its note replaced)")
     a = p.parse_args(argv)
-    out = Path(a.out)
+    out, res = Path(a.out), None  # None: write_report reads <out>.json back
     if a.replot:
-        res = json.loads(out.with_suffix(".json").read_text())
-        if a.note is not None:
-            res["note"] = a.note
-            out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+        if a.note is not None:  # the note replaced: the JSON is written again
+            res = json.loads(out.with_suffix(".json").read_text()) | {"note": a.note}
     else:
         path = Path(a.dir) / f"weight_read_probe_{os.getpid()}.safetensors"
         try:
@@ -130,11 +128,7 @@ def main(argv=None) -> int:
         res = {"host": platform.node(), "device": a.device, "cpus": os.cpu_count(), "threads": a.threads,
                "device_name": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu",
                "torch": torch.__version__, "bytes": size, "seconds": seconds, "note": a.note}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(res))
-    plot(res, out.with_suffix(".png"))
-    print(markdown(res))
+    write_report(out, res, markdown, plot)
     return 0
 
 
