@@ -37,7 +37,7 @@ from ..sampler import preset as get_preset
 from ..tokenizer import DEFAULT_SYSTEM_PROMPT, decode_answer, encode_prompt, load_tokenizer
 from .denoiser import EngineDenoiser
 from .inputs import check_prompt, check_refresh, check_seed, check_text, checked_cancel, in_batch
-from .weights import bind_constants
+from .weights import bind_constants, read_weights
 
 
 @dataclass
@@ -102,6 +102,7 @@ class Pipeline:
         self.bucket, self.tokens = manifest.bucket, manifest.tokens
         self.keep = manifest.pruning.keep if manifest.pruning else 1.0
         self.pruned = manifest.pruned
+        self.weights_reader: str | None = None  # what read the engines' weights file (runtime/weights.py)
         self.step_graph: bool | None = None  # the sampler's per-step update from a CUDA graph (None: on CUDA)
         # a batch whose running rows fit a smaller built batch size goes on at that size (generate_batch)
         self.narrow = True
@@ -165,7 +166,11 @@ class Pipeline:
         from ..checkpoint.loader import load_checkpoint
 
         if self.manifest.weights_file is not None and weights_from is None:
-            return load_file(str(self.root / self.manifest.weights_file), device=device)
+            t0 = time.perf_counter()
+            uses = {k for m in self.manifest.constants_from_checkpoint[self.backend].values() for k in m.values()}
+            weights, self.weights_reader = read_weights(self.root / self.manifest.weights_file, device, uses)
+            self.load_times["weights_read"] = time.perf_counter() - t0
+            return weights
 
         src = Path(weights_from or self.manifest.source_checkpoint)
         if not src.is_dir():

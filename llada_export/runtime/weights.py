@@ -11,11 +11,19 @@ ones) and its peak is that plus one fused tensor.
 
 from __future__ import annotations
 
+import logging
+import os
 from collections import Counter
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from ..graphs.fused import resolve_weight
+from ..rules import shorten
+
+log = logging.getLogger("llada_export")
 
 
 def parts_of(key: str) -> list[str]:
@@ -55,3 +63,46 @@ def held_bytes(tensors) -> int:
         s = t.untyped_storage()
         seen[(t.device, s.data_ptr())] = s.nbytes()
     return sum(seen.values())
+
+
+READER_ENV = "LLADA_WEIGHTS_READER"  # auto | safetensors | fastsafetensors: how read_weights reads the file
+READERS = ("auto", "safetensors", "fastsafetensors")
+
+
+def read_weights(path: Path, device: str, uses: set[str]) -> tuple[dict[str, torch.Tensor], str]:
+    """(the tensors of the safetensors file ``path`` on ``device``, the reader that read them).
+
+    fastsafetensors (threads reading the file through pinned bounce buffers, the copies to the GPU
+    overlapped; the library vLLM's ``--load-format fastsafetensors`` uses) where it is installed, the
+    device is a GPU and every tensor in the file is one in ``uses`` (the keys the graphs bind as they are):
+    its tensors share one device buffer, so one that :func:`bind_constants` dropped (a part of a fused
+    weight, in engines exported before the file held the fused tensors) would free nothing. Otherwise
+    safetensors' ``load_file`` (one tensor at a time, from pageable memory). The environment variable
+    ``LLADA_WEIGHTS_READER`` picks one: ``safetensors``, or ``fastsafetensors`` (also on the CPU)."""
+    reader = os.environ.get(READER_ENV, "auto") or "auto"
+    if reader not in READERS:
+        raise ValueError(f"{READER_ENV}={reader!r}: expected one of {', '.join(READERS)}")
+    dev = torch.device(device)
+    if reader == "fastsafetensors" or (reader == "auto" and dev.type == "cuda"):
+        with safe_open(str(path), framework="pt") as f:
+            extra = sorted(set(f.keys()) - uses)
+        why = (f"{len(extra)} of its tensors (e.g. {extra[0]}) feed fused ones and would stay in memory"
+               if extra else None)
+        try:
+            from fastsafetensors import fastsafe_open
+        except ImportError as e:
+            why = why or f"fastsafetensors is not installed ({e})"
+        if why is None:
+            if dev.type == "cuda" and dev.index is None:
+                dev = torch.device("cuda", torch.cuda.current_device())
+            try:
+                with fastsafe_open(str(path), device=str(dev), nogds=True) as f:
+                    return {k: f.get_tensor(k) for k in f.keys()}, "fastsafetensors"
+            except Exception as e:  # e.g. no libcudart.so on the library path (it dlopens the CUDA runtime)
+                if reader == "fastsafetensors":
+                    raise
+                why = f"fastsafetensors failed ({type(e).__name__}: {shorten(str(e), 300)})"
+                log.warning("%s: %s; reading it with safetensors' load_file", path, why)
+        elif reader == "fastsafetensors":
+            raise ValueError(f"{READER_ENV}=fastsafetensors cannot read {path}: {why}")
+    return load_file(str(path), device=device), "safetensors"
