@@ -206,3 +206,26 @@ def test_the_export_holds_one_copy_of_the_fused_weights(tiny_ckpt, images):
         torch.testing.assert_close(fused(inp.embeds, ids, pos), want, rtol=1e-5, atol=1e-5)
     tensors = list(model.state_dict().values()) + list(fused.state_dict().values())
     assert held_bytes(tensors) == ckpt  # not ckpt + the fused copies
+
+
+def test_out_of_memory_is_found_in_the_chain_the_compiler_raises():
+    """What ``precompile`` retries on with the next ``AUTOTUNE_FALLBACKS`` entry: the accelerator out of memory,
+    as Inductor's wrapper raises it (a RuntimeError "Failed to run autotuning code block: CUDA out of memory..."
+    from the tuning code's own error) or as torch's OutOfMemoryError anywhere in the chain; not any other error."""
+    from llada_export.engines.precompiled import AUTOTUNE_FALLBACKS, out_of_memory
+
+    def raised(inner, outer):
+        try:
+            try:
+                raise inner
+            except BaseException as e:
+                raise outer from e
+        except BaseException as e:
+            return e
+
+    msg = "Failed to run autotuning code block: CUDA out of memory. Tried to allocate 14.92 GiB"
+    assert out_of_memory(RuntimeError(msg))
+    assert out_of_memory(raised(torch.OutOfMemoryError("CUDA error"), RuntimeError("backend compiler failed")))
+    assert not out_of_memory(raised(ValueError("bad shape"), RuntimeError("backend compiler failed")))
+    assert not out_of_memory(AssertionError("memory planning"))
+    assert AUTOTUNE_FALLBACKS[0] == {} and len(AUTOTUNE_FALLBACKS) == 3  # the first attempt changes nothing

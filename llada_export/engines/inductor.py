@@ -122,6 +122,9 @@ def precompile_all(ctx: WriteContext) -> list[Path]:
             ctx.notes.append(f"{BACKEND.name}: {graph} not precompiled ({why}); it compiles with torch.compile at load")
             continue
         files += written
+        if patches := entries[graph].get("config_patches"):
+            ctx.notes.append(f"{BACKEND.name}: {graph}'s kernels compiled with {patches}: autotuning them at compile "
+                             "time ran out of GPU memory (its random copies of the inputs, the KV cache among them)")
     if entries:
         files.append(precompiled.write_index(ctx.root / BACKEND.folder, ctx.device, entries))
         ctx.precompiled[BACKEND.name] = f"{BACKEND.folder}/{precompiled.INDEX}"

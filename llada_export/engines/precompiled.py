@@ -21,6 +21,7 @@ the runner falls back to ``torch.compile`` of the archive and logs one line sayi
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 from pathlib import Path
@@ -63,10 +64,31 @@ def program_constant(ep: torch.export.ExportedProgram, fqn: str) -> torch.Tensor
     return ep.state_dict[fqn] if fqn in ep.state_dict else ep.constants[fqn]
 
 
+# Inductor options to compile a graph with, in turn, while the compile-time autotuning runs out of GPU memory.
+# standalone_compile autotunes each Triton kernel with several configurations at compile time, on a random
+# tensor per argument: a kernel writing into the KV cache gets a second cache-sized tensor beside the example
+# one (14.9 GiB for the unpruned cache at B = 8: the export ran out of memory on an 80 GB H100 where the
+# engines need 42 GiB). Then one configuration per pointwise kernel (no tuning tensors for them), then no
+# compile-time autotuning at all (kernels tuned at their first run, in the loading process).
+AUTOTUNE_FALLBACKS = ({}, {"triton.autotune_pointwise": False}, {"triton.autotune_at_compile_time": False})
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` or an exception it was raised from is the accelerator running out of memory."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def precompile(ep: torch.export.ExportedProgram, feeds: list[torch.Tensor], out: Path,
                mapped: dict[str, str] | None) -> tuple[dict, list[Path]]:
     """Compile ``ep``'s graph with Inductor on its own constants and ``feeds`` (example user inputs) and save
-    the kernels to ``out``; ``mapped``: {fqn: checkpoint key} of the constants the runtime gets from the
+    the kernels to ``out`` (compiled again with the next of ``AUTOTUNE_FALLBACKS`` while the compile-time
+    autotuning runs out of GPU memory: the index entry's ``config_patches`` says with what); ``mapped``: {fqn: checkpoint key} of the constants the runtime gets from the
     weights (the others are saved beside the artifact; None: they stay in the archive). Returns the index
     entry and the files written. RuntimeError / ValueError where the graph cannot be saved this way."""
     from safetensors.torch import save_file
@@ -75,11 +97,27 @@ def precompile(ep: torch.export.ExportedProgram, feeds: list[torch.Tensor], out:
     weights = [program_constant(ep, n) for n in names]
     if any(w.device.type == "meta" for w in weights):
         raise ValueError("the program holds meta tensors (pass the in-memory program, not a reloaded archive)")
-    with torch.no_grad():
-        art = torch._inductor.standalone_compile(ep.graph_module, [*weights, *feeds],
-                                                 dynamic_shapes="from_example_inputs", options={})
-        art.save(path=str(out), format="binary")
-    files, entry = [out], {"artifact": out.name, "inputs": names, "constants": None}
+    entry = {"artifact": out.name, "inputs": names, "constants": None}
+    art = None
+    for i, patches in enumerate(AUTOTUNE_FALLBACKS):
+        try:
+            with torch.no_grad():
+                art = torch._inductor.standalone_compile(ep.graph_module, [*weights, *feeds],
+                                                         dynamic_shapes="from_example_inputs",
+                                                         options={"config_patches": patches} if patches else {})
+            break
+        except Exception as e:
+            if not out_of_memory(e) or i + 1 == len(AUTOTUNE_FALLBACKS):
+                raise
+        # out of memory: the failed attempt's tensors (held by its traceback until here) are freed first
+        entry["config_patches"] = AUTOTUNE_FALLBACKS[i + 1]
+        gc.collect()
+        torch.cuda.empty_cache()
+        biggest = max((t.numel() * t.element_size() for t in feeds), default=0)
+        log.warning("%s: the compile-time autotuning ran out of GPU memory (the largest input %.1f GiB); "
+                    "compiling again with %s", out.name, biggest / 2**30, AUTOTUNE_FALLBACKS[i + 1])
+    art.save(path=str(out), format="binary")
+    files = [out]
     if mapped is not None and (rest := [n for n in names if n not in mapped]):
         side = out.with_name(out.name.removesuffix(SUFFIX) + INPUTS_SUFFIX)
         save_file({n: program_constant(ep, n).detach().cpu().contiguous() for n in rest}, str(side))
