@@ -13,6 +13,8 @@ Parts (each fits one device call; the machine must stay warm between them, the e
              and Triton caches, the page cache dropped where the machine lets us) then ``warm`` (a second
              fresh process on the caches the cold one filled). Each load then answers one request, whose
              token ids are compared between the modes. Writes ``<out>/bench_load.json`` and ``.md``.
+``--readers`` measures each way of reading the weights file (``LLADA_WEIGHTS_READER``: fastsafetensors, with
+             O_DIRECT or buffered reads, or safetensors' ``load_file``); ``--profile`` adds one load under cProfile.
 ``load``     (used by ``measure``) one load in this process, its numbers as one JSON line (with the seconds
              per stage of the load, ``Pipeline.load_times``).
 ``render``   re-renders ``<out>/bench_load.md`` from ``<out>/bench_load.json``.
@@ -43,7 +45,12 @@ EXPORTED = "bench_load_export.json"  # written into the engines by ``export``: t
 DEFAULT_IMAGE = (1024, 768)
 TARGET_S = 20.0  # issue 22: a warm load of the full-size engines
 MODES = {"precompiled": None, "compile": {"precompiled": None}}  # mode -> Pipeline.load's runner_options
-STAGES = ("verify", "weights", "graphs", "warmup", "verify_wait")  # Pipeline.load_times, in the load's order
+STAGES = ("verify", "weights_read", "weights", "graphs", "warmup", "verify_wait")  # Pipeline.load_times
+# --readers: how the weights file is read (runtime/weights.read_weights), by the environment of the load process
+READERS = {"auto": {}, "safetensors": {"LLADA_WEIGHTS_READER": "safetensors"},
+           "fastsafetensors": {"LLADA_WEIGHTS_READER": "fastsafetensors"},  # O_DIRECT reads (its default)
+           "fastsafetensors-buffered": {"LLADA_WEIGHTS_READER": "fastsafetensors", "FASTSAFETENSORS_ODIRECT": "0"}}
+PROFILE_LINES = 40  # --profile: the load's functions with the most cumulative time
 
 
 def run_export(args) -> dict:
@@ -89,11 +96,26 @@ def run_load(args) -> None:
 
     if DEVICE == "cuda":
         torch.cuda.synchronize()
+    prof = None
+    if args.profile:
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
     t0 = time.perf_counter()
     pipe = Pipeline.load(args.engines, backend="inductor", device=DEVICE, runner_options=MODES[args.mode])
     if DEVICE == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    profile = None
+    if prof is not None:
+        import io
+        import pstats
+
+        prof.disable()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(PROFILE_LINES)
+        profile = text.getvalue().strip().split("\n")
     res = pipe.generate(request_images(*request_size(args), 1)[0], "Describe the image.", preset="chartqa", cache=True,
                         factor=1.0)
     print(json.dumps({"seconds": seconds, "precompiled": pipe.precompiled, "compile_cache": pipe.compile_cache,
@@ -102,6 +124,7 @@ def run_load(args) -> None:
                       "fxgraph_cache_hit": counters["inductor"]["fxgraph_cache_hit"],
                       "fxgraph_cache_miss": counters["inductor"]["fxgraph_cache_miss"],
                       "graphs": len(pipe.sized_runners_all()), "ids": res.ids, "stages": pipe.load_times,
+                      "weights_reader": pipe.weights_reader, "profile": profile,
                       "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else None}),
           flush=True)
 
@@ -116,11 +139,11 @@ def drop_page_cache() -> bool:
         return False
 
 
-def one_load(args, mode: str, caches: Path) -> dict:
+def one_load(args, mode: str, caches: Path, reader: str = "auto", profile: bool = False) -> dict:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"),
-           "TRITON_CACHE_DIR": str(caches / "triton")}
+           "TRITON_CACHE_DIR": str(caches / "triton"), **READERS[reader]}
     cmd = [sys.executable, __file__, "load", "--engines", str(args.engines), "--mode", mode,
-           "--image", "x".join(map(str, request_size(args)))]
+           "--image", "x".join(map(str, request_size(args)))] + (["--profile"] if profile else [])
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     wall = time.perf_counter() - t0
@@ -133,14 +156,21 @@ def run_measure(args) -> dict:
     device = torch.cuda.get_device_name() if DEVICE == "cuda" else platform.processor() or "cpu"
     res = {"part": "load", "engines": str(args.engines), "preset": args.preset, "device": device,
            "torch": torch.__version__, "target_s": TARGET_S, "modes": {}, "note": args.note}
+    shown = lambda r: json.dumps({k: v for k, v in r.items() if k not in ("ids", "profile")})  # noqa: E731
     for mode in args.modes:
-        with tempfile.TemporaryDirectory(prefix=f"bench_load_{mode}_") as tmp:
-            row = {"cold_page_cache_dropped": drop_page_cache()}
-            row["cold"] = one_load(args, mode, Path(tmp))
-            print(mode, "cold", json.dumps({k: v for k, v in row["cold"].items() if k != "ids"}), flush=True)
-            row["warm"] = one_load(args, mode, Path(tmp))
-            print(mode, "warm", json.dumps({k: v for k, v in row["warm"].items() if k != "ids"}), flush=True)
-        res["modes"][mode] = row
+        for reader in args.readers:
+            name = mode if args.readers == ["auto"] else f"{mode}, reader {reader}"
+            with tempfile.TemporaryDirectory(prefix=f"bench_load_{mode}_") as tmp:
+                row = {"cold_page_cache_dropped": drop_page_cache(), "reader": reader}
+                row["cold"] = one_load(args, mode, Path(tmp), reader)
+                print(name, "cold", shown(row["cold"]), flush=True)
+                row["warm"] = one_load(args, mode, Path(tmp), reader)
+                print(name, "warm", shown(row["warm"]), flush=True)
+                if args.profile and not res.get("profile"):  # a third load, under cProfile (slower: not timed)
+                    prof = one_load(args, mode, Path(tmp), reader, profile=True)
+                    res["profile"] = {"load": name, "seconds": prof.get("seconds"),
+                                      "lines": prof.get("profile") or [prof.get("error", "")]}
+            res["modes"][name] = row
     ids = {m: r["warm"]["ids"] for m, r in res["modes"].items() if "ids" in r["warm"]}  # an error has none
     res["same_ids"] = len({json.dumps(v) for v in ids.values()}) == 1 if len(ids) > 1 else None
     return write_report(Path(args.out) / "bench_load", res, markdown, None)
@@ -169,15 +199,16 @@ def markdown(res: dict) -> str:
     lines += ["The OS page cache was dropped before each cold load: " +
               ", ".join(f"{m} {'yes' if d else 'no (not allowed here)'}" for m, d in dropped.items()) +
               ". Process s: the fresh process's wall time (imports, the load, one chartqa request).", "",
-              "| mode | cold process s | warm process s |", "| --- | --- | --- |"]
+              "| mode | cold process s | warm process s | weights file read by |", "| --- | --- | --- | --- |"]
     nan = float("nan")
-    lines += [f"| {m} | {r['cold'].get('process_s', nan):.1f} | {r['warm'].get('process_s', nan):.1f} |"
-              for m, r in res["modes"].items()]
+    lines += [f"| {m} | {r['cold'].get('process_s', nan):.1f} | {r['warm'].get('process_s', nan):.1f} | "
+              f"{r['warm'].get('weights_reader') or '-'} |" for m, r in res["modes"].items()]
     staged = {(m, k): r[k]["stages"] for m, r in res["modes"].items() for k in ("cold", "warm") if "stages" in r[k]}
     if staged:  # Pipeline.load_times: where the seconds went
         lines += ["", "Seconds per stage of `Pipeline.load` (`load_times`): verify = the SHA-256 of every file but "
                   "the weights file, whose hash runs beside the rest (verify_wait = what was left of it at the "
-                  "end); weights = reading the weights onto the device and building the fused copies; graphs = "
+                  "end); weights = the tokenizer, the embedding table and the weights onto the device (of which "
+                  "weights_read = reading the weights file, by the reader the row names) and bound to the graphs; graphs = "
                   "opening the programs and their saved kernels; warmup = every graph once, CUDA graphs captured.",
                   "", "| mode | load | " + " | ".join(STAGES) + " |",
                   "| --- | --- | " + " | ".join("---" for _ in STAGES) + " |"]
@@ -185,6 +216,11 @@ def markdown(res: dict) -> str:
                   for (m, k), t in staged.items()]
     else:
         lines += ["", "No seconds per stage (this run predates `Pipeline.load_times`)."]
+    if res.get("profile"):
+        pr = res["profile"]
+        lines += ["", f"`Pipeline.load` of {pr['load']} (warm) under cProfile ({pr['seconds'] or 0:.1f} s with the "
+                  f"profiler), the {PROFILE_LINES} functions with the most cumulative time:", "", "```",
+                  *pr["lines"], "```"]
     if res.get("note"):
         lines += ["", res["note"]]
     return "\n".join(lines) + "\n"
@@ -212,6 +248,12 @@ def main(argv=None) -> int:
                    help="export: save no compile cache (the compile mode then compiles from scratch)")
     p.add_argument("--modes", nargs="+", choices=tuple(MODES), default=list(MODES))
     p.add_argument("--mode", choices=tuple(MODES), default="precompiled", help="load: which path")
+    p.add_argument("--readers", nargs="+", choices=tuple(READERS), default=["auto"],
+                   help="measure: how the weights file is read, each a cold and a warm load (auto: fastsafetensors "
+                        "on a GPU; fastsafetensors: with O_DIRECT reads, its default; -buffered: through the page cache)")
+    p.add_argument("--profile", action="store_true",
+                   help="measure: one more warm load of the first mode and reader under cProfile, its top functions "
+                        "in the report; load: this load under cProfile")
     p.add_argument("--timeout", type=int, default=540, help="seconds per load process")
     p.add_argument("--note", help="measure / render: a paragraph on how the run was made (kept in the JSON)")
     args = p.parse_args(argv)

@@ -52,9 +52,20 @@ run_steps() {
   [ -d .official ] && rm -rf /tmp/official && cp -r .official /tmp/official
   ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
       --target /tmp/site .whl/*.whl
+  # our own dependencies the GPU machine lacks (fastsafetensors: the weights file read by threads), for CPython 3.12:
+  # pip download --no-deps --python-version 3.12 --only-binary=:all: --platform manylinux_2_28_x86_64 -d .whl/ours fastsafetensors
+  ls .whl/ours/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+      --target /tmp/oursite .whl/ours/*.whl
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   cd /tmp/lease
-  export PYTHONPATH=/tmp/lease
+  export PYTHONPATH=/tmp/lease:/tmp/oursite
+  # fastsafetensors dlopens "libcudart.so"; torch's wheels ship only the versioned libcudart.so.N: link it
+  if ! ldconfig -p 2>/dev/null | grep -q 'libcudart.so '; then
+    local rt; rt=$(python3 -c "import glob, os, torch; d = os.path.dirname(os.path.dirname(torch.__file__)); \
+print((sorted(glob.glob(d + '/nvidia/*/lib/libcudart.so.*')) + sorted(glob.glob(d + '/nvidia/cuda_runtime/lib/libcudart.so.*')) + [''])[0])")
+    [ -n "$rt" ] && mkdir -p /tmp/oursite/lib && ln -sf "$rt" /tmp/oursite/lib/libcudart.so \
+      && export LD_LIBRARY_PATH=/tmp/oursite/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} && echo "libcudart.so -> $rt"
+  fi
   local eng="tools/bench_gpu.py engines --weights native,fp8 --paths pruned+cache,unpruned+cache --presets chartqa,demo
              --no-step-profile --no-warm-load"
   local batch="tools/bench_gpu.py batch --paths pruned+cache --presets demo --images 1024x768 --layers 16 --keeps 0.35"
@@ -96,7 +107,7 @@ run_steps() {
       kvcap) timeout 600 python3 tools/kv_capacity.py --measure --batches 1,8,16 --out $RES/kvcap/kv_capacity_h100 ;;
       load) timeout 600 python3 tools/bench_load.py export --engines /tmp/bench_load_engines --no-compile-cache &&
             timeout 900 python3 tools/bench_load.py measure --engines /tmp/bench_load_engines --modes precompiled \
-                --out $RES/load ;;
+                --readers ${LOAD_READERS:-auto safetensors fastsafetensors-buffered} --profile --out $RES/load ;;
       *) echo "unknown step $s" ;;
     esac
   done
