@@ -4,6 +4,7 @@ Inductor archives, CLI errors."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -329,7 +330,8 @@ def test_out_of_memory_while_building_is_one_line_and_leaves_nothing(tiny_ckpt, 
     assert r.returncode == 2, r.stderr
     err = [line for line in r.stderr.strip().splitlines() if "Warning" not in line and "pbar" not in line]
     assert err[-1].startswith("llada-export: error: out of memory on cpu while building the engines (batch size "
-                              "20000)") and "Traceback" not in r.stderr, r.stderr
+                              "20000, in ") and "Traceback" not in r.stderr, r.stderr
+    assert re.search(r"\(batch size 20000, in \w+ \(\w+\.py:\d+\)\)", err[-1]), err[-1]  # where in the build
     assert list(tmp_path.iterdir()) == []
 
 

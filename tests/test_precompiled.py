@@ -212,7 +212,8 @@ def test_out_of_memory_is_found_in_the_chain_the_compiler_raises():
     """What ``precompile`` retries on with the next ``AUTOTUNE_FALLBACKS`` entry: the accelerator out of memory,
     as Inductor's wrapper raises it (a RuntimeError "Failed to run autotuning code block: CUDA out of memory..."
     from the tuning code's own error) or as torch's OutOfMemoryError anywhere in the chain; not any other error."""
-    from llada_export.engines.precompiled import AUTOTUNE_FALLBACKS, out_of_memory
+    from llada_export.device import is_out_of_memory as out_of_memory
+    from llada_export.engines.precompiled import AUTOTUNE_FALLBACKS
 
     def raised(inner, outer):
         try:

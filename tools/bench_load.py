@@ -139,9 +139,11 @@ def drop_page_cache() -> bool:
         return False
 
 
-def one_load(args, mode: str, caches: Path, reader: str = "auto", profile: bool = False) -> dict:
+def one_load(args, mode: str, caches: Path, reader: str = "auto", profile: bool = False,
+             threads: str = "default") -> dict:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"),
-           "TRITON_CACHE_DIR": str(caches / "triton"), **READERS[reader]}
+           "TRITON_CACHE_DIR": str(caches / "triton"), **READERS[reader],
+           **({} if threads == "default" else {"TORCHINDUCTOR_COMPILE_THREADS": threads})}
     cmd = [sys.executable, __file__, "load", "--engines", str(args.engines), "--mode", mode,
            "--image", "x".join(map(str, request_size(args)))] + (["--profile"] if profile else [])
     t0 = time.perf_counter()
@@ -158,16 +160,17 @@ def run_measure(args) -> dict:
            "torch": torch.__version__, "target_s": TARGET_S, "modes": {}, "note": args.note}
     shown = lambda r: json.dumps({k: v for k, v in r.items() if k not in ("ids", "profile")})  # noqa: E731
     for mode in args.modes:
-        for reader in args.readers:
-            name = mode if args.readers == ["auto"] else f"{mode}, reader {reader}"
+        for reader, threads in [(r, t) for r in args.readers for t in args.compile_threads]:
+            name = mode + ("" if args.readers == ["auto"] else f", reader {reader}") + \
+                ("" if args.compile_threads == ["default"] else f", compile threads {threads}")
             with tempfile.TemporaryDirectory(prefix=f"bench_load_{mode}_") as tmp:
-                row = {"cold_page_cache_dropped": drop_page_cache(), "reader": reader}
-                row["cold"] = one_load(args, mode, Path(tmp), reader)
+                row = {"cold_page_cache_dropped": drop_page_cache(), "reader": reader, "compile_threads": threads}
+                row["cold"] = one_load(args, mode, Path(tmp), reader, threads=threads)
                 print(name, "cold", shown(row["cold"]), flush=True)
-                row["warm"] = one_load(args, mode, Path(tmp), reader)
+                row["warm"] = one_load(args, mode, Path(tmp), reader, threads=threads)
                 print(name, "warm", shown(row["warm"]), flush=True)
                 if args.profile and not res.get("profile"):  # a third load, under cProfile (slower: not timed)
-                    prof = one_load(args, mode, Path(tmp), reader, profile=True)
+                    prof = one_load(args, mode, Path(tmp), reader, profile=True, threads=threads)
                     res["profile"] = {"load": name, "seconds": prof.get("seconds"),
                                       "lines": prof.get("profile") or [prof.get("error", "")]}
             res["modes"][name] = row
@@ -214,6 +217,11 @@ def markdown(res: dict) -> str:
                   "| --- | --- | " + " | ".join("---" for _ in STAGES) + " |"]
         lines += [f"| {m} | {k} | " + " | ".join(f"{t[s]:.2f}" if s in t else "-" for s in STAGES) + " |"
                   for (m, k), t in staged.items()]
+        parts = {(m, k): {s: v for s, v in t.items() if ":" in s} for (m, k), t in staged.items()}
+        if any(parts.values()):  # the finer stages (weights:tokenizer, graphs:<graph>, ...)
+            lines += ["", "Within the stages (seconds):", "", "| mode | load | parts |", "| --- | --- | --- |"]
+            lines += [f"| {m} | {k} | " + ", ".join(f"{s} {v:.2f}" for s, v in p.items()) + " |"
+                      for (m, k), p in parts.items()]
     else:
         lines += ["", "No seconds per stage (this run predates `Pipeline.load_times`)."]
     if res.get("profile"):
@@ -251,6 +259,9 @@ def main(argv=None) -> int:
     p.add_argument("--readers", nargs="+", choices=tuple(READERS), default=["auto"],
                    help="measure: how the weights file is read, each a cold and a warm load (auto: fastsafetensors "
                         "on a GPU; fastsafetensors: with O_DIRECT reads, its default; -buffered: through the page cache)")
+    p.add_argument("--compile-threads", nargs="+", default=["default"],
+                   help="measure: TORCHINDUCTOR_COMPILE_THREADS of the load processes, each a cold and a warm load "
+                        "(default: Inductor's own; 1: the saved kernels loaded in-process, no compile workers)")
     p.add_argument("--profile", action="store_true",
                    help="measure: one more warm load of the first mode and reader under cProfile, its top functions "
                         "in the report; load: this load under cProfile")

@@ -107,7 +107,8 @@ print((sorted(glob.glob(d + '/nvidia/*/lib/libcudart.so.*')) + sorted(glob.glob(
       kvcap) timeout 600 python3 tools/kv_capacity.py --measure --batches 1,8,16 --out $RES/kvcap/kv_capacity_h100 ;;
       load) timeout 600 python3 tools/bench_load.py export --engines /tmp/bench_load_engines --no-compile-cache &&
             timeout 900 python3 tools/bench_load.py measure --engines /tmp/bench_load_engines --modes precompiled \
-                --readers ${LOAD_READERS:-auto safetensors fastsafetensors-buffered} --profile --out $RES/load ;;
+                ${LOAD_ARGS:---readers auto --profile} --out $RES/load ;;  # 2026-12-07 10:00: LOAD_ARGS="--readers
+                # auto safetensors fastsafetensors-buffered --profile"; 10:45: LOAD_ARGS="--compile-threads default 1"
       *) echo "unknown step $s" ;;
     esac
   done

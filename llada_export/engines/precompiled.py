@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from ..device import is_out_of_memory
+
 log = logging.getLogger("llada_export")
 
 INDEX = "precompiled.json"
@@ -73,17 +75,6 @@ def program_constant(ep: torch.export.ExportedProgram, fqn: str) -> torch.Tensor
 AUTOTUNE_FALLBACKS = ({}, {"triton.autotune_pointwise": False}, {"triton.autotune_at_compile_time": False})
 
 
-def out_of_memory(e: BaseException) -> bool:
-    """Whether ``e`` or an exception it was raised from is the accelerator running out of memory."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
 def precompile(ep: torch.export.ExportedProgram, feeds: list[torch.Tensor], out: Path,
                mapped: dict[str, str] | None) -> tuple[dict, list[Path]]:
     """Compile ``ep``'s graph with Inductor on its own constants and ``feeds`` (example user inputs) and save
@@ -107,7 +98,7 @@ def precompile(ep: torch.export.ExportedProgram, feeds: list[torch.Tensor], out:
                                                          options={"config_patches": patches} if patches else {})
             break
         except Exception as e:
-            if not out_of_memory(e) or i + 1 == len(AUTOTUNE_FALLBACKS):
+            if not is_out_of_memory(e) or i + 1 == len(AUTOTUNE_FALLBACKS):
                 raise
         # out of memory: the failed attempt's tensors (held by its traceback until here) are freed first
         entry["config_patches"] = AUTOTUNE_FALLBACKS[i + 1]

@@ -14,6 +14,7 @@ import math
 import resource
 import sys
 import time
+import traceback
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from ..contract.bucket import Bucket
 from ..contract.graphset import Dims, Selection, batched, graphs_for, resolve, sized_key
 from ..contract.manifest import DTYPES, Manifest, file_table, is_engines_dir
 from ..contract.pruning import PruneSettings
-from ..device import parse_device
+from ..device import is_out_of_memory, parse_device
 from ..engines.registry import WriteContext, get_backend, write_artifact
 from ..engines.tensorrt import TOPK_LIMIT
 from ..graphs.anyres import grid_shape, max_visual_token_count, visual_token_count
@@ -366,17 +367,13 @@ def export_engines(opts: ExportOptions, loaded: tuple | None = None) -> Path:
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
         if not is_out_of_memory(e):
             raise
-        raise ExportError(f"out of memory on {opts.device} while building the engines (batch size {opts.batch_size}); "
+        at = [f"{f.name} ({Path(f.filename).name}:{f.lineno})" for f in traceback.extract_tb(e.__traceback__)
+              if "llada_export" in f.filename]  # where in the build (the chain itself is left out: it is long)
+        raise ExportError(f"out of memory on {opts.device} while building the engines (batch size {opts.batch_size}"
+                          f"{', in ' + at[-1] if at else ''}); "
                           "lower --batch-size (--batch-sizes), --image-size / --max-visual-tokens or --max-prompt-tokens, or free "
                           "memory; nothing was written") from None
     return Path(opts.output)
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    """An allocation failure of torch (CPU or CUDA) or of Python."""
-    text = str(e).lower()
-    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text \
-        or "out of memory" in text
 
 
 def _build(opts: ExportOptions, root: Path, loaded: tuple | None) -> Manifest:

@@ -108,8 +108,11 @@ class Pipeline:
         self.narrow = True
         tok_dir = root / "tokenizer"
         self.tokenizer = load_tokenizer(tok_dir) if tok_dir.is_dir() else None
-        emb = load_file(str(root / "text_embeddings.safetensors"), device=device)
+        self.load_times["weights:tokenizer"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        emb = load_file(str(root / "text_embeddings.safetensors"), device=device)  # the first CUDA call: its context
         self.embed_table, self.image_newline = emb["embed_tokens"], emb["image_newline"]
+        self.load_times["weights:embeddings"] = time.perf_counter() - t1
         self.newline = self.image_newline.float()  # [D]
         self.mask_embed = self.embed_table[self.tokens.mask].float()[None]  # [1, D]
         b = get_backend(backend)
@@ -144,7 +147,9 @@ class Pipeline:
                 side = (root / rel).with_suffix(".constants.safetensors")
                 if side.exists():
                     kw["constants"].update({k: v.to(device) for k, v in load_file(str(side)).items()})
+            t1 = time.perf_counter()
             self.runners[name] = b.runner(root / rel, manifest.graphs[name], device, **kw)
+            self.load_times[f"graphs:{name}"] = time.perf_counter() - t1
         self.load_times["graphs"] = time.perf_counter() - t0
         self.batch_sizes = manifest.sizes  # ascending; several for a --batch-sizes directory
         self.sized_runners = {n: {g: self.runners[k] for g, k in manifest.keys_at(n).items() if k in self.runners}
@@ -163,14 +168,13 @@ class Pipeline:
     def _checkpoint_weights(self, weights_from: str | None, device: str) -> dict[str, torch.Tensor]:
         """Compiled graphs (aoti, inductor) built without weights: load them once from the engines' own
         weights file (``manifest.weights_file``) unless ``weights_from`` is given, else from the checkpoint."""
-        from ..checkpoint.loader import load_checkpoint
-
         if self.manifest.weights_file is not None and weights_from is None:
             t0 = time.perf_counter()
             uses = {k for m in self.manifest.constants_from_checkpoint[self.backend].values() for k in m.values()}
             weights, self.weights_reader = read_weights(self.root / self.manifest.weights_file, device, uses)
             self.load_times["weights_read"] = time.perf_counter() - t0
             return weights
+        from ..checkpoint.loader import load_checkpoint  # (transformers' SigLIP modules: seconds of imports)
 
         src = Path(weights_from or self.manifest.source_checkpoint)
         if not src.is_dir():

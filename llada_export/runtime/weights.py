@@ -78,7 +78,9 @@ def read_weights(path: Path, device: str, uses: set[str]) -> tuple[dict[str, tor
     its tensors share one device buffer, so one that :func:`bind_constants` dropped (a part of a fused
     weight, in engines exported before the file held the fused tensors) would free nothing. Otherwise
     safetensors' ``load_file`` (one tensor at a time, from pageable memory). The environment variable
-    ``LLADA_WEIGHTS_READER`` picks one: ``safetensors``, or ``fastsafetensors`` (also on the CPU)."""
+    ``LLADA_WEIGHTS_READER`` picks one: ``safetensors``, or ``fastsafetensors`` (also on the CPU).
+    fastsafetensors reads through the page cache here unless ``FASTSAFETENSORS_ODIRECT=1`` (its own
+    variable; its default is O_DIRECT on local disks)."""
     reader = os.environ.get(READER_ENV, "auto") or "auto"
     if reader not in READERS:
         raise ValueError(f"{READER_ENV}={reader!r}: expected one of {', '.join(READERS)}")
@@ -95,6 +97,9 @@ def read_weights(path: Path, device: str, uses: set[str]) -> tuple[dict[str, tor
         if why is None:
             if dev.type == "cuda" and dev.index is None:
                 dev = torch.device("cuda", torch.cuda.current_device())
+            # buffered reads (through the page cache) unless the caller chose: a server restarted on the same
+            # host reads the file at memory speed (H100 host: 0.7 s for 16.9 GB, against 9.0 s with O_DIRECT)
+            os.environ.setdefault("FASTSAFETENSORS_ODIRECT", "0")
             try:
                 with fastsafe_open(str(path), device=str(dev), nogds=True) as f:
                     return {k: f.get_tensor(k) for k in f.keys()}, "fastsafetensors"
