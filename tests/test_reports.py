@@ -71,6 +71,14 @@ CASES = [  # (tool, its JSON, the report it renders, the command line that re-re
     # the same day, 08:51: the weights file's read and hash rates on the H100 host (tools/weight_read_probe.py)
     ("weight_read_probe.py", "weight_read_probe.json", "weight_read_probe.md",
      ["--replot", "--out", "{out}/weight_read_probe"]),
+    # H100 lease of 2026-12-07 09:38: the weights file's readers, the official code beside our bf16 engines, B = 1
+    ("bench_load.py", "bench_load_readers.json", "bench_load_readers.md",
+     ["render", "--out", "{out}", "--name", "bench_load_readers"]),
+    ("bench_gpu.py", "bench_gpu_engines_1207.json", "bench_gpu_engines_1207.md", ["engines", "--replot", "--out", "{out}"]),
+    ("bench_gpu.py", "bench_gpu_batch_1207_pruned.json", "bench_gpu_batch_1207_pruned.md",
+     ["batch", "--replot", "--out", "{out}"]),
+    ("bench_gpu.py", "bench_gpu_batch_1207_unpruned.json", "bench_gpu_batch_1207_unpruned.md",
+     ["batch", "--replot", "--out", "{out}"]),
 ]
 # issue 21's reports (tools/long_sweeps.py render), once a GPU run's summaries are committed
 CASES += [("long_sweeps.py", f"vqa2_{part}.json", f"vqa2_{part}.md", ["render", "--replot", "--out", "{out}"])

@@ -176,7 +176,7 @@ def run_measure(args) -> dict:
             res["modes"][name] = row
     ids = {m: r["warm"]["ids"] for m, r in res["modes"].items() if "ids" in r["warm"]}  # an error has none
     res["same_ids"] = len({json.dumps(v) for v in ids.values()}) == 1 if len(ids) > 1 else None
-    return write_report(Path(args.out) / "bench_load", res, markdown, None)
+    return write_report(Path(args.out) / args.name, res, markdown, None)
 
 
 def markdown(res: dict) -> str:
@@ -240,8 +240,8 @@ def main(argv=None) -> int:
     p.add_argument("part", choices=("export", "measure", "load", "render"))
     p.add_argument("--engines", type=Path, default=Path("/tmp/bench_load_engines"), help="the engines directory")
     p.add_argument("--out", default="benchmarks",
-                   help="measure: where bench_load.json / .md go (default: benchmarks); render: re-renders "
-                        "OUT/bench_load.md from OUT/bench_load.json")
+                   help="measure: where NAME.json / .md go (default: benchmarks); render: re-renders "
+                        "OUT/NAME.md from OUT/NAME.json")
     p.add_argument("--preset", default="full" if DEVICE == "cuda" else "tiny",
                    help="model size (default: full on CUDA, tiny on the CPU)")
     p.add_argument("--seed", type=int, default=0)
@@ -266,6 +266,7 @@ def main(argv=None) -> int:
                    help="measure: one more warm load of the first mode and reader under cProfile, its top functions "
                         "in the report; load: this load under cProfile")
     p.add_argument("--timeout", type=int, default=540, help="seconds per load process")
+    p.add_argument("--name", default="bench_load", help="measure / render: the report's file name, without suffix")
     p.add_argument("--note", help="measure / render: a paragraph on how the run was made (kept in the JSON)")
     args = p.parse_args(argv)
     if args.part == "export":
@@ -273,7 +274,7 @@ def main(argv=None) -> int:
     elif args.part == "load":
         run_load(args)
     elif args.part == "render":
-        report = Path(args.out) / "bench_load"
+        report = Path(args.out) / args.name
         res = None  # write_report reads the JSON back, unless the note is replaced (then written again)
         if args.note is not None:
             res = json.loads(report.with_suffix(".json").read_text()) | {"note": args.note}
