@@ -108,3 +108,21 @@ def test_pass_needs_a_symbolic_length(tiny):
     static = torch.export.export(model.language, context(model, sp, bucket).examples("unpruned"))
     with pytest.raises(PassError, match="static prefix length"):
         insert_pruning(static, PruneSettings(1, 0.5), n_visual_slots=20, k_static=5, mask_id=sp.mask)
+
+
+def test_the_cached_steps_two_programs_share_one_example_kv_cache(tiny):
+    """torch.export keeps the example inputs a program was traced with (``ExportedProgram.example_inputs``, the
+    very tensors; needed by AOTInductor's compile). The cached step is exported twice (functional and in place)
+    and then precompiled: one example KV cache for all three (30 GiB unpruned at B = 16 on the GPU, where two
+    copies beside the weights ran an 80 GB card out of memory), not one each."""
+    from llada_export.exporter.programs import INPLACE, build_cached
+
+    model, tok, _ = tiny
+    bucket = Bucket(max_text_tokens=64, max_visual_tokens=32, gen_length=G, vision_batch=1, batch_size=2)
+    ctx = context(model, special_tokens(tok), bucket, PruneSettings(2, 0.5))
+    functional = build_cached(ctx)
+    inplace = ctx.variants[INPLACE]["cached"]
+    names = [t.name for t in ctx.io("cached").inputs]
+    cache = names.index("kv_cache")
+    a, b = functional.example_inputs[0], inplace.example_inputs[0]
+    assert all(x is y for x, y in zip(a, b)) and a[cache] is ctx.examples("cached")[cache]

@@ -22,6 +22,8 @@
 #   load       tools/bench_load.py export + measure (precompiled kernels, weights read from disk; ran 2026-12-07:
 #              40.3 s warm, benchmarks/bench_load.md, before the weights' hash ran beside the load: run it again
 #              for the seconds per stage, about 7 minutes with the export)
+#   loadquick  bench_load export, then one fresh-process load per reader (auto, safetensors) on the export's warm
+#              Inductor caches: the warm load's stages in about 5 minutes (no cold load, no profile)
 #   engines    bench_gpu engines pruned/native (bf16 pruned + cache, chartqa and demo)
 #   batchmore  bench_gpu batch: pruned + cache at B = 1, 2, 4, 8, 16 (each size's engines, back to back)
 #   batchunpruned  bench_gpu batch: unpruned + cache at B = 1, 8
@@ -109,6 +111,13 @@ print((sorted(glob.glob(d + '/nvidia/*/lib/libcudart.so.*')) + sorted(glob.glob(
             timeout 900 python3 tools/bench_load.py measure --engines /tmp/bench_load_engines --modes precompiled \
                 ${LOAD_ARGS:---readers auto --profile} --out $RES/load ;;  # 2026-12-07 10:00: LOAD_ARGS="--readers
                 # auto safetensors fastsafetensors-buffered --profile"; 10:45: LOAD_ARGS="--compile-threads default 1"
+      loadquick)  # the load in one fresh process per reader, on the caches the export filled (about 5 minutes)
+        timeout 400 python3 tools/bench_load.py export --engines /tmp/bench_load_engines --no-compile-cache &&
+        for r in auto safetensors; do
+          LLADA_WEIGHTS_READER=$r timeout 120 python3 tools/bench_load.py load --engines /tmp/bench_load_engines \
+              --mode precompiled | tail -1 > $RES/loadquick/load_$r.json
+          cat $RES/loadquick/load_$r.json | cut -c1-900
+        done ;;
       *) echo "unknown step $s" ;;
     esac
   done

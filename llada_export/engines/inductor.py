@@ -114,9 +114,12 @@ def precompile_all(ctx: WriteContext) -> list[Path]:
     for graph, rel in ctx.artifacts.get(BACKEND.name, {}).items():
         ep = ctx.options.get("inplace", {}).get(graph, ctx.programs[graph])  # what write() saved
         out = (ctx.root / rel).with_name(f"{graph}{precompiled.SUFFIX}")
+        # the program's own example inputs where it kept them (no second example KV cache on the device)
+        kept = ep.example_inputs
+        feeds = list(kept[0]) if kept is not None and not kept[1] else list(example_feeds(ctx, graph).values())
         try:
             entries[graph], written = precompiled.precompile(
-                ep, list(example_feeds(ctx, graph).values()), out, ctx.constants.get(BACKEND.name, {}).get(graph))
+                ep, feeds, out, ctx.constants.get(BACKEND.name, {}).get(graph))
         except (RuntimeError, ValueError, AssertionError) as e:
             why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             ctx.notes.append(f"{BACKEND.name}: {graph} not precompiled ({why}); it compiles with torch.compile at load")

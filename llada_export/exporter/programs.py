@@ -48,6 +48,7 @@ class BuildContext:
     _language: LanguageModel | None = None
     # other programs of a graph, by variant (INPLACE: the cached step writing into its kv_cache input)
     variants: dict[str, dict[str, torch.export.ExportedProgram]] = field(default_factory=dict)
+    _examples: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
 
     @property
     def fused_language(self) -> LanguageModel | None:
@@ -77,9 +78,15 @@ class BuildContext:
         return dict(mask_id=self.tokens.mask, k_static=self.bucket.k_static, n_visual=self.bucket.max_visual_tokens)
 
     def examples(self, graph: str) -> tuple[torch.Tensor, ...]:
-        spec = GRAPHS[graph]
-        extra = dict(device=self.device, **self.fill())
-        return tuple(example_value(t, s, extra) for t, s in zip(spec.io(self.dims, self.fused).inputs, spec.inputs))
+        """The example inputs of ``graph``, made once: every program traced from them keeps them
+        (``ExportedProgram.example_inputs``), so the cached step's two programs (functional, in place) and the
+        precompile share one example KV cache (30 GiB unpruned at B = 16) instead of holding one each."""
+        if graph not in self._examples:
+            spec = GRAPHS[graph]
+            extra = dict(device=self.device, **self.fill())
+            self._examples[graph] = tuple(example_value(t, s, extra)
+                                          for t, s in zip(spec.io(self.dims, self.fused).inputs, spec.inputs))
+        return self._examples[graph]
 
     def traced(self, kind: str) -> torch.export.ExportedProgram:
         """The denoiser (``"denoiser"``) or the prefill forward (``"prefill"``) with a symbolic prefix
