@@ -74,6 +74,9 @@ CASES = [  # (tool, its JSON, the report it renders, the command line that re-re
     # H100 lease of 2026-12-07 09:38: the weights file's readers, the official code beside our bf16 engines, B = 1
     ("bench_load.py", "bench_load_readers.json", "bench_load_readers.md",
      ["render", "--out", "{out}", "--name", "bench_load_readers"]),
+    # the same day, 10:15 (the lease's last minutes): one warm load per reader with the load's stages
+    ("bench_load.py", "bench_load_quick.json", "bench_load_quick.md",
+     ["render", "--out", "{out}", "--name", "bench_load_quick"]),
     ("bench_gpu.py", "bench_gpu_engines_1207.json", "bench_gpu_engines_1207.md", ["engines", "--replot", "--out", "{out}"]),
     ("bench_gpu.py", "bench_gpu_batch_1207_pruned.json", "bench_gpu_batch_1207_pruned.md",
      ["batch", "--replot", "--out", "{out}"]),

@@ -17,6 +17,7 @@ Parts (each fits one device call; the machine must stay warm between them, the e
              O_DIRECT or buffered reads, or safetensors' ``load_file``); ``--profile`` adds one load under cProfile.
 ``load``     (used by ``measure``) one load in this process, its numbers as one JSON line (with the seconds
              per stage of the load, ``Pipeline.load_times``).
+``collect``  a report from ``load`` parts' JSON lines (``--loads NAME=FILE ...``): warm loads only.
 ``render``   re-renders ``<out>/bench_load.md`` from ``<out>/bench_load.json``.
 
     python tools/bench_load.py export --engines /tmp/load_engines
@@ -179,6 +180,21 @@ def run_measure(args) -> dict:
     return write_report(Path(args.out) / args.name, res, markdown, None)
 
 
+def run_collect(args) -> dict:
+    """A report from ``load`` parts run one after the other in fresh processes on caches already filled (by the
+    export): each a warm load, in the order given (the first process on a machine also warms the OS's caches
+    of the Python and kernel files)."""
+    res = {"part": "load", "engines": str(args.engines), "preset": args.preset, "torch": args.torch or torch.__version__,
+           "device": args.device_name or (torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"),
+           "target_s": TARGET_S, "modes": {}, "note": args.note}
+    for item in args.loads:
+        name, _, path = item.partition("=")
+        res["modes"][name] = {"warm": json.loads(Path(path).read_text().strip().splitlines()[-1])}
+    ids = {m: r["warm"]["ids"] for m, r in res["modes"].items() if "ids" in r["warm"]}
+    res["same_ids"] = len({json.dumps(v) for v in ids.values()}) == 1 if len(ids) > 1 else None
+    return write_report(Path(args.out) / args.name, res, markdown, None)
+
+
 def markdown(res: dict) -> str:
     lines = [f"# Load of {res['preset']}-size Inductor engines ({res['device']}, torch {res['torch']})", "",
              "`Pipeline.load` with its warm-up (every graph once, CUDA graphs captured), each in a fresh process; "
@@ -188,25 +204,28 @@ def markdown(res: dict) -> str:
              "FX cache hit / miss (warm) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for mode, r in res["modes"].items():
-        c, w = r["cold"], r["warm"]
+        c, w = r.get("cold") or {}, r["warm"]  # collect: no cold load
         if "error" in c or "error" in w:
             lines.append(f"| {mode} | {c.get('seconds', 'error')} | {w.get('seconds', 'error')} | - | - | - | - |")
             continue
         ok = "met" if w["seconds"] <= res["target_s"] else "missed"
-        lines.append(f"| {mode} | {c['seconds']:.1f} | {w['seconds']:.1f} | {ok} | {w['precompiled']} | "
+        cold = f"{c['seconds']:.1f}" if "seconds" in c else "-"
+        lines.append(f"| {mode} | {cold} | {w['seconds']:.1f} | {ok} | {w['precompiled']} | "
                      f"{w['dynamo_graphs']} / {w['aot_autograd_runs']} | "
                      f"{w['fxgraph_cache_hit']} / {w['fxgraph_cache_miss']} |")
     same = {True: "yes", False: "NO", None: "- (fewer than two modes answered)"}[res.get("same_ids")]
     lines += ["", f"Same answer (token ids) in every mode: {same}.", ""]
     dropped = {m: r.get("cold_page_cache_dropped") for m, r in res["modes"].items()}
+    said = {True: "yes", False: "no (not allowed here)", None: "no cold load"}
     lines += ["The OS page cache was dropped before each cold load: " +
-              ", ".join(f"{m} {'yes' if d else 'no (not allowed here)'}" for m, d in dropped.items()) +
+              ", ".join(f"{m} {said[d]}" for m, d in dropped.items()) +
               ". Process s: the fresh process's wall time (imports, the load, one chartqa request).", "",
               "| mode | cold process s | warm process s | weights file read by |", "| --- | --- | --- | --- |"]
-    nan = float("nan")
-    lines += [f"| {m} | {r['cold'].get('process_s', nan):.1f} | {r['warm'].get('process_s', nan):.1f} | "
+    sec = lambda d: f"{d['process_s']:.1f}" if "process_s" in (d or {}) else "-"  # noqa: E731
+    lines += [f"| {m} | {sec(r.get('cold'))} | {sec(r['warm'])} | "
               f"{r['warm'].get('weights_reader') or '-'} |" for m, r in res["modes"].items()]
-    staged = {(m, k): r[k]["stages"] for m, r in res["modes"].items() for k in ("cold", "warm") if "stages" in r[k]}
+    staged = {(m, k): r[k]["stages"] for m, r in res["modes"].items() for k in ("cold", "warm")
+              if "stages" in (r.get(k) or {})}
     if staged:  # Pipeline.load_times: where the seconds went
         lines += ["", "Seconds per stage of `Pipeline.load` (`load_times`): verify = the SHA-256 of every file but "
                   "the weights file, whose hash runs beside the rest (verify_wait = what was left of it at the "
@@ -237,7 +256,7 @@ def markdown(res: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=("export", "measure", "load", "render"))
+    p.add_argument("part", choices=("export", "measure", "load", "render", "collect"))
     p.add_argument("--engines", type=Path, default=Path("/tmp/bench_load_engines"), help="the engines directory")
     p.add_argument("--out", default="benchmarks",
                    help="measure: where NAME.json / .md go (default: benchmarks); render: re-renders "
@@ -266,6 +285,10 @@ def main(argv=None) -> int:
                    help="measure: one more warm load of the first mode and reader under cProfile, its top functions "
                         "in the report; load: this load under cProfile")
     p.add_argument("--timeout", type=int, default=540, help="seconds per load process")
+    p.add_argument("--loads", nargs="+", default=[], metavar="NAME=FILE",
+                   help="collect: the JSON lines of load parts run in turn (their rows, in this order)")
+    p.add_argument("--device-name", help="collect: the GPU the loads ran on (default: this machine's)")
+    p.add_argument("--torch", help="collect: the torch version the loads ran with (default: this one)")
     p.add_argument("--name", default="bench_load", help="measure / render: the report's file name, without suffix")
     p.add_argument("--note", help="measure / render: a paragraph on how the run was made (kept in the JSON)")
     args = p.parse_args(argv)
@@ -273,6 +296,8 @@ def main(argv=None) -> int:
         run_export(args)
     elif args.part == "load":
         run_load(args)
+    elif args.part == "collect":
+        run_collect(args)
     elif args.part == "render":
         report = Path(args.out) / args.name
         res = None  # write_report reads the JSON back, unless the note is replaced (then written again)

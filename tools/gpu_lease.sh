@@ -20,10 +20,13 @@
 #   loadtest   llada-serve on Ray Serve, demo model, engines of batch sizes 1,2,4,8 on the GPU, streaming,
 #              closed-loop clients and open-loop rates (tools/load_test.py; waits up to 5 minutes for `ray`)
 #   load       tools/bench_load.py export + measure (precompiled kernels, weights read from disk; ran 2026-12-07:
-#              40.3 s warm, benchmarks/bench_load.md, before the weights' hash ran beside the load: run it again
-#              for the seconds per stage, about 7 minutes with the export)
+#              40.3 s warm, benchmarks/bench_load.md, before the weights' hash ran beside the load; at 09:39 with
+#              LOAD_ARGS="--readers auto safetensors fastsafetensors-buffered --profile": 22.6-32.2 s warm,
+#              benchmarks/bench_load_readers.md; 10 minutes). Next: LOAD_ARGS="--readers auto safetensors" for cold
+#              and warm loads of both readers in one lease (about 8 minutes)
 #   loadquick  bench_load export, then one fresh-process load per reader (auto, safetensors) on the export's warm
-#              Inductor caches: the warm load's stages in about 5 minutes (no cold load, no profile)
+#              Inductor caches: the warm load's stages in about 5 minutes (no cold load, no profile; ran 2026-12-07
+#              10:15: 20.5 s fastsafetensors first, 18.2 s load_file second, benchmarks/bench_load_quick.md)
 #   engines    bench_gpu engines pruned/native (bf16 pruned + cache, chartqa and demo)
 #   batchmore  bench_gpu batch: pruned + cache at B = 1, 2, 4, 8, 16 (each size's engines, back to back)
 #   batchunpruned  bench_gpu batch: unpruned + cache at B = 1, 8
@@ -117,7 +120,10 @@ print((sorted(glob.glob(d + '/nvidia/*/lib/libcudart.so.*')) + sorted(glob.glob(
           LLADA_WEIGHTS_READER=$r timeout 120 python3 tools/bench_load.py load --engines /tmp/bench_load_engines \
               --mode precompiled | tail -1 > $RES/loadquick/load_$r.json
           cat $RES/loadquick/load_$r.json | cut -c1-900
-        done ;;
+        done
+        python3 tools/bench_load.py collect --engines /tmp/bench_load_engines --out $RES/loadquick --name bench_load_quick \
+            --loads "precompiled, reader auto (1st process)=$RES/loadquick/load_auto.json" \
+            "precompiled, reader safetensors (2nd process)=$RES/loadquick/load_safetensors.json" ;;
       *) echo "unknown step $s" ;;
     esac
   done
