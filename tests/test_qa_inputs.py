@@ -238,3 +238,39 @@ def test_a_checkpoint_given_for_engines_and_engines_given_for_a_checkpoint_are_n
     err = capsys.readouterr().err
     assert f"{engines} is an engines directory (it holds manifest.json), not a checkpoint" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_pruning_that_keeps_every_visual_token_says_so(tiny_ckpt, tmp_path):
+    """--keep 1 with pruning built stage A and the pruned graphs without a word, though they prune nothing."""
+    from llada_export.contract.pruning import PruneSettings
+    from llada_export.exporter.build import ExportOptions, preflight
+
+    def notes(keep: float) -> list[str]:
+        opts = ExportOptions(model=str(tiny_ckpt), output=str(tmp_path / f"e{keep}"), prune=PruneSettings(2, keep),
+                             image_size=(384, 384), max_prompt_tokens=192, progress=False)
+        preflight(opts)
+        return [n for n in opts.notes if n.startswith("--keep")]
+
+    (said,) = notes(1.0)
+    assert said.startswith("--keep 1 keeps all ") and "export with --no-prune for the unpruned engines" in said
+    assert notes(0.5) == []
+
+
+def test_the_checkpoint_preset_may_be_named_alone(tmp_path, capsys):
+    """`llada-checkpoint tiny -o X` said only "the following arguments are required: --preset"."""
+    from safetensors import safe_open
+
+    from llada_export.cli.checkpoint import main
+
+    assert main(["tiny", "-o", str(tmp_path / "a")]) == 0
+    assert main(["--preset", "tiny", "-o", str(tmp_path / "b")]) == 0
+    shards = [sorted((tmp_path / d).glob("*.safetensors")) for d in "ab"]
+    assert len(shards[0]) == 1 and [p.name for p in shards[0]] == [p.name for p in shards[1]]
+    with safe_open(str(shards[0][0]), "pt") as fa, safe_open(str(shards[1][0]), "pt") as fb:
+        assert fa.keys() == fb.keys() and all(fa.get_tensor(k).equal(fb.get_tensor(k)) for k in fa.keys())
+    for argv, said in ((["-o", str(tmp_path / "c")], "a preset is required: --preset {demo,full,tiny}"),
+                       (["tiny", "--preset", "full", "-o", str(tmp_path / "c")], "two presets: --preset full and tiny")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and said in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

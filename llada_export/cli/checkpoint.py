@@ -49,9 +49,11 @@ def init_std(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = parser(PROG, DESCRIPTION)
-    p.add_argument("--preset", required=True, choices=sorted(PRESETS),
+    p.add_argument("--preset", choices=sorted(PRESETS),
                    help="model size: 'tiny' (a few MB, for tests), 'demo' (the demo model's structure, 15 MB, "
-                   "random weights) or 'full' (real LLaDA-V dimensions, 8B parameters); required")
+                   "random weights) or 'full' (real LLaDA-V dimensions, 8B parameters); required (or as PRESET)")
+    p.add_argument("preset_arg", nargs="?", choices=sorted(PRESETS), metavar="PRESET",
+                   help="the same as --preset (llada-checkpoint tiny -o DIR)")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="DIR",
                    help="checkpoint directory to create; required")
     p.add_argument("--seed", type=seed_value, default=0, help="random seed of the weights, 0 to 2**63 - 1 (default: 0)")
@@ -81,7 +83,13 @@ def human_size(n: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.preset and args.preset_arg and args.preset != args.preset_arg:
+        p.error(f"two presets: --preset {args.preset} and {args.preset_arg}; give one")
+    args.preset = args.preset or args.preset_arg
+    if args.preset is None:
+        p.error(f"a preset is required: --preset {{{','.join(sorted(PRESETS))}}} (or the name alone)")
     bars: list = []  # made at the first shard, so an early error prints no bar
 
     def progress(done: int, total: int | None) -> None:

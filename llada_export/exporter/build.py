@@ -286,6 +286,7 @@ def template_tokens(tokenizer, system: str = "") -> int:
     return len(before) + len(after)
 
 
+KEEP_ALL_NOTE = "--keep"  # the note's start (a pruning that keeps every visual token)
 PROMPT_NOTE = "--max-prompt-tokens"  # the note's start, so that a second preflight does not repeat it
 BF16_ORT_NOTE = "the bfloat16 onnxruntime engines"  # the start of the note for --dtype bfloat16 on the CPU
 
@@ -329,6 +330,11 @@ def preflight(opts: ExportOptions, cfg: LLaDAVConfig | None = None, tokenizer=No
             f"{BF16_ORT_NOTE} do not run on this CPU: ONNX Runtime's CPU provider has no bfloat16 kernels; run them "
             "with onnxruntime-gpu (llada-generate --device cuda), or re-export with --dtype float32 or float16 for "
             "the CPU"]
+    if opts.prune is not None and bucket.k_static >= bucket.max_visual_tokens:
+        opts.notes = [x for x in opts.notes if not x.startswith(KEEP_ALL_NOTE)] + [
+            f"{KEEP_ALL_NOTE} {opts.prune.keep:g} keeps all {bucket.max_visual_tokens} visual slots: the pruned "
+            "graphs compute what the unpruned ones do, plus stage A's second pass; export with --no-prune for "
+            "the unpruned engines, or a --keep below 1 to prune"]
     if "tensorrt" in opts.backends and opts.prune is not None and bucket.k_static >= TOPK_LIMIT:
         raise ExportError(f"the bucket keeps {bucket.k_static} visual tokens, over TensorRT's TopK limit "
                           f"({TOPK_LIMIT - 1}); lower --keep, --image-size or --max-visual-tokens")
