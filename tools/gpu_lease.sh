@@ -35,8 +35,12 @@
 #              (scale_all below); under scaleall/pruned and scaleall/unpruned. Ran twice on 2026-12-07 (the
 #              second with SCALE_QUEUE="8 unpruned+cache,8 pruned+cache,1 unpruned+cache,1 pruned+cache": 17
 #              minutes, benchmarks/bench_gpu_batch_scale8_paths.md); what the scale still lacks is unpruned 16 and
-#              pruned 24, on a card of more than 100 GB only: SCALE_QUEUE="16 unpruned+cache,16 pruned+cache,24
-#              pruned+cache,1 unpruned+cache,1 pruned+cache" (nvidia-h200)
+#              pruned 24, on a card of more than 100 GB: SCALE_QUEUE="16 unpruned+cache,16 pruned+cache,24
+#              pruned+cache,1 unpruned+cache,1 pruned+cache" (nvidia-h200). On an 80 GB H100 at 09:50 the unpruned
+#              B = 16 export ran out of memory 36 s into its build, twice: its cached step's two programs each held
+#              an example KV cache (30 GiB). They share one since d341742: SCALE_QUEUE="16 unpruned+cache,1
+#              unpruned+cache" tries it again there (the lease's bench export keeps the checkpoint's and the fused
+#              weights apart: about 32 GiB of them, against 17 for llada-export from a checkpoint)
 #   scale1/2/3 the batch scale: pruned + cache at B = 1, 8, 16; unpruned + cache at 1, 8, 16; pruned at 2, 4 and
 #              24 (added to scale1's report in the same lease, else beside a fresh 1); under scale/pruned, scale/unpruned.
 #              (scale1 ran on 2026-12-06 at 23:18; scaleall replaces the three: one size per lease is too slow)
