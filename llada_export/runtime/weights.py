@@ -88,8 +88,8 @@ def read_weights(path: Path, device: str, uses: set[str]) -> tuple[dict[str, tor
     if reader == "fastsafetensors" or (reader == "auto" and dev.type == "cuda"):
         with safe_open(str(path), framework="pt") as f:
             extra = sorted(set(f.keys()) - uses)
-        why = (f"{len(extra)} of its tensors (e.g. {extra[0]}) feed fused ones and would stay in memory"
-               if extra else None)
+        why = (f"{len(extra)} of its tensors (e.g. {extra[0]}) are not bound by these graphs as they are (parts "
+               "of fused weights, or another backend's) and would stay in memory" if extra else None)
         try:
             from fastsafetensors import fastsafe_open
         except ImportError as e:
