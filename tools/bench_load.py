@@ -175,9 +175,7 @@ def run_measure(args) -> dict:
                     res["profile"] = {"load": name, "seconds": prof.get("seconds"),
                                       "lines": prof.get("profile") or [prof.get("error", "")]}
             res["modes"][name] = row
-    ids = {m: r["warm"]["ids"] for m, r in res["modes"].items() if "ids" in r["warm"]}  # an error has none
-    res["same_ids"] = len({json.dumps(v) for v in ids.values()}) == 1 if len(ids) > 1 else None
-    return write_report(Path(args.out) / args.name, res, markdown, None)
+    return write_report(Path(args.out) / args.name, same_answers(res), markdown, None)
 
 
 def run_collect(args) -> dict:
@@ -190,9 +188,14 @@ def run_collect(args) -> dict:
     for item in args.loads:
         name, _, path = item.partition("=")
         res["modes"][name] = {"warm": json.loads(Path(path).read_text().strip().splitlines()[-1])}
+    return write_report(Path(args.out) / args.name, same_answers(res), markdown, None)
+
+
+def same_answers(res: dict) -> dict:
+    """``res`` with ``same_ids``: whether every row's warm load answered the same token ids (None: fewer than two
+    answered; a load that failed has none)."""
     ids = {m: r["warm"]["ids"] for m, r in res["modes"].items() if "ids" in r["warm"]}
-    res["same_ids"] = len({json.dumps(v) for v in ids.values()}) == 1 if len(ids) > 1 else None
-    return write_report(Path(args.out) / args.name, res, markdown, None)
+    return res | {"same_ids": len({json.dumps(v) for v in ids.values()}) == 1 if len(ids) > 1 else None}
 
 
 def markdown(res: dict) -> str:
