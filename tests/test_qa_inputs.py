@@ -274,3 +274,36 @@ def test_the_checkpoint_preset_may_be_named_alone(tmp_path, capsys):
             main(argv)
         assert e.value.code == 2 and said in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_numpy_integers_are_taken_as_seeds_and_lengths(engines, images):
+    """seed=np.int64(3) ended in torch's bare 'TypeError: an integer is required'; gen_length=np.int64(16) was
+    refused as not 'a positive integer'; gen_length='16' raised "'<' not supported between str and int"."""
+    from llada_export.runtime.pipeline import Pipeline
+    from llada_export.sampler import GenerationError
+
+    pipe = Pipeline.load(engines)
+    got = pipe.generate(images["380x250"], "What is shown?", seed=np.int64(3), gen_length=np.int64(16),
+                        steps=np.int32(16), block_length=np.int64(16), temperature=1.0)
+    want = pipe.generate(images["380x250"], "What is shown?", seed=3, gen_length=16, steps=16, block_length=16,
+                         temperature=1.0)
+    assert got.ids == want.ids
+    assert type(got.settings["seed"]) is int and type(got.settings["gen_length"]) is int
+    with pytest.raises(GenerationError, match=r"gen_length must be a positive integer, got '16'"):
+        pipe.generate(images["380x250"], "What is shown?", gen_length="16")
+
+
+@pytest.mark.parametrize("history, message", [
+    ([("bot", "Red.")], r"history\[0\] has role 'bot'; the chat roles are system, user, assistant"),
+    ([("user",)], r"history\[0\] must be a \(role, text\) pair"),
+    ("Earlier I asked about the square.", r"history must be a list of \(role, text\) pairs, got a str"),
+])
+def test_a_history_that_is_not_role_text_pairs_is_refused_by_name(engines, images, history, message):
+    """An unknown role ('bot') was rendered into the chat template as a header of its own without a word; a
+    turn of one item or a history given as a string failed with 'not enough values to unpack'."""
+    from llada_export.runtime.pipeline import Pipeline
+    from llada_export.tokenizer import PromptError
+
+    pipe = Pipeline.load(engines)
+    with pytest.raises(PromptError, match=message):
+        pipe.generate(images["380x250"], "And its shape?", history=history)

@@ -10,15 +10,19 @@ re-exported here), :class:`PromptError` (from :mod:`llada_export.tokenizer`) for
 
 - prompt: text (``str``) that encodes as UTF-8 (no undecodable byte, no lone surrogate) and holds
   something besides whitespace and the ``<image>`` marker; a system prompt may be empty.
+- history (a conversation's earlier turns): (role, text) pairs, role system, user or assistant.
+- gen_length, steps, block_length: positive integers of any integer type (numpy's too); a seed likewise.
 - ``cancel`` (``generate_batch``): one callable returning one flag per request (:func:`checked_cancel`).
 - in a batch, a request's refusal names it: ``requests[i]: ...`` (:func:`in_batch`).
 """
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Iterable, Sequence
 from typing import Callable
 
-from ..rules import SEED_LIMIT, GenerationError, check_number, check_refresh, check_seed  # noqa: F401 (the rule's home)
+from ..rules import SEED_LIMIT, GenerationError, check_number, check_refresh, check_seed, shorten  # noqa: F401
 from ..tokenizer import IMAGE_TOKEN, PromptError
 
 
@@ -44,8 +48,39 @@ def check_prompt(value: object, name: str = "prompt") -> str:
     return text
 
 
-__all__ = ["SEED_LIMIT", "GenerationError", "PromptError", "check_number", "check_prompt", "check_refresh",
-           "check_seed", "check_text"]
+HISTORY_ROLES = ("system", "user", "assistant")  # the chat template's roles for earlier turns
+
+
+def check_history(history: object) -> tuple[tuple[str, str], ...]:
+    """A conversation's earlier turns: (role, text) pairs, role one of :data:`HISTORY_ROLES`, text UTF-8
+    (may be empty); returned as a tuple of tuples."""
+    if isinstance(history, (str, bytes)) or not isinstance(history, Iterable):
+        raise PromptError(f"history must be a list of (role, text) pairs, got a {type(history).__name__}")
+    turns = []
+    for i, turn in enumerate(history):
+        if isinstance(turn, (str, bytes)) or not isinstance(turn, Sequence) or len(turn) != 2:
+            raise PromptError(f"history[{i}] must be a (role, text) pair, e.g. ('assistant', 'Red.'), got "
+                              f"{shorten(repr(turn))}")
+        role, text = turn
+        if role not in HISTORY_ROLES:
+            raise PromptError(f"history[{i}] has role {shorten(repr(role))}; the chat roles are "
+                              f"{', '.join(HISTORY_ROLES)}")
+        turns.append((role, check_text(text, f"history[{i}] ({role})")))
+    return tuple(turns)
+
+
+def check_size(value: object, name: str) -> int | None:
+    """A length or count setting (gen_length, steps, block_length): None (the default) or a positive integer
+    of any integer type (numpy's too), returned as ``int``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise GenerationError(f"{name} must be a positive integer, got {shorten(repr(value))}")
+    return int(value)
+
+
+__all__ = ["SEED_LIMIT", "GenerationError", "PromptError", "check_history", "check_number", "check_prompt",
+           "check_refresh", "check_seed", "check_size", "check_text"]
 
 
 def checked_cancel(cancel, n: int) -> Callable[[], list[bool]] | None:

@@ -36,7 +36,8 @@ from ..sampler import PRODUCT_REFRESH, parallel_rule
 from ..sampler import preset as get_preset
 from ..tokenizer import DEFAULT_SYSTEM_PROMPT, decode_answer, encode_prompt, load_tokenizer
 from .denoiser import EngineDenoiser
-from .inputs import check_prompt, check_refresh, check_seed, check_text, checked_cancel, in_batch
+from .inputs import (check_history, check_prompt, check_refresh, check_seed, check_size, check_text,
+                     checked_cancel, in_batch)
 from .weights import bind_constants, read_weights
 
 
@@ -51,13 +52,13 @@ class Request:
     history: tuple[tuple[str, str], ...] = ()
 
     def validate(self) -> "Request":
-        """The one rule of :mod:`.inputs`: a non-empty UTF-8 prompt, UTF-8 system text, a seed in
-        [0, 2**63); an image path must name a file. PromptError, GenerationError or ImageError."""
+        """The one rule of :mod:`.inputs`: a non-empty UTF-8 prompt, UTF-8 system text, ``history`` as
+        (role, text) pairs of the chat roles, a seed in [0, 2**63) (any integer type: stored as ``int``);
+        an image path must name a file. PromptError, GenerationError or ImageError."""
         check_prompt(self.prompt)
         check_text(self.system, "system")
-        for i, (role, text) in enumerate(self.history):
-            check_text(text, f"history[{i}] ({shorten(str(role))})")
-        check_seed(self.seed)
+        self.history = check_history(self.history)
+        self.seed = check_seed(self.seed)  # a plain int: torch's manual_seed refuses numpy integers
         if isinstance(self.image, (str, Path)) and os.path.isdir(self.image):  # False for a too-long name
             raise ImageError(f"{shorten(str(self.image))}: is a directory, not an image file")
         return self
@@ -426,6 +427,8 @@ class Pipeline:
                                "... --cache to use refresh, or leave refresh out")
         if refresh != "default" and not use_cache:
             raise RequestError("refresh applies to the prefix cache only; use it with cache=True (--cache)")
+        gen_length, steps, block_length = (check_size(v, k) for v, k in
+                                           ((gen_length, "gen_length"), (steps, "steps"), (block_length, "block_length")))
         factor, threshold = parallel_rule(factor, threshold, fixed_schedule, remasking)
         kw = dict(temperature=temperature, remasking=remasking, cfg_scale=cfg_scale, factor=factor,
                   threshold=threshold, cache=use_cache,
@@ -457,7 +460,7 @@ class Pipeline:
         temperature, remasking, cfg_scale, factor, threshold, cache, refresh). The result's ``settings``
         are these, resolved: ``generate(image, prompt, **result.settings)`` answers the same."""
         check_options(settings, "generate", ("system", "seed", "history", "unpruned", "on_step", *BATCH_OPTIONS))
-        request = Request(image, prompt, system, seed, tuple(map(tuple, history)))
+        request = Request(image, prompt, system, seed, history)
         return self.generate_batch([request], unpruned=unpruned, on_step=on_step, **settings)[0]
 
     @torch.no_grad()
