@@ -307,3 +307,41 @@ def test_a_history_that_is_not_role_text_pairs_is_refused_by_name(engines, image
     pipe = Pipeline.load(engines)
     with pytest.raises(PromptError, match=message):
         pipe.generate(images["380x250"], "And its shape?", history=history)
+
+
+def test_generate_server_takes_the_openai_clients_base_url(capsys):
+    """--server http://HOST:PORT/v1 (the base_url of the README's openai example) asked for
+    /v1/v1/chat/completions and printed the server's 404 'no route /v1/v1/chat/completions'."""
+    import http.server
+    import json
+    import threading
+
+    from llada_export.cli.generate import main
+
+    paths = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            paths.append(self.path)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"choices": [{"message": {"content": "red"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        for base in (url, url + "/v1", url + "/v1/"):
+            assert main(["--server", base, "--prompt", "What colour is the square?"]) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert paths == ["/v1/chat/completions"] * 3
+    assert capsys.readouterr().out == "red\n" * 3

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--engines", type=directory, help="engines directory written by llada-export")
     where.add_argument("--server", metavar="URL",
-                       help="ask a running llada-serve instead (e.g. http://127.0.0.1:8000)")
+                       help="ask a running llada-serve instead (e.g. http://127.0.0.1:8000; the openai client's base_url, "
+                       "http://127.0.0.1:8000/v1, names the same server)")
     p.add_argument("--image", type=image_file, help="image file (any format Pillow reads); omit for a text-only prompt")
     p.add_argument("--prompt", required=True, type=cli_prompt,
                    help="user message; <image> marks where the image goes (default: first)")

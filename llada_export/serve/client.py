@@ -82,12 +82,15 @@ def chat_body(prompt: str, image, *, system: str | None = None, **fields) -> dic
 
 
 def check_url(url: str) -> str:
-    """The server's base URL without its trailing slash; ValueError at once for one that is no http(s) URL."""
+    """The server's base URL without its trailing slash, and without a trailing ``/v1`` (the openai client's
+    ``base_url`` form, http://host:port/v1: the routes are added with theirs); ValueError at once for one
+    that is no http(s) URL."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         hint = f": use http://{url}" if "://" not in url else ""
         raise ValueError(f"the server URL {url!r} is not an http:// or https:// URL{hint}")
-    return url.rstrip("/")
+    url = url.rstrip("/")
+    return url[:-len("/v1")] if url.endswith("/v1") else url
 
 
 class Client:
