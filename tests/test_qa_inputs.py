@@ -345,3 +345,30 @@ def test_generate_server_takes_the_openai_clients_base_url(capsys):
         server.server_close()
     assert paths == ["/v1/chat/completions"] * 3
     assert capsys.readouterr().out == "red\n" * 3
+
+
+# ---------------------------------------------------------------------- directories a user modified
+def test_overwrite_refuses_an_engines_directory_that_holds_the_users_own_files(tiny_ckpt, tmp_path, capsys):
+    """--overwrite replaced an engines directory holding files llada-export never wrote (notes, results saved
+    beside the engines) without a word: they were deleted with the old engines."""
+    from helpers import export
+    from llada_export.cli.export import main as export_main
+
+    out = tmp_path / "eng"
+    export(tiny_ckpt, out, prune=None, gen_length=8)
+    manifest = (out / "manifest.json").read_bytes()
+    (out / "notes.txt").write_text("mine")
+    (out / "runs").mkdir()
+    (out / "runs" / "results.json").write_text("{}")
+    argv = ["--model", str(tiny_ckpt), "-o", str(out), "--no-prune", "--max-prompt-tokens", "192",
+            "--image-size", "384x384", "--gen-length", "8", "--overwrite", "-q"]
+    with pytest.raises(SystemExit):
+        export_main(argv)
+    err = capsys.readouterr().err
+    assert "holds files llada-export did not write (notes.txt, runs/results.json); --overwrite would delete" in err
+    assert (out / "notes.txt").read_text() == "mine" and (out / "runs" / "results.json").exists()
+    assert (out / "manifest.json").read_bytes() == manifest
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".eng")]  # no partial or lock left
+    (out / "notes.txt").unlink()
+    (out / "runs" / "results.json").unlink()
+    assert export_main(argv) == 0  # the empty folder the user left is not a file of theirs

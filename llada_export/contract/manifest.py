@@ -451,8 +451,29 @@ def _size(b) -> int:
 
 def is_engines_dir(path: Path) -> bool:
     """True for a directory holding a llada-export manifest (any format version): what
-    ``llada-export --overwrite`` may replace."""
+    ``llada-export --overwrite`` may replace. One that also holds files its manifest's file table does
+    not list (the user's own: notes, reports, results) is refused with an OutputDirError naming them, as
+    replacing it would delete them."""
     try:
-        return json.loads((Path(path) / MANIFEST).read_text()).get("format") == FORMAT
+        m = json.loads((Path(path) / MANIFEST).read_text())
+        if m.get("format") != FORMAT:
+            return False
     except (OSError, ValueError, AttributeError):
         return False
+    listed = m.get("files")
+    if isinstance(listed, dict):  # older exports without a file table: nothing to tell the user's files by
+        theirs = sorted(rel for rel in _files_under(Path(path)) if rel != MANIFEST and rel not in listed)
+        if theirs:
+            from ..outdir import OutputDirError
+
+            shown = ", ".join(theirs[:3]) + (f" and {len(theirs) - 3} more" if len(theirs) > 3 else "")
+            raise OutputDirError(f"{path} holds files llada-export did not write ({shown}); --overwrite would "
+                                 "delete them: move them out of it, or choose another path")
+    return True
+
+
+def _files_under(root: Path) -> Iterable[str]:
+    """Every non-directory under ``root`` (symlinks not followed), as a path relative to it."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            yield (Path(dirpath) / name).relative_to(root).as_posix()
