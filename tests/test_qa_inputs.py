@@ -372,3 +372,25 @@ def test_overwrite_refuses_an_engines_directory_that_holds_the_users_own_files(t
     (out / "notes.txt").unlink()
     (out / "runs" / "results.json").unlink()
     assert export_main(argv) == 0  # the empty folder the user left is not a file of theirs
+
+
+# ---------------------------------------------------------------------- generate_batch's callbacks
+def test_generate_batch_checks_its_callbacks_and_cancel_flags(engines, images):
+    """on_step=5 or on_finish=5 ran the vision graph and a forward, then said only "'int' object is not
+    callable"; a cancel() flag 'false' (or 'no') was read by its truth and cancelled the request, None kept it."""
+    import torch
+
+    from llada_export.runtime.pipeline import Pipeline, Request
+
+    pipe = Pipeline.load(engines)
+    req = [Request(images["380x250"], "What is shown?")]
+    for name in ("on_step", "on_finish"):
+        with pytest.raises(TypeError, match=rf"^{name} must be a callable or None, got a int; e\.g\. {name}=lambda"):
+            pipe.generate_batch(req, gen_length=8, **{name: 5})
+    for flags, shown in [(["false"], "'false'"), ([None], "None")]:
+        with pytest.raises(ValueError, match=rf"^cancel\(\) returned {shown} for request 0: return True or False"):
+            pipe.generate_batch(req, gen_length=8, cancel=lambda flags=flags: flags)
+    # the booleans of a mask count still
+    for mask, reason in [(np.array([True]), "cancelled"), (torch.tensor([False]), "length"), ([1], "cancelled")]:
+        assert pipe.generate_batch(req, gen_length=8, cancel=lambda mask=mask: mask)[0].finish_reason in (
+            {reason} if reason == "cancelled" else {"length", "stop"})

@@ -12,7 +12,8 @@ re-exported here), :class:`PromptError` (from :mod:`llada_export.tokenizer`) for
   something besides whitespace and the ``<image>`` marker; a system prompt may be empty.
 - history (a conversation's earlier turns): (role, text) pairs, role system, user or assistant.
 - gen_length, steps, block_length: positive integers of any integer type (numpy's too); a seed likewise.
-- ``cancel`` (``generate_batch``): one callable returning one flag per request (:func:`checked_cancel`).
+- ``cancel`` (``generate_batch``): one callable returning one flag (True / False) per request
+  (:func:`checked_cancel`); ``on_step`` and ``on_finish``: callables or None (:func:`checked_callback`).
 - in a batch, a request's refusal names it: ``requests[i]: ...`` (:func:`in_batch`).
 """
 
@@ -99,8 +100,28 @@ def checked_cancel(cancel, n: int) -> Callable[[], list[bool]] | None:
                 else f"a {type(got).__name__}"
             raise ValueError(f"cancel() returned {what} for {n} request(s): return a list of {n} booleans, "
                              "one per request in order (True stops that request)")
-        return list(got)
+        got = list(got)
+        for i, flag in enumerate(got):  # a string 'false' or None was read by its truth: 'false' cancelled
+            if not _is_flag(flag):
+                raise ValueError(f"cancel() returned {shorten(repr(flag))} for request {i}: return True or False "
+                                 "for each request (True stops that request)")
+        return got
     return flags
+
+
+def _is_flag(flag) -> bool:
+    """True, False, 0, 1, or a numpy or torch boolean scalar (an element of a boolean mask)."""
+    if isinstance(flag, numbers.Integral):
+        return flag in (0, 1)
+    return str(getattr(flag, "dtype", "")) in ("bool", "torch.bool") and getattr(flag, "ndim", 1) == 0
+
+
+def checked_callback(fn, name: str, example: str) -> Callable | None:
+    """``on_step`` / ``on_finish``, checked up front: None or a callable (a TypeError naming the argument, not
+    Python's bare "'int' object is not callable" after the vision graph and the first forward had run)."""
+    if fn is not None and not callable(fn):
+        raise TypeError(f"{name} must be a callable or None, got a {type(fn).__name__}; e.g. {name}={example}")
+    return fn
 
 
 def in_batch(e: ValueError, i: int, n: int) -> ValueError:

@@ -37,7 +37,7 @@ from ..sampler import preset as get_preset
 from ..tokenizer import DEFAULT_SYSTEM_PROMPT, decode_answer, encode_prompt, load_tokenizer
 from .denoiser import EngineDenoiser
 from .inputs import (check_history, check_prompt, check_refresh, check_seed, check_size, check_text,
-                     checked_cancel, in_batch)
+                     checked_callback, checked_cancel, in_batch)
 from .weights import bind_constants, read_weights
 
 
@@ -473,8 +473,8 @@ class Pipeline:
         them (``batch_size_for``; ``timings["engine_batch_size"]``), with one generation setting:
         ``settings`` as :meth:`generation_config` takes them, or the ``config`` it returned.
         ``requests``: :class:`Request` objects, ``(image, prompt)`` pairs or dicts of Request's fields.
-        ``cancel``: called before each forward, a list of exactly one flag per request (ValueError otherwise);
-        a request flagged True stops there (its row no longer commits; the batch ends once no row is left
+        ``cancel``: called before each forward, a list of exactly one flag (True / False) per request (ValueError
+        otherwise); a request flagged True stops there (its row no longer commits; the batch ends once no row is left
         running) and its result has ``finish_reason`` "cancelled". The other rows' answers do not change.
 
         Rows that are done or cancelled free their slots: once the running rows fit a smaller built size
@@ -484,6 +484,7 @@ class Pipeline:
         graphs may give (README, batch invariance). ``pipe.narrow = False`` keeps every batch at the size it
         started on.
 
+        ``on_step`` and ``on_finish`` are callables or None (TypeError up front).
         ``on_finish(i, result)``: called (on this thread, between two forwards) as soon as request ``i``'s
         answer is final, while longer rows may still run: the same answer as the returned list's, with the
         timings, step times and graph calls of the batch up to that moment (``timings["total"]``: the
@@ -494,6 +495,8 @@ class Pipeline:
             raise TypeError("pass the settings or a GenerationConfig, not both")
         requests = as_requests(requests)
         cancel = checked_cancel(cancel, len(requests))
+        on_step = checked_callback(on_step, "on_step", "lambda event: print(event.index, event.committed)")
+        on_finish = checked_callback(on_finish, "on_finish", "lambda i, result: print(i, result.text)")
         gen = config if config is not None else self.generation_config(unpruned=unpruned, **settings)
         use_full = unpruned or not self.pruned
         size = self.batch_size_for(len(requests))
