@@ -394,3 +394,29 @@ def test_generate_batch_checks_its_callbacks_and_cancel_flags(engines, images):
     for mask, reason in [(np.array([True]), "cancelled"), (torch.tensor([False]), "length"), ([1], "cancelled")]:
         assert pipe.generate_batch(req, gen_length=8, cancel=lambda mask=mask: mask)[0].finish_reason in (
             {reason} if reason == "cancelled" else {"length", "stop"})
+
+
+# ---------------------------------------------------------------------- llada-generate's output
+def test_an_answer_that_stdout_cannot_encode_says_how_to_get_utf8(engines, images, tmp_path):
+    """With a non-UTF-8 standard output (PYTHONIOENCODING=ascii, a Latin-1 locale) an answer holding other
+    characters ended in "llada-generate: error: 'ascii' codec can't encode characters in position 2-3: ordinal
+    not in range(128)", which named neither what could not be printed nor how to fix it."""
+    import os
+    import subprocess
+    import sys
+
+    from llada_export.runtime.pipeline import Pipeline
+
+    images["380x250"].save(tmp_path / "a.png")
+    prompt = "Line one\nLine two 🙂 مرحبا café"
+    answer = Pipeline.load(engines).generate(str(tmp_path / "a.png"), prompt, gen_length=8).text
+    assert not answer.isascii()  # the tiny random model's answer: byte tokens that decode to U+FFFD
+    for stream in ([], ["--stream"]):
+        run = subprocess.run([sys.executable, "-m", "llada_export.cli.generate", "--engines", str(engines), "--image",
+                              str(tmp_path / "a.png"), "--prompt", prompt, "--gen-length", "8", *stream],
+                             capture_output=True, env={**os.environ, "PYTHONIOENCODING": "ascii"})
+        err = run.stderr.decode("ascii", "replace").strip().splitlines()
+        assert run.returncode == 2 and len(err) == 1, err
+        assert err[0].startswith("llada-generate: error: cannot print '\\u") and err[0].endswith(
+            "standard output's encoding is ascii; set PYTHONIOENCODING=utf-8 (or a UTF-8 locale, e.g. "
+            "LANG=C.UTF-8) and run it again")

@@ -6,6 +6,7 @@ Import-light on purpose (``--help`` must be fast): nothing here imports torch.
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import math
 import os
@@ -149,7 +150,8 @@ def parser(prog: str, description: str, epilog: str = "") -> argparse.ArgumentPa
 
 @contextlib.contextmanager
 def user_errors(prog: str):
-    """ValueError / OSError (all our user-facing errors derive from them) -> one line, exit 2;
+    """ValueError / OSError (all our user-facing errors derive from them) -> one line, exit 2 (text that
+    standard output's encoding cannot hold: what, and how to get UTF-8 output);
     Ctrl-C, SIGTERM and SIGHUP (the terminal or SSH session closed) -> "interrupted" (exit 130 / 143 /
     129) after the cleanup ran; a signal the process ignores (``nohup``) stays ignored; a closed stdout
     (``| head``) ends quietly."""
@@ -166,7 +168,7 @@ def user_errors(prog: str):
         _quiet_stdout()
         raise SystemExit(0) from None
     except (ValueError, OSError) as e:
-        msg = " ".join(str(e).split())  # one line
+        msg = _cannot_print(e) or " ".join(str(e).split())  # one line
         print(f"{prog}: error: {msg}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt as e:
@@ -177,6 +179,17 @@ def user_errors(prog: str):
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _cannot_print(e: Exception) -> str | None:
+    """For a UnicodeEncodeError of standard output's own encoding (PYTHONIOENCODING=ascii, a Latin-1 locale):
+    what could not be printed and how to get UTF-8 output (Python said only "'ascii' codec can't encode
+    characters in position 2-3: ordinal not in range(128)")."""
+    enc = getattr(sys.stdout, "encoding", None) or ""
+    if not isinstance(e, UnicodeEncodeError) or not enc or codecs.lookup(e.encoding).name != codecs.lookup(enc).name:
+        return None
+    return (f"cannot print {e.object[e.start:e.end]!r}: standard output's encoding is {enc}; set "
+            "PYTHONIOENCODING=utf-8 (or a UTF-8 locale, e.g. LANG=C.UTF-8) and run it again")
 
 
 def _quiet_stdout() -> None:
