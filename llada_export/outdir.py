@@ -53,7 +53,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-__all__ = ["OutputDirError", "Terminated", "atomic_output_dir", "check_output_dir", "fix_permissions"]
+__all__ = ["OutputDirError", "Terminated", "atomic_output_dir", "check_output_dir", "files_under", "fix_permissions",
+           "refuse_unlisted"]
 
 
 class OutputDirError(ValueError):
@@ -164,6 +165,21 @@ def fix_permissions(root: str | os.PathLike, *, umask: int | None = None) -> Non
     for dirpath, dirnames, filenames in os.walk(root):
         for entry in dirnames + filenames:
             fix(os.path.join(dirpath, entry))
+
+
+def files_under(root: Path) -> list[str]:
+    """Every non-directory under ``root`` (symlinks not followed), as a path relative to it, sorted."""
+    return sorted((Path(d) / n).relative_to(root).as_posix() for d, _, names in os.walk(root) for n in names)
+
+
+def refuse_unlisted(root: Path, listed: set[str], tool: str) -> None:
+    """OutputDirError naming the files under ``root`` that ``listed`` (what ``tool`` wrote there) does not
+    hold: the user's own, which replacing ``root`` would delete."""
+    theirs = [rel for rel in files_under(root) if rel not in listed]
+    if theirs:
+        shown = ", ".join(theirs[:3]) + (f" and {len(theirs) - 3} more" if len(theirs) > 3 else "")
+        raise OutputDirError(f"{root} holds files {tool} did not write ({shown}); --overwrite would delete "
+                             "them: move them out of it, or choose another path")
 
 
 def _tree_size(path: str) -> int:

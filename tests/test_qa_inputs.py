@@ -374,6 +374,21 @@ def test_overwrite_refuses_an_engines_directory_that_holds_the_users_own_files(t
     assert export_main(argv) == 0  # the empty folder the user left is not a file of theirs
 
 
+def test_checkpoint_overwrite_refuses_a_checkpoint_directory_that_holds_the_users_own_files(tmp_path, capsys):
+    """llada-checkpoint --overwrite deleted the user's files in a checkpoint directory it had written."""
+    from llada_export.cli.checkpoint import main
+
+    out = tmp_path / "ckpt"
+    assert main(["tiny", "-o", str(out)]) == 0
+    (out / "my_notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        main(["tiny", "-o", str(out), "--overwrite"])
+    assert "holds files llada-checkpoint did not write (my_notes.txt); --overwrite would delete" in capsys.readouterr().err
+    assert (out / "my_notes.txt").read_text() == "mine"
+    (out / "my_notes.txt").unlink()
+    assert main(["tiny", "-o", str(out), "--overwrite"]) == 0
+
+
 # ---------------------------------------------------------------------- generate_batch's callbacks
 def test_generate_batch_checks_its_callbacks_and_cancel_flags(engines, images):
     """on_step=5 or on_finish=5 ran the vision graph and a forward, then said only "'int' object is not

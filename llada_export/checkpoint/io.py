@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 from .. import __version__
 from ..config import LLaDAVConfig
 from ..graphs.llava import LLaDAV
-from ..outdir import atomic_output_dir
+from ..outdir import atomic_output_dir, files_under, refuse_unlisted
 from .constants import DEFAULT_MAX_SHARD_BYTES
 from ..tokenizer import TokenizerError, special_tokens
 
@@ -404,24 +404,33 @@ def save_checkpoint(
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
-        config = cfg.to_dict()
-        config["bos_token_id"] = tokenizer.bos_token_id
-        config["eos_token_id"] = tokenizer.eos_token_id
-        config[WRITER_KEY] = {"tool": "llada-export", "version": __version__}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         gen = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         tokenizer.save_pretrained(str(tmp))
         _drop_load_time_keys(tmp / "tokenizer_config.json")
+        config = cfg.to_dict()
+        config["bos_token_id"] = tokenizer.bos_token_id
+        config["eos_token_id"] = tokenizer.eos_token_id
+        # the files written (config.json last): --overwrite refuses a directory holding others (the user's)
+        written = sorted({*files_under(tmp), "config.json"})
+        config[WRITER_KEY] = {"tool": "llada-export", "version": __version__, "files": written}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out_dir
 
 
 def is_written_checkpoint(path: Path) -> bool:
-    """A checkpoint directory this tool wrote (``--overwrite`` may replace only those)."""
+    """A checkpoint directory this tool wrote (``--overwrite`` may replace only those). One that also holds
+    files the writer's record in config.json does not list (the user's own) is refused with an OutputDirError
+    naming them, as replacing it would delete them (a record without a file list, from an older version,
+    is taken as it was)."""
     try:
-        return WRITER_KEY in json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError, TypeError):
+        writer = json.loads((Path(path) / "config.json").read_text())[WRITER_KEY]
+    except (OSError, ValueError, TypeError, KeyError):
         return False
+    listed = writer.get("files") if isinstance(writer, dict) else None
+    if isinstance(listed, list):
+        refuse_unlisted(Path(path), set(listed), "llada-checkpoint")
+    return True
 
 
 def _drop_load_time_keys(path: Path) -> None:

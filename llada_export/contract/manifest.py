@@ -38,6 +38,7 @@ from typing import Any
 
 from .. import __version__
 from ..config import LLaDAVConfig
+from ..outdir import refuse_unlisted
 from .bucket import Bucket
 from .graphset import GRAPHS, Dims, GraphIO, batched, split_key
 from .pruning import PruneSettings
@@ -462,18 +463,5 @@ def is_engines_dir(path: Path) -> bool:
         return False
     listed = m.get("files")
     if isinstance(listed, dict):  # older exports without a file table: nothing to tell the user's files by
-        theirs = sorted(rel for rel in _files_under(Path(path)) if rel != MANIFEST and rel not in listed)
-        if theirs:
-            from ..outdir import OutputDirError
-
-            shown = ", ".join(theirs[:3]) + (f" and {len(theirs) - 3} more" if len(theirs) > 3 else "")
-            raise OutputDirError(f"{path} holds files llada-export did not write ({shown}); --overwrite would "
-                                 "delete them: move them out of it, or choose another path")
+        refuse_unlisted(Path(path), {*listed, MANIFEST}, "llada-export")
     return True
-
-
-def _files_under(root: Path) -> Iterable[str]:
-    """Every non-directory under ``root`` (symlinks not followed), as a path relative to it."""
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            yield (Path(dirpath) / name).relative_to(root).as_posix()
