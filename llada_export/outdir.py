@@ -10,7 +10,8 @@ old directory or the complete new one, never half of each. It refuses (with a on
   this tool; one it recognises only with ``overwrite``;
 * an ``out`` that is, contains or lies inside a ``protect`` path (the source checkpoint),
   compared as real paths and by inode (symlinks, relative spellings, bind mounts);
-* a second writer of the same ``out`` while the first is running.
+* a second writer of the same ``out`` while the first is running;
+* an ``out`` that is or holds the current directory (the rename would leave the shell in a deleted folder).
 
 Mechanism. ``out`` is resolved to its real path ``P/NAME`` (a symlink to a directory is
 followed: the directory it names is replaced, the link stays). Writers of ``P/NAME`` take
@@ -317,6 +318,19 @@ class _Writer:
                 raise OutputDirError(f"{self.shown} {rel} {shown_p}, which must not be modified; "
                                      f"choose another path for the {self.what}")
 
+    def check_cwd(self) -> None:
+        """Refuse a destination that is or holds the current directory: the rename that puts the new one in
+        place leaves the process (and the user's shell) in a deleted folder, where ``.`` no longer names it."""
+        try:
+            cwd = Path(os.path.realpath(os.getcwd()))
+        except OSError:
+            return
+        if cwd.is_relative_to(self.dest):
+            what = "is" if cwd == Path(self.dest) else "holds"
+            raise OutputDirError(f"{self.shown} {what} the current directory: writing the {self.what} replaces it, "
+                                 f"which would leave this shell in a deleted folder; cd out of it (e.g. cd "
+                                 f"{os.path.dirname(self.dest) or '/'}) and pass its path from there")
+
     def dest_state(self, late: bool = False) -> str:
         """absent, empty or owned (replace it); anything else is refused."""
         try:
@@ -350,6 +364,7 @@ class _Writer:
             raise OutputDirError(f"{self.shown} is a symbolic link to a missing path; "
                                  f"remove it or choose another path")
         self.check_protect()
+        self.check_cwd()
         try:
             self.initial = self.dest_state()
         except (OutputDirError, OSError) as e:

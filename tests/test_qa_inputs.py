@@ -435,3 +435,25 @@ def test_an_answer_that_stdout_cannot_encode_says_how_to_get_utf8(engines, image
         assert err[0].startswith("llada-generate: error: cannot print '\\u") and err[0].endswith(
             "standard output's encoding is ascii; set PYTHONIOENCODING=utf-8 (or a UTF-8 locale, e.g. "
             "LANG=C.UTF-8) and run it again")
+
+
+def test_the_current_directory_is_refused_as_the_output(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """llada-export -o . from an empty directory wrote the engines, replaced the directory the shell stood in,
+    then failed with '.: no manifest.json (not an engines directory written by llada-export)': the user's
+    shell was left in a deleted folder that looked empty."""
+    from llada_export.cli.export import main as export_main
+
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for out, what in ((".", "is"), ("..", "holds")):
+        if out == "..":
+            (here / "sub").mkdir()
+            monkeypatch.chdir(here / "sub")
+        with pytest.raises(SystemExit):
+            export_main(["--model", str(tiny_ckpt), "-o", out, "--no-prune", "--max-prompt-tokens", "192",
+                         "--image-size", "384x384", "--gen-length", "8", "-q"])
+        err = capsys.readouterr().err
+        assert f"llada-export: error: {out} {what} the current directory: writing the engines directory replaces " \
+               "it, which would leave this shell in a deleted folder; cd out of it" in err
+    assert [p.name for p in here.iterdir()] == ["sub"] and sorted(p.name for p in tmp_path.iterdir()) == ["here"]
