@@ -85,6 +85,7 @@ def export_size(args, model, tok, cfg, pruned: bool, cache: bool, b: int) -> flo
     from llada_export.exporter.build import export_engines
 
     out = engines_dir(args, args.paths[0], b)
+    (out / EXPORTED).unlink(missing_ok=True)  # ours, not the export's: --overwrite refuses files it did not write
     t0 = time.perf_counter()
     export_engines(export_opts(args, out, pruned, cache, batch_size=b, compile_cache=False), loaded=(model, tok, cfg))
     export_s = time.perf_counter() - t0

@@ -69,6 +69,7 @@ def run_export(args) -> dict:
                          dtype="bfloat16" if DEVICE == "cuda" else "float32", device=DEVICE,
                          gen_length=args.gen_length, max_prompt_tokens=args.max_prompt_tokens, image_size=(w, h),
                          compile_cache=args.compile_cache, precompile=True, overwrite=True, progress=False)
+    (Path(args.engines) / EXPORTED).unlink(missing_ok=True)  # ours: --overwrite refuses files it did not write
     t0 = time.perf_counter()
     export_engines(opts, loaded=(model, tok, cfg))
     m = Manifest.read(args.engines, verify=False)
