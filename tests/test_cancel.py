@@ -133,12 +133,25 @@ def metric(server, name: str) -> float:
 
 def wait_for(what: str, check, timeout_s: float = 60) -> None:
     """Poll ``check()`` until true (the replicas report their metrics every few seconds)."""
+    assert seen(check, timeout_s), f"not seen in {timeout_s:.0f} s: {what}"
+
+
+# A hang-up races the answer: the row stops only if Serve's proxy notices the closed connection before the row's
+# last forward (about 2 s here). With the other test worker compiling on the same 2 cores the proxy can be late,
+# and the row is then answered, not cancelled (seen once in a full run). The cancellation tests try again then.
+ATTEMPTS = 3
+
+
+def seen(check, timeout_s: float) -> bool:
+    """Whether ``check()`` became true within ``timeout_s`` (polled)."""
     import time
 
     deadline = time.perf_counter() + timeout_s
     while not check():
-        assert time.perf_counter() < deadline, f"not seen in {timeout_s:.0f} s: {what}"
+        if time.perf_counter() >= deadline:
+            return False
         time.sleep(0.5)
+    return True
 
 
 def batch_logs(server) -> list[str]:
@@ -176,9 +189,13 @@ class ServeCancellation:
         img, q, _ = ITEMS[4]
         full = direct.pipe.generate(img, q, **SLOW)
         assert full.forwards == 14
-        before, logged = metric(server, "llada_cancelled"), len(batch_logs(server))
-        send_then_hang_up(server, json.dumps(chat_body(q, img, **SLOW)).encode())
-        wait_for("a batch that stopped early", lambda: stopped_early(server, logged, full.forwards), 60)
+        before = metric(server, "llada_cancelled")
+        for attempt in range(ATTEMPTS):
+            logged = len(batch_logs(server))
+            send_then_hang_up(server, json.dumps(chat_body(q, img, **SLOW)).encode())
+            if seen(lambda: stopped_early(server, logged, full.forwards), 30) or attempt + 1 == ATTEMPTS:
+                break
+        assert stopped_early(server, logged, full.forwards), f"no batch stopped early in {ATTEMPTS} hang-ups"
         assert text_of(ask(server["url"], 4)) == direct(4)
         wait_for("the cancelled counter", lambda: metric(server, "llada_cancelled") >= before + 1)
         health = Client(server["url"]).health()  # the replica's own counts
@@ -190,14 +207,18 @@ class ServeCancellation:
         from test_serve import openai_client, openai_user
 
         client = openai_client(server)
-        before, logged = metric(server, "llada_cancelled"), len(batch_logs(server))
+        before = metric(server, "llada_cancelled")
         messages = [{"role": "user", "content": openai_user(6)}]
-        stream = client.chat.completions.create(model="demo", messages=messages, max_tokens=16, stream=True,
-                                                extra_body=SLOW)
-        first = next(iter(stream))
-        stream.close()
-        assert first.choices[0].delta.role == "assistant"
-        wait_for("a batch that stopped early", lambda: stopped_early(server, logged, 16), 60)
+        for attempt in range(ATTEMPTS):
+            logged = len(batch_logs(server))
+            stream = client.chat.completions.create(model="demo", messages=messages, max_tokens=16, stream=True,
+                                                    extra_body=SLOW)
+            first = next(iter(stream))
+            stream.close()
+            assert first.choices[0].delta.role == "assistant"
+            if seen(lambda: stopped_early(server, logged, 16), 30) or attempt + 1 == ATTEMPTS:
+                break
+        assert stopped_early(server, logged, 16), f"no batch stopped early in {ATTEMPTS} closed streams"
         pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
             model="demo", messages=messages, max_tokens=16, stream=True) if c.choices]
         assert "".join(pieces) == direct(6)
