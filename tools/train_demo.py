@@ -626,6 +626,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model.eval()
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    (args.out / "train_log.json").unlink(missing_ok=True)  # ours, written below: --overwrite refuses others' files
     save_checkpoint(state, cfg, tok, args.out, overwrite=True, protect=[args.init] if args.init else ())
     print(f"wrote {args.out}", flush=True)
 
