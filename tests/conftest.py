@@ -31,7 +31,7 @@ FILE_SECONDS = {
     "test_analysis_tools": 33, "test_warmup": 32, "test_compare_seeds": 31, "test_reports": 31, "test_cli": 30,
     "test_fused": 30, "test_bench_gpu": 28, "test_architecture": 24, "test_serve_cli": 21, "test_capacity": 17,
     "test_compare": 15, "test_precompiled": 15, "test_batch": 14, "test_narrow": 38, "test_qa_messages": 45, "test_qa_robust": 15, "test_qa_inputs": 85, "test_gate": 1,
-    "test_weights_reader": 25,
+    "test_weights_reader": 25, "test_light_tokenizer": 40,
 }
 
 

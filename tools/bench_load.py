@@ -98,6 +98,7 @@ def run_load(args) -> None:
 
     if DEVICE == "cuda":
         torch.cuda.synchronize()
+    tunings = count_autotuning()
     prof = None
     if args.profile:
         import cProfile
@@ -126,9 +127,33 @@ def run_load(args) -> None:
                       "fxgraph_cache_hit": counters["inductor"]["fxgraph_cache_hit"],
                       "fxgraph_cache_miss": counters["inductor"]["fxgraph_cache_miss"],
                       "graphs": len(pipe.sized_runners_all()), "ids": res.ids, "stages": pipe.load_times,
-                      "weights_reader": pipe.weights_reader, "profile": profile,
+                      "weights_reader": pipe.weights_reader, "tokenizer": pipe.tokenizer_kind, "profile": profile,
+                      "autotune_benchmarks": tunings[0], "best_config_files": best_configs(),
                       "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else None}),
           flush=True)
+
+
+def count_autotuning() -> list[int]:
+    """A counter of the Triton kernels Inductor benchmarks in this process (``CachingAutotuner.benchmark_all_configs``:
+    a kernel of several configurations whose best one was not found in the autotune cache): a warm load that
+    benchmarks again may pick another configuration (another reduction order) than the load before it."""
+    from torch._inductor.runtime import triton_heuristics as th
+
+    count = [0]
+    original = th.CachingAutotuner.benchmark_all_configs
+
+    def counted(self, *a, **kw):
+        count[0] += 1
+        return original(self, *a, **kw)
+
+    th.CachingAutotuner.benchmark_all_configs = counted
+    return count
+
+
+def best_configs() -> int | None:
+    """The autotune results saved in Inductor's cache directory (``*.best_config``)."""
+    root = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    return sum(1 for _ in Path(root).rglob("*.best_config")) if root and Path(root).is_dir() else None
 
 
 def drop_page_cache() -> bool:
@@ -247,6 +272,15 @@ def markdown(res: dict) -> str:
                       for (m, k), p in parts.items()]
     else:
         lines += ["", "No seconds per stage (this run predates `Pipeline.load_times`)."]
+    tuned = {(m, k): r[k] for m, r in res["modes"].items() for k in ("cold", "warm")
+             if "autotune_benchmarks" in (r.get(k) or {})}
+    if tuned:
+        lines += ["", "Tokenizer (light: tokenizers + jinja2, no transformers import); Triton kernels benchmarked in "
+                  "the process (load and one request: `benchmark_all_configs` calls, a kernel of several "
+                  "configurations with no saved best one); `*.best_config` files in the Inductor cache afterwards:", "",
+                  "| mode | load | tokenizer | kernels benchmarked | best_config files |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {m} | {k} | {d.get('tokenizer')} | {d['autotune_benchmarks']} | {d.get('best_config_files')} |"
+                  for (m, k), d in tuned.items()]
     if res.get("profile"):
         pr = res["profile"]
         lines += ["", f"`Pipeline.load` of {pr['load']} (warm) under cProfile ({pr['seconds'] or 0:.1f} s with the "

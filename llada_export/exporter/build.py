@@ -36,6 +36,7 @@ from ..outdir import atomic_output_dir, check_output_dir
 from ..quant.fp8 import FP8Error, FP8Record, FP8Settings, check_record, quantize_linears, structural_copy
 from ..sampler import GenerationConfig
 from ..tokenizer import DEFAULT_SYSTEM_PROMPT, encode_prompt, has_tokenizer_files, special_tokens
+from ..runtime.light_tokenizer import EXPORT_KEY as LIGHT_TOKENIZER, export_record as light_tokenizer_record
 from ..graphs.fused import fused_weights
 from .capacity import HEADROOM, headroom_bytes, path_capacity, powers_of_two, weight_bytes
 from .capacity import largest_call as graphs_largest_call
@@ -451,6 +452,9 @@ def _build(opts: ExportOptions, root: Path, loaded: tuple | None) -> Manifest:
     # What the runtime needs beside the graphs: the tokenizer and the prompt-side embedding table.
     tokenizer.save_pretrained(root / "tokenizer")
     files = wctx.files + [p for p in (root / "tokenizer").iterdir()]
+    light, note = light_tokenizer_record(tokenizer, root / "tokenizer")  # the runtime's tokenizer without transformers
+    if note:
+        wctx.notes.append(note)
     emb = root / "text_embeddings.safetensors"
     save_file({"embed_tokens": model.model.embed_tokens.weight.detach().cpu().contiguous(),
                "image_newline": model.model.image_newline.detach().cpu().contiguous()}, str(emb))
@@ -476,7 +480,7 @@ def _build(opts: ExportOptions, root: Path, loaded: tuple | None) -> Manifest:
         precompiled=wctx.precompiled or None,
         notes=wctx.notes, batch_sizes=list(opts.sizes), weights_file=weights_file,
         quantization=fp8.to_dict() if fp8 is not None else None,
-        export={"seconds": round(time.perf_counter() - t0, 2),
+        export={"seconds": round(time.perf_counter() - t0, 2), LIGHT_TOKENIZER: light,
                 "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
                 "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None})
 

@@ -34,8 +34,9 @@ from ..rules import shorten
 from ..sampler import GenerationConfig, GenerationError, SamplerTrace, StepEvent, StepInfo, generate
 from ..sampler import PRODUCT_REFRESH, parallel_rule
 from ..sampler import preset as get_preset
-from ..tokenizer import DEFAULT_SYSTEM_PROMPT, decode_answer, encode_prompt, load_tokenizer
+from ..tokenizer import DEFAULT_SYSTEM_PROMPT, decode_answer, encode_prompt
 from .denoiser import EngineDenoiser
+from .light_tokenizer import open_tokenizer
 from .inputs import (check_history, check_prompt, check_refresh, check_seed, check_size, check_text,
                      checked_callback, checked_cancel, in_batch)
 from .weights import bind_constants, read_weights
@@ -108,7 +109,9 @@ class Pipeline:
         # a batch whose running rows fit a smaller built batch size goes on at that size (generate_batch)
         self.narrow = True
         tok_dir = root / "tokenizer"
-        self.tokenizer = load_tokenizer(tok_dir) if tok_dir.is_dir() else None
+        # "light": tokenizers + jinja2, where the export found it the same as transformers' (no transformers import)
+        self.tokenizer, self.tokenizer_kind = open_tokenizer(tok_dir, manifest.export) if tok_dir.is_dir() \
+            else (None, None)
         self.load_times["weights:tokenizer"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         emb = load_file(str(root / "text_embeddings.safetensors"), device=device)  # the first CUDA call: its context
