@@ -1,4 +1,4 @@
-"""The runtime's tokenizer without transformers (runtime/light_tokenizer.py) against transformers' own,
+"""The runtime's tokenizer without transformers (light_tokenizer.py) against transformers' own,
 and the export's check that decides which one an engines directory loads."""
 
 import json
@@ -11,7 +11,7 @@ import pytest
 
 from llada_export.contract.manifest import Manifest
 from llada_export.demo import DEMO_MODEL
-from llada_export.runtime.light_tokenizer import (EXPORT_KEY, LightTokenizer, differences, export_record,
+from llada_export.light_tokenizer import (EXPORT_KEY, LightTokenizer, differences, export_record,
                                                   open_tokenizer, probe_conversations)
 from llada_export.synthetic.tokenizer import build_tokenizer
 from llada_export.tokenizer import decode_answer, encode_prompt, load_tokenizer, special_tokens

@@ -82,6 +82,10 @@ CASES = [  # (tool, its JSON, the report it renders, the command line that re-re
      ["batch", "--replot", "--out", "{out}"]),
     ("bench_gpu.py", "bench_gpu_batch_1207_unpruned.json", "bench_gpu_batch_1207_unpruned.md",
      ["batch", "--replot", "--out", "{out}"]),
+    # H100 lease of 2026-12-07 12:30: the cold and warm loads with the light tokenizer; unpruned + cache at B = 16
+    ("bench_load.py", "bench_load_light.json", "bench_load_light.md", ["render", "--out", "{out}", "--name", "bench_load_light"]),
+    ("bench_gpu.py", "bench_gpu_batch_1207_unpruned16.json", "bench_gpu_batch_1207_unpruned16.md",
+     ["batch", "--replot", "--out", "{out}"]),
 ]
 # issue 21's reports (tools/long_sweeps.py render), once a GPU run's summaries are committed
 CASES += [("long_sweeps.py", f"vqa2_{part}.json", f"vqa2_{part}.md", ["render", "--replot", "--out", "{out}"])

@@ -22,8 +22,8 @@
 #   load       tools/bench_load.py export + measure (precompiled kernels, weights read from disk; ran 2026-12-07:
 #              40.3 s warm, benchmarks/bench_load.md, before the weights' hash ran beside the load; at 09:39 with
 #              LOAD_ARGS="--readers auto safetensors fastsafetensors-buffered --profile": 22.6-32.2 s warm,
-#              benchmarks/bench_load_readers.md; 10 minutes). Next: LOAD_ARGS="--readers auto safetensors" for cold
-#              and warm loads of both readers in one lease (about 8 minutes)
+#              benchmarks/bench_load_readers.md; 10 minutes; at 12:30 with LOAD_ARGS="--readers auto safetensors":
+#              cold and warm loads of both readers, 14.6 / 16.9 s warm, benchmarks/bench_load_light.md, 6 minutes)
 #   loadquick  bench_load export, then one fresh-process load per reader (auto, safetensors) on the export's warm
 #              Inductor caches: the warm load's stages in about 5 minutes (no cold load, no profile; ran 2026-12-07
 #              10:15: 20.5 s fastsafetensors first, 18.2 s load_file second, benchmarks/bench_load_quick.md)
@@ -38,9 +38,9 @@
 #              pruned 24, on a card of more than 100 GB: SCALE_QUEUE="16 unpruned+cache,16 pruned+cache,24
 #              pruned+cache,1 unpruned+cache,1 pruned+cache" (nvidia-h200). On an 80 GB H100 at 09:50 the unpruned
 #              B = 16 export ran out of memory 36 s into its build, twice: its cached step's two programs each held
-#              an example KV cache (30 GiB). They share one since d341742: SCALE_QUEUE="16 unpruned+cache,1
-#              unpruned+cache" tries it again there (the lease's bench export keeps the checkpoint's and the fused
-#              weights apart: about 32 GiB of them, against 17 for llada-export from a checkpoint)
+#              an example KV cache (30 GiB). They share one since d341742: with SCALE_QUEUE="16 unpruned+cache,1
+#              unpruned+cache" it exported there at 12:36 (170 s; the step then stopped on a bug of a one-path queue,
+#              fixed since; timed by hand: benchmarks/bench_gpu_batch_1207_unpruned16.md)
 #   scale1/2/3 the batch scale: pruned + cache at B = 1, 8, 16; unpruned + cache at 1, 8, 16; pruned at 2, 4 and
 #              24 (added to scale1's report in the same lease, else beside a fresh 1); under scale/pruned, scale/unpruned.
 #              (scale1 ran on 2026-12-06 at 23:18; scaleall replaces the three: one size per lease is too slow)
@@ -186,8 +186,10 @@ scale_all() {
   done
   [ ${#q[@]} -gt 0 ] && echo "$(date +%T) not exported (deadline): ${q[*]}"
   wait
-  local item
-  for item in $(printf '%s\n' ${P//,/ } | sed 's/$/:pruned+cache/') $(printf '%s\n' ${U//,/ } | sed 's/$/:unpruned+cache/'); do
+  local item items=()  # (a queue of one path leaves the other's list empty: no item for it)
+  [ -n "$P" ] && items+=($(printf '%s\n' ${P//,/ } | sed 's/$/:pruned+cache/'))
+  [ -n "$U" ] && items+=($(printf '%s\n' ${U//,/ } | sed 's/$/:unpruned+cache/'))
+  for item in "${items[@]}"; do
     set -- ${item%%:*} ${item#*:}  # an export that was started and failed beside others: once more, alone
     [ -f $W/engines_${2/+/_}_b$1/bench_export.json ] || [ ! -f $RES/scaleall/export_${2/+/_}_b$1.log ] \
       || late || { echo "$(date +%T) export $2 B=$1 again, alone"; export_one $1 $2; }

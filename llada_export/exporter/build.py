@@ -32,11 +32,11 @@ from ..device import is_out_of_memory, parse_device
 from ..engines.registry import WriteContext, get_backend, write_artifact
 from ..engines.tensorrt import TOPK_LIMIT
 from ..graphs.anyres import grid_shape, max_visual_token_count, visual_token_count
+from ..light_tokenizer import EXPORT_KEY as LIGHT_TOKENIZER, export_record as light_tokenizer_record
 from ..outdir import atomic_output_dir, check_output_dir
 from ..quant.fp8 import FP8Error, FP8Record, FP8Settings, check_record, quantize_linears, structural_copy
 from ..sampler import GenerationConfig
 from ..tokenizer import DEFAULT_SYSTEM_PROMPT, encode_prompt, has_tokenizer_files, special_tokens
-from ..runtime.light_tokenizer import EXPORT_KEY as LIGHT_TOKENIZER, export_record as light_tokenizer_record
 from ..graphs.fused import fused_weights
 from .capacity import HEADROOM, headroom_bytes, path_capacity, powers_of_two, weight_bytes
 from .capacity import largest_call as graphs_largest_call

@@ -30,13 +30,13 @@ from ..contract.manifest import DATA_ONLY, Manifest, ManifestError
 from ..device import parse_device
 from ..engines.registry import Runner, check_artifacts, get_backend, load_builtin, pick_backend
 from ..graphs.anyres import ImageError, assemble, image_size, preprocess, visual_token_count
+from ..light_tokenizer import open_tokenizer
 from ..rules import shorten
 from ..sampler import GenerationConfig, GenerationError, SamplerTrace, StepEvent, StepInfo, generate
 from ..sampler import PRODUCT_REFRESH, parallel_rule
 from ..sampler import preset as get_preset
 from ..tokenizer import DEFAULT_SYSTEM_PROMPT, decode_answer, encode_prompt
 from .denoiser import EngineDenoiser
-from .light_tokenizer import open_tokenizer
 from .inputs import (check_history, check_prompt, check_refresh, check_seed, check_size, check_text,
                      checked_callback, checked_cancel, in_batch)
 from .weights import bind_constants, read_weights

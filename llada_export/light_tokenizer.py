@@ -157,7 +157,7 @@ def open_tokenizer(path: Path, export: dict) -> tuple[Any, str]:
         raise ValueError(f"{TOKENIZER_ENV}={choice!r}: expected one of {', '.join(TOKENIZER_CHOICES)}")
     if choice == "auto" and export.get(EXPORT_KEY) is True:
         return LightTokenizer(path), "light"
-    from ..tokenizer import load_tokenizer
+    from .tokenizer import load_tokenizer
 
     return load_tokenizer(path), "transformers"
 
@@ -186,7 +186,7 @@ PROBE_TEXTS = ("What is shown?", "Describe the image in detail.", "  spaces  aro
 def probe_conversations() -> list[dict[str, Any]]:
     """Requests whose prompts the export encodes both ways: with and without an image, default / empty / own
     system prompt, earlier turns."""
-    from ..tokenizer import DEFAULT_SYSTEM_PROMPT
+    from .tokenizer import DEFAULT_SYSTEM_PROMPT
 
     out = []
     for i, text in enumerate(PROBE_TEXTS):
@@ -207,7 +207,7 @@ def differences(reference, light: LightTokenizer, limit: int = 5, seed: int = 0)
     the special token ids, each probe prompt encoded as the runtime encodes it, and answers decoded as the
     runtime decodes them (the probes' own ids, every prefix of a multi-byte text, random ids across the
     vocabulary). Empty: the same tokenizer, as far as the runtime can tell."""
-    from ..tokenizer import TokenizerError, decode_answer, encode_prompt, special_tokens
+    from .tokenizer import TokenizerError, decode_answer, encode_prompt, special_tokens
 
     diffs: list[str] = []
 
