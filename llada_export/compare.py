@@ -567,9 +567,30 @@ def agreement(report: CompareReport, pipe: Pipeline, model, tok, plan: Plan) -> 
                 "kept_overlap": overlap, "answer": eng.text})
 
 
+REPORT_KEYS = {"engines", "checkpoint", "dtype", "passed", "graphs", "agreement"}  # CompareReport.to_dict's
+
+
+def is_report(path: Path) -> bool:
+    """Whether ``path`` is a report :func:`write_report` wrote (its JSON, or its Markdown summary)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.suffix == ".md":
+                return f.readline().startswith("# llada-compare: ")
+            d = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(d, dict) and REPORT_KEYS <= d.keys()
+
+
 def write_report(report: CompareReport, path: str | Path) -> tuple[Path, Path]:
+    """The report as JSON at ``path`` and as Markdown beside it, each written whole (a temporary file renamed)."""
     path = Path(path)
-    path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     md = path.with_suffix(".md")
-    md.write_text(report.markdown())
+    for f, text in ((path, json.dumps(report.to_dict(), indent=2) + "\n"), (md, report.markdown())):
+        tmp = f.with_name(f".{f.name}.partial")
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, f)
+        finally:
+            tmp.unlink(missing_ok=True)
     return path, md

@@ -3,8 +3,8 @@
 ``Pipeline.load`` spent 4.2 s of a 20 s load of full-size engines on the tokenizer (an H100 lease of
 2026-12-07, ``benchmarks/bench_load_quick.md``), nearly all of it importing transformers; the
 tokenizer.json itself parses in about 0.1 s. :class:`LightTokenizer` offers the part of transformers'
-tokenizer API that :mod:`llada_export.tokenizer` uses (call -> ``input_ids``, ``decode``,
-``convert_tokens_to_ids`` / ``convert_ids_to_tokens``, ``get_added_vocab``, ``apply_chat_template``,
+tokenizer API that :mod:`llada_export.tokenizer` and the server use (call -> ``input_ids``, ``decode``,
+``convert_tokens_to_ids`` / ``convert_ids_to_tokens``, ``get_vocab``, ``get_added_vocab``, ``apply_chat_template``,
 ``bos_token_id``, ``backend_tokenizer``) from the files ``save_pretrained`` wrote into ``engines/tokenizer``.
 
 It is used only where it was shown to be the same tokenizer: the export runs :func:`differences` (every
@@ -88,6 +88,10 @@ class LightTokenizer:
             return self.backend_tokenizer.id_to_token(ids)
         skip = set(self.all_special_ids) if skip_special_tokens else set()
         return [self.backend_tokenizer.id_to_token(int(i)) for i in ids if int(i) not in skip]
+
+    def get_vocab(self) -> dict[str, int]:
+        """Every entry, the added tokens included (as transformers' ``get_vocab``)."""
+        return self.backend_tokenizer.get_vocab(with_added_tokens=True)
 
     def get_added_vocab(self) -> dict[str, int]:
         return {t.content: i for i, t in self.backend_tokenizer.get_added_tokens_decoder().items()}

@@ -41,7 +41,7 @@ def test_same_ids_and_text_as_transformers(tmp_path, kind, add_bos):
     for k in range(1, len(ids) + 1):  # every prefix: the cut ones end inside a UTF-8 character
         assert decode_answer(light, ids[:k]) == decode_answer(hf, ids[:k])
     assert decode_answer(hf, ids).startswith("Grüße 日本 🙂 done")
-    assert light.get_added_vocab() == hf.get_added_vocab()
+    assert light.get_added_vocab() == hf.get_added_vocab() and light.get_vocab() == hf.get_vocab()
     assert light.convert_ids_to_tokens(ids, skip_special_tokens=True) == hf.convert_ids_to_tokens(ids, skip_special_tokens=True)
 
 

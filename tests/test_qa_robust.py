@@ -113,6 +113,31 @@ def test_compare_refuses_a_report_inside_the_engines_or_the_checkpoint(copy, tin
     assert victim.read_bytes() == before and not victim.with_suffix(".md").exists()
 
 
+@pytest.mark.parametrize("own", ["notes.json", "notes.md"])
+def test_compare_refuses_a_report_path_over_the_users_own_files(copy, tiny_ckpt, tmp_path, capsys, own):
+    """``llada-compare --report notes.json`` wrote its JSON over the user's notes.json and its summary over a
+    notes.md beside it. Refused before anything runs; an earlier llada-compare report there is replaced."""
+    from helpers import cli_here
+    from llada_export.cli.compare import check_report_path, main
+    from llada_export.compare import CompareReport, is_report, write_report
+
+    (tmp_path / "out").mkdir()
+    victim = tmp_path / "out" / own
+    victim.write_text('{"mine": 1}\n' if own.endswith(".json") else "# my notes\n")
+    report = tmp_path / "out" / "notes.json"
+    r = cli_here(main, "llada-compare", capsys, "--engines", str(copy), "--model", str(tiny_ckpt), "--presets", "mc",
+                 "--report", str(report))
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"llada-compare: error: --report {report}: {victim} exists and is not a llada-compare report (the report "
+        "writes notes.json and notes.md); give another path or remove it"), r.stderr
+    assert victim.read_text() in ('{"mine": 1}\n', "# my notes\n") and sorted(p.name for p in victim.parent.iterdir()) == [own]
+    victim.unlink()
+    js, md = write_report(CompareReport(str(copy), str(tiny_ckpt), "float32", error="a first run"), report)
+    assert is_report(js) and is_report(md) and not is_report(tmp_path / "out" / "missing.json")
+    check_report_path(report, str(copy), str(tiny_ckpt))  # its own earlier report: written over
+    assert sorted(p.name for p in report.parent.iterdir()) == ["notes.json", "notes.md"]  # no .partial left
+
+
 # ---------------------------------------------------------------------- the HTTP API without Ray
 def test_an_integer_too_long_to_parse_is_a_400_not_a_500():
     """json.loads raises a plain ValueError (Python's 4300-digit limit) for a long integer literal: the server

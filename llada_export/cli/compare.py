@@ -78,6 +78,12 @@ def check_report_path(path: Path, engines: str, model: str) -> None:
         raise ValueError(f"--report {path} is a directory: give a file path such as {path / DEFAULT_REPORT}")
     if not path.parent.is_dir():
         raise ValueError(f"--report {path}: the folder {path.parent} does not exist; create it first")
+    from ..compare import is_report
+
+    for f in (path, path.with_suffix(".md")):  # replace an earlier report, never a file of the user's
+        if f.exists() and not is_report(f):
+            raise ValueError(f"--report {path}: {f} exists and is not a llada-compare report (the report writes "
+                             f"{path.name} and {path.with_suffix('.md').name}); give another path or remove it")
 
 
 def main(argv: list[str] | None = None) -> int:
