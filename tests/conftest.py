@@ -118,6 +118,14 @@ def cache_engines(tiny_ckpt, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def bf16_onnx_engines(tiny_ckpt, tmp_path_factory):
+    """ONNX Runtime engines in bfloat16 exported on this CPU (which cannot run them), G = 8: test_pipeline's
+    and test_qa_inputs' refusals."""
+    return shared(tmp_path_factory, "bf16_onnx", lambda out: export(
+        tiny_ckpt, out, dtype="bfloat16", gen_length=8, max_prompt_tokens=160))
+
+
+@pytest.fixture(scope="session")
 def images():
     """Two image sizes that fit the 384x384 bucket of the tiny config (118 and 136 visual tokens)."""
     return {"380x250": random_image(380, 250, 1), "384x384": random_image(384, 384, 2)}

@@ -450,17 +450,15 @@ def test_gen_length_over_the_engines_maximum_is_said_first(engines):
         pipe.generation_config(gen_length=100000)
 
 
-def test_bf16_onnx_engines_on_the_cpu_are_refused_in_one_line(tiny_ckpt, tmp_path):
+def test_bf16_onnx_engines_on_the_cpu_are_refused_in_one_line(bf16_onnx_engines):
     """ONNX Runtime's CPU provider has no bfloat16 kernels for these graphs: loading them says so and
     what to do, instead of ONNX Runtime's NOT_IMPLEMENTED traceback."""
     import pytest
     import torch
-    from helpers import export
     from llada_export.engines.registry import BackendError
     from llada_export.runtime.pipeline import Pipeline
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA machine may run them through onnxruntime-gpu")
-    out = export(tiny_ckpt, tmp_path / "e", dtype="bfloat16", gen_length=8, max_prompt_tokens=160)
     with pytest.raises(BackendError, match="no bfloat16 kernel for this graph; run these engines on a GPU"):
-        Pipeline.load(out, device="cpu")
+        Pipeline.load(bf16_onnx_engines, device="cpu")

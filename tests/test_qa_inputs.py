@@ -208,14 +208,13 @@ def test_an_aoti_export_prints_no_torch_deprecation_warning(tmp_path):
     assert not [w for w in caught if "LeafSpec" in str(w.message)]
 
 
-def test_bfloat16_onnx_engines_exported_on_the_cpu_say_they_cannot_run_there(tiny_ckpt, tmp_path):
+def test_bfloat16_onnx_engines_exported_on_the_cpu_say_they_cannot_run_there(bf16_onnx_engines):
     """llada-export --dtype bfloat16 (onnxruntime, on the CPU) wrote its engines without a word; the first
     llada-generate on that machine then failed: ONNX Runtime's CPU provider has no bfloat16 kernels."""
-    from helpers import export
     from llada_export.contract.manifest import Manifest
     from llada_export.runtime.pipeline import Pipeline
 
-    out = export(tiny_ckpt, tmp_path / "bf16", dtype="bfloat16", gen_length=8)
+    out = bf16_onnx_engines
     notes = Manifest.read(out, verify=False).notes
     assert any(n.startswith("the bfloat16 onnxruntime engines do not run on this CPU") for n in notes), notes
     with pytest.raises(ValueError, match="no bfloat16 kernel"):  # what the note warns of
