@@ -24,6 +24,10 @@
 #              LOAD_ARGS="--readers auto safetensors fastsafetensors-buffered --profile": 22.6-32.2 s warm,
 #              benchmarks/bench_load_readers.md; 10 minutes; at 12:30 with LOAD_ARGS="--readers auto safetensors":
 #              cold and warm loads of both readers, 14.6 / 16.9 s warm, benchmarks/bench_load_light.md, 6 minutes)
+#   loaddet    the load step on engines exported with TORCHINDUCTOR_FORCE_FILTER_REDUCTION_CONFIGS=1 (Inductor's filter
+#              of each reduction kernel's configurations down to one, baked into the saved kernels): does a load
+#              still tune kernels by timing (benchmarks/bench_load_light.md: 19 a load), do the loads answer the same
+#              ids, and at what cost (compare the graphs' times with the load step's). Not yet run; about 7 minutes
 #   loadquick  bench_load export, then one fresh-process load per reader (auto, safetensors) on the export's warm
 #              Inductor caches: the warm load's stages in about 5 minutes (no cold load, no profile; ran 2026-12-07
 #              10:15: 20.5 s fastsafetensors first, 18.2 s load_file second, benchmarks/bench_load_quick.md)
@@ -118,6 +122,11 @@ print((sorted(glob.glob(d + '/nvidia/*/lib/libcudart.so.*')) + sorted(glob.glob(
             timeout 900 python3 tools/bench_load.py measure --engines /tmp/bench_load_engines --modes precompiled \
                 ${LOAD_ARGS:---readers auto --profile} --out $RES/load ;;  # 2026-12-07 10:00: LOAD_ARGS="--readers
                 # auto safetensors fastsafetensors-buffered --profile"; 10:45: LOAD_ARGS="--compile-threads default 1"
+      loaddet)
+        TORCHINDUCTOR_FORCE_FILTER_REDUCTION_CONFIGS=1 timeout 600 python3 tools/bench_load.py export \
+            --engines /tmp/bench_load_det --no-compile-cache &&
+        timeout 900 python3 tools/bench_load.py measure --engines /tmp/bench_load_det --modes precompiled \
+            --readers auto safetensors --out $RES/loaddet --name bench_load_det ;;
       loadquick)  # the load in one fresh process per reader, on the caches the export filled (about 5 minutes)
         timeout 400 python3 tools/bench_load.py export --engines /tmp/bench_load_engines --no-compile-cache &&
         for r in auto safetensors; do
