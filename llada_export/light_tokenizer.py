@@ -151,15 +151,20 @@ def _compile(template: str):
     return env.from_string(template)
 
 
-def open_tokenizer(path: Path, export: dict) -> tuple[Any, str]:
-    """(the tokenizer of an engines directory, "light" or "transformers"): the light one where the export
-    found it the same as transformers' (``export[EXPORT_KEY] is True``) unless ``LLADA_TOKENIZER=transformers``."""
+def tokenizer_choice() -> str:
+    """``LLADA_TOKENIZER``'s value (default auto); ValueError for any other (checked at every ``Pipeline.load``)."""
     import os
 
     choice = os.environ.get(TOKENIZER_ENV, "auto") or "auto"
     if choice not in TOKENIZER_CHOICES:
         raise ValueError(f"{TOKENIZER_ENV}={choice!r}: expected one of {', '.join(TOKENIZER_CHOICES)}")
-    if choice == "auto" and export.get(EXPORT_KEY) is True:
+    return choice
+
+
+def open_tokenizer(path: Path, export: dict) -> tuple[Any, str]:
+    """(the tokenizer of an engines directory, "light" or "transformers"): the light one where the export
+    found it the same as transformers' (``export[EXPORT_KEY] is True``) unless ``LLADA_TOKENIZER=transformers``."""
+    if tokenizer_choice() == "auto" and export.get(EXPORT_KEY) is True:
         return LightTokenizer(path), "light"
     from .tokenizer import load_tokenizer
 

@@ -55,6 +55,17 @@ def test_a_reader_that_does_not_exist_is_named(small_file, monkeypatch):
         read_weights(small_file, "cpu", {"a"})
 
 
+@pytest.mark.parametrize("env", ["LLADA_WEIGHTS_READER", "LLADA_TOKENIZER"])
+def test_a_bad_choice_in_the_environment_is_refused_by_engines_that_would_not_use_it(cache_engines, monkeypatch, env):
+    """ONNX engines read no weights file, so LLADA_WEIGHTS_READER=fast loaded them without a word (and failed only
+    on the user's Inductor engines later); every load names a bad value first, before any work."""
+    monkeypatch.setenv(env, "fast")
+    with pytest.raises(ValueError, match=f"{env}='fast': expected one of auto, "):
+        Pipeline.load(cache_engines, backend="onnxruntime", verify=False)
+    monkeypatch.delenv(env)
+    assert Pipeline.load(cache_engines, backend="onnxruntime", verify=False).weights_reader is None
+
+
 def test_engines_read_by_fastsafetensors_answer_as_by_load_file(multi_size_engines, monkeypatch):
     """The Inductor engines' weights.safetensors holds the fused tensors the graphs bind (no parts to drop),
     so fastsafetensors may read it; the answers are the same token ids as with load_file."""

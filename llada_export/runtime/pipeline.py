@@ -30,7 +30,7 @@ from ..contract.manifest import DATA_ONLY, Manifest, ManifestError
 from ..device import parse_device
 from ..engines.registry import Runner, check_artifacts, get_backend, load_builtin, pick_backend
 from ..graphs.anyres import ImageError, assemble, image_size, preprocess, visual_token_count
-from ..light_tokenizer import open_tokenizer
+from ..light_tokenizer import open_tokenizer, tokenizer_choice
 from ..rules import shorten
 from ..sampler import GenerationConfig, GenerationError, SamplerTrace, StepEvent, StepInfo, generate
 from ..sampler import PRODUCT_REFRESH, parallel_rule
@@ -39,7 +39,7 @@ from ..tokenizer import DEFAULT_SYSTEM_PROMPT, decode_answer, encode_prompt
 from .denoiser import EngineDenoiser
 from .inputs import (check_history, check_prompt, check_refresh, check_seed, check_size, check_text,
                      checked_callback, checked_cancel, in_batch)
-from .weights import bind_constants, read_weights
+from .weights import bind_constants, read_weights, reader_choice
 
 
 @dataclass
@@ -212,6 +212,7 @@ class Pipeline:
         intra-op threads, and the sessions' own pools for backends that have them); default: theirs."""
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be a positive integer (CPU threads for the engines), got {threads!r}")
+        reader_choice(), tokenizer_choice()  # the environment's choices, named before any work (a typo is not ignored)
         root = Path(path)
         t0 = time.perf_counter()
         m = Manifest.read(root, verify=False)

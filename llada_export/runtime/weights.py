@@ -69,6 +69,15 @@ READER_ENV = "LLADA_WEIGHTS_READER"  # auto | safetensors | fastsafetensors: how
 READERS = ("auto", "safetensors", "fastsafetensors")
 
 
+def reader_choice() -> str:
+    """``LLADA_WEIGHTS_READER``'s value (default auto); ValueError for one that names no reader (checked at every
+    ``Pipeline.load``, also of engines that read no weights file, so that a typo is not ignored)."""
+    reader = os.environ.get(READER_ENV, "auto") or "auto"
+    if reader not in READERS:
+        raise ValueError(f"{READER_ENV}={reader!r}: expected one of {', '.join(READERS)}")
+    return reader
+
+
 def read_weights(path: Path, device: str, uses: set[str]) -> tuple[dict[str, torch.Tensor], str]:
     """(the tensors of the safetensors file ``path`` on ``device``, the reader that read them).
 
@@ -81,9 +90,7 @@ def read_weights(path: Path, device: str, uses: set[str]) -> tuple[dict[str, tor
     ``LLADA_WEIGHTS_READER`` picks one: ``safetensors``, or ``fastsafetensors`` (also on the CPU).
     fastsafetensors reads through the page cache here unless ``FASTSAFETENSORS_ODIRECT=1`` (its own
     variable; its default is O_DIRECT on local disks)."""
-    reader = os.environ.get(READER_ENV, "auto") or "auto"
-    if reader not in READERS:
-        raise ValueError(f"{READER_ENV}={reader!r}: expected one of {', '.join(READERS)}")
+    reader = reader_choice()
     dev = torch.device(device)
     if reader == "fastsafetensors" or (reader == "auto" and dev.type == "cuda"):
         with safe_open(str(path), framework="pt") as f:
