@@ -22,6 +22,8 @@ import random
 from pathlib import Path
 from typing import Any, Sequence
 
+from .rules import env_choice
+
 EXPORT_KEY = "light_tokenizer"  # the manifest's export table: True, or why not (a string)
 TOKENIZER_ENV = "LLADA_TOKENIZER"  # auto (the light one where the export proved it) | transformers
 TOKENIZER_CHOICES = ("auto", "transformers")
@@ -153,12 +155,7 @@ def _compile(template: str):
 
 def tokenizer_choice() -> str:
     """``LLADA_TOKENIZER``'s value (default auto); ValueError for any other (checked at every ``Pipeline.load``)."""
-    import os
-
-    choice = os.environ.get(TOKENIZER_ENV, "auto") or "auto"
-    if choice not in TOKENIZER_CHOICES:
-        raise ValueError(f"{TOKENIZER_ENV}={choice!r}: expected one of {', '.join(TOKENIZER_CHOICES)}")
-    return choice
+    return env_choice(TOKENIZER_ENV, TOKENIZER_CHOICES)
 
 
 def open_tokenizer(path: Path, export: dict) -> tuple[Any, str]:

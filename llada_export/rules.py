@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import re
 
 SEED_LIMIT = 2**63  # seeds are 0 .. 2**63 - 1
@@ -41,6 +42,15 @@ def shorten_path(path: object, limit: int = PATH_ECHO_LIMIT) -> str:
     last ``limit`` characters with its length: the end names the file, the part the reader needs."""
     text = str(path)
     return text if len(text) <= limit else f"...{text[-limit:]} ({len(text)} characters)"
+
+
+def env_choice(var: str, choices: tuple[str, ...]) -> str:
+    """The environment variable ``var``'s value, one of ``choices`` (the first, e.g. "auto", when it is unset or
+    empty); ValueError naming the variable and the choices for any other value."""
+    value = os.environ.get(var) or choices[0]
+    if value not in choices:
+        raise ValueError(f"{var}={value!r}: expected one of {', '.join(choices)}")
+    return value
 
 
 class GenerationError(ValueError):

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ..graphs.fused import resolve_weight
-from ..rules import shorten
+from ..rules import env_choice, shorten
 
 log = logging.getLogger("llada_export")
 
@@ -72,10 +72,7 @@ READERS = ("auto", "safetensors", "fastsafetensors")
 def reader_choice() -> str:
     """``LLADA_WEIGHTS_READER``'s value (default auto); ValueError for one that names no reader (checked at every
     ``Pipeline.load``, also of engines that read no weights file, so that a typo is not ignored)."""
-    reader = os.environ.get(READER_ENV, "auto") or "auto"
-    if reader not in READERS:
-        raise ValueError(f"{READER_ENV}={reader!r}: expected one of {', '.join(READERS)}")
-    return reader
+    return env_choice(READER_ENV, READERS)
 
 
 def read_weights(path: Path, device: str, uses: set[str]) -> tuple[dict[str, torch.Tensor], str]:
