@@ -59,6 +59,23 @@ def attention_kernels(q, k, v, mask, repeat: int) -> list[dict]:
                 rows.append({"kernel": name, "key_mask": masked, "ms": ms})
             except Exception as e:  # noqa: BLE001 - a backend that does not take these inputs on this device
                 rows.append({"kernel": name, "key_mask": masked, "error": f"{type(e).__name__}: {str(e)[:160]}"})
+    # the engines' cached step: flash attention over zeroed padding, rescaled by its log-sum-exp (eager: the
+    # rescale's few pointwise kernels unfused, where the engine's compiler fuses them into one)
+    from llada_export.graphs.padded_attention import attend_zero_padded, supported, zero_padding
+
+    name = "flash, zeroed pads + rescale (the engines' cached step)"
+    if supported(q):
+        key_mask = mask[:, 0, 0, :]  # [B, P'+G]
+        n_pad, kz, vz = (~key_mask).sum(-1), zero_padding(k, key_mask), zero_padding(v, key_mask)
+        ms = timed(lambda: attend_zero_padded(q, kz, vz, n_pad), repeat) * 1e3
+        got = attend_zero_padded(q, kz, vz, n_pad).float()
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)  # fp32, masked
+        masked = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).float()  # this dtype, masked
+        rows.append({"kernel": name, "key_mask": True, "ms": ms,
+                     "max_abs_err_vs_fp32": (got - ref).abs().max().item(),
+                     "masked_sdpa_max_abs_err_vs_fp32": (masked - ref).abs().max().item()})
+    else:
+        rows.append({"kernel": name, "key_mask": True, "error": "no kernel for these inputs on this device"})
     return rows
 
 
@@ -139,7 +156,9 @@ def profile_step(model, lm, cfg, tok, prefix: int, rows: int = 1, gen: int = 128
     for name, fn, nbytes in once:
         ms = timed(fn, repeat) * 1e3
         out_pieces.append({"piece": name, "per_layer_ms": None, "layers": 1, "ms": ms, "weight_gb": nbytes / 1e9})
-    layer_ms = timed(lambda: layer.forward_cached(x, cos, sin, mask, kv[0, 0], kv[0, 1], fresh, write), repeat) * 1e3
+    n_pad = (~key_mask).sum(-1)  # [B]: the step's attention without the mask (graphs.padded_attention)
+    layer_ms = timed(lambda: layer.forward_cached(x, cos, sin, mask, kv[0, 0], kv[0, 1], fresh, write, n_pad),
+                     repeat) * 1e3
     step_ms = timed(lambda: head(lm.cached(ids, pos, key_mask, kv, block_start, inplace=True), ids), repeat) * 1e3
     res = {"prefix": prefix, "rows": b, "queries": g, "keys": length, "layers": n_layers, "pieces": out_pieces,
            "attention_kernels": att, "best_attention": best, "best_attention_with_key_mask": best_masked,
@@ -189,6 +208,11 @@ def markdown_profile(prof: dict, engines_cached_ms: dict | None = None) -> list[
         for r in s["attention_kernels"]:
             lines.append(f"| {r['kernel']} | {'yes' if r['key_mask'] else 'no'} | "
                          + (f"{r['ms']:.4f} |" if "ms" in r else f"unavailable: {r['error'][:80]} |"))
+        for r in s["attention_kernels"]:
+            if "max_abs_err_vs_fp32" in r:
+                lines += ["", f"{r['kernel']}: largest difference from fp32 masked attention "
+                          f"{r['max_abs_err_vs_fp32']:.2e}, against {r['masked_sdpa_max_abs_err_vs_fp32']:.2e} for "
+                          "masked SDPA in the same dtype."]
         if s["best_attention"]:
             bst, bm = s["best_attention"], s["best_attention_with_key_mask"]
             lines += ["", f"Best attention kernel: {bst['kernel']} ({'with' if bst['key_mask'] else 'without'} the key "

@@ -22,6 +22,8 @@ from torch import nn
 
 from ..config import TextConfig
 from ..sampler import fused_prediction
+from . import padded_attention
+from .padded_attention import attend_zero_padded, zero_padding
 
 
 class RMSNorm(nn.Module):
@@ -115,7 +117,7 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x, cos, sin)
         return self.attend(q, k, v, mask), k, v
 
-    def forward_cached(self, x, cos, sin, mask, k_cache, v_cache, fresh, write=None):
+    def forward_cached(self, x, cos, sin, mask, k_cache, v_cache, fresh, write=None, n_pad=None):
         """Response rows only: x [B, G, D], cos/sin [B, G, hd]; k_cache, v_cache [B, n_kv, P + G, hd]
         from the last refresh; fresh [B, G] bool: response slots whose K/V are recomputed now (the
         current block and after); the others (earlier blocks) and the prefix come from the cache.
@@ -127,14 +129,23 @@ class Attention(nn.Module):
         prefix. Both read the same values as long as the slots before ``block_start`` still hold the
         last refresh's K/V, which holds because the sampler refreshes a row's cache at the first
         forward of every block (``block_start`` is constant between two refreshes): a cached step
-        only changes slots >= ``block_start``, which the next cached step recomputes anyway."""
+        only changes slots >= ``block_start``, which the next cached step recomputes anyway.
+
+        The written cache also keeps K = V = 0 in its masked response slots (the prefill zeroes the masked
+        prefix slots), so that with ``n_pad`` [B] (masked keys per row) and a kernel for it the layer attends
+        without the mask (:mod:`.padded_attention`)."""
         q, k, v = self.qkv(x, cos, sin)  # [B, H, G, hd], [B, n_kv, G, hd] x2
         p = k_cache.shape[2] - x.shape[1]
         f = fresh[:, None, :, None]  # [B, 1, G, 1]
         k = torch.where(f, k, k_cache[:, :, p:])  # [B, n_kv, G, hd]
         v = torch.where(f, v, v_cache[:, :, p:])
         if write is not None:
-            return self.attend(q, *write(k, v), mask)
+            if n_pad is None or not padded_attention.supported(q):
+                return self.attend(q, *write(k, v), mask)
+            response_mask = mask[:, 0, 0, p:]  # [B, G]
+            keys, values = write(zero_padding(k, response_mask), zero_padding(v, response_mask))
+            o = attend_zero_padded(q, self._repeat(keys), self._repeat(values), n_pad)  # [B, H, G, hd]
+            return self.o_proj(o.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.n_heads * self.head_dim))
         keys = torch.cat([k_cache[:, :, :p], k], dim=2)  # [B, n_kv, P + G, hd]
         values = torch.cat([v_cache[:, :, :p], v], dim=2)
         return self.attend(q, keys, values, mask)
@@ -193,8 +204,9 @@ class DecoderLayer(nn.Module):
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
-    def forward_cached(self, x, cos, sin, mask, k_cache, v_cache, fresh, write=None):
-        x = x + self.self_attn.forward_cached(self.input_layernorm(x), cos, sin, mask, k_cache, v_cache, fresh, write)
+    def forward_cached(self, x, cos, sin, mask, k_cache, v_cache, fresh, write=None, n_pad=None):
+        x = x + self.self_attn.forward_cached(self.input_layernorm(x), cos, sin, mask, k_cache, v_cache, fresh, write,
+                                              n_pad)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -246,12 +258,15 @@ class LanguageModel(nn.Module):
     def prefill(self, prefix_embeds, response_ids, position_ids, key_mask=None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """``forward`` that also returns every layer's K and V after RoPE over the whole sequence:
-        (logits [B, G, V] fp32, kv [layers, 2, B, n_kv, P + G, hd] in the weights' dtype)."""
+        (logits [B, G, V] fp32, kv [layers, 2, B, n_kv, P + G, hd] in the weights' dtype). The masked slots
+        of kv hold zeros (what the cached step's attention without a mask needs: :mod:`.padded_attention`)."""
         g = response_ids.shape[1]
         x, cos, sin, mask = self._inputs(prefix_embeds, response_ids, position_ids, key_mask)
         kvs = []
         for layer in self.layers:
             x, k, v = layer.forward_kv(x, cos, sin, mask)
+            if key_mask is not None:
+                k, v = zero_padding(k, key_mask.bool()), zero_padding(v, key_mask.bool())
             kvs.append(torch.stack([k, v]))  # [2, B, n_kv, L, hd]
         return self.head(x[:, -g:]), torch.stack(kvs)
 
@@ -268,15 +283,17 @@ class LanguageModel(nn.Module):
         [cached prefix K/V ; cached K/V of earlier blocks ; fresh K/V of the current block and after].
         Logits [B, G, V] fp32. ``inplace``: the fresh K/V are written into ``kv_cache``'s response
         slots in place (:func:`cache_writer`; :meth:`Attention.forward_cached` says why that reads
-        the same values)."""
+        the same values), and the layers attend without the key mask where a kernel for that exists
+        (:mod:`.padded_attention`: ``kv_cache`` must then come from :meth:`prefill`, zeros in its masked slots)."""
         g = response_ids.shape[1]
         x = self.embed_tokens(response_ids)  # [B, G, D]
         cos, sin = self.rotary(position_ids)  # [B, G, hd]
         fresh = torch.arange(g, device=response_ids.device)[None, :] >= block_start[:, None]  # [B, G]
         mask = attention_mask(key_mask)  # [B, 1, 1, P + G]
+        n_pad = (~key_mask.bool()).sum(-1) if inplace else None  # [B] masked keys per row
         for i, layer in enumerate(self.layers):
             write = cache_writer(kv_cache, i, g) if inplace else None
-            x = layer.forward_cached(x, cos, sin, mask, kv_cache[i, 0], kv_cache[i, 1], fresh, write)
+            x = layer.forward_cached(x, cos, sin, mask, kv_cache[i, 0], kv_cache[i, 1], fresh, write, n_pad)
         return self.head(x)  # [B, G, V]
 
 
