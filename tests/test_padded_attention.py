@@ -31,7 +31,7 @@ def test_equals_masked_sdpa_in_fp32(shift, tol):
     1e-3: the rescale's fp32 error grows as the module docstring says)."""
     q, k, v, mask = _case(shift=shift)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
-    got = attend_zero_padded(q, zero_padding(k, mask), zero_padding(v, mask), (~mask).sum(-1))
+    got = attend_zero_padded(q, zero_padding(k, mask), zero_padding(v, mask), (~mask).sum(-1)).transpose(1, 2)
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     if shift <= 0:  # the pads matter there: attending over them unmasked is another answer (the test could fail)
         plain = F.scaled_dot_product_attention(q, zero_padding(k, mask), zero_padding(v, mask))
@@ -41,7 +41,7 @@ def test_equals_masked_sdpa_in_fp32(shift, tol):
 def test_equals_masked_sdpa_in_bf16_within_its_rounding():
     q, k, v, mask = _case(dtype=torch.bfloat16, lk=300)
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask[:, None, None, :])
-    got = attend_zero_padded(q, zero_padding(k, mask), zero_padding(v, mask), (~mask).sum(-1))
+    got = attend_zero_padded(q, zero_padding(k, mask), zero_padding(v, mask), (~mask).sum(-1)).transpose(1, 2)
     masked = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
     assert got.dtype == torch.bfloat16
     # no further from the fp32 answer than bf16's masked kernel, give or take one rounding
@@ -52,7 +52,7 @@ def test_no_padding_and_a_row_of_padding_only():
     q, k, v, mask = _case()
     mask[0] = True  # row 0: no pad, the kernel's output as is
     mask[1] = False  # row 1: nothing to attend to (an idle batch row): zeros, not NaN
-    got = attend_zero_padded(q, zero_padding(k, mask), zero_padding(v, mask), (~mask).sum(-1))
+    got = attend_zero_padded(q, zero_padding(k, mask), zero_padding(v, mask), (~mask).sum(-1)).transpose(1, 2)
     torch.testing.assert_close(got[0], F.scaled_dot_product_attention(q, k, v)[0], rtol=2e-5, atol=2e-5)
     assert torch.equal(got[1], torch.zeros_like(got[1]))
     assert torch.isfinite(got).all()

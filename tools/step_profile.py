@@ -68,7 +68,7 @@ def attention_kernels(q, k, v, mask, repeat: int) -> list[dict]:
         key_mask = mask[:, 0, 0, :]  # [B, P'+G]
         n_pad, kz, vz = (~key_mask).sum(-1), zero_padding(k, key_mask), zero_padding(v, key_mask)
         ms = timed(lambda: attend_zero_padded(q, kz, vz, n_pad), repeat) * 1e3
-        got = attend_zero_padded(q, kz, vz, n_pad).float()
+        got = attend_zero_padded(q, kz, vz, n_pad).float().transpose(1, 2)  # [B, H, G, hd]
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)  # fp32, masked
         masked = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).float()  # this dtype, masked
         rows.append({"kernel": name, "key_mask": True, "ms": ms,

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from ..graphs import padded_attention  # noqa: F401 - registers llada::attention_lse, which the cached programs call
+
 
 class CudaGraphCall:
     """``fn(*tensors) -> tensor or tuple`` captured once in a CUDA graph and replayed.

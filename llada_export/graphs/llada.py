@@ -144,8 +144,8 @@ class Attention(nn.Module):
                 return self.attend(q, *write(k, v), mask)
             response_mask = mask[:, 0, 0, p:]  # [B, G]
             keys, values = write(zero_padding(k, response_mask), zero_padding(v, response_mask))
-            o = attend_zero_padded(q, self._repeat(keys), self._repeat(values), n_pad)  # [B, H, G, hd]
-            return self.o_proj(o.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.n_heads * self.head_dim))
+            o = attend_zero_padded(q, self._repeat(keys), self._repeat(values), n_pad)  # [B, G, H, hd]
+            return self.o_proj(o.reshape(x.shape[0], x.shape[1], self.n_heads * self.head_dim))
         keys = torch.cat([k_cache[:, :, :p], k], dim=2)  # [B, n_kv, P + G, hd]
         values = torch.cat([v_cache[:, :, :p], v], dim=2)
         return self.attend(q, keys, values, mask)

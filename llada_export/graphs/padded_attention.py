@@ -44,16 +44,32 @@ def supported(q: torch.Tensor) -> bool:
     return torch.cuda.get_device_capability(q.device) >= (8, 0)
 
 
-def attend_zero_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_pad: torch.Tensor) -> torch.Tensor:
-    """Bidirectional softmax attention of q [B, H, Lq, hd] over k, v [B, H, Lk, hd] whose masked slots hold
-    zeros, ``n_pad`` [B] of them per row: what ``scaled_dot_product_attention`` with the key mask returns,
-    computed by a kernel that takes no mask (module docstring). -> [B, H, Lq, hd] in q's dtype."""
+@torch.library.custom_op("llada::attention_lse", mutates_args=())
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unmasked softmax attention of q [B, H, Lq, hd] over k, v [B, H, Lk, hd] by the flash kernel, with its
+    log-sum-exp: (out [B, Lq, H, hd] contiguous, lse [B, H, Lq] fp32, natural log). An op of our own around
+    aten's flash op: that one also returns its random-number state as a uint64 tensor, which
+    ``torch.export``'s serializer cannot write, and its output's strides follow the inputs' (here fixed)."""
     if q.device.type == "cuda":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)[:2]
     else:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)
-    # out [B, H, Lq, hd]; lse [B, H, Lq] fp32, natural log
+    return out.transpose(1, 2).contiguous(), lse.float().contiguous()  # a copy only where out is not [B, Lq, H, hd]
+
+
+@attention_lse.register_fake
+def _(q, k, v):
+    b, h, lq, hd = q.shape
+    return q.new_empty(b, lq, h, v.shape[-1]), q.new_empty(b, h, lq, dtype=torch.float32)
+
+
+def attend_zero_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_pad: torch.Tensor) -> torch.Tensor:
+    """Bidirectional softmax attention of q [B, H, Lq, hd] over k, v [B, H, Lk, hd] whose masked slots hold
+    zeros, ``n_pad`` [B] of them per row: what ``scaled_dot_product_attention`` with the key mask returns,
+    computed by a kernel that takes no mask (module docstring). -> [B, Lq, H, hd] in q's dtype (the layout
+    o_proj reads)."""
+    out, lse = attention_lse(q, k, v)  # [B, Lq, H, hd], [B, H, Lq] fp32
     real_share = 1.0 - n_pad.to(lse.dtype)[:, None, None] * torch.exp(-lse)  # S / (S + n_pad), [B, H, Lq]
     # a row of padding only (a batch's idle row) has out = 0 and a share of 0: the floor keeps it 0, not NaN
     scale = 1.0 / real_share.clamp_min(torch.finfo(torch.float32).eps)
-    return (out.float() * scale[..., None]).to(q.dtype)
+    return (out.float() * scale.transpose(1, 2)[..., None]).to(q.dtype)  # [B, Lq, H, hd]
