@@ -34,6 +34,7 @@ FORBIDDEN = {
     "outdir": {"*"},
     "rules": {"*"},
     "quant": {"*"},  # the FP8 op: below the exporter and the engines, imports nothing of the package
+    "ops": {"*"},  # custom ops the programs call: below the graphs and the engines, imports nothing of the package
 }
 
 

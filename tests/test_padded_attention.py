@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from helpers import PROMPTS
 from llada_export.graphs.fused import fuse_projections
-from llada_export.graphs.padded_attention import attend_zero_padded, supported, zero_padding
+from llada_export.ops.padded_attention import attend_zero_padded, supported, zero_padding
 from llada_export.reference import embed_prompt
 from llada_export.tokenizer import special_tokens
 

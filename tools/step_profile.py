@@ -61,7 +61,7 @@ def attention_kernels(q, k, v, mask, repeat: int) -> list[dict]:
                 rows.append({"kernel": name, "key_mask": masked, "error": f"{type(e).__name__}: {str(e)[:160]}"})
     # the engines' cached step: flash attention over zeroed padding, rescaled by its log-sum-exp (eager: the
     # rescale's few pointwise kernels unfused, where the engine's compiler fuses them into one)
-    from llada_export.graphs.padded_attention import attend_zero_padded, supported, zero_padding
+    from llada_export.ops.padded_attention import attend_zero_padded, supported, zero_padding
 
     name = "flash, zeroed pads + rescale (the engines' cached step)"
     if supported(q):
@@ -156,7 +156,7 @@ def profile_step(model, lm, cfg, tok, prefix: int, rows: int = 1, gen: int = 128
     for name, fn, nbytes in once:
         ms = timed(fn, repeat) * 1e3
         out_pieces.append({"piece": name, "per_layer_ms": None, "layers": 1, "ms": ms, "weight_gb": nbytes / 1e9})
-    n_pad = (~key_mask).sum(-1)  # [B]: the step's attention without the mask (graphs.padded_attention)
+    n_pad = (~key_mask).sum(-1)  # [B]: the step's attention without the mask (ops.padded_attention)
     layer_ms = timed(lambda: layer.forward_cached(x, cos, sin, mask, kv[0, 0], kv[0, 1], fresh, write, n_pad),
                      repeat) * 1e3
     step_ms = timed(lambda: head(lm.cached(ids, pos, key_mask, kv, block_start, inplace=True), ids), repeat) * 1e3

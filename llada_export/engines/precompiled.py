@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ..device import is_out_of_memory
-from ..graphs import padded_attention  # noqa: F401 - registers llada::attention_lse, which the cached programs call
+from ..ops import padded_attention  # noqa: F401 - registers llada::attention_lse, which the cached programs call
 
 log = logging.getLogger("llada_export")
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..graphs import padded_attention  # noqa: F401 - registers llada::attention_lse, which the cached programs call
+from ..ops import padded_attention  # noqa: F401 - registers llada::attention_lse, which the cached programs call
 
 
 class CudaGraphCall:

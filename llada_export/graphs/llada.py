@@ -22,8 +22,8 @@ from torch import nn
 
 from ..config import TextConfig
 from ..sampler import fused_prediction
-from . import padded_attention
-from .padded_attention import attend_zero_padded, zero_padding
+from ..ops import padded_attention
+from ..ops.padded_attention import attend_zero_padded, zero_padding
 
 
 class RMSNorm(nn.Module):
@@ -133,7 +133,7 @@ class Attention(nn.Module):
 
         The written cache also keeps K = V = 0 in its masked response slots (the prefill zeroes the masked
         prefix slots), so that with ``n_pad`` [B] (masked keys per row) and a kernel for it the layer attends
-        without the mask (:mod:`.padded_attention`)."""
+        without the mask (:mod:`llada_export.ops.padded_attention`)."""
         q, k, v = self.qkv(x, cos, sin)  # [B, H, G, hd], [B, n_kv, G, hd] x2
         p = k_cache.shape[2] - x.shape[1]
         f = fresh[:, None, :, None]  # [B, 1, G, 1]
@@ -259,7 +259,7 @@ class LanguageModel(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """``forward`` that also returns every layer's K and V after RoPE over the whole sequence:
         (logits [B, G, V] fp32, kv [layers, 2, B, n_kv, P + G, hd] in the weights' dtype). The masked slots
-        of kv hold zeros (what the cached step's attention without a mask needs: :mod:`.padded_attention`)."""
+        of kv hold zeros (what the cached step's attention without a mask needs: :mod:`llada_export.ops.padded_attention`)."""
         g = response_ids.shape[1]
         x, cos, sin, mask = self._inputs(prefix_embeds, response_ids, position_ids, key_mask)
         kvs = []
@@ -284,7 +284,7 @@ class LanguageModel(nn.Module):
         Logits [B, G, V] fp32. ``inplace``: the fresh K/V are written into ``kv_cache``'s response
         slots in place (:func:`cache_writer`; :meth:`Attention.forward_cached` says why that reads
         the same values), and the layers attend without the key mask where a kernel for that exists
-        (:mod:`.padded_attention`: ``kv_cache`` must then come from :meth:`prefill`, zeros in its masked slots)."""
+        (:mod:`llada_export.ops.padded_attention`: ``kv_cache`` must then come from :meth:`prefill`, zeros in its masked slots)."""
         g = response_ids.shape[1]
         x = self.embed_tokens(response_ids)  # [B, G, D]
         cos, sin = self.rotary(position_ids)  # [B, G, hd]
