@@ -253,6 +253,24 @@ def test_normalize_crop_bit_identical_to_transformers():
         assert np.array_equal(ours, ref)
 
 
+def test_preprocess_normalises_as_the_processor_bit_for_bit():
+    """preprocess (crops cut by PIL, normalised by torch where the engines run) gives, bit for bit, the
+    numpy normalisation checked against transformers' processor steps above, crop by crop."""
+    from llada_export.graphs.anyres import _crops, resize_and_pad, select_best_resolution, split_tiles
+
+    cfg = tiny_config()
+    s = cfg.vision.image_size
+    for w, h in [(384, 384), (1024, 768), (333, 901)]:
+        img = Image.fromarray(noise_image(w, h, seed=w))
+        best = select_best_resolution(img.size, cfg.image_grid_pinpoints)
+        crops = [img.resize((s, s))] + split_tiles(resize_and_pad(img, best), s)
+        want = np.stack([normalize_crop(c, cfg) for c in crops])  # [N, 3, S, S]
+        got, size = preprocess(img, cfg)
+        assert size == (w, h) and got.dtype == torch.float32
+        assert np.array_equal(got.numpy(), want)
+        assert _crops(img, cfg)[0].dtype == np.uint8
+
+
 # ---------------------------------------------------------------------- loading
 def test_load_image_forms(tmp_path):
     arr = noise_image(20, 10)

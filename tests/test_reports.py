@@ -86,6 +86,13 @@ CASES = [  # (tool, its JSON, the report it renders, the command line that re-re
     ("bench_load.py", "bench_load_light.json", "bench_load_light.md", ["render", "--out", "{out}", "--name", "bench_load_light"]),
     ("bench_gpu.py", "bench_gpu_batch_1207_unpruned16.json", "bench_gpu_batch_1207_unpruned16.md",
      ["batch", "--replot", "--out", "{out}"]),
+    # H100 leases of 2026-12-07 15:18 and 15:53: the cached step attending without the mask
+    ("bench_gpu.py", "bench_gpu_step_1207.json", "bench_gpu_step_1207.md", ["step", "--replot", "--out", "{out}"]),
+    ("bench_gpu.py", "bench_gpu_engines_1207_flash.json", "bench_gpu_engines_1207_flash.md",
+     ["engines", "--replot", "--out", "{out}"]),
+    # this project's CPU machine: an image's preprocessing before and since the normalisation moved to the device
+    ("preprocess_probe.py", "preprocess_probe_cpu.json", "preprocess_probe_cpu.md",
+     ["--replot", "--out", "{out}/preprocess_probe_cpu"]),
 ]
 # issue 21's reports (tools/long_sweeps.py render), once a GPU run's summaries are committed
 CASES += [("long_sweeps.py", f"vqa2_{part}.json", f"vqa2_{part}.md", ["render", "--replot", "--out", "{out}"])

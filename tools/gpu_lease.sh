@@ -32,6 +32,8 @@
 #              Inductor caches: the warm load's stages in about 5 minutes (no cold load, no profile; ran 2026-12-07
 #              10:15: 20.5 s fastsafetensors first, 18.2 s load_file second, benchmarks/bench_load_quick.md)
 #   engines    bench_gpu engines pruned/native (bf16 pruned + cache, chartqa and demo)
+#   prep       tools/preprocess_probe.py on the GPU: an image's preprocessing with the normalisation on the CPU (before)
+#              and on the GPU (now), 1024x768, 384x384, 1920x1080; under a minute. Not yet run
 #   step       bench_gpu step: the cached step piece by piece at B = 1, its attention kernels (the engines' flash
 #              attention over zeroed padding among them, with its error against fp32), about 2 minutes
 #   batchmore  bench_gpu batch: pruned + cache at B = 1, 2, 4, 8, 16 (each size's engines, back to back)
@@ -90,6 +92,7 @@ print((sorted(glob.glob(d + '/nvidia/*/lib/libcudart.so.*')) + sorted(glob.glob(
       official) (cd /tmp && PYTHONPATH=/tmp/site timeout 300 python3 /tmp/lease/tools/official_gpu.py \
                    --official /tmp/official --presets chartqa,demo --repeat 1 --out $RES/official/official_gpu.json) ;;
       step) timeout 600 python3 tools/bench_gpu.py step --out $RES/step ;;  # the cached step piece by piece
+      prep) timeout 300 python3 tools/preprocess_probe.py --device cuda --out $RES/prep/preprocess_probe_gpu ;;
       engines|unpruned|fp8)
         local off=""; [ -f $RES/official/official_gpu.json ] && off="--official $RES/official/official_gpu.json"
         local groups=pruned/native; [ $s = fp8 ] && groups=pruned/fp8; [ $s = unpruned ] && groups=unpruned/native

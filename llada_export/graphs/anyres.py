@@ -176,8 +176,18 @@ def normalize_crop(crop: Image.Image, cfg: LLaDAVConfig) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))  # [3, S, S]
 
 
-def preprocess(image: ImageLike, cfg: LLaDAVConfig) -> tuple[torch.Tensor, SizeWH]:
-    """Image -> (pixel_values [1 + rows*cols, 3, S, S] float32, original (width, height))."""
+def preprocess(image: ImageLike, cfg: LLaDAVConfig, device: torch.device | str = "cpu"
+               ) -> tuple[torch.Tensor, SizeWH]:
+    """Image -> (pixel_values [1 + rows*cols, 3, S, S] float32 on ``device``, original (width, height)).
+    The crops are cut and resized by PIL on the CPU (:func:`_crops`); their normalisation runs on
+    ``device`` (:func:`normalize_crops`, the bits of :func:`normalize_crop`): a GPU receives uint8
+    pixels, a quarter of the float32 bytes, and the CPU skips the float arithmetic."""
+    crops, size = _crops(image, cfg)  # [N, S, S, 3] uint8
+    return normalize_crops(torch.from_numpy(crops).to(device), cfg), size
+
+
+def _crops(image: ImageLike, cfg: LLaDAVConfig) -> tuple[np.ndarray, SizeWH]:
+    """The base image and the grid crops, resized to S x S: ([1 + rows*cols, S, S, 3] uint8, (width, height))."""
     img = load_image(image)
     s = cfg.vision.image_size
     best_wh = select_best_resolution(img.size, cfg.image_grid_pinpoints)
@@ -185,8 +195,9 @@ def preprocess(image: ImageLike, cfg: LLaDAVConfig) -> tuple[torch.Tensor, SizeW
         raise ValueError(f"grid pinpoint {best_wh} is not a multiple of the crop size {s}")
     base = img.resize((s, s))  # PIL default resample, as the official code
     crops = [base] + split_tiles(resize_and_pad(img, best_wh), s)
-    pixels = np.stack([normalize_crop(c, cfg) for c in crops])  # [1 + rows*cols, 3, S, S]
-    return torch.from_numpy(pixels), img.size
+    out = [np.asarray(c if c.size == (s, s) else c.resize((s, s), resample=Image.Resampling.BICUBIC))
+           for c in crops]  # as normalize_crop resizes (load_image made the image RGB)
+    return np.stack(out), img.size
 
 
 # ---------------------------------------------------------------------- features
@@ -269,13 +280,8 @@ def max_visual_token_count(cfg: LLaDAVConfig) -> int:
 # ---------------------------------------------------------------------- batched (training)
 def crops_uint8(image: ImageLike, cfg: LLaDAVConfig) -> np.ndarray:
     """The anyres crops of :func:`preprocess` before normalisation: [N, S, S, 3] uint8.
-    ``normalize_crops(crops_uint8(img))`` equals ``preprocess(img)[0]`` bit for bit."""
-    s = cfg.vision.image_size
-    img = load_image(image)
-    best = select_best_resolution(img.size, cfg.image_grid_pinpoints)
-    crops = [img.resize((s, s))] + split_tiles(resize_and_pad(img, best), s)
-    out = [np.asarray(c if c.size == (s, s) else c.resize((s, s), resample=Image.Resampling.BICUBIC)) for c in crops]
-    return np.stack(out)  # [N, S, S, 3]
+    ``normalize_crops(crops_uint8(img))`` is ``preprocess(img)[0]``."""
+    return _crops(image, cfg)[0]
 
 
 def normalize_crops(crops: torch.Tensor, cfg: LLaDAVConfig) -> torch.Tensor:

@@ -343,7 +343,8 @@ class Pipeline:
         already made."""
         t0 = time.perf_counter()
         dev = torch.device(self.device)
-        pixels, size = pixels if pixels is not None else preprocess(image, self.config)  # [N, 3, S, S]
+        # [N, 3, S, S]: uint8 crops from PIL, normalised on the engines' device
+        pixels, size = pixels if pixels is not None else preprocess(image, self.config, dev)
         pixels = pixels.to(dev)
         n, nb = pixels.shape[0], self.bucket.vision_batch
         feats = []
