@@ -58,6 +58,17 @@ def test_no_padding_and_a_row_of_padding_only():
     assert torch.isfinite(got).all()
 
 
+def test_rows_whose_every_score_is_far_below_zero():
+    """No pad and every score about -200 (exp(-lse) overflows fp32): the kernel's answer, finite; with pads
+    the pads' exp(0) swamps such a row (the limit the module docstring states): finite, not NaN."""
+    q, k, v, mask = _case(shift=-12.0)
+    n_pad = (~mask).sum(-1)
+    mask[0], n_pad[0] = True, 0
+    got = attend_zero_padded(q, zero_padding(k, mask), zero_padding(v, mask), n_pad).transpose(1, 2)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got[0], F.scaled_dot_product_attention(q, k, v)[0], rtol=2e-5, atol=2e-5)
+
+
 def test_kernel_support():
     assert supported(torch.zeros(1, 1, 1, 8))  # the CPU's flash kernel takes any float dtype
     assert not supported(torch.zeros(1, 1, 1, 8, device="meta"))
