@@ -110,6 +110,9 @@ def test_the_programs_hold_fused_weights_and_the_torch_cached_step_writes_its_ca
         assert writes[0].args[0].name == "kv_cache" and all(b.args[0] is a for a, b in zip(writes, writes[1:]))
         assert not any(n.target == torch.ops.aten.cat.default and n.args[0][0].name.startswith("select")
                        for n in ep.graph.nodes), graph  # no concatenation of the cache
+        # the default cached attention: flash over the zeroed padding, one llada::attention_lse per layer
+        assert sum(n.target == torch.ops.llada.attention_lse.default for n in ep.graph.nodes) == 4, graph
+    assert m.export["cached_attention"] == "flash"
 
 
 CASES = [("onnxruntime", True, False), ("onnxruntime", True, True), ("inductor", False, False),

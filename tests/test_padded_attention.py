@@ -100,3 +100,45 @@ def test_in_place_cached_step_on_a_padded_bucket_equals_the_masked_one(tiny, ima
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert torch.equal(buf[..., p + 12:, :], torch.zeros_like(buf[..., p + 12:, :]))
     assert not torch.equal(buf[..., p + 8: p + 12, :], kv[..., p + 8: p + 12, :])  # the fresh slots were written
+
+
+# ---------------------------------------------------------------------- the export's choice
+def _attention_ops(program) -> int:
+    import torch as t
+
+    ep = t.export.load(str(program))
+    return sum(n.target == t.ops.llada.attention_lse.default for n in ep.graph.nodes)
+
+
+def test_export_chooses_the_cached_attention_and_records_it(tiny_ckpt, tiny, images, tmp_path):
+    """``cached_attention="masked"``: the in-place cached program holds the masked kernel (no llada::attention_lse),
+    the manifest says so, and the engines answer as the eager cached reference (the default, flash, is checked on
+    test_fused_cache's engines: one attention_lse per layer)."""
+    from helpers import export
+    from llada_export.contract.manifest import Manifest
+    from llada_export.contract.pruning import PruneSettings
+    from llada_export.reference import reference_generate
+    from llada_export.runtime.pipeline import Pipeline
+
+    out = export(tiny_ckpt, tmp_path / "e", cache=True, gen_length=16, backends=("inductor",),
+                 compiled_weights="checkpoint", compile_cache=False, cached_attention="masked")
+    assert Manifest.read(out).export["cached_attention"] == "masked"
+    assert _attention_ops(out / "programs" / "cached.pt2") == 0
+    model, tok, _ = tiny
+    pipe = Pipeline.load(out, runner_options={"compile": False})
+    kw = dict(gen_length=16, block_length=8, steps=16, cache=True, refresh=3)
+    want = reference_generate(model, tok, images["380x250"], PROMPTS["long"], pipe.generation_config(**kw),
+                              PruneSettings(2, 0.5))
+    assert pipe.generate(images["380x250"], PROMPTS["long"], **kw).ids == want.ids
+
+
+@pytest.mark.parametrize("extra, msg", [([], "add --cache"), (["--cache", "--backend", "onnxruntime"], "add --cache")])
+def test_cached_attention_without_a_torch_cached_step_is_refused(tiny_ckpt, tmp_path, capsys, extra, msg):
+    from llada_export.cli.export import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tiny_ckpt), "-o", str(tmp_path / "e"), "-q", "--cached-attention", "masked", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "--cached-attention applies to the cached step of the torch backends" in err[-1]
+    assert msg in err[-1]
+    assert not (tmp_path / "e").exists()

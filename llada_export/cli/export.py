@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = p.add_argument_group("decoding")
     c.add_argument("--cache", action="store_true",
                    help="also build the prefix-KV-cache graphs (prefill + cached step; Fast-dLLM-style decoding)")
+    c.add_argument("--cached-attention", choices=("flash", "masked"), default=None,
+                   help="the torch backends' cached step: flash attention over the cache's zeroed padding, rescaled "
+                   "by its log-sum-exp (flash, the default: the fastest on a GPU), or the masked kernel the eager "
+                   "reference and ONNX use (masked: for a model whose queries score every real key far below 0, "
+                   "where flash's rescale loses accuracy); needs --cache and a torch backend (inductor, aoti)")
     c.add_argument("--fuse-sampler", action="store_true",
                    help="put the greedy sampler step (argmax + its probability) inside the graphs, so a step returns "
                    "[B, G] tensors, not [B, G, vocab] logits; such engines serve temperature 0 only (default: off)")
@@ -148,6 +153,9 @@ def check_flags(p: argparse.ArgumentParser, args: argparse.Namespace, backends: 
         p.error("--device-memory applies to --batch-sizes auto only")
     if args.weights != "fp8" and (args.fp8_activations is not None or args.fp8_skip is not None):
         p.error("--fp8-activations and --fp8-skip apply to --weights fp8 only")
+    if args.cached_attention is not None and not (args.cache and {"inductor", "aoti"} & set(backends)):
+        p.error("--cached-attention applies to the cached step of the torch backends: add --cache and --backend "
+                "inductor, aoti or all")
     for name in ("precompile", "compile-cache"):  # inductor-only switches
         value = getattr(args, name.replace("-", "_"))
         if value is not None and "inductor" not in backends:
@@ -170,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = ExportOptions(
             model=args.model, output=args.output, prune=prune, baseline=args.baseline, cache=args.cache,
             backends=backends, fuse_sampler=args.fuse_sampler, dtype=args.dtype, device=args.device,
+            cached_attention=args.cached_attention or "flash",
             gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
             max_prompt_tokens=args.max_prompt_tokens, image_size=args.image_size,
             max_visual_tokens=args.max_visual_tokens, batch_sizes=() if args.batch_sizes == AUTO else args.batch_sizes or (args.batch_size or 1,),

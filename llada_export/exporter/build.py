@@ -63,6 +63,9 @@ class ExportOptions:
     baseline: bool = False  # also build the unpruned graphs beside the pruned ones
     cache: bool = False  # also build the prefix-KV-cache graphs (prefill + cached step)
     fuse_sampler: bool = False  # graphs output (x0, confidence) instead of logits
+    # the torch backends' cached step: "flash" attends over the zeroed padding without a mask (ops/padded_attention),
+    # "masked" with the key mask, as the eager reference and the ONNX graphs
+    cached_attention: str = "flash"
     # aoti / inductor artifacts: "package" keeps the weights inside each .pt2, "checkpoint" maps them to
     # checkpoint keys and the runtime loads them once for all graphs, "shared" does the same from one
     # weights.safetensors written into the directory; "auto": checkpoint above external_weights_above
@@ -145,6 +148,8 @@ class ExportOptions:
         self.generation().validate()
         if self.prune is not None:
             self.prune.validate()
+        if self.cached_attention not in ("flash", "masked"):
+            raise ExportError(f"cached_attention must be flash or masked, got {self.cached_attention!r}")
         if self.compiled_weights not in COMPILED_WEIGHTS:
             raise ExportError(f"compiled_weights must be one of {', '.join(COMPILED_WEIGHTS)}, "
                               f"got {self.compiled_weights!r}")
@@ -481,6 +486,8 @@ def _build(opts: ExportOptions, root: Path, loaded: tuple | None) -> Manifest:
         notes=wctx.notes, batch_sizes=list(opts.sizes), weights_file=weights_file,
         quantization=fp8.to_dict() if fp8 is not None else None,
         export={"seconds": round(time.perf_counter() - t0, 2), LIGHT_TOKENIZER: light,
+                **({"cached_attention": opts.cached_attention}
+                   if opts.cache and {"inductor", "aoti"} & set(opts.backends) else {}),
                 "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
                 "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None})
 
@@ -495,7 +502,7 @@ def size_context(prev: BuildContext | None, model, bucket: Bucket, cfg: LLaDAVCo
     dims = Dims.of(bucket, cfg, opts.dtype)
     if prev is None:
         return BuildContext(model, bucket, dims, tokens, opts.prune, opts.fuse_sampler, device,
-                            share_storage=share_storage)
+                            share_storage=share_storage, unmasked_cache=opts.cached_attention == "flash")
     memo = {f.name: f.default_factory() for f in fields(prev) if f.default_factory is not MISSING}
     return replace(prev, bucket=bucket, dims=dims, **memo)
 

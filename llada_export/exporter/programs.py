@@ -44,6 +44,7 @@ class BuildContext:
     # the model is the build's own: its q/k/v and gate/up weights become views of the fused ones (one copy in
     # memory). Off for a caller's model (export_engines(loaded=...)), whose tensors the caller may hold apart
     share_storage: bool = False
+    unmasked_cache: bool = True  # the in-place cached step attends without the mask (ops/padded_attention)
     _traced: dict[str, torch.export.ExportedProgram] = field(default_factory=dict)
     _language: LanguageModel | None = None
     # other programs of a graph, by variant (INPLACE: the cached step writing into its kv_cache input)
@@ -142,7 +143,8 @@ INPLACE = "inplace"  # the variant of a cached-step program that the torch backe
 def _cached(ctx: BuildContext, graph: str) -> torch.export.ExportedProgram:
     """The functional program (returned) and the in-place one (``ctx.variants[INPLACE][graph]``)."""
     with torch.no_grad():
-        inplace = torch.export.export(CachedGraph(ctx.language, ctx.head(), inplace=True), ctx.examples(graph))
+        inplace = torch.export.export(CachedGraph(ctx.language, ctx.head(), inplace=True, unmasked=ctx.unmasked_cache),
+                                      ctx.examples(graph))
         ctx.variants.setdefault(INPLACE, {})[graph] = inplace
         return torch.export.export(CachedGraph(ctx.language, ctx.head()), ctx.examples(graph))
 

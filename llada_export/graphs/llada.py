@@ -278,19 +278,21 @@ class LanguageModel(nn.Module):
         kv_cache: torch.Tensor,  # [layers, 2, B, n_kv, P + G, hd] from the last refresh (prefill)
         block_start: torch.Tensor,  # [B] int64: response slots < block_start take their K/V from the cache
         inplace: bool = False,
+        unmasked: bool = True,
     ) -> torch.Tensor:
         """A cached step: only the G response rows go through the layers; each layer attends over
         [cached prefix K/V ; cached K/V of earlier blocks ; fresh K/V of the current block and after].
         Logits [B, G, V] fp32. ``inplace``: the fresh K/V are written into ``kv_cache``'s response
         slots in place (:func:`cache_writer`; :meth:`Attention.forward_cached` says why that reads
-        the same values), and the layers attend without the key mask where a kernel for that exists
-        (:mod:`llada_export.ops.padded_attention`: ``kv_cache`` must then come from :meth:`prefill`, zeros in its masked slots)."""
+        the same values), and with ``unmasked`` the layers attend without the key mask where a kernel for that
+        exists (:mod:`llada_export.ops.padded_attention`: ``kv_cache`` must then come from :meth:`prefill`, zeros in
+        its masked slots)."""
         g = response_ids.shape[1]
         x = self.embed_tokens(response_ids)  # [B, G, D]
         cos, sin = self.rotary(position_ids)  # [B, G, hd]
         fresh = torch.arange(g, device=response_ids.device)[None, :] >= block_start[:, None]  # [B, G]
         mask = attention_mask(key_mask)  # [B, 1, 1, P + G]
-        n_pad = (~key_mask.bool()).sum(-1) if inplace else None  # [B] masked keys per row
+        n_pad = (~key_mask.bool()).sum(-1) if inplace and unmasked else None  # [B] masked keys per row
         for i, layer in enumerate(self.layers):
             write = cache_writer(kv_cache, i, g) if inplace else None
             x = layer.forward_cached(x, cos, sin, mask, kv_cache[i, 0], kv_cache[i, 1], fresh, write, n_pad)
@@ -339,10 +341,11 @@ class CachedGraph(DenoiserGraph):
     """The cached step (see :meth:`LanguageModel.cached`). ``inplace``: the graph writes the fresh
     K/V into its ``kv_cache`` input (torch backends); else it leaves it untouched (ONNX)."""
 
-    def __init__(self, lm: LanguageModel, head: Head, inplace: bool = False):
+    def __init__(self, lm: LanguageModel, head: Head, inplace: bool = False, unmasked: bool = True):
         super().__init__(lm, head)
-        self.inplace = inplace
+        self.inplace, self.unmasked = inplace, unmasked
 
     def forward(self, response_ids, position_ids, key_mask, kv_cache, block_start):
-        logits = self.lm.cached(response_ids, position_ids, key_mask, kv_cache, block_start, self.inplace)
+        logits = self.lm.cached(response_ids, position_ids, key_mask, kv_cache, block_start, self.inplace,
+                                self.unmasked)
         return self.out(logits, response_ids)
