@@ -102,6 +102,9 @@ def main(argv=None) -> int:
     p.add_argument("--weights", default="native",
                    help=f"engines: weights variants measured one after another ({', '.join(WEIGHTS)}; fp8 = fp8-row; "
                         "default: native)")
+    p.add_argument("--cached-attention", choices=("flash", "masked"), default="flash",
+                   help="the engines' cached step: flash attention over the zeroed padding (default) or the masked "
+                        "kernel (llada-export --cached-attention), for a before/after on one machine")
     p.add_argument("--groups", default=None, metavar="GROUP,...",
                    help="engines: measure only these groups (pruned/native, pruned/fp8, unpruned/native, ...), "
                         "e.g. the ones a --resume'd report lacks (default: every path group x --weights)")
@@ -154,7 +157,8 @@ def main(argv=None) -> int:
 
     def save(res: dict) -> None:  # also called part-way, so a run cut short keeps what it measured
         res["env"] = env
-        res["model"] = {"preset": args.preset, "dtype": "bfloat16" if DEVICE == "cuda" else "float32"}
+        res["model"] = {"preset": args.preset, "dtype": "bfloat16" if DEVICE == "cuda" else "float32",
+                        "cached_attention": args.cached_attention}
         (out / f"bench_gpu_{args.part}.json").write_text(json.dumps(res, indent=2) + "\n")
 
     if args.replot:  # re-render the Markdown and the plot of an earlier run

@@ -38,6 +38,7 @@ def export_opts(args, out: Path, pruned: bool, cache: bool, batch_size: int = 1,
                          dtype="bfloat16" if DEVICE == "cuda" else "float32", device=DEVICE,
                          gen_length=args.gen_length, max_prompt_tokens=args.max_prompt_tokens, image_size=(w, h),
                          batch_size=batch_size, compile_cache=compile_cache, overwrite=True, progress=False,
+                         cached_attention=getattr(args, "cached_attention", "flash"),
                          precompile=None if args.compile else False)  # --no-compile: nothing compiled at export
 
 

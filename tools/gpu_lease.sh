@@ -32,6 +32,8 @@
 #              Inductor caches: the warm load's stages in about 5 minutes (no cold load, no profile; ran 2026-12-07
 #              10:15: 20.5 s fastsafetensors first, 18.2 s load_file second, benchmarks/bench_load_quick.md)
 #   engines    bench_gpu engines pruned/native (bf16 pruned + cache, chartqa and demo)
+#   enginesmasked  the engines step with --cached-attention masked (the kernel before 2026-12-07 15:53), to run
+#              beside `engines` in one lease for a same-machine before / after (about 4 minutes)
 #   prep       tools/preprocess_probe.py on the GPU: an image's preprocessing with the normalisation on the CPU (before)
 #              and on the GPU (now), 1024x768, 384x384, 1920x1080; under a minute. Not yet run
 #   step       bench_gpu step: the cached step piece by piece at B = 1, its attention kernels (the engines' flash
@@ -92,6 +94,9 @@ print((sorted(glob.glob(d + '/nvidia/*/lib/libcudart.so.*')) + sorted(glob.glob(
       official) (cd /tmp && PYTHONPATH=/tmp/site timeout 300 python3 /tmp/lease/tools/official_gpu.py \
                    --official /tmp/official --presets chartqa,demo --repeat 1 --out $RES/official/official_gpu.json) ;;
       step) timeout 600 python3 tools/bench_gpu.py step --out $RES/step ;;  # the cached step piece by piece
+      enginesmasked)  # the engines step with the masked cached attention: before / after on one machine
+        local offm=""; [ -f $RES/official/official_gpu.json ] && offm="--official $RES/official/official_gpu.json"
+        timeout 1200 python3 $eng $offm --groups pruned/native --cached-attention masked --out $RES/$s ;;
       prep) timeout 300 python3 tools/preprocess_probe.py --device cuda --out $RES/prep/preprocess_probe_gpu ;;
       engines|unpruned|fp8)
         local off=""; [ -f $RES/official/official_gpu.json ] && off="--official $RES/official/official_gpu.json"
