@@ -141,7 +141,8 @@ def wait_for(what: str, check, timeout_s: float = 60) -> None:
 # and the row is then answered, not cancelled (seen once in a full run). The cancellation tests try again then,
 # after waiting up to 15 s for a batch that stopped early (one ends within seconds of the hang-up; a full one is
 # logged after about 2 s: a longer wait only delays the next attempt, as 30 s did in a full run of 2026-12-07).
-ATTEMPTS = 3
+# Three attempts were all late once more in a full run of 2026-12-07 (15:00): five now.
+ATTEMPTS = 5
 
 
 def seen(check, timeout_s: float) -> bool:
