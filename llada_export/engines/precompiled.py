@@ -30,7 +30,6 @@ from typing import Any
 import torch
 
 from ..device import is_out_of_memory
-from ..ops import padded_attention  # noqa: F401 - registers llada::attention_lse, which the cached programs call
 
 log = logging.getLogger("llada_export")
 

@@ -7,7 +7,9 @@ from typing import Any
 
 import torch
 
-from ..ops import padded_attention  # noqa: F401 - registers llada::attention_lse, which the cached programs call
+# registers llada::attention_lse, which the cached programs call: both backends' runners import this module before
+# they load a program, an AOTI package or precompiled kernels
+from ..ops import padded_attention  # noqa: F401
 
 
 class CudaGraphCall:

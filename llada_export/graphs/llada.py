@@ -262,11 +262,11 @@ class LanguageModel(nn.Module):
         of kv hold zeros (what the cached step's attention without a mask needs: :mod:`llada_export.ops.padded_attention`)."""
         g = response_ids.shape[1]
         x, cos, sin, mask = self._inputs(prefix_embeds, response_ids, position_ids, key_mask)
-        kvs = []
+        kvs, real = [], None if key_mask is None else key_mask.bool()  # real: [B, L]
         for layer in self.layers:
             x, k, v = layer.forward_kv(x, cos, sin, mask)
-            if key_mask is not None:
-                k, v = zero_padding(k, key_mask.bool()), zero_padding(v, key_mask.bool())
+            if real is not None:
+                k, v = zero_padding(k, real), zero_padding(v, real)
             kvs.append(torch.stack([k, v]))  # [2, B, n_kv, L, hd]
         return self.head(x[:, -g:]), torch.stack(kvs)
 
