@@ -34,6 +34,11 @@
 #   engines    bench_gpu engines pruned/native (bf16 pruned + cache, chartqa and demo)
 #   enginesmasked  the engines step with --cached-attention masked (the kernel before 2026-12-07 15:53), to run
 #              beside `engines` in one lease for a same-machine before / after (about 4 minutes)
+#   enginesall bench_gpu engines, several groups in one process and one report: bf16 pruned + cache, FP8 with
+#              per-tensor activation scales pruned + cache, bf16 unpruned + cache (ENGINES_GROUPS, ENGINES_WEIGHTS
+#              replace them); chartqa and demo; about 14 minutes
+#   fp8probe   tools/fp8_gemm_probe.py: the FP8 GEMMs of one decoder layer at the cached step's rows, every kernel
+#              form against bf16 and the weight-read floor; about 2 minutes
 #   prep       tools/preprocess_probe.py on the GPU: an image's preprocessing with the normalisation on the CPU (before)
 #              and on the GPU (now), 1024x768, 384x384, 1920x1080; under a minute. Not yet run
 #   step       bench_gpu step: the cached step piece by piece at B = 1, its attention kernels (the engines' flash
@@ -97,6 +102,13 @@ print((sorted(glob.glob(d + '/nvidia/*/lib/libcudart.so.*')) + sorted(glob.glob(
       enginesmasked)  # the engines step with the masked cached attention: before / after on one machine
         local offm=""; [ -f $RES/official/official_gpu.json ] && offm="--official $RES/official/official_gpu.json"
         timeout 1200 python3 $eng $offm --groups pruned/native --cached-attention masked --out $RES/$s ;;
+      enginesall)  # several groups in one process and one report (default: bf16 pruned and unpruned + cache and
+        # FP8 per-tensor pruned + cache; ENGINES_GROUPS / ENGINES_WEIGHTS replace them), about 14 minutes
+        local offa=""; [ -f $RES/official/official_gpu.json ] && offa="--official $RES/official/official_gpu.json"
+        timeout 1500 python3 ${eng/native,fp8/${ENGINES_WEIGHTS:-native,fp8-tensor}} $offa \
+            --groups ${ENGINES_GROUPS:-pruned/native,pruned/fp8-tensor,unpruned/native} --out $RES/$s ;;
+      fp8probe)  # the FP8 GEMMs at the cached step's rows (tools/fp8_gemm_probe.py; a poll may copy a newer one in)
+        timeout 400 python3 tools/fp8_gemm_probe.py --out $RES/fp8probe/fp8_gemm_probe ;;
       prep) timeout 300 python3 tools/preprocess_probe.py --device cuda --out $RES/prep/preprocess_probe_gpu ;;
       engines|unpruned|fp8)
         local off=""; [ -f $RES/official/official_gpu.json ] && off="--official $RES/official/official_gpu.json"
@@ -228,6 +240,6 @@ case ${1:-} in
     end=$(( $(date +%s) + ${2:?seconds} ))
     while [ "$(date +%s)" -lt $end ] && ! grep -qx done $RES/STEP 2>/dev/null; do sleep 5; done
     (cd $RES && tar czf "$OUT/res.tgz" --exclude='*.partial*' .) && cp $RES/log "$OUT/log.txt"
-    echo "STEP: $(cat $RES/STEP)"; grep -E '^===|Error|Traceback|^multi|"batch_size"' $RES/log | cut -c1-300 | tail -30 ;;
+    echo "STEP: $(cat $RES/STEP)"; grep -E '^===|Error|Traceback|^multi|"batch_size"|^(un)?pruned\/|"preset"' $RES/log | cut -c1-300 | tail -30 ;;
   *) sed -n 2,25p "$0"; exit 2 ;;
 esac
