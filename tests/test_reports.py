@@ -93,6 +93,14 @@ CASES = [  # (tool, its JSON, the report it renders, the command line that re-re
     # this project's CPU machine: an image's preprocessing before and since the normalisation moved to the device
     ("preprocess_probe.py", "preprocess_probe_cpu.json", "preprocess_probe_cpu.md",
      ["--replot", "--out", "{out}/preprocess_probe_cpu"]),
+    # H100 lease of 2026-12-07 17:33 (another host): bf16 pruned / unpruned + cache and FP8 per-tensor in one report,
+    # pruned + cache at B = 8, the cached step's pieces at B = 8, the preprocessing on the GPU
+    ("bench_gpu.py", "bench_gpu_engines_1207_all.json", "bench_gpu_engines_1207_all.md",
+     ["engines", "--replot", "--out", "{out}"]),
+    ("bench_gpu.py", "bench_gpu_batch_1207_b8.json", "bench_gpu_batch_1207_b8.md", ["batch", "--replot", "--out", "{out}"]),
+    ("bench_gpu.py", "bench_gpu_step_b8_1207.json", "bench_gpu_step_b8_1207.md", ["step", "--replot", "--out", "{out}"]),
+    ("preprocess_probe.py", "preprocess_probe_gpu.json", "preprocess_probe_gpu.md",
+     ["--replot", "--out", "{out}/preprocess_probe_gpu"]),
 ]
 # issue 21's reports (tools/long_sweeps.py render), once a GPU run's summaries are committed
 CASES += [("long_sweeps.py", f"vqa2_{part}.json", f"vqa2_{part}.md", ["render", "--replot", "--out", "{out}"])
