@@ -83,11 +83,9 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def activation_scale(x2: torch.Tensor, per_row: bool) -> torch.Tensor:
-    """[M, K] -> fp32 scales: [M, 1] per row, or [1, 1] per tensor (the largest row's: the same value as
-    the whole tensor's amax, in a form whose per-row reduction Inductor can fuse with the producer)."""
-    amax = x2.float().abs().amax(dim=1, keepdim=True)  # [M, 1]
-    if not per_row:
-        amax = amax.amax(dim=0, keepdim=True)  # [1, 1]
+    """[M, K] -> fp32 [M, 1] scales (per row, or the tensor's one scale repeated)."""
+    a = x2.float().abs()
+    amax = a.amax(dim=1, keepdim=True) if per_row else a.amax().reshape(1, 1).expand(x2.shape[0], 1).contiguous()  # [M, 1]: _scaled_mm's row-wise form
     return amax.clamp(min=MIN_AMAX) / E4M3_MAX
 
 
@@ -120,17 +118,10 @@ def _linear(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, bias: torc
             per_row: bool) -> torch.Tensor:
     k, n = x.shape[-1], w8.shape[0]
     x2 = x.reshape(-1, k)  # [M, K]
-    s = activation_scale(x2, per_row)  # [M, 1] or [1, 1]
+    s = activation_scale(x2, per_row)  # [M, 1]
     x8 = (x2.float() / s).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)  # [M, K]
-    if uses_scaled_mm(x.device, x.dtype, k, n) and per_row:  # cuBLAS's row-wise FP8 GEMM: both scales inside
+    if uses_scaled_mm(x.device, x.dtype, k, n):
         y = torch._scaled_mm(x8, w8.t(), scale_a=s, scale_b=w_scale.reshape(1, n), out_dtype=x.dtype)  # [M, N]
-    elif uses_scaled_mm(x.device, x.dtype, k, n):
-        # the tensor-wise FP8 GEMM takes one scale per operand (faster than the row-wise one at 128 and at
-        # 1024 rows on an H100: benchmarks/fp8_gemm_probe.md): the weights' per-channel scales multiply its
-        # output, a pointwise epilogue Inductor fuses with the consumer
-        one = torch.ones((1, 1), dtype=torch.float32, device=x.device)
-        y = torch._scaled_mm(x8, w8.t(), scale_a=s, scale_b=one, out_dtype=x.dtype)  # [M, N]
-        y = (y.float() * w_scale[None, :]).to(x.dtype)  # [M, N]
     else:
         y = (x8.to(x.dtype) * s.to(x.dtype)) @ (w8.to(x.dtype) * w_scale.to(x.dtype)[:, None]).t()  # [M, N]
     if bias is not None:
@@ -144,7 +135,7 @@ _LIB.impl("linear", _linear, "CompositeImplicitAutograd")
 def emulated_linear(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, per_row: bool) -> torch.Tensor:
     """The FP8 product computed in fp64 from the same e4m3 values (a test's reference)."""
     x2 = x.reshape(-1, x.shape[-1]).double()  # [M, K]
-    s = activation_scale(x2, per_row).double()  # [M, 1] or [1, 1]
+    s = activation_scale(x2, per_row).double()  # [M, 1]
     x8 = (x2 / s).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).double() * s
     return (x8 @ (w8.double() * w_scale.double()[:, None]).t()).reshape(*x.shape[:-1], -1)
 
