@@ -3,11 +3,12 @@ layers and the LM head once, measured on this device.
 
 A cached step at batch 1 computes ~128 rows against every weight, so it cannot be faster than
 reading them: this is the floor the cached step is compared with (``tools/bench_gpu.py engines``
-reports cached / floor). The read is timed two ways, the faster taken: one ``sum`` per weight into
-an fp32 scalar, and one GEMV per weight (its bytes as a bf16 matrix: cuBLAS streams a matrix at close
-to the memory bandwidth; the sum alone read 2.30 TB/s on an H100 where a probe reached 3.04), each
-way all weights replayed from one CUDA graph and timed with CUDA events (median); on a CPU the
-kernels run eagerly (a smoke run).
+reports cached / floor). The read is timed three ways, the fastest taken: one ``sum`` per weight into
+an fp32 scalar, one GEMV per weight (its bytes as a bf16 matrix: cuBLAS streams a matrix at close
+to the memory bandwidth; the sum alone read 2.30 TB/s on an H100 where a probe reached 3.04), and one
+GEMM of 16 rows per weight (added on 2026-12-07 when the engines' own GEMMs at 128 rows read faster
+than the first two: reports before then used those two), each way all weights replayed from one CUDA
+graph and timed with CUDA events (median); on a CPU the kernels run eagerly (a smoke run).
 
     python tools/weight_floor.py --preset full        # random full-size bf16 weights on the GPU
 """
@@ -21,6 +22,11 @@ import torch
 from torch import nn
 
 from llada_export.timing import median_seconds
+
+
+GEMM_ROWS = 16  # the third read: a GEMM this many rows tall is bound by reading its weight, and cuBLAS's small-M
+# kernels stream a weight faster than its GEMV or a sum did (an H100 on 2026-12-07: the bf16 GEMMs at 128 rows
+# read 2.63 TB/s, benchmarks/fp8_gemm_probe.md, where GEMV / sum gave the floor 2.45-2.53 TB/s)
 
 
 def linear_weights(model) -> list[torch.Tensor]:
@@ -60,9 +66,10 @@ def _timed(read, cuda: bool, repeat: int) -> float:
 
 
 def weight_read_floor(tensors: list[torch.Tensor], repeat: int = 20) -> dict:
-    """Read ``tensors`` once, two ways, each all tensors in one CUDA graph (CUDA events, median): one
-    ``sum`` per tensor into an fp32 scalar, and one GEMV per tensor (its bytes as a bf16 matrix times a
-    vector: cuBLAS streams a matrix at close to the memory bandwidth). The faster is the floor:
+    """Read ``tensors`` once, three ways, each all tensors in one CUDA graph (CUDA events, median): one
+    ``sum`` per tensor into an fp32 scalar, one GEMV per tensor (its bytes as a bf16 matrix times a
+    vector: cuBLAS streams a matrix at close to the memory bandwidth) and one GEMM of ``GEMM_ROWS`` rows
+    per tensor (the same matrix, 16 rows of ones). The fastest is the floor:
     {"gb", "ms", "tb_per_s", "tensors", "method", "methods_ms"}."""
     cuda = tensors[0].is_cuda
     out = torch.empty(len(tensors), dtype=torch.float32, device=tensors[0].device)
@@ -82,6 +89,14 @@ def weight_read_floor(tensors: list[torch.Tensor], repeat: int = 20) -> dict:
                 torch.mv(m, vecs[m.shape[1]], out=o)  # reads m once
 
         methods["GEMV per tensor"] = read_gemv
+        rows = {k: torch.ones(GEMM_ROWS, k, dtype=mats[0].dtype, device=mats[0].device) for k in vecs}  # [16, K]
+        gouts = [torch.empty(GEMM_ROWS, m.shape[0], dtype=m.dtype, device=m.device) for m in mats]  # [16, N] each
+
+        def read_gemm() -> None:
+            for m, o in zip(mats, gouts):
+                torch.mm(rows[m.shape[1]], m.t(), out=o)  # reads m once: cuBLAS's small-M GEMMs stream it
+
+        methods[f"GEMM of {GEMM_ROWS} rows per tensor"] = read_gemm
     times = {name: _timed(fn, cuda, repeat) for name, fn in methods.items()}
     best = min(times, key=times.get)
     seconds = times[best]
