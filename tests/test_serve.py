@@ -81,6 +81,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+ALLOWED_ORIGIN = "http://app.example:3000"  # the one origin whose pages the server's --allowed-origins lets call it
+
+
 # ---------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def serve_engines(demo_cache_engines):
@@ -99,7 +102,8 @@ def server(serve_engines):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": tmp}
     cmd = [sys.executable, "-m", "llada_export.cli.serve", "--engines", str(serve_engines), "--replicas", "2",
            "--port", str(port), "--threads", "1", "--batch-wait-ms", "100",
-           "--cpus-per-replica", "0.5", "--model-name", "demo", "--metrics-port", str(metrics_port)]
+           "--cpus-per-replica", "0.5", "--model-name", "demo", "--metrics-port", str(metrics_port),
+           "--allowed-origins", ALLOWED_ORIGIN]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     ready = threading.Event()
     lines: list[str] = []
@@ -254,6 +258,54 @@ def test_models_and_health(server):
     m = c.models()["data"][0]
     assert m["id"] == "demo" and m["llada"]["batch_size"] == 4 and m["llada"]["prefix_cache"] is True
     assert m["llada"]["max_tokens"] == 16 and m["llada"]["backend"] == "onnxruntime"
+
+
+def http_call(url: str, method: str, headers: dict, data: bytes | None = None) -> tuple[int, dict, bytes]:
+    """(status, headers with lower-case names, body) of one plain HTTP call, errors included."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def test_browser_pages_of_the_allowed_origin_may_call_it_and_no_other(server, direct):
+    """CORS as a browser does it: the preflight of a page of the allowed origin gets a 204 naming the methods
+    and the headers it asked for, and the answers it then gets (plain and streamed) carry its origin; another
+    origin's preflight is a 403 and its answers carry no CORS header (its browser hands the page nothing);
+    a call without an Origin header (curl, the openai client) gets none either."""
+    chat = server["url"] + "/v1/chat/completions"
+    ask_ = {"Origin": ALLOWED_ORIGIN, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"}
+    status, headers, body = http_call(chat, "OPTIONS", ask_)
+    assert status == 204 and body == b"", (status, body)
+    assert headers["access-control-allow-origin"] == ALLOWED_ORIGIN and headers["vary"] == "Origin"
+    assert "POST" in headers["access-control-allow-methods"]
+    assert headers["access-control-allow-headers"] == "authorization, content-type, x-stainless-os"
+    status, headers, body = http_call(chat, "OPTIONS", {**ask_, "Origin": "http://evil.example"})
+    assert status == 403 and json.loads(body)["error"]["code"] == "origin_not_allowed"
+    assert "access-control-allow-origin" not in headers
+
+    img, q, _ = ITEMS[1]
+    plain = json.dumps(chat_body(q, img)).encode()
+    json_type = {"Content-Type": "application/json"}
+    status, headers, body = http_call(chat, "POST", {**json_type, "Origin": ALLOWED_ORIGIN}, plain)
+    assert status == 200 and headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    assert text_of(json.loads(body)) == direct(1)
+    streamed = json.dumps({**chat_body(q, img), "stream": True}).encode()
+    status, headers, body = http_call(chat, "POST", {**json_type, "Origin": ALLOWED_ORIGIN}, streamed)
+    assert status == 200 and headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    assert headers["content-type"].startswith("text/event-stream") and body.rstrip().endswith(b"data: [DONE]")
+    for origin in ("http://evil.example", None):
+        status, headers, body = http_call(server["url"] + "/v1/models", "GET", {"Origin": origin} if origin else {})
+        assert status == 200 and json.loads(body)["data"][0]["id"] == "demo"
+        assert not any(k.startswith("access-control-") for k in headers), headers
+    status, headers, _ = http_call(server["url"] + "/nowhere", "GET", {"Origin": ALLOWED_ORIGIN})
+    assert status == 404 and headers["access-control-allow-origin"] == ALLOWED_ORIGIN  # the page may read why
 
 
 def test_llada_generate_server(server):

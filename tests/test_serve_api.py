@@ -335,3 +335,37 @@ def test_text_stream_sends_the_committed_prefix_and_holds_back_a_possible_stop()
 def test_client_body_without_an_image_is_text_only():
     c = parse_chat(chat_body("What is 2 + 2?", None, system="S", stream=True, stop=["\n"]))
     assert (c.image, c.prompt, c.system, c.stream, c.stop) == (None, "What is 2 + 2?", "S", True, ("\n",))
+
+
+@pytest.mark.parametrize("given, want", [
+    (["*"], ("*",)), (["http://localhost:3000"], ("http://localhost:3000",)),
+    (["HTTPS://App.Example", "https://app.example"], ("https://app.example",)),  # as browsers spell it, once
+    (["http://[::1]:8080"], ("http://[::1]:8080",))])
+def test_allowed_origins_take_what_a_browser_sends(given, want):
+    from llada_export.serve.cors import check_origins
+
+    assert check_origins(given) == want
+
+
+@pytest.mark.parametrize("bad", ["localhost:3000", "http://localhost:3000/", "http://x/app", "ftp://x", "http://",
+                                 "http://x:0", "http://x:70000", "http://u:p@x", "http://x?y", "null", ""])
+def test_what_is_no_origin_is_refused_with_the_form(bad):
+    from llada_export.serve.cors import check_origins
+
+    with pytest.raises(ValueError, match=r"is not an origin; give '\*' or scheme://host\[:port\]"):
+        check_origins([bad])
+
+
+def test_cors_headers_only_for_an_allowed_origin():
+    from llada_export.serve.cors import answer_headers, preflight_headers
+
+    allowed = ("http://localhost:3000",)
+    assert answer_headers("http://localhost:3000", allowed) == {
+        "Access-Control-Allow-Origin": "http://localhost:3000", "Vary": "Origin"}
+    assert answer_headers("http://localhost:3001", allowed) == {} == answer_headers(None, allowed)
+    assert answer_headers("http://localhost:3000", ()) == {}  # the default: no CORS at all
+    assert answer_headers("http://any.example", ("*",)) == {"Access-Control-Allow-Origin": "*"}
+    pre = preflight_headers("http://localhost:3000", None, allowed)
+    assert pre["Access-Control-Allow-Methods"] == "GET, POST, OPTIONS"
+    assert pre["Access-Control-Allow-Headers"] == "authorization, content-type"  # what the openai clients send
+    assert "Access-Control-Allow-Credentials" not in pre and preflight_headers("http://evil", None, allowed) is None

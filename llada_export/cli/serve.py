@@ -24,6 +24,7 @@ examples:
   llada-serve --engines engines/
   llada-serve --engines engines/ --replicas 2 --max-batch 8 --batch-wait-ms 20 --port 8080
   llada-serve --engines engines/ --address auto          # a cluster started with `ray start --head`
+  llada-serve --engines engines/ --allowed-origins http://localhost:3000   # a web page there may call it
 
 then, from another shell:
   llada-generate --server http://127.0.0.1:8000 --image photo.png --prompt "What is shown?" --stream
@@ -44,6 +45,16 @@ def port(text: str) -> int:
     if v > 65535:
         raise argparse.ArgumentTypeError(f"must be a TCP port, 1 to 65535, got {v}")
     return v
+
+
+def origin(text: str) -> str:
+    """A browser origin (scheme://host[:port]) or '*', for --allowed-origins."""
+    from ..serve.cors import check_origins
+
+    try:
+        return check_origins([text])[0]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--allowed-origins: ")) from None
 
 
 def build_parser():
@@ -73,6 +84,9 @@ def build_parser():
                    help="seconds to wait for the replicas to load (default: 900)")
     p.add_argument("--metrics-port", type=port,
                    help="local cluster: the port of Ray's Prometheus metrics (default: one Ray picks; printed)")
+    p.add_argument("--allowed-origins", nargs="+", type=origin, default=(), metavar="ORIGIN",
+                   help="browser pages of these origins may call the API (CORS), e.g. http://localhost:3000; '*' "
+                        "for any (no credentials either way); default: none, and browsers refuse cross-origin calls")
     p.add_argument("--verbose", action="store_true", help="Ray's and Serve's own logs on the console")
     return p
 
@@ -89,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
         options = ServeOptions(engines=args.engines, model_name=args.model_name, max_batch=args.max_batch,
                                batch_wait_ms=args.batch_wait_ms, backend=args.backend, device=args.device,
-                               threads=args.threads)
+                               threads=args.threads, allowed_origins=tuple(dict.fromkeys(args.allowed_origins)))
         t0 = time.perf_counter()
         server = start(options, replicas=args.replicas, host=args.host, port=args.port, address=args.address,
                        temp_dir=args.temp_dir, cpus_per_replica=args.cpus_per_replica,

@@ -20,6 +20,10 @@ while the others waited (measured: 8 streaming clients at max batch 4 ran batche
 as ongoing). Those of one setting are let in first come, first served (``serve/gate.py``): one that
 arrives as a batch ends waits behind the ones that waited for it.
 
+Browser pages of the origins ``allowed_origins`` names may call the API (``serve/cors.py``: a preflight
+is answered with a 204, every answer carries ``Access-Control-Allow-Origin``); other origins' preflights
+get a 403, and without the option no answer carries CORS headers.
+
 A body is read up to 16 MiB (413 beyond, from its Content-Length before a byte is read), then
 parsed, decoded and checked on an admission thread, never on the replica's event loop; a prompt
 whose byte length alone cannot fit the bucket is refused before it is tokenised.
@@ -66,6 +70,7 @@ from pathlib import Path
 from ..rules import shorten
 from .api import (MAX_BODY_BYTES, APIError, check_body_size, check_content_type, chunk, completion, decode_json,
                   finish_reason, llada_info, parse_chat, sse, usage)
+from .cors import answer_headers, preflight_headers
 from .gate import Gate
 from .stream import RowStreams, TextStream, answer_with_stop
 
@@ -89,6 +94,7 @@ class ServeOptions:
     device: str | None = None  # default: cuda where the replica has a GPU, else what the engines were built for
     threads: int | None = None  # CPU threads per replica for the engines
     max_body_mb: float = MAX_BODY_BYTES / 2**20  # the largest request body (an image's base64 included)
+    allowed_origins: tuple[str, ...] = ()  # browser pages' origins that may call the API (serve/cors.py); none: no CORS
 
     @property
     def name(self) -> str:
@@ -143,9 +149,25 @@ class LLaDAServer:
 
     # ------------------------------------------------------------------ routing
     async def __call__(self, http):
-        from starlette.responses import JSONResponse
+        from starlette.responses import JSONResponse, Response
 
         route = (http.method, http.url.path.rstrip("/") or "/")
+        origin = http.headers.get("origin")
+        if http.method == "OPTIONS" and "access-control-request-method" in http.headers:  # a browser's preflight
+            headers = preflight_headers(origin, http.headers.get("access-control-request-headers"),
+                                        self.options.allowed_origins)
+            if headers is None:
+                e = APIError(f"origin {shorten(repr(origin))} may not call this server from a browser; start "
+                             "llada-serve with --allowed-origins naming it", status=403, code="origin_not_allowed")
+                return JSONResponse(e.body(), status_code=e.status)
+            return Response(status_code=204, headers=headers)
+        response = await self._route(http, route)
+        response.headers.update(answer_headers(origin, self.options.allowed_origins))
+        return response
+
+    async def _route(self, http, route: tuple[str, str]):
+        from starlette.responses import JSONResponse
+
         handlers = {("POST", "/v1/chat/completions"): self.chat, ("GET", "/v1/models"): self.models,
                     ("GET", "/health"): self.health}
         if route[1].startswith("/v1/models/"):  # OpenAI's "retrieve model": GET /v1/models/{model}
