@@ -32,6 +32,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -55,8 +56,6 @@ def timed(fn, repeat: int, calls: int = 10) -> float:
     if not CUDA:
         times = []
         for _ in range(repeat):
-            import time
-
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
