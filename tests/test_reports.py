@@ -101,7 +101,7 @@ CASES = [  # (tool, its JSON, the report it renders, the command line that re-re
     ("bench_gpu.py", "bench_gpu_step_b8_1207.json", "bench_gpu_step_b8_1207.md", ["step", "--replot", "--out", "{out}"]),
     ("preprocess_probe.py", "preprocess_probe_gpu.json", "preprocess_probe_gpu.md",
      ["--replot", "--out", "{out}/preprocess_probe_gpu"]),
-    # a fresh H100 at 18:40: a layer's FP8 GEMMs every way at 128, 1024 and 1461 rows
+    # a fresh H100 at 18:02: a layer's FP8 GEMMs every way at 128, 1024 and 1461 rows
     ("fp8_gemm_probe.py", "fp8_gemm_probe.json", "fp8_gemm_probe.md", ["--replot", "--out", "{out}/fp8_gemm_probe"]),
 ]
 # issue 21's reports (tools/long_sweeps.py render), once a GPU run's summaries are committed
