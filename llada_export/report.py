@@ -48,6 +48,15 @@ def save(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def grouped_bars(ax, groups: list[str], series: dict[str, list[float]]) -> None:
+    """One bar per series in each group (``series``: label -> a value per group), side by side and centred on
+    the group's tick."""
+    width = 0.8 / len(series)
+    for i, (label, values) in enumerate(series.items()):
+        ax.bar([j + (i - (len(series) - 1) / 2) * width for j in range(len(groups))], values, width, label=label)
+    ax.set_xticks(range(len(groups)), groups)
+
+
 def history_note(res: dict) -> str:
     """A report title's suffix for a result kept for history (its JSON's ``history`` field)."""
     return f" ({res['history']})" if res.get("history") else ""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llada_export.report import pyplot, save
+from llada_export.report import grouped_bars, pyplot, save
 
 # siblings in tools/ (scripts, not a package): bench_gpu.py puts the folder on sys.path
 from bench_gpu_common import ANCHOR_IMAGE, OFFICIAL, TARGET, WEIGHTS
@@ -124,11 +124,7 @@ def plot_engines_v1(res: dict, path: Path) -> None:
         if vals:
             series.append((label, lambda p, v=vals: v.get(p, float("nan"))))
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    width = 0.8 / len(series)
-    for i, (label, fn) in enumerate(series):
-        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(presets))]
-        ax.bar(xs, [fn(p) for p in presets], width, label=label)
-    ax.set_xticks(range(len(presets)), presets)
+    grouped_bars(ax, presets, {label: [fn(p) for p in presets] for label, fn in series})
     ax.set_yscale("log")
     ax.set_ylabel("seconds per request (log)")
     ax.set_title(f"LLaDA-V full size, {res['env']['gpu']}: K {st['prune_layer']}, keep {st['keep']}, {st['image']}")
@@ -260,10 +256,7 @@ def plot_engines(res: dict, path: Path) -> None:
         vals = {r["preset"]: r["seconds"] for r in res["rows"] if key(r) == name}
         series.append((f"ours: {name}", [vals.get(p, float("nan")) for p in presets]))
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    width = 0.8 / len(series)
-    for i, (label, vals) in enumerate(series):
-        ax.bar([j + (i - (len(series) - 1) / 2) * width for j in range(len(presets))], vals, width, label=label)
-    ax.set_xticks(range(len(presets)), presets)
+    grouped_bars(ax, presets, dict(series))
     ax.set_yscale("log")
     ax.set_ylabel("seconds per request (log)")
     st = res["setting"]

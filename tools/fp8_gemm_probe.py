@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llada_export.config import TextConfig  # noqa: E402
 from llada_export.quant.fp8 import E4M3, E4M3_MAX, MIN_AMAX, _linear, emulated_linear, quantize_weight  # noqa: E402
-from llada_export.report import pyplot, save, write_report  # noqa: E402
+from llada_export.report import grouped_bars, pyplot, save, write_report  # noqa: E402
 from weight_floor import weight_read_floor  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -165,13 +165,8 @@ def markdown(res: dict) -> str:
 def plot(res: dict, path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.2))
-    ways = list(res["runs"][0]["ms_per_layer"])
-    width = 0.8 / len(ways)
-    for i, way in enumerate(ways):
-        xs = [j + i * width for j in range(len(res["runs"]))]
-        ax.bar(xs, [r["ms_per_layer"][way] * res["layers"] for r in res["runs"]], width, label=way)
-    ax.set_xticks([j + width * (len(ways) - 1) / 2 for j in range(len(res["runs"]))],
-                  [f"{r['rows']} rows" for r in res["runs"]])
+    grouped_bars(ax, [f"{r['rows']} rows" for r in res["runs"]],
+                 {w: [r["ms_per_layer"][w] * res["layers"] for r in res["runs"]] for w in res["runs"][0]["ms_per_layer"]})
     ax.set_ylabel(f"ms, {res['layers']} layers' linears")
     ax.set_title(f"FP8 GEMMs, {res['device_name']}", fontsize=9)
     ax.legend(fontsize=6)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llada_export.config import full_config  # noqa: E402
 from llada_export.graphs.anyres import (  # noqa: E402
     _crops, normalize_crop, preprocess, resize_and_pad, select_best_resolution, split_tiles)
-from llada_export.report import pyplot, save, write_report  # noqa: E402
+from llada_export.report import grouped_bars, pyplot, save, write_report  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -90,12 +90,8 @@ def markdown(res: dict) -> str:
 def plot(res: dict, path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3))
-    ways = list(res["rows"][0]["ms"])
-    width = 0.8 / len(ways)
-    for i, way in enumerate(ways):
-        xs = [j + i * width for j in range(len(res["rows"]))]
-        ax.bar(xs, [r["ms"][way] for r in res["rows"]], width, label=way)
-    ax.set_xticks([j + width * (len(ways) - 1) / 2 for j in range(len(res["rows"]))], [r["image"] for r in res["rows"]])
+    rows = res["rows"]
+    grouped_bars(ax, [r["image"] for r in rows], {w: [r["ms"][w] for r in rows] for w in rows[0]["ms"]})
     ax.set_ylabel("ms per image")
     ax.set_title(f"preprocessing, {res['device_name']}", fontsize=9)
     ax.legend(fontsize=7)
