@@ -148,9 +148,15 @@ def test_an_interrupted_run_keeps_an_earlier_runs_files(engines, tiny_ckpt, tmp_
                              str(tiny_ckpt), "--presets", "mc,chartqa"], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     written = save / "onnxruntime_vision_reference_outputs.json"
+
+    def own_written() -> bool:  # the earlier files set aside (the folder made before they move) and this run's there
+        try:
+            return bool(list(save.glob(".previous-*"))) and written.read_text() != earlier[written.name]
+        except FileNotFoundError:  # between the move of the earlier file and the write of this run's
+            return False
+
     deadline = time.monotonic() + 120
-    while not (list(save.glob(".previous-*")) and written.exists()) and proc.poll() is None \
-            and time.monotonic() < deadline:
+    while not own_written() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert written.read_text() != earlier[written.name]  # this run's own
     proc.send_signal(signal.SIGINT)
