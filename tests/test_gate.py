@@ -1,12 +1,17 @@
-"""The replica's admission gate (``serve/gate.py``): rows of one setting are let into its batch queue first
-come, first served, at most ``max_batch`` before their batch starts, none while a batch runs. Real asyncio
-tasks on a real event loop; no server (the Ray tests in test_serve.py run it inside the server)."""
+"""The replica's admission (``serve/gate.py``): rows of one setting are let into its batch queue first
+come, first served, at most ``max_batch`` before their batch starts, none while a batch runs; and at most
+``max_queued`` requests wait at all (the room), one more refused. Real asyncio tasks on a real event loop;
+no server (the Ray tests in test_serve.py run them inside the server)."""
 
 from __future__ import annotations
 
 import asyncio
 
-from llada_export.serve.gate import Gate
+import gc
+
+import pytest
+
+from llada_export.serve.gate import Gate, Overloaded, Room
 
 
 class Row:  # the gate knows rows by identity, as the server's
@@ -85,3 +90,48 @@ def test_settings_wait_in_lines_of_their_own():
         assert wait_a2.done()
 
     asyncio.run(main())
+
+
+def test_the_room_refuses_the_request_past_its_limit_and_takes_one_again_once_a_place_is_free():
+    """Two requests being checked and one held row fill a room of 3: the next is refused with the count and
+    the limit; a checked request that was refused (its checks raised) frees its place, and so does a row
+    whose batch started."""
+    room = Room(max_queued=3)
+    a, b = Row("a"), Row("b")
+    with room.parse(), room.parse():  # two requests being checked at once (their awaits interleave)
+        room.hold(a)
+        assert room.waiting() == 3
+        with pytest.raises(Overloaded) as e, room.parse():
+            pass
+        assert (e.value.waiting, e.value.limit) == (3, 3) and room.waiting() == 3
+    assert room.waiting() == 1  # both checks over; a still waits for its batch
+    with pytest.raises(ValueError), room.parse():  # checks that refuse the request (a 400): no place kept
+        raise ValueError("bad request")
+    room.hold(b)
+    room.release([a, b])  # their batch started
+    assert room.waiting() == 0
+    room.release([a])  # released twice (its batch started, then its request ended): no error, no count
+    assert room.waiting() == 0
+
+
+def test_a_row_nobody_holds_any_more_leaves_the_room_by_itself():
+    """A stream whose response never started is dropped without its finally block running: its row must not
+    keep a place for ever (the room holds rows weakly)."""
+    room = Room(max_queued=1)
+    row = Row("stream")
+    room.hold(row)
+    with pytest.raises(Overloaded), room.parse():
+        pass
+    del row
+    gc.collect()
+    with room.parse():  # the place is free again
+        assert room.waiting() == 1
+
+
+def test_a_room_without_a_limit_takes_every_request():
+    room = Room(max_queued=None)
+    rows = [Row(str(i)) for i in range(100)]
+    for r in rows:
+        room.hold(r)
+    with room.parse():
+        assert room.waiting() == 101

@@ -82,6 +82,7 @@ def free_port() -> int:
 
 
 ALLOWED_ORIGIN = "http://app.example:3000"  # the one origin whose pages the server's --allowed-origins lets call it
+MAX_QUEUED = 12  # per replica; above the 10 requests at once that any other test sends
 
 
 # ---------------------------------------------------------------------- fixtures
@@ -103,7 +104,7 @@ def server(serve_engines):
     cmd = [sys.executable, "-m", "llada_export.cli.serve", "--engines", str(serve_engines), "--replicas", "2",
            "--port", str(port), "--threads", "1", "--batch-wait-ms", "100",
            "--cpus-per-replica", "0.5", "--model-name", "demo", "--metrics-port", str(metrics_port),
-           "--allowed-origins", ALLOWED_ORIGIN]
+           "--allowed-origins", ALLOWED_ORIGIN, "--max-queued", str(MAX_QUEUED)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     ready = threading.Event()
     lines: list[str] = []
@@ -622,6 +623,38 @@ def test_bad_requests_get_4xx_and_nothing_else_is_affected(server, direct):
     assert post_raw(server["url"], b"", "/v2/nothing", "GET")[0] == 404
     assert post_raw(server["url"], b"", "/v1/chat/completions", "GET")[0] == 405
     assert text_of(ask(server["url"], 3)) == direct(3)
+
+
+def test_a_flood_past_max_queued_is_refused_at_once_and_every_request_let_in_is_answered(server, direct):
+    """48 requests at once on 2 replicas that let 12 each wait for a batch (--max-queued 12, max batch 4):
+    the surplus is refused at once with a 503 server_overloaded, a JSON error, a Retry-After and (from the
+    allowed origin) the CORS header, and is counted; every request let in answers as the pipeline; the server
+    takes requests again once the flood is served, and then has none waiting."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_cancel import metric, wait_for
+
+    chat = server["url"] + "/v1/chat/completions"
+    headers = {"Content-Type": "application/json", "Origin": ALLOWED_ORIGIN}
+    bodies = [json.dumps(chat_body(ITEMS[i % 12][1], ITEMS[i % 12][0])).encode() for i in range(48)]
+    before = metric(server, "llada_overloaded")
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(48) as ex:
+        replies = list(ex.map(lambda b: (*http_call(chat, "POST", headers, b), time.perf_counter() - t0), bodies))
+    refused = [(i, h, json.loads(body), t) for i, (status, h, body, t) in enumerate(replies) if status == 503]
+    answered = [(i, json.loads(body)) for i, (status, _, body, _) in enumerate(replies) if status == 200]
+    assert len(refused) + len(answered) == 48, [r[0] for r in replies]
+    assert refused and len(answered) >= MAX_QUEUED, (len(refused), len(answered))
+    for _, h, body, t in refused:
+        assert body["error"]["code"] == "server_overloaded" and body["error"]["type"] == "server_error"
+        assert f"--max-queued {MAX_QUEUED}" in body["error"]["message"]
+        assert int(h["retry-after"]) >= 1 and h["access-control-allow-origin"] == ALLOWED_ORIGIN
+    # refused at once: before the slowest answer let in (which waited for the batches ahead of it)
+    assert max(t for *_, t in refused) < max(t for status, _, _, t in replies if status == 200)
+    assert [text_of(a) for _, a in answered] == [direct(i % 12) for i, _ in answered]
+    wait_for("the overloaded counter", lambda: metric(server, "llada_overloaded") >= before + len(refused))
+    assert text_of(ask(server["url"], 5)) == direct(5)  # room again
+    assert Client(server["url"]).health()["waiting"] == 0
 
 
 # ---------------------------------------------------------------------- faults

@@ -67,6 +67,10 @@ def build_parser():
                    "(default: that size)")
     p.add_argument("--batch-wait-ms", type=non_negative_float, default=10.0,
                    help="how long a request waits for others of its setting to fill a batch (default: 10)")
+    p.add_argument("--max-queued", type=positive_int, default=64, metavar="N",
+                   help="requests a replica holds waiting for their batch (being checked, or queued behind the one "
+                        "running); one more is refused at once with 503 server_overloaded and a Retry-After "
+                        "header, instead of waiting without bound (default: 64)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=port, default=8000, help="HTTP port (default: 8000)")
     p.add_argument("--address", help="attach to this Ray cluster (auto, or host:port) instead of starting one")
@@ -103,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
 
         options = ServeOptions(engines=args.engines, model_name=args.model_name, max_batch=args.max_batch,
                                batch_wait_ms=args.batch_wait_ms, backend=args.backend, device=args.device,
-                               threads=args.threads, allowed_origins=tuple(dict.fromkeys(args.allowed_origins)))
+                               threads=args.threads, allowed_origins=tuple(dict.fromkeys(args.allowed_origins)),
+                               max_queued=args.max_queued)
         t0 = time.perf_counter()
         server = start(options, replicas=args.replicas, host=args.host, port=args.port, address=args.address,
                        temp_dir=args.temp_dir, cpus_per_replica=args.cpus_per_replica,
@@ -114,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 signal.signal(sig, _stop)
         where = f"{server.replicas} replica(s)" + (", one GPU each" if server.gpus_per_replica else ", CPU")
         print(f"llada-serve: serving {options.name!r} at {server.url} ({where}, max batch {server.max_batch}, "
-              f"batch wait {args.batch_wait_ms:g} ms; ready in {time.perf_counter() - t0:.0f} s). "
+              f"batch wait {args.batch_wait_ms:g} ms, at most {args.max_queued} waiting per replica; ready in {time.perf_counter() - t0:.0f} s). "
               "Ctrl-C stops it." + (f" Metrics: {server.metrics_url}" if server.metrics_url else ""), flush=True)
         try:
             while True:

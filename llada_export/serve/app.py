@@ -20,6 +20,13 @@ while the others waited (measured: 8 streaming clients at max batch 4 ran batche
 as ongoing). Those of one setting are let in first come, first served (``serve/gate.py``): one that
 arrives as a batch ends waits behind the ones that waited for it.
 
+At most ``max_queued`` requests wait on a replica (being checked, at the gate or in a batch queue:
+``Room`` in ``serve/gate.py``); one more is refused at once with a 503 ``server_overloaded`` and a
+``Retry-After`` of the last batch's seconds (the running batch's end makes room), counted in GET /health and
+``llada_overloaded``, instead of queueing without bound while every caller's wait grows. The deployment
+sends a replica that many requests beyond its batches (``max_ongoing_requests``), so the limit is the
+replica's own, not Serve's proxy queue.
+
 Browser pages of the origins ``allowed_origins`` names may call the API (``serve/cors.py``: a preflight
 is answered with a 204, every answer carries ``Access-Control-Allow-Origin``); other origins' preflights
 get a 403, and without the option no answer carries CORS headers.
@@ -59,6 +66,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import threading
 import time
@@ -71,7 +79,7 @@ from ..rules import shorten
 from .api import (MAX_BODY_BYTES, APIError, check_body_size, check_content_type, chunk, completion, decode_json,
                   finish_reason, llada_info, parse_chat, sse, usage)
 from .cors import answer_headers, preflight_headers
-from .gate import Gate
+from .gate import Gate, Overloaded, Room
 from .stream import RowStreams, TextStream, answer_with_stop
 
 APP_NAME, DEPLOYMENT = "llada", "LLaDAServer"
@@ -95,6 +103,7 @@ class ServeOptions:
     threads: int | None = None  # CPU threads per replica for the engines
     max_body_mb: float = MAX_BODY_BYTES / 2**20  # the largest request body (an image's base64 included)
     allowed_origins: tuple[str, ...] = ()  # browser pages' origins that may call the API (serve/cors.py); none: no CORS
+    max_queued: int | None = 64  # requests a replica holds waiting for their batch; one more is a 503 (None: no limit)
 
     @property
     def name(self) -> str:
@@ -128,8 +137,11 @@ class LLaDAServer:
         self.max_token_bytes = max(len(t.encode("utf-8", "surrogatepass")) for t in self.pipe.tokenizer.get_vocab())
         self.batchers: dict = {}
         self.gate = Gate(self.max_batch)  # who may join a batch queue now (serve/gate.py)
+        self.room = Room(self.options.max_queued)  # how many may wait for a batch at all (serve/gate.py)
+        self.last_batch_s = 1.0  # the last batch's seconds: a refused caller's Retry-After
         self.started = time.time()
-        self.counts = {"cancelled": 0, "stopped": 0}  # rows stopped early: callers that hung up, stop strings
+        # rows stopped early (callers that hung up, stop strings) and requests refused because the room was full
+        self.counts = {"cancelled": 0, "stopped": 0, "overloaded": 0}
         self.counters = _counters()
 
     def _stop_row(self, row: "Row", why: str, message: str | None = None) -> None:
@@ -182,16 +194,17 @@ class LLaDAServer:
             answer = await handlers[route](http)
             return answer if not isinstance(answer, dict) else JSONResponse(answer)
         except APIError as e:
-            return JSONResponse(e.body(), status_code=e.status)
+            return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
         except Exception as e:  # noqa: BLE001 - a fault of ours: still a JSON answer, and in the replica's log
             log.exception("llada: %s %s failed", *route)
             return JSONResponse(APIError(f"internal error: {type(e).__name__}: {e}", status=500,
                                          type="server_error").body(), status_code=500)
 
     async def health(self, http) -> dict:
-        """``cancelled`` / ``stopped``: this replica's rows stopped early since it started (see the module)."""
+        """``cancelled`` / ``stopped``: this replica's rows stopped early since it started (see the module);
+        ``overloaded``: requests it refused with a 503 because ``waiting`` had reached ``max_queued``."""
         return {"status": "ok", "model": self.options.name, "uptime_s": round(time.time() - self.started, 1),
-                **self.counts}
+                "waiting": self.room.waiting(), "max_queued": self.options.max_queued, **self.counts}
 
     async def models(self, http) -> dict:
         p, bucket = self.pipe, self.pipe.bucket
@@ -221,10 +234,31 @@ class LLaDAServer:
         raw = await self._read_body(http)  # read (or drained) first, so that the client hears the refusal
         check_content_type(http.headers.get("content-type"))
         loop = asyncio.get_running_loop()
-        chat, request, gen, prompt_tokens = await loop.run_in_executor(self.admission, self._admit, raw)
+        try:
+            with self.room.parse():  # a full room refuses at once, before the body is parsed
+                chat, request, gen, prompt_tokens = await loop.run_in_executor(self.admission, self._admit, raw)
+        except Overloaded as e:
+            raise self._overloaded(e) from None
         if chat.stream:
             return self._stream(chat, request, gen, prompt_tokens, t0)
         row = Row(request)
+        self.room.hold(row)
+        try:
+            return await self._chat(chat, row, gen, prompt_tokens, t0)
+        finally:
+            self.room.release([row])
+
+    def _overloaded(self, e: Overloaded) -> APIError:
+        """The 503 of a request the full room refused (counted; not logged: a flood would fill the log)."""
+        self._count("overloaded")
+        retry = max(1, min(60, math.ceil(self.last_batch_s)))  # room is made when the running batch ends
+        return APIError(f"the server is overloaded: {e.waiting} requests already wait for a batch on this replica "
+                        f"(its limit, llada-serve --max-queued {e.limit}); retry after {retry} s (Retry-After), or "
+                        "serve with more --replicas or a larger --max-queued", status=503, type="server_error",
+                        code="server_overloaded", headers={"Retry-After": str(retry)})
+
+    async def _chat(self, chat, row: "Row", gen, prompt_tokens: int, t0: float) -> dict:
+        """A plain (not streamed) request's answer, its row held in the room until its batch starts."""
         if chat.stop:  # the row stops once a stop string is in its committed prefix (the answer up to it is final)
             row.push = _stop_watch(TextStream(self._decode, chat.stop), row.cancelled)
         key = (gen, chat.unpruned)
@@ -267,6 +301,7 @@ class LLaDAServer:
         loop = asyncio.get_running_loop()
         prefixes: asyncio.Queue = asyncio.Queue()
         row = Row(request, lambda ids: loop.call_soon_threadsafe(prefixes.put_nowait, ids))
+        self.room.hold(row)  # until its batch starts or its stream ends (or nothing holds the stream any more)
         cid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.options.name
         extra = {"usage": None} if chat.include_usage else {}
 
@@ -314,6 +349,7 @@ class LLaDAServer:
                 ended = True
                 yield sse("[DONE]")
             finally:
+                self.room.release([row])
                 if not ended:  # closed before its end: the caller hung up
                     self._stop_row(row, "cancelled", "a streaming caller hung up; its row stops, its batch goes on "
                                    "for the others")
@@ -432,10 +468,13 @@ class LLaDAServer:
             async def run(rows: list) -> list:
                 started = time.perf_counter()
                 self.gate.leave(key, rows)
+                self.room.release(rows)
                 live = [r for r in rows if not r.cancelled.is_set()]  # cancelled while queued: left out
                 info = {"id": uuid.uuid4().hex[:12], "size": len(live), "started": started}
                 results = await self._generate(live, gen, unpruned, info) if live else []
                 info["seconds"] = time.perf_counter() - started
+                if live:
+                    self.last_batch_s = info["seconds"]
                 _log_cancelled(info["id"], len(rows) - len(live), results)
                 answers = dict(zip(map(id, live), results))
                 return [(answers.get(id(r)), info) for r in rows]  # None: a row left out (nobody waits for it)
@@ -486,7 +525,7 @@ class LLaDAServer:
             raise RuntimeError("the engine thread is gone")
 
 
-@dataclass
+@dataclass(eq=False)  # known by identity (the gate, the room's weak set)
 class Row:
     """A request in a batch queue; ``push``: its stream's committed prefixes (called on the engine thread),
     None for a plain request; ``cancelled``: set when the row is to stop (read by the sampler each step)."""
@@ -520,7 +559,9 @@ def _counters() -> dict:
 
         return {"cancelled": Counter("llada_cancelled", "requests whose caller hung up before the answer; their "
                                      "rows stopped computing"),
-                "stopped": Counter("llada_stopped", "answers ended by a stop string; their rows stopped computing")}
+                "stopped": Counter("llada_stopped", "answers ended by a stop string; their rows stopped computing"),
+                "overloaded": Counter("llada_overloaded", "requests refused with a 503 because --max-queued requests "
+                                      "already waited for a batch")}
     except Exception:  # noqa: BLE001 - no Ray metrics here: /health still counts
         return {}
 
@@ -568,8 +609,9 @@ def build_app(options: ServeOptions, replicas: int = 1, gpus_per_replica: float 
     max_batch = options.max_batch or 0
     deployment = serve.deployment(LLaDAServer, name=DEPLOYMENT).options(
         num_replicas=replicas, ray_actor_options=actor,
-        # room for a full batch per setting queued behind the one running; beyond it Serve queues in the proxy
-        max_ongoing_requests=max(16, 4 * max_batch),
+        # room for a full batch per setting queued behind the one running, and for the requests the replica lets
+        # wait (--max-queued; one more is its 503): a replica's own limit, before Serve queues in the proxy
+        max_ongoing_requests=max(16, 4 * max_batch) + (options.max_queued or 0),
         health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_timeout_s=5,
         # a replica that fails to load (bad engines, no memory) fails the same way again: one failure per replica
         # ends the start with its error (Serve's default, three per replica, tripled the wait for it)

@@ -8,9 +8,9 @@
         print(piece, end="", flush=True)
 
 Generation is deterministic for a given request and seed, so a request that failed on the server
-side (500, 502, 503, 504: a replica that died, backpressure) or whose connection broke is sent
-again, ``retries`` times with a growing pause; a 4xx is the caller's to fix and raised at once. A
-stream is retried only until its first byte.
+side (500, 502, 503, 504: a replica that died, an overloaded server's 503) or whose connection broke
+is sent again, ``retries`` times with a growing pause (at least the server's ``Retry-After``, up to 60
+s); a 4xx is the caller's to fix and raised at once. A stream is retried only until its first byte.
 """
 
 from __future__ import annotations
@@ -147,6 +147,7 @@ class Client:
     def _open(self, req: urllib.request.Request, read=None):
         """``read(response)``, or the open response without ``read`` (a stream: retried until it answers)."""
         for attempt in range(self.retries + 1):
+            wait = self.backoff_s * 2**attempt
             try:
                 r = urllib.request.urlopen(req, timeout=self.timeout_s)
                 if read is None:
@@ -157,12 +158,21 @@ class Client:
                 err = _server_error(e)
                 if e.code not in RETRY_STATUS or attempt == self.retries:
                     raise err from None
+                wait = max(wait, retry_after(e.headers.get("Retry-After")))  # an overloaded server says when
             except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
                 reason = getattr(e, "reason", e)
                 if attempt == self.retries:
                     raise ServerError(f"no answer from {self.url} after {attempt + 1} attempt(s): {reason}") from None
-            time.sleep(self.backoff_s * 2**attempt)
+            time.sleep(wait)
         raise AssertionError("unreachable")
+
+
+def retry_after(value: str | None, most: float = 60.0) -> float:
+    """Seconds of a ``Retry-After`` header in its delay-seconds form (0 when absent or a date), at most ``most``."""
+    try:
+        return min(max(float(value), 0.0), most) if value else 0.0
+    except ValueError:
+        return 0.0
 
 
 def _server_error(e: urllib.error.HTTPError) -> ServerError:

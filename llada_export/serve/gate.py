@@ -1,13 +1,60 @@
-"""A replica's admission gate: when a request may join its setting's batch queue (``serve/app.py``'s module
-docstring says why the server needs one). Rows wait here while a batch runs, or while ``max_batch`` rows of
-their setting already wait in that queue for their batch to start; each setting's waiters are let in first
-come, first served. Everything runs on the replica's event loop (no lock); the engine thread never calls it.
+"""A replica's admission: whether a request may wait at all (:class:`Room`), and when it may join its
+setting's batch queue (:class:`Gate`; ``serve/app.py``'s module docstring says why the server needs one).
+Rows wait at the gate while a batch runs, or while ``max_batch`` rows of their setting already wait in that
+queue for their batch to start; each setting's waiters are let in first come, first served. Everything runs
+on the replica's event loop (no lock); the engine thread never calls it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import weakref
 from collections import deque
+
+
+class Overloaded(Exception):
+    """A request refused because its replica already holds ``limit`` requests that wait for their batch."""
+
+    def __init__(self, waiting: int, limit: int) -> None:
+        super().__init__(f"{waiting} requests wait for a batch here (the limit is {limit})")
+        self.waiting, self.limit = waiting, limit
+
+
+class Room:
+    """The requests a replica holds that have not started: those being checked (``parse``) and those whose
+    rows wait at the gate or in a batch queue (``hold`` ... ``release``). At most ``max_queued`` (None: no
+    limit): one more is refused at once (:class:`Overloaded`, the server's 503) instead of queueing without
+    bound while every caller's wait grows. A row leaves when its batch starts or its request ends; a row
+    nobody holds any more (a stream whose response never started) leaves by itself (weak references)."""
+
+    def __init__(self, max_queued: int | None) -> None:
+        self.max_queued = max_queued
+        self.parsing = 0
+        self.rows: weakref.WeakSet = weakref.WeakSet()
+
+    def waiting(self) -> int:
+        return self.parsing + len(self.rows)
+
+    @contextlib.contextmanager
+    def parse(self):
+        """Around a request's checks: refused with :class:`Overloaded` when the room is full, else counted
+        until its row is held (or the checks refuse it)."""
+        n = self.waiting()
+        if self.max_queued is not None and n >= self.max_queued:
+            raise Overloaded(n, self.max_queued)
+        self.parsing += 1
+        try:
+            yield
+        finally:
+            self.parsing -= 1
+
+    def hold(self, row) -> None:
+        self.rows.add(row)
+
+    def release(self, rows) -> None:
+        for r in rows:
+            self.rows.discard(r)
 
 
 class Gate:
