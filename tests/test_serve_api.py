@@ -369,3 +369,47 @@ def test_cors_headers_only_for_an_allowed_origin():
     assert pre["Access-Control-Allow-Methods"] == "GET, POST, OPTIONS"
     assert pre["Access-Control-Allow-Headers"] == "authorization, content-type"  # what the openai clients send
     assert "Access-Control-Allow-Credentials" not in pre and preflight_headers("http://evil", None, allowed) is None
+
+
+def test_client_waits_out_an_overloaded_servers_retry_after_then_gets_the_answer():
+    """A real HTTP server on loopback that answers the first request with a 503 and ``Retry-After: 1`` (what an
+    overloaded llada-serve sends), the second with a completion: the client retries after at least that second
+    (its own backoff is 10 ms), and a client without retries raises the 503 with the server's message."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[float] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append(time.perf_counter())
+            overloaded = len(seen) % 2 == 1
+            body = json.dumps({"error": {"message": "the server is overloaded", "type": "server_error",
+                                         "param": None, "code": "server_overloaded"}} if overloaded else
+                              {"choices": [{"message": {"content": "red"}}]}).encode()
+            self.send_response(503 if overloaded else 200)
+            if overloaded:
+                self.send_header("Retry-After", "1")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        reply = Client(url, retries=1, backoff_s=0.01).chat("What colour?", None)
+        assert reply["choices"][0]["message"]["content"] == "red"
+        assert len(seen) == 2 and seen[1] - seen[0] >= 1.0, seen
+        with pytest.raises(ServerError) as e:
+            Client(url, retries=0).chat("What colour?", None)
+        assert e.value.status == 503 and "overloaded" in str(e.value)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
