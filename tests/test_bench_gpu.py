@@ -44,6 +44,8 @@ def test_step_profile_smoke(bench, tmp_path):
     assert sum(p["weight_gb"] for p in s["pieces"]) == pytest.approx(prof["floor"]["gb"], rel=1e-9)
     ok = [r for r in s["attention_kernels"] if "ms" in r]
     assert {"math"} <= {r["kernel"] for r in ok}  # math runs everywhere; the others where the device has them
+    [cand] = [r for r in s["attention_kernels"] if r["kernel"].startswith("cudnn, zeroed pads")]
+    assert cand["error"] == "cuDNN attention runs on CUDA only"  # this CPU run: the candidate says why it has no time
     assert s["best_attention"]["ms"] == min(r["ms"] for r in ok)
     assert s["step_vs_floor"] == pytest.approx(s["step_ms"] / prof["floor"]["ms"])
     md = (tmp_path / "bench_gpu_step.md").read_text()

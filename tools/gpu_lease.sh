@@ -43,6 +43,9 @@
 #              and on the GPU (now), 1024x768, 384x384, 1920x1080; under a minute. Not yet run
 #   step       bench_gpu step: the cached step piece by piece at B = 1, its attention kernels (the engines' flash
 #              attention over zeroed padding among them, with its error against fp32), about 2 minutes
+#   stepb8     the same at B = 8, where cuDNN's unmasked kernel was the fastest (0.084 against flash's 0.144 ms a layer,
+#              benchmarks/bench_gpu_step_b8_1207.md): times cuDNN over the zeroed padding + rescale and its error.
+#              Not yet run
 #   batchmore  bench_gpu batch: pruned + cache at B = 1, 2, 4, 8, 16 (each size's engines, back to back)
 #   batchunpruned  bench_gpu batch: unpruned + cache at B = 1, 8
 #   scaleall   issue 23 item 5 in one lease: pruned + cache at B = 1, 2, 4, 8, 16 and unpruned + cache at 1, 2, 4, 8
@@ -100,6 +103,8 @@ print((sorted(glob.glob(d + '/nvidia/*/lib/libcudart.so.*')) + sorted(glob.glob(
         (cd /tmp && PYTHONPATH=/tmp/site timeout $((200 + 100 * ${OFFICIAL_REPEAT:-1})) python3 /tmp/lease/tools/official_gpu.py \
             --official /tmp/official --presets chartqa,demo --repeat ${OFFICIAL_REPEAT:-1} --out $RES/official/official_gpu.json) ;;
       step) timeout 600 python3 tools/bench_gpu.py step --out $RES/step ;;  # the cached step piece by piece
+      stepb8)  # the same at B = 8 (1024 rows): cuDNN over the zeroed padding + rescale, the candidate for large batches
+        timeout 600 python3 tools/bench_gpu.py step --step-rows 8 --out $RES/stepb8 ;;
       enginesmasked)  # the engines step with the masked cached attention: before / after on one machine
         local offm=""; [ -f $RES/official/official_gpu.json ] && offm="--official $RES/official/official_gpu.json"
         timeout 1200 python3 $eng $offm --groups pruned/native --cached-attention masked --out $RES/$s ;;

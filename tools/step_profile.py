@@ -76,7 +76,38 @@ def attention_kernels(q, k, v, mask, repeat: int) -> list[dict]:
                      "masked_sdpa_max_abs_err_vs_fp32": (masked - ref).abs().max().item()})
     else:
         rows.append({"kernel": name, "key_mask": True, "error": "no kernel for these inputs on this device"})
+    rows.append(cudnn_zero_padded(q, k, v, mask, repeat))
     return rows
+
+
+def cudnn_attention_lse(q, k, v):
+    """cuDNN's unmasked attention with its log-sum-exp: (out [B, Lq, H, hd], lse [B, H, Lq] fp32), the outputs of
+    ``llada::attention_lse`` by another kernel (at batch 8 cuDNN without a mask took 0.084 ms a layer against
+    flash's 0.144 over zeroed padding: ``benchmarks/bench_gpu_step_b8_1207.md``). Not in the engines: a candidate
+    timed here, its error measured, before ``attention_lse`` would pick it by batch size."""
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False)[:2]
+    b, h, lq, _ = q.shape
+    return out.transpose(1, 2).contiguous(), lse.float().reshape(b, h, lq)
+
+
+def cudnn_zero_padded(q, k, v, mask, repeat: int) -> dict:
+    """The candidate row: cuDNN over the zeroed padding, rescaled by its log-sum-exp as the engines rescale
+    flash's (``padded_attention.rescale``), timed and compared with fp32 masked attention."""
+    from llada_export.ops.padded_attention import rescale, zero_padding
+
+    name = "cudnn, zeroed pads + rescale (candidate)"
+    if q.device.type != "cuda":
+        return {"kernel": name, "key_mask": True, "error": "cuDNN attention runs on CUDA only"}
+    key_mask = mask[:, 0, 0, :]  # [B, P'+G]
+    n_pad, kz, vz = (~key_mask).sum(-1), zero_padding(k, key_mask), zero_padding(v, key_mask)
+    try:
+        run = lambda: rescale(*cudnn_attention_lse(q, kz, vz), n_pad, q.dtype)  # noqa: E731
+        got = run().float().transpose(1, 2)  # [B, H, G, hd]
+        ms = timed(run, repeat) * 1e3
+    except Exception as e:  # noqa: BLE001 - no cuDNN kernel for these inputs on this device / torch
+        return {"kernel": name, "key_mask": True, "error": f"{type(e).__name__}: {str(e)[:160]}"}
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)  # fp32, masked
+    return {"kernel": name, "key_mask": True, "ms": ms, "max_abs_err_vs_fp32": (got - ref).abs().max().item()}
 
 
 @torch.no_grad()
@@ -210,9 +241,10 @@ def markdown_profile(prof: dict, engines_cached_ms: dict | None = None) -> list[
                          + (f"{r['ms']:.4f} |" if "ms" in r else f"unavailable: {r['error'][:80]} |"))
         for r in s["attention_kernels"]:
             if "max_abs_err_vs_fp32" in r:
+                masked = r.get("masked_sdpa_max_abs_err_vs_fp32")
                 lines += ["", f"{r['kernel']}: largest difference from fp32 masked attention "
-                          f"{r['max_abs_err_vs_fp32']:.2e}, against {r['masked_sdpa_max_abs_err_vs_fp32']:.2e} for "
-                          "masked SDPA in the same dtype."]
+                          f"{r['max_abs_err_vs_fp32']:.2e}" + (f", against {masked:.2e} for masked SDPA in the same "
+                                                               "dtype." if masked is not None else ".")]
         if s["best_attention"]:
             bst, bm = s["best_attention"], s["best_attention_with_key_mask"]
             lines += ["", f"Best attention kernel: {bst['kernel']} ({'with' if bst['key_mask'] else 'without'} the key "

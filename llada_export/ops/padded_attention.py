@@ -69,9 +69,15 @@ def attend_zero_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_pad:
     computed by a kernel that takes no mask (module docstring). -> [B, Lq, H, hd] in q's dtype (the layout
     o_proj reads)."""
     out, lse = attention_lse(q, k, v)  # [B, Lq, H, hd], [B, H, Lq] fp32
+    return rescale(out, lse, n_pad, q.dtype)
+
+
+def rescale(out: torch.Tensor, lse: torch.Tensor, n_pad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An unmasked kernel's out [B, Lq, H, hd] and natural-log lse [B, H, Lq] over keys whose ``n_pad`` [B]
+    masked slots hold zeros -> the masked attention's output [B, Lq, H, hd] in ``dtype`` (module docstring)."""
     # S / (S + n_pad), [B, H, Lq]. With a pad, S + n_pad >= 1 and lse >= 0, so the clamp changes nothing; without
     # one it keeps exp(-lse) finite where every score is far below 0 (0 * inf would be NaN)
     real_share = 1.0 - n_pad.to(lse.dtype)[:, None, None] * torch.exp(-lse.clamp_min(0.0))
     # a row of padding only (a batch's idle row) has out = 0 and a share of 0: the floor keeps it 0, not NaN
     scale = 1.0 / real_share.clamp_min(torch.finfo(torch.float32).eps)
-    return (out.float() * scale.transpose(1, 2)[..., None]).to(q.dtype)  # [B, Lq, H, hd]
+    return (out.float() * scale.transpose(1, 2)[..., None]).to(dtype)  # [B, Lq, H, hd]
