@@ -830,7 +830,7 @@ def test_load_test_small_run(server, serve_engines, tmp_path):
     [open_level] = res["open_levels"]  # 2 Poisson arrivals at 50 per second: sent together, not one after another
     assert open_level["offered_rps"] == 50 and open_level["sent"] == open_level["answered"] == 2
     for lv in res["levels"] + res["open_levels"]:
-        assert lv["errors"] == lv["lost"] == lv["differ_from_pipeline"] == 0
+        assert lv["errors"] == lv["refused"] == lv["lost"] == lv["differ_from_pipeline"] == 0
         assert lv["latency_p50_s"] <= lv["latency_p99_s"] and lv["requests_per_s"] > 0
         assert lv["cancelled"] == 0  # the server's /health counter, read before and after the level
         assert lv["narrowed"] == 0  # one built batch size: a batch has no smaller size to go on at

@@ -8,7 +8,8 @@ Poisson process of ``R`` per second, each when its time comes whatever the other
 vLLM's serving benchmark does), so requests meet in batches as they would from many users; latency
 counts from the scheduled arrival. Every level stops early after ``--duration`` seconds. Per level:
 requests answered, errors (an HTTP error or no answer: each request times out, nothing can hang),
-lost (sent but neither answered nor failed: must be 0), requests/s and completion tokens/s over
+lost (sent but neither answered nor failed: must be 0), refused (the errors that were an overloaded
+server's 503: ``llada-serve --max-queued``), requests/s and completion tokens/s over
 the level's wall time, p50/p95/p99 latency, the mean batch the server ran them in, and answers
 that differ from ``Pipeline.generate`` on the same engines in this process (one request per
 batch, no server). Loopback servers only.
@@ -27,7 +28,7 @@ replicas are told apart by their start time, ``now - uptime_s``), 0 unless clien
     python tools/load_test.py --engines out/serve-engines --concurrency 1 4 --rate 2 4 --stream --requests 8
 
 Without ``--url`` it starts ``llada-serve`` itself (a local Ray cluster; ``--replicas``,
-``--max-batch``, ``--batch-wait-ms``) and stops it at the end. Writes ``<out>.json``, ``<out>.md``
+``--max-batch``, ``--batch-wait-ms``, ``--max-queued``) and stops it at the end. Writes ``<out>.json``, ``<out>.md``
 and ``<out>.png`` (default ``benchmarks/load_test``).
 """
 
@@ -147,6 +148,7 @@ def summary(recs: list[dict], wall: float, **level) -> dict:
     first = [r["first_chunk"] for r in done if r.get("stream")]
     pct = lambda q: float(np.percentile(first, q)) if first else None  # noqa: E731
     return {**level, "sent": len(recs), "answered": len(done), "errors": len(failed),
+            "refused": sum(r.get("status") == 503 for r in failed),
             "lost": len(recs) - len(done) - len(failed), "wall_s": wall,
             "requests_per_s": len(done) / wall, "tokens_per_s": sum(r["tokens"] for r in done) / wall,
             "latency_p50_s": float(np.percentile(lat, 50)), "latency_p95_s": float(np.percentile(lat, 95)),
@@ -250,7 +252,7 @@ def run(args) -> dict:
 
         port = args.port
         server = start(ServeOptions(args.engines, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
-                                    threads=args.threads), replicas=args.replicas, port=port,
+                                    threads=args.threads, max_queued=args.max_queued), replicas=args.replicas, port=port,
                        temp_dir=args.temp_dir)
         url = server.url
     try:
@@ -274,6 +276,7 @@ def run(args) -> dict:
             server.stop()
     return {"engines": str(args.engines), "model": models["id"], "server": models["llada"],
             "replicas": args.replicas if args.url is None else None, "items": args.items,
+            "max_queued": args.max_queued if args.url is None else None,
             "requests_per_client": args.requests, "duration_s": args.duration, "levels": levels,
             "stream": args.stream, "command": args.command,
             **({"open_levels": open_levels, "max_in_flight": args.max_in_flight} if open_levels else {}),
@@ -295,6 +298,8 @@ def markdown(res: dict) -> str:
              f"Engines `{res['engines']}` ({s['backend']} on {s['device']}, batch size {s['batch_size']}, max batch "
              f"{s['max_batch']}, prefix cache {'on' if s['prefix_cache'] else 'off'}); "
              + (f"{res['replicas']} replica(s); " if res["replicas"] else "")
+             + (f"at most {res['max_queued']} requests waiting per replica (`--max-queued`); "
+                if res.get("max_queued") else "")
              + f"{' and '.join(kinds)}, {res['requests_per_client']} requests each (VQA test questions, "
              f"{res['items']} different images); machine: {res['env']['machine']}, {res['env']['cpus']} CPUs"
              + (f", {res['env']['gpu']}" if res["env"].get("gpu") else "")
@@ -313,12 +318,18 @@ def markdown(res: dict) -> str:
     if narrow:
         lines += ["", "`narrowed`: answers whose batch went on at a smaller built batch size once rows finished "
                   "(the server's `timings.engine_batch_sizes` of each answer)."]
-    cols = ("| sent | answered | errors | lost " + ("| streamed | cancelled " if new else "")
+    refused = any("refused" in lv for lv in res["levels"] + res.get("open_levels", []))  # not in older reports
+    if refused:
+        lines += ["", "`refused`: the errors that were the server's 503 `server_overloaded` (a replica already held "
+                  "`--max-queued` requests waiting); latencies count the answered requests only."]
+    cols = ("| sent | answered | errors " + ("| refused " if refused else "") + "| lost "
+            + ("| streamed | cancelled " if new else "")
             + "| requests/s | tokens/s | p50 s | p95 s | p99 s "
             + ("| first chunk p50 s | first chunk p99 s " if new else "")
             + "| mean batch " + ("| narrowed " if narrow else "") + "| differ from pipeline | accuracy |")
     opt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-    row = lambda lv: (f"{lv['sent']} | {lv['answered']} | {lv['errors']} | {lv['lost']} | "  # noqa: E731
+    row = lambda lv: (f"{lv['sent']} | {lv['answered']} | {lv['errors']} | "  # noqa: E731
+                      + (f"{lv['refused']} | " if refused else "") + f"{lv['lost']} | "
                       + (f"{lv['streamed']} | {'-' if lv['cancelled'] is None else lv['cancelled']} | " if new else "")
                       + f"{lv['requests_per_s']:.2f} | {lv['tokens_per_s']:.2f} | {lv['latency_p50_s']:.2f} | "
                       f"{lv['latency_p95_s']:.2f} | {lv['latency_p99_s']:.2f} | "
@@ -401,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--max-batch", type=int)
     p.add_argument("--batch-wait-ms", type=float, default=10.0)
+    p.add_argument("--max-queued", type=positive_int, default=64,
+                   help="the server's --max-queued, where this tool starts it (default 64, llada-serve's)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per replica and for the oracle (default 1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--temp-dir", help="the local Ray cluster's session folder (short)")
