@@ -413,3 +413,11 @@ def test_client_waits_out_an_overloaded_servers_retry_after_then_gets_the_answer
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@pytest.mark.parametrize("value, seconds", [(None, 0.0), ("2", 2.0), ("0.5", 0.5), ("600", 60.0), ("-3", 0.0),
+                                            ("nan", 0.0), ("inf", 0.0), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0)])
+def test_retry_after_takes_delay_seconds_up_to_a_minute_and_ignores_the_rest(value, seconds):
+    from llada_export.serve.client import retry_after
+
+    assert retry_after(value) == seconds

@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                 signal.signal(sig, _stop)
         where = f"{server.replicas} replica(s)" + (", one GPU each" if server.gpus_per_replica else ", CPU")
         print(f"llada-serve: serving {options.name!r} at {server.url} ({where}, max batch {server.max_batch}, "
-              f"batch wait {args.batch_wait_ms:g} ms, at most {args.max_queued} waiting per replica; ready in {time.perf_counter() - t0:.0f} s). "
+              f"batch wait {args.batch_wait_ms:g} ms, at most {args.max_queued} waiting per replica; "
+              f"ready in {time.perf_counter() - t0:.0f} s). "
               "Ctrl-C stops it." + (f" Metrics: {server.metrics_url}" if server.metrics_url else ""), flush=True)
         try:
             while True:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import os
 import time
 import urllib.error
@@ -168,11 +169,13 @@ class Client:
 
 
 def retry_after(value: str | None, most: float = 60.0) -> float:
-    """Seconds of a ``Retry-After`` header in its delay-seconds form (0 when absent or a date), at most ``most``."""
+    """Seconds of a ``Retry-After`` header in its delay-seconds form (0 when absent, a date or not a finite
+    number), at most ``most``."""
     try:
-        return min(max(float(value), 0.0), most) if value else 0.0
+        seconds = float(value) if value else 0.0
     except ValueError:
         return 0.0
+    return min(max(seconds, 0.0), most) if math.isfinite(seconds) else 0.0
 
 
 def _server_error(e: urllib.error.HTTPError) -> ServerError:
