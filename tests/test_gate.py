@@ -92,6 +92,46 @@ def test_settings_wait_in_lines_of_their_own():
     asyncio.run(main())
 
 
+def test_the_rows_of_a_batch_are_let_in_together_in_one_turn_of_the_loop():
+    """100 rows wait while a batch runs; when it ends the first four are in the queue after one turn of the
+    event loop, and no other waiter has moved."""
+    async def main():
+        gate, key = Gate(max_batch=4), "setting"
+        rows = [Row(f"r{i}") for i in range(100)]
+        gate.batch_started()
+        waiters = [asyncio.ensure_future(gate.enter(key, r)) for r in rows]
+        await settle()
+        gate.batch_ended()
+        await asyncio.sleep(0)  # one turn: the gate lets its rows in
+        assert list(gate.queued[key].values()) == rows[:4] and len(gate.waiting[key]) == 96
+        await asyncio.sleep(0)
+        assert [w.done() for w in waiters[:5]] == [True] * 4 + [False]
+        for w in waiters[4:]:
+            w.cancel()
+        await settle()
+        assert not gate.waiting[key]
+
+    asyncio.run(main())
+
+
+def test_a_row_cancelled_just_after_it_was_let_in_gives_its_place_to_the_next():
+    async def main():
+        gate, key = Gate(max_batch=1), "setting"
+        a, b = Row("a"), Row("b")
+        gate.batch_started()
+        first = asyncio.ensure_future(gate.enter(key, a))
+        second = asyncio.ensure_future(gate.enter(key, b))
+        await settle()
+        gate.batch_ended()
+        await asyncio.sleep(0)  # a is let in: its future holds the result, its task has not run on yet
+        assert gate.queued[key] == {id(a): a}
+        first.cancel()  # its caller hangs up before it runs
+        await settle()
+        assert first.cancelled() and second.done() and gate.queued[key] == {id(b): b}
+
+    asyncio.run(main())
+
+
 def test_the_room_refuses_the_request_past_its_limit_and_takes_one_again_once_a_place_is_free():
     """Two requests being checked and one held row fill a room of 3: the next is refused with the count and
     the limit; a checked request that was refused (its checks raised) frees its place, and so does a row
