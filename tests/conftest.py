@@ -155,11 +155,12 @@ def demo_cache_engines(tmp_path_factory):
 @pytest.fixture(scope="session")
 def multi_size_engines(tiny_ckpt, tmp_path_factory):
     """Pruned + cache graphs at batch sizes 1, 2 and 4, for ONNX Runtime and Inductor, in a small bucket
-    (136 visual tokens, what warmup's blank image gives; 112 prompt tokens; 16 response tokens): test_batch_sizes'
-    directory and test_narrow's."""
+    (``--image-size 384x288``: 118 visual slots, fewer than the 136 of warmup's 64x64 blank image; 112 prompt
+    tokens; 16 response tokens): test_batch_sizes' directory, test_narrow's, test_warmup's (a bucket smaller
+    than a 64px image) and test_compare_engines' (a built-in prompt that does not fit)."""
     return shared(tmp_path_factory, "batch_sizes_124", lambda out: export(
         tiny_ckpt, out, cache=True, batch_sizes=(1, 2, 4), backends=("onnxruntime", "inductor"),
-        image_size=(384, 384), gen_length=16, max_prompt_tokens=112))
+        image_size=(384, 288), gen_length=16, max_prompt_tokens=112))
 
 
 @pytest.fixture(scope="session")

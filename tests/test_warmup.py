@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import shared
-from helpers import KEEP, PRUNE_LAYER, export, random_image
+from helpers import KEEP, PRUNE_LAYER, random_image
 from llada_export.contract.pruning import PruneSettings
 from llada_export.graphs.anyres import visual_token_count
 from llada_export.reference import reference_generate
@@ -18,11 +17,10 @@ SMALL = (384, 288)  # 118 visual tokens on the tiny config
 
 
 @pytest.fixture(scope="module")
-def small(tiny_ckpt, tmp_path_factory):
-    """Pruned graphs with the prefix cache, batch sizes 1 and 2, a 384x288 bucket."""
-    return shared(tmp_path_factory, "warmup_small_bucket", lambda out: export(
-        tiny_ckpt, out, image_size=SMALL, gen_length=16, max_prompt_tokens=112, cache=True,
-        batch_sizes=(1, 2)))
+def small(multi_size_engines):
+    """Pruned graphs with the prefix cache, batch sizes 1, 2 and 4, a 384x288 bucket (conftest's
+    multi_size_engines, shared with test_batch_sizes)."""
+    return multi_size_engines
 
 
 def test_the_bucket_is_smaller_than_a_64px_image(small, tiny):
