@@ -62,6 +62,33 @@ def pytest_configure(config):
     """The eager oracles and the sampler run tiny ops: with torch's OpenMP threads competing for
     2 busy cores (pytest -n 2, ONNX Runtime's own threads) they slow down 5-10x."""
     torch.set_num_threads(1)
+    _torchlib_table_once()
+
+
+def _torchlib_table_once():
+    """torch.onnx.export builds its registry of ONNX translations at every call; most of that is onnxscript's
+    ``get_torchlib_ops``, which re-parses the source of each of its ~500 torchlib functions (1.2 s of each
+    graph's export on these cores, ~3 minutes over the suite's in-process ONNX exports). Its answer is
+    a table of the installed torchlib's functions, the same at every call: made once per test process here
+    (a fresh list of the same entries each time; the registry, the export and its passes still run per
+    graph). Subprocesses (the CLI and llada-demo runs) make theirs as a user's run does."""
+    import functools
+    import importlib
+
+    try:
+        apis = importlib.import_module("onnxscript._framework_apis.torch_2_11")  # the module torch 2.13 asks
+    except ImportError:
+        return
+    made = getattr(apis, "get_torchlib_ops", None)
+    if made is None or hasattr(made, "once"):
+        return
+    once = functools.cache(lambda: tuple(made()))
+
+    def get_torchlib_ops():
+        return list(once())
+
+    get_torchlib_ops.once = once
+    apis.get_torchlib_ops = get_torchlib_ops
 
 
 @pytest.fixture(autouse=True)
