@@ -19,20 +19,20 @@ from llada_export.synthetic.weights import random_checkpoint
 
 
 # Approximate seconds of the test files that take more than ~10 s (make test on 2 cores, 2026-12-07, in this
-# order; the shared fixtures' exports counted where they are first needed). Under
+# order, from one full run; the shared fixtures' exports counted where they are first needed). Under
 # `--dist loadfile` pytest-xdist hands out whole files, by default those with the most tests first, which
 # left heavy files of few tests (test_demo, test_warmup, test_bench_gpu) to the end of the run: one worker
 # ran them while the other idled. LongestFirst hands out these files longest first, the others after them
 # in xdist's order; only the order changes (a file still runs whole, on one worker, its module fixtures made
 # once: the serving tests' Ray cluster).
 FILE_SECONDS = {
-    "test_export": 245, "test_serve": 250, "test_demo": 100, "test_batch_sizes": 88, "test_cache": 70,
-    "test_compare_engines": 62, "test_fused_cache": 46, "test_bench_gpu": 45, "test_qa_inputs": 38, "test_fp8": 38,
-    "test_compare_seeds": 30, "test_pipeline": 30, "test_analysis_tools": 28, "test_fused": 25, "test_serve_cli": 22,
-    "test_architecture": 18, "test_capacity": 18, "test_cli": 16, "test_weights_reader": 14, "test_batch": 13,
-    "test_narrow": 13, "test_precompiled": 13, "test_padded_attention": 11, "test_compare": 10, "test_reports": 10,
-    "test_light_tokenizer": 8, "test_vqa_task": 8, "test_prune_pass": 7, "test_outdir": 5, "test_cancel": 4,
-    "test_warmup": 3, "test_qa_messages": 2, "test_qa_robust": 2, "test_gate": 1,
+    "test_serve": 248, "test_export": 245, "test_batch_sizes": 105, "test_demo": 98, "test_compare_engines": 73,
+    "test_cache": 57, "test_bench_gpu": 54, "test_fused_cache": 52, "test_analysis_tools": 38, "test_fused": 36,
+    "test_pipeline": 34, "test_fp8": 34, "test_compare_seeds": 33, "test_qa_inputs": 30, "test_architecture": 29,
+    "test_capacity": 27, "test_serve_cli": 27, "test_cli": 22, "test_weights_reader": 17, "test_precompiled": 17,
+    "test_narrow": 14, "test_reports": 14, "test_batch": 13, "test_padded_attention": 12, "test_compare": 12,
+    "test_light_tokenizer": 8, "test_prune_pass": 8, "test_vqa_task": 6, "test_outdir": 4, "test_cancel": 4,
+    "test_qa_robust": 3, "test_warmup": 2, "test_serve_api": 1, "test_qa_messages": 1, "test_tools_official": 1,
 }
 
 
