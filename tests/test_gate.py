@@ -132,6 +132,25 @@ def test_a_row_cancelled_just_after_it_was_let_in_gives_its_place_to_the_next():
     asyncio.run(main())
 
 
+def test_a_waiter_cancelled_after_the_gate_opened_but_before_its_turn_leaves_quietly():
+    """The gate opens (its let-in is scheduled), then a waiter's caller hangs up: the let-in runs first, skips
+    the cancelled waiter and lets the next in; the cancelled one then ends with CancelledError, nothing else."""
+    async def main():
+        gate, key = Gate(max_batch=1), "setting"
+        a, b = Row("a"), Row("b")
+        gate.batch_started()
+        first = asyncio.ensure_future(gate.enter(key, a))
+        second = asyncio.ensure_future(gate.enter(key, b))
+        await settle()
+        gate.batch_ended()  # the let-in is scheduled now ...
+        first.cancel()  # ... before the cancelled waiter's own turn
+        await settle()
+        assert first.cancelled() and second.done() and gate.queued[key] == {id(b): b}
+        assert not gate.waiting[key]
+
+    asyncio.run(main())
+
+
 def test_the_room_refuses_the_request_past_its_limit_and_takes_one_again_once_a_place_is_free():
     """Two requests being checked and one held row fill a room of 3: the next is refused with the count and
     the limit; a checked request that was refused (its checks raised) frees its place, and so does a row

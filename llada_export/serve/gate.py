@@ -65,9 +65,9 @@ class Gate:
     Each waiter waits on a future of its own, and whenever the gate opens it lets in at once as many heads of
     each line as fit (:meth:`_let_in`): only the rows let in are woken. The gate before woke every waiter at
     each change to look again; under a flood of 150 requests at once on one CPU replica its batches held 2.48
-    rows of 4 on average, in two runs, against 3.97 with this one (``tools/load_test.py --rate 40 --requests
-    150 --max-queued 1000`` on out/serve-engines, 2026-12-07; why the old one formed small batches there was
-    not isolated)."""
+    rows of 4 on average, in two runs, against 3.96 with this one (``tools/load_test.py --rate 40 --requests
+    150 --max-queued 1000`` on out/serve-engines, 2026-12-07: ``benchmarks/load_test_overload_q1000*.md``; why
+    the old one formed small batches there was not isolated)."""
 
     def __init__(self, max_batch: int) -> None:
         self.max_batch = max_batch
@@ -92,7 +92,7 @@ class Gate:
         except BaseException:
             if entry[0].done() and not entry[0].cancelled():  # let in, then cancelled before it ran on
                 self.leave(key, [row])
-            else:
+            elif entry in line:  # (a _let_in that ran first has dropped it already)
                 line.remove(entry)
             raise
 
