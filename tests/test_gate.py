@@ -114,7 +114,11 @@ def test_the_rows_of_a_batch_are_let_in_together_in_one_turn_of_the_loop():
     asyncio.run(main())
 
 
-def test_a_row_cancelled_just_after_it_was_let_in_gives_its_place_to_the_next():
+@pytest.mark.parametrize("turns", [1, 0])
+def test_a_waiter_cancelled_as_the_gate_opens_gives_its_place_to_the_next(turns):
+    """The gate opens for waiter a, whose caller hangs up either one turn later (a was let in: its future holds
+    the result, its task has not run on) or at once (the let-in, scheduled first, runs before a's own turn and
+    skips it): either way b takes the place, and a ends with CancelledError, nothing else."""
     async def main():
         gate, key = Gate(max_batch=1), "setting"
         a, b = Row("a"), Row("b")
@@ -122,28 +126,11 @@ def test_a_row_cancelled_just_after_it_was_let_in_gives_its_place_to_the_next():
         first = asyncio.ensure_future(gate.enter(key, a))
         second = asyncio.ensure_future(gate.enter(key, b))
         await settle()
-        gate.batch_ended()
-        await asyncio.sleep(0)  # a is let in: its future holds the result, its task has not run on yet
-        assert gate.queued[key] == {id(a): a}
-        first.cancel()  # its caller hangs up before it runs
-        await settle()
-        assert first.cancelled() and second.done() and gate.queued[key] == {id(b): b}
-
-    asyncio.run(main())
-
-
-def test_a_waiter_cancelled_after_the_gate_opened_but_before_its_turn_leaves_quietly():
-    """The gate opens (its let-in is scheduled), then a waiter's caller hangs up: the let-in runs first, skips
-    the cancelled waiter and lets the next in; the cancelled one then ends with CancelledError, nothing else."""
-    async def main():
-        gate, key = Gate(max_batch=1), "setting"
-        a, b = Row("a"), Row("b")
-        gate.batch_started()
-        first = asyncio.ensure_future(gate.enter(key, a))
-        second = asyncio.ensure_future(gate.enter(key, b))
-        await settle()
-        gate.batch_ended()  # the let-in is scheduled now ...
-        first.cancel()  # ... before the cancelled waiter's own turn
+        gate.batch_ended()  # the let-in is scheduled now
+        for _ in range(turns):
+            await asyncio.sleep(0)
+            assert gate.queued[key] == {id(a): a}
+        first.cancel()
         await settle()
         assert first.cancelled() and second.done() and gate.queued[key] == {id(b): b}
         assert not gate.waiting[key]

@@ -162,22 +162,30 @@ def test_client_places_the_image_where_the_prompt_marks_it():
 # ---------------------------------------------------------------------- the client against a local http.server
 class _Flaky:
     """A stdlib HTTP server on loopback: GET /flaky answers 503 (a JSON error) twice, then 200; GET /bad
-    always 400. ``hits`` counts the requests per path."""
+    always 400; GET /overloaded 503 with ``Retry-After: 1`` (what an overloaded llada-serve sends) at every
+    odd request, 200 at every even one. ``hits`` counts the requests per path, ``times`` their arrivals."""
 
     def __init__(self):
         import http.server
         import threading
+        import time
 
         hits: dict[str, int] = {}
+        times: dict[str, list[float]] = {}
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 n = hits[self.path] = hits.get(self.path, 0) + 1
+                times.setdefault(self.path, []).append(time.perf_counter())
                 status, body = ((503, {"error": {"message": "replica restarting"}}) if self.path == "/flaky" and n <= 2
                                 else (400, {"error": {"message": "seed must be an integer in [0, 2**63)"}})
-                                if self.path == "/bad" else (200, {"ok": n}))
+                                if self.path == "/bad" else
+                                (503, {"error": {"message": "the server is overloaded", "code": "server_overloaded"}})
+                                if self.path == "/overloaded" and n % 2 else (200, {"ok": n}))
                 data = json.dumps(body).encode()
                 self.send_response(status)
+                if status == 503 and self.path == "/overloaded":
+                    self.send_header("Retry-After", "1")
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -186,7 +194,7 @@ class _Flaky:
             def log_message(self, *args):
                 pass
 
-        self.hits = hits
+        self.hits, self.times = hits, times
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
@@ -371,48 +379,15 @@ def test_cors_headers_only_for_an_allowed_origin():
     assert "Access-Control-Allow-Credentials" not in pre and preflight_headers("http://evil", None, allowed) is None
 
 
-def test_client_waits_out_an_overloaded_servers_retry_after_then_gets_the_answer():
-    """A real HTTP server on loopback that answers the first request with a 503 and ``Retry-After: 1`` (what an
-    overloaded llada-serve sends), the second with a completion: the client retries after at least that second
-    (its own backoff is 10 ms), and a client without retries raises the 503 with the server's message."""
-    import threading
-    import time
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    seen: list[float] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            seen.append(time.perf_counter())
-            overloaded = len(seen) % 2 == 1
-            body = json.dumps({"error": {"message": "the server is overloaded", "type": "server_error",
-                                         "param": None, "code": "server_overloaded"}} if overloaded else
-                              {"choices": [{"message": {"content": "red"}}]}).encode()
-            self.send_response(503 if overloaded else 200)
-            if overloaded:
-                self.send_header("Retry-After", "1")
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    try:
-        reply = Client(url, retries=1, backoff_s=0.01).chat("What colour?", None)
-        assert reply["choices"][0]["message"]["content"] == "red"
-        assert len(seen) == 2 and seen[1] - seen[0] >= 1.0, seen
-        with pytest.raises(ServerError) as e:
-            Client(url, retries=0).chat("What colour?", None)
-        assert e.value.status == 503 and "overloaded" in str(e.value)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+def test_client_waits_out_an_overloaded_servers_retry_after_then_gets_the_answer(flaky):
+    """A 503 with ``Retry-After: 1``, then the answer: the client resends after at least that second (its own
+    backoff is 10 ms); a client without retries raises the 503 with the server's message."""
+    assert Client(flaky.url, retries=1, backoff_s=0.01).get("/overloaded") == {"ok": 2}
+    first, second = flaky.times["/overloaded"]
+    assert second - first >= 1.0, (first, second)
+    with pytest.raises(ServerError) as e:
+        Client(flaky.url, retries=0).get("/overloaded")
+    assert e.value.status == 503 and "overloaded" in str(e.value)
 
 
 @pytest.mark.parametrize("value, seconds", [(None, 0.0), ("2", 2.0), ("0.5", 0.5), ("600", 60.0), ("-3", 0.0),
