@@ -181,3 +181,25 @@ def test_a_room_without_a_limit_takes_every_request():
         room.hold(r)
     with room.parse():
         assert room.waiting() == 101
+
+
+# ---------------------------------------------------------------------- a replica's requests in flight (the drain)
+def test_flights_count_until_they_land_and_a_draining_replica_refuses():
+    """serve/drain.py's Flights: each request taken counts until it lands; one dropped without landing (a
+    stream whose response never started) stops counting by itself; once draining, take() is the 503."""
+    from llada_export.serve.api import APIError
+    from llada_export.serve.drain import Flights
+
+    flights = Flights()
+    a, b = flights.take(), flights.take()
+    assert len(flights) == 2 and not flights.draining
+    flights.land(a)
+    assert len(flights) == 1
+    del b
+    gc.collect()
+    assert len(flights) == 0
+    flights.draining_since = 0.0
+    with pytest.raises(APIError) as e:
+        flights.take()
+    assert (e.value.status, e.value.code, e.value.headers) == (503, "server_shutting_down", {"Retry-After": "1"})
+    assert len(flights) == 0

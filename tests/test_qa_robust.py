@@ -154,6 +154,13 @@ def test_an_integer_too_long_to_parse_is_a_400_not_a_500():
 def _asgi(server, method: str, path: str, body: bytes = b"", headers: dict | None = None) -> tuple[int, dict]:
     """One request through ``LLaDAServer.__call__`` as Serve's proxy hands it over (a Starlette request), without
     Ray: only what is answered before a request joins a batch (the batches are Ray Serve's)."""
+    status, _, answer = _asgi_headers(server, method, path, body, headers)
+    return status, answer
+
+
+def _asgi_headers(server, method: str, path: str, body: bytes = b"",
+                  headers: dict | None = None) -> tuple[int, dict, dict]:
+    """:func:`_asgi`'s status and body, and the answer's headers (lower-case names)."""
     import asyncio
 
     from starlette.requests import Request
@@ -176,7 +183,8 @@ def _asgi(server, method: str, path: str, body: bytes = b"", headers: dict | Non
         await response(scope, receive, send)
 
     asyncio.run(run())
-    return sent[0]["status"], json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+    answer_headers = {k.decode().lower(): v.decode() for k, v in sent[0].get("headers", [])}
+    return sent[0]["status"], answer_headers, json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +216,31 @@ def test_json_or_no_content_type_is_read(server, headers):
     """Read as JSON, the body gets as far as its model check (another model: 404), where the old code got too."""
     status, body = _asgi(server, "POST", "/v1/chat/completions", CHAT, headers)
     assert status == 404 and body["error"]["code"] == "model_not_found", body
+
+
+def test_a_draining_server_refuses_new_chats_and_its_health_says_so(server):
+    """serve/drain.py: while the server drains (stopping), a chat request gets a 503 server_shutting_down with
+    Retry-After and GET /health a 503 "draining" (a load balancer's check takes the server out of its pool);
+    the model list is still answered. Requests refused on their checks (here: another model) leave nothing
+    counted in flight, which the drain waits for."""
+    import time
+
+    chat = {"content-type": "application/json"}
+    assert _asgi(server, "POST", "/v1/chat/completions", CHAT, chat)[0] == 404  # model_not_found
+    status, health = _asgi(server, "GET", "/health")
+    assert (status, health["status"], health["in_flight"]) == (200, "ok", 0)
+    server.flights.draining_since = time.monotonic()
+    try:
+        good = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
+        status, headers, answer = _asgi_headers(server, "POST", "/v1/chat/completions", good, chat)
+        assert status == 503 and headers["retry-after"] == "1", (status, headers, answer)
+        assert (answer["error"]["code"], answer["error"]["type"]) == ("server_shutting_down", "server_error")
+        status, health = _asgi(server, "GET", "/health")
+        assert (status, health["status"], health["in_flight"]) == (503, "draining", 0)
+        assert _asgi(server, "GET", "/v1/models")[0] == 200
+    finally:
+        server.flights.draining_since = None
+    assert _asgi(server, "GET", "/health")[0] == 200
 
 
 def test_a_model_is_retrieved_by_its_name(server):

@@ -866,17 +866,42 @@ def test_load_test_refuses_an_empty_run(capsys):
     assert e.value.code == 2 and "nothing to run" in capsys.readouterr().err
 
 
-def test_shutdown_leaves_no_processes(server):
-    """Ctrl-C (SIGINT): llada-serve stops its cluster and exits 0; every process it started is gone, and
-    so is the session folder it wrote under Ray's temp root (they piled up in /tmp/ray)."""
+def test_sigterm_drains_then_leaves_no_processes(server, direct):
+    """SIGTERM (a rolling restart, ``kubectl delete pod``) with requests in flight: the server drains (new
+    chat requests get a 503 server_shutting_down with Retry-After, GET /health a 503 "draining"), answers
+    every request it had taken as the pipeline does, then stops its cluster and exits 0; every process it
+    started is gone, and so is the session folder it wrote under Ray's temp root (they piled up in /tmp/ray).
+    Before the drain, SIGTERM ended the cluster at once and the requests in flight lost their connections."""
+    from concurrent.futures import ThreadPoolExecutor
+
     proc = server["proc"]
     tree = descendants(proc.pid)
     assert len(tree) >= 4 and any(REPLICA in cmdline(p) for p in tree)
     assert len(list((Path(server["tmp"]) / "ray").glob("session_2*"))) == 1
-    proc.send_signal(signal.SIGINT)
+    slow = {"threshold": 1.0}  # one token a forward: 12 requests on 2 replicas of batch 4, two batches or more
+    n = len(ITEMS)
+    with ThreadPoolExecutor(n) as ex:
+        replies = [ex.submit(ask, server["url"], i, **slow) for i in range(n)]
+        time.sleep(0.5)  # taken by the replicas (in a batch or waiting for one)
+        proc.send_signal(signal.SIGTERM)
+        status = None
+        deadline = time.perf_counter() + 30
+        while status != 503:
+            assert time.perf_counter() < deadline and not all(r.done() for r in replies), "no drain seen"
+            status, _, raw = http_call(server["url"] + "/health", "GET", {})
+        assert json.loads(raw)["status"] == "draining"
+        status, headers, raw = http_call(server["url"] + "/v1/chat/completions", "POST",
+                                         {"Content-Type": "application/json"},
+                                         json.dumps(chat_body(ITEMS[0][1], ITEMS[0][0])).encode())
+        err = json.loads(raw)["error"]
+        assert status == 503 and (err["code"], err["type"]) == ("server_shutting_down", "server_error"), raw
+        assert headers.get("retry-after") == "1"
+        answers = [text_of(r.result(120)) for r in replies]
+    assert answers == [direct(i, **slow) for i in range(n)]
     rc = proc.wait(90)
     err = proc.stderr.read()
-    assert rc == 0 and "llada-serve: stopped" in err, err[-2000:]
+    assert rc == 0 and "llada-serve: draining" in err and "llada-serve: drained in" in err, err[-2000:]
+    assert "llada-serve: stopped" in err
     deadline = time.perf_counter() + 60
     while any(alive(p) for p in tree):
         assert time.perf_counter() < deadline, [cmdline(p) for p in tree if alive(p)]

@@ -30,8 +30,10 @@ then, from another shell:
   llada-generate --server http://127.0.0.1:8000 --image photo.png --prompt "What is shown?" --stream
   curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' -d @body.json
 
-Ctrl-C, SIGTERM or SIGHUP (the terminal closed) stops the server: the local cluster and every
-process it started, or on an attached cluster only this application. Ray's logs (and Serve's
+Ctrl-C, SIGTERM or SIGHUP (the terminal closed) stops the server after a drain: new chat requests
+get a 503 server_shutting_down (GET /health a 503 "draining"), those it holds are answered, for
+up to --drain-timeout seconds; a second Ctrl-C stops it at once. Then the local cluster and every
+process it started go, or on an attached cluster only this application. Ray's logs (and Serve's
 access log with --verbose) are in the cluster's session folder under --temp-dir, which is kept;
 without --temp-dir the local cluster's session folder under /tmp/ray is removed when it stops.
 Request bodies are limited to 16 MiB (413 above it).
@@ -71,6 +73,10 @@ def build_parser():
                    help="requests a replica holds waiting for their batch (being checked, or queued behind the one "
                         "running); one more is refused at once with 503 server_overloaded and a Retry-After "
                         "header, instead of waiting without bound (default: 64)")
+    p.add_argument("--drain-timeout", type=non_negative_float, default=30.0, metavar="S",
+                   help="on Ctrl-C / SIGTERM, seconds to go on answering the requests already taken while new ones "
+                        "are refused with a 503, before stopping (0: stop at once; default: 30, a Kubernetes pod's "
+                        "grace period: keep it below yours)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=port, default=8000, help="HTTP port (default: 8000)")
     p.add_argument("--address", help="attach to this Ray cluster (auto, or host:port) instead of starting one")
@@ -99,6 +105,29 @@ def _stop(signum, frame):
     raise KeyboardInterrupt()
 
 
+def _drain(server, timeout_s: float) -> None:
+    """The drain before the stop (``serve/drain.py``), said on stderr; a second Ctrl-C / SIGTERM ends it."""
+    if timeout_s <= 0:
+        print("llada-serve: stopping", file=sys.stderr, flush=True)
+        return
+    print(f"llada-serve: draining: new requests get a 503; answering those in flight for up to {timeout_s:g} s "
+          "(Ctrl-C again stops at once)", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    try:
+        drained, held = server.drain(timeout_s)
+    except KeyboardInterrupt:
+        print("llada-serve: stopping at once", file=sys.stderr, flush=True)
+        return
+    except Exception as e:  # noqa: BLE001 - the cluster failed under the drain: stop all the same
+        print(f"llada-serve: the drain failed ({type(e).__name__}: {e}); stopping", file=sys.stderr, flush=True)
+        return
+    if drained:
+        print(f"llada-serve: drained in {time.perf_counter() - t0:.1f} s; stopping", file=sys.stderr, flush=True)
+    else:
+        print(f"llada-serve: {held} request(s) still in flight after {timeout_s:g} s (--drain-timeout); stopping "
+              "them", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with user_errors("llada-serve"):
@@ -125,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             while True:
                 time.sleep(3600)
-        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through user_errors' handler
-            print("llada-serve: stopping", file=sys.stderr, flush=True)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through our handler
+            _drain(server, args.drain_timeout)
         finally:
             server.stop()
         print("llada-serve: stopped", file=sys.stderr, flush=True)

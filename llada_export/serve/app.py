@@ -27,6 +27,10 @@ At most ``max_queued`` requests wait on a replica (being checked, at the gate or
 sends a replica that many requests beyond its batches (``max_ongoing_requests``), so the limit is the
 replica's own, not Serve's proxy queue.
 
+On Ctrl-C or SIGTERM the server drains before it stops (``serve/drain.py``): a new chat request is refused
+with a 503 ``server_shutting_down``, GET /health answers 503 ``draining``, and every request taken
+(``Flights``: counted from its admission until its answer is sent) is answered first.
+
 Browser pages of the origins ``allowed_origins`` names may call the API (``serve/cors.py``: a preflight
 is answered with a 204, every answer carries ``Access-Control-Allow-Origin``); other origins' preflights
 get a 403, and without the option no answer carries CORS headers.
@@ -79,6 +83,7 @@ from ..rules import shorten
 from .api import (MAX_BODY_BYTES, APIError, check_body_size, check_content_type, chunk, completion, decode_json,
                   finish_reason, llada_info, parse_chat, sse, usage)
 from .cors import answer_headers, preflight_headers
+from .drain import Flights, find_board
 from .gate import Gate, Overloaded, Room
 from .stream import RowStreams, TextStream, answer_with_stop
 
@@ -143,6 +148,9 @@ class LLaDAServer:
         # rows stopped early (callers that hung up, stop strings) and requests refused because the room was full
         self.counts = {"cancelled": 0, "stopped": 0, "overloaded": 0}
         self.counters = _counters()
+        self.flights = Flights()  # chat requests in flight; refused while the server drains (serve/drain.py)
+        if (board := find_board(APP_NAME)) is not None:
+            self.flights.watch(board, _replica_id())
 
     def _stop_row(self, row: "Row", why: str, message: str | None = None) -> None:
         """Stop computing ``row`` (its sampler row is frozen from the next step on), counted under ``why``
@@ -200,11 +208,17 @@ class LLaDAServer:
             return JSONResponse(APIError(f"internal error: {type(e).__name__}: {e}", status=500,
                                          type="server_error").body(), status_code=500)
 
-    async def health(self, http) -> dict:
+    async def health(self, http):
         """``cancelled`` / ``stopped``: this replica's rows stopped early since it started (see the module);
-        ``overloaded``: requests it refused with a 503 because ``waiting`` had reached ``max_queued``."""
-        return {"status": "ok", "model": self.options.name, "uptime_s": round(time.time() - self.started, 1),
+        ``overloaded``: requests it refused with a 503 because ``waiting`` had reached ``max_queued``;
+        ``in_flight``: chat requests taken and not yet answered. A 503 with ``"status": "draining"`` once the
+        server is stopping (``serve/drain.py``): a load balancer's check then takes it out of its pool."""
+        from starlette.responses import JSONResponse
+
+        body = {"status": "draining" if self.flights.draining else "ok", "model": self.options.name,
+                "uptime_s": round(time.time() - self.started, 1), "in_flight": len(self.flights),
                 "waiting": self.room.waiting(), "max_queued": self.options.max_queued, **self.counts}
+        return JSONResponse(body, status_code=503) if self.flights.draining else body
 
     async def models(self, http) -> dict:
         p, bucket = self.pipe, self.pipe.bucket
@@ -233,20 +247,25 @@ class LLaDAServer:
         t0 = time.perf_counter()
         raw = await self._read_body(http)  # read (or drained) first, so that the client hears the refusal
         check_content_type(http.headers.get("content-type"))
+        flight = self.flights.take()  # a 503 once the server drains; else counted until its answer is sent
         loop = asyncio.get_running_loop()
         try:
             with self.room.parse():  # a full room refuses at once, before the body is parsed
                 chat, request, gen, prompt_tokens = await loop.run_in_executor(self.admission, self._admit, raw)
-        except Overloaded as e:
-            raise self._overloaded(e) from None
+        except BaseException as e:
+            self.flights.land(flight)
+            if isinstance(e, Overloaded):
+                raise self._overloaded(e) from None
+            raise
         if chat.stream:
-            return self._stream(chat, request, gen, prompt_tokens, t0)
+            return self._stream(chat, request, gen, prompt_tokens, t0, flight)
         row = Row(request)
         self.room.hold(row)
         try:
             return await self._chat(chat, row, gen, prompt_tokens, t0)
         finally:
             self.room.release([row])
+            self.flights.land(flight)
 
     def _overloaded(self, e: Overloaded) -> APIError:
         """The 503 of a request the full room refused (counted; not logged: a flood would fill the log)."""
@@ -288,14 +307,16 @@ class LLaDAServer:
 
         return decode_answer(self.pipe.tokenizer, ids)
 
-    def _stream(self, chat, request, gen, prompt_tokens: int, t0: float):
+    def _stream(self, chat, request, gen, prompt_tokens: int, t0: float, flight):
         """``stream: true``: server-sent chat.completion.chunk events. The request joins the same batch
         queue as a plain one; each step's committed prefix (the answer's longest prefix with no mask
         left) comes from the sampler's per-step callback, and each chunk carries its new text. The last
         chunk has the finish_reason (and this server's ``llada`` record); with ``stream_options:
         {"include_usage": true}`` a chunk with the usage and no choices follows, then ``data: [DONE]``.
         A caller that hangs up (the generator is closed before its end) is cancelled, and a stop string
-        stops the row too: either way its row stops computing and its batch goes on for the others."""
+        stops the row too: either way its row stops computing and its batch goes on for the others.
+        ``flight`` (its count in /health and the drain) lands when the stream ends, or goes with the
+        generator if the response never started."""
         from starlette.responses import StreamingResponse
 
         loop = asyncio.get_running_loop()
@@ -350,6 +371,7 @@ class LLaDAServer:
                 yield sse("[DONE]")
             finally:
                 self.room.release([row])
+                self.flights.land(flight)
                 if not ended:  # closed before its end: the caller hung up
                     self._stop_row(row, "cancelled", "a streaming caller hung up; its row stops, its batch goes on "
                                    "for the others")
@@ -534,6 +556,12 @@ class Row:
     push: object = None  # Callable[[list[int]], None] | None
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: object = None  # Callable[[tuple], None]: (result, batch info) once the row is done (engine thread)
+
+
+def _replica_id() -> str:
+    from ray import serve
+
+    return serve.get_replica_context().replica_id.unique_id
 
 
 def _settle(future: asyncio.Future, value) -> None:

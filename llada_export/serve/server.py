@@ -3,9 +3,9 @@
 :func:`start` returns once every replica has loaded the engines and warmed them up (or raises
 ServeError saying why not, in one line: port taken, a backend the engines lack, Ray not installed,
 no cluster at ``--address`` within the connect timeout, not enough GPUs, a replica that failed to
-load); :func:`stop` shuts down what :func:`start` started and nothing else: the whole local cluster,
-its session folder included unless the caller named the temp dir, or only this application on an
-attached one.
+load); :meth:`Server.drain` lets the requests in flight finish while new ones are refused (``serve/drain.py``);
+:func:`stop` shuts down what :func:`start` started and nothing else: the whole local cluster, its session
+folder included unless the caller named the temp dir, or only this application on an attached one.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .app import APP_NAME, DEPLOYMENT, ServeOptions, build_app
+from .drain import drain, start_board
 
 
 class ServeError(ValueError):
@@ -35,6 +36,14 @@ class Server:
     local: bool  # True: this process started the Ray cluster (stop() shuts it down)
     metrics_url: str | None = None  # Prometheus text of this node (Ray Serve's metrics among it)
     remove_session: bool = False  # stop() removes the local cluster's session folder (no --temp-dir given)
+    board: object = None  # the drain's Ray actor (serve/drain.py)
+
+    def drain(self, timeout_s: float) -> tuple[bool, int]:
+        """New chat requests refused (503 server_shutting_down), those taken answered: returns once none is
+        left on any replica, or after ``timeout_s``: (drained, requests still in flight then)."""
+        if self.board is None or timeout_s <= 0:
+            return False, 0
+        return drain(self.board, self.replicas, timeout_s)
 
     def stop(self) -> None:
         stop(self)
@@ -130,13 +139,27 @@ def start(options: ServeOptions, *, replicas: int = 1, host: str = "127.0.0.1", 
                              "or run them on the CPU with --device cpu")
         per_gpu = 1 if gpus and (options.device is None or want_gpu) else 0
         serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": logging.getLevelName(level)})
+        board = _start_board()
         app = build_app(options, replicas, gpus_per_replica=per_gpu, cpus_per_replica=cpus_per_replica)
         _run_with_timeout(app, startup_timeout_s, verbose)
     except BaseException:
         _shutdown(local, remove_session)
         raise
     return Server(f"http://{host}:{port}", replicas, options.max_batch or m.bucket.batch_size, per_gpu, local,
-                  _metrics_url(), remove_session)
+                  _metrics_url(), remove_session, board)
+
+
+def _start_board():
+    """The drain's board, alive before the replicas start (they look it up by name as they load)."""
+    import ray
+
+    try:
+        board = start_board(APP_NAME)
+        ray.get(board.held.remote(), timeout=120)
+    except ValueError as e:  # the name is taken: the board of another llada-serve on this cluster
+        raise ServeError(f"another llada-serve already serves on this Ray cluster ({e}): stop it first, or start "
+                         "this one without --address (a local cluster of its own)") from e
+    return board
 
 
 def _connect(address: str, timeout_s: float, verbose: bool, level: int) -> None:
