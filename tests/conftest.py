@@ -15,6 +15,7 @@ import torch
 from helpers import TINY_STD, compile_cache_exports, export, random_image
 from llada_export.checkpoint.loader import load_checkpoint
 from llada_export.contract.pruning import PruneSettings
+from llada_export.engines.torch_caches import install as install_torch_caches
 from llada_export.synthetic.weights import random_checkpoint
 
 
@@ -64,69 +65,7 @@ def pytest_configure(config):
     2 busy cores (pytest -n 2, ONNX Runtime's own threads) they slow down 5-10x."""
     torch.set_num_threads(1)
     if os.environ.get("PYTEST_XDIST_WORKER") or not getattr(config.option, "numprocesses", None):  # runs tests
-        _torchlib_table_once()
-        _export_schema_hints_once()
-
-
-def _torchlib_table_once():
-    """torch.onnx.export builds its registry of ONNX translations at every call; most of that is onnxscript's
-    ``get_torchlib_ops``, which re-parses the source of each of its ~500 torchlib functions (1.2 s of each
-    graph's export on these cores, ~3 minutes over the suite's in-process ONNX exports). Its answer is
-    a table of the installed torchlib's functions, the same at every call: made once per test process here
-    (a fresh list of the same entries each time; the registry, the export and its passes still run per
-    graph). Subprocesses (the CLI and llada-demo runs) make theirs as a user's run does."""
-    import functools
-    import importlib
-
-    try:
-        apis = importlib.import_module("onnxscript._framework_apis.torch_2_11")  # the module torch 2.13 asks
-    except ImportError:
-        return
-    made = getattr(apis, "get_torchlib_ops", None)
-    if made is None or hasattr(made, "once"):
-        return
-    once = functools.cache(lambda: tuple(made()))
-
-    def get_torchlib_ops():
-        return list(once())
-
-    get_torchlib_ops.once = once
-    apis.get_torchlib_ops = get_torchlib_ops
-
-
-def _export_schema_hints_once():
-    """torch.export.load turns a program's JSON into torch's schema dataclasses and resolves each dataclass's
-    type hints (``typing.get_type_hints`` on the schema module's string annotations) again for every node,
-    tensor and argument it reads: half of the seconds of every Inductor Pipeline.load here (13 programs:
-    8.8 s -> 4.3 s). The hints of a schema class are the same every time: resolved once per class in the test
-    processes (the deserialisation itself, node by node, still runs at every load)."""
-    import functools
-
-    try:
-        from torch._export.serde import serialize
-    except ImportError:
-        return
-    real, schema = getattr(serialize, "typing", None), getattr(serialize, "schema", None)
-    if real is None or schema is None or getattr(real, "schema_hints_once", False):
-        return
-    namespace = vars(schema)
-    hints = functools.cache(lambda cls: real.get_type_hints(cls, globalns=namespace))
-
-    class SchemaTyping:
-        """``typing`` as serialize uses it, with the schema classes' hints resolved once."""
-
-        schema_hints_once = True
-
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-        @staticmethod
-        def get_type_hints(obj, globalns=None, localns=None, include_extras=False):
-            if globalns is namespace and localns is None and not include_extras:
-                return dict(hints(obj))
-            return real.get_type_hints(obj, globalns, localns, include_extras)
-
-    serialize.typing = SchemaTyping()
+        install_torch_caches()  # also done by the exporter and the loaders; here once for the in-process tests
 
 
 @pytest.fixture(autouse=True)

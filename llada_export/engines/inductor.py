@@ -26,6 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .registry import Backend, WriteContext, register_backend
+from .torch_caches import install as install_torch_caches
 
 
 def write(ctx: WriteContext, graph: str, path: Path) -> list[Path]:
@@ -225,6 +226,7 @@ def runner(path: Path, io, device: str = "cpu", constants=None, cuda_graph: bool
             r = TorchRunner(fn, io, device, cuda_graph, graphs_by_default=True)
             r.module, r.precompiled = None, status
             return r
+    install_torch_caches()  # the schema's type hints resolved once per process, not per node (torch_caches.py)
     ep = torch.export.load(str(path))
     for table in (ep.state_dict, ep.constants):
         for fqn, t in list(table.items()):

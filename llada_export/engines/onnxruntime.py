@@ -38,7 +38,9 @@ def write(ctx: WriteContext, graph: str, path: Path) -> list[Path]:
     import torch
 
     from ..quant.fp8 import ONNX_TRANSLATIONS
+    from .torch_caches import install
 
+    install()  # onnxscript's torchlib table once per process, not once per graph (torch_caches.py)
     ep, io = ctx.programs[graph], ctx.io[graph]
     external = program_bytes(ep) >= ONNX_SINGLE_FILE_LIMIT
     # torch.onnx logs one warning per torchvision op it cannot register: noise for these graphs.

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ..device import is_out_of_memory
+from .torch_caches import install as install_torch_caches
 
 log = logging.getLogger("llada_export")
 
@@ -163,6 +164,7 @@ def load(index: Path, key: str, archive: Path, device: str, constants: dict[str,
     if entry["constants"]:
         values.update(load_file(str(folder / entry["constants"]), device=device))
     if missing := [n for n in entry["inputs"] if n not in values]:
+        install_torch_caches()
         ep = torch.export.load(str(archive))  # weights inside the archive (compiled_weights "package")
         values.update({n: program_constant(ep, n).to(device) for n in missing})
     weights = [values[n] for n in entry["inputs"]]
