@@ -108,6 +108,14 @@ CASES = [  # (tool, its JSON, the report it renders, the command line that re-re
      ["--replot", "--out", "{out}/preprocess_probe_gpu"]),
     # a fresh H100 at 18:02: a layer's FP8 GEMMs every way at 128, 1024 and 1461 rows
     ("fp8_gemm_probe.py", "fp8_gemm_probe.json", "fp8_gemm_probe.md", ["--replot", "--out", "{out}/fp8_gemm_probe"]),
+    # H100 lease of 2026-12-07 23:21: the official code timed three times beside bf16 and FP8 per-row pruned + cache,
+    # the cached step's pieces at B = 8 with cuDNN over the zeroed padding, loads of engines exported with Inductor's
+    # reduction configurations filtered to one
+    ("bench_gpu.py", "bench_gpu_engines_1207_late.json", "bench_gpu_engines_1207_late.md",
+     ["engines", "--replot", "--out", "{out}"]),
+    ("bench_gpu.py", "bench_gpu_step_b8_1207_late.json", "bench_gpu_step_b8_1207_late.md",
+     ["step", "--replot", "--out", "{out}"]),
+    ("bench_load.py", "bench_load_det.json", "bench_load_det.md", ["render", "--out", "{out}", "--name", "bench_load_det"]),
 ]
 # issue 21's reports (tools/long_sweeps.py render), once a GPU run's summaries are committed
 CASES += [("long_sweeps.py", f"vqa2_{part}.json", f"vqa2_{part}.md", ["render", "--replot", "--out", "{out}"])

@@ -27,7 +27,8 @@
 #   loaddet    the load step on engines exported with TORCHINDUCTOR_FORCE_FILTER_REDUCTION_CONFIGS=1 (Inductor's filter
 #              of each reduction kernel's configurations down to one, baked into the saved kernels): does a load
 #              still tune kernels by timing (benchmarks/bench_load_light.md: 19 a load), do the loads answer the same
-#              ids, and at what cost (compare the graphs' times with the load step's). Not yet run; about 7 minutes
+#              ids, and at what cost (compare the graphs' times with the load step's). About 7 minutes; ran 2026-12-07
+#              23:21 (benchmarks/bench_load_det.md): still 18 kernels tuned a load, loads 1 of 16 tokens apart
 #   loadquick  bench_load export, then one fresh-process load per reader (auto, safetensors) on the export's warm
 #              Inductor caches: the warm load's stages in about 5 minutes (no cold load, no profile; ran 2026-12-07
 #              10:15: 20.5 s fastsafetensors first, 18.2 s load_file second, benchmarks/bench_load_quick.md)
@@ -45,7 +46,7 @@
 #              attention over zeroed padding among them, with its error against fp32), about 2 minutes
 #   stepb8     the same at B = 8, where cuDNN's unmasked kernel was the fastest (0.084 against flash's 0.144 ms a layer,
 #              benchmarks/bench_gpu_step_b8_1207.md): times cuDNN over the zeroed padding + rescale and its error.
-#              Not yet run
+#              Ran 2026-12-07 23:21 (benchmarks/bench_gpu_step_b8_1207_late.md): 0.1363 against flash's 0.1404 ms
 #   batchmore  bench_gpu batch: pruned + cache at B = 1, 2, 4, 8, 16 (each size's engines, back to back)
 #   batchunpruned  bench_gpu batch: unpruned + cache at B = 1, 8
 #   scaleall   issue 23 item 5 in one lease: pruned + cache at B = 1, 2, 4, 8, 16 and unpruned + cache at 1, 2, 4, 8
