@@ -107,7 +107,7 @@ def _stop(signum, frame):
 
 def _drain(server, timeout_s: float) -> None:
     """The drain before the stop (``serve/drain.py``), said on stderr; a second Ctrl-C / SIGTERM ends it."""
-    if timeout_s <= 0:
+    if timeout_s <= 0 or server.board is None:
         print("llada-serve: stopping", file=sys.stderr, flush=True)
         return
     print(f"llada-serve: draining: new requests get a 503; answering those in flight for up to {timeout_s:g} s "

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .app import APP_NAME, DEPLOYMENT, ServeOptions, build_app
-from .drain import drain, start_board
+from .drain import NAMESPACE, drain, start_board
 
 
 class ServeError(ValueError):
@@ -124,6 +124,7 @@ def start(options: ServeOptions, *, replicas: int = 1, host: str = "127.0.0.1", 
 
     level = logging.INFO if verbose else logging.WARNING
     remove_session = local and temp_dir is None  # Ray's shared /tmp/ray: our session folder is ours to remove
+    deploying = False  # on an attached cluster, an app named APP_NAME is ours to delete only once we deploy it
     try:  # Ctrl-C or a failure from here on: the local cluster (its session folder too) goes, however far it got
         if local:
             ray.init(num_cpus=max(os.cpu_count() or 1, int(replicas * cpus_per_replica + 0.999)),
@@ -138,12 +139,13 @@ def start(options: ServeOptions, *, replicas: int = 1, host: str = "127.0.0.1", 
             raise ServeError(f"{replicas} replicas need one GPU each; the cluster has {gpus:g}: lower --replicas "
                              "or run them on the CPU with --device cpu")
         per_gpu = 1 if gpus and (options.device is None or want_gpu) else 0
+        board = _start_board()  # first: it fails where another llada-serve runs on an attached cluster
         serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": logging.getLevelName(level)})
-        board = _start_board()
         app = build_app(options, replicas, gpus_per_replica=per_gpu, cpus_per_replica=cpus_per_replica)
+        deploying = True
         _run_with_timeout(app, startup_timeout_s, verbose)
     except BaseException:
-        _shutdown(local, remove_session)
+        _shutdown(local, remove_session, delete_app=deploying)
         raise
     return Server(f"http://{host}:{port}", replicas, options.max_batch or m.bucket.batch_size, per_gpu, local,
                   _metrics_url(), remove_session, board)
@@ -157,8 +159,9 @@ def _start_board():
         board = start_board(APP_NAME)
         ray.get(board.held.remote(), timeout=120)
     except ValueError as e:  # the name is taken: the board of another llada-serve on this cluster
-        raise ServeError(f"another llada-serve already serves on this Ray cluster ({e}): stop it first, or start "
-                         "this one without --address (a local cluster of its own)") from e
+        raise ServeError(f"another llada-serve already serves on this Ray cluster (its drain board {APP_NAME!r} in "
+                         f"namespace {NAMESPACE!r} exists): stop it first, or start this one without --address (a "
+                         "local cluster of its own)") from e
     return board
 
 
@@ -265,14 +268,16 @@ def stop(server: Server) -> None:
     _shutdown(server.local, server.remove_session)
 
 
-def _shutdown(local: bool, remove_session: bool = False) -> None:
+def _shutdown(local: bool, remove_session: bool = False, delete_app: bool = True) -> None:
+    """``delete_app``: on an attached cluster, delete our application (False when the start failed before
+    deploying it: an application of that name there is another llada-serve's)."""
     import ray
     from ray import serve
 
     if not ray.is_initialized():
         return
     session_dir = _session_dir() if local and remove_session else None
-    if not local:
+    if not local and delete_app:
         try:
             serve.delete(APP_NAME)
         except Exception:  # noqa: BLE001 - already gone
