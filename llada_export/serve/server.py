@@ -140,7 +140,7 @@ def start(options: ServeOptions, *, replicas: int = 1, host: str = "127.0.0.1", 
                              "or run them on the CPU with --device cpu")
         per_gpu = 1 if gpus and (options.device is None or want_gpu) else 0
         board = _start_board()  # first: it fails where another llada-serve runs on an attached cluster
-        serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": logging.getLevelName(level)})
+        _start_serve(serve, host, port, level)
         app = build_app(options, replicas, gpus_per_replica=per_gpu, cpus_per_replica=cpus_per_replica)
         deploying = True
         _run_with_timeout(app, startup_timeout_s, verbose)
@@ -149,6 +149,19 @@ def start(options: ServeOptions, *, replicas: int = 1, host: str = "127.0.0.1", 
         raise
     return Server(f"http://{host}:{port}", replicas, options.max_batch or m.bucket.batch_size, per_gpu, local,
                   _metrics_url(), remove_session, board)
+
+
+def _start_serve(serve, host: str, port: int, level: int) -> None:
+    """``serve.start``, its proxy's failure to start in one line (on a machine whose cores are all busy, Serve's
+    HTTP proxy can miss its 60 s start: seen on this project's 2-core machine beside two busy processes, with
+    and without the drain's board; Serve then raised its proxy actor's death with a Ray traceback)."""
+    import ray
+
+    try:
+        serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": logging.getLevelName(level)})
+    except (ray.exceptions.RayActorError, TimeoutError) as e:
+        raise ServeError(f"Ray Serve's HTTP proxy did not start ({type(e).__name__}): is the machine too busy? Try "
+                         "again once it is less loaded") from e
 
 
 def _start_board():
