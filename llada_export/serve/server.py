@@ -165,17 +165,14 @@ def _start_serve(serve, host: str, port: int, level: int) -> None:
 
 
 def _start_board():
-    """The drain's board, alive before the replicas start (they look it up by name as they load)."""
-    import ray
-
+    """The drain's board, named before the replicas start (they look it up by name as they load; their calls
+    wait for its process, which starts beside them: nothing here waits for it)."""
     try:
-        board = start_board(APP_NAME)
-        ray.get(board.held.remote(), timeout=120)
+        return start_board(APP_NAME)
     except ValueError as e:  # the name is taken: the board of another llada-serve on this cluster
         raise ServeError(f"another llada-serve already serves on this Ray cluster (its drain board {APP_NAME!r} in "
                          f"namespace {NAMESPACE!r} exists): stop it first, or start this one without --address (a "
                          "local cluster of its own)") from e
-    return board
 
 
 def _connect(address: str, timeout_s: float, verbose: bool, level: int) -> None:
