@@ -4,15 +4,15 @@ and the installed libraries still have the shape the caches were written for (el
 from __future__ import annotations
 
 import dataclasses
-import importlib
 
 from llada_export.engines import torch_caches
 
 
 def test_the_torchlib_table_is_cached_and_the_same():
     assert torch_caches.cache_torchlib_table()
-    apis = importlib.import_module("onnxscript._framework_apis.torch_2_11")  # the module torch.onnx asks
-    cached = apis.get_torchlib_ops
+    from torch.onnx._internal._lazy_import import onnxscript_apis  # what torch.onnx's registry calls
+
+    cached = onnxscript_apis.get_torchlib_ops
     assert hasattr(cached, "once") and cached() is not cached()  # a fresh list each call, as before
     names = [(m.qualified_name, m.function.name) for m in cached()]
     assert len(names) > 300

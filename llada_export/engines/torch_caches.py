@@ -27,27 +27,33 @@ def install() -> None:
     cache_export_schema_hints()
 
 
+def torchlib_apis():
+    """The onnxscript module ``torch.onnx`` takes its torchlib table from (torch names it in its lazy import,
+    one per torch release), or None where this torch has none."""
+    try:
+        from torch.onnx._internal import _lazy_import
+
+        return importlib.import_module(_lazy_import.onnxscript_apis._name)
+    except (ImportError, AttributeError):
+        return None
+
+
 def cache_torchlib_table() -> bool:
-    """onnxscript's ``get_torchlib_ops`` (the module torch asks) made once per process; False where absent."""
-    for name in ("onnxscript._framework_apis.torch_2_11", "onnxscript._framework_apis.torch_2_9"):
-        try:
-            apis = importlib.import_module(name)
-        except ImportError:
-            continue
-        made = getattr(apis, "get_torchlib_ops", None)
-        if made is None:
-            continue
-        if hasattr(made, "once"):
-            return True
-        once = functools.cache(lambda: tuple(made()))
-
-        def get_torchlib_ops():
-            return list(once())
-
-        get_torchlib_ops.once, get_torchlib_ops.uncached = once, made
-        apis.get_torchlib_ops = get_torchlib_ops
+    """onnxscript's ``get_torchlib_ops`` (in the module torch asks) made once per process; False where absent."""
+    apis = torchlib_apis()
+    made = getattr(apis, "get_torchlib_ops", None)
+    if made is None:
+        return False
+    if hasattr(made, "once"):
         return True
-    return False
+    once = functools.cache(lambda: tuple(made()))
+
+    def get_torchlib_ops():
+        return list(once())
+
+    get_torchlib_ops.once, get_torchlib_ops.uncached = once, made
+    apis.get_torchlib_ops = get_torchlib_ops
+    return True
 
 
 def cache_export_schema_hints() -> bool:
