@@ -840,20 +840,19 @@ def test_load_test_small_run(server, serve_engines, tmp_path):
 
 
 def test_more_streaming_clients_than_a_batch_fill_every_batch(server, serve_engines, tmp_path):
-    """24 closed-loop streaming clients on 2 replicas of max batch 4 (about 12 a replica: a batch running, a
-    batch let into its queue, one more waiting at the gate): every batch full but the last few. Measured
-    before the admission limit (tools/load_test.py, 8 streaming clients, 1 replica): batches of 4, 2, 2, 4, 2,
-    2, ..., mean 3.0: the requests let in beyond a full batch closed a partial batch of their own while the
-    others waited for the engine. With 16 clients (a batch running, one waiting) the mean was 3.56 and 3.81 on
-    an idle machine and 3.125 once in a full run; 24 gave 3.875 twice. Likely (not verified): a client whose
-    answer ended a batch sends its next request after the following batch has started, one row short; with a
-    third batch's worth waiting, no client's turnaround decides a batch's size."""
+    """16 closed-loop streaming clients on 2 replicas of max batch 4 (about 8 a replica: a batch running, a
+    batch waiting): every batch full. Measured before the admission limit (tools/load_test.py, 8 streaming
+    clients, 1 replica): batches of 4, 2, 2, 4, 2, 2, ..., mean 3.0: the requests let in beyond a full batch
+    closed a partial batch of their own while the others waited for the engine. Flaky under a loaded full
+    run (3.125 once; 24 clients gave 3.875 twice on an idle machine but 3.29 in a full run): a likely cause,
+    not verified, is that a streaming row joins its batch queue only when its response generator is pulled
+    again after its first chunk, so rows let in together reach Serve's batcher apart."""
     tool = load_tool("load_test")
     out = tmp_path / "full"
-    tool.main(["--engines", str(serve_engines), "--url", server["url"], "--concurrency", "24", "--requests", "2",
+    tool.main(["--engines", str(serve_engines), "--url", server["url"], "--concurrency", "16", "--requests", "2",
                "--items", "12", "--stream", "--out", str(out)])
     [lv] = json.loads(out.with_suffix(".json").read_text())["levels"]
-    assert lv["answered"] == lv["streamed"] == 48 and lv["differ_from_pipeline"] == 0
+    assert lv["answered"] == lv["streamed"] == 32 and lv["differ_from_pipeline"] == 0
     assert lv["mean_batch"] >= 3.5, lv  # routing may leave a replica a partial batch at the end
 
 
